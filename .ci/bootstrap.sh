@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create the project environment in $VENV (default .venv) and install the package into it.
+#  - torch: an already importable torch (e.g. a CUDA machine's system torch) is reused through
+#    --system-site-packages; otherwise torch==2.13.0 is installed.
+#  - triton, pytest, pytest-benchmark, numpy, ninja, then `pip install --no-build-isolation -e .`
+#    (builds vidgen_kernels._C: C++ CPU kernels, plus CUDA kernels when torch has CUDA and nvcc).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PY" -c "import torch" 2>/dev/null; then
+    echo "bootstrap: reusing the installed torch ($("$PY" -c 'import torch; print(torch.__version__)'))"
+    "$PY" -m venv --system-site-packages "$VENV"
+  else
+    "$PY" -m venv "$VENV"
+  fi
+fi
+P="$VENV/bin/python"
+pipi() { "$P" -m pip install --disable-pip-version-check -q "$@"; }
+if ! "$P" -c "import torch" 2>/dev/null; then
+  # Pinned: an unpinned torch would pull the newest CUDA build and its GBs of dependencies.
+  # Where the machine has the 2.13.0 CPU wheel locally (this team's machines and CI), pip takes it.
+  pipi "torch==2.13.0"
+fi
+TORCH_VER=$("$P" -c "import torch; print(torch.__version__.split('+')[0])")
+# pin torch so that nothing below upgrades it
+echo "torch==$TORCH_VER" > "$VENV/torch-constraint.txt"
+for pkg in triton pytest pytest-benchmark numpy ninja matplotlib; do
+  mod=${pkg//-/_}; [ "$pkg" = pytest-benchmark ] && mod=pytest_benchmark
+  "$P" -c "import $mod" 2>/dev/null || pipi -c "$VENV/torch-constraint.txt" "$pkg" \
+    || echo "bootstrap: could not install $pkg (continuing without it)"
+done
+pipi -c "$VENV/torch-constraint.txt" --no-build-isolation --no-deps -e .
+"$P" -m vidgen_kernels

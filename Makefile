@@ -1,0 +1,33 @@
+# make demo   - the main job (CPU by default): creates .venv, installs, runs it
+# make test   - the test suite (CUDA tests run when a GPU is visible, skipped otherwise)
+# make bench  - the pytest-benchmark suite (BENCH_ARGS=--quick for a smoke run)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vidgen-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+
+.PHONY: demo test bench check-cuda env clean
+
+$(STAMP): $(SOURCES) .ci/bootstrap.sh
+	VENV=$(VENV) bash .ci/bootstrap.sh
+	touch $(STAMP)
+
+env: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pytest benchmarks/test_bench_adaln.py -q -p no:cacheprovider $(BENCH_ARGS) \
+		--benchmark-json=$(VENV)/demo-bench.json --benchmark-columns=median,iqr,rounds
+	$(PY) benchmarks/summarize.py $(VENV)/demo-bench.json
+
+test: $(STAMP)
+	$(PY) -m pytest tests -rs -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider $(BENCH_ARGS) --benchmark-json=benchmarks/last.json
+	$(PY) benchmarks/summarize.py benchmarks/last.json
+
+check-cuda:
+	bash csrc/check_cuda_compile.sh
+
+clean:
+	rm -rf build $(VENV) vidgen_kernels/_C*.so *.egg-info

@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Markdown tables from a pytest-benchmark JSON file (``--benchmark-json``).
+
+    python benchmarks/summarize.py /tmp/b.json [--sort median|order] [--out summary.md]
+
+One table per pytest-benchmark group (op, direction, shape, dtype, device), one row per
+contender: median per-call time, effective GB/s (``extra_info["bytes_moved"]`` / median; see
+``benchmarks/common.py`` for what is counted), speedup vs the eager reference and vs
+``torch.compile`` (their median / this median: > 1 is faster), and the fraction of the copy
+bandwidth (copy median / this median, the copy moving the same bytes). Works on any benchmark
+whose ``extra_info`` has ``contender`` and ``bytes_moved``; without them rows show the test name
+and the columns that need them are left blank.
+
+Only the standard library is used (no torch import), so it runs anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import OrderedDict
+
+REFERENCE, COMPILE, COPY = "reference", "torch.compile", "copy"
+NOISY_SHARE = 0.10  # as benchmarks/common.py: rows measured while others used > 10 % of the CPU
+_LAST = (COMPILE, REFERENCE, COPY)  # kernel backends first, then these, in this order
+
+
+def _median_s(bench: dict) -> float | None:
+    """Per-call median in seconds: pytest-benchmark's stats (already per call: it divides each
+    round by its iterations)."""
+    st = bench.get("stats") or {}
+    return st.get("median")
+
+
+def load(path: str) -> tuple[dict, "OrderedDict[str, list[dict]]"]:
+    with open(path) as f:
+        data = json.load(f)
+    groups: OrderedDict[str, list[dict]] = OrderedDict()
+    for b in data.get("benchmarks", []):
+        groups.setdefault(b.get("group") or "(no group)", []).append(b)
+    return data, groups
+
+
+def _fmt(v, spec: str, suffix: str = "") -> str:
+    return "–" if v is None else format(v, spec) + suffix
+
+
+def _row_order(rows: list[dict], sort: str) -> list[dict]:
+    if sort == "median":
+        return sorted(rows, key=lambda r: (r["median_s"] is None, r["median_s"] or 0))
+
+    def key(r):
+        c = r["contender"]
+        return (_LAST.index(c) + 1 if c in _LAST else 0, c)
+    return sorted(rows, key=key)
+
+
+def table(group: str, benches: list[dict], sort: str = "order") -> str:
+    rows = []
+    for b in benches:
+        ei = b.get("extra_info") or {}
+        rows.append({"contender": ei.get("contender") or b.get("name", "?"),
+                     "median_s": _median_s(b), "bytes": ei.get("bytes_moved"), "ei": ei})
+    by = {r["contender"]: r["median_s"] for r in rows}
+    ref, comp, copy = by.get(REFERENCE), by.get(COMPILE), by.get(COPY)
+
+    first = rows[0]["ei"] if rows else {}
+    meta = ", ".join(str(x) for x in (first.get("device_name"), first.get("torch_version") and
+                                      f"torch {first.get('torch_version')}",
+                                      first.get("triton_version") and
+                                      f"triton {first.get('triton_version')}") if x)
+    out = [f"### {group}", ""]
+    if meta:
+        out += [f"_{meta}_", ""]
+    out += ["| contender | median ms | GB/s | vs eager ref | vs torch.compile | of copy BW |",
+            "|---|---:|---:|---:|---:|---:|"]
+    noisy = False
+    for r in _row_order(rows, sort):
+        m = r["median_s"]
+        share = r["ei"].get("other_processes_cpu_share")
+        mark = ""
+        if share is not None and share > NOISY_SHARE:
+            mark, noisy = f" ⚠{share:.0%}", True
+        gbps = r["bytes"] / m / 1e9 if (m and r["bytes"]) else None
+        sp_ref = ref / m if (m and ref) else None
+        sp_comp = comp / m if (m and comp) else None
+        frac = copy / m if (m and copy) else None
+        out.append(f"| {r['contender']}{mark} | {_fmt(m and m * 1e3, '.3f')} | {_fmt(gbps, '.1f')} | "
+                   f"{_fmt(sp_ref, '.2f', 'x')} | {_fmt(sp_comp, '.2f', 'x')} | "
+                   f"{_fmt(frac and frac * 100, '.0f', '%')} |")
+    if noisy:
+        out += ["", f"⚠N%: other processes used N% of the CPU time while this row was measured."]
+    return "\n".join(out)
+
+
+def summarize(path: str, sort: str = "order") -> str:
+    data, groups = load(path)
+    parts = []
+    mi = data.get("machine_info") or {}
+    when = data.get("datetime")
+    if mi or when:
+        cpu = (mi.get("cpu") or {}).get("brand_raw")
+        parts.append(" · ".join(str(x) for x in (when, mi.get("node"), cpu,
+                                                 mi.get("python_version") and
+                                                 f"Python {mi.get('python_version')}") if x))
+    if not groups:
+        parts.append("(no benchmarks in file)")
+    for g, benches in groups.items():
+        parts.append(table(g, benches, sort))
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", help="file written by pytest --benchmark-json")
+    ap.add_argument("--sort", choices=("order", "median"), default="order",
+                    help="row order: kernel backends, torch.compile, reference, copy (default) "
+                         "or fastest first")
+    ap.add_argument("--out", help="also write the markdown to this file")
+    a = ap.parse_args(argv)
+    text = summarize(a.json, a.sort)
+    sys.stdout.write(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

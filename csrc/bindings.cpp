@@ -1,0 +1,19 @@
+// Python module vidgen_kernels._C: each kernel family registers its functions here.
+// CPU kernels are always compiled; CUDA ones only when setup.py defines VIDGEN_WITH_CUDA.
+#include <torch/extension.h>
+
+void register_adaln_cpu(pybind11::module_& m);
+#ifdef VIDGEN_WITH_CUDA
+void register_adaln_cuda(pybind11::module_& m);
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "vidgen-kernels compiled kernels";
+#ifdef VIDGEN_WITH_CUDA
+  m.attr("with_cuda") = true;
+  register_adaln_cuda(m);
+#else
+  m.attr("with_cuda") = false;
+#endif
+  register_adaln_cpu(m);
+}

@@ -1,0 +1,73 @@
+"""Build of the compiled extension ``vidgen_kernels._C``.
+
+* The C++ CPU kernels (OpenMP) are always built.
+* The CUDA kernels are built when torch was built with CUDA and ``nvcc`` is found.
+  ``VIDGEN_KERNELS_BUILD_CUDA=1`` forces them (and fails loudly if impossible),
+  ``VIDGEN_KERNELS_BUILD_CUDA=0`` skips them.
+* ``TORCH_CUDA_ARCH_LIST`` is honoured; when unset we pick "8.0;9.0+PTX" ourselves so the build
+  never queries a GPU (torch's default would).
+* ``VIDGEN_KERNELS_CPU_FLAGS`` replaces the default CPU code-generation flag (``-march=native``).
+* ``VIDGEN_KERNELS_NO_EXT=1`` builds nothing (pure-PyTorch and Triton paths only).
+
+Install with ``pip install --no-build-isolation .`` (or ``-e .``).
+"""
+import os
+import shutil
+
+from setuptools import setup
+
+here = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name):
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    return v.lower() not in ("0", "false", "no", "off")
+
+
+def _extensions():
+    if _env_flag("VIDGEN_KERNELS_NO_EXT"):
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    want_cuda = _env_flag("VIDGEN_KERNELS_BUILD_CUDA")
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    can_cuda = torch.version.cuda is not None and bool(nvcc)
+    if want_cuda and not can_cuda:
+        raise RuntimeError(
+            "VIDGEN_KERNELS_BUILD_CUDA=1 but the CUDA kernels cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r}, nvcc found={bool(nvcc)}. "
+            "Install a CUDA build of torch and the CUDA toolkit, or set VIDGEN_KERNELS_BUILD_CUDA=0."
+        )
+    build_cuda = can_cuda if want_cuda is None else want_cuda
+
+    cpu_flag = os.environ.get("VIDGEN_KERNELS_CPU_FLAGS", "-march=native").split()
+    cxx = ["-O3", "-fopenmp", "-std=c++17", *cpu_flag]
+    sources = ["csrc/bindings.cpp", "csrc/adaln_cpu.cpp"]
+    define_macros = []
+    if build_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        sources += ["csrc/adaln_cuda.cu", "csrc/cuda_bindings.cpp"]
+        define_macros.append(("VIDGEN_WITH_CUDA", None))
+        ext = CUDAExtension(
+            "vidgen_kernels._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension(
+            "vidgen_kernels._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

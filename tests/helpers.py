@@ -1,0 +1,56 @@
+"""Shared test helpers: backend/device/dtype grid and the flash-attention tolerance rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vidgen_kernels.backends import why_unavailable
+
+HAS_CUDA = torch.cuda.is_available()
+
+# (backend, device) pairs and the dtypes each is tested in. Triton on CPU runs in the
+# interpreter, which is slow and mishandles bf16 dots: fp32/fp16 and small shapes only there.
+GRID = [
+    ("cpu", "cpu", (torch.float32, torch.float16, torch.bfloat16)),
+    ("triton", "cpu", (torch.float32, torch.float16)),
+    ("cuda", "cuda", (torch.float32, torch.float16, torch.bfloat16)),
+    ("triton", "cuda", (torch.float32, torch.float16, torch.bfloat16)),
+]
+
+
+def backend_params(dtypes_filter=None):
+    """pytest params (backend, device, dtype) with a skip mark carrying the reason when the backend
+    cannot run here."""
+    out = []
+    for backend, device, dtypes in GRID:
+        if device == "cuda" and not HAS_CUDA:
+            why = "no CUDA GPU visible"
+        else:
+            why = why_unavailable(backend, device)
+        marks = [pytest.mark.skip(reason=f"{backend} on {device}: {why}")] if why else []
+        if backend == "triton":
+            marks.append(pytest.mark.triton)
+        if device == "cuda":
+            marks.append(pytest.mark.cuda)
+        for dt in dtypes:
+            if dtypes_filter is not None and dt not in dtypes_filter:
+                continue
+            out.append(pytest.param(backend, device, dt, marks=marks,
+                                    id=f"{backend}-{device}-{str(dt).replace('torch.', '')}"))
+    return out
+
+
+def assert_close_rule(got, ref_hi, ref_lo, name, floor=1e-5):
+    """flash-attention's rule: |got - ref_hi| <= 2 * |ref_lo - ref_hi| + floor * scale.
+
+    ``ref_hi``: the reference in float64; ``ref_lo``: the reference run in the tested dtype.
+    """
+    assert got.shape == ref_hi.shape, f"{name}: shape {tuple(got.shape)} vs {tuple(ref_hi.shape)}"
+    assert got.dtype == ref_lo.dtype, f"{name}: dtype {got.dtype} vs {ref_lo.dtype}"
+    g, h, lo = got.double(), ref_hi.double(), ref_lo.double()
+    assert torch.isfinite(g).all(), f"{name}: non-finite values"
+    scale = max(1.0, h.abs().max().item()) if h.numel() else 1.0
+    err = (g - h).abs().max().item() if h.numel() else 0.0
+    ref_err = (lo - h).abs().max().item() if h.numel() else 0.0
+    bound = 2 * ref_err + floor * scale
+    assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g} (reference's own error {ref_err:.3g})"

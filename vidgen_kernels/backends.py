@@ -1,0 +1,167 @@
+"""The one place where a kernel backend is chosen.
+
+Backends:
+
+============  ==========================================  =============================
+name          what                                        runs on
+============  ==========================================  =============================
+reference     pure PyTorch (autograd, torch.compile-able)  any device, any float dtype
+cpu           C++ kernels (OpenMP, vectorised)            CPU tensors
+cuda          CUDA C++ kernels                            CUDA tensors
+triton        Triton kernels                              CUDA tensors (CPU tensors only
+                                                          under ``TRITON_INTERPRET=1``)
+============  ==========================================  =============================
+
+Selection, highest priority first: the per-call ``backend=`` argument, the innermost
+``use_backend(...)`` context, the ``VIDGEN_KERNELS_BACKEND`` environment variable, ``"auto"``.
+``auto`` picks the fastest usable backend for the tensors' device and dtype (see ``AUTO_ORDER``).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import threading
+from typing import Iterator
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+CHOICES = ("auto",) + BACKENDS
+
+# Preference of ``auto`` per device type. Kernel backends come first; ``reference`` is the fallback.
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run these tensors here (the message says why)."""
+
+
+_local = threading.local()
+
+
+def _stack() -> list[str]:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or name not in CHOICES:
+        raise ValueError(f"{what}: expected one of {CHOICES}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: ops called inside use backend ``name`` unless a call passes ``backend=``.
+
+    >>> with vidgen_kernels.use_backend("reference"):
+    ...     out = vidgen_kernels.adaln_modulate(x, shift, scale)
+    """
+    _check_name(name, "use_backend(name)")
+    _stack().append(name)
+    try:
+        yield
+    finally:
+        _stack().pop()
+
+
+def current_backend() -> str:
+    """The backend in force when no ``backend=`` is passed: context, then env var, then ``auto``."""
+    st = _stack()
+    if st:
+        return st[-1]
+    env = os.environ.get("VIDGEN_KERNELS_BACKEND", "")
+    if env:
+        return _check_name(env, "environment variable VIDGEN_KERNELS_BACKEND")
+    return "auto"
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def why_unavailable(name: str, device: torch.device | str | None = None) -> str | None:
+    """``None`` if backend ``name`` can run on ``device`` here, else the reason in words."""
+    device = torch.device(device) if device is not None else None
+    dev_type = device.type if device is not None else None
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if not _ext.has_cpu():
+            return f"the compiled extension vidgen_kernels._C is not built ({_ext.IMPORT_ERROR})"
+        if dev_type not in (None, "cpu"):
+            return f"backend 'cpu' runs CPU tensors, got tensors on {device}"
+        return None
+    if name == "cuda":
+        if not _ext.has_cpu():
+            return f"the compiled extension vidgen_kernels._C is not built ({_ext.IMPORT_ERROR})"
+        if not _ext.has_cuda():
+            return ("the extension was built without CUDA kernels (torch without CUDA, no nvcc, "
+                    "or VIDGEN_KERNELS_BUILD_CUDA=0)")
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible"
+        if dev_type not in (None, "cuda"):
+            return f"backend 'cuda' runs CUDA tensors, got tensors on {device}"
+        return None
+    if name == "triton":
+        if not _has_triton():
+            return "triton is not installed (pip install triton)"
+        if dev_type == "cpu" or (dev_type is None and not torch.cuda.is_available()):
+            if not triton_interpret():
+                return ("Triton kernels run on CPU tensors only under the interpreter: "
+                        "set TRITON_INTERPRET=1 before importing triton")
+            return None
+        if dev_type not in (None, "cuda"):
+            return f"backend 'triton' runs CUDA tensors, got tensors on {device}"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible"
+        return None
+    raise ValueError(f"backend: expected one of {CHOICES}, got {name!r}")
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends usable here (for ``device`` if given), in ``BACKENDS`` order."""
+    return [b for b in BACKENDS if why_unavailable(b, device) is None]
+
+
+def resolve(backend: str | None, device: torch.device, dtype: torch.dtype,
+            supported_dtypes: dict[str, tuple[torch.dtype, ...]], op: str) -> str:
+    """Turn ``backend`` (``None`` = current default) into a concrete backend for ``op``.
+
+    ``supported_dtypes`` maps each kernel backend the op has to the dtypes it takes.
+    Raises ``BackendUnavailableError`` when an explicitly requested backend cannot run.
+    """
+    name = current_backend() if backend is None else _check_name(backend, f"{op}(backend=)")
+    if name == "auto":
+        for cand in AUTO_ORDER.get(device.type, ("reference",)):
+            if cand == "reference":
+                return cand
+            if cand in supported_dtypes and dtype in supported_dtypes[cand] \
+                    and why_unavailable(cand, device) is None:
+                return cand
+        return "reference"
+    if name == "reference":
+        return name
+    if name not in supported_dtypes:
+        raise BackendUnavailableError(f"{op}: backend {name!r} has no implementation of this op")
+    why = why_unavailable(name, device)
+    if why is not None:
+        raise BackendUnavailableError(f"{op}: backend {name!r} cannot run here: {why}")
+    if dtype not in supported_dtypes[name]:
+        raise BackendUnavailableError(
+            f"{op}: backend {name!r} does not support dtype {dtype}; it supports "
+            f"{[str(d) for d in supported_dtypes[name]]}")
+    return name

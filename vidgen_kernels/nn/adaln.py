@@ -1,0 +1,154 @@
+"""AdaLN-Zero modules built on the fused ops.
+
+* :class:`AdaLNZero`: DiT's ``SiLU -> Linear(cond, 6 * dim)`` (zero-initialised) producing
+  shift/scale/gate for the attention and the MLP sublayers, with the fused norm + modulation.
+* :class:`LayerNormZero`: CogVideoX's ``CogVideoXLayerNormZero`` (same parameter names, same
+  outputs), modulating video and text tokens with their own shift/scale/gate in one call.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.adaln import adaln_modulate, gated_residual_adaln
+
+
+class AdaLNParams(NamedTuple):
+    """The six modulation tensors, each ``[B, C]`` (or per-frame ``[B, F, C]``), strided views of
+    one projection output (never copied)."""
+
+    shift_msa: Tensor
+    scale_msa: Tensor
+    gate_msa: Tensor
+    shift_mlp: Tensor
+    scale_mlp: Tensor
+    gate_mlp: Tensor
+
+
+class AdaLNZero(nn.Module):
+    """DiT AdaLN-Zero: ``SiLU -> Linear(cond_dim, 6 * dim)``, zero-initialised.
+
+    Usage in a DiT block (x ``[B, N, dim]``, c ``[B, cond_dim]`` or per-frame ``[B, F, cond_dim]``)::
+
+        p = self.adaln(c)
+        a = self.attn(self.adaln.modulate_msa(x, p))          # norm1(x) * (1 + scale) + shift
+        x, m = self.adaln.residual_mlp(x, a, p)               # x + gate * a, then norm2 + modulation
+        x = self.adaln.residual_out(x, self.mlp(m), p)        # x + gate_mlp * mlp
+
+    Args:
+        dim: channels C of the token stream.
+        cond_dim: channels of the conditioning vector (default ``dim``).
+        norm: ``"layer"`` (DiT) or ``"rms"``.
+        eps: norm epsilon (DiT: 1e-6).
+        elementwise_affine: learnable ``[C]`` weight/bias in the norm (DiT: off).
+    """
+
+    def __init__(self, dim: int, cond_dim: Optional[int] = None, *, norm: str = "layer",
+                 eps: float = 1e-6, elementwise_affine: bool = False, device=None, dtype=None):
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.dim, self.norm, self.eps = dim, norm, eps
+        self.act = nn.SiLU()
+        self.linear = nn.Linear(cond_dim or dim, 6 * dim, **fk)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(dim, **fk))
+            self.bias = nn.Parameter(torch.zeros(dim, **fk))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, c: Tensor) -> AdaLNParams:
+        """``c`` ``[B, cond_dim]`` or ``[B, F, cond_dim]`` -> the six ``[B, (F,) dim]`` views."""
+        return AdaLNParams(*self.linear(self.act(c)).chunk(6, dim=-1))
+
+    def _kw(self):
+        return {"weight": self.weight, "bias": self.bias, "eps": self.eps, "norm": self.norm}
+
+    def modulate_msa(self, x: Tensor, p: AdaLNParams) -> Tensor:
+        """Input of the attention sublayer: ``norm(x) * (1 + scale_msa) + shift_msa``."""
+        return adaln_modulate(x, p.shift_msa, p.scale_msa, **self._kw())
+
+    def residual_mlp(self, x: Tensor, attn_out: Tensor, p: AdaLNParams) -> tuple[Tensor, Tensor]:
+        """``h = x + gate_msa * attn_out`` and the MLP input ``norm(h) * (1 + scale_mlp) +
+        shift_mlp``, fused; returns ``(h, mlp_in)``."""
+        return gated_residual_adaln(x, attn_out, p.gate_msa, p.shift_mlp, p.scale_mlp, **self._kw())
+
+    @staticmethod
+    def residual_out(x: Tensor, mlp_out: Tensor, p: AdaLNParams) -> Tensor:
+        """``x + gate_mlp * mlp_out`` (per-frame gates broadcast over their tokens)."""
+        return gated_add(x, mlp_out, p.gate_mlp)
+
+
+def gated_add(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """``x + gate * y`` for ``x, y`` ``[B, N, C]`` and ``gate`` in any form :func:`adaln_modulate`
+    accepts (``[B, C]``, ``[B, F, C]`` with F | N, ``[B, N, C]``)."""
+    B, N, C = x.shape
+    if gate.dim() == 2:
+        gate = gate.unsqueeze(1)
+    Fg = gate.shape[-2] if gate.dim() == 3 else 1
+    if Fg in (1, N):
+        return x + gate * y
+    return (x.view(B, Fg, N // Fg, C) + gate.unsqueeze(2) * y.view(B, Fg, N // Fg, C)).view(B, N, C)
+
+
+class LayerNormZero(nn.Module):
+    """CogVideoX's ``CogVideoXLayerNormZero`` on the fused kernel (drop-in: same parameters).
+
+    ``linear(silu(temb)).chunk(6)`` gives shift, scale, gate (video) and enc_shift, enc_scale,
+    enc_gate (text); both streams go through the same LayerNorm (eps 1e-5, affine on).
+
+    Args:
+        conditioning_dim: channels of ``temb``.
+        embedding_dim: channels C of the token streams.
+        elementwise_affine, eps, bias: as in diffusers.
+        norm: ``"layer"`` (CogVideoX) or ``"rms"``.
+    """
+
+    def __init__(self, conditioning_dim: int, embedding_dim: int, elementwise_affine: bool = True,
+                 eps: float = 1e-5, bias: bool = True, *, norm: str = "layer", device=None,
+                 dtype=None):
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(conditioning_dim, 6 * embedding_dim, bias=bias, **fk)
+        self.norm = nn.LayerNorm(embedding_dim, eps=eps, elementwise_affine=elementwise_affine, **fk)
+        self.norm_type = norm
+
+    def _kw(self):
+        return {"weight": self.norm.weight, "bias": self.norm.bias, "eps": self.norm.eps,
+                "norm": self.norm_type}
+
+    def _chunks(self, temb: Tensor):
+        return self.linear(self.silu(temb)).chunk(6, dim=-1)
+
+    def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor):
+        """hidden_states ``[B, Nv, C]``, encoder_hidden_states ``[B, Nt, C]``, temb ``[B, D]``.
+
+        Returns ``(norm_hidden, norm_encoder, gate [B, 1, C], enc_gate [B, 1, C])`` as diffusers.
+        """
+        shift, scale, gate, e_shift, e_scale, e_gate = self._chunks(temb)
+        kw = self._kw()
+        h = adaln_modulate(hidden_states, shift, scale, **kw)
+        e = adaln_modulate(encoder_hidden_states, e_shift, e_scale, **kw)
+        return h, e, gate.unsqueeze(-2), e_gate.unsqueeze(-2)
+
+    def forward_residual(self, hidden_states: Tensor, encoder_hidden_states: Tensor,
+                         attn_hidden_states: Tensor, attn_encoder_hidden_states: Tensor,
+                         gate: Tensor, enc_gate: Tensor, temb: Tensor):
+        """The residual of the previous sublayer fused with this norm::
+
+            hidden = hidden + gate * attn_hidden        (text stream likewise with enc_gate)
+            norm_hidden, norm_encoder, gate2, enc_gate2 = self(hidden, encoder_hidden, temb)
+
+        Returns ``(hidden, encoder_hidden, norm_hidden, norm_encoder, gate2, enc_gate2)``.
+        """
+        shift, scale, gate2, e_shift, e_scale, e_gate2 = self._chunks(temb)
+        kw = self._kw()
+        h, nh = gated_residual_adaln(hidden_states, attn_hidden_states, gate, shift, scale, **kw)
+        e, ne = gated_residual_adaln(encoder_hidden_states, attn_encoder_hidden_states, enc_gate,
+                                     e_shift, e_scale, **kw)
+        return h, e, nh, ne, gate2.unsqueeze(-2), e_gate2.unsqueeze(-2)

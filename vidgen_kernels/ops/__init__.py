@@ -1,0 +1,1 @@
+"""Kernel op families, one module each (kernel launchers, custom ops, references)."""
