@@ -110,16 +110,21 @@ def _check_same_device(name: str, t: Tensor, x: Tensor, op: str):
                          "all tensors must be on one device")
 
 
+def _check_aux(name: str, t, x: Tensor, op: str, what: str = "a torch.Tensor"):
+    """Type, device and dtype (x's or float32) of a modulation or affine tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be {what}, got {type(t).__name__}")
+    _check_same_device(name, t, x, op)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be a floating tensor, got dtype {t.dtype}")
+    if t.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{op}: {name} must have x's dtype ({x.dtype}) or float32, got {t.dtype}")
+
+
 def _canon_param(name: str, p, x: Tensor, op: str) -> Tensor:
     """``[C]``, ``[Bp, C]``, ``[Bp, F, C]`` -> a ``[Bp, F, C]`` view (Bp in {1, B}, F | N)."""
     B, N, C = x.shape
-    if not isinstance(p, Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(p).__name__}")
-    _check_same_device(name, p, x, op)
-    if p.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be a floating tensor, got dtype {p.dtype}")
-    if p.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"{op}: {name} must have x's dtype ({x.dtype}) or float32, got {p.dtype}")
+    _check_aux(name, p, x, op)
     expected = f"[C], [B, C], [B, 1, C], [B, F, C] with F dividing N, or [B, N, C] (B={B}, N={N}, C={C})"
     if p.dim() == 1:
         p = p.view(1, 1, -1)
@@ -142,13 +147,7 @@ def _canon_param(name: str, p, x: Tensor, op: str) -> Tensor:
 def _check_affine(name: str, w, x: Tensor, op: str) -> Optional[Tensor]:
     if w is None:
         return None
-    if not isinstance(w, Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(w).__name__}")
-    _check_same_device(name, w, x, op)
-    if w.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be a floating tensor, got dtype {w.dtype}")
-    if w.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"{op}: {name} must have x's dtype ({x.dtype}) or float32, got {w.dtype}")
+    _check_aux(name, w, x, op, "a torch.Tensor or None")
     if w.dim() != 1 or w.shape[0] != x.shape[2]:
         raise ValueError(f"{op}: {name} must be [C] = [{x.shape[2]}], got shape {tuple(w.shape)}")
     return w
