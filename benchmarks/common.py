@@ -43,6 +43,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import itertools
 import math
 import os
@@ -371,15 +372,19 @@ def step_fn(case: Case, f: Callable, inp: dict) -> Callable[[], object]:
     return run
 
 
-def copy_step(case: Case, seed: int) -> Callable[[], object]:
-    nbytes, _ = bytes_moved(case)
-    s = torch.empty((), dtype=case.dtype).element_size()
-    n = nbytes // (2 * s)
-    g = torch.Generator(device=case.device).manual_seed(99 + seed)
-    src = torch.randn(n, device=case.device, dtype=case.dtype, generator=g)
+def copy_bytes_step(nbytes: int, dtype: torch.dtype, device: str, seed: int) -> Callable[[], object]:
+    """The bandwidth peer: a copy that reads nbytes/2 and writes nbytes/2 (moves ``nbytes``)."""
+    s = torch.empty((), dtype=dtype).element_size()
+    n = max(1, nbytes // (2 * s))
+    g = torch.Generator(device=device).manual_seed(99 + seed)
+    src = torch.randn(n, device=device, dtype=dtype, generator=g)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch outside the timed region
     return lambda: dst.copy_(src)
+
+
+def copy_step(case: Case, seed: int) -> Callable[[], object]:
+    return copy_bytes_step(bytes_moved(case)[0], case.dtype, case.device, seed)
 
 
 def rotate(fns: list[Callable[[], object]]) -> Callable[[], object]:
@@ -504,3 +509,82 @@ def plan(pol: Policy, device: str, call_s: float) -> tuple[int, int]:
         iterations = max(1, min(pol.max_iterations, math.ceil(pol.batch_s / call_s)))
     rounds = max(pol.min_rounds, min(pol.max_rounds, math.ceil(pol.target_s / (call_s * iterations))))
     return rounds, iterations
+
+
+# ----------------------------------------------------------------------------------------------
+# the timed part of a benchmark case, shared by every op's benchmark file
+# ----------------------------------------------------------------------------------------------
+def measure(benchmark, request, call: Callable[[], object], device: str, pol: Policy,
+            case_id: str, info: dict) -> Optional[float]:
+    """Calibrates, plans and times ``call`` with pytest-benchmark (optionally after waiting for a
+    quiet CPU: ``--wait-quiet``). Adds the timing fields to ``info`` (median_ms, rounds, timer,
+    threads, other processes' CPU share, versions; ``median_ms_cuda_events`` on CUDA) and flags
+    the case as noisy when other processes used the CPU. Returns the median seconds per call
+    (None under ``--benchmark-disable``)."""
+    call_s = estimate_call_s(call, device, pol.warmup_calls, pol.calibration_calls)
+    rounds, iterations = plan(pol, device, call_s)
+    if device == "cuda":
+        benchmark._timer = cuda_sync_timer  # sync once per batch of `iterations` calls
+    wait = request.config.getoption("--wait-quiet")
+    if wait > 0:
+        info["waited_for_quiet_s"] = round(wait_for_quiet(wait), 1)
+    foreign = ForeignCpu()  # other processes' CPU use during the timed region
+    benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=pol.warmup_rounds)
+    other_share = foreign.stop()
+
+    stats = getattr(benchmark, "stats", None)
+    median_s = stats.stats.median if stats is not None else None
+    info.update(
+        median_ms=median_s * 1e3 if median_s else None,
+        rounds=rounds,
+        iterations_per_round=iterations,
+        timer="cuda_sync_timer (sync once per round)" if device == "cuda" else "perf_counter",
+        torch_threads=torch.get_num_threads(),
+        malloc_reuse=malloc_reuse_enabled() if device == "cpu" else None,
+        other_processes_cpu_share=other_share,
+        **versions(),
+    )
+    if device == "cuda" and median_s:
+        info["median_ms_cuda_events"] = cuda_event_per_call_ms(call, iterations,
+                                                               reps=max(5, min(rounds, 20)))
+    if other_share is not None and other_share > NOISY_SHARE:
+        NOISY_CASES.append((case_id, other_share))
+    return median_s
+
+
+def per_second(amount: Optional[float], info: dict, scale: float = 1e9) -> tuple[Optional[float], Optional[float]]:
+    """``amount`` / median and / CUDA-event median (``info`` as filled by :func:`measure`), in
+    units of ``scale`` per second: (GB/s or GFLOP/s, the same from CUDA events or None)."""
+    ms, ev = info.get("median_ms"), info.get("median_ms_cuda_events")
+    if not amount:
+        return None, None
+    return (amount / (ms * 1e-3) / scale if ms else None,
+            amount / (ev * 1e-3) / scale if ev else None)
+
+
+def release(device: str, compiled: bool) -> None:
+    """Frees what a case held (compiled graphs, cached GPU memory) before the next one."""
+    if compiled:
+        torch._dynamo.reset()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def compile_contender(fn: Callable, warm: Callable[[Callable], object], device: str):
+    """``torch.compile(fn, dynamic=False)``, compiled and warmed up by ``warm(compiled)`` (which
+    runs the timed step once: forward, and backward for fwd+bwd). Returns ``(compiled,
+    seconds)``; skips the case with the reason when inductor or its toolchain fails (a missing
+    contender, not a failed run)."""
+    import pytest
+    torch._dynamo.reset()  # one compilation per case; no cache carried over between shapes
+    t0 = time.perf_counter()
+    try:
+        compiled = torch.compile(fn, dynamic=False)
+        warm(compiled)
+        synchronize(device)
+    except Exception as e:
+        torch._dynamo.reset()
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        pytest.skip(f"torch.compile failed: {type(e).__name__}: {msg}")
+    return compiled, time.perf_counter() - t0

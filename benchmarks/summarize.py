@@ -7,7 +7,10 @@ One table per pytest-benchmark group (op, direction, shape, dtype, device), one 
 contender: median per-call time, effective GB/s (``extra_info["bytes_moved"]`` / median; see
 ``benchmarks/common.py`` for what is counted), speedup vs the eager reference and vs
 ``torch.compile`` (their median / this median: > 1 is faster), and the fraction of the copy
-bandwidth (copy median / this median, the copy moving the same bytes). Works on any benchmark
+bandwidth (copy median / this median, the copy moving the same bytes), and the speedup vs the
+best peer (the fastest contender that is not one of our kernel backends and not the copy: eager
+reference, torch.compile, SDPA, matmul-softmax, ...). A GFLOP/s column (``extra_info["flops"]`` /
+median) appears when the group's cases count FLOPs. Works on any benchmark
 whose ``extra_info`` has ``contender`` and ``bytes_moved``; without them rows show the test name
 and the columns that need them are left blank.
 
@@ -21,6 +24,7 @@ import sys
 from collections import OrderedDict
 
 REFERENCE, COMPILE, COPY = "reference", "torch.compile", "copy"
+KERNEL_BACKENDS = ("cpu", "cuda", "triton")  # ours; every other contender but the copy is a peer
 NOISY_SHARE = 0.10  # as benchmarks/common.py: rows measured while others used > 10 % of the CPU
 _LAST = (COMPILE, REFERENCE, COPY)  # kernel backends first, then these, in this order
 
@@ -60,9 +64,13 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
     for b in benches:
         ei = b.get("extra_info") or {}
         rows.append({"contender": ei.get("contender") or b.get("name", "?"),
-                     "median_s": _median_s(b), "bytes": ei.get("bytes_moved"), "ei": ei})
+                     "median_s": _median_s(b), "bytes": ei.get("bytes_moved"),
+                     "flops": ei.get("flops"), "ei": ei})
     by = {r["contender"]: r["median_s"] for r in rows}
     ref, comp, copy = by.get(REFERENCE), by.get(COMPILE), by.get(COPY)
+    peers = [m for c, m in by.items() if m and c not in KERNEL_BACKENDS and c != COPY]
+    best_peer = min(peers) if peers else None
+    with_flops = any(r["flops"] for r in rows)
 
     first = rows[0]["ei"] if rows else {}
     meta = ", ".join(str(x) for x in (first.get("device_name"), first.get("torch_version") and
@@ -72,8 +80,10 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
     out = [f"### {group}", ""]
     if meta:
         out += [f"_{meta}_", ""]
-    out += ["| contender | median ms | GB/s | vs eager ref | vs torch.compile | of copy BW |",
-            "|---|---:|---:|---:|---:|---:|"]
+    fl_head, fl_rule = (" GFLOP/s |", "---:|") if with_flops else ("", "")
+    out += [f"| contender | median ms | GB/s |{fl_head} vs eager ref | vs torch.compile | "
+            "vs best peer | of copy BW |",
+            f"|---|---:|---:|{fl_rule}---:|---:|---:|---:|"]
     noisy = False
     for r in _row_order(rows, sort):
         m = r["median_s"]
@@ -84,12 +94,15 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
         gbps = r["bytes"] / m / 1e9 if (m and r["bytes"]) else None
         sp_ref = ref / m if (m and ref) else None
         sp_comp = comp / m if (m and comp) else None
+        sp_peer = best_peer / m if (m and best_peer) else None
         frac = copy / m if (m and copy) else None
-        out.append(f"| {r['contender']}{mark} | {_fmt(m and m * 1e3, '.3f')} | {_fmt(gbps, '.1f')} | "
-                   f"{_fmt(sp_ref, '.2f', 'x')} | {_fmt(sp_comp, '.2f', 'x')} | "
+        gflops = f" {_fmt(r['flops'] / m / 1e9 if (m and r['flops']) else None, '.1f')} |"
+        out.append(f"| {r['contender']}{mark} | {_fmt(m and m * 1e3, '.3f')} | {_fmt(gbps, '.1f')} |"
+                   f"{gflops if with_flops else ''} {_fmt(sp_ref, '.2f', 'x')} | "
+                   f"{_fmt(sp_comp, '.2f', 'x')} | {_fmt(sp_peer, '.2f', 'x')} | "
                    f"{_fmt(frac and frac * 100, '.0f', '%')} |")
     if noisy:
-        out += ["", f"⚠N%: other processes used N% of the CPU time while this row was measured."]
+        out += ["", "⚠N%: other processes used N% of the CPU time while this row was measured."]
     return "\n".join(out)
 
 

@@ -33,8 +33,6 @@ the reason, never failed.
 """
 from __future__ import annotations
 
-import gc
-import time
 
 import pytest
 import torch
@@ -61,19 +59,9 @@ def _unavailable(case: Case) -> str | None:
 
 def _compile(case: Case, inp: dict):
     """torch.compile of the reference function, compiled and warmed up on ``inp``."""
-    torch._dynamo.reset()  # one compilation per case; no cache carried over between shapes
-    t0 = time.perf_counter()
-    try:
-        compiled = torch.compile(common.reference_fn(case.op), dynamic=False)
-        f = common.op_fn(case, compiled)
-        step = common.step_fn(case, f, inp)
-        step()  # compiles the forward (and, for fwd+bwd, the backward)
-        common.synchronize(case.device)
-    except Exception as e:  # inductor/toolchain failure: a missing contender, not a failed run
-        torch._dynamo.reset()
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        pytest.skip(f"torch.compile failed: {type(e).__name__}: {msg}")
-    return compiled, time.perf_counter() - t0
+    return common.compile_contender(
+        common.reference_fn(case.op),
+        lambda c: common.step_fn(case, common.op_fn(case, c), inp)(), case.device)
 
 
 def test_adaln(benchmark, case: Case, request):
@@ -105,21 +93,9 @@ def test_adaln(benchmark, case: Case, request):
         steps = [common.step_fn(case, f, s) for s in sets]
     call = common.rotate(steps)
 
-    # calibration (doubles as warm-up), then the timed rounds
-    call_s = common.estimate_call_s(call, case.device, pol.warmup_calls, pol.calibration_calls)
-    rounds, iterations = common.plan(pol, case.device, call_s)
-    if case.device == "cuda":
-        benchmark._timer = common.cuda_sync_timer  # sync once per batch of `iterations` calls
-    wait = request.config.getoption("--wait-quiet")
-    if wait > 0:
-        info["waited_for_quiet_s"] = round(common.wait_for_quiet(wait), 1)
-    foreign = common.ForeignCpu()  # other processes' CPU use during the timed region
-    benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=pol.warmup_rounds)
-    other_share = foreign.stop()
-
-    stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
-    median_s = stats.stats.median if stats is not None else None
+    median_s = common.measure(benchmark, request, call, case.device, pol, case.id, info)
     B, N, C = case.shape
+    info["gbps"], info["gbps_cuda_events"] = common.per_second(nbytes, info)
     info.update(
         op=case.op,
         direction=case.direction,
@@ -132,29 +108,9 @@ def test_adaln(benchmark, case: Case, request):
         device_name=common.device_name(case.device),
         bytes_moved=nbytes,
         bytes_counted=bytes_desc,
-        median_ms=median_s * 1e3 if median_s else None,
-        gbps=nbytes / median_s / 1e9 if median_s else None,
-        rounds=rounds,
-        iterations_per_round=iterations,
         input_sets=n_sets,
-        timer="cuda_sync_timer (sync once per round)" if case.device == "cuda" else "perf_counter",
-        torch_threads=torch.get_num_threads(),
-        malloc_reuse=common.malloc_reuse_enabled() if case.device == "cpu" else None,
-        other_processes_cpu_share=other_share,
-        **common.versions(),
     )
-    if case.device == "cuda" and median_s:
-        ev_ms = common.cuda_event_per_call_ms(call, iterations, reps=max(5, min(rounds, 20)))
-        info["median_ms_cuda_events"] = ev_ms
-        info["gbps_cuda_events"] = nbytes / (ev_ms * 1e-3) / 1e9
     benchmark.extra_info.update(info)
-    if other_share is not None and other_share > common.NOISY_SHARE:
-        common.NOISY_CASES.append((case.id, other_share))
-
-    del call, steps
-    if case.contender == COMPILE:
-        torch._dynamo.reset()
-    gc.collect()
-    if case.device == "cuda":
-        torch.cuda.empty_cache()
+    del call, steps, median_s
+    common.release(case.device, case.contender == COMPILE)
 

@@ -25,14 +25,21 @@
  *   about a last-level cache (the outputs could not stay cached anyway), blocks go out with
  *   streaming stores: no read-for-ownership of the destination, so the kernel moves the same
  *   bytes as a copy.
+ * - While a row is processed, the next row's contiguous inputs are prefetched (NextRow), so
+ *   memory reads overlap the arithmetic and the writes, as in a copy.
  * - Row reductions use kLanes independent partial sums (vectorised, not latency-bound).
- * - Forward: at::parallel_for over the B*N rows.
+ * - Forward: at::parallel_for over the B*N rows; per row: (h = x + gate * y), mean and variance
+ *   (two passes over the cached row), out through write_row.
  * - Backward: at::parallel_for over the B*NC (b, chunk) pairs, R = rows_per_chunk rows per
- *   chunk. A task walks its chunk's rows in order, accumulates the parameter-gradient partials
- *   in scratch rows of A, then writes its slots of the float32 partial buffers ([B, NC, 2, C]
- *   for dgate/dshift/dscale, [B, NC, C] for dweight/dbias), zeros included.
+ *   chunk. A task walks its chunk's rows in order; per row, pass 1 computes the two row sums,
+ *   pass 2 writes dx and adds the parameter-gradient partials to scratch rows of A, pass 3
+ *   writes dy and the per-token parameter gradients. At the end of a chunk the scratch rows are
+ *   written to its slots of the float32 partial buffers ([B, NC, 2, C] for dgate/dshift/dscale,
+ *   [B, NC, C] for dweight/dbias), zeros included.
  */
 #include <torch/extension.h>
+
+#include "cpu_common.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -54,6 +61,8 @@
 #endif
 
 namespace {
+
+using namespace vidgen_cpu;
 
 using at::ScalarType;
 using OptTensor = std::optional<at::Tensor>;
@@ -84,20 +93,6 @@ void dispatch_float(ScalarType st, const F& f) {
 // =============================================================================================
 // Conversions: strided row of S -> contiguous A, contiguous A -> contiguous D
 // =============================================================================================
-inline float bf16_bits_to_float(uint16_t v) {
-  const uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-inline uint16_t float_to_bf16_bits(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  const uint16_t r = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  return f != f ? uint16_t(0x7fc0) : r;
-}
-
 template <typename A> inline A to_acc(float v) { return A(v); }
 template <typename A> inline A to_acc(double v) { return A(v); }
 template <typename A> inline A to_acc(c10::Half v) { return A(static_cast<float>(v)); }
@@ -213,30 +208,9 @@ void round_to(A* v, int64_t n) {
 // =============================================================================================
 // Row writer and reductions
 // =============================================================================================
-// Copies a staged block to memory with streaming (cache-bypassing) stores where available.
-inline void stream_bytes(void* dst, const void* src, size_t bytes) {
-  char* d = static_cast<char*>(dst);
-  const char* s = static_cast<const char*>(src);
-  size_t i = 0;
-#ifdef __SSE2__
-  if ((reinterpret_cast<uintptr_t>(d) & 15) == 0) {
-    for (; i + 16 <= bytes; i += 16)
-      _mm_stream_si128(reinterpret_cast<__m128i*>(d + i),
-                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
-  }
-#endif
-  std::memcpy(d + i, s + i, bytes - i);
-}
-
-// Makes a thread's streaming stores visible (end of each parallel task).
-inline void stream_fence() {
-#ifdef __SSE2__
-  _mm_sfence();
-#endif
-}
-
-// Inputs of the next row, prefetched block by block while the current row is written, so that
-// the reads of row r + 1 overlap the (streamed) writes of row r. Contiguous rows only.
+// Inputs of the next row, prefetched block by block while the current row is processed, so
+// that the memory reads of row r + 1 overlap the work and the (streamed) writes of row r.
+// Contiguous rows only (a strided row spans too many cache lines to be worth it).
 struct NextRow {
   static constexpr int kMax = 4;
   const char* p[kMax] = {};
@@ -315,23 +289,6 @@ inline A row_sum(int64_t n, const F& f) {
   return s;
 }
 
-// Streaming stores pay off once a call writes more than the cache could keep: the last-level
-// cache size, capped at 32 MiB (VMs and multi-die parts often report the whole package's L3).
-// VIDGEN_KERNELS_CPU_STREAM_BYTES overrides the threshold (0: always stream; tests use it).
-int64_t stream_threshold_bytes() {
-  static const int64_t t = [] {
-    if (const char* env = std::getenv("VIDGEN_KERNELS_CPU_STREAM_BYTES")) {
-      if (*env) return int64_t(std::strtoll(env, nullptr, 10));
-    }
-    const int64_t cap = int64_t(32) << 20;
-    long l3 = -1;
-#ifdef _SC_LEVEL3_CACHE_SIZE
-    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-#endif
-    return l3 > 0 ? std::min(int64_t(l3), cap) : cap;
-  }();
-  return t;
-}
 
 // =============================================================================================
 // Tensor descriptors
@@ -523,49 +480,30 @@ struct BwdArgs {
   bool is_rms;
 };
 
-// Scratch rows that the first backward pass adds to (the fused parameter-gradient partials).
-template <typename A>
-struct PassAccs {
-  A* shift = nullptr;   // += dout                      (kShiftScale)
-  A* scale = nullptr;   // += dout * (xhat * w + b)     (kShiftScale)
-  A* weight = nullptr;  // += dn * xhat                 (kWeightBias)
-  A* bias = nullptr;    // += dn                        (kWeightBias)
-};
-
-// The first pass over a backward row. With xhat = (h - mu) * rstd, dn = dout * (1 + scale) and
-// dxhat = dn * w (kAffine): returns s1 = sum(dxhat), s2 = sum(dxhat * xhat) (kLanes partial sums
-// each) and adds the partials selected by kShiftScale / kWeightBias. Nothing per element is
-// stored: the dx pass recomputes xhat and dxhat, which is cheaper than writing and re-reading
-// them. The scratch rows are distinct from the inputs.
-template <typename A, bool kAffine, bool kShiftScale, bool kWeightBias>
-void bwd_row_pass(int64_t C, const A* __restrict hv, const A* __restrict dov,
-                  const A* __restrict s, const A* __restrict w, const A* __restrict bb, A mu,
-                  A rs, const PassAccs<A>& acc, A& s1, A& s2) {
-  A* __restrict a_shift = acc.shift;
-  A* __restrict a_scale = acc.scale;
-  A* __restrict a_w = acc.weight;
-  A* __restrict a_b = acc.bias;
-  constexpr int L = kLanes / 2;  // two sums: half the lanes each, so the partials stay in registers
+// Pass 1 of a backward row. With xhat = (h - mu) * rstd, dn = dout * (1 + scale) and
+// dxhat = dn * w (kAffine): stores dxhat and returns s1 = sum(dxhat), s2 = sum(dxhat * xhat)
+// (kLanes / 2 partial sums each, so that they stay in registers), prefetching `next` as it goes.
+// dxhat is stored so that dx uses the very values summed here (with C = 1 the layer-norm dx is
+// then exactly 0); xhat is cheaper to recompute than to store and re-read.
+template <typename A, bool kAffine>
+void bwd_row_sums(int64_t C, const A* __restrict hv, const A* __restrict dov,
+                  const A* __restrict s, const A* __restrict w, A mu, A rs, A* __restrict dxh,
+                  const NextRow& next, A& s1, A& s2) {
+  constexpr int L = kLanes / 2;
   A p1[L] = {}, p2[L] = {};
   auto body = [&](int64_t c, A& q1, A& q2) {
     const A xh = (hv[c] - mu) * rs;
-    const A dv = dov[c];
-    const A d = dv * (A(1) + s[c]);
+    const A d = dov[c] * (A(1) + s[c]);
     const A e = kAffine ? d * w[c] : d;
+    dxh[c] = e;
     q1 += e;
     q2 += e * xh;
-    if (kShiftScale) {
-      a_shift[c] += dv;
-      a_scale[c] += dv * (kAffine ? xh * w[c] + bb[c] : xh);
-    }
-    if (kWeightBias) {
-      a_w[c] += d * xh;
-      a_b[c] += d;
-    }
   };
   int64_t c = 0;
-  for (; c + L <= C; c += L)
+  for (; c + L <= C; c += L) {
+    next.block(c, L);
     for (int j = 0; j < L; ++j) body(c + j, p1[j], p2[j]);
+  }
   A t1 = 0, t2 = 0;
   for (; c < C; ++c) body(c, t1, t2);
   for (int j = 0; j < L; ++j) {
@@ -576,32 +514,22 @@ void bwd_row_pass(int64_t C, const A* __restrict hv, const A* __restrict dov,
   s2 = t2;
 }
 
-// Calls f(std::true_type{}) or f(std::false_type{}).
-template <typename F>
-void dispatch_bool(bool v, const F& f) {
-  if (v) f(std::true_type{});
-  else f(std::false_type{});
-}
-
 template <typename T>
 void bwd_impl(const BwdArgs& a) {
   using A = acc_t<T>;
   const int64_t B = a.B, N = a.N, C = a.C, R = a.R, NC = a.NC;
-  const bool affine = a.weight.has_value() || a.bias.has_value();
+  const bool affine = a.weight.has_value();
   const std::vector<A> w = affine_vector<A>(a.weight, C, A(1));
   const std::vector<A> bv = affine_vector<A>(a.bias, C, A(0));
   const A inv_c = A(1) / A(C);
-  const bool need_g = a.dy.on || a.dgate.on();  // g kept in a row for dy / dgate
-  // Partials accumulated inside the first pass (the common cases); the others get own loops.
-  const bool fuse_ss = a.dshift.partial() && a.dscale.partial();
-  const bool fuse_wb = a.dweight.on() && a.dbias.on();
+  const bool keep_g = a.dy.on || a.dgate.per_token();  // g kept in a row for pass 3
   int64_t written = (a.dy.on ? 2 : 1) * int64_t(sizeof(T));
   for (const GradOut* g : {&a.dgate, &a.dshift, &a.dscale})
     if (g->per_token()) written += g->esz;
   const bool stream = B * N * C * written >= stream_threshold_bytes();
 
   at::parallel_for(0, B * NC, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> hbuf(C), dobuf(C), gbuf(need_g ? C : 0), ybuf(C), dhbuf(C);
+    std::vector<A> hbuf(C), dobuf(C), dxhbuf(C), gbuf(keep_g ? C : 0), ybuf(C), dhbuf(C);
     // Partial-sum scratch rows, flushed to the float32 partial buffers at each chunk's end.
     const GradOut* gouts[] = {&a.dgate, &a.dshift, &a.dscale, &a.dweight, &a.dbias};
     std::vector<A> accs[5];
@@ -609,12 +537,14 @@ void bwd_impl(const BwdArgs& a) {
     ParamCache<A> scale(a.scale, C), gate(a.gate, C);
     const A* wv = w.data();
     const A* bvv = bv.data();
+    A* dxhv = dxhbuf.data();
     A* gb = gbuf.data();
 
-    // The scratch slot (of a dgate/dshift/dscale partial) that row n of a chunk adds to.
-    auto slot = [&](int i, int64_t n, int64_t n0) {
+    // The scratch row that row n (of the chunk starting at n0) adds to, for partial i.
+    auto slot = [&](int i, int64_t n, int64_t n0) -> A* {
+      if (!gouts[i]->partial()) return nullptr;
       const int64_t tpr = gouts[i]->tpr;
-      return accs[i].data() + (n / tpr - n0 / tpr) * C;
+      return accs[i].data() + (gouts[i]->slots == 2 ? (n / tpr - n0 / tpr) * C : 0);
     };
     auto per_token_row = [&](const GradOut& g, int64_t b, int64_t n) {
       return static_cast<void*>(g.p + ((b * N + n) * C) * g.esz);
@@ -632,107 +562,94 @@ void bwd_impl(const BwdArgs& a) {
         const A* dov = view_typed<A>(a.dout.row<const T>(b, n), a.dout.s2, C, dobuf.data());
         scale.fetch(b, n);
         const A* s = scale.row;
-
-        // Pass 1: the row sums (and the fused partials).
-        PassAccs<A> pacc;
-        if (fuse_ss) {
-          pacc.shift = slot(1, n, n0);
-          pacc.scale = slot(2, n, n0);
-        }
-        if (fuse_wb) {
-          pacc.weight = accs[3].data();
-          pacc.bias = accs[4].data();
-        }
-        A s1, s2;
-        dispatch_bool(affine, [&](auto k_aff) {
-          dispatch_bool(fuse_ss, [&](auto k_ss) {
-            dispatch_bool(fuse_wb, [&](auto k_wb) {
-              bwd_row_pass<A, decltype(k_aff)::value, decltype(k_ss)::value,
-                           decltype(k_wb)::value>(C, hv, dov, s, wv, bvv, mu, rs, pacc, s1, s2);
-            });
-          });
-        });
-        const A m1 = a.is_rms ? A(0) : s1 * inv_c, m2 = s2 * inv_c;
-
-        // Pass 2: g = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) (+ dh) -> dx,
-        // kept in gb when dy / dgate need it; the next row's inputs are prefetched meanwhile.
+        if (a.dy.on || a.dgate.on()) gate.fetch(b, n);
+        const A* yv = a.dgate.on()
+            ? view_typed<A>(a.y.row<const T>(b, n), a.y.s2, C, ybuf.data()) : nullptr;
         const A* dhv = a.dh.on
             ? view_typed<A>(a.dh.row<const T>(b, n), a.dh.s2, C, dhbuf.data()) : nullptr;
-        NextRow next;  // the next row in (b, n) order: this chunk's, or the next task's first
+
+        // The next row in (b, n) order (this chunk's, or the next task's first) is prefetched
+        // while this one is processed: hx and dh during pass 1, dout and y during pass 2.
+        NextRow next1, next2;
         if (b * N + n + 1 < B * N) {
           const int64_t b1 = (b * N + n + 1) / N, nn = (b * N + n + 1) % N;
-          for (const Rows* in : {&a.hx, &a.dout, &a.dh, a.dgate.on() ? &a.y : nullptr})
-            if (in && in->on) next.add(in->row(b1, nn), in->s2, in->esz);
+          for (const Rows* in : {&a.hx, &a.dh})
+            if (in->on) next1.add(in->row(b1, nn), in->s2, in->esz);
+          for (const Rows* in : {&a.dout, a.dgate.on() ? &a.y : nullptr})
+            if (in && in->on) next2.add(in->row(b1, nn), in->s2, in->esz);
         }
+
+        // Pass 1: dxhat and the two row sums.
+        A s1, s2;
+        if (affine) bwd_row_sums<A, true>(C, hv, dov, s, wv, mu, rs, dxhv, next1, s1, s2);
+        else bwd_row_sums<A, false>(C, hv, dov, s, wv, mu, rs, dxhv, next1, s1, s2);
+        const A m1 = a.is_rms ? A(0) : s1 * inv_c, m2 = s2 * inv_c;
+
+        // Pass 2, block by block: g = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        // (+ dh) -> dx, and the partial sums (while the block's inputs are in L1; this pass
+        // mostly waits on memory, so the arithmetic comes almost free).
+        A* p_gate = slot(0, n, n0);
+        A* p_shift = slot(1, n, n0);
+        A* p_scale = slot(2, n, n0);
+        A* p_w = slot(3, n, n0);
+        A* p_b = slot(4, n, n0);
         write_row<T, A>(a.dx.row<T>(b, n), C, stream, [&](A* o, int64_t c0, int64_t len) {
           const A* h = hv + c0;
+          const A* e = dxhv + c0;
           const A* d = dov + c0;
-          const A* sc = s + c0;
-          if (affine) {
-            const A* wc = wv + c0;
-            for (int64_t j = 0; j < len; ++j)
-              o[j] = rs * (d[j] * (A(1) + sc[j]) * wc[j] - m1 - (h[j] - mu) * rs * m2);
-          } else {
-            for (int64_t j = 0; j < len; ++j)
-              o[j] = rs * (d[j] * (A(1) + sc[j]) - m1 - (h[j] - mu) * rs * m2);
-          }
+          for (int64_t j = 0; j < len; ++j) o[j] = rs * (e[j] - m1 - (h[j] - mu) * rs * m2);
           if (dhv) {
             for (int64_t j = 0; j < len; ++j) o[j] += dhv[c0 + j];
           }
-          if (need_g) std::copy(o, o + len, gb + c0);
-        }, &next);
+          if (keep_g) std::copy(o, o + len, gb + c0);
+          if (p_gate) {  // dgate += g * y
+            for (int64_t j = 0; j < len; ++j) p_gate[c0 + j] += o[j] * yv[c0 + j];
+          }
+          if (p_shift) {  // dshift += dout
+            for (int64_t j = 0; j < len; ++j) p_shift[c0 + j] += d[j];
+          }
+          if (p_scale) {  // dscale += dout * (xhat * w + b)
+            for (int64_t j = 0; j < len; ++j) {
+              const int64_t c = c0 + j;
+              p_scale[c] += d[j] * ((h[j] - mu) * rs * wv[c] + bvv[c]);
+            }
+          }
+          const A* sc = s + c0;
+          if (p_w) {  // dweight += dn * xhat
+            for (int64_t j = 0; j < len; ++j) p_w[c0 + j] += d[j] * (A(1) + sc[j]) * ((h[j] - mu) * rs);
+          }
+          if (p_b) {  // dbias += dn
+            for (int64_t j = 0; j < len; ++j) p_b[c0 + j] += d[j] * (A(1) + sc[j]);
+          }
+        }, &next2);
 
-        // Pass 3 (as needed): the outputs that need g, and the partials not fused in pass 1.
-        if (need_g) gate.fetch(b, n);
+        // Pass 3 (as needed): dy and the per-token parameter gradients.
         if (a.dy.on) {  // dy = g * gate
           const A* gv = gate.row;
           write_row<T, A>(a.dy.row<T>(b, n), C, stream, [&](A* o, int64_t c0, int64_t len) {
             for (int64_t j = 0; j < len; ++j) o[j] = gb[c0 + j] * gv[c0 + j];
           });
         }
-        if (a.dgate.on()) {  // dgate = g * y
-          const A* yv = view_typed<A>(a.y.row<const T>(b, n), a.y.s2, C, ybuf.data());
-          if (a.dgate.partial()) {
-            A* acc = slot(0, n, n0);
-            for (int64_t c = 0; c < C; ++c) acc[c] += gb[c] * yv[c];
-          } else {
-            write_row_any<A>(per_token_row(a.dgate, b, n), a.dgate.st, C, stream,
-                             [&](A* o, int64_t c0, int64_t len) {
-                               for (int64_t j = 0; j < len; ++j) o[j] = gb[c0 + j] * yv[c0 + j];
-                             });
-          }
+        if (a.dgate.per_token()) {  // dgate = g * y
+          write_row_any<A>(per_token_row(a.dgate, b, n), a.dgate.st, C, stream,
+                           [&](A* o, int64_t c0, int64_t len) {
+                             for (int64_t j = 0; j < len; ++j) o[j] = gb[c0 + j] * yv[c0 + j];
+                           });
         }
-        if (a.dshift.on() && !fuse_ss) {  // dshift = dout
-          if (a.dshift.partial()) {
-            A* acc = slot(1, n, n0);
-            for (int64_t c = 0; c < C; ++c) acc[c] += dov[c];
-          } else {
-            write_row_any<A>(per_token_row(a.dshift, b, n), a.dshift.st, C, stream,
-                             [&](A* o, int64_t c0, int64_t len) {
-                               std::copy(dov + c0, dov + c0 + len, o);
-                             });
-          }
+        if (a.dshift.per_token()) {  // dshift = dout
+          write_row_any<A>(per_token_row(a.dshift, b, n), a.dshift.st, C, stream,
+                           [&](A* o, int64_t c0, int64_t len) {
+                             std::copy(dov + c0, dov + c0 + len, o);
+                           });
         }
-        // dscale = dout * (xhat * w + b), dweight = dn * xhat, dbias = dn
-        auto dscale_at = [&](int64_t c) { return dov[c] * ((hv[c] - mu) * rs * wv[c] + bvv[c]); };
-        if (a.dscale.on() && !fuse_ss) {
-          if (a.dscale.partial()) {
-            A* acc = slot(2, n, n0);
-            for (int64_t c = 0; c < C; ++c) acc[c] += dscale_at(c);
-          } else {
-            write_row_any<A>(per_token_row(a.dscale, b, n), a.dscale.st, C, stream,
-                             [&](A* o, int64_t c0, int64_t len) {
-                               for (int64_t j = 0; j < len; ++j) o[j] = dscale_at(c0 + j);
-                             });
-          }
-        }
-        if (a.dweight.on() && !fuse_wb) {
-          A* acc = accs[3].data();
-          for (int64_t c = 0; c < C; ++c) acc[c] += dov[c] * (A(1) + s[c]) * ((hv[c] - mu) * rs);
-        }
-        if (a.dbias.on() && !fuse_wb) {
-          A* acc = accs[4].data();
-          for (int64_t c = 0; c < C; ++c) acc[c] += dov[c] * (A(1) + s[c]);
+        if (a.dscale.per_token()) {  // dscale = dout * (xhat * w + b)
+          write_row_any<A>(per_token_row(a.dscale, b, n), a.dscale.st, C, stream,
+                           [&](A* o, int64_t c0, int64_t len) {
+                             for (int64_t j = 0; j < len; ++j) {
+                               const int64_t c = c0 + j;
+                               o[j] = dov[c] * ((hv[c] - mu) * rs * wv[c] + bvv[c]);
+                             }
+                           });
         }
       }
 

@@ -3,8 +3,11 @@
 #include <torch/extension.h>
 
 void register_adaln_cpu(pybind11::module_& m);
+void register_temporal_attention_cpu(pybind11::module_& m);
+void register_rope_cpu(pybind11::module_& m);
 #ifdef VIDGEN_WITH_CUDA
 void register_adaln_cuda(pybind11::module_& m);
+void register_rope_cuda(pybind11::module_& m);
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -12,8 +15,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef VIDGEN_WITH_CUDA
   m.attr("with_cuda") = true;
   register_adaln_cuda(m);
+  register_rope_cuda(m);
 #else
   m.attr("with_cuda") = false;
 #endif
   register_adaln_cpu(m);
+  register_temporal_attention_cpu(m);
+  register_rope_cpu(m);
 }

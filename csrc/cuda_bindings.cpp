@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "adaln_cuda.h"
+#include "rope_cuda.h"
 
 namespace {
 
@@ -363,4 +364,88 @@ void register_adaln_cuda(pybind11::module_& m) {
         py::arg("dx"), py::arg("dy"), py::arg("dgate"), py::arg("dshift"), py::arg("dscale"),
         py::arg("dweight"), py::arg("dbias"), py::arg("tpr_gate"), py::arg("tpr_shift"),
         py::arg("tpr_scale"), py::arg("rows_per_chunk"), py::arg("is_rms"), py::arg("stream"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE (apply_rope): rope_cuda(x, cos, sin, out, offset, interleaved, conj, stream), the kernel
+// contract of vidgen_kernels/ops/rope.py plus the raw cudaStream_t as an integer.
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+namespace vr = vidgen::rope;
+
+void rope_check_table(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  const int64_t P = x.size(3) / 2;
+  TORCH_CHECK(t.device() == x.device(), "rope_cuda: ", name, " is on ", t.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "rope_cuda: ", name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(1) == P, "rope_cuda: ", name, " must be [L, D/2] = [L, ", P,
+              "], got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "rope_cuda: ", name, " must be contiguous");
+}
+
+void rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+               const at::Tensor& out, int64_t offset, bool interleaved, bool conj,
+               uint64_t stream) {
+  const char* op = "rope_cuda";
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
+  const c10::DeviceGuard guard(x.device());
+  TORCH_CHECK(x.dim() == 4, op, ": x must be [B, S, H, D], got shape ", x.sizes());
+  const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3);
+  TORCH_CHECK(D >= 2 && D % 2 == 0, op, ": head dim D must be even and >= 2, got ", D);
+  vr::DType dt = vr::DType::kFloat32;
+  switch (x.scalar_type()) {
+    case at::kFloat: dt = vr::DType::kFloat32; break;
+    case at::kHalf: dt = vr::DType::kFloat16; break;
+    case at::kBFloat16: dt = vr::DType::kBFloat16; break;
+    default:
+      TORCH_CHECK(false, op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+  rope_check_table("cos", cos, x);
+  rope_check_table("sin", sin, x);
+  TORCH_CHECK(cos.size(0) == sin.size(0), op, ": cos has ", cos.size(0), " rows, sin ",
+              sin.size(0));
+  const int64_t L = cos.size(0);
+  TORCH_CHECK(offset >= 0 && offset + L <= S, op, ": need 0 <= offset and offset + L <= S, got ",
+              "offset=", offset, ", L=", L, ", S=", S);
+  TORCH_CHECK(out.device() == x.device() && out.scalar_type() == x.scalar_type() &&
+                  out.sizes() == x.sizes() && out.is_contiguous(),
+              op, ": out must be a contiguous tensor on ", x.device(), " of x's shape ", x.sizes(),
+              " and dtype ", x.scalar_type(), ", got ", out.sizes(), " ", out.scalar_type(),
+              " on ", out.device());
+  at::assert_no_overlap(out, x);
+  vr::RopeArgs a;
+  a.dtype = dt;
+  a.B = B;
+  a.S = S;
+  a.H = H;
+  a.D = D;
+  a.x = x.data_ptr();
+  a.sb = x.stride(0);
+  a.ss = x.stride(1);
+  a.sh = x.stride(2);
+  a.sd = x.stride(3);
+  a.cos = L > 0 ? cos.data_ptr<float>() : nullptr;
+  a.sin = L > 0 ? sin.data_ptr<float>() : nullptr;
+  a.L = L;
+  a.offset = offset;
+  a.out = out.data_ptr();
+  a.interleaved = interleaved;
+  a.conj = conj;
+  if (x.numel() == 0) return;
+  const cudaError_t err = vr::rope_launch(a, reinterpret_cast<cudaStream_t>(stream));
+  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorName(err), ": ",
+              cudaGetErrorString(err));
+}
+
+}  // namespace
+
+void register_rope_cuda(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("rope_cuda", &rope_cuda,
+        "Rotary embedding (CUDA), out of place, kernel contract of vidgen_kernels.ops.rope; "
+        "runs on the given cudaStream_t",
+        py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out"), py::arg("offset"),
+        py::arg("interleaved"), py::arg("conj"), py::arg("stream"));
 }

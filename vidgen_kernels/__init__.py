@@ -6,7 +6,16 @@ Public API::
     gated_residual_adaln(x, y, gate, shift, scale, *, ...) -> (h, out)
     use_backend(name)            # context manager
     available_backends(device=None)
-    vidgen_kernels.nn.AdaLNZero, vidgen_kernels.nn.LayerNormZero
+    temporal_attention(q, k, v, *, causal=True, cos=None, sin=None, interleaved=True,
+                       q_offset=0, softmax_scale=None)   # [B, T, S, H, D], along T
+    rope3d_freqs(frames, height, width, head_dim, *, theta=10000.0, axes_dims=None,
+                 device=None) -> (cos, sin)     # each [frames*height*width, D/2] float32
+    apply_rope(x, cos, sin, *, interleaved=True, offset=0)   # x [B, S, H, D]
+    rope3d_attention(q, k, v, cos=None, sin=None, *, rope_offset=0, interleaved=True,
+                     frame_causal=False, tokens_per_frame=None, frames_per_block=1,
+                     softmax_scale=None)   # [B, S, H, D], RoPE fused into flash attention
+    vidgen_kernels.nn.AdaLNZero, vidgen_kernels.nn.LayerNormZero,
+    vidgen_kernels.nn.CausalTemporalAttention, vidgen_kernels.nn.RoPE3DAttention
 
 ``python -m vidgen_kernels`` prints which backends this install has.
 """
@@ -24,6 +33,9 @@ from .ops.adaln import (
     gated_residual_adaln,
     gated_residual_adaln_reference,
 )
+from .ops.temporal_attention import temporal_attention, temporal_attention_reference
+from .ops.rope import apply_rope, apply_rope_reference, rope3d_freqs
+from .ops.rope3d_attention import rope3d_attention, rope3d_attention_reference
 from . import nn  # noqa: E402  (modules use the functions above)
 
 __version__ = "0.1.0"
@@ -33,11 +45,18 @@ __all__ = [
     "BackendUnavailableError",
     "adaln_modulate",
     "adaln_modulate_reference",
+    "apply_rope",
+    "apply_rope_reference",
     "available_backends",
     "current_backend",
     "gated_residual_adaln",
     "gated_residual_adaln_reference",
     "nn",
+    "rope3d_attention",
+    "rope3d_attention_reference",
+    "rope3d_freqs",
+    "temporal_attention",
+    "temporal_attention_reference",
     "use_backend",
 ]
 

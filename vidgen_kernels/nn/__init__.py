@@ -1,4 +1,6 @@
 """``nn.Module`` wrappers of the fused ops, for the models."""
 from .adaln import AdaLNZero, LayerNormZero
+from .rope3d_attention import RoPE3DAttention
+from .temporal_attention import CausalTemporalAttention, TemporalKVCache
 
-__all__ = ["AdaLNZero", "LayerNormZero"]
+__all__ = ["AdaLNZero", "CausalTemporalAttention", "LayerNormZero", "RoPE3DAttention", "TemporalKVCache"]

@@ -1,0 +1,343 @@
+"""Benchmarks of fused RoPE-3D + flash attention (``vidgen_kernels.rope3d_attention``).
+
+Run::
+
+    python -m pytest benchmarks/test_bench_rope3d_attention.py --benchmark-json /tmp/r.json  # full
+    python -m pytest benchmarks/test_bench_rope3d_attention.py --quick                       # smoke
+    python benchmarks/summarize.py /tmp/r.json                                                 # tables
+
+Cases: direction (fwd, fwd+bwd) x shape x device x contender; full attention (no mask), RoPE on
+the video tokens, text first (``rope_offset = text``). Each (direction, shape, dtype, device) is
+one pytest-benchmark group.
+
+* CPU, fp32: ``B=1, H=4, D=64``, video ``4x16x16`` and ``8x16x16`` latents + 16 text tokens
+  (S = 1040, 2064). ``--quick``: ``2x8x8`` + 16 text (S = 144).
+* CUDA, bf16: CogVideoX-5B (``B=1, H=48, D=64``, 226 text + ``13x30x45`` = 17,776 tokens) and
+  Wan-1.3B (``H=12, D=128``, ``21x30x52`` = 32,760 tokens, no text: Wan's text goes through
+  cross-attention). ``--quick``: ``H=8, D=64``, 32 text + ``4x16x16``.
+
+q, k, v are the ``[B, S, H, D]`` slices of one fused ``[B, S, 3, H, D]`` projection (read in place
+by the kernels); the SDPA contenders get ``[B, H, S, D]`` transposed views of the same buffers,
+as diffusers' ``view(B, -1, H, D).transpose(1, 2)``. Contenders:
+
+* each kernel backend of the op on the device (``cpu`` on CPU; ``triton`` on CUDA);
+* ``reference``: ``rope3d_attention_reference`` (eager rotation + materialised softmax; CPU only:
+  the S x S matrix of the GPU shapes does not fit);
+* ``rotate+sdpa``: the diffusers way, ``x * cos + rotate(x) * sin`` in fp32 on the video slice
+  (cat with the text), then ``F.scaled_dot_product_attention`` (default backend choice); on
+  CUDA also ``rotate+sdpa-flash`` / ``rotate+sdpa-cudnn`` (forced SDPA backends) and
+  ``rotate+flash-attn`` (``flash_attn_func``, when the package is importable);
+* ``sdpa``: SDPA alone on the unrotated q/k/v (the floor: attention without any RoPE cost);
+* ``torch.compile``: ``torch.compile`` of the ``rotate+sdpa`` function (compiled and warmed up
+  outside the timed region);
+* ``copy``: a copy moving ``bytes_moved`` bytes (fwd: read q, k, v, write out; fwd+bwd: 12x a
+  ``[B, S, H, D]`` tensor: + read dout, q, k, v, out, write dq, dk, dv), the bandwidth limit.
+
+Work model (``extra_info``): ``flops`` = 4 * B * H * S^2 * D for the forward, x 3.5 for fwd+bwd
+(backward = 2.5 x forward); ``tflops`` = flops / median. ``saved_bytes``: bytes autograd saved
+for backward in one forward (``torch.autograd.graph.saved_tensors_hooks``), and
+``saved_bytes_vs_qkvo`` = that / bytes of q + k + v + out.
+
+Each contender is checked once before timing against ``rotate+sdpa`` in the case's dtype
+(outputs, and q/k/v gradients for fwd+bwd). Unavailable contenders are skipped with the reason.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+
+OP = "rope3d_attention"
+REFERENCE = "reference"
+ROT_SDPA = "rotate+sdpa"
+ROT_FLASH = "rotate+sdpa-flash"
+ROT_CUDNN = "rotate+sdpa-cudnn"
+ROT_FA = "rotate+flash-attn"
+SDPA = "sdpa"
+COMPILE, COPY = common.COMPILE, common.COPY
+KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton",)}
+# (B, text, (F, Hh, Ww), H, D, label)
+SHAPES = {
+    ("cpu", False): ((1, 16, (4, 16, 16), 4, 64, "4x16x16"), (1, 16, (8, 16, 16), 4, 64, "8x16x16")),
+    ("cpu", True): ((1, 16, (2, 8, 8), 4, 64, "2x8x8"),),
+    ("cuda", False): ((1, 226, (13, 30, 45), 48, 64, "cogvideox-5b"),
+                      (1, 0, (21, 30, 52), 12, 128, "wan-1.3b")),
+    ("cuda", True): ((1, 32, (4, 16, 16), 8, 64, "4x16x16"),),
+}
+
+
+def contenders(device: str) -> tuple[str, ...]:
+    if device == "cuda":
+        return (*KERNEL_BACKENDS[device], ROT_SDPA, ROT_FLASH, ROT_CUDNN, ROT_FA, SDPA, COMPILE,
+                COPY)
+    return (*KERNEL_BACKENDS[device], REFERENCE, ROT_SDPA, SDPA, COMPILE, COPY)
+
+
+@dataclass(frozen=True)
+class Case:
+    direction: str
+    shape: tuple
+    device: str
+    dtype: torch.dtype
+    contender: str
+
+    @property
+    def dims(self):
+        B, text, (f, h, w), H, D, _ = self.shape
+        return B, text, f * h * w, H, D
+
+    @property
+    def S(self):
+        B, text, L, H, D = self.dims
+        return text + L
+
+    @property
+    def backward(self):
+        return self.direction == "fwd+bwd"
+
+    @property
+    def group(self):
+        B, text, L, H, D = self.dims
+        return (f"{OP} {self.direction} {self.shape[-1]} B={B} text={text} video={L} H={H} D={D} "
+                f"{common.dtype_name(self.dtype)} {self.device}")
+
+    @property
+    def id(self):
+        B, text, L, H, D = self.dims
+        return (f"{OP}-{self.direction}-{self.shape[-1]}-B{B}xT{text}xL{L}xH{H}xD{D}-"
+                f"{common.dtype_name(self.dtype)}-{self.device}-{self.contender}")
+
+
+def make_cases(quick, devices):
+    return [Case(d, shape, dev, common.DTYPES[dev], c)
+            for dev in devices for shape in SHAPES[(dev, quick)] for d in common.DIRECTIONS
+            for c in contenders(dev)]
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        cases = make_cases(metafunc.config.getoption("--quick"), common.bench_devices(metafunc.config))
+        metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+
+
+def bytes_moved(case: Case) -> int:
+    B, _, _, H, D = case.dims
+    return (12 if case.backward else 4) * B * case.S * H * D * torch.empty((), dtype=case.dtype).element_size()
+
+
+def flops(case: Case) -> int:
+    B, _, _, H, D = case.dims
+    f = 4 * B * H * case.S * case.S * D
+    return int(f * 3.5) if case.backward else f
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs and contenders
+# ----------------------------------------------------------------------------------------------
+def rope_tables(case: Case):
+    """3D RoPE table of the video ([t | h | w] split as CogVideoX), [L, D/2] and diffusers'
+    [L, D] interleaved layout, fp32."""
+    _, _, (f, h, w), _, D, _ = case.shape
+    dt, dh = D // 4, 3 * D // 8
+    dims = (dt, dh, D - dt - dh)
+    pos = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w),
+                                     indexing="ij"), -1).reshape(-1, 3).double()
+    ang = torch.cat([torch.outer(pos[:, a], 1.0 / 10000.0 ** (torch.arange(0, d, 2).double() / d))
+                     for a, d in enumerate(dims)], -1)
+    cos, sin = ang.cos().float().to(case.device), ang.sin().float().to(case.device)
+    return cos, sin, cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+
+
+def make_inputs(case: Case, seed: int) -> dict:
+    B, text, L, H, D = case.dims
+    g = torch.Generator(device=case.device).manual_seed(1234 + seed)
+    qkv = torch.randn(B, case.S, 3, H, D, device=case.device, dtype=case.dtype, generator=g)
+    qkv.requires_grad_(case.backward)
+    inp = {"qkv": qkv}
+    if case.backward:
+        inp["dout"] = torch.randn(B, case.S, H, D, device=case.device, dtype=case.dtype, generator=g)
+    return inp
+
+
+def diffusers_rope(x, cos_f, sin_f):
+    """diffusers' apply_rotary_emb (use_real_unbind_dim=-1) on [B, H, L, D]: fp32 math."""
+    x_real, x_imag = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rot = torch.stack([-x_imag, x_real], -1).flatten(-2)
+    return (x.float() * cos_f + x_rot * sin_f).to(x.dtype)
+
+
+def _sdpa_ctx(contender):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if contender == ROT_FLASH:
+        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+    if contender == ROT_CUDNN:
+        return sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def op_fn(case: Case, compiled=None):
+    """``f(inputs) -> out [B, S, H, D]`` (``compiled``: the torch.compile contender's function)."""
+    import vidgen_kernels as vk
+    B, text, L, H, D = case.dims
+    cos, sin, cos_f, sin_f = rope_tables(case)
+    c = case.contender
+    if c in KERNEL_BACKENDS[case.device]:
+        def f(i):
+            q, k, v = i["qkv"].unbind(2)
+            return vk.rope3d_attention(q, k, v, cos, sin, rope_offset=text, backend=c)
+        return f
+    if c == REFERENCE:
+        def f(i):
+            q, k, v = i["qkv"].unbind(2)
+            return vk.rope3d_attention_reference(q, k, v, cos, sin, rope_offset=text)
+        return f
+    if c == SDPA:
+        def f(i):
+            q, k, v = (t.transpose(1, 2) for t in i["qkv"].unbind(2))
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return f
+
+    def rotate_bhsd(x):
+        return torch.cat([x[:, :, :text], diffusers_rope(x[:, :, text:], cos_f, sin_f)], dim=2)
+
+    if c == ROT_FA:
+        from flash_attn import flash_attn_func
+
+        def f(i):
+            q, k, v = (t.transpose(1, 2) for t in i["qkv"].unbind(2))
+            q, k = rotate_bhsd(q), rotate_bhsd(k)
+            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return f
+
+    def f(i):
+        q, k, v = (t.transpose(1, 2) for t in i["qkv"].unbind(2))
+        q, k = rotate_bhsd(q), rotate_bhsd(k)
+        with _sdpa_ctx(c):
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    if c == COMPILE:
+        return compiled if compiled is not None else f
+    return f
+
+
+def step_fn(case: Case, f, inp):
+    if not case.backward:
+        return lambda: f(inp)
+    return lambda: torch.autograd.grad(f(inp), (inp["qkv"],), inp["dout"])
+
+
+def _results(case, f, inp):
+    out = f(inp)
+    res = [out]
+    if case.backward:
+        res += list(torch.autograd.grad(out, (inp["qkv"],), inp["dout"]))
+    return [t.detach() for t in res]
+
+
+def saved_bytes(f, inp) -> int:
+    seen = []
+
+    def pack(t):
+        seen.append(t.numel() * t.element_size())
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        leaf = inp["qkv"].detach().requires_grad_()
+        f(dict(inp, qkv=leaf))
+    return sum(seen)
+
+
+def _unavailable(case: Case):
+    if case.device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    if case.contender in KERNEL_BACKENDS[case.device]:
+        from vidgen_kernels.backends import why_unavailable
+        return why_unavailable(case.contender, case.device)
+    if case.contender == ROT_FA and importlib.util.find_spec("flash_attn") is None:
+        return "flash_attn is not installed"
+    return None
+
+
+_BASELINE: dict = {}
+
+
+def check(case: Case, f, inp):
+    if case.contender in (ROT_SDPA, COPY):
+        return 0.0
+    key = case.group
+    if key not in _BASELINE:
+        _BASELINE.clear()
+        base = Case(case.direction, case.shape, case.device, case.dtype, ROT_SDPA)
+        _BASELINE[key] = _results(base, op_fn(base), make_inputs(base, 0))
+    want = _BASELINE[key]
+    if case.contender == SDPA:  # no RoPE: a different function, nothing to compare
+        return None
+    err = common.max_rel_err(_results(case, f, inp), want)
+    tol = common.TOLERANCE[case.dtype]
+    assert err <= tol, f"{case.id}: max relative error {err:.3g} vs rotate+sdpa exceeds {tol:g}"
+    return err
+
+
+def test_rope3d_attention(benchmark, case: Case, request):
+    benchmark.group = case.group
+    why = _unavailable(case)
+    if why is not None:
+        pytest.skip(f"{case.contender} unavailable on {case.device}: {why}")
+    quick = request.config.getoption("--quick")
+    if quick and case.contender == COMPILE:
+        pytest.skip("--quick: torch.compile contender skipped (compiling takes 5-30 s per case)")
+    pol = common.policy(quick, case.device)
+    if case.device == "cpu" and not quick:
+        import dataclasses
+        pol = dataclasses.replace(pol, warmup_calls=1, calibration_calls=1, warmup_rounds=0,
+                                  min_rounds=3, max_rounds=30, target_s=1.0)
+    B, text, L, H, D = case.dims
+    nbytes = bytes_moved(case)
+    info = {}
+    if case.contender == COPY:
+        n_sets = common.rotation_sets(nbytes, case.device)
+        steps = [common.copy_bytes_step(nbytes, case.dtype, case.device, i) for i in range(n_sets)]
+    else:
+        esz = torch.empty((), dtype=case.dtype).element_size()
+        set_bytes = (5 if case.backward else 3) * B * case.S * H * D * esz
+        sets = [make_inputs(case, i) for i in range(common.rotation_sets(set_bytes, case.device))]
+        n_sets = len(sets)
+        compiled = None
+        if case.contender == COMPILE:
+            compiled, info["compile_s"] = common.compile_contender(
+                op_fn(case), lambda c: step_fn(case, c, sets[0])(), case.device)
+        f = op_fn(case, compiled)
+        try:
+            info["max_rel_err_vs_rotate_sdpa"] = check(case, f, sets[0])
+        except RuntimeError as e:  # e.g. a forced SDPA backend that cannot run this shape / GPU
+            pytest.skip(f"{case.contender} cannot run this case: {type(e).__name__}: {str(e)[:200]}")
+        info["saved_bytes"] = saved_bytes(f, sets[0])
+        info["saved_bytes_vs_qkvo"] = info["saved_bytes"] / (4 * B * case.S * H * D * esz)
+        steps = [step_fn(case, f, s) for s in sets]
+        del sets
+    call = common.rotate(steps)
+    common.measure(benchmark, request, call, case.device, pol, case.id, info)
+    fl = None if case.contender == COPY else flops(case)
+    info["tflops"] = common.per_second(fl, info, 1e12)[0]
+    info.update(
+        op=OP, direction=case.direction, contender=case.contender, shape_label=case.shape[-1],
+        shape=dict(B=B, text=text, video=L, S=case.S, H=H, D=D), dtype=common.dtype_name(case.dtype),
+        device=case.device, device_name=common.device_name(case.device),
+        flops=fl, flops_counted="4*B*H*S^2*D" + (" * 3.5 (fwd+bwd)" if case.backward else ""),
+        bytes_moved=nbytes, input_sets=n_sets,
+    )
+    benchmark.extra_info.update(info)
+    del call, steps
+    common.release(case.device, case.contender == COMPILE)
+
+
+def test_work_model():
+    c = Case("fwd+bwd", (1, 226, (13, 30, 45), 48, 64, "x"), "cuda", torch.bfloat16, "triton")
+    assert c.S == 17776 and flops(c) == int(4 * 48 * 17776 ** 2 * 64 * 3.5)
+    assert math.isclose(flops(c) / flops(Case("fwd", *list(c.__dict__.values())[1:])), 3.5)

@@ -1,0 +1,226 @@
+"""CausalTemporalAttention against a straightforward permute-based implementation with the same
+weights, streaming with a k/v cache against one full call, torch.compile(fullgraph=True)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vidgen_kernels as vk
+from test_temporal_attention import diffusers_rope, diffusers_rope_tables, kernel_missing
+from vidgen_kernels.nn import CausalTemporalAttention, TemporalKVCache
+
+
+def _backends():
+    out = [pytest.param("reference")]
+    for b in ("cpu", "triton"):
+        why = kernel_missing(b)
+        marks = [pytest.mark.skip(reason=f"{b}: {why}")] if why else []
+        if b == "triton":
+            marks.append(pytest.mark.triton)
+        out.append(pytest.param(b, marks=marks))
+    return out
+
+
+BACKENDS = _backends()
+
+
+def naive(m: CausalTemporalAttention, x, T, S):
+    """The seed design: project, permute to [B, S, H, T, D], norm, RoPE (diffusers' formula on
+    [T, D] tables), SDPA, permute back, project."""
+    B, N, C = x.shape
+    H, D = m.num_heads, m.head_dim
+    qkv = F.linear(x, m.qkv.weight, m.qkv.bias).reshape(B, T, S, 3, H, D)
+    q, k, v = qkv.permute(3, 0, 2, 4, 1, 5)  # each [B, S, H, T, D]
+    if m.qk_norm == "layer":
+        q = F.layer_norm(q, (D,), m.norm_q.weight, m.norm_q.bias, m.norm_q.eps)
+        k = F.layer_norm(k, (D,), m.norm_k.weight, m.norm_k.bias, m.norm_k.eps)
+    elif m.qk_norm == "rms":
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + m.norm_q.eps) * m.norm_q.weight
+        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + m.norm_k.eps) * m.norm_k.weight
+    if m.rope:
+        # the op takes float32 tables (the layer builds them in float64, rounds to float32)
+        cos, sin = (t.float().to(x.dtype)
+                    for t in diffusers_rope_tables(T, D, m.rope_theta, m.interleaved))
+        q = diffusers_rope(q, cos, sin, m.interleaved)
+        k = diffusers_rope(k, cos, sin, m.interleaved)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=m.causal)
+    return F.linear(o.permute(0, 3, 1, 2, 4).reshape(B, N, C), m.proj.weight, m.proj.bias)
+
+
+def make(qk_norm=None, rope=True, causal=True, interleaved=True, bias=True, C=64, H=2,
+         dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    m = CausalTemporalAttention(C, H, qk_norm=qk_norm, rope=rope, causal=causal,
+                                interleaved=interleaved, bias=bias, rope_theta=100.0, dtype=dtype)
+    for mod in (m.norm_q, m.norm_k):  # not the identity init: make the test see the weights
+        if mod is not None:
+            torch.nn.init.normal_(mod.weight, 1.0, 0.3)
+            if getattr(mod, "bias", None) is not None:
+                torch.nn.init.normal_(mod.bias, 0.0, 0.3)
+    return m
+
+
+CONFIGS = [
+    dict(qk_norm=None, rope=True, causal=True, interleaved=True),
+    dict(qk_norm="rms", rope=True, causal=True, interleaved=False),
+    dict(qk_norm="layer", rope=True, causal=False, interleaved=True, bias=False),
+    dict(qk_norm="rms", rope=False, causal=True),
+    dict(qk_norm=None, rope=False, causal=False),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_naive(backend, cfg):
+    """Forward and gradients (input and every parameter) against the permute-based layer in
+    float64 (reference backend) or float32 (kernel backends)."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    m = make(dtype=dtype, **cfg)
+    B, T, S = (1, 6, 3) if backend == "triton" else (2, 6, 5)
+    x = torch.randn(B, T * S, m.dim, dtype=dtype, requires_grad=True)
+    with vk.use_backend(backend):
+        out = m(x, T, S)
+    ref = naive(m, x, T, S)
+    torch.testing.assert_close(out, ref, **tol)
+    cot = torch.randn_like(out)
+    params = [x] + [p for p in m.parameters()]
+    g = torch.autograd.grad(out, params, cot)
+    gr = torch.autograd.grad(ref, params, cot)
+    names = ["x"] + [n for n, _ in m.named_parameters()]
+    for n, a, b in zip(names, g, gr):
+        torch.testing.assert_close(a, b, **tol, msg=lambda s: f"grad {n}: {s}")
+
+
+@pytest.mark.parametrize("chunks", [(1, 1, 1, 1, 1), (2, 1, 2), (3, 2)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streaming_equals_full(backend, chunks):
+    """Frames fed a few at a time through a TemporalKVCache give the full call's outputs, and
+    the cache ends up holding every frame's keys/values."""
+    m = make(qk_norm="rms", rope=True, causal=True, interleaved=False)
+    B, S = 2, 3
+    T = sum(chunks)
+    x = torch.randn(B, T * S, m.dim)
+    with vk.use_backend(backend), torch.no_grad():
+        full = m(x, T, S)
+        cache = TemporalKVCache()
+        outs, t0 = [], 0
+        for n in chunks:
+            outs.append(m(x[:, t0 * S:(t0 + n) * S], n, S, kv_cache=cache))
+            t0 += n
+            assert cache.num_frames == t0
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.k.shape == (B, T, S, m.num_heads, m.head_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(outs, dim=1), naive(m, x, T, S), rtol=2e-4, atol=2e-5)
+
+
+def test_streaming_gradients_flow():
+    """The cache keeps autograd history: a loss on the last chunk reaches earlier frames."""
+    m = make(rope=True)
+    B, S, T = 1, 2, 4
+    x = torch.randn(B, T * S, m.dim, requires_grad=True)
+    full = m(x, T, S)
+    cache = TemporalKVCache()
+    m(x[:, :3 * S], 3, S, kv_cache=cache)
+    last = m(x[:, 3 * S:], 1, S, kv_cache=cache)
+    (g,) = torch.autograd.grad(last.sum(), x)
+    (gf,) = torch.autograd.grad(full[:, 3 * S:].sum(), x)
+    torch.testing.assert_close(g, gf, rtol=1e-5, atol=1e-6)
+    assert g[:, :3 * S].abs().sum() > 0
+
+
+def test_cache_rejects_mismatched_frames():
+    m = make()
+    cache = TemporalKVCache()
+    m(torch.randn(1, 2 * 3, m.dim), 2, 3, kv_cache=cache)
+    with pytest.raises(ValueError, match="TemporalKVCache: the cache holds .* S, H, D"):
+        m(torch.randn(1, 1 * 4, m.dim), 1, 4, kv_cache=cache)
+    cache.reset()
+    assert cache.num_frames == 0
+
+
+def test_rope_tables_built_once():
+    m = make(C=32, H=2)
+    c1, s1 = m.rope_tables(5, "cpu")
+    c2, _ = m.rope_tables(5, "cpu")
+    c3, _ = m.rope_tables(3, "cpu")
+    assert c1.data_ptr() == c2.data_ptr() == c3.data_ptr(), "shorter/equal T reuse the table"
+    assert c1.shape == (5, 8) and c1.dtype == torch.float32 and c1.is_contiguous()
+    c4, s4 = m.rope_tables(7, "cpu")  # longer: rebuilt (doubled), same values for the prefix
+    assert c4.shape == (7, 8) and m._rope_cache[("cpu", None)][0].shape[0] == 10
+    assert torch.equal(c4[:5], c1) and torch.equal(s4[:5], s1)
+    ang = torch.outer(torch.arange(7, dtype=torch.float64),
+                      100.0 ** -(torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+    torch.testing.assert_close(c4, ang.cos().float())
+    torch.testing.assert_close(s4, ang.sin().float())
+
+
+def test_forward_makes_no_permuted_copy():
+    """Without QK norm, the layer's forward dispatches no copy op at all (the projection output
+    is reshaped to views; the tables are cached)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    why = kernel_missing("cpu")
+    if why:
+        pytest.skip(why)
+    m = make(rope=True)
+    x = torch.randn(2, 4 * 3, m.dim)
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with vk.use_backend("cpu"), torch.no_grad():
+        m(x, 4, 3)  # builds the tables
+        with Record():
+            m(x, 4, 3)
+    copies = [s for s in seen if any(c in s for c in ("clone", "copy", "contiguous", "_to_copy"))]
+    assert not copies, copies
+    assert any("temporal_attn_fwd" in s for s in seen), seen
+
+
+def test_compile_fullgraph_matches_eager():
+    """One compile (inductor on CPU is slow): the default backend, i.e. the C++ kernel when it is
+    built (the custom op inside the graph), else the reference."""
+    backend = "cpu" if kernel_missing("cpu") is None else "reference"
+    m = make(qk_norm="rms", rope=True)
+    B, T, S = 2, 4, 3
+    x = torch.randn(B, T * S, m.dim, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True)
+    with vk.use_backend(backend):
+        eager = m(x, T, S)
+        ge = torch.autograd.grad(eager.square().sum(), [x, m.qkv.weight, m.norm_q.weight])
+        comp = compiled(x, T, S)
+        gc = torch.autograd.grad(comp.square().sum(), [x, m.qkv.weight, m.norm_q.weight])
+    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_construction_and_input():
+    with pytest.raises(ValueError, match="dim=30 must be a multiple of num_heads=4"):
+        CausalTemporalAttention(30, 4)
+    with pytest.raises(ValueError, match="RoPE needs an even head_dim, got 5"):
+        CausalTemporalAttention(10, 2)
+    CausalTemporalAttention(10, 2, rope=False)  # fine without RoPE
+    with pytest.raises(ValueError, match="qk_norm must be None, 'layer' or 'rms', got 'batch'"):
+        CausalTemporalAttention(16, 2, qk_norm="batch")
+    m = make()
+    with pytest.raises(ValueError, match="x has 12 tokens but T\\*S = 5\\*3 = 15"):
+        m(torch.randn(1, 12, m.dim), 5, 3)
+    with pytest.raises(ValueError, match="x must be \\[B, T\\*S, C\\] with C=64"):
+        m(torch.randn(1, 12, 32), 4, 3)
+
+
+def test_state_dict_names():
+    m = make(qk_norm="layer")
+    assert set(m.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias",
+                                   "norm_q.weight", "norm_q.bias", "norm_k.weight", "norm_k.bias"}
+    assert math.isclose(m.rope_theta, 100.0)

@@ -1,0 +1,685 @@
+"""Fused RoPE-3D + flash attention (``vidgen_kernels.rope3d_attention``): every backend against
+the float64 reference (forward and backward, flash-attention's 2x rule), an independent
+diffusers-style formula, the frame-causal mask against an explicit boolean mask, the custom ops
+(opcheck, torch.compile), saved-tensor bytes, bad input and the ``nn.RoPE3DAttention`` module.
+
+Backends of the kernel path: ``torch`` (the kernel contract in PyTorch, reached through the
+custom op), ``cpu`` (rotation + ATen's CPU flash-attention kernel) and ``triton`` (interpreter on
+CPU: small shapes, fp32/fp16 only).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import traceback
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vidgen_kernels as vk
+import vidgen_kernels.ops.rope3d_attention as ra
+from helpers import assert_close_rule, backend_params
+from vidgen_kernels.backends import why_unavailable
+
+FWD = torch.ops.vidgen_kernels.rope3d_attn_fwd
+BWD = torch.ops.vidgen_kernels.rope3d_attn_bwd
+
+
+# ----------------------------------------------------------------------------------------------
+# backends
+# ----------------------------------------------------------------------------------------------
+def kernel_missing(backend: str, device: str = "cpu") -> str | None:
+    if backend == "torch":
+        return None
+    if backend not in ra.SUPPORTED_DTYPES:
+        return f"rope3d attention has no {backend!r} backend (on CUDA the triton kernel runs it)"
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU visible"
+    return why_unavailable(backend, device)
+
+
+def kernel_params(dtypes=None, oracle=True):
+    out = []
+    if oracle:
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            if dtypes is None or dt in dtypes:
+                out.append(pytest.param("torch", "cpu", dt, id=f"torch-cpu-{str(dt)[6:]}"))
+    for p in backend_params(dtypes):
+        backend, device, dt = p.values
+        marks = list(p.marks)
+        why = kernel_missing(backend, device)
+        if why and not any(m.name == "skip" for m in marks):
+            marks.append(pytest.mark.skip(reason=f"{backend} on {device}: {why}"))
+        out.append(pytest.param(backend, device, dt, marks=marks, id=p.id))
+    return out
+
+
+def semantic_params():
+    return [pytest.param("reference", "cpu", torch.float32, id="reference-cpu-float32")] + \
+        kernel_params((torch.float32,))
+
+
+def interp(backend, device):
+    return backend == "triton" and device == "cpu"
+
+
+def attn(q, k, v, backend, cos=None, sin=None, **kw):
+    if backend == "torch":
+        return op_fwd(q, k, v, "torch", cos, sin, **kw)[0]
+    return vk.rope3d_attention(q, k, v, cos, sin, backend=backend, **kw)
+
+
+def op_fwd(q, k, v, backend, cos=None, sin=None, *, rope_offset=0, interleaved=True,
+           frame_causal=False, tokens_per_frame=None, frames_per_block=1, softmax_scale=None):
+    c, s, off, fl, fb, scale = ra._check_inputs(q, k, v, cos, sin, rope_offset, interleaved,
+                                                frame_causal, tokens_per_frame, frames_per_block,
+                                                softmax_scale, "test")
+    return FWD(q, k, v, c, s, off, interleaved, off, fl, fb, scale, backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# cases
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Case:
+    grid: tuple = (2, 3, 4)  # (frames, height, width) of the video tokens
+    pre: int = 0  # text tokens before the video (rope_offset)
+    suf: int = 0  # text tokens after the video
+    table: str = "half"  # none, half ([L, D/2]), full ([L, D] repeated layout)
+    interleaved: bool = True
+    frame_causal: bool = False
+    fpb: int = 1  # frames per block
+    B: int = 1
+    H: int = 2
+    D: int = 32
+    layout: str = "ccc"  # c contiguous, p fused qkv slot, t [B, H, S, D] transposed, d last stride != 1
+    Sk: int | None = None  # cross-attention key length (table none)
+    scale: float | None = None
+
+    @property
+    def L(self):
+        f, h, w = self.grid
+        return f * h * w
+
+    @property
+    def S(self):
+        return self.pre + self.L + self.suf
+
+    @property
+    def tpf(self):
+        return self.grid[1] * self.grid[2]
+
+    def kw(self):
+        return dict(rope_offset=self.pre, interleaved=self.interleaved,
+                    frame_causal=self.frame_causal,
+                    tokens_per_frame=self.tpf if self.frame_causal else None,
+                    frames_per_block=self.fpb, softmax_scale=self.scale)
+
+    def __str__(self):
+        keep = ("grid", "pre", "suf")
+        return "-".join(f"{k}={v}".replace(" ", "") for k, v in dataclasses.asdict(self).items()
+                        if v != Case.__dataclass_fields__[k].default or k in keep)
+
+
+CASES = [
+    Case(pre=5, layout="ppp"),  # CogVideoX: text first, interleaved, [L, D/2]
+    Case(suf=7, table="full", interleaved=False, layout="ttt"),  # Hunyuan: text last, half-split
+    Case(grid=(3, 5, 7), pre=4, H=1, D=16, layout="pdt"),  # odd grid, S = 109
+    Case(grid=(4, 2, 5), pre=6, frame_causal=True, H=1, layout="ppp"),
+    Case(grid=(5, 3, 3), pre=3, suf=4, frame_causal=True, fpb=2, table="full", layout="tpc"),
+    Case(grid=(3, 4, 4), table="none", frame_causal=True, D=16, layout="ccc"),
+    Case(grid=(2, 4, 4), pre=2, H=1, D=64, layout="ppp", scale=0.07),
+    Case(grid=(1, 37, 1), table="none", D=48, layout="dcc"),
+    Case(grid=(1, 29, 1), table="none", Sk=45, layout="ctt"),  # cross-attention
+    Case(grid=(2, 4, 4), pre=1, B=2, interleaved=False, layout="ccc"),  # S = 33
+    Case(grid=(2, 2, 4), H=1, D=128, layout="ppp"),
+    Case(grid=(4, 3, 2), pre=8, frame_causal=True, fpb=2, interleaved=False, layout="ttt"),
+    Case(grid=(1, 3, 4), pre=2, suf=3, H=1, D=256, table="full", layout="ppp"),  # largest head_dim
+]
+
+
+def make_leaves(case: Case, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, S, H, D = case.B, case.S, case.H, case.D
+    Sk = case.Sk or S
+    lv = {"q": 1.5 * torch.randn(B, S, H, D, generator=g, dtype=torch.float64),
+          "k": torch.randn(B, Sk, H, D, generator=g, dtype=torch.float64),
+          "v": torch.randn(B, Sk, H, D, generator=g, dtype=torch.float64)}
+    tabs = {}
+    if case.table != "none":
+        ang = (torch.rand(case.L, D // 2, generator=g, dtype=torch.float64) * 2 - 1) * math.pi
+        cos, sin = ang.cos().float(), ang.sin().float()
+        if case.table == "full":
+            cos, sin = repeat_table(cos, case.interleaved), repeat_table(sin, case.interleaved)
+        tabs = {"cos": cos, "sin": sin}
+    return lv, tabs
+
+
+def repeat_table(t, interleaved):
+    return t.repeat_interleave(2, dim=-1) if interleaved else torch.cat([t, t], dim=-1)
+
+
+def layout(t, how, slot):
+    if how == "c":
+        return t
+    if how == "p":  # slot of a fused [B, S, 3, H, D] projection
+        parts = [torch.zeros_like(t)] * 3
+        parts[slot] = t
+        return torch.stack(parts, dim=2)[:, :, slot]
+    if how == "t":  # [B, H, S, D] storage transposed back
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    if how == "d":  # last stride != 1
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    raise AssertionError(how)
+
+
+def build(lv, tabs, case, dtype, device):
+    leaves = {n: t.to(device=device, dtype=dtype).requires_grad_() for n, t in lv.items()}
+    q, k, v = (layout(leaves[n], case.layout[i], i) for i, n in enumerate("qkv"))
+    tabs = {n: t.to(device) for n, t in tabs.items()}
+    return leaves, (q, k, v), tabs
+
+
+def fwd_bwd(lv, tabs, case, backend, dtype, device):
+    leaves, (q, k, v), tabs = build(lv, tabs, case, dtype, device)
+    out = attn(q, k, v, backend, tabs.get("cos"), tabs.get("sin"), **case.kw())
+    g = torch.Generator().manual_seed(1)
+    cot = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
+    grads = torch.autograd.grad(out, list(leaves.values()), cot)
+    return out, dict(zip(leaves, grads))
+
+
+def yardstick(hi, *los):
+    return max(los, key=lambda lo: (lo.double() - hi.double()).abs().max().item())
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("backend,device,dtype", kernel_params())
+def test_matches_reference(backend, device, dtype, case):
+    i = CASES.index(case)
+    if interp(backend, device) and dtype == torch.float16 and i % 2:
+        pytest.skip("Triton interpreter: fp16 on every other case only (time)")
+    if backend == "torch" and dtype != torch.float32 and i % 3:
+        pytest.skip("contract oracle: fp16/bf16 on every third case only (it is the yardstick)")
+    lv, tabs = make_leaves(case)
+    hi_out, hi_g = fwd_bwd(lv, tabs, case, "reference", torch.float64, device)
+    lo_out, lo_g = fwd_bwd(lv, tabs, case, "reference", dtype, device)
+    if dtype != torch.float32:
+        or_out, or_g = fwd_bwd(lv, tabs, case, "torch", dtype, device)
+        lo_out = yardstick(hi_out, lo_out, or_out)
+        lo_g = {n: yardstick(hi_g[n], lo_g[n], or_g[n]) for n in lo_g}
+    out, g = fwd_bwd(lv, tabs, case, backend, dtype, device)
+    assert out.is_contiguous() and out.shape == (case.B, case.S, case.H, case.D)
+    assert_close_rule(out, hi_out, lo_out, "forward out")
+    for n in "qkv":
+        assert_close_rule(g[n], hi_g[n], lo_g[n], f"grad {n}")
+
+
+LSE_CASES = [CASES[0], CASES[4], CASES[8]]
+
+
+@pytest.mark.parametrize("case", LSE_CASES, ids=str)
+@pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32,)))
+def test_lse_matches_contract(backend, device, dtype, case):
+    lv, tabs = make_leaves(case)
+    _, (q, k, v), tabs = build(lv, tabs, case, dtype, device)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    out, lse = op_fwd(q, k, v, backend, tabs.get("cos"), tabs.get("sin"), **case.kw())
+    assert lse.dtype == torch.float32 and lse.shape == (case.B, case.S, case.H)
+    assert lse.is_contiguous() and out.is_contiguous()
+    c, s, off, fl, fb, scale = ra._check_inputs(q, k, v, tabs.get("cos"), tabs.get("sin"),
+                                                case.pre, case.interleaved, case.frame_causal,
+                                                case.tpf, case.fpb, case.scale, "t")
+    _, want, _, _ = ra._attend(q.double(), k.double(), v.double(), c, s, off, case.interleaved,
+                               off, fl, fb, scale)
+    torch.testing.assert_close(lse.double(), want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# semantics: an independent formula, the mask, causality, tile skipping
+# ----------------------------------------------------------------------------------------------
+def diffusers_rope(x, cos, sin, interleaved):
+    """diffusers' apply_rotary_emb (use_real=True) on [L, D] tables; x [..., L, D]."""
+    if interleaved:
+        x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+        x_rot = torch.stack([-x_imag, x_real], dim=-1).flatten(-2)
+    else:
+        x_real, x_imag = x.reshape(*x.shape[:-1], 2, -1).unbind(-2)
+        x_rot = torch.cat([-x_imag, x_real], dim=-1)
+    return x * cos + x_rot * sin
+
+
+def rope3d_tables_f64(grid, D, theta, interleaved):
+    """CogVideoX-style 3D table ([t | h | w] split of the head dim), [L, D] diffusers layout."""
+    f, h, w = grid
+    dt, dh = D // 4, 3 * D // 8
+    dims = (dt, dh, D - dt - dh)
+    pos = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w),
+                                     indexing="ij"), -1).reshape(-1, 3).double()
+    angs = []
+    for a, d in enumerate(dims):
+        inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        angs.append(torch.outer(pos[:, a], inv))
+    ang = torch.cat(angs, -1)  # [L, D/2]
+    if interleaved:
+        return ang.cos().repeat_interleave(2, -1), ang.sin().repeat_interleave(2, -1)
+    return torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+
+
+def explicit_mask(S, pre, L, tpf, fpb):
+    """Boolean [S, S] mask from the rule in words, element by element."""
+    m = torch.zeros(S, S, dtype=torch.bool)
+    for i in range(S):
+        for j in range(S):
+            i_vid, j_vid = pre <= i < pre + L, pre <= j < pre + L
+            if not j_vid:
+                m[i, j] = True  # everyone sees text
+            elif i_vid:
+                m[i, j] = (j - pre) // (tpf * fpb) <= (i - pre) // (tpf * fpb)
+    return m
+
+
+def independent(q, k, v, cos_f, sin_f, pre, interleaved, mask):
+    """From the spec alone: rotate the video slice with diffusers' formula, then SDPA (float64)
+    with an explicit boolean mask."""
+    q, k, v = (t.double() for t in (q, k, v))
+    L = cos_f.shape[0]
+    if L:
+        c, s = cos_f[:, None, :], sin_f[:, None, :]
+        q = torch.cat([q[:, :pre], diffusers_rope(q[:, pre:pre + L], c, s, interleaved), q[:, pre + L:]], 1)
+        k = torch.cat([k[:, :pre], diffusers_rope(k[:, pre:pre + L], c, s, interleaved), k[:, pre + L:]], 1)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask)
+    return o.transpose(1, 2)
+
+
+@pytest.mark.parametrize("fc", [None, 1, 2], ids=["full", "fc-fpb1", "fc-fpb2"])
+@pytest.mark.parametrize("text", ["prefix", "suffix"])
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("backend,device,dtype", semantic_params())
+def test_matches_diffusers_formula_and_explicit_mask(backend, device, dtype, interleaved, text, fc):
+    grid, D, H = (3, 2, 3), 32, 2
+    if interp(backend, device) and (interleaved != (text == "prefix")):
+        pytest.skip("Triton interpreter: two of the four convention/text combinations (time)")
+    L = grid[0] * grid[1] * grid[2]
+    pre, suf = (5, 0) if text == "prefix" else (0, 6)
+    S = pre + L + suf
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, S, H, D, generator=g, dtype=torch.float64) for _ in range(3))
+    cos_f, sin_f = rope3d_tables_f64(grid, D, 10.0, interleaved)
+    mask = explicit_mask(S, pre, L, grid[1] * grid[2], fc) if fc else None
+    want = independent(q, k, v, cos_f, sin_f, pre, interleaved, mask)
+    kw = dict(rope_offset=pre, interleaved=interleaved, frame_causal=fc is not None,
+              tokens_per_frame=grid[1] * grid[2] if fc else None, frames_per_block=fc or 1)
+    args = [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+    got = attn(*args, backend, cos_f.float().to(device), sin_f.float().to(device), **kw)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=2e-5, atol=2e-5)
+    half = (lambda t: t[:, ::2]) if interleaved else (lambda t: t[:, :D // 2])  # noqa: E731
+    got_h = attn(*args, backend, half(cos_f).float().to(device), half(sin_f).float().to(device), **kw)
+    torch.testing.assert_close(got_h, got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pre,L,suf,tpf,fpb", [(0, 12, 0, 3, 1), (4, 12, 0, 2, 3), (3, 8, 5, 4, 2),
+                                              (0, 9, 2, 3, 2)])
+def test_frame_causal_mask_rule(pre, L, suf, tpf, fpb):
+    S = pre + L + suf
+    got = ra.frame_causal_mask(S, pre, L, tpf * fpb)
+    assert torch.equal(got, explicit_mask(S, pre, L, tpf, fpb))
+    assert got.any(dim=1).all()  # every query sees something
+    # text queries see exactly the text; the first video block sees text + itself
+    text = torch.ones(S, dtype=torch.bool)
+    text[pre:pre + L] = False
+    for i in range(S):
+        if text[i]:
+            assert torch.equal(got[i], text)
+
+
+@pytest.mark.parametrize("backend,device,dtype", semantic_params())
+def test_frame_causality_forward_and_backward(backend, device, dtype):
+    """Changing tokens of frame block b changes no output of text or of blocks < b (bit for bit),
+    and a loss on block b sends no gradient to k/v of later blocks."""
+    pre, suf, fpb, D = 3, 2, 2, 32
+    L, tpf = 24, 6  # 4 frames of 2 x 3 tokens
+    S = pre + L + suf
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, S, 1, D, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    ang = torch.randn(L, D // 2, generator=g)
+    kw = dict(rope_offset=pre, frame_causal=True, tokens_per_frame=tpf, frames_per_block=fpb)
+    cs = (ang.cos().to(device), ang.sin().to(device))
+    base = attn(q, k, v, backend, *cs, **kw)
+    bt = tpf * fpb
+    start = pre + bt  # block 1 onward
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for t in (q2, k2, v2):
+        t[:, start:pre + L] += 3.0
+    out = attn(q2, k2, v2, backend, *cs, **kw)
+    earlier = torch.cat([torch.arange(0, start), torch.arange(pre + L, S)])
+    assert torch.equal(out[:, earlier], base[:, earlier]), "text / block 0 changed"
+    assert not torch.equal(out[:, start:pre + L], base[:, start:pre + L])
+    qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+    o = attn(qq, kk, vv, backend, *cs, **kw)
+    dq, dk, dv = torch.autograd.grad(o[:, pre:pre + bt].sum(), (qq, kk, vv))
+    assert not dk[:, start:pre + L].any() and not dv[:, start:pre + L].any()
+    assert dv[:, :pre].abs().sum() > 0 and dv[:, pre + L:].abs().sum() > 0
+    assert not dq[:, start:].any() and not dq[:, :pre].any()
+
+
+@pytest.mark.triton
+def test_triton_skips_fully_masked_tiles():
+    """NaNs in keys/values of the last frame block poison every tile that reads them (0 * NaN);
+    outputs of earlier blocks stay finite only because their fully masked key tiles are skipped
+    (and the dq kernel skips them likewise; the dk/dv kernel skips early query tiles: NaN in
+    dout of block 0 does not reach dk/dv of the last block)."""
+    if why_unavailable("triton", "cpu"):
+        pytest.skip(why_unavailable("triton", "cpu"))
+    from vidgen_kernels.triton_kernels import rope3d_attention as tk
+    S, H, D, tpf = 64, 1, 16, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, S, H, D, generator=g) for _ in range(3))
+    ang = torch.randn(S, D // 2, generator=g)
+    c, s = ang.cos(), ang.sin()
+    args = (c, s, 0, True, 0, S, tpf, 0.25)
+    kn, vn = k.clone(), v.clone()
+    kn[:, 48:] = float("nan")
+    vn[:, 48:] = float("nan")
+    out, lse = tk.rope3d_attn_fwd(q, kn, vn, *args, block_m=16, block_n=16)
+    ref, ref_lse = ra.kernel_fwd_torch(q, k, v, *args)
+    assert torch.isfinite(out[:, :48]).all() and torch.isnan(out[:, 48:]).all()
+    torch.testing.assert_close(out[:, :48], ref[:, :48], rtol=1e-5, atol=1e-5)
+    do = torch.randn(out.shape, generator=g)
+    dq, _, _ = tk.rope3d_attn_bwd(do, q, kn, vn, *args[:2], ref, ref_lse, *args[2:],
+                                  block_m=16, block_n=16)
+    want = ra.kernel_bwd_torch(do, q, k, v, *args[:2], ref, ref_lse, *args[2:])
+    torch.testing.assert_close(dq[:, :48], want[0][:, :48], rtol=1e-5, atol=1e-5)
+    don = do.clone()
+    don[:, :16] = float("nan")
+    _, dk, dv = tk.rope3d_attn_bwd(don, q, k, v, *args[:2], ref, ref_lse, *args[2:],
+                                   block_m=16, block_n=16)
+    torch.testing.assert_close(dk[:, 16:], want[1][:, 16:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dv[:, 16:], want[2][:, 16:], rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_path_without_apply_rope(monkeypatch):
+    """The cpu backend rotates with vidgen_kernels.apply_rope when the install has it, else with
+    the PyTorch rotation: both give the same result."""
+    if kernel_missing("cpu"):
+        pytest.skip(kernel_missing("cpu"))
+    case = CASES[4]
+    lv, tabs = make_leaves(case)
+    with_rope = fwd_bwd(lv, tabs, case, "cpu", torch.float32, "cpu")
+    monkeypatch.delattr(vk, "apply_rope", raising=False)
+    without = fwd_bwd(lv, tabs, case, "cpu", torch.float32, "cpu")
+    torch.testing.assert_close(with_rope[0], without[0], rtol=1e-6, atol=1e-6)
+    for n in "qkv":
+        torch.testing.assert_close(with_rope[1][n], without[1][n], rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# memory: what is saved for backward
+# ----------------------------------------------------------------------------------------------
+def saved_bytes(fn):
+    seen = []
+
+    def pack(t):
+        seen.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen)
+
+
+@pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32,), oracle=False))
+def test_saved_tensors_bytes(backend, device, dtype):
+    """The kernel path saves q, k, v, out, lse and the [L, D/2] tables: no S x S matrix, no
+    rotated copies. The reference (materialised softmax) saves far more, so the bound bites."""
+    case = Case(grid=(2, 4, 4), pre=16, H=2, D=32, frame_causal=True, layout="ppp")
+    lv, tabs = make_leaves(case)
+    _, (q, k, v), tabs = build(lv, tabs, case, dtype, device)
+    out, nbytes = saved_bytes(lambda: attn(q, k, v, backend, tabs["cos"], tabs["sin"], **case.kw()))
+    elt = q.element_size()
+    allowed = (4 * q.numel() * elt + case.B * case.S * case.H * 4
+               + 2 * case.L * (case.D // 2) * 4)
+    assert 0 < nbytes <= allowed, (nbytes, allowed)
+    _, ref_bytes = saved_bytes(lambda: attn(q, k, v, "reference", tabs["cos"], tabs["sin"], **case.kw()))
+    assert ref_bytes > 1.5 * allowed, (ref_bytes, allowed)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input, backend choice
+# ----------------------------------------------------------------------------------------------
+def _bad_cases():
+    x = torch.randn(1, 10, 2, 8)
+    t = torch.randn(6, 4)
+    return [
+        ("rank", dict(q=x[0]), ValueError, "must be \\[B, S, H, D\\] \\(4-D\\)"),
+        ("heads", dict(k=torch.randn(1, 10, 3, 8), v=torch.randn(1, 10, 3, 8)), ValueError, "heads"),
+        ("head_dim", dict(k=torch.randn(1, 10, 2, 16), v=torch.randn(1, 10, 2, 16)), ValueError,
+         "head_dim"),
+        ("odd head_dim", dict(q=torch.randn(1, 10, 2, 7), k=torch.randn(1, 10, 2, 7),
+                              v=torch.randn(1, 10, 2, 7), cos=torch.randn(6, 3), sin=torch.randn(6, 3)),
+         ValueError, "even head_dim"),
+        ("table too long", dict(cos=torch.randn(9, 4), sin=torch.randn(9, 4), rope_offset=2),
+         ValueError, "S - rope_offset"),
+        ("table width", dict(cos=torch.randn(6, 5), sin=torch.randn(6, 5)), ValueError, "\\[L, D/2\\]"),
+        ("cos without sin", dict(cos=t, sin=None), ValueError, "together"),
+        ("tokens_per_frame", dict(cos=t, sin=t, rope_offset=4, frame_causal=True, tokens_per_frame=4),
+         ValueError, "does not divide"),
+        ("tokens_per_frame missing", dict(frame_causal=True), ValueError, "tokens_per_frame"),
+        ("frames_per_block", dict(frame_causal=True, tokens_per_frame=5, frames_per_block=0),
+         ValueError, "frames_per_block"),
+        ("dtype", dict(k=x.double(), v=x.double()), TypeError, "dtype"),
+        ("int dtype", dict(q=x.int()), TypeError, "floating"),
+        ("device", dict(k=x.to("meta"), v=x.to("meta")), ValueError, "is on meta"),
+        ("rope cross-attention", dict(k=torch.randn(1, 12, 2, 8), v=torch.randn(1, 12, 2, 8),
+                                      cos=t, sin=t), ValueError, "self-attention"),
+        ("k v shapes", dict(v=torch.randn(1, 11, 2, 8)), ValueError, "one shape"),
+        ("rope_offset", dict(rope_offset=-1), ValueError, "rope_offset"),
+        ("scale", dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+        ("not a tensor", dict(q=[1.0]), TypeError, "torch.Tensor"),
+    ]
+
+
+@pytest.mark.parametrize("name,kw,exc,match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+@pytest.mark.parametrize("fn", ["rope3d_attention", "rope3d_attention_reference"])
+def test_bad_input(fn, name, kw, exc, match):
+    x = torch.randn(1, 10, 2, 8)
+    args = dict(q=x, k=x, v=x, cos=None, sin=None)
+    args.update(kw)
+    q, k, v, cos, sin = (args.pop(n) for n in ("q", "k", "v", "cos", "sin"))
+    with pytest.raises(exc, match=match):
+        getattr(vk, fn)(q, k, v, cos, sin, **args)
+
+
+def test_backend_choice():
+    q = torch.randn(1, 6, 2, 8)
+    with pytest.raises(vk.BackendUnavailableError, match="no implementation of this op"):
+        vk.rope3d_attention(q, q, q, backend="cuda")
+    for b in ("cpu", "triton"):
+        if why_unavailable(b, "cpu") is None:
+            with pytest.raises(vk.BackendUnavailableError, match="does not support dtype torch.float64"):
+                vk.rope3d_attention(q.double(), q.double(), q.double(), backend=b)
+    with vk.use_backend("auto"):
+        torch.testing.assert_close(vk.rope3d_attention(q.double(), q.double(), q.double()),
+                                   vk.rope3d_attention_reference(q.double(), q.double(), q.double()))
+        if kernel_missing("cpu") is None:
+            assert torch.equal(vk.rope3d_attention(q, q, q), vk.rope3d_attention(q, q, q, backend="cpu"))
+
+
+@pytest.mark.triton
+def test_triton_head_dim_limit():
+    if why_unavailable("triton", "cpu"):
+        pytest.skip(why_unavailable("triton", "cpu"))
+    q = torch.randn(1, 3, 1, 272)
+    with pytest.raises(ValueError, match="supports head_dim <= 256, got 272"):
+        vk.rope3d_attention(q, q, q, backend="triton")
+    with vk.use_backend("triton"):  # default choice: falls back to the reference
+        torch.testing.assert_close(vk.rope3d_attention(q, q, q), vk.rope3d_attention_reference(q, q, q))
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops: opcheck, no copies, torch.compile
+# ----------------------------------------------------------------------------------------------
+OP_BACKENDS = [pytest.param(b, marks=[pytest.mark.skip(reason=kernel_missing(b))]
+                            if kernel_missing(b) else []) for b in ("torch", "cpu", "triton")]
+
+
+def _op_args(backend, rope, fc, grad=True):
+    g = torch.Generator().manual_seed(0)
+    B, S, H, D = 1, 20, 2, 16
+    qkv = torch.randn(B, S, 3, H, D, generator=g)
+    q, k, v = qkv.unbind(2)
+    if grad:
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    cos = sin = None
+    if rope:
+        ang = torch.randn(16, D // 2, generator=g)
+        cos, sin = ang.cos(), ang.sin()
+    return (q, k, v, cos, sin, 4 if rope else 0, rope == "interleaved", 4, 16, 8 if fc else 0,
+            0.3, backend)
+
+
+@pytest.mark.parametrize("rope,fc", [(None, False), ("interleaved", True), ("half", False)])
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_opcheck(backend, rope, fc):
+    if backend == "triton" and rope != "interleaved":
+        pytest.skip("Triton interpreter: one configuration (time)")
+    torch.library.opcheck(FWD.default, _op_args(backend, rope, fc))
+    q, k, v, cos, sin, *rest = _op_args(backend, rope, fc, grad=False)
+    out, lse = FWD(q, k, v, cos, sin, *rest)
+    dout = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2)
+    torch.library.opcheck(BWD.default, (dout, q, k, v, cos, sin, out, lse, *rest))
+
+
+_COPY_OPS = ("clone", "copy", "contiguous", "_to_copy")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("rope", [False, True])
+def test_triton_reads_strided_inputs_in_place(rope):
+    """Non-contiguous q/k/v/dout reach the Triton kernels as they are: no copy op is dispatched
+    around or inside the custom ops (the interpreter's own host copies are left out)."""
+    if why_unavailable("triton", "cpu"):
+        pytest.skip(why_unavailable("triton", "cpu"))
+    from torch.utils._python_dispatch import TorchDispatchMode
+    g = torch.Generator().manual_seed(0)
+    B, S, H, D = 1, 20, 2, 16
+    q = torch.randn(B, S, 3, H, D, generator=g)[:, :, 0].requires_grad_()
+    k = torch.randn(B, H, S, D, generator=g).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, S, D, H, generator=g).transpose(-1, -2).requires_grad_()
+    dout = torch.randn(B, H, S, D, generator=g).transpose(1, 2)
+    tabs = ()
+    if rope:
+        ang = torch.randn(16, D // 2, generator=g)
+        tabs = (ang.cos(), ang.sin())
+    inner = {FWD.default: getattr(ra._rope3d_attn_fwd, "_init_fn", None),
+             BWD.default: getattr(ra._rope3d_attn_bwd, "_init_fn", None)}
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if not (any(c in name for c in _COPY_OPS) and any(
+                    "triton/runtime/interpreter" in f.filename.replace("\\", "/")
+                    for f in traceback.extract_stack())):
+                seen.append(name)
+            if inner.get(func) is not None:
+                with Record():
+                    return inner[func](*args, **(kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        out = vk.rope3d_attention(q, k, v, *tabs, rope_offset=4 if rope else 0, backend="triton")
+        torch.autograd.grad(out, (q, k, v), dout)
+    assert any("rope3d_attn_fwd" in s for s in seen) and any("rope3d_attn_bwd" in s for s in seen)
+    copies = [s for s in seen if any(c in s for c in _COPY_OPS)]
+    assert not copies, copies
+
+
+def _compile_backends():
+    out = [pytest.param("reference")]
+    for b in ("cpu", "triton"):
+        why = kernel_missing(b)
+        out.append(pytest.param(b, marks=[pytest.mark.skip(reason=why)] if why else []))
+    return out
+
+
+@pytest.mark.parametrize("backend", _compile_backends())
+def test_compile_fullgraph_matches_eager(backend):
+    torch.manual_seed(0)
+    C, H, pre, grid = 64, 2, 3, (2, 2, 3)
+    L = grid[0] * grid[1] * grid[2]
+    m = vk.nn.RoPE3DAttention(C, H, qk_norm="rms", backend=backend)
+    cos_f, sin_f = rope3d_tables_f64(grid, C // H, 10000.0, True)
+    cos, sin = cos_f.float(), sin_f.float()
+    x = torch.randn(2, pre + L, C, requires_grad=True)
+
+    def f(x):
+        return m(x, cos, sin, rope_offset=pre, frame_causal=True, tokens_per_frame=6)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    eager = f(x)
+    ge = torch.autograd.grad(eager.square().sum(), [x, m.qkv.weight])
+    comp = compiled(x)
+    gc = torch.autograd.grad(comp.square().sum(), [x, m.qkv.weight])
+    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# nn.RoPE3DAttention
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("qk_norm", [None, "layer", "rms"])
+@pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32,), oracle=False))
+def test_module_matches_reference(backend, device, dtype, qk_norm):
+    if interp(backend, device) and qk_norm == "layer":
+        pytest.skip("Triton interpreter: two norms (time)")
+    torch.manual_seed(0)
+    C, H, pre, grid = 64, 2, 5, (2, 3, 3)
+    L = grid[0] * grid[1] * grid[2]
+    ref = vk.nn.RoPE3DAttention(C, H, qk_norm=qk_norm, backend="reference").to(device)
+    mod = vk.nn.RoPE3DAttention(C, H, qk_norm=qk_norm, backend=backend).to(device)
+    mod.load_state_dict(ref.state_dict())
+    cos_f, sin_f = rope3d_tables_f64(grid, C // H, 10000.0, True)
+    x = torch.randn(2, pre + L, C, device=device)
+    for kw in (dict(), dict(frame_causal=True, tokens_per_frame=9)):
+        xr, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+        want = ref(xr, cos_f.float(), sin_f.float(), rope_offset=pre, **kw)
+        got = mod(xm, cos_f.float(), sin_f.float(), rope_offset=pre, **kw)
+        assert got.shape == (2, pre + L, C)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        (gr,) = torch.autograd.grad(want.square().sum(), xr)
+        (gm,) = torch.autograd.grad(got.square().sum(), xm)
+        torch.testing.assert_close(gm, gr, rtol=1e-4, atol=1e-5)
+
+
+def test_module_parameters_and_errors():
+    m = vk.nn.RoPE3DAttention(64, 4, qk_norm="layer")
+    names = {n for n, _ in m.named_parameters()}
+    assert {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "norm_q.weight",
+            "norm_k.weight"} <= names
+    assert m.head_dim == 16 and "num_heads=4" in repr(m)
+    x = torch.randn(1, 10, 64)
+    assert m(x).shape == (1, 10, 64)  # plain attention without tables
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        vk.nn.RoPE3DAttention(30, 4)
+    with pytest.raises(ValueError, match="even head_dim"):
+        vk.nn.RoPE3DAttention(12, 4)
+    with pytest.raises(ValueError, match="qk_norm"):
+        vk.nn.RoPE3DAttention(16, 2, qk_norm="batch")
+    with pytest.raises(ValueError, match="x must be"):
+        m(torch.randn(1, 10, 32))
+
+
+@pytest.mark.parametrize("backend,device,dtype", semantic_params())
+def test_empty_batch(backend, device, dtype):
+    q = torch.randn(0, 6, 2, 16, device=device, dtype=dtype, requires_grad=True)
+    ang = torch.randn(4, 8)
+    out = attn(q, q, q, backend, ang.cos(), ang.sin(), rope_offset=2, frame_causal=True,
+               tokens_per_frame=2)
+    assert out.shape == q.shape
+    (g,) = torch.autograd.grad(out.sum(), q)
+    assert g.shape == q.shape

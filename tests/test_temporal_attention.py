@@ -1,0 +1,771 @@
+"""Causal temporal attention: every backend against the PyTorch reference, forward and backward,
+plus the op's semantics (streaming, causality, RoPE conventions), its custom ops and bad input.
+
+Each case builds q, k, v from float64 leaves ``[B, T, S, H, D]`` and hands them to the op in a
+layout that is not contiguous in general (views of a fused qkv projection, sequence-major
+storage, a non-unit last stride, a stride-0 broadcast); the kernel runs in the tested dtype and is
+compared with the reference in float64 (``ref_hi``) under flash-attention's rule, using the
+reference run in the tested dtype (``ref_lo``) as the yardstick.
+
+Backends of the kernel path: ``torch`` (the kernel contract written in PyTorch, reached through
+the custom op: it runs everywhere and tests the op plumbing), ``cpu`` (C++) and ``triton``
+(interpreter on CPU, compiled on CUDA). A kernel backend whose temporal-attention kernel has not
+been built yet is skipped with the reason. Triton-interpreter cases are kept tiny.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import traceback
+
+import pytest
+import torch
+from torch import nn
+
+import vidgen_kernels as vk
+import vidgen_kernels.ops.temporal_attention as ta
+from helpers import HAS_CUDA, assert_close_rule, backend_params
+from vidgen_kernels import _ext
+from vidgen_kernels.backends import why_unavailable
+
+FWD = torch.ops.vidgen_kernels.temporal_attn_fwd
+BWD = torch.ops.vidgen_kernels.temporal_attn_bwd
+
+
+# ----------------------------------------------------------------------------------------------
+# backends of this op
+# ----------------------------------------------------------------------------------------------
+def kernel_missing(backend: str, device: str = "cpu") -> str | None:
+    """Why kernel backend ``backend`` cannot run this op on ``device`` here (``None``: it can)."""
+    if backend == "torch":  # the contract oracle
+        return None
+    if backend not in ta.SUPPORTED_DTYPES:
+        return f"temporal attention has no {backend!r} backend (on CUDA the triton kernel runs it)"
+    if device == "cuda" and not HAS_CUDA:
+        return "no CUDA GPU visible"
+    why = why_unavailable(backend, device)
+    if why:
+        return why
+    if backend == "cpu" and not hasattr(_ext.C, "temporal_attn_fwd_cpu"):
+        return "the built extension has no temporal_attn_fwd_cpu yet (rebuild it)"
+    if backend == "triton" and importlib.util.find_spec(
+            "vidgen_kernels.triton_kernels.temporal_attention") is None:
+        return "vidgen_kernels/triton_kernels/temporal_attention.py does not exist yet"
+    return None
+
+
+def kernel_params(dtypes=None, oracle=True):
+    """(backend, device, dtype) params of the kernel path: the ``torch`` contract oracle on CPU,
+    then ``helpers.GRID`` (its ``cuda`` rows skip: this op has no CUDA C++ backend)."""
+    out = []
+    if oracle:
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            if dtypes is None or dt in dtypes:
+                out.append(pytest.param("torch", "cpu", dt, id=f"torch-cpu-{str(dt)[6:]}"))
+    for p in backend_params(dtypes):
+        backend, device, dt = p.values
+        marks = list(p.marks)
+        why = kernel_missing(backend, device)
+        if why and not any(m.name == "skip" for m in marks):
+            marks.append(pytest.mark.skip(reason=f"{backend} on {device}: {why}"))
+        out.append(pytest.param(backend, device, dt, marks=marks, id=p.id))
+    return out
+
+
+def semantic_params(dtypes=(torch.float32,)):
+    """The public reference path and every kernel path (semantics hold for all of them)."""
+    return [pytest.param("reference", "cpu", torch.float32, id="reference-cpu-float32")] + \
+        kernel_params(dtypes)
+
+
+def interp(backend, device):
+    return backend == "triton" and device == "cpu"
+
+
+def attn(q, k, v, backend, **kw):
+    """The op on ``backend``: ``torch`` goes through the custom op directly (the public function
+    only takes real backend names); everything else through ``vk.temporal_attention``."""
+    if backend == "torch":
+        return op_fwd(q, k, v, "torch", **kw)[0]
+    return vk.temporal_attention(q, k, v, backend=backend, **kw)
+
+
+def op_fwd(q, k, v, backend, *, causal=True, cos=None, sin=None, interleaved=True, q_offset=0,
+           softmax_scale=None):
+    """The fwd custom op with the tables canonicalised as the public function does."""
+    cos, sin, scale = ta._check_inputs(q, k, v, cos, sin, q_offset, interleaved, softmax_scale,
+                                       "test")
+    return FWD(q, k, v, cos, sin, causal, interleaved, q_offset, scale, backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# cases
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Case:
+    T: int  # T_k: frames of k/v
+    causal: bool = True
+    rope: str = "none"  # none, half ([L, D/2] tables), full ([L, D] repeated layout)
+    interleaved: bool = True
+    q_offset: int = 0  # streaming: q holds the last T - q_offset frames
+    B: int = 1
+    S: int = 3
+    H: int = 2
+    D: int = 32
+    # layouts of q, k, v: c contiguous, p slot of a [B, T, S, 3, H, D] qkv projection,
+    # s sequence-major [B, S, H, T, D] storage, d last stride != 1 ([.., D, H] storage),
+    # b stride 0 along S (k/v shared by every spatial position)
+    layout: str = "ccc"
+    extra: int = 0  # RoPE table rows beyond T_k
+    scale: float | None = None
+    big: bool = False  # too slow for the Triton interpreter
+
+    @property
+    def Tq(self):
+        return self.T - self.q_offset
+
+    def __str__(self):
+        keep = ("T", "causal", "rope")
+        return "-".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items()
+                        if v != Case.__dataclass_fields__[k].default or k in keep)
+
+
+def _grid():
+    """T in {1, 2, 7, 16, 33} x causal x RoPE, varying the rest (S never a tile multiple)."""
+    out = []
+    S_, L_ = (3, 5, 7, 3, 5), ("ppp", "sss", "ddd", "psd", "ccc")
+    for i, T in enumerate((1, 2, 7, 16, 33)):
+        for causal in (True, False):
+            for rope in ("none", "rope"):
+                j = len(out)
+                r = "none" if rope == "none" else ("half", "full")[(j // 2) % 2]
+                # the Triton interpreter's time grows with the (b, s, h) count: keep it small
+                small = T > 2 and j % 4 != 3
+                out.append(Case(T, causal, r, interleaved=bool(j % 3), B=1 if small else 2,
+                                S=S_[(i + j) % 5], H=1 if small else 1 + (j // 2) % 2,
+                                layout=L_[j % 5], big=T > 16 and not small))
+    return out
+
+
+CASES = _grid() + [
+    # streaming: q holds the newest frames, k/v the cached past too
+    Case(16, True, "half", q_offset=9, S=5, H=1, layout="ppp"),
+    Case(33, True, "full", interleaved=False, q_offset=32, S=3, layout="sss"),
+    Case(7, False, "none", q_offset=4, B=2, S=3, layout="psd"),
+    Case(7, True, "half", interleaved=False, q_offset=1, extra=5, S=5, layout="dpp"),
+    # head dims: 64, 128, non-powers of two; odd table lengths; custom scale
+    Case(16, True, "half", D=64, S=3, H=1, layout="ppp"),
+    Case(7, True, "full", D=128, S=3, H=1, layout="ppp"),
+    Case(7, True, "half", interleaved=False, D=48, S=5, layout="sds"),
+    Case(5, False, "full", D=80, S=3, extra=3, layout="ppp"),
+    Case(7, True, "half", D=32, S=5, scale=0.05),
+    # stride-0 k/v (shared over S), and T at the supported maximum of the Triton kernel
+    Case(7, True, "half", S=5, layout="pbb"),
+    Case(128, True, "half", S=1, H=1, q_offset=100),
+    Case(128, True, "full", interleaved=False, S=2, H=2, layout="ppp", big=True),
+]
+
+
+def make_leaves(case: Case, seed=0):
+    """float64 leaves q [B, Tq, S, H, D], k, v [B, T, S|1, H, D]; RoPE tables (random angles:
+    an off-by-one in positions cannot hide behind slowly varying frequencies)."""
+    g = torch.Generator().manual_seed(seed)
+    B, S, H, D = case.B, case.S, case.H, case.D
+    sk = 1 if case.layout[1] == "b" else S
+    sv = 1 if case.layout[2] == "b" else S
+    lv = {
+        "q": 1.5 * torch.randn(B, case.Tq, S, H, D, generator=g, dtype=torch.float64),
+        "k": torch.randn(B, case.T, sk, H, D, generator=g, dtype=torch.float64),
+        "v": torch.randn(B, case.T, sv, H, D, generator=g, dtype=torch.float64),
+    }
+    tabs = {}
+    if case.rope != "none":
+        ang = (torch.rand(case.T + case.extra, D // 2, generator=g, dtype=torch.float64) * 2 - 1) * math.pi
+        cos, sin = ang.cos().float(), ang.sin().float()
+        if case.rope == "full":
+            cos, sin = (repeat_table(t, case.interleaved) for t in (cos, sin))
+        tabs = {"cos": cos, "sin": sin}
+    return lv, tabs
+
+
+def repeat_table(t, interleaved):
+    """[L, D/2] -> diffusers' [L, D] layout (each angle twice, as the pairs are laid out)."""
+    return t.repeat_interleave(2, dim=-1) if interleaved else torch.cat([t, t], dim=-1)
+
+
+def layout(t, how, slot, S):
+    """Same values as ``t`` in layout ``how`` (see Case.layout); gradients flow to ``t``."""
+    if how == "c":
+        return t
+    if how == "p":  # one of q/k/v in a [B, T, S, 3, H, D] buffer
+        parts = [torch.zeros_like(t)] * 3
+        parts[slot] = t
+        return torch.stack(parts, dim=3)[:, :, :, slot]
+    if how == "s":
+        return t.permute(0, 2, 3, 1, 4).contiguous().permute(0, 3, 1, 2, 4)
+    if how == "d":
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if how == "b":
+        return t.expand(-1, -1, S, -1, -1)
+    raise AssertionError(how)
+
+
+def build(lv, tabs, case, dtype, device):
+    leaves = {k: v.to(device=device, dtype=dtype).requires_grad_() for k, v in lv.items()}
+    q, k, v = (layout(leaves[n], case.layout[i], i, case.S) for i, n in enumerate("qkv"))
+    kw = dict(causal=case.causal, interleaved=case.interleaved, q_offset=case.q_offset,
+              softmax_scale=case.scale, **{n: t.to(device) for n, t in tabs.items()})
+    return leaves, (q, k, v), kw
+
+
+def fwd_bwd(lv, tabs, case, backend, dtype, device, cot_seed=1):
+    leaves, (q, k, v), kw = build(lv, tabs, case, dtype, device)
+    out = attn(q, k, v, backend, **kw)
+    g = torch.Generator().manual_seed(cot_seed)
+    cot = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
+    grads = torch.autograd.grad(out, list(leaves.values()), cot)
+    return out, dict(zip(leaves, grads))
+
+
+def yardstick(hi, *los):
+    """The low-precision run farthest from ``hi``: the reference and the kernel contract (the
+    contract's backward takes ``delta`` from the rounded output, as flash-attention does, so in
+    fp16/bf16 its gradients may be up to ~2x the reference's error)."""
+    return max(los, key=lambda lo: (lo.double() - hi.double()).abs().max().item()
+               if lo.numel() else 0.0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("backend,device,dtype", kernel_params())
+def test_matches_reference(backend, device, dtype, case):
+    if case.big and interp(backend, device):
+        pytest.skip("too large for the Triton interpreter")
+    if interp(backend, device) and dtype == torch.float16 and CASES.index(case) % 2:
+        pytest.skip("Triton interpreter: fp16 on every other case only (time)")
+    if backend == "torch" and dtype != torch.float32 and CASES.index(case) % 3:
+        pytest.skip("contract oracle: fp16/bf16 on every third case only (it is the yardstick)")
+    if case.T > (ta.MAX_T.get(backend) or case.T):
+        pytest.skip(f"T_k={case.T} beyond {backend}'s limit (test_long_sequences)")
+    lv, tabs = make_leaves(case)
+    hi_out, hi_g = fwd_bwd(lv, tabs, case, "reference", torch.float64, device)
+    lo_out, lo_g = fwd_bwd(lv, tabs, case, "reference", dtype, device)
+    if dtype != torch.float32:
+        or_out, or_g = fwd_bwd(lv, tabs, case, "torch", dtype, device)
+        lo_out = yardstick(hi_out, lo_out, or_out)
+        lo_g = {n: yardstick(hi_g[n], lo_g[n], or_g[n]) for n in lo_g}
+    out, g = fwd_bwd(lv, tabs, case, backend, dtype, device)
+    assert out.is_contiguous() and out.shape == (case.B, case.Tq, case.S, case.H, case.D)
+    assert_close_rule(out, hi_out, lo_out, "forward out")
+    for n in "qkv":
+        assert g[n] is not None, f"no gradient for {n}"
+        assert_close_rule(g[n], hi_g[n], lo_g[n], f"grad {n}")
+
+
+LSE_CASES = [
+    Case(2, True, "none", B=2, S=5),
+    Case(7, True, "half", q_offset=3, S=5, layout="psd"),
+    Case(16, False, "full", interleaved=False, S=3, scale=0.3),
+]
+
+
+@pytest.mark.parametrize("case", LSE_CASES, ids=str)
+@pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32, torch.float16)))
+def test_lse_matches_contract(backend, device, dtype, case):
+    """The fwd op's second output: natural-log logsumexp of the (masked) scaled scores, fp32."""
+    if case.big and interp(backend, device):
+        pytest.skip("too large for the Triton interpreter")
+    lv, tabs = make_leaves(case)
+    _, (q, k, v), kw = build(lv, tabs, case, dtype, device)
+    out, lse = op_fwd(q.detach(), k.detach(), v.detach(), backend, **kw)
+    assert lse.dtype == torch.float32 and lse.shape == (case.B, case.S, case.H, case.Tq)
+    assert lse.is_contiguous()
+    # from the dtype-rounded inputs, rotated and scored in float64
+    cos, sin, scale = ta._check_inputs(q, k, v, kw.get("cos"), kw.get("sin"), case.q_offset,
+                                       case.interleaved, case.scale, "test")
+    _, want, _, _ = ta._attend(ta._to_seq(q.detach()).double(), ta._to_seq(k.detach()).double(),
+                               ta._to_seq(v.detach()).double(), cos, sin, case.causal,
+                               case.interleaved, case.q_offset, scale)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(lse.double(), want, rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# semantics: streaming, causality, RoPE conventions
+# ----------------------------------------------------------------------------------------------
+def _qkv(B, T, S, H, D, dtype, device, seed=0, rope=True, L=None, interleaved=True):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, S, 3, H, D, generator=g, dtype=torch.float64)
+    q, k, v = qkv.to(device=device, dtype=dtype).unbind(3)  # projection views
+    kw = {}
+    if rope:
+        ang = (torch.rand(L or T, D // 2, generator=g, dtype=torch.float64) * 2 - 1) * math.pi
+        kw = dict(cos=ang.cos().float().to(device), sin=ang.sin().float().to(device),
+                  interleaved=interleaved)
+    return q, k, v, kw
+
+
+STREAM_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("chunk,cache", [(1, "buffer"), (1, "cat"), (3, "cat")])
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("backend,device,dtype",
+                         semantic_params((torch.float32, torch.float16)))
+def test_streaming_equals_full(backend, device, dtype, interleaved, chunk, cache):
+    """Frames generated ``chunk`` at a time against a growing k/v cache (a preallocated buffer
+    read through a prefix view, or a tensor re-concatenated each step) give the full causal
+    call's outputs."""
+    if interp(backend, device) and (cache == "cat") == (chunk == 1):
+        pytest.skip("Triton interpreter: one frame at a time into a buffer, 3 at a time by cat")
+    B, T, S, H, D = 1, (7 if interp(backend, device) else 11), 3, 1, 32
+    q, k, v, kw = _qkv(B, T, S, H, D, dtype, device, interleaved=interleaved, L=T + 4)
+    full = attn(q, k, v, backend, causal=True, **kw)
+    outs = []
+    buf = torch.zeros(B, T + 5, S, 2, H, D, dtype=dtype, device=device)  # [.., (k, v), H, D]
+    k_c = v_c = None
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        if cache == "buffer":
+            buf[:, t0:t1, :, 0], buf[:, t0:t1, :, 1] = k[:, t0:t1], v[:, t0:t1]
+            k_c, v_c = buf[:, :t1, :, 0], buf[:, :t1, :, 1]
+        else:
+            k_c = k[:, t0:t1] if k_c is None else torch.cat([k_c, k[:, t0:t1]], dim=1)
+            v_c = v[:, t0:t1] if v_c is None else torch.cat([v_c, v[:, t0:t1]], dim=1)
+        outs.append(attn(q[:, t0:t1], k_c, v_c, backend, causal=True, q_offset=t0, **kw))
+    got = torch.cat(outs, dim=1)
+    tol = STREAM_TOL[dtype]
+    torch.testing.assert_close(got, full, rtol=tol, atol=tol)
+    hi = attn(q.double(), k.double(), v.double(), "reference", causal=True, **kw)
+    lo = attn(q, k, v, "reference", causal=True, **kw)
+    assert_close_rule(got, hi, lo, "streamed vs float64 reference")
+
+
+@pytest.mark.parametrize("q_offset", [0, 3])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("backend,device,dtype", semantic_params())
+def test_causality_forward(backend, device, dtype, causal, q_offset):
+    """Changing k/v (and q) at frames after t changes no output at frames <= t (bit for bit:
+    masked keys contribute exact zeros); bidirectional attention does see them."""
+    B, T, S, H, D = 1, 6, 3, 1, 32
+    q, k, v, kw = _qkv(B, T, S, H, D, dtype, device)
+    q = q[:, q_offset:]
+    base = attn(q, k, v, backend, causal=causal, q_offset=q_offset, **kw)
+    g = torch.Generator().manual_seed(5)
+    for t in range(q_offset, T - 1):  # absolute frame t; q row t - q_offset
+        k2, v2, q2 = k.clone(), v.clone(), q.clone()
+        k2[:, t + 1] += 3 * torch.randn(k2[:, t + 1].shape, generator=g).to(k2)
+        v2[:, t + 1:] += 3 * torch.randn(v2[:, t + 1:].shape, generator=g).to(v2)
+        q2[:, t + 1 - q_offset:] += 3 * torch.randn(q2[:, t + 1 - q_offset:].shape, generator=g).to(q2)
+        out = attn(q2, k2, v2, backend, causal=causal, q_offset=q_offset, **kw)
+        past = slice(0, t + 1 - q_offset)
+        if causal:
+            assert torch.equal(out[:, past], base[:, past]), f"frames <= {t} changed"
+        else:
+            assert not torch.equal(out[:, past], base[:, past]), "bidirectional: should change"
+        assert not torch.equal(out[:, t + 1 - q_offset], base[:, t + 1 - q_offset])
+
+
+@pytest.mark.parametrize("q_offset", [0, 2])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("backend,device,dtype", semantic_params())
+def test_causality_backward(backend, device, dtype, causal, q_offset):
+    """A loss on output frame t sends no gradient to k/v frames > t (exact zeros) and none to
+    other q frames; it does reach every frame <= t (and all frames without the mask)."""
+    B, T, S, H, D = 1, 6, 3, 1, 32
+    q, k, v, kw = _qkv(B, T, S, H, D, dtype, device)
+    q, k, v = (t.detach().requires_grad_() for t in (q[:, q_offset:], k, v))
+    out = attn(q, k, v, backend, causal=causal, q_offset=q_offset, **kw)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(out.shape, generator=g).to(out)
+    for t in range(q_offset, T):
+        i = t - q_offset
+        dq, dk, dv = torch.autograd.grad((out[:, i] * w[:, i]).sum(), (q, k, v),
+                                         retain_graph=True)
+        nz = lambda x: bool(x.abs().amax(dim=(0, 2, 3, 4)).gt(0).all())  # noqa: E731
+        assert not dq[:, :i].any() and not dq[:, i + 1:].any(), f"dq outside frame {t}"
+        if t > 0 or not causal:  # one visible key: constant softmax, no dq
+            assert nz(dq[:, i:i + 1]), f"dq missing at frame {t}"
+        if causal:
+            assert not dk[:, t + 1:].any() and not dv[:, t + 1:].any(), f"grad past frame {t}"
+            assert nz(dv[:, :t + 1]), f"dv missing at frames <= {t}"
+            if t > 0:  # a single key gets no dk: the softmax over one score is constant
+                assert nz(dk[:, :t + 1]), f"dk missing at frames <= {t}"
+        else:
+            assert nz(dk) and nz(dv), "bidirectional: every frame gets a gradient"
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("backend,device,dtype",
+                         semantic_params((torch.float32, torch.float16)))
+def test_rope_table_layouts_agree(backend, device, dtype, interleaved):
+    """[T, D/2] tables, diffusers' [T, D] repeated layout, longer tables and float64 tables give
+    the same forward and backward bit for bit."""
+    B, T, S, H, D = 1, 5, 3, 1, 32
+    q, k, v, kw = _qkv(B, T, S, H, D, dtype, device, L=T + 3, interleaved=interleaved)
+    cos, sin = kw.pop("cos"), kw.pop("sin")
+    variants = {
+        "half": (cos[:T], sin[:T]),
+        "full": (repeat_table(cos[:T], interleaved), repeat_table(sin[:T], interleaved)),
+        "longer": (cos, sin),
+        "full-longer-f64": (repeat_table(cos, interleaved).double(),
+                            repeat_table(sin, interleaved).double()),
+    }
+    res = {}
+    for name, (c, s) in variants.items():
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q[:, 2:], k, v))
+        out = attn(qq, kk, vv, backend, causal=True, q_offset=2, cos=c, sin=s, **kw)
+        res[name] = (out, *torch.autograd.grad(out, (qq, kk, vv), torch.ones_like(out)))
+    for name, r in res.items():
+        for a, b, what in zip(r, res["half"], ("out", "dq", "dk", "dv")):
+            assert torch.equal(a, b), f"{name} table: {what} differs from the [T, D/2] table"
+
+
+def diffusers_rope(x, cos, sin, interleaved):
+    """diffusers' apply_rotary_emb (use_real=True) on [T, D] tables, x [..., T, D]:
+    ``x * cos + rotate(x) * sin`` with rotate = (-x1, x0) per interleaved pair
+    (use_real_unbind_dim=-1) or cat(-x2, x1) over halves (use_real_unbind_dim=-2)."""
+    if interleaved:
+        x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+        x_rot = torch.stack([-x_imag, x_real], dim=-1).flatten(-2)
+    else:
+        x_real, x_imag = x.reshape(*x.shape[:-1], 2, -1).unbind(-2)
+        x_rot = torch.cat([-x_imag, x_real], dim=-1)
+    return x * cos + x_rot * sin
+
+
+def diffusers_rope_tables(T, D, theta, interleaved):
+    """diffusers' get_1d_rotary_pos_embed(use_real=True) layout: [T, D] (repeat_interleave_real
+    for interleaved pairs, cat of the two halves for half-split), float64."""
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    f = torch.outer(torch.arange(T, dtype=torch.float64), inv)
+    if interleaved:
+        return f.cos().repeat_interleave(2, -1), f.sin().repeat_interleave(2, -1)
+    return torch.cat([f.cos(), f.cos()], -1), torch.cat([f.sin(), f.sin()], -1)
+
+
+def independent_attention(q, k, v, cos, sin, interleaved, q_offset, causal):
+    """Written from the spec alone: [B, T, S, H, D] -> rotate along T -> softmax attention."""
+    qs, ks, vs = (t.double().permute(0, 2, 3, 1, 4) for t in (q, k, v))  # [B, S, H, T, D]
+    Tq, Tk = qs.shape[-2], ks.shape[-2]
+    if cos is not None:
+        qs = diffusers_rope(qs, cos[q_offset:Tk], sin[q_offset:Tk], interleaved)
+        ks = diffusers_rope(ks, cos[:Tk], sin[:Tk], interleaved)
+    z = qs @ ks.transpose(-1, -2) / math.sqrt(qs.shape[-1])
+    if causal:
+        allowed = torch.ones(Tq, Tk, dtype=torch.bool).tril(diagonal=q_offset)
+        z = z.masked_fill(~allowed, float("-inf"))
+    return (z.softmax(-1) @ vs).permute(0, 3, 1, 2, 4)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rotate_matches_diffusers_formula(interleaved):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, 16, generator=g, dtype=torch.float64)
+    cos_f, sin_f = diffusers_rope_tables(9, 16, 10.0, interleaved)
+    want = diffusers_rope(x, cos_f, sin_f, interleaved)
+    from vidgen_kernels.ops.rope import rotate, unrotate
+    cos_h = cos_f[:, ::2] if interleaved else cos_f[:, :8]
+    sin_h = sin_f[:, ::2] if interleaved else sin_f[:, :8]
+    torch.testing.assert_close(rotate(x, cos_h, sin_h, interleaved), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(unrotate(want, cos_h, sin_h, interleaved), x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("q_offset", [0, 4])
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("backend,device,dtype", semantic_params())
+def test_rope_matches_diffusers_formula(backend, device, dtype, interleaved, q_offset):
+    """RoPE attention against an implementation written from diffusers' formula on [T, D]
+    tables (theta=10, so every pair turns noticeably over a few frames)."""
+    B, T, S, H, D = 2, 9, 3, 1, 32
+    q, k, v, _ = _qkv(B, T, S, H, D, dtype, device, rope=False)
+    q = q[:, q_offset:]
+    cos_f, sin_f = diffusers_rope_tables(T + 2, D, 10.0, interleaved)
+    want = independent_attention(q.cpu(), k.cpu(), v.cpu(), cos_f, sin_f, interleaved, q_offset,
+                                 True)
+    got = attn(q, k, v, backend, causal=True, q_offset=q_offset, interleaved=interleaved,
+               cos=cos_f.float().to(device), sin=sin_f.float().to(device))
+    torch.testing.assert_close(got.double().cpu(), want, rtol=2e-5, atol=2e-5)
+    # and the same with the [T, D/2] tables of the same angles
+    got_h = attn(q, k, v, backend, causal=True, q_offset=q_offset, interleaved=interleaved,
+                 cos=(cos_f[:, ::2] if interleaved else cos_f[:, :D // 2]).float().to(device),
+                 sin=(sin_f[:, ::2] if interleaved else sin_f[:, :D // 2]).float().to(device))
+    torch.testing.assert_close(got_h, got, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# long sequences and the backend limits
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32,)))
+def test_long_sequences(backend, device, dtype):
+    """T_k = 128 runs on every backend; one frame beyond a backend's limit raises a clear error
+    when that backend is asked for, and falls back to the reference when it is only the
+    default."""
+    B, S, H, D = 1, 2, 1, 32
+    for T in (128, 129):
+        q, k, v, kw = _qkv(B, T, S, H, D, dtype, device)
+        q = q[:, T - 3:]  # only the newest frames: keeps the interpreter fast
+        want = attn(q, k, v, "reference", q_offset=T - 3, **kw)
+        lim = ta.MAX_T.get(backend)
+        if lim is not None and T > lim:
+            with pytest.raises(ValueError, match=f"backend '{backend}' supports T_k <= {lim}, "
+                                                 f"got {T}"):
+                attn(q, k, v, backend, q_offset=T - 3, **kw)
+            with vk.use_backend(backend):  # default choice: correct fallback
+                got = vk.temporal_attention(q, k, v, q_offset=T - 3, **kw)
+        else:
+            got = attn(q, k, v, backend, q_offset=T - 3, **kw)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.triton
+def test_triton_head_dim_limit():
+    if why_unavailable("triton", "cpu"):
+        pytest.skip(why_unavailable("triton", "cpu"))
+    lim = ta.MAX_D["triton"]
+    q = torch.randn(1, 2, 1, 1, lim + 2)
+    with pytest.raises(ValueError, match=f"supports head_dim <= {lim}, got {lim + 2}"):
+        vk.temporal_attention(q, q, q, backend="triton")
+    with vk.use_backend("triton"):
+        torch.testing.assert_close(vk.temporal_attention(q, q, q),
+                                   vk.temporal_attention_reference(q, q, q))
+
+
+def test_backend_choice():
+    q = torch.randn(1, 3, 2, 1, 8)
+    with pytest.raises(vk.BackendUnavailableError, match="no implementation of this op"):
+        vk.temporal_attention(q, q, q, backend="cuda")
+    for b in ("cpu", "triton"):
+        if why_unavailable(b, "cpu") is None:
+            with pytest.raises(vk.BackendUnavailableError, match="does not support dtype torch.float64"):
+                vk.temporal_attention(q.double(), q.double(), q.double(), backend=b)
+    with vk.use_backend("auto"):  # float64: auto falls back to the reference
+        torch.testing.assert_close(vk.temporal_attention(q.double(), q.double(), q.double()),
+                                   vk.temporal_attention_reference(q.double(), q.double(), q.double()))
+        if kernel_missing("cpu") is None:  # float32 on CPU: auto is the C++ kernel
+            assert torch.equal(vk.temporal_attention(q, q, q), vk.temporal_attention(q, q, q, backend="cpu"))
+
+
+@pytest.mark.parametrize("backend,device,dtype", semantic_params())
+def test_empty_batch_and_space(backend, device, dtype):
+    for shape in ((0, 3, 2, 1, 8), (1, 3, 0, 2, 8)):
+        q = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        out = attn(q, q, q, backend)
+        assert out.shape == shape
+        (g,) = torch.autograd.grad(out.sum(), q)
+        assert g.shape == shape
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops: opcheck, torch.compile, no copies on the kernel path
+# ----------------------------------------------------------------------------------------------
+OP_BACKENDS = [pytest.param(b, marks=[pytest.mark.skip(reason=kernel_missing(b))]
+                            if kernel_missing(b) else []) for b in ("torch", "cpu")]
+
+
+def _op_args(rope, q_offset, backend, grad=True):
+    g = torch.Generator().manual_seed(0)
+    B, T, S, H, D = 2, 5, 3, 2, 8
+    qkv = torch.randn(B, T, S, 3, H, D, generator=g)
+    q, k, v = qkv.unbind(3)
+    q = q[:, q_offset:]
+    if grad:
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    cos = sin = None
+    if rope:
+        ang = torch.randn(T, D // 2, generator=g)
+        cos, sin = ang.cos(), ang.sin()
+    return q, k, v, cos, sin, True, rope == "interleaved", q_offset, 0.4, backend
+
+
+@pytest.mark.parametrize("backend,rope,q_offset", [
+    pytest.param(*p.values, r, o, marks=p.marks, id=f"{p.values[0]}-{r}-{o}")
+    for p in OP_BACKENDS for r, o in ((None, 0), ("interleaved", 2), ("half", 1))
+    if (p.values[0], r) in (("torch", None), ("torch", "interleaved"), ("cpu", "interleaved"),
+                            ("cpu", "half"))])
+def test_opcheck(backend, rope, q_offset):
+    args = _op_args(rope, q_offset, backend)
+    torch.library.opcheck(FWD.default, args)
+    q, k, v, cos, sin, *rest = _op_args(rope, q_offset, backend, grad=False)
+    out, lse = FWD(q, k, v, cos, sin, *rest)
+    dout = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2)
+    torch.library.opcheck(BWD.default, (dout, q, k, v, cos, sin, out, lse, *rest))
+
+
+class TinyTemporalBlock(nn.Module):
+    """qkv projection -> [B, T, S, 3, H, D] views -> temporal attention with RoPE -> out proj."""
+
+    def __init__(self, C, H, T, backend):
+        super().__init__()
+        self.H, self.backend = H, backend
+        self.qkv = nn.Linear(C, 3 * C)
+        self.proj = nn.Linear(C, C)
+        ang = torch.outer(torch.arange(T, dtype=torch.float32),
+                          10.0 ** -(torch.arange(0, C // H, 2) / (C // H)))
+        self.register_buffer("cos", ang.cos())
+        self.register_buffer("sin", ang.sin())
+
+    def forward(self, x, T, S):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, S, 3, self.H, C // self.H).unbind(3)
+        o = attn(q, k, v, self.backend, causal=True, cos=self.cos, sin=self.sin,
+                 interleaved=False)
+        return self.proj(o.view(B, N, C))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference")] + OP_BACKENDS)
+def test_compile_fullgraph_matches_eager(backend):
+    torch.manual_seed(0)
+    B, T, S, C, H = 2, 5, 3, 32, 2
+    block = TinyTemporalBlock(C, H, T, backend)
+    x = torch.randn(B, T * S, C, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    eager = block(x, T, S)
+    ge = torch.autograd.grad(eager.square().sum(), [x, block.qkv.weight])
+    comp = compiled(x, T, S)
+    gc = torch.autograd.grad(comp.square().sum(), [x, block.qkv.weight])
+    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+_COPY_OPS = ("clone", "copy", "contiguous", "_to_copy")
+
+
+def _record_ops(fn):
+    """Run ``fn`` and return the op names dispatched, including those the temporal custom ops
+    dispatch inside their implementation (their kernels' own ATen calls), leaving out the
+    Triton interpreter's host copies of the arguments (an artefact of running on CPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    # the custom ops' Python implementations (private attribute of CustomOpDef: without it,
+    # only the ops dispatched around the custom ops are seen)
+    inner = {op: getattr(impl, "_init_fn", None) for op, impl in
+             ((FWD.default, ta._temporal_attn_fwd), (BWD.default, ta._temporal_attn_bwd))}
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if not (any(c in name for c in _COPY_OPS) and any(
+                    "triton/runtime/interpreter" in f.filename.replace("\\", "/")
+                    for f in traceback.extract_stack())):
+                seen.append(name)
+            if inner.get(func) is not None:
+                with Record():
+                    return inner[func](*args, **(kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+def _strided_qkv(device, dtype, rope):
+    g = torch.Generator().manual_seed(0)
+    B, T, S, H, D = 2, 5, 3, 2, 16
+    q = torch.randn(B, T, S, 3, H, D, generator=g)[:, :, :, 0]  # projection view
+    k = torch.randn(B, S, H, T, D, generator=g).permute(0, 3, 1, 2, 4)  # sequence-major
+    v = torch.randn(B, T, S, D, H, generator=g).transpose(-1, -2)  # last stride H
+    q, k, v = (t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v))
+    for t in (q, k, v):
+        assert not t.is_contiguous()
+    dout = torch.randn(B, S, H, T, D, generator=g).permute(0, 3, 1, 2, 4).to(device=device, dtype=dtype)
+    kw = {}
+    if rope:
+        ang = torch.randn(T, D // 2, generator=g)
+        kw = dict(cos=ang.cos().to(device), sin=ang.sin().to(device))
+    return q, k, v, dout, kw
+
+
+def _copies_on_kernel_path(backend, device, dtype, rope):
+    q, k, v, dout, kw = _strided_qkv(device, dtype, rope)
+
+    def run():
+        out = attn(q, k, v, backend, causal=True, **kw)
+        torch.autograd.grad(out, (q, k, v), dout)
+
+    seen = _record_ops(run)
+    assert any("temporal_attn_fwd" in s for s in seen) and any("temporal_attn_bwd" in s for s in seen), seen
+    return [s for s in seen if any(c in s for c in _COPY_OPS)]
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32,), oracle=False))
+def test_strided_inputs_are_read_in_place(backend, device, dtype, rope):
+    """Non-contiguous q/k/v (and dout) go to the kernels as they are: no copy op is dispatched,
+    neither around the custom ops nor inside them, forward or backward."""
+    copies = _copies_on_kernel_path(backend, device, dtype, rope)
+    assert not copies, copies
+
+
+def test_copy_detector_sees_the_oracles_permutes():
+    """The check above can fail: the PyTorch contract oracle permutes to [B, S, H, T, D]."""
+    copies = _copies_on_kernel_path("torch", "cpu", torch.float32, True)
+    assert any("clone" in c or "copy" in c for c in copies), copies
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------
+def _bad_calls():
+    q = torch.randn(2, 4, 3, 2, 8)
+    k = torch.randn(2, 6, 3, 2, 8)
+    tab = torch.randn(6, 4)
+    ta_ = vk.temporal_attention
+    return [
+        ("q must be \\[B, T, S, H, D\\] \\(5-D\\), got shape \\(4, 3, 2, 8\\) \\(4-D\\)",
+         lambda: ta_(q[0], q[0], q[0])),
+        ("k must be \\[B, T, S, H, D\\] \\(5-D\\)", lambda: ta_(q, q.flatten(3), q)),
+        ("k and v must have one shape", lambda: ta_(q, q, q[:, :, :2])),
+        ("k/v must be \\[B, T_k, S, H, D\\] = \\[2, T_k, 3, 2, 8\\]",
+         lambda: ta_(q, q[:, :, :2], q[:, :, :2])),
+        ("k/v must be .*got \\(2, 4, 3, 1, 8\\)", lambda: ta_(q, q[:, :, :, :1], q[:, :, :, :1])),
+        ("k/v must be .*got \\(1, 4, 3, 2, 8\\)", lambda: ta_(q, q[:1], q[:1])),
+        ("k/v must be .*got \\(2, 4, 3, 2, 4\\)", lambda: ta_(q, q[..., :4], q[..., :4])),
+        ("q_offset \\+ T_q must equal T_k .*q_offset=0, T_q=4, T_k=6", lambda: ta_(q, k, k)),
+        ("q_offset \\+ T_q must equal T_k .*q_offset=1, T_q=4, T_k=6",
+         lambda: ta_(q, k, k, q_offset=1)),
+        ("q_offset must be an int >= 0, got -1", lambda: ta_(q, q, q, q_offset=-1)),
+        ("cos has 5 positions but 6 are needed",
+         lambda: ta_(q, k, k, q_offset=2, cos=tab[:5], sin=tab[:5])),
+        ("sin has 3 positions but 4 are needed", lambda: ta_(q, q, q, cos=tab, sin=tab[:3])),
+        ("cos must be \\[L, D/2\\] = \\[L, 4\\] or \\[L, D\\] = \\[L, 8\\], got shape \\(6, 6\\)",
+         lambda: ta_(q, q, q, cos=torch.randn(6, 6), sin=tab)),
+        ("cos and sin must be given together", lambda: ta_(q, q, q, cos=tab)),
+        ("RoPE needs an even head_dim, got D=7",
+         lambda: ta_(q[..., :7], q[..., :7], q[..., :7], cos=tab[:, :3], sin=tab[:, :3])),
+        ("k has dtype torch.float16 but q has torch.float32", lambda: ta_(q, q.half(), q.half())),
+        ("q must be a floating tensor, got dtype torch.int64", lambda: ta_(q.long(), q, q)),
+        ("q must have T >= 1 frames", lambda: ta_(q[:, :0], q[:, :0], q[:, :0])),
+        ("softmax_scale must be a finite number or None, got nan",
+         lambda: ta_(q, q, q, softmax_scale=float("nan"))),
+        ("v is on meta but q is on cpu", lambda: ta_(q, q, q.to("meta"))),
+        ("q must be a torch.Tensor, got list", lambda: ta_([1.0], q, q)),
+    ]
+
+
+def _bad_backends():
+    out = ["reference", "auto"]
+    for b in ("cpu", "triton"):
+        why = kernel_missing(b)
+        out.append(pytest.param(b, marks=[pytest.mark.skip(reason=why)] if why else []))
+    return out
+
+
+@pytest.mark.parametrize("i", range(len(_bad_calls())))
+@pytest.mark.parametrize("backend", _bad_backends())
+def test_bad_input_raises_clear_error(i, backend):
+    match, call = _bad_calls()[i]
+    with vk.use_backend(backend):
+        with pytest.raises((ValueError, TypeError), match=match):
+            call()
+
+
+def test_reference_checks_too():
+    q = torch.randn(2, 4, 3, 2, 8)
+    with pytest.raises(ValueError, match="q_offset \\+ T_q must equal T_k"):
+        vk.temporal_attention_reference(q, q[:, :3], q[:, :3])
+    with pytest.raises(ValueError, match="cos has 3 positions but 4 are needed"):
+        vk.temporal_attention_reference(q, q, q, cos=torch.ones(3, 4), sin=torch.ones(3, 4))

@@ -1,0 +1,172 @@
+"""Causal temporal attention layer built on :func:`vidgen_kernels.temporal_attention`.
+
+:class:`CausalTemporalAttention` is the temporal half of a factorised (spatial / temporal) video
+transformer block: tokens ``[B, T*S, C]`` (frame-major: all ``S`` spatial positions of frame 0,
+then frame 1, ...) attend along the frame axis only, each spatial position separately::
+
+    qkv = Linear(C, 3C)(x).view(B, T, S, 3, H, D)       # views, no permute copy
+    q, k = norm_q(q), norm_k(k)                         # optional per-head QK norm over D
+    o = temporal_attention(q, k, v, causal, RoPE-1D over frames)   # [B, T, S, H, D]
+    out = Linear(C, C)(o.view(B, T*S, C))
+
+Streaming (autoregressive frame generation): pass a :class:`TemporalKVCache`; ``x`` then holds
+only the new frames, their queries are placed after the cached frames (``q_offset``), the cache
+is extended with their keys/values, and the output equals the corresponding frames of one
+full-sequence call (for ``causal=True``; with ``causal=False`` the new frames see each other
+and the past, i.e. block-causal attention).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._common import qk_norms
+from ..ops.temporal_attention import temporal_attention
+
+__all__ = ["CausalTemporalAttention", "TemporalKVCache", "rope_1d_tables"]
+
+
+@dataclasses.dataclass
+class TemporalKVCache:
+    """Past keys and values of one :class:`CausalTemporalAttention` layer, each
+    ``[B, T_past, S, H, D]``: keys after the QK norm and before RoPE (the rotation is applied
+    inside the op at absolute frame positions, so cached keys never need re-rotating).
+
+    One cache per layer; ``CausalTemporalAttention.forward(x_new, T_new, S, kv_cache=cache)``
+    reads and extends it. Keys/values are appended with ``torch.cat`` (autograd-safe; a step
+    costs one copy of the cache, negligible next to the projections for the frame counts of
+    video models).
+    """
+
+    k: Optional[Tensor] = None
+    v: Optional[Tensor] = None
+
+    @property
+    def num_frames(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append ``[B, T_new, S, H, D]`` keys/values; returns the whole cached sequence."""
+        if self.k is None:
+            self.k, self.v = k, v
+            return k, v
+        want = (self.k.shape[0],) + tuple(self.k.shape[2:])
+        got = (k.shape[0],) + tuple(k.shape[2:])
+        if want != got or k.dtype != self.k.dtype or k.device != self.k.device:
+            raise ValueError(
+                f"TemporalKVCache: the cache holds [B, T_past, S, H, D] = {tuple(self.k.shape)} "
+                f"({self.k.dtype}, {self.k.device}) but the new frames are {tuple(k.shape)} "
+                f"({k.dtype}, {k.device}): B, S, H, D, dtype and device must match")
+        self.k = torch.cat([self.k, k], dim=1)
+        self.v = torch.cat([self.v, v], dim=1)
+        return self.k, self.v
+
+    def reset(self) -> None:
+        self.k = self.v = None
+
+
+def rope_1d_tables(length: int, head_dim: int, theta: float = 10000.0, device=None
+                   ) -> tuple[Tensor, Tensor]:
+    """cos / sin ``[length, head_dim / 2]`` float32 tables of 1D RoPE over positions
+    ``0 .. length-1``: angle ``t * theta ** (-2i / head_dim)`` (computed in float64)."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    ang = torch.outer(torch.arange(length, dtype=torch.float64, device=device), inv)
+    return ang.cos().float(), ang.sin().float()
+
+
+class CausalTemporalAttention(nn.Module):
+    """Attention along the frame axis of ``[B, T*S, C]`` video tokens.
+
+    Args:
+        dim: channels ``C``.
+        num_heads: heads ``H`` (``head_dim = C / H``).
+        qk_norm: ``None``, ``"layer"`` (LayerNorm over head_dim) or ``"rms"`` (RMSNorm over
+            head_dim), applied to q and k per head, with learnable ``[head_dim]`` weights.
+        rope: 1D rotary embedding over frame positions (fused into the attention kernel).
+        rope_theta: RoPE base.
+        causal: frame ``t`` attends to frames ``<= t``.
+        bias: biases of the qkv and output projections.
+        interleaved: RoPE pairs ``(2i, 2i+1)`` (True) or ``(i, i + D/2)`` (half-split).
+        eps: epsilon of the QK norms.
+
+    Parameters: ``qkv`` (``Linear(C, 3C)``, output channels ordered ``[q | k | v]``, each
+    ``[H, D]``), ``proj`` (``Linear(C, C)``), and ``norm_q`` / ``norm_k`` when ``qk_norm`` is set.
+    The kernel backend follows the package's selection (``vidgen_kernels.use_backend`` etc.).
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, qk_norm: Optional[str] = None,
+                 rope: bool = True, rope_theta: float = 10000.0, causal: bool = True,
+                 bias: bool = True, interleaved: bool = True, eps: float = 1e-6, device=None,
+                 dtype=None):
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"CausalTemporalAttention: dim={dim} must be a multiple of "
+                             f"num_heads={num_heads}")
+        head_dim = dim // num_heads
+        if rope and head_dim % 2:
+            raise ValueError(f"CausalTemporalAttention: RoPE needs an even head_dim, got "
+                             f"{head_dim} (dim={dim}, num_heads={num_heads})")
+        if qk_norm not in (None, "layer", "rms"):
+            raise ValueError(f"CausalTemporalAttention: qk_norm must be None, 'layer' or 'rms', "
+                             f"got {qk_norm!r}")
+        fk = {"device": device, "dtype": dtype}
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
+        self.qk_norm, self.rope, self.rope_theta = qk_norm, bool(rope), float(rope_theta)
+        self.causal, self.interleaved = bool(causal), bool(interleaved)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias, **fk)
+        self.proj = nn.Linear(dim, dim, bias=bias, **fk)
+        self.norm_q, self.norm_k = qk_norms(qk_norm, head_dim, eps, "CausalTemporalAttention", **fk)
+        # RoPE tables per device: one [L, D/2] pair for the longest sequence seen so far; a call
+        # with T_k frames uses the first T_k rows (a contiguous view: nothing is rebuilt or copied)
+        self._rope_cache: dict[tuple[str, Optional[int]], tuple[Tensor, Tensor]] = {}
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, qk_norm={self.qk_norm}, "
+                f"rope={self.rope}, rope_theta={self.rope_theta:g}, causal={self.causal}, "
+                f"interleaved={self.interleaved}")
+
+    def rope_tables(self, num_frames: int, device) -> tuple[Tensor, Tensor]:
+        """cos / sin ``[num_frames, head_dim / 2]`` float32 on ``device`` (built once, cached)."""
+        device = torch.device(device)
+        if torch.compiler.is_compiling():  # no Python-side cache mutation inside a graph
+            return rope_1d_tables(num_frames, self.head_dim, self.rope_theta, device)
+        key = (device.type, device.index)
+        tabs = self._rope_cache.get(key)
+        if tabs is None or tabs[0].shape[0] < num_frames:
+            # grow geometrically so that streaming one frame at a time rebuilds O(log T) times
+            length = max(num_frames, 2 * tabs[0].shape[0] if tabs is not None else num_frames)
+            tabs = rope_1d_tables(length, self.head_dim, self.rope_theta, device)
+            self._rope_cache[key] = tabs
+        return tabs[0][:num_frames], tabs[1][:num_frames]
+
+    def forward(self, x: Tensor, T: int, S: int, *,
+                kv_cache: Optional[TemporalKVCache] = None) -> Tensor:
+        """``x [B, T*S, C]`` (frame-major) -> ``[B, T*S, C]``.
+
+        With ``kv_cache``, ``x`` holds the ``T`` newest frames; they follow the cache's
+        ``T_past`` frames (RoPE positions ``T_past ..``) and the cache is extended by them.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"CausalTemporalAttention: x must be [B, T*S, C] with C={self.dim}, "
+                             f"got shape {tuple(x.shape)}")
+        B, N, C = x.shape
+        if T < 1 or S < 1 or N != T * S:
+            raise ValueError(f"CausalTemporalAttention: x has {N} tokens but T*S = {T}*{S} = "
+                             f"{T * S}")
+        H, D = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).view(B, T, S, 3, H, D).unbind(3)  # [B, T, S, H, D] views
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        q_offset = 0
+        if kv_cache is not None:
+            q_offset = kv_cache.num_frames
+            k, v = kv_cache.append(k, v)
+        cos = sin = None
+        if self.rope:
+            cos, sin = self.rope_tables(q_offset + T, x.device)
+        o = temporal_attention(q, k, v, causal=self.causal, cos=cos, sin=sin,
+                               interleaved=self.interleaved, q_offset=q_offset)
+        return self.proj(o.view(B, N, C))

@@ -1,0 +1,43 @@
+"""Argument checks shared by the attention ops: clear ``TypeError``/``ValueError`` messages that
+name the argument, what it got and what was expected."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_qkv(q, k, v, layout: str, op: str) -> None:
+    """q, k, v are float tensors of the rank of ``layout`` (e.g. ``"[B, S, H, D]"``), k and v of
+    one shape, all of q's dtype and device."""
+    rank = layout.count(",") + 1
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be a floating tensor, got dtype {t.dtype}")
+        if t.dim() != rank:
+            raise ValueError(f"{op}: {name} must be {layout} ({rank}-D), got shape "
+                             f"{tuple(t.shape)} ({t.dim()}-D)")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but q has {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v must have one shape, got k {tuple(k.shape)} and "
+                         f"v {tuple(v.shape)}")
+
+
+def softmax_scale_or_default(softmax_scale: Optional[float], D: int, op: str) -> float:
+    """``softmax_scale`` as a float; ``1 / sqrt(D)`` when None."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
+            or not math.isfinite(softmax_scale):
+        raise ValueError(f"{op}: softmax_scale must be a finite number or None, got {softmax_scale!r}")
+    return float(softmax_scale)

@@ -1,0 +1,411 @@
+"""Fused RoPE-3D + flash attention over a joint text/video token sequence (issue 3).
+
+``rope3d_attention(q, k, v, cos, sin, ...)`` is full (self-)attention on ``[B, S, H, D]`` tokens in
+which q and k are rotated on the fly at the video positions ``rope_offset .. rope_offset + L - 1``
+(``L = len(cos)``); tokens outside that range (text) are not rotated. Text-first models
+(CogVideoX: ``cat([text, video])``) pass ``rope_offset = text_len``; text-last models
+(HunyuanVideo: ``cat([video, text])``) pass ``rope_offset = 0`` and a table as long as the video.
+Without tables it is plain flash attention, and then k/v may be longer or shorter than q
+(cross-attention to text, as Wan).
+
+Frame-causal (block-causal) mask (``frame_causal=True``)
+--------------------------------------------------------
+The *video range* is ``[V0, V1)`` with ``V0 = rope_offset`` and ``V1 = V0 + L`` (``L = len(cos)``;
+without tables ``V1 = S``). Video token ``i`` is in frame ``(i - V0) // tokens_per_frame`` and
+block ``blk(i) = (i - V0) // (tokens_per_frame * frames_per_block)``. Every other token is
+*text* (prefix before ``V0``, suffix after ``V1``). Then query ``i`` may attend key ``j`` iff
+
+* ``j`` is text (every query sees all text tokens, prefix and suffix), or
+* ``i`` and ``j`` are video and ``blk(j) <= blk(i)`` (own block and earlier blocks).
+
+So **text queries attend to text only**, never to video. This is the choice that keeps the
+whole network frame-causal: if text tokens attended to video, a text token's output in layer
+``l`` would carry information from the last frames, and in layer ``l + 1`` every frame (frame 0
+included) would read it back through its text keys, leaking the future into the past. With this
+rule the output of any token depends only on text and on blocks ``<= `` its own, in every layer,
+which is what streaming generation with a KV cache needs (CausVid / Self-Forcing use the same
+block-causal rule over frames; they route text through cross-attention, where this question
+does not arise). The text stream then behaves as a bidirectional text encoder inside the joint
+attention, and a KV cache of the text tokens is computed once. ``rope3d_attention_reference``
+builds exactly this boolean mask (:func:`frame_causal_mask`).
+
+Backends
+--------
+* ``reference``: eager rotation + materialised softmax attention with the explicit boolean mask
+  (fp32 math; fp64 for fp64 inputs). Any device and float dtype; autograd through PyTorch ops
+  (saves the ``S x S`` probabilities: for tests and small shapes).
+* ``triton`` (``vidgen_kernels/triton_kernels/rope3d_attention.py``): FA2 forward with the rotation
+  applied to q / k tiles on load, backward kernels that re-rotate on load and un-rotate dq / dk
+  on store, frame-causal tile skipping. CUDA (CPU under ``TRITON_INTERPRET=1``), fp16 / bf16 /
+  fp32, ``D <= 256``.
+* ``cpu``: rotate q / k out of place (``vidgen_kernels.apply_rope`` when available, else the
+  PyTorch rotation), then ATen's flash-attention CPU kernel
+  (``aten::_scaled_dot_product_flash_attention_for_cpu``, which returns out and logsumexp);
+  the backward re-rotates, calls ``..._for_cpu_backward`` and un-rotates dq / dk. Rotated copies
+  live only inside each call (never saved). ``frame_causal`` uses the kernel's ``attn_mask``
+  (torch 2.13: a float additive mask of the query's dtype), i.e. an ``S x S`` mask is
+  materialised per call (forward and backward; not saved): fine at CPU sizes, and the kernel
+  does not skip masked blocks. Inputs with a non-unit last stride are copied first (the ATen
+  kernel reads them wrongly otherwise); every other layout is read in place.
+
+Layers, top to bottom: the public ``rope3d_attention`` (checks, table canonicalisation, backend
+choice); the PyTorch reference; the custom ops ``vidgen_kernels::rope3d_attn_fwd`` / ``_bwd``
+(fakes, autograd saving only q, k, v, out, lse and the small tables); the kernel backends.
+
+Kernel contract (``torch``, ``cpu`` and ``triton`` implement it, same argument order)
+-------------------------------------------------------------------------------------
+``fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block, scale)
+-> (out, lse)``
+
+* ``q``: ``[B, Sq, H, D]``, ``k``, ``v``: ``[B, Sk, H, D]``, one dtype ``T``, any strides.
+* ``cos``, ``sin``: ``None`` or ``[L, D/2]`` float32 contiguous, ``rope_offset + L <= Sq = Sk``.
+* ``fc_block``: 0 for no mask, else the tokens of one block (``tokens_per_frame *
+  frames_per_block``) of the video range ``[fc_start, fc_start + fc_len)`` (``Sq = Sk`` then).
+* ``out``: ``[B, Sq, H, D]`` contiguous ``T``; ``lse``: ``[B, Sq, H]`` contiguous float32.
+* ``qr_i = round_T(rot(q_i, i - rope_offset))`` for ``rope_offset <= i < rope_offset + L``, else
+  ``q_i`` (likewise ``kr_j``); ``z_ij = scale <qr_i, kr_j>`` (fp32), ``-inf`` where the mask
+  forbids; ``out_i = softmax_j(z_i) v``; ``lse_i = log sum_j exp(z_ij)`` (natural log).
+
+``bwd(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, fc_start, fc_len, fc_block,
+scale) -> (dq, dk, dv)`` contiguous ``[B, S, H, D]`` ``T``: FA2 math (``delta_i = <dout_i,
+out_i>``, ``p = exp(z - lse)``, ``ds = p (dp - delta)``), ``dq``/``dk`` un-rotated (rotation by
+the negative angle) at the rotated positions.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backends import resolve
+from ._checks import check_qkv, softmax_scale_or_default
+from .rope import canon_table, check_rope_pair, rotate
+
+__all__ = ["rope3d_attention", "rope3d_attention_reference", "frame_causal_mask"]
+
+SUPPORTED_DTYPES = {
+    "cpu": (torch.float32, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
+MAX_D = {"cpu": None, "triton": 256}
+
+
+# ----------------------------------------------------------------------------------------------
+# checks
+# ----------------------------------------------------------------------------------------------
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tokens_per_frame,
+                  frames_per_block, softmax_scale, op):
+    """Validate; return (cos, sin canonicalised to [L, D/2] fp32 or None, fc_start, fc_len,
+    fc_block, scale)."""
+    check_qkv(q, k, v, "[B, S, H, D]", op)
+    B, Sq, H, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"{op}: k/v batch {k.shape[0]} != q batch {B}")
+    if k.shape[2] != H:
+        raise ValueError(f"{op}: k/v have {k.shape[2]} heads but q has {H} (heads must match)")
+    if k.shape[3] != D:
+        raise ValueError(f"{op}: k/v head_dim {k.shape[3]} != q head_dim {D}")
+    if D == 0:
+        raise ValueError(f"{op}: head_dim must be >= 1, got shape {tuple(q.shape)}")
+    Sk = k.shape[1]
+    if not _is_int(rope_offset) or rope_offset < 0:
+        raise ValueError(f"{op}: rope_offset must be an int >= 0, got {rope_offset!r}")
+    softmax_scale = softmax_scale_or_default(softmax_scale, D, op)
+    rope = check_rope_pair(cos, sin, op) is not None
+    if (rope or frame_causal) and Sk != Sq:
+        raise ValueError(f"{op}: RoPE tables and frame_causal need self-attention (k/v as long as "
+                         f"q), got S_q={Sq}, S_k={Sk}")
+    if rope:
+        if D % 2:
+            raise ValueError(f"{op}: RoPE needs an even head_dim, got D={D}")
+        L = cos.shape[0] if isinstance(cos, Tensor) and cos.dim() >= 1 else 0
+        if isinstance(cos, Tensor) and isinstance(sin, Tensor) and sin.dim() >= 1 \
+                and sin.shape[0] != L:
+            raise ValueError(f"{op}: cos has {L} positions but sin has {sin.shape[0]}")
+        if L > Sq - rope_offset:
+            raise ValueError(f"{op}: the RoPE table has {L} positions but only S - rope_offset = "
+                             f"{Sq} - {rope_offset} = {Sq - rope_offset} tokens follow rope_offset")
+        cos = canon_table("cos", cos, D, L, q.device, op, interleaved)
+        sin = canon_table("sin", sin, D, L, q.device, op, interleaved)
+        video_len = L
+    else:
+        cos = sin = None
+        if rope_offset > Sq:
+            raise ValueError(f"{op}: rope_offset={rope_offset} is beyond the sequence (S={Sq})")
+        video_len = Sq - rope_offset
+    fc_block = 0
+    if frame_causal:
+        if not _is_int(tokens_per_frame) or tokens_per_frame < 1:
+            raise ValueError(f"{op}: frame_causal needs tokens_per_frame, an int >= 1, got "
+                             f"{tokens_per_frame!r}")
+        if not _is_int(frames_per_block) or frames_per_block < 1:
+            raise ValueError(f"{op}: frames_per_block must be an int >= 1, got {frames_per_block!r}")
+        if video_len % tokens_per_frame:
+            raise ValueError(f"{op}: tokens_per_frame={tokens_per_frame} does not divide the video "
+                             f"length {video_len} (tokens rope_offset .. rope_offset + "
+                             f"{'len(cos)' if rope else 'S'} - 1)")
+        fc_block = tokens_per_frame * frames_per_block
+    return cos, sin, int(rope_offset), int(video_len), int(fc_block), float(softmax_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# reference and the contract in PyTorch
+# ----------------------------------------------------------------------------------------------
+def frame_causal_mask(S: int, fc_start: int, fc_len: int, fc_block: int, device=None) -> Tensor:
+    """``[S, S]`` boolean, True where query ``i`` may attend key ``j`` (module docstring)."""
+    # block index per token, -1 for text (built without integer division of a tensor, which
+    # inductor fails to compile on torch 2.13)
+    fb = max(fc_block, 1)
+    blk = torch.arange(-(-fc_len // fb), device=device).repeat_interleave(fb)[:fc_len]
+    blk = torch.cat([blk.new_full((fc_start,), -1), blk, blk.new_full((S - fc_start - fc_len,), -1)])
+    vid = blk >= 0
+    return (~vid)[None, :] | (vid[:, None] & (blk[None, :] <= blk[:, None]))
+
+
+def _rope_torch(x: Tensor, cos, sin, offset: int, interleaved: bool) -> Tensor:
+    """Rotate ``x [B, S, H, D]`` at positions ``offset .. offset + L - 1`` (out of place)."""
+    if cos is None:
+        return x
+    L = cos.shape[0]
+    c, s = cos[:, None, :], sin[:, None, :]
+    mid = rotate(x[:, offset:offset + L], c, s, interleaved)
+    if offset == 0 and L == x.shape[1]:
+        return mid
+    return torch.cat([x[:, :offset], mid, x[:, offset + L:]], dim=1)
+
+
+def _attend(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block, scale):
+    """Eager rotation + materialised softmax attention (fp32 math, fp64 for fp64).
+    Returns (out [B, Sq, H, D] in fp32/fp64, lse [B, Sq, H], qr, kr)."""
+    qr = _rope_torch(q, cos, sin, rope_offset, interleaved)
+    kr = _rope_torch(k, cos, sin, rope_offset, interleaved)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qh, kh, vh = (t.to(acc).transpose(1, 2) for t in (qr, kr, v))  # [B, H, S, D]
+    z = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if fc_block:
+        allowed = frame_causal_mask(q.shape[1], fc_start, fc_len, fc_block, q.device)
+        z = z.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(z, dim=-1)
+    out = torch.matmul(torch.softmax(z, dim=-1), vh)
+    return out.transpose(1, 2), lse.transpose(1, 2), qr, kr
+
+
+def rope3d_attention_reference(q, k, v, cos=None, sin=None, *, rope_offset=0, interleaved=True,
+                               frame_causal=False, tokens_per_frame=None, frames_per_block=1,
+                               softmax_scale=None):
+    """Eager PyTorch: rotate q/k, materialise the (masked) softmax attention in fp32 (fp64 for
+    fp64 inputs). Same signature and result as :func:`rope3d_attention`."""
+    op = "rope3d_attention_reference"
+    cos, sin, off, fl, fb, scale = _check_inputs(q, k, v, cos, sin, rope_offset, interleaved,
+                                                 frame_causal, tokens_per_frame, frames_per_block,
+                                                 softmax_scale, op)
+    out, _, _, _ = _attend(q, k, v, cos, sin, off, interleaved, off, fl, fb, scale)
+    return out.to(q.dtype).contiguous()
+
+
+def kernel_fwd_torch(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block,
+                     scale):
+    """The forward contract in PyTorch (the oracle the kernels are tested against)."""
+    out, lse, _, _ = _attend(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len,
+                             fc_block, scale)
+    return out.to(q.dtype).contiguous(), lse.float().contiguous()
+
+
+def kernel_bwd_torch(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, fc_start,
+                     fc_len, fc_block, scale):
+    """The backward contract in PyTorch."""
+    qr = _rope_torch(q, cos, sin, rope_offset, interleaved)
+    kr = _rope_torch(k, cos, sin, rope_offset, interleaved)
+    qh, kh, vh = (t.float().transpose(1, 2) for t in (qr, kr, v))
+    do, o = dout.float().transpose(1, 2), out.float().transpose(1, 2)
+    z = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    p = torch.exp(z - lse.transpose(1, 2)[..., None])
+    if fc_block:
+        allowed = frame_causal_mask(q.shape[1], fc_start, fc_len, fc_block, q.device)
+        p = p.masked_fill(~allowed, 0.0)
+    delta = (do * o).sum(-1, keepdim=True)
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    ds = p * (torch.matmul(do, vh.transpose(-1, -2)) - delta)
+    dq = (torch.matmul(ds, kh) * scale).transpose(1, 2)
+    dk = (torch.matmul(ds.transpose(-1, -2), qh) * scale).transpose(1, 2)
+    if cos is not None:
+        dq = _rope_torch(dq, cos, -sin, rope_offset, interleaved)
+        dk = _rope_torch(dk, cos, -sin, rope_offset, interleaved)
+    return tuple(t.to(q.dtype).contiguous() for t in (dq, dk, dv.transpose(1, 2)))
+
+
+# ---- cpu backend: rotation, then ATen's flash-attention CPU kernel -----------------------------
+def _rope_cpu(x, cos, sin, offset, interleaved):
+    """Rotation on the cpu path: ``vidgen_kernels.apply_rope`` (the fused RoPE op) when this
+    install has it, else the PyTorch rotation of the slice."""
+    if cos is None:
+        return x
+    import vidgen_kernels as _vk
+    apply_rope = getattr(_vk, "apply_rope", None)
+    if apply_rope is not None:
+        return apply_rope(x, cos, sin, interleaved=interleaved, offset=offset)
+    return _rope_torch(x, cos, sin, offset, interleaved)
+
+
+def _cpu_mask(S, fc_start, fc_len, fc_block, dtype, device):
+    """Additive float mask (the ATen CPU flash kernel takes a mask of the query's dtype)."""
+    allowed = frame_causal_mask(S, fc_start, fc_len, fc_block, device)
+    return torch.zeros(S, S, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    """ATen's CPU flash kernel assumes a unit last stride (it silently reads garbage otherwise):
+    only such tensors (e.g. a ``[B, S, D, H]`` storage) are copied; all other strides go in place."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def kernel_fwd_cpu(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block, scale):
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    qr = _rope_cpu(q, cos, sin, rope_offset, interleaved)
+    kr = _rope_cpu(k, cos, sin, rope_offset, interleaved)
+    mask = _cpu_mask(q.shape[1], fc_start, fc_len, fc_block, q.dtype, q.device) if fc_block else None
+    o, l_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), 0.0, False,
+        attn_mask=mask, scale=scale)
+    # ATen allocates out as [B, S, H, D] and logsumexp as [B, S, H] storage: transposes are free
+    return o.transpose(1, 2).contiguous(), l_.transpose(1, 2).contiguous()
+
+
+def kernel_bwd_cpu(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, fc_start, fc_len,
+                   fc_block, scale):
+    dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
+    qr = _rope_cpu(q, cos, sin, rope_offset, interleaved)
+    kr = _rope_cpu(k, cos, sin, rope_offset, interleaved)
+    mask = _cpu_mask(q.shape[1], fc_start, fc_len, fc_block, q.dtype, q.device) if fc_block else None
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.transpose(1, 2), qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
+        out.transpose(1, 2), lse.transpose(1, 2), 0.0, False, attn_mask=mask, scale=scale)
+    dq, dk, dv = (t.transpose(1, 2) for t in (dq, dk, dv))
+    if cos is not None:
+        dq = _rope_cpu(dq, cos, -sin, rope_offset, interleaved)
+        dk = _rope_cpu(dk, cos, -sin, rope_offset, interleaved)
+    return tuple(t.contiguous() for t in (dq, dk, dv))
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops
+# ----------------------------------------------------------------------------------------------
+def _kernels(backend: str):
+    if backend == "cpu":
+        return kernel_fwd_cpu, kernel_bwd_cpu
+    if backend == "triton":
+        from ..triton_kernels import rope3d_attention as tk
+        return tk.rope3d_attn_fwd, tk.rope3d_attn_bwd
+    if backend == "torch":  # the contract oracle; tests of the op plumbing
+        return kernel_fwd_torch, kernel_bwd_torch
+    raise ValueError(f"unknown kernel backend {backend!r}")
+
+
+@torch.library.custom_op("vidgen_kernels::rope3d_attn_fwd", mutates_args=())
+def _rope3d_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
+                     rope_offset: int, interleaved: bool, fc_start: int, fc_len: int,
+                     fc_block: int, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    B, Sq, H, D = q.shape
+    if q.numel() == 0 or k.shape[1] == 0:
+        out = torch.zeros((B, Sq, H, D), dtype=q.dtype, device=q.device)
+        lse = torch.full((B, Sq, H), float("-inf"), dtype=torch.float32, device=q.device)
+        return out, lse
+    fwd, _ = _kernels(backend)
+    return fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block, scale)
+
+
+@_rope3d_attn_fwd.register_fake
+def _(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block, scale, backend):
+    B, Sq, H, D = q.shape
+    return q.new_empty((B, Sq, H, D)), q.new_empty((B, Sq, H), dtype=torch.float32)
+
+
+@torch.library.custom_op("vidgen_kernels::rope3d_attn_bwd", mutates_args=())
+def _rope3d_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor],
+                     sin: Optional[Tensor], out: Tensor, lse: Tensor, rope_offset: int,
+                     interleaved: bool, fc_start: int, fc_len: int, fc_block: int, scale: float,
+                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if q.numel() == 0 or k.numel() == 0:
+        return (torch.zeros(q.shape, dtype=q.dtype, device=q.device),
+                torch.zeros(k.shape, dtype=k.dtype, device=k.device),
+                torch.zeros(v.shape, dtype=v.dtype, device=v.device))
+    _, bwd = _kernels(backend)
+    return bwd(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, fc_start, fc_len,
+               fc_block, scale)
+
+
+@_rope3d_attn_bwd.register_fake
+def _(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, fc_start, fc_len, fc_block,
+      scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cos, sin, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, cos, sin, out, lse)
+    ctx.args = tuple(args)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, cos, sin, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.vidgen_kernels.rope3d_attn_bwd(dout, q, k, v, cos, sin, out, lse,
+                                                          *ctx.args)
+    return (dq, dk, dv) + (None,) * 9
+
+
+torch.library.register_autograd("vidgen_kernels::rope3d_attn_fwd", _backward,
+                                setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = None,
+                     sin: Optional[Tensor] = None, *, rope_offset: int = 0,
+                     interleaved: bool = True, frame_causal: bool = False,
+                     tokens_per_frame: Optional[int] = None, frames_per_block: int = 1,
+                     softmax_scale: Optional[float] = None,
+                     backend: Optional[str] = None) -> Tensor:
+    """Attention over ``[B, S, H, D]`` tokens with RoPE fused into the q/k loads.
+
+    Args:
+        q: ``[B, S_q, H, D]``; k, v: ``[B, S_k, H, D]``; any strides (e.g. the slices of a fused
+            qkv projection, or ``[B, H, S, D]`` tensors transposed back), read in place.
+        cos, sin: ``None`` (plain attention; ``S_k`` may differ from ``S_q``) or the RoPE table
+            of the video tokens, ``[L, D/2]`` or diffusers' ``[L, D]`` repeated layout, any float
+            dtype; L <= S - rope_offset.
+        rope_offset: first rotated token (= text length for text-first CogVideoX, 0 for
+            text-last HunyuanVideo). Tokens outside ``[rope_offset, rope_offset + L)`` are not
+            rotated.
+        interleaved: RoPE pairs ``(2i, 2i+1)`` (CogVideoX / Wan / Hunyuan) or ``(i, i + D/2)``.
+        frame_causal: block-causal mask over frames of the video range (module docstring: video
+            tokens see all text and their own and earlier blocks; text sees text only).
+        tokens_per_frame, frames_per_block: the frame / block structure for ``frame_causal``.
+        softmax_scale: default ``1 / sqrt(D)``.
+        backend: ``None`` (current default), ``"reference"``, ``"cpu"``, ``"triton"``.
+    Returns:
+        ``[B, S_q, H, D]`` contiguous, q's dtype.
+    """
+    op = "rope3d_attention"
+    cos, sin, off, fl, fb, scale = _check_inputs(q, k, v, cos, sin, rope_offset, interleaved,
+                                                 frame_causal, tokens_per_frame, frames_per_block,
+                                                 softmax_scale, op)
+    name = resolve(backend, q.device, q.dtype, SUPPORTED_DTYPES, op)
+    lim = MAX_D.get(name)
+    if lim is not None and q.shape[-1] > lim:
+        if backend is None:
+            name = "reference"
+        else:
+            raise ValueError(f"{op}: backend {name!r} supports head_dim <= {lim}, got {q.shape[-1]}")
+    if name == "reference":
+        out, _, _, _ = _attend(q, k, v, cos, sin, off, interleaved, off, fl, fb, scale)
+        return out.to(q.dtype).contiguous()
+    out, _ = torch.ops.vidgen_kernels.rope3d_attn_fwd(q, k, v, cos, sin, off, bool(interleaved),
+                                                      off, fl, fb, scale, name)
+    return out

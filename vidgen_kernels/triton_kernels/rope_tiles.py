@@ -1,0 +1,56 @@
+"""Triton device helpers shared by the attention kernels that rotate q/k tiles on the fly
+(``temporal_attention.py``, ``rope3d_attention.py``).
+
+A row of ``D`` elements is handled as its two rotation-pair halves ``(a, b)`` of ``D/2`` columns
+each: pairs ``(x[2i], x[2i+1])`` when ``INTERLEAVED``, ``(x[i], x[i + D/2])`` otherwise (the
+conventions of ``vidgen_kernels/ops/rope.py``). Then ``q . k = qa . ka + qb . kb``, so the scores
+need no re-interleaving. Without ``ROPE`` the full row is loaded once as ``a`` (``b`` aliases it).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_pair(X, row_off, row_ok, d_full, d_half, sd, D, HALF,
+               ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rows of X as (a, b): the two members of each rotation pair when ROPE, else (x, x)."""
+    if not ROPE:
+        x = tl.load(X + row_off[:, None] + d_full[None, :] * sd,
+                    mask=row_ok[:, None] & (d_full[None, :] < D), other=0.0)
+        return x, x
+    elif INTERLEAVED:
+        x = tl.load(X + row_off[:, None] + d_full[None, :] * sd,
+                    mask=row_ok[:, None] & (d_full[None, :] < D), other=0.0)
+        a, b = tl.split(tl.reshape(x, [x.shape[0], BLOCK_H, 2]))
+        return a, b
+    else:
+        m = row_ok[:, None] & (d_half[None, :] < HALF)
+        a = tl.load(X + row_off[:, None] + d_half[None, :] * sd, mask=m, other=0.0)
+        b = tl.load(X + row_off[:, None] + (d_half[None, :] + HALF) * sd, mask=m, other=0.0)
+        return a, b
+
+
+@triton.jit
+def store_pair(X, row_off, row_ok, d_full, d_half, sd, D, HALF, a, b,
+                ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Inverse of :func:`load_pair` (``b`` is ignored without ROPE)."""
+    if not ROPE:
+        tl.store(X + row_off[:, None] + d_full[None, :] * sd, a,
+                 mask=row_ok[:, None] & (d_full[None, :] < D))
+    elif INTERLEAVED:
+        x = tl.reshape(tl.join(a, b), [a.shape[0], BLOCK_D])
+        tl.store(X + row_off[:, None] + d_full[None, :] * sd, x,
+                 mask=row_ok[:, None] & (d_full[None, :] < D))
+    else:
+        m = row_ok[:, None] & (d_half[None, :] < HALF)
+        tl.store(X + row_off[:, None] + d_half[None, :] * sd, a, mask=m)
+        tl.store(X + row_off[:, None] + (d_half[None, :] + HALF) * sd, b, mask=m)
+
+
+@triton.jit
+def pair_scores(qa, qb, ka, kb, ROPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Scores ``q k^T`` of rows held as pair halves (or as full rows without ROPE)."""
+    s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
+    if ROPE:
+        s += tl.dot(qb, tl.trans(kb), input_precision=DOT_PREC)
+    return s

@@ -1,0 +1,523 @@
+"""Triton backend of causal temporal attention (``vidgen_kernels.ops.temporal_attention``).
+
+Implements the kernel contract documented at the top of ``vidgen_kernels/ops/temporal_attention.py``
+(``temporal_attn_fwd`` / ``temporal_attn_bwd``, same argument order as ``kernel_fwd_torch`` /
+``kernel_bwd_torch``).
+
+Design
+------
+* **A sequence** is one ``(b, s, h)``: ``T_k <= 128`` rows of ``D <= 256`` values, read in place
+  from the frame-major ``[B, T, S, H, D]`` tensors through their five strides (any strides,
+  non-unit last stride included; no copies). The whole key/value sequence is held on chip:
+  ``TP = next_power_of_2(T_k)`` rows, ``BLOCK_D = next_power_of_2(D)`` columns (masked), both
+  floored so that every ``tl.dot`` operand has >= 16 rows / columns.
+* **Many short sequences per program**, two ways, with sequences numbered
+  ``n = (b * S + s) * H + h`` (consecutive n are adjacent in memory for the usual layouts):
+
+  - *packing*: when ``TP < 16`` (``T_k <= 8``), ``P = 16 // TP`` sequences share one 16-row tile
+    (row ``r`` is frame ``r % TP`` of sequence ``r // TP``) and the score tile is masked
+    block-diagonally. The 16-row minimum of ``tl.dot`` is then filled with real rows instead of
+    padding, so T = 1..8 costs one MMA tile per ``P`` sequences;
+  - *a loop*: each program walks ``SEQ_GROUPS`` consecutive tiles. Default: about 128 frame rows
+    per program (``SEQ_GROUPS = 128 // tile rows``: 8 tiles for ``T_k <= 16``, 4 for 32, 2 for 64,
+    1 for 128), halved while that would leave fewer than ~1024 programs (so small problems still
+    fill every SM). The row / column offset vectors and the RoPE column indices are computed once
+    per program; per tile only the (b, s, h) decomposition of ``P`` sequence numbers changes. The
+    sequence loop is the kernel's innermost ``scf.for``, so Triton's software pipeliner issues the
+    next tile's loads (cp.async) while the current one computes (``num_stages = 2``; 1 when a
+    program has a single tile or the key tile is >= 32 KiB, see :func:`_default_stages`). A loop
+    (rather than a 3-D ``[G, T, D]`` tile) keeps the register footprint independent of ``G``.
+
+  Example, ``T_k = 16``, fp16, 32k sequences: 4096 programs of 8 sequences; ``T_k = 4``: 4
+  sequences per tile, 8 tiles per program, 32 sequences per program.
+* **Queries in blocks of ``BLOCK_M = min(next_pow2(T_q) (>= 16), 64)`` rows**, unrolled
+  (``tl.static_range``, so the sequence loop stays innermost): keys / values (and in the backward
+  their gradient accumulators) stay resident while the program walks ``ceil(T_q / BLOCK_M)``
+  query blocks, so at ``T_k = 128`` the score tile is ``64 x 128``, and a streaming step with one
+  new frame uses a ``16 x T_k`` tile. Every query block sees every key of its sequence, so the
+  backward computes ``dq`` of a block completely and accumulates ``dk`` / ``dv`` over blocks in
+  registers: no atomics, no second kernel, one program per sequence group.
+* **Fused RoPE**: with tables, q / k are loaded as two ``[rows, BLOCK_D / 2]`` tiles, ``a`` and
+  ``b``, holding the two members of each rotation pair: half-split (``x[i]``, ``x[i + D/2]``) as
+  two loads, interleaved (``x[2i]``, ``x[2i+1]``) as one coalesced full-row load split with
+  ``tl.reshape`` + ``tl.split``. The rotation is then elementwise in fp32
+  (``a' = a cos - b sin``, ``b' = b cos + a sin``, cos / sin rows at ``q_offset + i`` for queries
+  and ``j`` for keys), rounded to the input dtype, and the scores are
+  ``dot(qa', ka'^T) + dot(qb', kb'^T)``. The backward forms ``dq`` / ``dk`` as ``a`` / ``b`` halves
+  and rotates them by the negative angle before storing (``tl.join`` re-interleaves).
+* **Numerics**: scores, softmax, ``lse`` (natural log, stored fp32) and all accumulations are fp32
+  (``exp2`` with ``log2(e)`` folded into the scale). For fp16 / bf16 the probabilities ``p`` and
+  ``ds`` are rounded to the input dtype for the tensor-core dots (as flash-attention does); fp32
+  inputs use ``input_precision="ieee"`` dots (no TF32), matching the fp32 contract to ~1e-6.
+* Sequence numbers and all row offsets are int64 (``b * stride_b`` etc. can exceed 2^31); the
+  column offsets are int64 too (a transposed layout can have a huge last-dim stride); they are
+  hoisted out of the loops. Nothing is allocated per call; no host synchronisation.
+* ``num_warps``: 4 for small tiles, 8 once the key tile ``tile rows x BLOCK_D`` reaches 4096
+  elements (both passes). Chosen from ptxas register / spill reports of sm_90 builds (no GPU
+  timing was available): with 4 warps the 32 x 128 and 64 x 64 forward already spill; 16 warps
+  do not reduce the backward's spills at ``T_k = 128``.
+* Shared memory: if a pipelined build does not fit the device (``OutOfResources``), the launch is
+  retried with fewer stages, once per configuration (:func:`_launch`). Unpipelined builds for
+  sm_90 need at most ~208 KiB (backward, ``T_k = 128``, ``D = 256``); on GPUs with less shared
+  memory per block the largest configurations raise ``OutOfResources``.
+* Tuning knobs (keyword-only, for benchmarks): ``seqs_per_program``, ``num_warps``, ``block_m``,
+  ``num_stages``.
+
+Limits: ``T_k <= 128`` (:data:`MAX_T`) and ``D <= 256`` (:data:`MAX_D`) raise ``ValueError``
+otherwise; any ``D >= 1`` below that works (small D are padded to 32 columns).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from .rope_tiles import load_pair, pair_scores, store_pair
+
+__all__ = ["temporal_attn_fwd", "temporal_attn_bwd", "MAX_T", "MAX_D"]
+
+MAX_T = 128
+MAX_D = 256
+_MIN_ROWS = 16  # tl.dot needs M, N, K >= 16
+_MIN_PROGRAMS = 1024  # below this many programs, SEQ_GROUPS is reduced
+_ROWS_PER_PROGRAM = 128
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _bsh(n, SH, H):
+    """Sequence number(s) n = (b * S + s) * H + h -> (b, s, h) (int64)."""
+    b = n // SH
+    rem = n - b * SH
+    s = rem // H
+    return b, s, rem - s * H
+
+
+@triton.jit
+def _load_table(COS, SIN, pos, ok, d_half, sc_t, sc_d, ss_t, ss_d, HALF):
+    """cos / sin rows at positions ``pos`` ([rows, BLOCK_H], fp32, 0 outside)."""
+    m = ok[:, None] & (d_half[None, :] < HALF)
+    c = tl.load(COS + pos[:, None] * sc_t + d_half[None, :] * sc_d, mask=m, other=0.0)
+    s = tl.load(SIN + pos[:, None] * ss_t + d_half[None, :] * ss_d, mask=m, other=0.0)
+    return c, s
+
+
+@triton.jit
+def _rotate(a, b, c, s):
+    """Rotate pairs (a, b) by the angle with cosine c and sine s (fp32)."""
+    a = a.to(tl.float32)
+    b = b.to(tl.float32)
+    return a * c - b * s, b * c + a * s
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _temporal_attn_fwd_kernel(
+    Q, K, V, COS, SIN, OUT, LSE,
+    NSEQ, SH, H, Tq, Tk, D, HALF, q_offset, qk_scale2,  # qk_scale2 = scale * log2(e)
+    sq_b, sq_t, sq_s, sq_h, sq_d,
+    sk_b, sk_t, sk_s, sk_h, sk_d,
+    sv_b, sv_t, sv_s, sv_h, sv_d,
+    so_b, so_t, so_s, so_h, so_d,
+    sl_b, sl_s, sl_h, sl_t,
+    sc_t, sc_d, ss_t, ss_d,
+    CAUSAL: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    TP: tl.constexpr,  # rows per sequence in the tile (next_pow2(Tk), or less when packed)
+    BLOCK_T: tl.constexpr,  # key tile rows = P * TP, P sequences packed
+    BLOCK_M: tl.constexpr,  # query rows per block (== BLOCK_T when packed)
+    NQB: tl.constexpr,  # query blocks (BLOCK_M * NQB >= Tq)
+    BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    SEQ_GROUPS: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    P: tl.constexpr = BLOCK_T // TP
+    dt = OUT.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+
+    rk = tl.arange(0, BLOCK_T)
+    kseq = rk // TP
+    kt = rk % TP
+    rq = tl.arange(0, BLOCK_M)
+    qseq = rq // TP
+    qt0 = rq % TP
+    d_full = tl.arange(0, BLOCK_D).to(tl.int64)
+    d_half = tl.arange(0, BLOCK_H).to(tl.int64)
+    kt64 = kt.to(tl.int64)
+
+    for g in range(SEQ_GROUPS):
+        n0 = (pid * SEQ_GROUPS + g) * P
+        # ---- keys / values of the P sequences of this tile, resident for all query blocks
+        nk = n0 + kseq
+        k_ok = (nk < NSEQ) & (kt < Tk)
+        b, s, h = _bsh(tl.minimum(nk, NSEQ - 1), SH, H)
+        k_off = b * sk_b + s * sk_s + h * sk_h + kt64 * sk_t
+        v_off = b * sv_b + s * sv_s + h * sv_h + kt64 * sv_t
+        ka, kb = load_pair(K, k_off, k_ok, d_full, d_half, sk_d, D, HALF,
+                            ROPE, INTERLEAVED, BLOCK_H)
+        if ROPE:
+            c, sn = _load_table(COS, SIN, kt, k_ok, d_half, sc_t, sc_d, ss_t, ss_d, HALF)
+            ra, rb = _rotate(ka, kb, c, sn)
+            ka = ra.to(dt)
+            kb = rb.to(dt)
+        v = tl.load(V + v_off[:, None] + d_full[None, :] * sv_d,
+                    mask=k_ok[:, None] & (d_full[None, :] < D), other=0.0)
+
+        for qi in tl.static_range(NQB):  # unrolled: the sequence loop stays innermost
+            qt = qi * BLOCK_M + qt0
+            nq = n0 + qseq
+            q_ok = (nq < NSEQ) & (qt < Tq)
+            qb_, qs_, qh_ = _bsh(tl.minimum(nq, NSEQ - 1), SH, H)
+            qt64 = qt.to(tl.int64)
+            q_off = qb_ * sq_b + qs_ * sq_s + qh_ * sq_h + qt64 * sq_t
+            o_off = qb_ * so_b + qs_ * so_s + qh_ * so_h + qt64 * so_t
+            l_off = qb_ * sl_b + qs_ * sl_s + qh_ * sl_h + qt64 * sl_t
+            qa, qb = load_pair(Q, q_off, q_ok, d_full, d_half, sq_d, D, HALF,
+                                ROPE, INTERLEAVED, BLOCK_H)
+            if ROPE:
+                cq, sq = _load_table(COS, SIN, q_offset + qt, q_ok, d_half, sc_t, sc_d, ss_t,
+                                     ss_d, HALF)
+                rqa, rqb = _rotate(qa, qb, cq, sq)
+                qa = rqa.to(dt)
+                qb = rqb.to(dt)
+
+            z = pair_scores(qa, qb, ka, kb, ROPE, DOT_PREC) * qk_scale2
+            visible = kt[None, :] < Tk
+            if P > 1:
+                visible = visible & (qseq[:, None] == kseq[None, :])
+            if CAUSAL:
+                visible = visible & (kt[None, :] <= q_offset + qt[:, None])
+            z = tl.where(visible, z, float("-inf"))
+            m = tl.max(z, axis=1)  # finite: key 0 of the row's own sequence is always visible
+            p = tl.exp2(z - m[:, None])
+            l_sum = tl.sum(p, axis=1)
+            acc = tl.dot(p.to(dt), v, input_precision=DOT_PREC)
+            o = acc / l_sum[:, None]
+            tl.store(OUT + o_off[:, None] + d_full[None, :] * so_d, o.to(dt),
+                     mask=q_ok[:, None] & (d_full[None, :] < D))
+            tl.store(LSE + l_off, (m + tl.log2(l_sum)) * 0.6931471805599453, mask=q_ok)
+
+
+@triton.jit
+def _temporal_attn_bwd_kernel(
+    DO, Q, K, V, COS, SIN, OUT, LSE, DQ, DK, DV,
+    NSEQ, SH, H, Tq, Tk, D, HALF, q_offset, scale, qk_scale2,
+    sdo_b, sdo_t, sdo_s, sdo_h, sdo_d,
+    sq_b, sq_t, sq_s, sq_h, sq_d,
+    sk_b, sk_t, sk_s, sk_h, sk_d,
+    sv_b, sv_t, sv_s, sv_h, sv_d,
+    so_b, so_t, so_s, so_h, so_d,
+    sl_b, sl_s, sl_h, sl_t,
+    sdq_b, sdq_t, sdq_s, sdq_h, sdq_d,
+    sdk_b, sdk_t, sdk_s, sdk_h, sdk_d,
+    sdv_b, sdv_t, sdv_s, sdv_h, sdv_d,
+    sc_t, sc_d, ss_t, ss_d,
+    CAUSAL: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    TP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, NQB: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    SEQ_GROUPS: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    P: tl.constexpr = BLOCK_T // TP
+    dt = DQ.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+
+    rk = tl.arange(0, BLOCK_T)
+    kseq = rk // TP
+    kt = rk % TP
+    rq = tl.arange(0, BLOCK_M)
+    qseq = rq // TP
+    qt0 = rq % TP
+    d_full = tl.arange(0, BLOCK_D).to(tl.int64)
+    d_half = tl.arange(0, BLOCK_H).to(tl.int64)
+    kt64 = kt.to(tl.int64)
+
+    for g in range(SEQ_GROUPS):
+        n0 = (pid * SEQ_GROUPS + g) * P
+        nk = n0 + kseq
+        k_ok = (nk < NSEQ) & (kt < Tk)
+        b, s, h = _bsh(tl.minimum(nk, NSEQ - 1), SH, H)
+        k_off = b * sk_b + s * sk_s + h * sk_h + kt64 * sk_t
+        v_off = b * sv_b + s * sv_s + h * sv_h + kt64 * sv_t
+        ka, kb = load_pair(K, k_off, k_ok, d_full, d_half, sk_d, D, HALF,
+                            ROPE, INTERLEAVED, BLOCK_H)
+        if ROPE:
+            ck, sk = _load_table(COS, SIN, kt, k_ok, d_half, sc_t, sc_d, ss_t, ss_d, HALF)
+            ra, rb = _rotate(ka, kb, ck, sk)
+            ka = ra.to(dt)
+            kb = rb.to(dt)
+        v = tl.load(V + v_off[:, None] + d_full[None, :] * sv_d,
+                    mask=k_ok[:, None] & (d_full[None, :] < D), other=0.0)
+        if ROPE:
+            dka = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+            dkb = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+        else:
+            dka = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            dkb = dka  # unused without ROPE
+        dv = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+
+        for qi in tl.static_range(NQB):  # unrolled: the sequence loop stays innermost
+            qt = qi * BLOCK_M + qt0
+            nq = n0 + qseq
+            q_ok = (nq < NSEQ) & (qt < Tq)
+            qb_, qs_, qh_ = _bsh(tl.minimum(nq, NSEQ - 1), SH, H)
+            qt64 = qt.to(tl.int64)
+            q_off = qb_ * sq_b + qs_ * sq_s + qh_ * sq_h + qt64 * sq_t
+            do_off = qb_ * sdo_b + qs_ * sdo_s + qh_ * sdo_h + qt64 * sdo_t
+            o_off = qb_ * so_b + qs_ * so_s + qh_ * so_h + qt64 * so_t
+            l_off = qb_ * sl_b + qs_ * sl_s + qh_ * sl_h + qt64 * sl_t
+            dq_off = qb_ * sdq_b + qs_ * sdq_s + qh_ * sdq_h + qt64 * sdq_t
+            qa, qb = load_pair(Q, q_off, q_ok, d_full, d_half, sq_d, D, HALF,
+                                ROPE, INTERLEAVED, BLOCK_H)
+            if ROPE:
+                cq, sq = _load_table(COS, SIN, q_offset + qt, q_ok, d_half, sc_t, sc_d, ss_t,
+                                     ss_d, HALF)
+                rqa, rqb = _rotate(qa, qb, cq, sq)
+                qa = rqa.to(dt)
+                qb = rqb.to(dt)
+            dmask = q_ok[:, None] & (d_full[None, :] < D)
+            do = tl.load(DO + do_off[:, None] + d_full[None, :] * sdo_d, mask=dmask, other=0.0)
+            o = tl.load(OUT + o_off[:, None] + d_full[None, :] * so_d, mask=dmask, other=0.0)
+            lse = tl.load(LSE + l_off, mask=q_ok, other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+
+            z = pair_scores(qa, qb, ka, kb, ROPE, DOT_PREC) * qk_scale2
+            visible = q_ok[:, None] & (kt[None, :] < Tk)
+            if P > 1:
+                visible = visible & (qseq[:, None] == kseq[None, :])
+            if CAUSAL:
+                visible = visible & (kt[None, :] <= q_offset + qt[:, None])
+            p = tl.where(visible, tl.exp2(z - (lse * 1.4426950408889634)[:, None]), 0.0)
+            pd = p.to(dt)
+            dv += tl.dot(tl.trans(pd), do, input_precision=DOT_PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = (p * (dp - delta[:, None])).to(dt)
+            # dq of this block is complete: every key of its sequence is in this program
+            dqa = tl.dot(ds, ka, input_precision=DOT_PREC) * scale
+            dsT = tl.trans(ds)
+            dka += tl.dot(dsT, qa, input_precision=DOT_PREC)
+            if ROPE:
+                dqb = tl.dot(ds, kb, input_precision=DOT_PREC) * scale
+                dkb += tl.dot(dsT, qb, input_precision=DOT_PREC)
+                # reload the (L1/L2-resident) table rows rather than keep them live
+                cq, sq = _load_table(COS, SIN, q_offset + qt, q_ok, d_half, sc_t, sc_d, ss_t,
+                                     ss_d, HALF)
+                dqa, dqb = _rotate(dqa, dqb, cq, -sq)
+                store_pair(DQ, dq_off, q_ok, d_full, d_half, sdq_d, D, HALF,
+                            dqa.to(dt), dqb.to(dt), ROPE, INTERLEAVED, BLOCK_D)
+            else:
+                store_pair(DQ, dq_off, q_ok, d_full, d_half, sdq_d, D, HALF,
+                            dqa.to(dt), dqa.to(dt), ROPE, INTERLEAVED, BLOCK_D)
+
+        b, s, h = _bsh(tl.minimum(nk, NSEQ - 1), SH, H)
+        dk_off = b * sdk_b + s * sdk_s + h * sdk_h + kt64 * sdk_t
+        dv_off = b * sdv_b + s * sdv_s + h * sdv_h + kt64 * sdv_t
+        dka = dka * scale
+        if ROPE:
+            dkb = dkb * scale
+            ck, sk = _load_table(COS, SIN, kt, k_ok, d_half, sc_t, sc_d, ss_t, ss_d, HALF)
+            dka, dkb = _rotate(dka, dkb, ck, -sk)
+        store_pair(DK, dk_off, k_ok, d_full, d_half, sdk_d, D, HALF, dka.to(dt), dkb.to(dt),
+                    ROPE, INTERLEAVED, BLOCK_D)
+        tl.store(DV + dv_off[:, None] + d_full[None, :] * sdv_d, dv.to(dt),
+                 mask=k_ok[:, None] & (d_full[None, :] < D))
+
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def _device_ctx(t: torch.Tensor):
+    """Launch on ``t``'s GPU (Triton uses the current device and its current stream)."""
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _check_tensor(op: str, name: str, t, shape, dtype, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but q is on {device}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must be {dtype}, got {t.dtype}")
+
+
+def _config(op: str, q, k, v, cos, sin, q_offset: int, seqs_per_program, num_warps, block_m,
+            num_stages):
+    """Validate the common inputs; return the launch configuration."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 5:
+            raise ValueError(f"{op}: {name} must be a 5-D [B, T, S, H, D] tensor")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"{op}: dtype must be one of {_DTYPES}, got {q.dtype}")
+    B, Tq, S, H, D = q.shape
+    Tk = k.shape[1]
+    _check_tensor(op, "k", k, (B, Tk, S, H, D), q.dtype, q.device)
+    _check_tensor(op, "v", v, (B, Tk, S, H, D), q.dtype, q.device)
+    if q_offset < 0 or q_offset + Tq != Tk:
+        raise ValueError(f"{op}: need q_offset >= 0 and q_offset + T_q == T_k, got "
+                         f"q_offset={q_offset}, T_q={Tq}, T_k={Tk}")
+    if Tk > MAX_T:
+        raise ValueError(f"{op}: the triton kernels hold the whole sequence on chip and support "
+                         f"T_k <= {MAX_T} frames, got T_k={Tk}")
+    if D > MAX_D:
+        raise ValueError(f"{op}: the triton kernels support head_dim D <= {MAX_D}, got D={D}")
+    rope = cos is not None
+    if rope != (sin is not None):
+        raise ValueError(f"{op}: cos and sin must be given together")
+    if rope:
+        if D % 2:
+            raise ValueError(f"{op}: RoPE needs an even head_dim, got D={D}")
+        for name, t in (("cos", cos), ("sin", sin)):
+            if (not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] < Tk
+                    or t.shape[1] != D // 2 or t.dtype != torch.float32):
+                raise ValueError(f"{op}: {name} must be a float32 [>= T_k, D/2] = [{Tk}, {D // 2}] "
+                                 f"table, got {tuple(t.shape)} {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+
+    block_d = max(triton.next_power_of_2(D), 2 * _MIN_ROWS)  # halves >= 16 columns for RoPE
+    tp = triton.next_power_of_2(Tk)
+    block_t = max(tp, _MIN_ROWS)  # packs block_t // tp sequences when Tk < 16
+    if tp < block_t:
+        block_m = block_t  # packed tiles: queries and keys share the row layout
+    else:
+        tq_pad = max(triton.next_power_of_2(Tq), _MIN_ROWS)
+        block_m = min(tq_pad, 64 if block_m is None else int(block_m))
+        if block_m < _MIN_ROWS or block_m & (block_m - 1):
+            raise ValueError(f"{op}: block_m must be a power of two >= 16, got {block_m}")
+    nqb = triton.cdiv(Tq, block_m) if tp >= block_t else 1
+    nseq = B * S * H
+    pack = block_t // tp
+    tiles = triton.cdiv(nseq, pack)
+    if seqs_per_program is None:
+        groups = max(1, _ROWS_PER_PROGRAM // block_t)
+        while groups > 1 and triton.cdiv(tiles, groups) < _MIN_PROGRAMS:
+            groups //= 2
+    else:
+        if int(seqs_per_program) < 1:
+            raise ValueError(f"{op}: seqs_per_program must be >= 1, got {seqs_per_program}")
+        groups = max(1, int(seqs_per_program) // pack)  # tiles per program
+    if num_warps is None:
+        # 8 warps once the key tile reaches 4096 elements (32 x 128, 64 x 64, ...), else 4: with
+        # 4 warps the sm_90 build of the 32 x 128 / 64 x 64 forward already spills registers.
+        num_warps = 8 if block_t * block_d >= 4096 else 4
+    if num_stages is None:
+        num_stages = _default_stages(groups, block_t * block_d * q.element_size())
+    return dict(
+        B=B, Tq=Tq, Tk=Tk, S=S, H=H, D=D, nseq=nseq, rope=rope,
+        grid=(triton.cdiv(tiles, groups),),
+        meta=dict(TP=min(tp, block_t), BLOCK_T=block_t, BLOCK_M=block_m, NQB=nqb,
+                  BLOCK_D=block_d, BLOCK_H=block_d // 2, SEQ_GROUPS=groups,
+                  DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                  num_warps=int(num_warps), num_stages=int(num_stages)),
+    )
+
+
+def _default_stages(groups: int, tile_bytes: int) -> int:
+    """Software-pipelining depth of the sequence loop (loads of the next tiles are issued while
+    the current one computes; each extra stage buffers them in shared memory)."""
+    if groups == 1:
+        return 1  # nothing to pipeline
+    # From sm_90 builds (triton 3.6): with 2 stages a 64 x 256 fp16 tile needs ~208-232 KiB of
+    # shared memory (over the 227 KiB limit in the backward), 64 x 128 fp16 ~104-120 KiB; fp32
+    # 64 x 128 tiles need > 227 KiB already with 3 stages. Large tiles therefore run unpipelined.
+    if tile_bytes >= 32 * 1024:
+        return 1
+    return 2
+
+
+# num_stages that failed with OutOfResources (shared memory) for a kernel config, per device
+_STAGES_FALLBACK: dict = {}
+
+
+def _launch(kernel, grid, args, meta, device) -> None:
+    """Launch; if the pipelined build does not fit the GPU's shared memory, fall back to fewer
+    stages (remembered per config, so the retry happens once)."""
+    key = None
+    if _STAGES_FALLBACK:
+        key = (kernel.__name__, device, tuple(sorted(meta.items())))
+        meta = dict(meta, num_stages=_STAGES_FALLBACK.get(key, meta["num_stages"]))
+    while True:
+        try:
+            kernel[grid](*args, **meta)
+            return
+        except OutOfResources:
+            if meta["num_stages"] <= 1:
+                raise
+            if key is None:
+                key = (kernel.__name__, device, tuple(sorted(meta.items())))
+            meta = dict(meta, num_stages=meta["num_stages"] - 1)
+            _STAGES_FALLBACK[key] = meta["num_stages"]
+
+
+def _table_strides(cos, sin):
+    if cos is None:
+        return (0, 0, 0, 0)
+    return (*cos.stride(), *sin.stride())
+
+
+def temporal_attn_fwd(q, k, v, cos, sin, out, lse, causal: bool, interleaved: bool, q_offset: int,
+                      scale: float, *, seqs_per_program=None, num_warps=None, block_m=None,
+                      num_stages=None) -> None:
+    """Forward kernel contract (see ``vidgen_kernels.ops.temporal_attention``); fills out, lse.
+
+    Keyword-only tuning knobs (benchmarks / tests): ``seqs_per_program`` (sequences per program,
+    default: about 128 frame rows per program), ``num_warps``, ``block_m`` (query rows per block).
+    """
+    op = "triton temporal_attn_fwd"
+    cfg = _config(op, q, k, v, cos, sin, int(q_offset), seqs_per_program, num_warps, block_m,
+                  num_stages)
+    B, Tq, S, H, D = cfg["B"], cfg["Tq"], cfg["S"], cfg["H"], cfg["D"]
+    _check_tensor(op, "out", out, (B, Tq, S, H, D), q.dtype, q.device)
+    _check_tensor(op, "lse", lse, (B, S, H, Tq), torch.float32, q.device)
+    if cfg["nseq"] == 0 or Tq == 0 or D == 0:
+        return
+    args = (
+        q, k, v, cos if cfg["rope"] else q, sin if cfg["rope"] else q, out, lse,
+        cfg["nseq"], S * H, H, Tq, cfg["Tk"], D, D // 2, int(q_offset), float(scale) * _LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *_table_strides(cos, sin),
+    )
+    meta = dict(cfg["meta"], CAUSAL=bool(causal), ROPE=cfg["rope"], INTERLEAVED=bool(interleaved))
+    with _device_ctx(q):
+        _launch(_temporal_attn_fwd_kernel, cfg["grid"], args, meta, q.device)
+
+
+def temporal_attn_bwd(dout, q, k, v, cos, sin, out, lse, dq, dk, dv, causal: bool,
+                      interleaved: bool, q_offset: int, scale: float, *, seqs_per_program=None,
+                      num_warps=None, block_m=None, num_stages=None) -> None:
+    """Backward kernel contract (see ``vidgen_kernels.ops.temporal_attention``); writes every
+    element of dq, dk, dv. Same keyword-only knobs as :func:`temporal_attn_fwd`."""
+    op = "triton temporal_attn_bwd"
+    cfg = _config(op, q, k, v, cos, sin, int(q_offset), seqs_per_program, num_warps, block_m,
+                  num_stages)
+    B, Tq, Tk, S, H, D = cfg["B"], cfg["Tq"], cfg["Tk"], cfg["S"], cfg["H"], cfg["D"]
+    _check_tensor(op, "dout", dout, (B, Tq, S, H, D), q.dtype, q.device)
+    _check_tensor(op, "out", out, (B, Tq, S, H, D), q.dtype, q.device)
+    _check_tensor(op, "lse", lse, (B, S, H, Tq), torch.float32, q.device)
+    _check_tensor(op, "dq", dq, (B, Tq, S, H, D), q.dtype, q.device)
+    _check_tensor(op, "dk", dk, (B, Tk, S, H, D), q.dtype, q.device)
+    _check_tensor(op, "dv", dv, (B, Tk, S, H, D), q.dtype, q.device)
+    if cfg["nseq"] == 0 or Tq == 0 or D == 0:
+        return
+    args = (
+        dout, q, k, v, cos if cfg["rope"] else q, sin if cfg["rope"] else q, out, lse, dq, dk, dv,
+        cfg["nseq"], S * H, H, Tq, Tk, D, D // 2, int(q_offset), float(scale),
+        float(scale) * _LOG2E,
+        *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *dq.stride(), *dk.stride(), *dv.stride(),
+        *_table_strides(cos, sin),
+    )
+    meta = dict(cfg["meta"], CAUSAL=bool(causal), ROPE=cfg["rope"], INTERLEAVED=bool(interleaved))
+    with _device_ctx(q):
+        _launch(_temporal_attn_bwd_kernel, cfg["grid"], args, meta, q.device)
