@@ -1,10 +1,12 @@
-# make demo   - the main job (CPU by default): creates .venv, installs, runs it
+# make demo   - the main job (CPU by default): creates .venv, installs, trains + samples the vidgen
+#               demo into out/ (DEMO_ARGS="--steps N --seed S --out DIR --device cuda --tiny")
 # make test   - the test suite (CUDA tests run when a GPU is visible, skipped otherwise)
-# make bench  - the pytest-benchmark suite (BENCH_ARGS=--quick for a smoke run)
+# make bench  - the pytest-benchmark suite (BENCH_ARGS=--quick for a smoke run) + the report
+#               benchmarks/report/REPORT.md with plots
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vidgen-installed
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
 .PHONY: demo test bench check-cuda env clean
 
@@ -15,9 +17,7 @@ $(STAMP): $(SOURCES) .ci/bootstrap.sh
 env: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pytest benchmarks/test_bench_adaln.py -q -p no:cacheprovider $(BENCH_ARGS) \
-		--benchmark-json=$(VENV)/demo-bench.json --benchmark-columns=median,iqr,rounds
-	$(PY) benchmarks/summarize.py $(VENV)/demo-bench.json
+	$(PY) -m vidgen demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -rs -q -p no:cacheprovider
@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider $(BENCH_ARGS) --benchmark-json=benchmarks/last.json
 	$(PY) benchmarks/summarize.py benchmarks/last.json
+	$(PY) benchmarks/report.py benchmarks/last.json --out benchmarks/report
 
 check-cuda:
 	bash csrc/check_cuda_compile.sh

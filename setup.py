@@ -46,11 +46,12 @@ def _extensions():
     cpu_flag = os.environ.get("VIDGEN_KERNELS_CPU_FLAGS", "-march=native").split()
     cxx = ["-O3", "-fopenmp", "-std=c++17", *cpu_flag]
     sources = ["csrc/bindings.cpp", "csrc/adaln_cpu.cpp", "csrc/temporal_attention_cpu.cpp",
-               "csrc/rope_cpu.cpp"]
+               "csrc/rope_cpu.cpp", "csrc/moe_cpu.cpp"]
     define_macros = []
     if build_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        sources += ["csrc/adaln_cuda.cu", "csrc/rope_cuda.cu", "csrc/cuda_bindings.cpp"]
+        sources += ["csrc/adaln_cuda.cu", "csrc/rope_cuda.cu", "csrc/moe_cuda.cu",
+                    "csrc/cuda_bindings.cpp"]
         define_macros.append(("VIDGEN_WITH_CUDA", None))
         ext = CUDAExtension(
             "vidgen_kernels._C",

@@ -26,7 +26,8 @@ fi
 TORCH_VER=$("$P" -c "import torch; print(torch.__version__.split('+')[0])")
 # pin torch so that nothing below upgrades it
 echo "torch==$TORCH_VER" > "$VENV/torch-constraint.txt"
-for pkg in triton pytest pytest-benchmark numpy ninja matplotlib; do
+# diffusers: optional, for tests/test_integrations_diffusers.py and its benchmark (they skip without it)
+for pkg in triton pytest pytest-benchmark numpy ninja matplotlib diffusers; do
   mod=${pkg//-/_}; [ "$pkg" = pytest-benchmark ] && mod=pytest_benchmark
   "$P" -c "import $mod" 2>/dev/null || pipi -c "$VENV/torch-constraint.txt" "$pkg" \
     || echo "bootstrap: could not install $pkg (continuing without it)"

@@ -5,9 +5,11 @@
 void register_adaln_cpu(pybind11::module_& m);
 void register_temporal_attention_cpu(pybind11::module_& m);
 void register_rope_cpu(pybind11::module_& m);
+void register_moe_cpu(pybind11::module_& m);
 #ifdef VIDGEN_WITH_CUDA
 void register_adaln_cuda(pybind11::module_& m);
 void register_rope_cuda(pybind11::module_& m);
+void register_moe_cuda(pybind11::module_& m);
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -16,10 +18,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = true;
   register_adaln_cuda(m);
   register_rope_cuda(m);
+  register_moe_cuda(m);
 #else
   m.attr("with_cuda") = false;
 #endif
   register_adaln_cpu(m);
   register_temporal_attention_cpu(m);
   register_rope_cpu(m);
+  register_moe_cpu(m);
 }

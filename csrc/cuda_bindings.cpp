@@ -19,9 +19,11 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "adaln_cuda.h"
+#include "moe_cuda.h"
 #include "rope_cuda.h"
 
 namespace {
@@ -448,4 +450,109 @@ void register_rope_cuda(pybind11::module_& m) {
         "runs on the given cudaStream_t",
         py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out"), py::arg("offset"),
         py::arg("interleaved"), py::arg("conj"), py::arg("stream"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// MoE (moe_ffn) routing / permutation / weighted un-permutation: moe_route_cuda,
+// moe_gather_cuda, moe_combine_cuda (contract: vidgen_kernels/ops/moe.py; launchers:
+// csrc/moe_cuda.h). Outputs are allocated here on the inputs' device; `stream` is the current
+// stream of that device as an integer.
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+namespace vm = vidgen::moe;
+
+vm::DType moe_dtype(const char* op, at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return vm::DType::kFloat32;
+    case at::kHalf: return vm::DType::kFloat16;
+    case at::kBFloat16: return vm::DType::kBFloat16;
+    default: break;
+  }
+  TORCH_CHECK(false, op, ": expected float32, float16 or bfloat16, got ", s);
+  return vm::DType::kFloat32;  // not reached
+}
+
+void moe_check_index(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), op, ": ", name, " must be on ",
+              ref.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous(), op, ": ", name,
+              " must be contiguous int64, got ", t.scalar_type());
+}
+
+void moe_check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorName(err), ": ",
+              cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, int64_t top_k,
+                                                  bool normalize, uint64_t stream) {
+  const char* op = "moe_route_cuda";
+  TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor, got one on ", logits.device());
+  const c10::DeviceGuard guard(logits.device());
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
+              op, ": logits must be a contiguous float32 [N, E] tensor, got ", logits.sizes(), " ",
+              logits.scalar_type());
+  const int64_t N = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(top_k >= 1 && top_k <= E, op, ": top_k must be in [1, E=", E, "], got ", top_k);
+  at::Tensor w = at::empty({N, top_k}, logits.options());
+  at::Tensor idx = at::empty({N, top_k}, logits.options().dtype(at::kLong));
+  moe_check_launch(op, vm::route_launch(logits.data_ptr<float>(), N, E, top_k, normalize,
+                                        w.data_ptr<float>(), idx.data_ptr<int64_t>(),
+                                        reinterpret_cast<cudaStream_t>(stream)));
+  return {w, idx};
+}
+
+at::Tensor moe_gather_cuda(const at::Tensor& src, const at::Tensor& rows, uint64_t stream) {
+  const char* op = "moe_gather_cuda";
+  TORCH_CHECK(src.is_cuda(), op, ": src must be a CUDA tensor, got one on ", src.device());
+  const c10::DeviceGuard guard(src.device());
+  TORCH_CHECK(src.dim() == 2, op, ": src must be [M, C], got ", src.sizes());
+  moe_check_index(op, "rows", rows, src);
+  TORCH_CHECK(rows.dim() == 1, op, ": rows must be [P], got ", rows.sizes());
+  const vm::DType dt = moe_dtype(op, src.scalar_type());
+  at::Tensor out = at::empty({rows.size(0), src.size(1)}, src.options());
+  moe_check_launch(op, vm::gather_launch(dt, src.data_ptr(), src.size(1), src.stride(0),
+                                         src.stride(1), rows.data_ptr<int64_t>(), rows.size(0),
+                                         out.data_ptr(), reinterpret_cast<cudaStream_t>(stream)));
+  return out;
+}
+
+at::Tensor moe_combine_cuda(const at::Tensor& y_, const at::Tensor& pos,
+                            const std::optional<at::Tensor>& weights, uint64_t stream) {
+  const char* op = "moe_combine_cuda";
+  TORCH_CHECK(y_.is_cuda(), op, ": y must be a CUDA tensor, got one on ", y_.device());
+  const c10::DeviceGuard guard(y_.device());
+  TORCH_CHECK(y_.dim() == 2, op, ": y must be [P, C], got ", y_.sizes());
+  const at::Tensor y = y_.contiguous();
+  moe_check_index(op, "pos", pos, y);
+  TORCH_CHECK(pos.dim() == 2 && pos.size(1) >= 1, op, ": pos must be [N, k], got ", pos.sizes());
+  const vm::DType dt = moe_dtype(op, y.scalar_type());
+  const float* wp = nullptr;
+  at::Tensor w;
+  if (weights.has_value() && weights->defined()) {
+    TORCH_CHECK(weights->device() == y.device() && weights->scalar_type() == at::kFloat &&
+                    weights->sizes() == pos.sizes(),
+                op, ": weights must be float32 of pos's shape ", pos.sizes(), " on ", y.device());
+    w = weights->contiguous();
+    wp = w.data_ptr<float>();
+  }
+  at::Tensor out = at::empty({pos.size(0), y.size(1)}, y.options());
+  moe_check_launch(op, vm::combine_launch(dt, y.data_ptr(), y.size(1), pos.data_ptr<int64_t>(),
+                                          wp, pos.size(0), pos.size(1), out.data_ptr(),
+                                          reinterpret_cast<cudaStream_t>(stream)));
+  return out;
+}
+
+}  // namespace
+
+void register_moe_cuda(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("moe_route_cuda", &moe_route_cuda, "MoE fused softmax/top-k/renormalise (CUDA)",
+        py::arg("logits"), py::arg("top_k"), py::arg("normalize"), py::arg("stream"));
+  m.def("moe_gather_cuda", &moe_gather_cuda, "MoE permutation: rows of src (CUDA)",
+        py::arg("src"), py::arg("rows"), py::arg("stream"));
+  m.def("moe_combine_cuda", &moe_combine_cuda, "MoE weighted un-permute (CUDA)", py::arg("y"),
+        py::arg("pos"), py::arg("weights"), py::arg("stream"));
 }

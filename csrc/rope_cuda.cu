@@ -15,32 +15,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_common.cuh"
+
 #include <cstdint>
 
 namespace vidgen {
 namespace rope {
 namespace {
-
-template <typename T>
-struct Conv;
-
-template <>
-struct Conv<float> {
-  static __device__ __forceinline__ float to_f(float v) { return v; }
-  static __device__ __forceinline__ float from_f(float v) { return v; }
-};
-
-template <>
-struct Conv<__half> {
-  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
-};
-
-template <>
-struct Conv<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-};
 
 // Two consecutive elements as one access.
 template <typename T>

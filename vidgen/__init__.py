@@ -1,6 +1,23 @@
-"""vidgen: the generator models built on vidgen_kernels (image MoE-DiT, causal video DiT,
-CogVideoX-style expert transformer, 3D causal VAE, schedulers, CFG sampling).
+"""vidgen: generator models built on vidgen_kernels, schedulers, CFG sampling and the demo.
 
-The models land with their own issue; this package calls only the public API of
-``vidgen_kernels`` (functions, ``vidgen_kernels.nn`` modules), never a backend directly.
+Video tensors are ``[B, T, C, H, W]`` throughout. The models call only the public API of
+``vidgen_kernels`` (``adaln_modulate``, ``rope3d_attention``, ``rope3d_freqs``, ``nn.AdaLNZero``,
+``nn.RoPE3DAttention``, ``nn.CausalTemporalAttention``, ``nn.MoEFFN``), never a backend directly;
+a model built with ``backend="reference"`` (or with ``model.backend = "reference"`` set later)
+runs its forward inside ``vidgen_kernels.use_backend("reference")``: the pure-PyTorch path of
+the same model and weights.
+
+Modules:
+
+* ``vidgen.schedulers``: ``FlowMatchingScheduler``, ``DDPMScheduler``.
+* ``vidgen.models``: ``SmallVideoVAE`` (per-frame 2D conv VAE), ``LatentVideoDiT`` (+ presets
+  ``LatentVideoDiT_S/M/L/XL``), ``VideoCausalDiT`` (frame-causal, per-frame timesteps, MoE FFN).
+  The MoE FFN is ``vidgen_kernels.nn.MoEFFN`` when ``hasattr(vidgen_kernels.nn, "MoEFFN")``, else
+  the pure-PyTorch ``vidgen.models.ReferenceMoE`` with the same interface.
+* ``vidgen.pipelines``: ``generate_video`` / ``generate_image`` (CFG with cond + null batched in
+  one forward, seeds / ``torch.Generator``, VAE decoding).
+* ``vidgen.training``: ``EMA``, ``cfg_dropout``, ``flow_matching_loss``, ``make_optimizer``,
+  ``save_checkpoint`` / ``load_checkpoint`` (safetensors when installed, else ``torch.save``).
+* ``vidgen.demo``: ``python -m vidgen demo`` / ``vidgen demo`` / ``make demo``.
 """
+__version__ = "0.1.0"

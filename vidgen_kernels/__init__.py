@@ -14,8 +14,11 @@ Public API::
     rope3d_attention(q, k, v, cos=None, sin=None, *, rope_offset=0, interleaved=True,
                      frame_causal=False, tokens_per_frame=None, frames_per_block=1,
                      softmax_scale=None)   # [B, S, H, D], RoPE fused into flash attention
+    moe_ffn(x, router_logits, w1, w2, *, top_k=2, activation="gelu", b1=None, b2=None,
+            normalize_weights=True, expert_index=None) -> MoEOutput(out, aux_loss, z_loss,
+            tokens_per_expert)     # dropless grouped-GEMM Mixture-of-Experts FFN
     vidgen_kernels.nn.AdaLNZero, vidgen_kernels.nn.LayerNormZero,
-    vidgen_kernels.nn.CausalTemporalAttention, vidgen_kernels.nn.RoPE3DAttention
+    vidgen_kernels.nn.CausalTemporalAttention, vidgen_kernels.nn.MoEFFN
 
 ``python -m vidgen_kernels`` prints which backends this install has.
 """
@@ -36,6 +39,7 @@ from .ops.adaln import (
 from .ops.temporal_attention import temporal_attention, temporal_attention_reference
 from .ops.rope import apply_rope, apply_rope_reference, rope3d_freqs
 from .ops.rope3d_attention import rope3d_attention, rope3d_attention_reference
+from .ops.moe import MoEOutput, moe_ffn, moe_ffn_reference
 from . import nn  # noqa: E402  (modules use the functions above)
 
 __version__ = "0.1.0"
@@ -43,6 +47,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "MoEOutput",
     "adaln_modulate",
     "adaln_modulate_reference",
     "apply_rope",
@@ -51,6 +56,8 @@ __all__ = [
     "current_backend",
     "gated_residual_adaln",
     "gated_residual_adaln_reference",
+    "moe_ffn",
+    "moe_ffn_reference",
     "nn",
     "rope3d_attention",
     "rope3d_attention_reference",

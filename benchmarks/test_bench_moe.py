@@ -1,0 +1,254 @@
+"""Benchmarks of the grouped-GEMM MoE FFN (``vidgen_kernels.moe_ffn``).
+
+Run::
+
+    python -m pytest benchmarks/test_bench_moe.py --benchmark-json /tmp/m.json   # full
+    python -m pytest benchmarks/test_bench_moe.py --quick                         # smoke
+    python benchmarks/summarize.py /tmp/m.json                                    # tables
+
+Cases: direction (fwd, fwd+bwd) x shape ``(E, C, F, N)`` x device x contender, top-2 routing,
+``gelu`` (tanh), biases on, router logits random normal (roughly balanced experts).
+CPU (fp32): ``(4, 512, 2048, 4096)``, ``(8, 512, 2048, 4096)`` (the issue's CPU set) and the
+many-small-experts set ``(32|64, 256, 512, 2048|8192)``. GPU (bf16): E in {4, 8, 16},
+C=1152, F=4608, N in {4096, 16384}. Each (direction, shape, dtype, device) is one
+pytest-benchmark group. Contenders:
+
+* every kernel backend of ``moe_ffn`` on the device (``cpu``; ``triton`` on CUDA);
+* ``reference``: ``moe_ffn_reference``, the seed's per-expert loop with boolean-mask gathers
+  (one ``mask.any()`` host sync per expert and slot on GPU);
+* ``padded-bmm``: route, sort, scatter the tokens into a ``[E, capacity, C]`` buffer padded to
+  the largest expert (``capacity`` read on the host: one sync), two ``torch.bmm``, gather back,
+  weighted sum (PyTorch autograd);
+* ``grouped_mm``: the same pipeline as the kernel backends with the contract's PyTorch kernels
+  (``moe_pipeline(..., "torch")``): ``torch._grouped_mm`` for the expert GEMMs where it applies;
+* ``dense``: the ceiling: one dense FFN of the same total work, ``[N*k, C] @ [C, F]`` ->
+  gelu -> ``@ [F, C]`` (no routing, no permutation), with bias.
+
+The timed unit is the forward, or forward + ``torch.autograd.grad`` of every leaf (x, router
+logits, w1, w2, b1, b2; dense: x, its weights and biases). Work model (``extra_info``):
+``flops`` = ``4 * N * k * C * F`` for the forward (two GEMMs over the N*k routed rows), times 3
+for fwd+bwd; ``gflops`` = flops / median. Timing: ``common.measure`` (calibration, then
+``benchmark.pedantic``), ``common.policy`` shortened for the full CPU shapes (calls of 0.1-3 s).
+Every non-reference MoE contender is checked against the reference once before timing.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+from common import REFERENCE
+
+OP = "moe_ffn"
+PADDED = "padded-bmm"
+GROUPED = "grouped_mm"
+DENSE = "dense"
+TOP_K = 2
+ACT = "gelu"
+KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton",)}
+FULL_SHAPES = {
+    "cpu": ((4, 512, 2048, 4096), (8, 512, 2048, 4096), (32, 256, 512, 2048),
+            (64, 256, 512, 2048), (32, 256, 512, 8192), (64, 256, 512, 8192)),
+    "cuda": tuple((E, 1152, 4608, N) for E in (4, 8, 16) for N in (4096, 16384)),
+}
+QUICK_SHAPES = {"cpu": ((4, 64, 256, 512), (32, 32, 64, 512)),
+                "cuda": ((8, 256, 1024, 2048),)}
+
+
+def contenders(device_type: str) -> tuple[str, ...]:
+    return (*KERNEL_BACKENDS[device_type], REFERENCE, PADDED, GROUPED, DENSE)
+
+
+@dataclass(frozen=True)
+class Case:
+    direction: str
+    shape: tuple  # (E, C, F, N)
+    device: str
+    dtype: torch.dtype
+    contender: str
+
+    @property
+    def id(self) -> str:
+        E, C, F_, N = self.shape
+        return (f"{OP}-{self.direction}-E{E}xC{C}xF{F_}xN{N}-{common.dtype_name(self.dtype)}-"
+                f"{self.device}-{self.contender}")
+
+    @property
+    def group(self) -> str:
+        E, C, F_, N = self.shape
+        return (f"{OP} {self.direction} E={E} C={C} F={F_} N={N} top{TOP_K} "
+                f"{common.dtype_name(self.dtype)} {self.device}")
+
+    @property
+    def backward(self) -> bool:
+        return self.direction == "fwd+bwd"
+
+
+def make_cases(quick: bool, devices) -> list[Case]:
+    shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    return [Case(direction, shape, dev, common.DTYPES[dev], c)
+            for dev in devices for shape in shapes[dev] for direction in common.DIRECTIONS
+            for c in contenders(dev)]
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        cases = make_cases(metafunc.config.getoption("--quick"),
+                           common.bench_devices(metafunc.config))
+        metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+
+
+def flops(case: Case) -> int:
+    E, C, F_, N = case.shape
+    f = 4 * N * TOP_K * C * F_
+    return 3 * f if case.backward else f
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs and contenders
+# ----------------------------------------------------------------------------------------------
+def make_inputs(case: Case, seed: int) -> dict:
+    E, C, F_, N = case.shape
+    g = torch.Generator(device=case.device).manual_seed(777 + seed)
+    kw = dict(device=case.device, dtype=case.dtype, generator=g)
+    if case.contender == DENSE:
+        inp = dict(x=torch.randn(N * TOP_K, C, **kw), w1=torch.randn(C, F_, **kw) * C ** -0.5,
+                   w2=torch.randn(F_, C, **kw) * F_ ** -0.5, b1=torch.randn(F_, **kw) * 0.1,
+                   b2=torch.randn(C, **kw) * 0.1)
+    else:
+        inp = dict(x=torch.randn(N, C, **kw), router_logits=torch.randn(N, E, **kw),
+                   w1=torch.randn(E, C, F_, **kw) * C ** -0.5,
+                   w2=torch.randn(E, F_, C, **kw) * F_ ** -0.5,
+                   b1=torch.randn(E, F_, **kw) * 0.1, b2=torch.randn(E, C, **kw) * 0.1)
+    for t in inp.values():
+        t.requires_grad_(case.backward)
+    if case.backward:
+        rows = inp["x"].shape[0]
+        inp["dout"] = torch.randn(rows, C, **kw)
+    return inp
+
+
+def padded_bmm(x, router_logits, w1, w2, b1, b2):
+    """Route and sort as the pipeline, then a ``[E, capacity, C]`` padded buffer and bmm."""
+    from vidgen_kernels.ops import moe as M
+    N, C = x.shape
+    E = w1.shape[0]
+    w, idx = torch.ops.vidgen_kernels.moe_route(router_logits, TOP_K, True, "torch")
+    order, tok, pos, counts, offs = M.kernel_sort_torch(idx, E)
+    cap = int(counts.max())  # host sync
+    seg = M.segment_ids(offs, N * TOP_K)
+    slot = torch.arange(N * TOP_K, device=x.device) - (offs - counts)[seg]
+    dst = seg * cap + slot
+    xp = x.new_zeros(E * cap, C).index_copy(0, dst, x.index_select(0, tok))
+    h = torch.baddbmm(b1.unsqueeze(1), xp.view(E, cap, C), w1)
+    h = F.gelu(h, approximate="tanh")
+    y = torch.baddbmm(b2.unsqueeze(1), h, w2).view(E * cap, C).index_select(0, dst)
+    ws = w.reshape(-1).index_select(0, order).to(y.dtype)
+    out = x.new_zeros(N, C).index_add(0, tok, y * ws.unsqueeze(1))
+    return out
+
+
+def op_fn(case: Case):
+    """``f(inputs) -> output tensor`` of a contender."""
+    import vidgen_kernels as vk
+    from vidgen_kernels.ops import moe as M
+    if case.contender == DENSE:
+        return lambda i: F.linear(F.gelu(i["x"] @ i["w1"] + i["b1"], approximate="tanh"),
+                                  i["w2"].t(), i["b2"])
+    args = lambda i: (i["x"], i["router_logits"], i["w1"], i["w2"])  # noqa: E731
+    if case.contender == REFERENCE:
+        return lambda i: vk.moe_ffn_reference(*args(i), top_k=TOP_K, activation=ACT, b1=i["b1"],
+                                              b2=i["b2"]).out
+    if case.contender == PADDED:
+        return lambda i: padded_bmm(*args(i), i["b1"], i["b2"])
+    if case.contender == GROUPED:
+        return lambda i: M.moe_pipeline(*args(i), i["b1"], i["b2"], TOP_K, ACT, True, None,
+                                        "torch")[0]
+    backend = case.contender
+    return lambda i: vk.moe_ffn(*args(i), top_k=TOP_K, activation=ACT, b1=i["b1"], b2=i["b2"],
+                                backend=backend).out
+
+
+def _leaves(inp):
+    return [v for k, v in inp.items() if k != "dout"]
+
+
+def step_fn(case: Case, f, inp: dict):
+    if not case.backward:
+        return lambda: f(inp)
+    leaves = _leaves(inp)
+
+    def run():
+        return torch.autograd.grad(f(inp), leaves, inp["dout"])
+    return run
+
+
+def check_against_reference(case: Case, f, inp: dict) -> float:
+    ref = op_fn(dataclasses.replace(case, contender=REFERENCE))
+    got, want = [f(inp)], [ref(inp)]
+    if case.backward:
+        got += torch.autograd.grad(got[0], _leaves(inp), inp["dout"])
+        want += torch.autograd.grad(want[0], _leaves(inp), inp["dout"])
+    err = common.max_rel_err(got, want)
+    tol = common.TOLERANCE[case.dtype] * (10 if case.dtype != torch.float32 else 1)
+    assert err <= tol, f"{case.id}: max relative error {err:.3g} vs the reference exceeds {tol:g}"
+    return err
+
+
+def policy(quick: bool, device: str) -> common.Policy:
+    pol = common.policy(quick, device)
+    if device == "cpu" and not quick:
+        pol = dataclasses.replace(pol, warmup_calls=1, calibration_calls=1, warmup_rounds=0,
+                                  min_rounds=3, max_rounds=30, target_s=1.0)
+    return pol
+
+
+def _unavailable(case: Case) -> str | None:
+    if case.device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    if case.contender in (REFERENCE, PADDED, DENSE):
+        return None
+    if case.contender == GROUPED:
+        return None if hasattr(torch, "_grouped_mm") else "torch._grouped_mm not in this torch"
+    from vidgen_kernels.backends import why_unavailable
+    why = why_unavailable(case.contender, case.device)
+    if why is None and case.contender == "cpu":
+        from vidgen_kernels import _ext
+        if not hasattr(_ext.C, "moe_gmm_cpu"):
+            why = "the built extension has no MoE kernels (rebuild it)"
+    return why
+
+
+def test_moe(benchmark, case: Case, request):
+    benchmark.group = case.group
+    why = _unavailable(case)
+    if why is not None:
+        pytest.skip(f"{case.contender} unavailable on {case.device}: {why}")
+    quick = request.config.getoption("--quick")
+    pol = policy(quick, case.device)
+    info = {}
+    sets = [make_inputs(case, 0)]
+    f = op_fn(case)
+    if case.contender not in (REFERENCE, DENSE):
+        info["max_rel_err_vs_reference"] = check_against_reference(case, f, sets[0])
+    steps = [step_fn(case, f, s) for s in sets]
+    call = common.rotate(steps)
+    common.measure(benchmark, request, call, case.device, pol, case.id, info)
+    fl = flops(case)
+    info["gflops"], info["gflops_cuda_events"] = common.per_second(fl, info)
+    E, C, F_, N = case.shape
+    info.update(
+        op=OP, direction=case.direction, contender=case.contender,
+        backend=case.contender if case.contender in KERNEL_BACKENDS[case.device] else None,
+        dtype=common.dtype_name(case.dtype), shape=[E, C, F_, N], top_k=TOP_K, activation=ACT,
+        device=case.device, device_name=common.device_name(case.device), flops=fl,
+        flops_counted="4*N*k*C*F" + (" * 3 (fwd+bwd)" if case.backward else ""),
+        input_sets=len(sets),
+    )
+    benchmark.extra_info.update(info)
+    del call, steps, sets
+    common.release(case.device, False)

@@ -1,0 +1,346 @@
+"""vidgen_kernels.integrations.diffusers: patched diffusers CogVideoX / Wan transformers match the
+originals (outputs and gradients, fp32), remove() restores them bit for bit, torch.compile runs,
+unsupported configurations are left unpatched with a warning."""
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip(
+    "diffusers", reason="diffusers is not installed (pip install 'vidgen-kernels[diffusers]'); "
+    "the diffusers integration tests need it")
+
+from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel  # noqa: E402
+from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
+
+import vidgen_kernels as vk  # noqa: E402
+from vidgen_kernels.integrations import diffusers as vkd  # noqa: E402
+from vidgen_kernels.integrations.diffusers import (  # noqa: E402
+    CogVideoXRoPE3DAttnProcessor, FusedAdaLayerNorm, FusedCogVideoXLayerNormZero,
+    WanRoPE3DAttnProcessor)
+
+BACKENDS = [b for b in ("cpu", "reference") if b in vk.available_backends(torch.device("cpu"))]
+HEAD_DIM = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny models and inputs
+# ----------------------------------------------------------------------------------------------
+def cogvideox(rope=True, **kw):
+    torch.manual_seed(0)
+    cfg = dict(num_attention_heads=2, attention_head_dim=HEAD_DIM, in_channels=4, out_channels=4,
+               time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8,
+               sample_frames=9, patch_size=2, max_text_seq_length=4,
+               use_rotary_positional_embeddings=rope)
+    cfg.update(kw)
+    return CogVideoXTransformer3DModel(**cfg)
+
+
+def cog_inputs(rope):
+    """Latents [B, F=3, C=4, 8, 8] -> 3 x 4 x 4 = 48 video tokens after 2x2 patches; 4 text
+    tokens. rope: None, "int" (integer grid) or "frac" (fractional positions: a crop as
+    CogVideoX 1.0's pipeline computes with get_resize_crop_region_for_grid)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 4, 8, 8, generator=g)
+    e = torch.randn(2, 4, 16, generator=g)
+    t = torch.tensor([10, 500])
+    kw = {}
+    if rope == "int":
+        kw["image_rotary_emb"] = get_3d_rotary_pos_embed(HEAD_DIM, ((0, 0), (4, 4)), (4, 4), 3)
+    elif rope == "frac":
+        kw["image_rotary_emb"] = get_3d_rotary_pos_embed(HEAD_DIM, ((0.5, 0.25), (5.0, 4.5)),
+                                                         (4, 4), 3)
+    return (x, e, t), kw
+
+
+def wan(**kw):
+    torch.manual_seed(0)
+    cfg = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=HEAD_DIM,
+               in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+               cross_attn_norm=True, rope_max_seq_len=32)
+    cfg.update(kw)
+    return WanTransformer3DModel(**cfg)
+
+
+def wan_inputs(per_token=False, image=False):
+    """Latents [B, C=4, F=3, 8, 8] -> 48 tokens; 5 text tokens. per_token: Wan 2.2 TI2V-style
+    timestep [B, tokens]."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 3, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (2, 48), generator=g) if per_token else torch.tensor([10, 500])
+    e = torch.randn(2, 5, 16, generator=g)
+    kw = {}
+    if image:
+        kw["encoder_hidden_states_image"] = torch.randn(2, 3, 16, generator=g)
+    return (x, t, e), kw
+
+
+def run(model, args, kw):
+    return model(*args, **kw, return_dict=False)[0]
+
+
+def close(actual, expected, rtol=1e-5):
+    """Max abs error within rtol of the tensor's scale (elementwise rtol is meaningless near 0)."""
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= rtol * scale + 1e-7, f"max abs err {err:.3g} vs scale {scale:.3g}"
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def train_step(model, args, kw):
+    model.zero_grad(set_to_none=True)
+    out = run(model, args, kw)
+    (out.square().mean() + out.mean()).backward()
+    return out.detach(), grads(model)
+
+
+def count(model, cls):
+    return sum(isinstance(m, cls) for m in model.modules()) + sum(
+        isinstance(getattr(m, "processor", None), cls) for m in model.modules())
+
+
+def no_warnings(fn, *a, **k):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fn(*a, **k)
+
+
+# ----------------------------------------------------------------------------------------------
+# CogVideoX
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rope", [None, "int", "frac"])
+def test_cogvideox_forward_and_grads_match(backend, rope):
+    model = cogvideox(rope=rope is not None).train()
+    args, kw = cog_inputs(rope)
+    ref_out, ref_grads = train_step(model, args, kw)
+    no_warnings(vkd.apply, model, backend=backend)
+    assert vkd.is_patched(model)
+    assert count(model, CogVideoXRoPE3DAttnProcessor) == 2
+    assert count(model, FusedCogVideoXLayerNormZero) == 4
+    assert count(model, FusedAdaLayerNorm) == 1
+    assert all("forward" in b.__dict__ for b in model.transformer_blocks)  # fused residual
+    out, g = train_step(model, args, kw)
+    close(out, ref_out)
+    assert g.keys() == ref_grads.keys()
+    for n in g:
+        close(g[n], ref_grads[n], rtol=1e-5)
+
+
+def test_cogvideox_remove_restores_exactly():
+    model = cogvideox().eval()
+    args, kw = cog_inputs("frac")
+    procs = {n: p for n, p in model.attn_processors.items()}
+    norms = [(b.norm1, b.norm2) for b in model.transformer_blocks]
+    norm_out = model.norm_out
+    with torch.no_grad():
+        before = run(model, args, kw)
+        vkd.apply(model)
+        patched = run(model, args, kw)
+        vkd.remove(model)
+        after = run(model, args, kw)
+    close(patched, before)
+    assert torch.equal(before, after)
+    assert not vkd.is_patched(model)
+    assert all(model.attn_processors[n] is p for n, p in procs.items())
+    assert [(b.norm1, b.norm2) for b in model.transformer_blocks] == norms
+    assert model.norm_out is norm_out
+    assert all("forward" not in b.__dict__ for b in model.transformer_blocks)
+    vkd.remove(model)  # no-op when unpatched
+
+
+def test_cogvideox_parameters_dtype_device_unchanged():
+    model = cogvideox()
+    before = {k: (v.data_ptr(), v.dtype, v.device, v.shape) for k, v in model.state_dict().items()}
+    vkd.apply(model)
+    vkd.apply(model)  # idempotent
+    after = {k: (v.data_ptr(), v.dtype, v.device, v.shape) for k, v in model.state_dict().items()}
+    assert before == after
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        v.numel() for k, v in model.state_dict().items())
+
+
+def test_cogvideox_fused_qkv_processor_left_unpatched_with_warning():
+    model = cogvideox().eval()
+    args, kw = cog_inputs("int")
+    model.fuse_qkv_projections()
+    with torch.no_grad():
+        ref = run(model, args, kw)
+        with pytest.warns(UserWarning, match=r"transformer_blocks\.0\.attn1.*FusedCogVideoXAttnProcessor2_0"):
+            vkd.apply(model, backend="cpu")
+        assert count(model, CogVideoXRoPE3DAttnProcessor) == 0
+        assert count(model, FusedCogVideoXLayerNormZero) == 4  # the norms are still patched
+        close(run(model, args, kw), ref)
+
+
+def test_cogvideox_attention_mask_falls_back_to_original():
+    model = cogvideox().eval()
+    vkd.apply(model, backend="cpu")
+    attn = model.transformer_blocks[0].attn1
+    proc = attn.processor
+    h, e = torch.randn(1, 6, 32), torch.randn(1, 3, 32)
+    mask = torch.ones(1, 9, dtype=torch.bool)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="attention_mask"):
+            got = proc(attn, h, e, attention_mask=mask)
+        want = proc.original(attn, h, e, attention_mask=mask)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# ----------------------------------------------------------------------------------------------
+# Wan
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_token", [False, True], ids=["wan2.1", "wan2.2-per-token"])
+def test_wan_forward_and_grads_match(backend, per_token):
+    model = wan().train()
+    args, kw = wan_inputs(per_token)
+    ref_out, ref_grads = train_step(model, args, kw)
+    no_warnings(vkd.apply, model, backend=backend)
+    assert count(model, WanRoPE3DAttnProcessor) == 4  # attn1 (RoPE) + attn2 (text) per block
+    assert all("forward" in b.__dict__ for b in model.blocks)  # fused modulation
+    out, g = train_step(model, args, kw)
+    close(out, ref_out)
+    assert g.keys() == ref_grads.keys()
+    for n in g:
+        close(g[n], ref_grads[n], rtol=1e-5)
+
+
+def test_wan_rotation_matches_diffusers_exactly_on_attn1():
+    """The self-attention processor alone against WanAttnProcessor (interleaved pairs)."""
+    model = wan().eval()
+    x = torch.randn(1, 4, 3, 8, 8)
+    rot = model.rope(x)
+    attn = model.blocks[0].attn1
+    h = torch.randn(2, 48, 32)
+    with torch.no_grad():
+        ref = attn(h, None, None, rot)
+        vkd.apply(model, backend="reference")
+        got = attn(h, None, None, rot)
+    close(got, ref, rtol=2e-6)
+
+
+def test_wan_remove_restores_exactly():
+    model = wan().eval()
+    args, kw = wan_inputs()
+    with torch.no_grad():
+        before = run(model, args, kw)
+        vkd.apply(model)
+        vkd.remove(model)
+        after = run(model, args, kw)
+    assert torch.equal(before, after)
+    assert count(model, WanRoPE3DAttnProcessor) == 0
+    assert all("forward" not in b.__dict__ and not hasattr(b, "_vidgen_kernels_backend")
+               for b in model.blocks)
+
+
+def test_wan_image_to_video_cross_attention_left_unpatched_with_warning():
+    model = wan(image_dim=16, added_kv_proj_dim=32).eval()
+    g = torch.Generator().manual_seed(1)
+    # the I2V processor splits text and image by a hard-coded text length of 512
+    args = (torch.randn(1, 4, 3, 8, 8, generator=g), torch.tensor([10]),
+            torch.randn(1, 512, 16, generator=g))
+    kw = {"encoder_hidden_states_image": torch.randn(1, 3, 16, generator=g)}
+    with torch.no_grad():
+        ref = run(model, args, kw)
+        with pytest.warns(UserWarning, match=r"blocks\.0\.attn2.*image-to-video"):
+            vkd.apply(model, backend="cpu")
+        assert count(model, WanRoPE3DAttnProcessor) == 2  # the two self-attentions
+        close(run(model, args, kw), ref)
+
+
+def test_wan_attention_backend_left_unpatched_with_warning():
+    model = wan()
+    model.blocks[1].attn1.processor._attention_backend = "native"
+    with pytest.warns(UserWarning, match=r"blocks\.1\.attn1.*attention backend"):
+        vkd.apply(model)
+    assert count(model, WanRoPE3DAttnProcessor) == 3
+
+
+def test_wan_fused_qkv_projections_match():
+    model = wan().eval()
+    model.fuse_qkv_projections()
+    args, kw = wan_inputs()
+    with torch.no_grad():
+        ref = run(model, args, kw)
+        no_warnings(vkd.apply, model, backend="cpu")
+        assert count(model, WanRoPE3DAttnProcessor) == 4
+        close(run(model, args, kw), ref)
+
+
+def test_wan_attention_backend_set_after_apply_falls_back():
+    model = wan().eval()
+    args, kw = wan_inputs()
+    with torch.no_grad():
+        ref = run(model, args, kw)
+        vkd.apply(model, backend="cpu")
+        model.set_attention_backend("native")
+        with pytest.warns(UserWarning, match="attention backend"):
+            out = run(model, args, kw)
+    close(out, ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# both / general
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["cogvideox", "wan"])
+def test_torch_compile_of_patched_model(which):
+    if which == "cogvideox":
+        model, (args, kw) = cogvideox().eval(), cog_inputs("frac")
+    else:
+        model, (args, kw) = wan().eval(), wan_inputs()
+    with torch.no_grad():
+        ref = run(model, args, kw)
+        vkd.apply(model, backend="cpu")
+        torch._dynamo.reset()
+        compiled = torch.compile(model)
+        out = compiled(*args, **kw, return_dict=False)[0]
+    close(out, ref)
+
+
+def test_unsupported_model_type_warns():
+    with pytest.warns(UserWarning, match="Linear.*only CogVideoXTransformer3DModel"):
+        m = vkd.apply(torch.nn.Linear(2, 2))
+    assert not vkd.is_patched(m)
+
+
+def test_core_package_does_not_import_diffusers():
+    code = ("import sys, vidgen_kernels, vidgen_kernels.nn, vidgen_kernels.integrations, "
+            "vidgen_kernels.integrations.diffusers; "
+            "assert 'diffusers' not in sys.modules, 'diffusers imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("which", ["cogvideox", "wan"])
+def test_bf16_forward_within_dtype_tolerance(which):
+    """bf16 weights and activations: the patched model stays within a few bf16 ulps (the kernels
+    round once where diffusers rounds rotated q/k and the residual terms separately)."""
+    if which == "cogvideox":
+        model, (args, kw) = cogvideox(), cog_inputs("frac")
+        args = (args[0].bfloat16(), args[1].bfloat16(), args[2])
+    else:
+        model, (args, kw) = wan(), wan_inputs()
+        args = (args[0].bfloat16(), args[1], args[2].bfloat16())
+    model = model.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        ref = run(model, args, kw).float()
+        vkd.apply(model, backend="cpu")
+        out = run(model, args, kw)
+    assert out.dtype == torch.bfloat16
+    close(out.float(), ref, rtol=2e-2)
+
+
+def test_cogvideox_gradient_checkpointing_grads_match():
+    model = cogvideox().train()
+    model.enable_gradient_checkpointing()
+    args, kw = cog_inputs("int")
+    _, ref = train_step(model, args, kw)
+    vkd.apply(model, backend="cpu")
+    _, g = train_step(model, args, kw)
+    for n in ref:
+        close(g[n], ref[n], rtol=1e-5)

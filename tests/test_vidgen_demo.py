@@ -1,0 +1,106 @@
+"""`vidgen demo` end to end at a tiny size, and the demo's data / metric / file writers."""
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from vidgen.demo import measure_directions, moving_object_videos
+from vidgen.media import plot_lines, write_gif, write_png
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _png_size(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    assert data.endswith(b"IEND\xaeB`\x82")
+    return w, h
+
+
+def _gif_frames(path):
+    """Minimal GIF parse: count image descriptors, check header and trailer."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:6] == b"GIF89a" and data[-1:] == b"\x3b"
+    w, h, flags = struct.unpack("<HHB", data[6:11])
+    pos = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
+    n = 0
+    while data[pos] != 0x3B:
+        if data[pos] == 0x21:                       # extension: label, sub-blocks
+            pos += 2
+        else:                                       # image descriptor + LZW min code size
+            assert data[pos] == 0x2C
+            n += 1
+            pos += 11
+        while data[pos]:
+            pos += data[pos] + 1
+        pos += 1
+    return w, h, n
+
+
+def test_moving_object_data_and_metric():
+    g = torch.Generator().manual_seed(0)
+    v, d = moving_object_videos(40, frames=6, size=24, generator=g)
+    assert v.shape == (40, 6, 1, 24, 24) and v.min() == -1 and v.max() <= 1
+    assert (measure_directions(v) == d).all()
+    flipped = v.flip(1)                             # time reversal: right<->left, down<->up
+    assert (measure_directions(flipped) == (d ^ 1)).all()
+    e, de = moving_object_videos(12, frames=6, size=24, generator=g, start="edge")
+    assert (measure_directions(e) == de).all()
+    first = (e[:, 0, 0] > -1).float()                       # [n, H, W] object mask of frame 0
+    last = (e[:, -1, 0] > -1).float()
+    for k in range(12):                                     # path pinned 2 px from the left/top edge
+        d = int(de[k])
+        ys, xs = (first[k] if d in (0, 2) else last[k]).nonzero(as_tuple=True)
+        assert (xs.min() if d in (0, 1) else ys.min()) == 2
+
+
+def test_media_writers(tmp_path):
+    img = (np.arange(30 * 40) % 256).astype(np.uint8).reshape(30, 40)
+    write_png(str(tmp_path / "a.png"), img)
+    assert _png_size(str(tmp_path / "a.png")) == (40, 30)
+    write_png(str(tmp_path / "b.png"), np.stack([img] * 3, -1))
+    frames = np.random.default_rng(0).integers(0, 256, (5, 20, 33), dtype=np.uint8)
+    write_gif(str(tmp_path / "a.gif"), frames)
+    assert _gif_frames(str(tmp_path / "a.gif")) == (33, 20, 5)
+    plot = plot_lines([[(np.exp(-np.arange(50) / 10), (255, 0, 0))], [([1.0, 0.5, 0.7], (0, 0, 255))]])
+    assert plot.shape == (220, 720, 3) and plot.dtype == np.uint8
+    assert (plot == [255, 0, 0]).all(-1).any() and (plot == [0, 0, 255]).all(-1).any()
+
+
+def test_vidgen_demo_cli_tiny(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "vidgen", "demo", "--tiny", "--steps", "4", "--seed", "3",
+                        "--out", str(out), "--device", "cpu"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("demo.gif", "frames.png", "loss.png", "report.md"):
+        assert (out / name).stat().st_size > 0, name
+    w, h, n = _gif_frames(str(out / "demo.gif"))
+    assert n == 4                                   # tiny: 4 frames, one row per direction
+    _png_size(str(out / "frames.png"))
+    _png_size(str(out / "loss.png"))
+    report = (out / "report.md").read_text()
+    for key in ("Direction accuracy", "reference", "fused", "torch", "vidgen_kernels", "ms"):
+        assert key in report, key
+
+
+def test_vidgen_cli_help_and_unknown():
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, "-m", "vidgen", "nope"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+def test_gif_decodes_exactly_with_pillow(tmp_path):
+    Image = __import__("pytest").importorskip("PIL.Image")
+    from PIL import ImageSequence
+    frames = np.random.default_rng(1).integers(0, 256, (3, 17, 29), dtype=np.uint8)
+    write_gif(str(tmp_path / "t.gif"), frames)
+    got = [np.array(f.convert("L")) for f in ImageSequence.Iterator(Image.open(str(tmp_path / "t.gif")))]
+    assert len(got) == 3 and all((a == b).all() for a, b in zip(frames, got))

@@ -1,0 +1,376 @@
+"""vidgen models at tiny configs: shapes, fused vs backend="reference", causality, bad inputs,
+training utilities and the CFG pipeline."""
+import copy
+import os
+
+import pytest
+import torch
+
+from vidgen.models import LatentVideoDiT, LatentVideoDiTConfig, SmallVideoVAE, LatentVideoDiT_S
+from vidgen.models.latent_dit import LATENT_VIDEO_DIT_PRESETS
+from vidgen.pipelines import generate_image, generate_video
+from vidgen.schedulers import FlowMatchingScheduler
+from vidgen.training import EMA, cfg_dropout, flow_matching_loss, load_checkpoint, make_optimizer, save_checkpoint
+
+TEXT_DIM = 24
+
+
+def tiny_dit(**kw):
+    torch.manual_seed(0)
+    cfg = dict(in_channels=3, hidden_size=32, depth=2, num_heads=2, text_dim=TEXT_DIM)
+    cfg.update(kw)
+    return LatentVideoDiT(LatentVideoDiTConfig(**cfg))
+
+
+def perturb(model, std=0.05, seed=1):
+    """Non-zero AdaLN / final weights so every path contributes (they are zero-initialised)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def inputs(B=2, T=4, C=3, H=8, W=8, L=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, T, C, H, W, generator=g), torch.rand(B, generator=g),
+            torch.randn(B, L, TEXT_DIM, generator=g))
+
+
+# ------------------------------------------------------------------------------ LatentVideoDiT
+@pytest.mark.parametrize("T,H,W,patch", [(4, 8, 8, (1, 2, 2)), (1, 4, 6, (1, 2, 2)), (3, 6, 10, (1, 2, 2)),
+                                         (4, 8, 4, (2, 2, 2))])
+def test_latent_dit_shapes(T, H, W, patch):
+    m = tiny_dit(patch_size=patch)
+    x, t, text = inputs(T=T, H=H, W=W)
+    y = m(x, t, text)
+    assert y.shape == x.shape
+    # zero-initialised gates/final layer: the untrained model predicts 0
+    assert torch.count_nonzero(y) == 0
+    perturb(m)
+    assert torch.isfinite(m(x, t, text)).all()
+
+
+def test_latent_dit_fused_matches_reference_fwd_bwd():
+    m = perturb(tiny_dit())
+    ref = copy.deepcopy(m)
+    ref.backend = "reference"
+    x, t, text = inputs(T=3, H=6, W=8)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = m(x1, t, text), ref(x2, t, text)
+    torch.testing.assert_close(y1, y2, atol=1e-4, rtol=1e-4)
+    w = torch.randn_like(y1)
+    (y1 * w).sum().backward()
+    (y2 * w).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    for (n, p1), p2 in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, atol=2e-4, rtol=1e-3, msg=lambda s: f"{n}: {s}")
+
+
+def test_latent_dit_temporal_causality():
+    m = perturb(tiny_dit(causal_temporal=True))
+    x, t, text = inputs(T=5)
+    y = m(x, t, text)
+    x2 = x.clone()
+    x2[:, 3:] = torch.randn_like(x2[:, 3:])
+    y2 = m(x2, t, text)
+    torch.testing.assert_close(y[:, :3], y2[:, :3], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(y[:, 3:], y2[:, 3:])
+    # bidirectional variant: earlier frames do see later ones
+    mb = perturb(tiny_dit(causal_temporal=False))
+    assert not torch.allclose(mb(x, t, text)[:, :3], mb(x2, t, text)[:, :3])
+
+
+def test_latent_dit_bad_inputs():
+    m = tiny_dit(patch_size=(2, 2, 2))
+    x, t, text = inputs(T=4, H=8, W=8)
+    with pytest.raises(ValueError, match="divisible"):
+        m(x[..., :7], t, text)                       # W not divisible by the patch
+    with pytest.raises(ValueError, match="divisible"):
+        m(x[:, :3], t, text)                         # frames not divisible by the temporal patch
+    with pytest.raises(ValueError, match="text"):
+        m(x, t, torch.randn(2, 3, TEXT_DIM + 1))     # wrong text width
+    with pytest.raises(ValueError, match="channels"):
+        m(x[:, :, :2], t, text)
+    with pytest.raises(ValueError):
+        m(x[0], t, text)                             # not a video tensor
+
+
+def test_latent_dit_presets():
+    assert LATENT_VIDEO_DIT_PRESETS == {"S": (512, 8, 8), "M": (768, 12, 12), "L": (1024, 24, 16),
+                                        "XL": (1536, 28, 24)}
+    m = LatentVideoDiT_S(in_channels=4, text_dim=64)
+    assert (m.config.hidden_size, m.config.depth, m.config.num_heads) == (512, 8, 8)
+    assert len(m.blocks) == 8
+
+
+# ---------------------------------------------------------------------------------------- VAE
+@pytest.mark.parametrize("T,H,W", [(1, 16, 16), (3, 8, 24)])
+def test_small_vae_shapes(T, H, W):
+    torch.manual_seed(0)
+    v = SmallVideoVAE(in_channels=1, latent_channels=4, base_channels=8, num_down=2)
+    x = torch.rand(2, T, 1, H, W) * 2 - 1
+    recon, mean, logvar = v(x)
+    assert recon.shape == x.shape
+    assert mean.shape == logvar.shape == (2, T, 4, H // 4, W // 4)
+    assert v.decode(mean).shape == x.shape
+    v.fit_scaling_factor(x)
+    z = v.encode_scaled(x)
+    assert abs(z.std().item() - 1) < 1e-3
+    loss = v.loss(x, recon, mean, logvar)
+    loss.backward()
+
+
+def test_small_vae_bad_inputs():
+    v = SmallVideoVAE(in_channels=1, base_channels=8, num_down=2)
+    with pytest.raises(ValueError, match="divisible"):
+        v.encode(torch.randn(1, 2, 1, 10, 16))
+    with pytest.raises(ValueError):
+        v.encode(torch.randn(1, 2, 3, 16, 16))      # wrong channels
+    with pytest.raises(ValueError):
+        v.decode(torch.randn(1, 2, 5, 4, 4))
+
+
+# ------------------------------------------------------------------------ training and pipelines
+def test_short_training_run_loss_decreases():
+    torch.manual_seed(0)
+    m = tiny_dit(depth=1)
+    sched = FlowMatchingScheduler()
+    opt = make_optimizer(m, lr=3e-3)
+    ema = EMA(m, decay=0.9)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 2, 3, 4, 4, generator=g).sign()     # a fixed tiny "dataset"
+    text = torch.randn(4, 2, TEXT_DIM, generator=g)
+    losses = []
+    for _ in range(40):
+        loss = flow_matching_loss(m, x0, text, sched, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        ema.update(m)
+        losses.append(loss.item())
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.8 * first, (first, last)
+    # EMA moved towards the trained weights but is not equal to them
+    pe, p = ema.model.final_layer.linear.weight, m.final_layer.linear.weight
+    assert pe.abs().sum() > 0 and not torch.equal(pe, p)
+
+
+def test_cfg_dropout():
+    text = torch.ones(1000, 2, 3)
+    null = torch.zeros(1, 2, 3)
+    out = cfg_dropout(text, null, 0.1, generator=torch.Generator().manual_seed(0))
+    dropped = (out.abs().sum((1, 2)) == 0).float().mean().item()
+    assert 0.06 < dropped < 0.14
+    assert torch.equal(cfg_dropout(text, null, 0.0), text)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    m = perturb(tiny_dit())
+    path = save_checkpoint(str(tmp_path / "m.safetensors"), m, config={"hidden_size": 32})
+    assert os.path.exists(path)
+    m2 = tiny_dit()
+    sd, cfg = load_checkpoint(path, m2)
+    assert cfg == {"hidden_size": 32}
+    for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_generate_video_cfg_batched_and_seeded():
+    m = perturb(tiny_dit())
+    calls = []
+    m.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    text = torch.randn(3, 2, TEXT_DIM)
+    null = torch.zeros(1, 2, TEXT_DIM)
+    kw = dict(num_frames=2, height=4, width=4, num_inference_steps=3, guidance_scale=3.0, show_progress=False)
+    a = generate_video(m, text, null, seed=7, **kw)
+    assert a.shape == (3, 2, 3, 4, 4)
+    assert calls == [6, 6, 6]                    # cond + null in one forward per step
+    b = generate_video(m, text, null, generator=torch.Generator().manual_seed(7), **kw)
+    assert torch.equal(a, b)
+    c = generate_video(m, text, null, seed=8, **kw)
+    assert not torch.equal(a, c)
+    # the guidance formula: v = v_u + s (v_c - v_u)
+    sched = FlowMatchingScheduler()
+    x = torch.randn((3, 2, 3, 4, 4), generator=torch.Generator().manual_seed(7))
+    ts = sched.timesteps(1)
+    with torch.no_grad():
+        v = m(x, ts[0].expand(3), text)
+        vu = m(x, ts[0].expand(3), null.expand(3, -1, -1))
+    one = generate_video(m, text, null, seed=7, **{**kw, "num_inference_steps": 1})
+    torch.testing.assert_close(one, x - (vu + 3.0 * (v - vu)), atol=1e-5, rtol=1e-5)
+    img = generate_image(m, text, null, height=4, width=6, num_inference_steps=2, show_progress=False, seed=0)
+    assert img.shape == (3, 3, 4, 6)
+
+
+def test_generate_video_decodes_through_vae():
+    m = perturb(tiny_dit(in_channels=4))
+    v = SmallVideoVAE(in_channels=1, latent_channels=4, base_channels=8, num_down=2)
+    out = generate_video(m, torch.randn(2, 1, TEXT_DIM), torch.zeros(1, 1, TEXT_DIM), num_frames=2,
+                         height=4, width=4, num_inference_steps=2, vae=v, show_progress=False, seed=0)
+    assert out.shape == (2, 2, 1, 16, 16)
+
+
+# ------------------------------------------------------------------------------ VideoCausalDiT
+from vidgen.models import ReferenceMoE, VideoCausalDiT, VideoCausalDiTConfig  # noqa: E402
+
+
+def tiny_causal(**kw):
+    torch.manual_seed(0)
+    cfg = dict(in_channels=3, hidden_size=32, depth=2, num_heads=2, text_dim=TEXT_DIM)
+    cfg.update(kw)
+    return VideoCausalDiT(VideoCausalDiTConfig(**cfg))
+
+
+@pytest.mark.parametrize("T,H,W", [(1, 4, 4), (5, 8, 8), (3, 6, 10)])
+def test_causal_dit_shapes_and_timestep_forms(T, H, W):
+    m = perturb(tiny_causal())
+    x, _, text = inputs(T=T, H=H, W=W)
+    for t in (torch.tensor(0.3), torch.rand(2), torch.rand(2, T)):
+        y = m(x, t, text)
+        assert y.shape == x.shape
+    assert torch.isfinite(torch.as_tensor(m.aux_loss)).all()
+
+
+def test_causal_dit_fused_matches_reference_fwd_bwd():
+    m = perturb(tiny_causal())
+    ref = copy.deepcopy(m)
+    ref.backend = "reference"
+    x, _, text = inputs(T=3, H=4, W=6)
+    t = torch.rand(2, 3)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = m(x1, t, text), ref(x2, t, text)
+    torch.testing.assert_close(y1, y2, atol=1e-4, rtol=1e-4)
+    w = torch.randn_like(y1)
+    (y1 * w).sum().backward()
+    (y2 * w).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    for (n, p1), p2 in zip(m.named_parameters(), ref.parameters()):
+        if p1.grad is None:
+            assert p2.grad is None or p2.grad.abs().max() == 0, n
+            continue
+        torch.testing.assert_close(p1.grad, p2.grad, atol=2e-4, rtol=1e-3, msg=lambda s: f"{n}: {s}")
+
+
+def test_causal_dit_causality():
+    """Frames <= t of the output do not change when later frames (or their timesteps) change."""
+    m = perturb(tiny_causal())
+    x, _, text = inputs(T=6)
+    t = torch.rand(2, 6)
+    y = m(x, t, text)
+    for k in (1, 3, 5):
+        x2, t2 = x.clone(), t.clone()
+        x2[:, k:] = torch.randn_like(x2[:, k:])
+        t2[:, k:] = torch.rand(2, 6 - k)
+        y2 = m(x2, t2, text)
+        torch.testing.assert_close(y[:, :k], y2[:, :k], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(y[:, k:], y2[:, k:])
+
+
+def test_causal_dit_bad_inputs():
+    m = tiny_causal(max_frames=8)
+    x, _, text = inputs(T=4)
+    with pytest.raises(ValueError, match="divisible"):
+        m(x[..., :5], torch.rand(2), text)
+    with pytest.raises(ValueError, match="text"):
+        m(x, torch.rand(2), torch.randn(2, 3, TEXT_DIM + 2))
+    with pytest.raises(ValueError, match="frame count"):
+        m(torch.randn(1, 9, 3, 4, 4), torch.rand(1), text[:1])
+    with pytest.raises(ValueError, match="per-frame"):
+        m(x, torch.rand(2, 3), text)
+    with pytest.raises(ValueError):
+        tiny_causal(patch_size=(2, 2, 2))
+
+
+def test_reference_moe():
+    torch.manual_seed(0)
+    moe = ReferenceMoE(16, 32, num_experts=4, top_k=2, shared_expert=True, context_router=True)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    y = moe(x, torch.randn(2, 5, 16))
+    assert y.shape == x.shape
+    assert 0.9 < moe.aux_loss.item() < 4.0
+    (y.sum() + moe.aux_loss).backward()
+    assert x.grad is not None and moe.router.weight.grad is not None
+    # top_k = E and one expert: equals the dense expert (+ shared)
+    one = ReferenceMoE(16, 32, num_experts=1, top_k=1, shared_expert=False)
+    ref = one.fc2[0](torch.nn.functional.gelu(one.fc1[0](x), approximate="tanh"))
+    torch.testing.assert_close(one(x), ref)
+
+
+# ------------------------------------------------------------------------------ CogVideoX
+from vidgen.models import (CogVideoXConfig, CogVideoXTransformer, cogvideox_2b, cogvideox_5b,  # noqa: E402
+                           param_count, recommended_defaults)
+
+
+def tiny_cog(**kw):
+    torch.manual_seed(0)
+    cfg = dict(in_channels=4, hidden_size=32, num_heads=2, num_layers=2, text_hidden_size=TEXT_DIM,
+               time_embed_dim=16)
+    cfg.update(kw)
+    return CogVideoXTransformer(CogVideoXConfig(**cfg))
+
+
+@pytest.mark.parametrize("experts", [(1, 1), (2, 3)])
+def test_cogvideox_param_count_matches_built(experts):
+    m = tiny_cog(num_text_experts=experts[0], num_video_experts=experts[1])
+    assert param_count(m.config) == sum(p.numel() for p in m.parameters())
+
+
+def test_cogvideox_presets():
+    c2, c5 = cogvideox_2b(), cogvideox_5b()
+    assert (c2.num_layers, c2.num_heads, c2.hidden_size) == (30, 30, 1920)
+    assert (c5.num_layers, c5.num_heads, c5.hidden_size) == (42, 48, 3072)
+    assert 2e9 < param_count(c2) < 4e9 and 6e9 < param_count(c5) < 11e9   # two FFN experts per layer
+    d = recommended_defaults()
+    assert (d["num_frames"], d["height"], d["width"]) == (49, 480, 720)
+
+
+@pytest.mark.parametrize("T,H,W", [(1, 4, 4), (3, 4, 6)])
+def test_cogvideox_shapes(T, H, W):
+    m = perturb(tiny_cog(num_video_experts=2))
+    x, t, text = inputs(T=T, C=4, H=H, W=W, L=5)
+    assert m(x, t, text).shape == x.shape
+
+
+def test_cogvideox_fused_matches_reference_fwd_bwd():
+    m = perturb(tiny_cog(num_video_experts=2))
+    ref = copy.deepcopy(m)
+    ref.backend = "reference"
+    x, t, text = inputs(T=2, C=4, H=4, W=6, L=5)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = m(x1, t, text), ref(x2, t, text)
+    torch.testing.assert_close(y1, y2, atol=1e-4, rtol=1e-4)
+    w = torch.randn_like(y1)
+    (y1 * w).sum().backward()
+    (y2 * w).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    for (n, p1), p2 in zip(m.named_parameters(), ref.parameters()):
+        if p1.grad is None:
+            assert p2.grad is None, n
+            continue
+        torch.testing.assert_close(p1.grad, p2.grad, atol=2e-4, rtol=1e-3, msg=lambda s: f"{n}: {s}")
+
+
+def test_cogvideox_modality_routing():
+    """Text tokens only reach text experts, video tokens only video experts."""
+    m = tiny_cog(num_text_experts=1, num_video_experts=1, num_layers=1)
+    ff = m.blocks[0].ff
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        out = ff(x, 3)
+        ref = torch.nn.functional.gelu(x @ ff.w1[0] + ff.b1[0], approximate="tanh") @ ff.w2[0] + ff.b2[0]
+        refv = torch.nn.functional.gelu(x @ ff.w1[1] + ff.b1[1], approximate="tanh") @ ff.w2[1] + ff.b2[1]
+    torch.testing.assert_close(out[:, :3], ref[:, :3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 3:], refv[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_cogvideox_bad_inputs():
+    m = tiny_cog()
+    x, t, text = inputs(T=2, C=4, H=4, W=4)
+    with pytest.raises(ValueError, match="divisible"):
+        m(x[..., :3], t, text)
+    with pytest.raises(ValueError, match="text"):
+        m(x, t, torch.randn(2, 3, TEXT_DIM + 1))
+    with pytest.raises(ValueError):
+        tiny_cog(hidden_size=36, num_heads=3)

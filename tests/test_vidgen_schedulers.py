@@ -1,0 +1,143 @@
+"""vidgen.schedulers against their formulas."""
+import math
+
+import pytest
+import torch
+
+from vidgen.schedulers import DDPMScheduler, FlowMatchingScheduler
+
+
+def _video(B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 4, 2, 5, 6, generator=g, dtype=torch.float64), torch.randn(B, 4, 2, 5, 6, generator=g, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------- flow matching
+def test_flow_add_noise_and_target():
+    x0, noise = _video()
+    s = FlowMatchingScheduler()
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    xt = s.add_noise(x0, noise, t)
+    for i in range(3):
+        torch.testing.assert_close(xt[i], (1 - t[i]) * x0[i] + t[i] * noise[i])
+    torch.testing.assert_close(xt[0], x0[0])
+    torch.testing.assert_close(xt[2], noise[2])
+    v = s.velocity_target(x0, noise)
+    torch.testing.assert_close(v, noise - x0)
+    # d x_t / dt = v, and x0 is recovered from (x_t, v)
+    torch.testing.assert_close(s.predict_x0(v, t, xt), x0)
+
+
+def test_flow_per_frame_t():
+    x0, noise = _video(B=2)
+    t = torch.rand(2, 4, dtype=torch.float64)
+    xt = FlowMatchingScheduler().add_noise(x0, noise, t)
+    torch.testing.assert_close(xt[1, 2], (1 - t[1, 2]) * x0[1, 2] + t[1, 2] * noise[1, 2])
+
+
+def test_flow_euler_with_exact_velocity_is_exact():
+    """A straight path: Euler with the true velocity lands on x0 from pure noise, any steps/shift."""
+    x0, noise = _video()
+    for shift in (1.0, 3.0):
+        s = FlowMatchingScheduler(num_inference_steps=7, shift=shift)
+        ts = s.timesteps()
+        assert ts.shape == (8,) and ts[0] == 1 and ts[-1] == 0
+        assert torch.all(ts[1:] < ts[:-1])
+        x = noise.clone()
+        for i in range(7):
+            x = s.step(noise - x0, ts[i], ts[i + 1], x)
+        torch.testing.assert_close(x, x0)
+
+
+def test_flow_shift_formula():
+    s = FlowMatchingScheduler(shift=3.0)
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    torch.testing.assert_close(s.shift_t(t), 3 * t / (1 + 2 * t))
+    assert torch.all(s.shift_t(t) >= t)
+    torch.testing.assert_close(FlowMatchingScheduler().shift_t(t), t)
+    with pytest.raises(ValueError):
+        FlowMatchingScheduler(shift=0)
+
+
+# ------------------------------------------------------------------------------------------ DDPM
+def test_ddpm_linear_betas():
+    s = DDPMScheduler(1000, "linear", 1e-4, 0.02)
+    torch.testing.assert_close(s.betas, torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    torch.testing.assert_close(s.alphas_cumprod, torch.cumprod(1 - s.betas, 0))
+
+
+def test_ddpm_cosine_schedule_values():
+    s = DDPMScheduler(1000, "cosine")
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for t in (0, 10, 500, 900):
+        assert abs(s.alphas_cumprod[t].item() - f(t + 1) / f(0)) < 1e-9
+    assert s.betas.max() <= 0.999
+    with pytest.raises(ValueError):
+        DDPMScheduler(beta_schedule="quadratic")
+    with pytest.raises(ValueError):
+        DDPMScheduler(prediction_type="sample")
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_ddpm_add_noise_and_prediction_identities(pred):
+    x0, noise = _video()
+    s = DDPMScheduler(1000, "cosine", prediction_type=pred)
+    t = torch.tensor([0, 400, 999])
+    xt = s.add_noise(x0, noise, t)
+    ab = s.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(xt, ab.sqrt() * x0 + (1 - ab).sqrt() * noise)
+    target = s.target(x0, noise, t)
+    if pred == "v_prediction":
+        torch.testing.assert_close(target, ab.sqrt() * noise - (1 - ab).sqrt() * x0)
+        # v-prediction identities: x0 = sqrt(ab) x_t - sqrt(1-ab) v ; eps = sqrt(1-ab) x_t + sqrt(ab) v
+        torch.testing.assert_close(ab.sqrt() * xt - (1 - ab).sqrt() * target, x0)
+        torch.testing.assert_close((1 - ab).sqrt() * xt + ab.sqrt() * target, noise)
+    x0_hat, eps_hat = s.pred_x0_eps(target, t, xt)
+    torch.testing.assert_close(x0_hat, x0)
+    torch.testing.assert_close(eps_hat, noise)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_ddim_round_trip(pred):
+    """DDIM with the oracle model output stays on the x0/noise line and ends at x0."""
+    x0, noise = _video()
+    s = DDPMScheduler(1000, "linear", prediction_type=pred)
+    ts = s.timesteps(10)
+    assert ts.tolist() == list(range(900, -1, -100))
+    x = s.add_noise(x0, noise, ts[0].expand(3))
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else torch.tensor(-1)
+        out = s.target(x0, noise, t.expand(3))
+        x = s.ddim_step(out, t.expand(3), t_prev.expand(3), x)
+        if t_prev >= 0:
+            torch.testing.assert_close(x, s.add_noise(x0, noise, t_prev.expand(3)))
+    torch.testing.assert_close(x, x0)
+
+
+def test_ddpm_ancestral_step_posterior():
+    x0, noise = _video()
+    s = DDPMScheduler(1000, "linear")
+    t = torch.tensor([500, 500, 500])
+    xt = s.add_noise(x0, noise, t)
+    g = torch.Generator().manual_seed(1)
+    out = s.ddpm_step(noise, t, xt, generator=g)
+    z = torch.randn(xt.shape, generator=torch.Generator().manual_seed(1), dtype=xt.dtype)
+    b, a = s.betas[500], s.alphas[500]
+    ab, ab_prev = s.alphas_cumprod[500], s.alphas_cumprod[499]
+    mean = ab_prev.sqrt() * b / (1 - ab) * x0 + a.sqrt() * (1 - ab_prev) / (1 - ab) * xt
+    var = (1 - ab_prev) / (1 - ab) * b
+    torch.testing.assert_close(out, mean + var.sqrt() * z)
+    # last step: no noise, returns the predicted x0
+    t0 = torch.zeros(3, dtype=torch.long)
+    x1 = s.add_noise(x0, noise, t0)
+    torch.testing.assert_close(s.ddpm_step(noise, t0, x1, generator=g), x0)
+
+
+def test_min_snr_weights():
+    s = DDPMScheduler(1000, "linear")
+    t = torch.tensor([0, 100, 999])
+    snr = s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])
+    torch.testing.assert_close(s.min_snr_weights(t, 5.0), (snr.clamp(max=5) / snr).float())
+    sv = DDPMScheduler(1000, "linear", prediction_type="v_prediction")
+    torch.testing.assert_close(sv.min_snr_weights(t, 5.0), (snr.clamp(max=5) / (snr + 1)).float())
+    assert s.min_snr_weights(t)[-1] == 1.0  # low SNR: weight 1 for epsilon

@@ -1,0 +1,130 @@
+"""VideoCausalDiT: a frame-causal video DiT with per-frame timesteps.
+
+    latents [B, T, C, H, W] --PatchEmbed3D(1, 2, 2)--> tokens [B, T*h*w, D] (frame-major)
+    c_t = TimestepEmbedder(t)  (t [B] or per-frame [B, T])  + MLP(mean_L(text))   -> [B, T, D]
+    N x VideoCausalDiTBlock (AdaLN-Zero modulation and gates, per frame):
+        spatial attention within each frame (2D RoPE, QK RMSNorm)
+        causal temporal attention across frames (1D RoPE, frame t sees frames <= t)
+        cross-attention to the text tokens
+        temporal MoE FFN (4 experts, top-2; the router also sees a projection of the frame's
+            mean token, a causal temporal context)
+    FinalLayer -> unpatchify -> velocity [B, T, C, H, W]
+
+Every op is frame-local or frame-causal, so output frame t depends only on input frames <= t
+(and their timesteps): the model can be trained with independent per-frame noise levels
+(diffusion forcing) and sampled autoregressively. The MoE FFN is ``vidgen_kernels.nn.MoEFFN``
+when available, else :class:`vidgen.models.moe.ReferenceMoE`; after a forward, ``model.aux_loss``
+holds the summed load-balancing loss of the blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+import vidgen_kernels as vk
+from vidgen_kernels.nn import AdaLNZero, CausalTemporalAttention, RoPE3DAttention
+
+from .layers import CrossAttention, FinalLayer, PatchEmbed3D, TimestepEmbedder, backend_scope, unpatchify
+from .moe import make_moe
+
+__all__ = ["VideoCausalDiTConfig", "VideoCausalDiT"]
+
+MAX_FRAMES = 32
+
+
+@dataclass
+class VideoCausalDiTConfig:
+    in_channels: int = 16
+    patch_size: tuple = (1, 2, 2)
+    hidden_size: int = 512
+    depth: int = 8
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    num_experts: int = 4
+    top_k: int = 2
+    text_dim: int = 512
+    max_frames: int = MAX_FRAMES
+    backend: Optional[str] = None
+
+
+class VideoCausalDiTBlock(nn.Module):
+    def __init__(self, D: int, num_heads: int, text_dim: int, mlp_ratio: float, num_experts: int, top_k: int):
+        super().__init__()
+        self.adaln1 = AdaLNZero(D)  # msa slot: spatial attention; mlp slot: temporal attention
+        self.adaln2 = AdaLNZero(D)  # msa slot: cross-attention; mlp slot: MoE FFN
+        self.spatial_attn = RoPE3DAttention(D, num_heads, qk_norm="rms")
+        self.temporal_attn = CausalTemporalAttention(D, num_heads, qk_norm="rms", rope=True, causal=True)
+        self.cross_attn = CrossAttention(D, num_heads, text_dim)
+        self.moe = make_moe(D, int(D * mlp_ratio / 2), num_experts, top_k, shared_expert=False,
+                            context_router=True)
+
+    def forward(self, x, c, text, T, S, rope2d):
+        B, N, D = x.shape
+        p1 = self.adaln1(c)                                    # per-frame [B, T, D] parameters
+        a = self.spatial_attn(self.adaln1.modulate_msa(x, p1).view(B * T, S, D), *rope2d).view(B, N, D)
+        x, h = self.adaln1.residual_mlp(x, a, p1)
+        x = self.adaln1.residual_out(x, self.temporal_attn(h, T, S), p1)
+        p2 = self.adaln2(c)
+        a = self.cross_attn(self.adaln2.modulate_msa(x, p2), text)
+        x, h = self.adaln2.residual_mlp(x, a, p2)
+        h4 = h.view(B, T, S, D)
+        ctx = h4.mean(dim=2, keepdim=True).expand_as(h4)       # the frame's mean token (causal)
+        y = self.moe(h4, ctx).reshape(B, N, D)
+        return self.adaln2.residual_out(x, y, p2)
+
+
+class VideoCausalDiT(nn.Module):
+    """``forward(x [B, T, C, H, W], t [B] or [B, T] in [0, 1], text [B, L, text_dim])`` ->
+    velocity ``[B, T, C, H, W]``; H, W divisible by the patch, 1 <= T <= ``max_frames``."""
+
+    def __init__(self, config: Optional[VideoCausalDiTConfig] = None, **kwargs):
+        super().__init__()
+        config = config or VideoCausalDiTConfig(**kwargs)
+        config.patch_size = tuple(config.patch_size)
+        if config.patch_size[0] != 1:
+            raise ValueError("VideoCausalDiT needs a temporal patch of 1 (frame-causal)")
+        self.config, self.backend = config, config.backend
+        D = config.hidden_size
+        self.head_dim = D // config.num_heads
+        self.x_embedder = PatchEmbed3D(config.patch_size, config.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.text_pool = nn.Sequential(nn.Linear(config.text_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.blocks = nn.ModuleList([VideoCausalDiTBlock(D, config.num_heads, config.text_dim, config.mlp_ratio,
+                                                         config.num_experts, config.top_k)
+                                     for _ in range(config.depth)])
+        self.final_layer = FinalLayer(D, config.patch_size[1] * config.patch_size[2] * config.in_channels)
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x: Tensor, t: Tensor, text: Tensor) -> Tensor:
+        T, h, w = self.x_embedder.grid(x)
+        B = x.shape[0]
+        if not 1 <= T <= self.config.max_frames:
+            raise ValueError(f"frame count {T} outside 1..{self.config.max_frames}")
+        if text.dim() != 3 or text.shape[-1] != self.config.text_dim or text.shape[0] not in (1, B):
+            raise ValueError(f"text embeddings must be [B, L, {self.config.text_dim}], got {tuple(text.shape)}")
+        text = text.expand(B, -1, -1)
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+        if t.dim() <= 1:
+            t = t.reshape(-1, 1).expand(B, T) if t.numel() in (1, B) else t
+        if t.shape != (B, T):
+            raise ValueError(f"t must be a scalar, [B] or per-frame [B, T] = [{B}, {T}], got {tuple(t.shape)}")
+        with backend_scope(self.backend):
+            tokens = self.x_embedder(x)
+            c = self.t_embedder(t) + self.text_pool(text.mean(1))[:, None]       # [B, T, D]
+            cos, sin = vk.rope3d_freqs(1, h, w, self.head_dim, axes_dims=(0, self.head_dim // 2, self.head_dim // 2),
+                                       device=x.device)
+            aux = 0.0
+            for block in self.blocks:
+                tokens = block(tokens, c, text, T, h * w, (cos, sin))
+                aux = aux + block.moe.aux_loss
+            self.aux_loss = aux
+            out = self._final(tokens, c)
+        return unpatchify(out, (T, h, w), self.config.patch_size, self.config.in_channels)
+
+    def _final(self, tokens: Tensor, c: Tensor) -> Tensor:
+        """Final adaLN with per-frame shift/scale (``adaln_modulate`` takes ``[B, T, D]`` rows)."""
+        shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.final_layer.linear(vk.adaln_modulate(tokens, shift, scale, eps=1e-6))

@@ -1,0 +1,182 @@
+"""CogVideoXTransformer: CogVideoX-style expert transformer (diffusers
+``cogvideox_transformer_3d.py`` conventions) on the vidgen_kernels ops.
+
+    text [B, L, text_hidden] -> Linear -> [B, L, D];  video [B, T, C, H, W] -> PatchEmbed3D -> [B, N, D]
+    temb = TimestepEmbedder(t)  [B, time_embed_dim]
+    num_layers x block:
+        LayerNormZero (shift, scale, gate for video and text)  -> full 3D attention over
+            cat([text, video]) with QK LayerNorm and RoPE-3D on the video tokens only
+            (``vidgen_kernels.nn.RoPE3DAttention``, rope_offset = text length)
+        LayerNormZero -> expert FFN routed by modality: text tokens -> text experts, video tokens ->
+            video experts (one ``vidgen_kernels.moe_ffn`` call; with several experts per modality a
+            router picks the top-1 within the token's modality)
+    final LayerNorm + AdaLN (shift, scale) -> Linear -> unpatchify -> [B, T, C_out, H, W]
+
+:func:`param_count` gives the parameter count from the config without building the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import vidgen_kernels as vk
+from vidgen_kernels.nn import LayerNormZero, RoPE3DAttention
+
+from .layers import PatchEmbed3D, TimestepEmbedder, backend_scope, unpatchify
+
+__all__ = ["CogVideoXConfig", "CogVideoXTransformer", "cogvideox_2b", "cogvideox_5b", "param_count",
+           "recommended_defaults"]
+
+FREQ_DIM = 256  # sinusoidal features of the timestep embedder
+
+
+@dataclass
+class CogVideoXConfig:
+    in_channels: int = 16
+    out_channels: Optional[int] = None
+    patch_size: tuple = (1, 2, 2)
+    hidden_size: int = 1920
+    num_heads: int = 30
+    num_layers: int = 30
+    text_hidden_size: int = 4096
+    time_embed_dim: int = 512
+    mlp_ratio: float = 4.0
+    num_text_experts: int = 1
+    num_video_experts: int = 1
+    rope_theta: float = 10000.0
+    backend: Optional[str] = None
+
+
+def cogvideox_2b(**kw) -> CogVideoXConfig:
+    """CogVideoX-2B shapes: 30 layers, 30 heads x 64 (hidden 1920), T5-XXL text (4096)."""
+    return CogVideoXConfig(**{"hidden_size": 1920, "num_heads": 30, "num_layers": 30, **kw})
+
+
+def cogvideox_5b(**kw) -> CogVideoXConfig:
+    """CogVideoX-5B shapes: 42 layers, 48 heads x 64 (hidden 3072), T5-XXL text (4096)."""
+    return CogVideoXConfig(**{"hidden_size": 3072, "num_heads": 48, "num_layers": 42, **kw})
+
+
+def recommended_defaults() -> dict:
+    """CogVideoX's sampling defaults (49 frames 480x720 -> latents 13 x 60 x 90; 226 T5 tokens)."""
+    return {"num_frames": 49, "height": 480, "width": 720, "latent_frames": 13, "latent_height": 60,
+            "latent_width": 90, "max_text_tokens": 226, "num_inference_steps": 50, "guidance_scale": 6.0,
+            "fps": 8}
+
+
+def _ffn_dim(c: CogVideoXConfig) -> int:
+    return int(c.hidden_size * c.mlp_ratio)
+
+
+def param_count(config: CogVideoXConfig) -> int:
+    """Parameters of ``CogVideoXTransformer(config)``, computed from the config alone."""
+    D, E = config.hidden_size, config.num_text_experts + config.num_video_experts
+    te, Fd, hd = config.time_embed_dim, _ffn_dim(config), config.hidden_size // config.num_heads
+    pt, ph, pw = config.patch_size
+    c_out = config.out_channels or config.in_channels
+    n = pt * ph * pw * config.in_channels * D + D                      # patch embedding (conv)
+    n += config.text_hidden_size * D + D                                # text projection
+    n += FREQ_DIM * te + te + te * te + te                              # timestep MLP
+    block = 2 * (te * 6 * D + 6 * D + 2 * D)                            # two LayerNormZero
+    block += D * 3 * D + 3 * D + D * D + D + 2 * 2 * hd                 # attention + QK LayerNorms
+    block += D * E + E * (D * Fd + Fd + Fd * D + D)                     # router + experts
+    n += config.num_layers * block
+    n += 2 * D + (te * 2 * D + 2 * D) + 2 * D                           # norm_final, norm_out linear + LN
+    n += D * pt * ph * pw * c_out + pt * ph * pw * c_out                # proj_out
+    return n
+
+
+class ModalityExpertFFN(nn.Module):
+    """Expert FFN routed by modality, via ``vidgen_kernels.moe_ffn`` (top-1, GELU-tanh)."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_text_experts: int, num_video_experts: int):
+        super().__init__()
+        self.Et, self.Ev = num_text_experts, num_video_experts
+        E = self.Et + self.Ev
+        self.router = nn.Linear(dim, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(E, dim, ffn_dim))
+        self.b1 = nn.Parameter(torch.zeros(E, ffn_dim))
+        self.w2 = nn.Parameter(torch.empty(E, ffn_dim, dim))
+        self.b2 = nn.Parameter(torch.zeros(E, dim))
+        nn.init.normal_(self.w1, std=dim ** -0.5)
+        nn.init.normal_(self.w2, std=ffn_dim ** -0.5)
+        nn.init.normal_(self.router.weight, std=0.02)
+
+    def forward(self, x: Tensor, text_len: int) -> Tensor:
+        B, S, C = x.shape
+        logits = self.router(x).float()
+        is_text = torch.arange(S, device=x.device) < text_len            # [S]
+        expert_is_text = torch.arange(self.Et + self.Ev, device=x.device) < self.Et
+        allowed = is_text[:, None] == expert_is_text[None, :]            # [S, E]
+        logits = logits.masked_fill(~allowed, -1e4).reshape(B * S, -1)
+        return vk.moe_ffn(x, logits, self.w1, self.w2, top_k=1, activation="gelu", b1=self.b1, b2=self.b2).out
+
+
+class CogVideoXBlock(nn.Module):
+    def __init__(self, c: CogVideoXConfig):
+        super().__init__()
+        D = c.hidden_size
+        self.norm1 = LayerNormZero(c.time_embed_dim, D, eps=1e-5)
+        self.attn1 = RoPE3DAttention(D, c.num_heads, qk_norm="layer", bias=True)
+        self.norm2 = LayerNormZero(c.time_embed_dim, D, eps=1e-5)
+        self.ff = ModalityExpertFFN(D, _ffn_dim(c), c.num_text_experts, c.num_video_experts)
+
+    def forward(self, hidden: Tensor, enc: Tensor, temb: Tensor, rope) -> tuple[Tensor, Tensor]:
+        L = enc.shape[1]
+        nh, ne, gate, egate = self.norm1(hidden, enc, temb)
+        attn = self.attn1(torch.cat([ne, nh], dim=1), *rope, rope_offset=L)
+        hidden = hidden + gate * attn[:, L:]
+        enc = enc + egate * attn[:, :L]
+        nh, ne, gate, egate = self.norm2(hidden, enc, temb)
+        ff = self.ff(torch.cat([ne, nh], dim=1), L)
+        return hidden + gate * ff[:, L:], enc + egate * ff[:, :L]
+
+
+class CogVideoXTransformer(nn.Module):
+    """``forward(x [B, T, C, H, W], t [B] in [0, 1], text [B, L, text_hidden_size])`` ->
+    ``[B, T, C_out, H, W]``."""
+
+    def __init__(self, config: Optional[CogVideoXConfig] = None, **kwargs):
+        super().__init__()
+        c = config or CogVideoXConfig(**kwargs)
+        c.patch_size = tuple(c.patch_size)
+        c.out_channels = c.out_channels or c.in_channels
+        if c.hidden_size % c.num_heads or (c.hidden_size // c.num_heads) % 8:
+            raise ValueError("hidden_size / num_heads must be a multiple of 8 (RoPE-3D split D/4, 3D/8, 3D/8)")
+        self.config, self.backend = c, c.backend
+        D = c.hidden_size
+        self.head_dim = D // c.num_heads
+        self.patch_embed = PatchEmbed3D(c.patch_size, c.in_channels, D)
+        self.text_proj = nn.Linear(c.text_hidden_size, D)
+        self.time_embedding = TimestepEmbedder(c.time_embed_dim, FREQ_DIM)
+        self.blocks = nn.ModuleList([CogVideoXBlock(c) for _ in range(c.num_layers)])
+        self.norm_final = nn.LayerNorm(D, eps=1e-5)
+        self.norm_out_linear = nn.Linear(c.time_embed_dim, 2 * D)
+        self.norm_out = nn.LayerNorm(D, eps=1e-6)
+        pt, ph, pw = c.patch_size
+        self.proj_out = nn.Linear(D, pt * ph * pw * c.out_channels)
+
+    def forward(self, x: Tensor, t: Tensor, text: Tensor) -> Tensor:
+        T, h, w = self.patch_embed.grid(x)
+        B = x.shape[0]
+        c = self.config
+        if text.dim() != 3 or text.shape[-1] != c.text_hidden_size or text.shape[0] not in (1, B):
+            raise ValueError(f"text embeddings must be [B, L, {c.text_hidden_size}], got {tuple(text.shape)}")
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(B)
+        with backend_scope(self.backend):
+            hidden = self.patch_embed(x)
+            enc = self.text_proj(text.expand(B, -1, -1))
+            temb = self.time_embedding(t)
+            rope = vk.rope3d_freqs(T, h, w, self.head_dim, theta=c.rope_theta, device=x.device)
+            for block in self.blocks:
+                hidden, enc = block(hidden, enc, temb, rope)
+            hidden = self.norm_final(hidden)
+            shift, scale = self.norm_out_linear(F.silu(temb)).chunk(2, dim=-1)
+            hidden = vk.adaln_modulate(hidden, shift, scale, weight=self.norm_out.weight,
+                                       bias=self.norm_out.bias, eps=1e-6)
+            out = self.proj_out(hidden)
+        return unpatchify(out, (T, h, w), c.patch_size, c.out_channels)

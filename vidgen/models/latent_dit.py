@@ -1,0 +1,167 @@
+"""LatentVideoDiT: the latent video diffusion transformer of the design.
+
+    latents [B, T, C, H, W] --PatchEmbed3D--> tokens [B, T'*H'*W', D]
+    c = TimestepEmbedder(t) + MLP(mean_L(text))                    # AdaLN conditioning
+    N x LatentVideoDiTBlock:
+        AdaLN-Zero (1) -> spatial attention within each frame (QK RMSNorm, 2D RoPE)
+                       -> temporal attention across frames (QK RMSNorm, 1D RoPE, causal option)
+        AdaLN-Zero (2) -> cross-attention to the text/condition tokens
+                       -> GEGLU FFN
+    FinalLayer (adaLN + linear) -> unpatchify -> velocity [B, T, C, H, W]
+
+Every sublayer is gated (zero-initialised gates: each block starts as the identity). The AdaLN
+modulations and residual gates run on ``vidgen_kernels.nn.AdaLNZero`` (``adaln_modulate`` /
+``gated_residual_adaln``), spatial attention on ``vidgen_kernels.nn.RoPE3DAttention``, temporal
+attention on ``vidgen_kernels.nn.CausalTemporalAttention``, cross-attention on
+``vidgen_kernels.rope3d_attention``. ``backend="reference"`` runs the same model on the
+pure-PyTorch reference kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+import vidgen_kernels as vk
+from vidgen_kernels.nn import AdaLNZero, CausalTemporalAttention, RoPE3DAttention
+
+from .layers import CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder, backend_scope, unpatchify
+
+__all__ = ["LatentVideoDiTConfig", "LatentVideoDiT", "LatentVideoDiT_S", "LatentVideoDiT_M",
+           "LatentVideoDiT_L", "LatentVideoDiT_XL", "LATENT_VIDEO_DIT_PRESETS"]
+
+
+@dataclass
+class LatentVideoDiTConfig:
+    in_channels: int = 4
+    out_channels: Optional[int] = None  # default in_channels
+    patch_size: tuple = (1, 2, 2)
+    hidden_size: int = 512
+    depth: int = 8
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    text_dim: int = 512          # width of the text / condition embeddings
+    causal_temporal: bool = True  # the seed design: frame t attends to frames <= t
+    rope_theta: float = 10000.0
+    backend: Optional[str] = None  # None: vidgen_kernels' default; "reference": pure PyTorch
+
+
+# hidden / depth / heads
+LATENT_VIDEO_DIT_PRESETS = {"S": (512, 8, 8), "M": (768, 12, 12), "L": (1024, 24, 16), "XL": (1536, 28, 24)}
+
+
+class LatentVideoDiTBlock(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, text_dim: int, mlp_ratio: float = 4.0,
+                 causal_temporal: bool = True, rope_theta: float = 10000.0):
+        super().__init__()
+        self.adaln1 = AdaLNZero(hidden_size)  # spatial (msa slot), temporal (mlp slot)
+        self.adaln2 = AdaLNZero(hidden_size)  # cross-attention (msa slot), FFN (mlp slot)
+        self.spatial_attn = RoPE3DAttention(hidden_size, num_heads, qk_norm="rms")
+        self.temporal_attn = CausalTemporalAttention(hidden_size, num_heads, qk_norm="rms", rope=True,
+                                                     rope_theta=rope_theta, causal=causal_temporal)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, text_dim)
+        self.ffn = GEGLU(hidden_size, mlp_ratio)
+
+    def forward(self, x: Tensor, c: Tensor, text: Tensor, grid: tuple[int, int, int],
+                rope2d: tuple[Tensor, Tensor]) -> Tensor:
+        B, N, D = x.shape
+        T, S = grid[0], grid[1] * grid[2]
+        p1 = self.adaln1(c)
+        # spatial attention: every frame is a sequence of S tokens
+        h = self.adaln1.modulate_msa(x, p1).view(B * T, S, D)
+        a = self.spatial_attn(h, *rope2d).view(B, N, D)
+        x, h = self.adaln1.residual_mlp(x, a, p1)       # x += gate * a; h = modulate(norm(x))
+        x = self.adaln1.residual_out(x, self.temporal_attn(h, T, S), p1)
+        p2 = self.adaln2(c)
+        a = self.cross_attn(self.adaln2.modulate_msa(x, p2), text)
+        x, h = self.adaln2.residual_mlp(x, a, p2)
+        return self.adaln2.residual_out(x, self.ffn(h), p2)
+
+
+class LatentVideoDiT(nn.Module):
+    """Latent video DiT predicting the flow-matching velocity.
+
+    ``forward(x [B, T, C, H, W], t [B] in [0, 1], text [B, L, text_dim]) -> [B, T, C_out, H, W]``.
+    Any H, W divisible by the spatial patch and T divisible by the temporal patch.
+    """
+
+    def __init__(self, config: Optional[LatentVideoDiTConfig] = None, **kwargs):
+        super().__init__()
+        config = config or LatentVideoDiTConfig(**kwargs)
+        if config.out_channels is None:
+            config.out_channels = config.in_channels
+        config.patch_size = tuple(config.patch_size)
+        if config.hidden_size % config.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        self.config = config
+        self.backend = config.backend
+        D = config.hidden_size
+        self.head_dim = D // config.num_heads
+        if self.head_dim % 4:
+            raise ValueError("head_dim must be divisible by 4 (2D RoPE over h and w)")
+        self.x_embedder = PatchEmbed3D(config.patch_size, config.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.text_pool = nn.Sequential(nn.Linear(config.text_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.blocks = nn.ModuleList([
+            LatentVideoDiTBlock(D, config.num_heads, config.text_dim, config.mlp_ratio,
+                                config.causal_temporal, config.rope_theta)
+            for _ in range(config.depth)])
+        pt, ph, pw = config.patch_size
+        self.final_layer = FinalLayer(D, pt * ph * pw * config.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT initialisation: xavier linears, zero AdaLN/final (done in their modules)."""
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and "adaln" not in name and "final_layer" not in name:
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+    def _check_text(self, text: Tensor, B: int):
+        if text.dim() != 3 or text.shape[-1] != self.config.text_dim:
+            raise ValueError(f"text embeddings must be [B, L, {self.config.text_dim}], got {tuple(text.shape)}")
+        if text.shape[0] not in (1, B):
+            raise ValueError(f"text batch {text.shape[0]} does not match the latent batch {B}")
+
+    def forward(self, x: Tensor, t: Tensor, text: Tensor) -> Tensor:
+        grid = self.x_embedder.grid(x)
+        B = x.shape[0]
+        self._check_text(text, B)
+        text = text.expand(B, -1, -1)
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+        if t.dim() == 0:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"t must be a scalar or [B]={B}, got shape {tuple(t.shape)}")
+        with backend_scope(self.backend):
+            h = self.x_embedder(x)
+            c = self.t_embedder(t) + self.text_pool(text.mean(dim=1))
+            cos, sin = vk.rope3d_freqs(1, grid[1], grid[2], self.head_dim,
+                                       axes_dims=(0, self.head_dim // 2, self.head_dim // 2),
+                                       theta=self.config.rope_theta, device=x.device)
+            for block in self.blocks:
+                h = block(h, c, text, grid, (cos, sin))
+            h = self.final_layer(h, c)
+        return unpatchify(h, grid, self.config.patch_size, self.config.out_channels)
+
+
+def _preset(name: str):
+    def build(**kwargs) -> LatentVideoDiT:
+        hidden, depth, heads = LATENT_VIDEO_DIT_PRESETS[name]
+        return LatentVideoDiT(LatentVideoDiTConfig(hidden_size=hidden, depth=depth, num_heads=heads, **kwargs))
+    build.__name__ = f"LatentVideoDiT_{name}"
+    build.__doc__ = f"LatentVideoDiT-{name}: hidden/depth/heads = {LATENT_VIDEO_DIT_PRESETS[name]}."
+    return build
+
+
+LatentVideoDiT_S = _preset("S")
+LatentVideoDiT_M = _preset("M")
+LatentVideoDiT_L = _preset("L")
+LatentVideoDiT_XL = _preset("XL")

@@ -1,0 +1,157 @@
+"""Building blocks shared by the vidgen models.
+
+Every attention and AdaLN computation goes through the public ``vidgen_kernels`` API
+(``rope3d_attention``, ``adaln_modulate``, ``nn.AdaLNZero``, ``nn.RoPE3DAttention``,
+``nn.CausalTemporalAttention``), so the kernel backend follows ``vidgen_kernels.use_backend``;
+the models wrap their forward in :func:`backend_scope` so that ``backend="reference"`` gives the
+pure-PyTorch path of the same model.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import vidgen_kernels as vk
+
+
+def backend_scope(backend: Optional[str]):
+    """``vidgen_kernels.use_backend(backend)``, or a no-op for ``None`` (the package default)."""
+    return vk.use_backend(backend) if backend is not None else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding layers
+# ---------------------------------------------------------------------------------------------
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps ``t`` (any shape) -> ``[*t, dim]``.
+
+    Flow-matching times in ``[0, 1]`` are scaled by 1000 by the caller (as SD3) so that the
+    frequencies spread over the usual range.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[..., None] * freqs
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[..., :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features -> MLP (DiT). ``t`` ``[B]`` (or ``[B, T]`` per frame) in ``[0, 1]``."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, t_scale: float = 1000.0):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+        self.frequency_embedding_size = frequency_embedding_size
+        self.t_scale = t_scale
+
+    def forward(self, t: Tensor) -> Tensor:
+        freq = timestep_embedding(t * self.t_scale, self.frequency_embedding_size)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class PatchEmbed3D(nn.Module):
+    """Spacetime patchify: ``[B, T, C, H, W]`` -> tokens ``[B, (T/pt)*(H/ph)*(W/pw), D]``,
+    frame-major (t, then h, then w)."""
+
+    def __init__(self, patch_size=(1, 2, 2), in_channels: int = 4, hidden_size: int = 512):
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.in_channels = in_channels
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def grid(self, x: Tensor) -> tuple[int, int, int]:
+        """Validate ``x`` ``[B, T, C, H, W]`` and return the token grid ``(T', H', W')``."""
+        if x.dim() != 5:
+            raise ValueError(f"expected a video tensor [B, T, C, H, W], got shape {tuple(x.shape)}")
+        B, T, C, H, W = x.shape
+        pt, ph, pw = self.patch_size
+        if C != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} channels, got {C} (shape {tuple(x.shape)})")
+        if H % ph or W % pw:
+            raise ValueError(f"latent H, W = ({H}, {W}) must be divisible by the patch size ({ph}, {pw})")
+        if T % pt:
+            raise ValueError(f"latent frame count {T} must be divisible by the temporal patch {pt}")
+        return T // pt, H // ph, W // pw
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.grid(x)
+        y = self.proj(x.transpose(1, 2))  # [B, D, T', H', W']
+        return y.flatten(2).transpose(1, 2)
+
+
+def unpatchify(x: Tensor, grid: tuple[int, int, int], patch_size, channels: int) -> Tensor:
+    """Inverse of :class:`PatchEmbed3D`: ``[B, N, pt*ph*pw*C]`` -> ``[B, T, C, H, W]``."""
+    B = x.shape[0]
+    t, h, w = grid
+    pt, ph, pw = patch_size
+    x = x.reshape(B, t, h, w, pt, ph, pw, channels)
+    x = x.permute(0, 1, 4, 7, 2, 5, 3, 6)  # B, t, pt, C, h, ph, w, pw
+    return x.reshape(B, t * pt, channels, h * ph, w * pw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention and feed-forward
+# ---------------------------------------------------------------------------------------------
+class CrossAttention(nn.Module):
+    """Queries from the tokens, keys/values from the text (no RoPE), via
+    ``vidgen_kernels.rope3d_attention`` without tables (plain attention, ``S_k != S_q``)."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int, *, qk_norm: Optional[str] = "rms"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.context_dim = context_dim
+        norm = {"rms": nn.RMSNorm, "layer": nn.LayerNorm}.get(qk_norm) if qk_norm else None
+        self.norm_q = norm(self.head_dim, eps=1e-6) if norm else nn.Identity()
+        self.norm_k = norm(self.head_dim, eps=1e-6) if norm else nn.Identity()
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        B, N, C = x.shape
+        L = context.shape[1]
+        q = self.norm_q(self.q(x).view(B, N, self.num_heads, self.head_dim))
+        k, v = self.kv(context).view(B, L, 2, self.num_heads, self.head_dim).unbind(2)
+        out = vk.rope3d_attention(q, self.norm_k(k), v)
+        return self.proj(out.reshape(B, N, C))
+
+
+class GEGLU(nn.Module):
+    """``Linear(d, 2h) -> a * gelu(b) -> Linear(h, d)`` (the GEGLU FFN of Shazeer 2020)."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(dim * mlp_ratio * 2 / 3)  # keep the parameter count of a 4x MLP
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(a * F.gelu(b, approximate="tanh"))
+
+
+class FinalLayer(nn.Module):
+    """DiT's final layer: adaLN (shift, scale; zero-init) -> Linear (zero-init)."""
+
+    def __init__(self, hidden_size: int, out_features: int, cond_dim: Optional[int] = None):
+        super().__init__()
+        cond_dim = cond_dim or hidden_size
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * hidden_size))
+        self.linear = nn.Linear(hidden_size, out_features)
+        for lin in (self.adaLN_modulation[-1], self.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(vk.adaln_modulate(x, shift, scale, eps=1e-6))

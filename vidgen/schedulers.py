@@ -1,0 +1,208 @@
+"""Noise schedulers: rectified flow matching and DDPM/DDIM.
+
+Conventions (all tensors broadcast over a leading batch dimension; ``t`` is ``[B]`` or a scalar,
+or ``[B, T]`` per-frame timesteps for video tensors ``[B, T, C, H, W]``):
+
+* :class:`FlowMatchingScheduler` (SD3 / Flux / Wan): ``x_t = (1 - t) x_0 + t * noise`` with
+  ``t`` in ``[0, 1]`` (``t = 1`` is pure noise); the model predicts the velocity
+  ``v = noise - x_0``; sampling integrates ``dx/dt = v`` with Euler steps from ``t = 1`` to 0.
+  ``shift`` warps the timesteps as SD3: ``t' = shift * t / (1 + (shift - 1) * t)``.
+* :class:`DDPMScheduler` (Ho et al. 2020, Nichol & Dhariwal 2021): discrete steps
+  ``0 .. N-1``, ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``; ``"epsilon"`` or
+  ``"v_prediction"`` (``v = sqrt(abar) eps - sqrt(1 - abar) x_0``); ancestral DDPM steps and
+  deterministic DDIM steps (eta 0); Min-SNR-gamma loss weights (Hang et al. 2023).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["FlowMatchingScheduler", "DDPMScheduler"]
+
+
+def _expand(t: Tensor, x: Tensor) -> Tensor:
+    """Broadcast ``t`` (scalar, ``[B]`` or per-frame ``[B, T]``) against ``x`` ``[B, ...]``."""
+    t = torch.as_tensor(t, device=x.device)
+    if t.dim() == 0:
+        return t.to(x.dtype) if t.is_floating_point() else t
+    return t.reshape(*t.shape, *([1] * (x.dim() - t.dim())))
+
+
+class FlowMatchingScheduler:
+    """Rectified-flow scheduler.
+
+    Args:
+        num_inference_steps: default number of Euler steps of :meth:`timesteps`.
+        shift: timestep shift (1.0: none; SD3 uses 3.0 at 1024px); > 1 spends more steps at
+            high noise.
+    """
+
+    def __init__(self, num_inference_steps: int = 50, shift: float = 1.0):
+        if shift <= 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        self.num_inference_steps = num_inference_steps
+        self.shift = float(shift)
+
+    def shift_t(self, t: Tensor) -> Tensor:
+        """``shift * t / (1 + (shift - 1) * t)`` (identity for shift 1)."""
+        s = self.shift
+        return s * t / (1 + (s - 1) * t)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """``x_t = (1 - t) x_0 + t * noise``."""
+        t = _expand(t, x0).to(x0.dtype)
+        return (1 - t) * x0 + t * noise
+
+    @staticmethod
+    def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
+        """The regression target of the model: ``noise - x_0``."""
+        return noise - x0
+
+    def sample_t(self, batch: int, *, generator: Optional[torch.Generator] = None,
+                 device=None, logit_normal: bool = False) -> Tensor:
+        """Training timesteps ``[B]`` in (0, 1): uniform (or logit-normal, SD3), then shifted."""
+        if logit_normal:
+            t = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+        else:
+            t = torch.rand(batch, generator=generator, device=device)
+        return self.shift_t(t)
+
+    def timesteps(self, num_inference_steps: Optional[int] = None, device=None) -> Tensor:
+        """``N + 1`` decreasing times from 1 to 0 (shifted): step ``i`` goes ``t[i] -> t[i+1]``."""
+        n = num_inference_steps or self.num_inference_steps
+        if n < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {n}")
+        return self.shift_t(torch.linspace(1.0, 0.0, n + 1, device=device))
+
+    @staticmethod
+    def step(velocity: Tensor, t: Tensor, t_next: Tensor, x_t: Tensor) -> Tensor:
+        """One Euler step ``x_{t_next} = x_t + (t_next - t) * v``."""
+        dt = _expand(t_next, x_t) - _expand(t, x_t)
+        return x_t + dt * velocity
+
+    @staticmethod
+    def predict_x0(velocity: Tensor, t: Tensor, x_t: Tensor) -> Tensor:
+        """``x_0 = x_t - t * v``."""
+        return x_t - _expand(t, x_t) * velocity
+
+
+def _cosine_betas(n: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Nichol & Dhariwal: ``abar(t) = cos^2(((t/N) + s) / (1 + s) * pi/2) / abar(0)``."""
+    f = lambda t: math.cos((t / n + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    return torch.tensor([min(1 - f(i + 1) / f(i), max_beta) for i in range(n)], dtype=torch.float64)
+
+
+class DDPMScheduler:
+    """Discrete-time diffusion (DDPM training / ancestral sampling, DDIM sampling).
+
+    Args:
+        num_train_timesteps: ``N``.
+        beta_schedule: ``"linear"`` (``beta_start .. beta_end``) or ``"cosine"`` (squaredcos_cap_v2).
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+    Attributes (float64, length N): ``betas``, ``alphas``, ``alphas_cumprod``.
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
+                 beta_start: float = 1e-4, beta_end: float = 0.02,
+                 prediction_type: str = "epsilon"):
+        if beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+        elif beta_schedule == "cosine":
+            betas = _cosine_betas(num_train_timesteps)
+        else:
+            raise ValueError(f"beta_schedule must be 'linear' or 'cosine', got {beta_schedule!r}")
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        self.num_train_timesteps = num_train_timesteps
+        self.beta_schedule = beta_schedule
+        self.prediction_type = prediction_type
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _abar(self, t: Tensor, like: Tensor) -> Tensor:
+        """``abar_t`` broadcast to ``like``; ``t < 0`` means ``abar = 1`` (the clean sample)."""
+        t = torch.as_tensor(t, device=self.alphas_cumprod.device).long()
+        ab = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones((), dtype=torch.float64))
+        return _expand(ab.to(device=like.device, dtype=like.dtype), like)
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio ``abar / (1 - abar)`` at integer steps ``t``."""
+        ab = self.alphas_cumprod[torch.as_tensor(t).long()]
+        return ab / (1 - ab)
+
+    # -- training ------------------------------------------------------------------------------
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """``sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise``."""
+        ab = self._abar(t, x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def get_velocity(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """``v = sqrt(abar) noise - sqrt(1 - abar) x_0``."""
+        ab = self._abar(t, x0)
+        return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The regression target for :attr:`prediction_type`."""
+        return noise if self.prediction_type == "epsilon" else self.get_velocity(x0, noise, t)
+
+    def min_snr_weights(self, t: Tensor, gamma: float = 5.0) -> Tensor:
+        """Min-SNR-gamma weights per sample: ``min(SNR, gamma) / SNR`` (epsilon) or
+        ``min(SNR, gamma) / (SNR + 1)`` (v-prediction)."""
+        snr = self.snr(t)
+        w = torch.clamp(snr, max=gamma)
+        w = w / snr if self.prediction_type == "epsilon" else w / (snr + 1)
+        return w.float()
+
+    def sample_t(self, batch: int, *, generator=None, device=None) -> Tensor:
+        return torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=device)
+
+    # -- sampling ------------------------------------------------------------------------------
+    def pred_x0_eps(self, model_output: Tensor, t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_0, eps)`` implied by the model output at step ``t``."""
+        ab = self._abar(t, x_t)
+        a, s = ab.sqrt(), (1 - ab).sqrt()
+        if self.prediction_type == "epsilon":
+            eps = model_output
+            x0 = (x_t - s * eps) / a
+        else:  # v = a eps - s x0  =>  x0 = a x_t - s v, eps = s x_t + a v
+            x0 = a * x_t - s * model_output
+            eps = s * x_t + a * model_output
+        return x0, eps
+
+    def timesteps(self, num_inference_steps: int, device=None) -> Tensor:
+        """Evenly spaced decreasing integer steps (``"leading"`` spacing, ends at 0)."""
+        if not 1 <= num_inference_steps <= self.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be in [1, {self.num_train_timesteps}]")
+        ratio = self.num_train_timesteps // num_inference_steps
+        return (torch.arange(num_inference_steps, device=device) * ratio).flip(0)
+
+    def ddim_step(self, model_output: Tensor, t: Tensor, t_prev: Tensor, x_t: Tensor) -> Tensor:
+        """Deterministic DDIM (eta 0): ``x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev) eps``;
+        ``t_prev = -1`` returns ``x_0``."""
+        x0, eps = self.pred_x0_eps(model_output, t, x_t)
+        ab_prev = self._abar(t_prev, x_t)
+        return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+
+    def ddpm_step(self, model_output: Tensor, t: Tensor, x_t: Tensor, t_prev: Optional[Tensor] = None,
+                  *, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Ancestral step ``t -> t_prev`` (default ``t - 1``) from the posterior
+        ``q(x_prev | x_t, x_0)``: mean ``c0 x_0 + ct x_t``, variance
+        ``(1 - abar_prev) / (1 - abar_t) * beta``, with ``beta = 1 - abar_t / abar_prev``.
+        No noise is added when ``t_prev < 0``."""
+        t = torch.as_tensor(t, device=x_t.device)
+        t_prev = t - 1 if t_prev is None else torch.as_tensor(t_prev, device=x_t.device)
+        x0, _ = self.pred_x0_eps(model_output, t, x_t)
+        ab, ab_prev = self._abar(t, x_t), self._abar(t_prev, x_t)
+        beta = 1 - ab / ab_prev
+        c0 = ab_prev.sqrt() * beta / (1 - ab)
+        ct = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
+        mean = c0 * x0 + ct * x_t
+        var = (1 - ab_prev) / (1 - ab) * beta
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        nonzero = _expand((t_prev >= 0).to(x_t.dtype), x_t)
+        return mean + nonzero * var.clamp(min=1e-20).sqrt() * noise

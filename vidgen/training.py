@@ -1,0 +1,157 @@
+"""Training utilities: CFG null-condition dropout, EMA, flow-matching loss, AdamW set-up,
+checkpoints (safetensors when installed, else ``torch.save``), and a progress bar (tqdm when
+installed, else a plain printer)."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .schedulers import FlowMatchingScheduler
+
+try:  # optional
+    import safetensors.torch as _st
+except ImportError:  # pragma: no cover - depends on the environment
+    _st = None
+
+try:  # optional
+    from tqdm.auto import tqdm as _tqdm
+except ImportError:  # pragma: no cover
+    _tqdm = None
+
+__all__ = ["EMA", "cfg_dropout", "flow_matching_loss", "make_optimizer", "save_checkpoint",
+           "load_checkpoint", "progress", "HAS_SAFETENSORS"]
+
+HAS_SAFETENSORS = _st is not None
+
+
+def cfg_dropout(text: Tensor, null_text: Tensor, p: float = 0.1,
+                generator: Optional[torch.Generator] = None) -> Tensor:
+    """Replace each sample's condition ``text [B, L, D]`` by ``null_text`` (``[1 or B, L, D]``)
+    with probability ``p`` (classifier-free guidance training)."""
+    if p <= 0:
+        return text
+    drop = torch.rand(text.shape[0], generator=generator, device=text.device) < p
+    return torch.where(drop[:, None, None], null_text.expand_as(text).to(text.dtype), text)
+
+
+def flow_matching_loss(model: nn.Module, x0: Tensor, text: Tensor, scheduler: FlowMatchingScheduler,
+                       generator: Optional[torch.Generator] = None) -> Tensor:
+    """MSE between ``model(x_t, t, text)`` and the velocity ``noise - x0``."""
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    t = scheduler.sample_t(x0.shape[0], generator=generator, device=x0.device)
+    x_t = scheduler.add_noise(x0, noise, t)
+    return F.mse_loss(model(x_t, t, text), scheduler.velocity_target(x0, noise))
+
+
+def make_optimizer(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers copied).
+
+    ``decay_t = min(decay, (1 + n) / (10 + n))`` after ``n`` updates (warm-up), so that a short
+    training run is not dominated by the initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.num_updates = 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for pe, p in zip(self.model.parameters(), model.parameters()):
+            pe.lerp_(p.detach(), 1 - d)
+        for be, b in zip(self.model.buffers(), model.buffers()):
+            be.copy_(b)
+
+    def state_dict(self):
+        return {"decay": self.decay, "num_updates": self.num_updates, "model": self.model.state_dict()}
+
+    def load_state_dict(self, sd):
+        self.decay, self.num_updates = sd["decay"], sd["num_updates"]
+        self.model.load_state_dict(sd["model"])
+
+
+def save_checkpoint(path: str, model: nn.Module, *, config: Optional[dict] = None) -> str:
+    """Save ``model``'s weights (+ a JSON ``config``): ``.safetensors`` when safetensors is
+    installed and ``path`` ends with it, else ``torch.save``. Returns the path written."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"config": json.dumps(config or {}, default=str)}
+    if path.endswith(".safetensors"):
+        if _st is None:
+            path = path[: -len(".safetensors")] + ".pt"
+        else:
+            _st.save_file(sd, path, metadata=meta)
+            return path
+    torch.save({"state_dict": sd, **meta}, path)
+    return path
+
+
+def load_checkpoint(path: str, model: Optional[nn.Module] = None, map_location="cpu"):
+    """Load weights written by :func:`save_checkpoint` (into ``model`` if given).
+    Returns ``(state_dict, config dict)``."""
+    if path.endswith(".safetensors"):
+        if _st is None:
+            raise RuntimeError("safetensors is not installed; cannot read " + path)
+        sd = _st.load_file(path, device=str(map_location))
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            cfg = json.loads((f.metadata() or {}).get("config", "{}"))
+    else:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+        sd, cfg = obj["state_dict"], json.loads(obj.get("config", "{}"))
+    if model is not None:
+        model.load_state_dict(sd)
+    return sd, cfg
+
+
+class _Printer:
+    """Minimal progress bar used when tqdm is missing: prints ~10 lines per phase."""
+
+    def __init__(self, iterable=None, total=None, desc="", disable=False):
+        self.iterable, self.desc, self.disable = iterable, desc, disable
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n, self.t0, self.postfix = 0, time.time(), ""
+        self._next = 0
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def set_postfix_str(self, s: str):
+        self.postfix = s
+
+    def update(self, k: int = 1):
+        self.n += k
+        if self.disable or self.total is None:
+            return
+        if self.n >= self._next or self.n == self.total:
+            self._next = self.n + max(1, self.total // 10)
+            el = time.time() - self.t0
+            print(f"{self.desc}: {self.n}/{self.total} [{el:.1f}s] {self.postfix}", file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+def progress(iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "",
+             disable: bool = False):
+    """tqdm if installed, else a plain printer with the same small interface."""
+    if _tqdm is not None:
+        return _tqdm(iterable, total=total, desc=desc, disable=disable)
+    return _Printer(iterable, total=total, desc=desc, disable=disable)

@@ -1,0 +1,475 @@
+"""Patch diffusers' CogVideoX and Wan transformers with the fused vidgen_kernels ops.
+
+Usage::
+
+    from vidgen_kernels.integrations import diffusers as vk_diffusers
+    vk_diffusers.apply(pipe.transformer)      # in place; returns the model
+    vk_diffusers.remove(pipe.transformer)     # back to the original modules / processors
+
+What is patched (weights, parameter names, dtypes and devices are unchanged; parameters are
+shared with, not copied from, the original modules):
+
+``CogVideoXTransformer3DModel``
+    * ``attn1`` of every block (``CogVideoXAttnProcessor2_0``): a processor that projects q/k/v,
+      applies the QK LayerNorm and calls :func:`vidgen_kernels.rope3d_attention` on ``[B, S, H, D]``
+      views with the model's own ``image_rotary_emb`` (diffusers' ``[S_video, D]`` repeated
+      layout, integer or fractional positions), ``rope_offset`` = text length, interleaved pairs.
+      Without ``image_rotary_emb`` (CogVideoX-2B: sin-cos position embedding) it is plain flash
+      attention.
+    * ``norm1`` / ``norm2`` (``CogVideoXLayerNormZero``): :class:`FusedCogVideoXLayerNormZero`
+      (same ``silu`` / ``linear`` / ``norm`` submodules), modulation by
+      :func:`vidgen_kernels.adaln_modulate`.
+    * the block forward: the attention residual ``h + gate * attn`` and ``norm2`` fused into
+      :func:`vidgen_kernels.gated_residual_adaln` (text and video streams).
+    * ``norm_out`` (``AdaLayerNorm`` with ``chunk_dim=1``): modulation by ``adaln_modulate``.
+
+``WanTransformer3DModel``
+    * ``attn1`` (self-attention, ``WanAttnProcessor``): QK RMSNorm across heads as diffusers, then
+      ``rope3d_attention`` with Wan's table (``freqs_cos[..., 0::2]``, ``freqs_sin[..., 1::2]``,
+      exactly the angles Wan's own rotation reads), interleaved pairs, ``rope_offset=0``.
+    * ``attn2`` (text cross-attention, text-to-video models): ``rope3d_attention`` with
+      ``cos=None`` (k/v have the text length).
+    * the block forward: the two AdaLN modulations (``norm1`` / ``norm3``, FP32LayerNorm + fp32
+      shift/scale, per-sample or Wan 2.2 per-token) by ``adaln_modulate``; residuals as diffusers.
+
+Left unpatched, with a ``warnings.warn`` naming the module and the reason: processors of another
+class (fused-QKV, user-chosen ones), Wan processors with an attention backend or a context-parallel
+config set, Wan image-to-video cross-attention (``add_k_proj``), blocks whose ``forward`` already
+carries a hook, norms whose configuration differs from the ones above. At run time an
+``attention_mask`` (not supported by the kernels), and for Wan an attention backend or
+context-parallel config set after ``apply`` (``model.set_attention_backend``,
+``enable_parallelism``), make the patched processor call the original one, with a warning.
+
+diffusers is imported lazily, only by :func:`apply`.
+"""
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+import vidgen_kernels as vk
+
+__all__ = ["apply", "remove", "is_patched", "FusedCogVideoXLayerNormZero", "FusedAdaLayerNorm"]
+
+_STATE = "_vidgen_kernels_diffusers_patch"
+
+
+def _warn(name: str, reason: str, stacklevel: int = 4):
+    # stacklevel: the caller of apply()
+    warnings.warn(f"vidgen_kernels.integrations.diffusers: left {name} unpatched: {reason}",
+                  stacklevel=stacklevel)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention processors
+# ----------------------------------------------------------------------------------------------
+class _FallbackMixin:
+    def _fallback(self, reason: str):
+        if not self._warned:
+            warnings.warn(f"vidgen_kernels.integrations.diffusers: {type(self).__name__} falls back "
+                          f"to the original {type(self.original).__name__}: {reason}", stacklevel=4)
+            self._warned = True
+
+
+class CogVideoXRoPE3DAttnProcessor(_FallbackMixin):
+    """CogVideoX joint text+video self-attention on :func:`vidgen_kernels.rope3d_attention`."""
+
+    def __init__(self, original, backend: Optional[str] = None):
+        self.original = original
+        self.backend = backend
+        self._warned = False
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor] = None,
+                 image_rotary_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if attention_mask is not None:
+            self._fallback("attention_mask is not supported by rope3d_attention")
+            return self.original(attn, hidden_states, encoder_hidden_states,
+                                 attention_mask=attention_mask, image_rotary_emb=image_rotary_emb)
+        text_len = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        b = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(b, -1, attn.heads, head_dim)  # [B, S, H, D]
+        key = key.view(b, -1, attn.heads, head_dim)
+        value = value.view(b, -1, attn.heads, head_dim)
+        if attn.norm_q is not None:  # LayerNorm over D: the same on [B, S, H, D] as on [B, H, S, D]
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        cos = sin = None
+        if image_rotary_emb is not None:
+            cos, sin = image_rotary_emb  # [S_video, D], diffusers' repeated layout
+            cos, sin = cos.to(query.device), sin.to(query.device)
+        out = vk.rope3d_attention(query, key, value, cos, sin, rope_offset=text_len,
+                                  interleaved=True, backend=self.backend)
+        out = out.reshape(b, -1, attn.heads * head_dim)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        encoder_out, out = out.split([text_len, out.size(1) - text_len], dim=1)
+        return out, encoder_out
+
+
+class WanRoPE3DAttnProcessor(_FallbackMixin):
+    """Wan self-attention (RoPE-3D) or text cross-attention on :func:`vidgen_kernels.rope3d_attention`."""
+
+    # set by diffusers' set_attention_backend / enable_parallelism after apply(): then the
+    # original processor (which honours them) runs instead
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, original, backend: Optional[str] = None):
+        self.original = original
+        self.backend = backend
+        self._warned = False
+
+    def __call__(self, attn, hidden_states: torch.Tensor,
+                 encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, rotary_emb=None) -> torch.Tensor:
+        if attention_mask is not None:
+            self._fallback("attention_mask is not supported by rope3d_attention")
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                 rotary_emb)
+        reason = None
+        if attn.add_k_proj is not None:  # not patched by apply(); guard for set_processor misuse
+            reason = "image-to-video added key/value branch"
+        elif self._attention_backend is not None or self._parallel_config is not None:
+            reason = "an attention backend or a context-parallel config was set after apply()"
+            self.original._attention_backend = self._attention_backend
+            self.original._parallel_config = self._parallel_config
+        if reason is not None:
+            self._fallback(reason)
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                 rotary_emb)
+        kv_in = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if getattr(attn, "fused_projections", False):
+            if not attn.is_cross_attention:
+                query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            else:
+                query = attn.to_q(hidden_states)
+                key, value = attn.to_kv(kv_in).chunk(2, dim=-1)
+        else:
+            query = attn.to_q(hidden_states)
+            key = attn.to_k(kv_in)
+            value = attn.to_v(kv_in)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        query = query.unflatten(2, (attn.heads, -1))  # [B, S, H, D]
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        cos = sin = None
+        if rotary_emb is not None:
+            freqs_cos, freqs_sin = rotary_emb  # [1, S, 1, D] each, repeated layout
+            # exactly the angles Wan's rotation reads: cos of even, sin of odd columns
+            cos = freqs_cos.reshape(freqs_cos.shape[-3], freqs_cos.shape[-1])[:, 0::2].contiguous()
+            sin = freqs_sin.reshape(freqs_sin.shape[-3], freqs_sin.shape[-1])[:, 1::2].contiguous()
+        out = vk.rope3d_attention(query, key, value, cos, sin, rope_offset=0, interleaved=True,
+                                  backend=self.backend)
+        out = out.flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# norm modules (same submodule names as diffusers: state_dict keys unchanged)
+# ----------------------------------------------------------------------------------------------
+class FusedCogVideoXLayerNormZero(nn.Module):
+    """diffusers' ``CogVideoXLayerNormZero`` on :func:`vidgen_kernels.adaln_modulate`.
+
+    Holds the original ``silu``, ``linear`` and ``norm`` submodules (shared parameters).
+    """
+
+    def __init__(self, original: nn.Module, backend: Optional[str] = None):
+        super().__init__()
+        self.silu = original.silu
+        self.linear = original.linear
+        self.norm = original.norm
+        self.backend = backend
+
+    def _kw(self):
+        return {"weight": self.norm.weight, "bias": self.norm.bias, "eps": self.norm.eps,
+                "norm": "layer", "backend": self.backend}
+
+    def chunks(self, temb: torch.Tensor):
+        return self.linear(self.silu(temb)).chunk(6, dim=1)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        shift, scale, gate, e_shift, e_scale, e_gate = self.chunks(temb)
+        kw = self._kw()
+        h = vk.adaln_modulate(hidden_states, shift, scale, **kw)
+        e = vk.adaln_modulate(encoder_hidden_states, e_shift, e_scale, **kw)
+        return h, e, gate[:, None, :], e_gate[:, None, :]
+
+    def forward_residual(self, hidden_states, encoder_hidden_states, attn_hidden_states,
+                         attn_encoder_hidden_states, gate, enc_gate, temb):
+        """``h = h + gate * attn`` (both streams) fused with this norm; returns
+        ``(h, enc_h, norm_h, norm_enc_h, gate2, enc_gate2)``."""
+        shift, scale, gate2, e_shift, e_scale, e_gate2 = self.chunks(temb)
+        kw = self._kw()
+        h, nh = vk.gated_residual_adaln(hidden_states, attn_hidden_states, gate, shift, scale, **kw)
+        e, ne = vk.gated_residual_adaln(encoder_hidden_states, attn_encoder_hidden_states,
+                                        enc_gate, e_shift, e_scale, **kw)
+        return h, e, nh, ne, gate2[:, None, :], e_gate2[:, None, :]
+
+
+class FusedAdaLayerNorm(nn.Module):
+    """diffusers' ``AdaLayerNorm`` with ``chunk_dim=1`` and no embedding table (CogVideoX's
+    ``norm_out``) on :func:`vidgen_kernels.adaln_modulate`; same submodules."""
+
+    def __init__(self, original: nn.Module, backend: Optional[str] = None):
+        super().__init__()
+        self.chunk_dim = original.chunk_dim
+        self.emb = original.emb
+        self.silu = original.silu
+        self.linear = original.linear
+        self.norm = original.norm
+        self.backend = backend
+
+    def forward(self, x, timestep=None, temb=None):
+        temb = self.linear(self.silu(temb))
+        shift, scale = temb.chunk(2, dim=1)
+        return vk.adaln_modulate(x, shift, scale, weight=self.norm.weight, bias=self.norm.bias,
+                                 eps=self.norm.eps, norm="layer", backend=self.backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# block forwards (bound per instance; removed by deleting the instance attribute)
+# ----------------------------------------------------------------------------------------------
+def _cogvideox_block_forward(self, hidden_states, encoder_hidden_states, temb,
+                             image_rotary_emb=None, attention_kwargs=None):
+    # diffusers CogVideoXBlock.forward with the attention residual fused into norm2
+    text_seq_length = encoder_hidden_states.size(1)
+    attention_kwargs = attention_kwargs or {}
+    norm_hidden_states, norm_encoder_hidden_states, gate_msa, enc_gate_msa = self.norm1(
+        hidden_states, encoder_hidden_states, temb)
+    attn_hidden_states, attn_encoder_hidden_states = self.attn1(
+        hidden_states=norm_hidden_states, encoder_hidden_states=norm_encoder_hidden_states,
+        image_rotary_emb=image_rotary_emb, **attention_kwargs)
+    (hidden_states, encoder_hidden_states, norm_hidden_states, norm_encoder_hidden_states,
+     gate_ff, enc_gate_ff) = self.norm2.forward_residual(
+        hidden_states, encoder_hidden_states, attn_hidden_states, attn_encoder_hidden_states,
+        gate_msa, enc_gate_msa, temb)
+    norm_hidden_states = torch.cat([norm_encoder_hidden_states, norm_hidden_states], dim=1)
+    ff_output = self.ff(norm_hidden_states)
+    hidden_states = hidden_states + gate_ff * ff_output[:, text_seq_length:]
+    encoder_hidden_states = encoder_hidden_states + enc_gate_ff * ff_output[:, :text_seq_length]
+    return hidden_states, encoder_hidden_states
+
+
+def _wan_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+    # diffusers WanTransformerBlock.forward with the two modulations on adaln_modulate
+    if temb.ndim == 4:  # [B, S, 6, C] (Wan 2.2 TI2V): per-token modulation
+        mods = (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
+        mods = [m.squeeze(2) for m in mods]
+    else:  # [B, 6, C]
+        mods = (self.scale_shift_table + temb.float()).chunk(6, dim=1)
+    shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mods
+    backend = self._vidgen_kernels_backend
+
+    def modulate(norm, x, shift, scale):
+        w = norm.weight.float() if norm.weight is not None else None
+        b = norm.bias.float() if norm.bias is not None else None
+        return vk.adaln_modulate(x, shift, scale, weight=w, bias=b, eps=norm.eps, norm="layer",
+                                 backend=backend)
+
+    norm_hidden_states = modulate(self.norm1, hidden_states, shift_msa, scale_msa)
+    attn_output = self.attn1(norm_hidden_states, None, None, rotary_emb)
+    hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
+    norm_hidden_states = self.norm2(hidden_states.float()).type_as(hidden_states)
+    attn_output = self.attn2(norm_hidden_states, encoder_hidden_states, None, None)
+    hidden_states = hidden_states + attn_output
+    norm_hidden_states = modulate(self.norm3, hidden_states, c_shift_msa, c_scale_msa)
+    ff_output = self.ffn(norm_hidden_states)
+    hidden_states = (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
+    return hidden_states
+
+
+# ----------------------------------------------------------------------------------------------
+# apply / remove
+# ----------------------------------------------------------------------------------------------
+class _Patch:
+    """What apply() changed, for remove(): (module, kind, name, original)."""
+
+    def __init__(self):
+        self.entries = []
+
+    def set_processor(self, module, new):
+        old = module.processor
+        module.set_processor(new)
+        self.entries.append((module, "processor", None, old))
+
+    def set_child(self, parent, name, new):
+        old = getattr(parent, name)
+        setattr(parent, name, new)
+        self.entries.append((parent, "child", name, old))
+
+    def set_forward(self, module, fn, **attrs):
+        module.forward = types.MethodType(fn, module)
+        for k, v in attrs.items():
+            setattr(module, k, v)
+        self.entries.append((module, "forward", tuple(attrs), None))
+
+
+def _forward_hooked(module) -> bool:
+    return "forward" in module.__dict__ or getattr(module, "_diffusers_hook", None) is not None
+
+
+def _layernorm_ok(norm) -> bool:
+    return type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
+
+
+def _apply_cogvideox(model, patch: _Patch, backend):
+    try:
+        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+        from diffusers.models.normalization import AdaLayerNorm, CogVideoXLayerNormZero
+        from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+    except ImportError as e:
+        _warn(type(model).__name__, f"this diffusers version lacks a class it needs ({e})")
+        return
+
+    for i, block in enumerate(model.transformer_blocks):
+        name = f"transformer_blocks.{i}"
+        attn = block.attn1
+        proc = attn.processor
+        if type(proc) is not CogVideoXAttnProcessor2_0:
+            _warn(f"{name}.attn1", f"processor {type(proc).__name__} is not "
+                  "CogVideoXAttnProcessor2_0 (e.g. fused QKV projections or a user processor)")
+        elif attn.is_cross_attention:
+            _warn(f"{name}.attn1", "cross-attention configuration")
+        elif attn.norm_q is not None and not _layernorm_ok(attn.norm_q) or \
+                attn.norm_k is not None and not _layernorm_ok(attn.norm_k):
+            _warn(f"{name}.attn1", f"QK norm {type(attn.norm_q).__name__} is not a LayerNorm")
+        else:
+            patch.set_processor(attn, CogVideoXRoPE3DAttnProcessor(proc, backend))
+
+        norms_ok = True
+        for nname in ("norm1", "norm2"):
+            norm = getattr(block, nname)
+            if type(norm) is not CogVideoXLayerNormZero:
+                _warn(f"{name}.{nname}", f"{type(norm).__name__} is not CogVideoXLayerNormZero")
+                norms_ok = False
+            elif not _layernorm_ok(norm.norm):
+                _warn(f"{name}.{nname}", "its norm is not a plain nn.LayerNorm")
+                norms_ok = False
+            else:
+                patch.set_child(block, nname, FusedCogVideoXLayerNormZero(norm, backend))
+        if not norms_ok:
+            continue
+        if type(block) is not CogVideoXBlock or _forward_hooked(block):
+            _warn(f"{name} (fused gated residual)", "the block is a subclass or its forward "
+                  "carries a hook; the norms are patched, the residual stays unfused")
+        else:
+            patch.set_forward(block, _cogvideox_block_forward)
+
+    norm_out = getattr(model, "norm_out", None)
+    if norm_out is not None:
+        if (type(norm_out) is AdaLayerNorm and norm_out.chunk_dim == 1 and norm_out.emb is None
+                and _layernorm_ok(norm_out.norm)):
+            patch.set_child(model, "norm_out", FusedAdaLayerNorm(norm_out, backend))
+        else:
+            _warn("norm_out", "not an AdaLayerNorm(chunk_dim=1) without embedding table")
+
+
+def _apply_wan(model, patch: _Patch, backend):
+    try:
+        from diffusers.models.normalization import FP32LayerNorm
+        from diffusers.models.transformers.transformer_wan import (WanAttnProcessor,
+                                                                   WanTransformerBlock)
+    except ImportError as e:
+        _warn(type(model).__name__, f"this diffusers version lacks a class it needs ({e})")
+        return
+
+    for i, block in enumerate(model.blocks):
+        name = f"blocks.{i}"
+        for aname in ("attn1", "attn2"):
+            attn = getattr(block, aname)
+            proc = attn.processor
+            reason = None
+            if type(proc) is not WanAttnProcessor:
+                reason = f"processor {type(proc).__name__} is not WanAttnProcessor"
+            elif getattr(proc, "_attention_backend", None) is not None:
+                reason = f"attention backend {proc._attention_backend!r} was chosen for it"
+            elif getattr(proc, "_parallel_config", None) is not None:
+                reason = "context-parallel config set"
+            elif attn.add_k_proj is not None:
+                reason = "image-to-video cross-attention (added image key/value branch)"
+            elif attn.kv_inner_dim != attn.inner_dim:
+                reason = "key/value head dim differs from the query head dim"
+            elif aname == "attn1" and attn.is_cross_attention:
+                reason = "attn1 is configured as cross-attention"
+            if reason:
+                _warn(f"{name}.{aname}", reason)
+            else:
+                patch.set_processor(attn, WanRoPE3DAttnProcessor(proc, backend))
+        reason = None
+        if type(block) is not WanTransformerBlock:
+            reason = f"{type(block).__name__} is not WanTransformerBlock"
+        elif _forward_hooked(block):
+            reason = "its forward carries a hook"
+        elif not all(type(getattr(block, n)) is FP32LayerNorm for n in ("norm1", "norm3")):
+            reason = "norm1/norm3 are not FP32LayerNorm"
+        if reason:
+            _warn(f"{name} (AdaLN modulation)", reason)
+        else:
+            patch.set_forward(block, _wan_block_forward, _vidgen_kernels_backend=backend)
+
+
+def apply(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
+    """Patch a diffusers ``CogVideoXTransformer3DModel`` or ``WanTransformer3DModel`` in place.
+
+    Args:
+        model: the transformer (e.g. ``pipe.transformer``).
+        backend: passed to every kernel call (``None``: the current default, see
+            ``vidgen_kernels.backends``; ``"cpu"``, ``"reference"``, ``"triton"``, ...).
+    Returns:
+        ``model``. Applying twice is a no-op (the first patch is kept). Unsupported modules are
+        left as they are with a warning naming them.
+    """
+    import diffusers  # noqa: F401  (lazy: the core package never imports diffusers)
+    from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
+
+    if getattr(model, _STATE, None) is not None:
+        return model
+    patch = _Patch()
+    if isinstance(model, CogVideoXTransformer3DModel):
+        _apply_cogvideox(model, patch, backend)
+    elif isinstance(model, WanTransformer3DModel):
+        _apply_wan(model, patch, backend)
+    else:
+        _warn(type(model).__name__, "only CogVideoXTransformer3DModel and WanTransformer3DModel "
+              "are supported", stacklevel=3)
+        return model
+    object.__setattr__(model, _STATE, patch)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply`: the original processors, modules and forwards are put back (the same
+    objects), so outputs are bit-identical to the unpatched model. No-op on an unpatched model."""
+    patch = getattr(model, _STATE, None)
+    if patch is None:
+        return model
+    for module, kind, name, old in reversed(patch.entries):
+        if kind == "processor":
+            module.set_processor(old)
+        elif kind == "child":
+            setattr(module, name, old)
+        else:
+            del module.forward
+            for k in name:
+                delattr(module, k)
+    object.__delattr__(model, _STATE)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether :func:`apply` patched ``model`` (and :func:`remove` has not undone it)."""
+    return getattr(model, _STATE, None) is not None

@@ -1,0 +1,107 @@
+"""``MoEFFN``: the seed's image MoE (top-k of E experts plus an always-on shared expert) and its
+temporal MoE (router input plus a projection of a temporal context), on ``moe_ffn``."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.moe import ACTIVATIONS, GATED, _act_module_fn, moe_ffn
+
+__all__ = ["MoEFFN"]
+
+
+class MoEFFN(nn.Module):
+    """Mixture-of-Experts feed-forward block.
+
+    ``forward(x [..., hidden], context=None) -> out [..., hidden]`` (x's dtype). After each call
+    the module exposes ``aux_loss`` (Switch load-balancing loss), ``z_loss`` (router z-loss) and
+    ``tokens_per_expert`` (``[E]`` int64) of that call, and ``last_output`` (the full
+    ``MoEOutput`` of the routed part). Add ``aux_loss`` / ``z_loss`` (scaled) to the training loss.
+
+    Args:
+        hidden: model width C.
+        intermediate: expert hidden width F.
+        num_experts: E.
+        top_k: experts per token (seed: 2 of 4).
+        activation: one of ``vidgen_kernels.ops.moe.ACTIVATIONS`` (gated ones double ``w1``).
+        shared_expert: add an always-on dense FFN of the same shape (the seed's image MoE).
+        context_router: the router sees ``x + context_proj(context)`` (the seed's temporal MoE);
+            ``context`` ``[..., context_dim]`` broadcastable to x's leading dims, required in
+            ``forward``. ``context_proj`` is zero-initialised (the router starts as the plain one).
+        context_dim: width of the context (default ``hidden``).
+        bias: expert biases ``b1`` ``[E, F]`` (``[E, 2F]``) and ``b2`` ``[E, C]``.
+        normalize_weights: renormalise the top-k router weights to sum to 1.
+        backend: passed to ``moe_ffn`` (None: the current default).
+
+    Parameters: ``router`` (``Linear(hidden, E, bias=False)``), ``w1`` ``[E, C, F or 2F]``,
+    ``w2`` ``[E, F, C]``, ``b1``, ``b2``, ``shared_fc1`` / ``shared_fc2`` (Linear), ``context_proj``.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int = 2,
+                 activation: str = "gelu", shared_expert: bool = True,
+                 context_router: bool = False, *, context_dim: Optional[int] = None,
+                 bias: bool = True, normalize_weights: bool = True,
+                 backend: Optional[str] = None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MoEFFN: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        for name, v in (("hidden", hidden), ("intermediate", intermediate),
+                        ("num_experts", num_experts)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"MoEFFN: {name} must be an int >= 1, got {v!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"MoEFFN: top_k must be an int in [1, num_experts={num_experts}], "
+                             f"got {top_k!r}")
+        self.hidden, self.intermediate, self.num_experts = hidden, intermediate, num_experts
+        self.top_k, self.activation, self.backend = top_k, activation, backend
+        self.normalize_weights = normalize_weights
+        g = 2 if activation in GATED else 1
+        E, C, F = num_experts, hidden, intermediate
+        self.router = nn.Linear(C, E, bias=False)
+        self.w1 = nn.Parameter(torch.randn(E, C, g * F) / math.sqrt(C))
+        self.w2 = nn.Parameter(torch.randn(E, F, C) / math.sqrt(F))
+        self.b1 = nn.Parameter(torch.zeros(E, g * F)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(E, C)) if bias else None
+        self.shared_fc1 = nn.Linear(C, g * F) if shared_expert else None
+        self.shared_fc2 = nn.Linear(F, C) if shared_expert else None
+        self.context_proj = None
+        if context_router:
+            self.context_proj = nn.Linear(context_dim or C, C, bias=False)
+            nn.init.zeros_(self.context_proj.weight)
+        self._act = _act_module_fn(activation)
+        self.aux_loss: Optional[Tensor] = None
+        self.z_loss: Optional[Tensor] = None
+        self.tokens_per_expert: Optional[Tensor] = None
+        self.last_output = None
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        if x.shape[-1] != self.hidden:
+            raise ValueError(f"MoEFFN: x must be [..., {self.hidden}], got {tuple(x.shape)}")
+        r_in = x
+        if self.context_proj is not None:
+            if context is None:
+                raise ValueError("MoEFFN: context_router=True needs forward(x, context=...)")
+            r_in = x + self.context_proj(context)
+        elif context is not None:
+            raise ValueError("MoEFFN: context given but the module was built with "
+                             "context_router=False")
+        logits = self.router(r_in).reshape(-1, self.num_experts)
+        res = moe_ffn(x, logits, self.w1, self.w2, top_k=self.top_k, activation=self.activation,
+                      b1=self.b1, b2=self.b2, normalize_weights=self.normalize_weights,
+                      backend=self.backend)
+        out = res.out
+        if self.shared_fc1 is not None:
+            out = out + self.shared_fc2(self._act(self.shared_fc1(x)))
+        self.aux_loss, self.z_loss, self.tokens_per_expert = (res.aux_loss, res.z_loss,
+                                                              res.tokens_per_expert)
+        self.last_output = res
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden}, intermediate={self.intermediate}, "
+                f"num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"activation={self.activation!r}, shared_expert={self.shared_fc1 is not None}, "
+                f"context_router={self.context_proj is not None}")

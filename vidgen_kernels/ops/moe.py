@@ -1,0 +1,809 @@
+"""Dropless grouped-GEMM Mixture-of-Experts FFN: routing, dispatch, expert compute, combine.
+
+Public: ``moe_ffn`` (the pipeline, backends ``cpu`` / ``triton`` / ``reference``),
+``moe_ffn_reference`` (the seed's per-expert loop, kept as the readable definition) and
+``MoEOutput``.
+
+Definition (every backend computes this)
+----------------------------------------
+Shapes: ``x`` ``[..., C]`` is flattened to ``N`` tokens ``[N, C]``; ``router_logits`` ``[N, E]``;
+``w1`` ``[E, C, F]`` (``[E, C, 2F]`` for the gated activations), ``b1`` ``[E, F]`` (``[E, 2F]``),
+``w2`` ``[E, F, C]``, ``b2`` ``[E, C]``; ``k = top_k``; ``P = N * k`` (token, slot) pairs.
+
+* Routing: ``p = softmax(logits.float())`` over E. The k experts of a token are its k largest
+  logits (equivalently probabilities), in decreasing order; **ties go to the lowest expert
+  index** (deterministic: a stable descending sort of the logits; selecting on the logits rather
+  than the rounded probabilities makes every backend pick the same experts). The weights are the
+  selected probabilities, divided by their sum when ``normalize_weights`` (the seed's router), in
+  float32.
+* ``expert_index`` ``[N]`` (integer) replaces the router: token n goes to expert
+  ``expert_index[n]`` with weight 1 (``top_k`` is then 1; CogVideoX-style modality experts).
+* Expert e on a row ``h``: ``act(h @ w1[e] + b1[e]) @ w2[e] + b2[e]``. Activations:
+  ``"gelu"`` (tanh approximation), ``"gelu_exact"`` (erf), ``"silu"``, and the gated
+  ``"swiglu"`` = ``silu(a) * b``, ``"geglu"`` = ``gelu_tanh(a) * b``, ``"geglu_exact"`` =
+  ``gelu_erf(a) * b`` with ``a = h @ w1[e][:, :F] + b1[e][:F]`` and ``b`` the other half.
+* ``out[n] = sum_j weight[n, j] * expert_{idx[n, j]}(x[n])`` (fp32 sum, rounded to x's dtype),
+  returned with x's shape.
+* ``aux_loss = E * sum_e f_e * P_e`` (Switch Transformer) with ``f_e = count_e / (N * k)`` (the
+  fraction of the (token, slot) assignments that go to e; sums to 1, so the loss is 1 at perfect
+  balance) and ``P_e = mean_n p[n, e]``; ``z_loss = mean_n logsumexp(logits[n])^2``. Both float32
+  scalars with gradients to the logits (``f`` is a count: no gradient). Under ``expert_index`` the
+  counts are those of the given assignment, and both losses are 0 when ``router_logits`` is None.
+* ``tokens_per_expert``: ``[E]`` int64 counts of assignments.
+
+Pipeline of the kernel backends (no per-expert Python loop, no padding, no host synchronisation:
+every size below is static, N*k rows):
+
+1. ``moe_route``: fused softmax / top-k / renormalise -> ``weights`` fp32 ``[N, k]``,
+   ``idx`` int64 ``[N, k]``.
+2. ``moe_sort``: counting sort of the P pairs by expert (stable: within an expert, pairs keep
+   the (token, slot) order) -> ``order [P]`` (flat pair ``n*k + j`` at sorted row p), ``tok [P]``
+   (its token), ``pos [N, k]`` (inverse: sorted row of pair (n, j)), ``counts [E]``,
+   ``offs [E]`` (int64 cumulative ends: expert e owns rows ``offs[e-1] .. offs[e]``).
+3. ``moe_permute``: ``xs = x[tok]`` ``[P, C]``.
+4. ``moe_experts``: grouped GEMM 1 with bias + activation in its epilogue, grouped GEMM 2
+   (+ bias) -> ``y [P, C]``.
+5. ``moe_unpermute``: ``out[n] = sum_j weights[n, j] * y[pos[n, j]]`` (a gather per token, in
+   slot order: deterministic, no atomics).
+
+Backward: ``dy[p] = w(p) * dout[tok[p]]``, ``dweights[n, j] = <dout[n], y[pos[n, j]]>``; expert
+backward ``dhid = dy @ w2[e]^T`` (grouped GEMM), ``dw2[e] = hid_e^T dy_e`` (grouped weight-grad
+GEMM over the expert's permuted rows), ``db2[e] = sum dy_e``; ``dpre = act'(pre) * dhid``;
+``dw1``, ``db1`` alike; ``dxs = dpre @ w1[e]^T``; ``dx[n] = sum_j dxs[pos[n, j]]``; the router
+gradient flows from ``dweights`` through renormalisation and softmax, plus the aux / z losses.
+Saved for backward: xs, the pre-activation and the hidden ``[P, F]``, y.
+
+Kernel contract (per backend; ``kernel_*_torch`` below is the contract in PyTorch)
+-------------------------------------------------------------------------------
+* ``route(logits [N, E] fp32 contiguous, top_k, normalize) -> (weights fp32 [N, k], idx int64)``
+* ``sort(idx [N, k] int64, E) -> (order, tok, pos, counts, offs)`` as above.
+* ``gather(src [M, C], rows int64 [P]) -> [P, C]`` contiguous.
+* ``combine(y [P, C], pos [N, k], weights fp32 [N, k] or None) -> [N, C]`` in y's dtype.
+* ``combine_wgrad(dout [N, C], y [P, C], pos) -> fp32 [N, k]``.
+* ``gmm(a [P, K], w [E, K, M] any strides, offs, bias [E, M] or None) -> [P, M]``
+  (``a_e @ w[e] + bias[e]`` per segment).
+* ``gmm_act(a, w, offs, bias [E, M] or None, activation) -> (pre [P, M], hid [P, M or M/2])``:
+  ``pre = gmm + bias``, ``hid = act(pre)`` (rounded to a's dtype; fp32 math).
+* ``gmm_wgrad(a [P, K], dy [P, M], offs) -> [E, K, M]`` (``a_e^T dy_e``, zero for empty e).
+
+Backends: ``cpu`` (C++: route, sort, gather, combine, combine_wgrad, and the grouped GEMMs as
+``at::mm`` / ``at::addmm`` (bias) calls per expert segment inside one C++ call; the
+activation and its derivative with PyTorch's fused gelu / silu kernels),
+``triton`` (grouped GEMM kernels with the bias + activation epilogue fused, and the
+weight-gradient grouped GEMM; routing / sort / permutes in PyTorch device ops, no host sync),
+``cuda`` (CUDA C++ routing, permutation and weighted un-permutation kernels, csrc/moe_cuda.cu,
+with Triton's grouped GEMMs; compile-checked only: no GPU was available when it was written),
+``reference`` (the seed's loop). ``auto`` picks ``cuda``, then ``triton`` on CUDA tensors and
+``cpu`` on CPU tensors.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from ..backends import resolve
+
+__all__ = ["MoEOutput", "moe_ffn", "moe_ffn_reference", "ACTIVATIONS"]
+
+ACTIVATIONS = ("gelu", "gelu_exact", "silu", "swiglu", "geglu", "geglu_exact")
+GATED = ("swiglu", "geglu", "geglu_exact")
+SUPPORTED_DTYPES = {
+    "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class MoEOutput(NamedTuple):
+    """``out``: x's shape and dtype; ``aux_loss``, ``z_loss``: float32 scalars;
+    ``tokens_per_expert``: int64 ``[E]``."""
+    out: Tensor
+    aux_loss: Tensor
+    z_loss: Tensor
+    tokens_per_expert: Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# activations (fp32 math) and their derivatives
+# ----------------------------------------------------------------------------------------------
+def _base_act(name: str) -> str:
+    return {"swiglu": "silu", "geglu": "gelu", "geglu_exact": "gelu_exact"}.get(name, name)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _f(z: Tensor, base: str) -> Tensor:
+    """The activation with PyTorch's fused kernels (one pass, fp32 math inside)."""
+    import torch.nn.functional as F
+    if base == "gelu":
+        return F.gelu(z, approximate="tanh")
+    if base == "gelu_exact":
+        return F.gelu(z)
+    return F.silu(z)
+
+
+def _df_mul(g: Tensor, z: Tensor, base: str) -> Tensor:
+    """``g * act'(z)`` with PyTorch's fused backward kernels."""
+    if base == "gelu":
+        return torch.ops.aten.gelu_backward(g, z, approximate="tanh")
+    if base == "gelu_exact":
+        return torch.ops.aten.gelu_backward(g, z)
+    return torch.ops.aten.silu_backward(g, z)
+
+
+def apply_act(pre: Tensor, activation: str) -> Tensor:
+    """``[P, M]`` pre-activation -> hidden ``[P, M]`` (``[P, M/2]`` gated), pre's dtype, fp32
+    (fp64) math, one rounding."""
+    z = pre if pre.dtype in (torch.float32, torch.float64) else pre.float()
+    base = _base_act(activation)
+    if activation in GATED:
+        F_ = pre.shape[-1] // 2
+        h = _f(z[:, :F_], base) * z[:, F_:]
+    else:
+        h = _f(z, base)
+    return h.to(pre.dtype)
+
+
+def act_backward(dhid: Tensor, pre: Tensor, activation: str) -> Tensor:
+    """Gradient of :func:`apply_act` w.r.t. ``pre`` (pre's dtype)."""
+    z = pre if pre.dtype in (torch.float32, torch.float64) else pre.float()
+    g = dhid.to(z.dtype)
+    base = _base_act(activation)
+    if activation in GATED:
+        F_ = pre.shape[-1] // 2
+        a, b = z[:, :F_], z[:, F_:]
+        d = torch.cat([_df_mul(g * b, a, base), g * _f(a, base)], dim=-1)
+    else:
+        d = _df_mul(g, z, base)
+    return d.to(pre.dtype)
+
+
+def _act_module_fn(activation: str):
+    """The seed's activation as a PyTorch function of the pre-activation (reference)."""
+    import torch.nn.functional as F
+    base = {"gelu": lambda z: F.gelu(z, approximate="tanh"), "gelu_exact": F.gelu,
+            "silu": F.silu}[_base_act(activation)]
+    if activation in GATED:
+        def gated(z):
+            a, b = z.chunk(2, dim=-1)
+            return base(a) * b
+        return gated
+    return base
+
+
+# ----------------------------------------------------------------------------------------------
+# checks
+# ----------------------------------------------------------------------------------------------
+def _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2, expert_index, op):
+    for name, t in (("x", x), ("w1", w1), ("w2", w2)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be a floating tensor, got dtype {t.dtype}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must be [..., C] with C >= 1, got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    N = x.numel() // C
+    if N == 0:
+        raise ValueError(f"{op}: x must hold at least one token, got shape {tuple(x.shape)}")
+    if w1.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"{op}: w1 must be [E, C, F] and w2 [E, F, C] (3-D), got w1 "
+                         f"{tuple(w1.shape)} and w2 {tuple(w2.shape)}")
+    E = w1.shape[0]
+    gated = activation in GATED
+    F_ = w2.shape[1]
+    want_w1 = (E, C, 2 * F_ if gated else F_)
+    if E == 0 or F_ == 0:
+        raise ValueError(f"{op}: need E >= 1 experts and F >= 1, got w1 {tuple(w1.shape)}, w2 "
+                         f"{tuple(w2.shape)}")
+    if tuple(w2.shape) != (E, F_, C):
+        raise ValueError(f"{op}: w2 must be [E, F, C] = [{E}, F, {C}] (E from w1, C from x), got "
+                         f"{tuple(w2.shape)}")
+    if tuple(w1.shape) != want_w1:
+        raise ValueError(f"{op}: w1 must be [E, C, {'2F' if gated else 'F'}] = {list(want_w1)} to "
+                         f"chain with x (C={C}) and w2 {tuple(w2.shape)} for activation "
+                         f"{activation!r}, got {tuple(w1.shape)}")
+    for name, t in (("w1", w1), ("w2", w2)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    for name, t, shape in (("b1", b1, (E, w1.shape[2])), ("b2", b2, (E, C))):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must be {list(shape)}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if router_logits is not None:
+        if not isinstance(router_logits, Tensor):
+            raise TypeError(f"{op}: router_logits must be a torch.Tensor, got "
+                            f"{type(router_logits).__name__}")
+        if router_logits.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: router_logits must be floating, got {router_logits.dtype}")
+        if tuple(router_logits.shape) != (N, E):
+            raise ValueError(f"{op}: router_logits must be [N, E] = [{N}, {E}] (one row per token "
+                             f"of x {tuple(x.shape)}, one column per expert), got "
+                             f"{tuple(router_logits.shape)}")
+        if router_logits.device != x.device:
+            raise ValueError(f"{op}: router_logits is on {router_logits.device} but x is on "
+                             f"{x.device}")
+    if expert_index is None:
+        if router_logits is None:
+            raise ValueError(f"{op}: router_logits is required unless expert_index is given")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
+            raise ValueError(f"{op}: top_k must be an int in [1, E={E}], got {top_k!r}")
+    else:
+        if not isinstance(expert_index, Tensor) or expert_index.dtype.is_floating_point \
+                or expert_index.dtype.is_complex or expert_index.dtype == torch.bool:
+            raise TypeError(f"{op}: expert_index must be an integer tensor [N], got "
+                            f"{getattr(expert_index, 'dtype', type(expert_index).__name__)}")
+        if expert_index.numel() != N:
+            raise ValueError(f"{op}: expert_index must have N={N} entries (one per token), got "
+                             f"shape {tuple(expert_index.shape)}")
+        if expert_index.device != x.device:
+            raise ValueError(f"{op}: expert_index is on {expert_index.device} but x is on {x.device}")
+        # value check: needs the values (one host sync; skipped while compiling)
+        if not torch.compiler.is_compiling():
+            lo, hi = int(expert_index.min()), int(expert_index.max())
+            if lo < 0 or hi >= E:
+                raise ValueError(f"{op}: expert_index values must be in [0, E={E}), got range "
+                                 f"[{lo}, {hi}]")
+    return N, C, E, F_
+
+
+# ----------------------------------------------------------------------------------------------
+# losses (autograd PyTorch; cheap O(N*E))
+# ----------------------------------------------------------------------------------------------
+def _losses(logits: Optional[Tensor], counts: Tensor, P: int):
+    if logits is None:
+        z = torch.zeros((), dtype=torch.float32, device=counts.device)
+        return z, z.clone()
+    lf = logits.float()
+    E = lf.shape[1]
+    probs = torch.softmax(lf, dim=-1)
+    f = counts.to(torch.float32) / P
+    aux = E * (f * probs.mean(0)).sum()
+    zl = torch.logsumexp(lf, dim=-1).pow(2).mean()
+    return aux, zl
+
+
+def _select(lf: Tensor, top_k: int):
+    """Top-k by logits, ties to the lowest index (stable descending sort)."""
+    _, idx = torch.sort(lf, dim=-1, descending=True, stable=True)
+    return idx[:, :top_k]
+
+
+# ----------------------------------------------------------------------------------------------
+# reference: the seed's per-expert loop
+# ----------------------------------------------------------------------------------------------
+def moe_ffn_reference(x, router_logits, w1, w2, *, top_k=2, activation="gelu", b1=None, b2=None,
+                      normalize_weights=True, expert_index=None) -> MoEOutput:
+    """The seed design: route, then for every expert and slot gather its tokens with a boolean
+    mask (a host sync on ``mask.any()``), run the expert, and add the weighted result. Plain
+    PyTorch autograd; the readable definition the kernel backends are tested against."""
+    op = "moe_ffn_reference"
+    N, C, E, _ = _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2,
+                               expert_index, op)
+    xf = x.reshape(N, C)
+    if expert_index is not None:
+        k = 1
+        topi = expert_index.reshape(N, 1).long()
+        topw = torch.ones(N, 1, dtype=torch.float32, device=x.device)
+    else:
+        k = top_k
+        lf = router_logits.float()
+        probs = torch.softmax(lf, dim=-1)
+        topi = _select(lf, k)
+        topw = probs.gather(1, topi)
+        if normalize_weights:
+            topw = topw / topw.sum(-1, keepdim=True)
+    act = _act_module_fn(activation)
+    out = torch.zeros(N, C, dtype=_acc(x.dtype), device=x.device)
+    for e in range(E):
+        for j in range(k):
+            mask = topi[:, j] == e
+            if not mask.any():
+                continue
+            h = xf[mask] @ w1[e]
+            if b1 is not None:
+                h = h + b1[e]
+            y = act(h) @ w2[e]
+            if b2 is not None:
+                y = y + b2[e]
+            out[mask] += topw[mask, j:j + 1].to(out.dtype) * y.to(out.dtype)
+    counts = torch.bincount(topi.reshape(-1), minlength=E)
+    aux, zl = _losses(router_logits, counts, N * k)
+    return MoEOutput(out.to(x.dtype).reshape(x.shape), aux, zl, counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernel contract in PyTorch ("torch" kernels; also the triton backend's non-GEMM parts)
+# ----------------------------------------------------------------------------------------------
+def kernel_route_torch(logits: Tensor, top_k: int, normalize: bool):
+    lf = logits.float()
+    probs = torch.softmax(lf, dim=-1)
+    idx = _select(lf, top_k)
+    w = probs.gather(1, idx)
+    if normalize:
+        w = w / w.sum(-1, keepdim=True)
+    return w.contiguous(), idx.contiguous()
+
+
+def kernel_sort_torch(idx: Tensor, E: int):
+    N, k = idx.shape
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tok = torch.div(order, k, rounding_mode="floor")
+    P = flat.numel()
+    pos = torch.empty_like(order).scatter_(0, order, torch.arange(P, device=idx.device))
+    counts = torch.zeros(E, dtype=torch.int64, device=idx.device).index_add_(
+        0, flat, torch.ones_like(flat))
+    offs = torch.cumsum(counts, 0)
+    return order, tok, pos.view(N, k), counts, offs
+
+
+def kernel_gather_torch(src: Tensor, rows: Tensor) -> Tensor:
+    return src.index_select(0, rows)
+
+
+def kernel_combine_torch(y: Tensor, pos: Tensor, w: Optional[Tensor]) -> Tensor:
+    N, k = pos.shape
+    g = y.index_select(0, pos.reshape(-1)).view(N, k, -1).to(_acc(y.dtype))
+    if w is not None:
+        g = g * w.to(g.dtype).unsqueeze(-1)
+    return g.sum(1).to(y.dtype)
+
+
+def kernel_combine_wgrad_torch(dout: Tensor, y: Tensor, pos: Tensor) -> Tensor:
+    N, k = pos.shape
+    g = y.index_select(0, pos.reshape(-1)).view(N, k, -1).to(_acc(y.dtype))
+    return (g * dout.to(g.dtype).unsqueeze(1)).sum(-1).float()
+
+
+def segment_ids(offs: Tensor, P: int) -> Tensor:
+    """Expert of every sorted row ``[P]`` int64, from the cumulative ends (no host sync)."""
+    return torch.searchsorted(offs, torch.arange(P, device=offs.device), right=True)
+
+
+def _gmm_ok(a: Tensor, w: Tensor) -> bool:
+    if a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    s = a.element_size()
+    ok_a = (a.stride(1) == 1 and (a.stride(0) * s) % 16 == 0) or \
+        (a.stride(0) == 1 and (a.stride(1) * s) % 16 == 0)
+    ok_w = (w.stride(2) == 1 and (w.stride(1) * s) % 16 == 0) or \
+        (w.stride(1) == 1 and (w.stride(2) * s) % 16 == 0)
+    return ok_a and ok_w and w.data_ptr() % 16 == 0 and a.data_ptr() % 16 == 0
+
+
+def kernel_gmm_torch(a: Tensor, w: Tensor, offs: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``torch._grouped_mm`` where it applies (fp32/fp16/bf16, 16-byte strides); else a
+    per-row batched product against the gathered expert matrices (small shapes / fp64 only)."""
+    if a.shape[0] == 0:
+        return a.new_zeros((0, w.shape[2]))
+    if _gmm_ok(a, w):
+        out = torch._grouped_mm(a, w, offs=offs.to(torch.int32))
+    else:
+        seg = segment_ids(offs, a.shape[0]).clamp_(max=w.shape[0] - 1)
+        out = torch.bmm(a.unsqueeze(1), w.index_select(0, seg)).squeeze(1)
+    if bias is not None:
+        out = out + bias.index_select(0, segment_ids(offs, a.shape[0]).clamp_(max=w.shape[0] - 1))
+    return out
+
+
+def kernel_gmm_act_torch(a, w, offs, bias, activation):
+    pre = kernel_gmm_torch(a, w, offs, bias)
+    return pre, apply_act(pre, activation)
+
+
+def kernel_gmm_wgrad_torch(a: Tensor, dy: Tensor, offs: Tensor, E: int) -> Tensor:
+    P = a.shape[0]
+    seg = segment_ids(offs, P).clamp_(max=E - 1)
+    acc = _acc(a.dtype)
+    s = a.element_size()
+    if a.dtype in (torch.float32, torch.float16, torch.bfloat16) and P > 0 and \
+            all((d * s) % 16 == 0 for d in (P, a.shape[1], dy.shape[1])):
+        return torch._grouped_mm(a.t().contiguous(), dy.contiguous(), offs=offs.to(torch.int32))
+    # outer products summed by expert (small shapes / fp64 only)
+    outer = a.to(acc).unsqueeze(2) * dy.to(acc).unsqueeze(1)
+    out = torch.zeros((E, a.shape[1], dy.shape[1]), dtype=acc, device=a.device)
+    return out.index_add_(0, seg, outer).to(a.dtype)
+
+
+def segment_sum(t: Tensor, offs: Tensor, E: int) -> Tensor:
+    """``[E, M]``: sum of the rows of each expert segment (fp32 accumulation, t's dtype)."""
+    seg = segment_ids(offs, t.shape[0]).clamp_(max=E - 1)
+    out = torch.zeros((E, t.shape[1]), dtype=_acc(t.dtype), device=t.device)
+    return out.index_add_(0, seg, t.to(out.dtype)).to(t.dtype)
+
+
+class _TorchKernels:
+    route = staticmethod(kernel_route_torch)
+    sort = staticmethod(kernel_sort_torch)
+    gather = staticmethod(kernel_gather_torch)
+    combine = staticmethod(kernel_combine_torch)
+    combine_wgrad = staticmethod(kernel_combine_wgrad_torch)
+    gmm = staticmethod(kernel_gmm_torch)
+    gmm_act = staticmethod(kernel_gmm_act_torch)
+    gmm_wgrad = staticmethod(kernel_gmm_wgrad_torch)
+
+
+class _CpuKernels(_TorchKernels):
+    @staticmethod
+    def _C():
+        from .. import _ext
+        return _ext.C
+
+    @staticmethod
+    def route(logits, top_k, normalize):
+        return _CpuKernels._C().moe_route_cpu(logits.float().contiguous(), top_k, normalize)
+
+    @staticmethod
+    def sort(idx, E):
+        order, tok, pos, counts, offs = _CpuKernels._C().moe_sort_cpu(idx.contiguous(), E)
+        return order, tok, pos, counts, offs
+
+    @staticmethod
+    def gather(src, rows):
+        return _CpuKernels._C().moe_gather_cpu(src, rows)
+
+    @staticmethod
+    def combine(y, pos, w):
+        return _CpuKernels._C().moe_combine_cpu(y, pos, w)
+
+    @staticmethod
+    def combine_wgrad(dout, y, pos):
+        return _CpuKernels._C().moe_combine_wgrad_cpu(dout, y, pos)
+
+    @staticmethod
+    def gmm(a, w, offs, bias=None):
+        return _CpuKernels._C().moe_gmm_cpu(a, w, offs, bias)
+
+    @staticmethod
+    def gmm_act(a, w, offs, bias, activation):
+        pre = _CpuKernels._C().moe_gmm_cpu(a, w, offs, bias)
+        return pre, apply_act(pre, activation)
+
+    @staticmethod
+    def gmm_wgrad(a, dy, offs, E):
+        return _CpuKernels._C().moe_gmm_wgrad_cpu(a, dy, offs, E)
+
+
+class _CudaKernels(_TorchKernels):
+    """CUDA C++ routing / permutation / weighted un-permutation (csrc/moe_cuda.cu); the expert
+    GEMMs are Triton's grouped GEMMs when triton is installed, else ``torch._grouped_mm``."""
+
+    @staticmethod
+    def _C():
+        from .. import _ext
+        return _ext.C
+
+    @staticmethod
+    def _stream(t):
+        return torch.cuda.current_stream(t.device).cuda_stream
+
+    @staticmethod
+    def route(logits, top_k, normalize):
+        lf = logits.float().contiguous()
+        return _CudaKernels._C().moe_route_cuda(lf, top_k, normalize, _CudaKernels._stream(lf))
+
+    @staticmethod
+    def gather(src, rows):
+        return _CudaKernels._C().moe_gather_cuda(src, rows, _CudaKernels._stream(src))
+
+    @staticmethod
+    def combine(y, pos, w):
+        return _CudaKernels._C().moe_combine_cuda(y, pos, w, _CudaKernels._stream(y))
+
+    @staticmethod
+    def _gemms():
+        from ..backends import _has_triton
+        if _has_triton():
+            from ..triton_kernels import moe as tk
+            return tk.TritonKernels
+        return _TorchKernels
+
+    @staticmethod
+    def gmm(a, w, offs, bias=None):
+        return _CudaKernels._gemms().gmm(a, w, offs, bias)
+
+    @staticmethod
+    def gmm_act(a, w, offs, bias, activation):
+        return _CudaKernels._gemms().gmm_act(a, w, offs, bias, activation)
+
+    @staticmethod
+    def gmm_wgrad(a, dy, offs, E):
+        return _CudaKernels._gemms().gmm_wgrad(a, dy, offs, E)
+
+
+def _kernels(backend: str):
+    if backend == "cpu":
+        return _CpuKernels
+    if backend == "cuda":
+        return _CudaKernels
+    if backend == "triton":
+        from ..triton_kernels import moe as tk
+        return tk.TritonKernels
+    if backend == "torch":
+        return _TorchKernels
+    raise ValueError(f"unknown kernel backend {backend!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("vidgen_kernels::moe_route", mutates_args=())
+def _moe_route(logits: Tensor, top_k: int, normalize: bool, backend: str) -> tuple[Tensor, Tensor]:
+    w, idx = _kernels(backend).route(logits, top_k, normalize)
+    return w, idx
+
+
+@_moe_route.register_fake
+def _(logits, top_k, normalize, backend):
+    N = logits.shape[0]
+    return (logits.new_empty((N, top_k), dtype=torch.float32),
+            logits.new_empty((N, top_k), dtype=torch.int64))
+
+
+def _route_setup(ctx, inputs, output):
+    logits, top_k, normalize, backend = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.normalize = normalize
+
+
+def _route_backward(ctx, dw, _didx):
+    logits, idx = ctx.saved_tensors
+    lf = logits.float()
+    p = torch.softmax(lf, dim=-1)
+    sel = p.gather(1, idx)
+    if ctx.normalize:
+        s = sel.sum(-1, keepdim=True)
+        w = sel / s
+        dsel = (dw - (dw * w).sum(-1, keepdim=True)) / s
+    else:
+        dsel = dw
+    dp = torch.zeros_like(p).scatter_add_(1, idx, dsel)
+    dl = p * (dp - (dp * p).sum(-1, keepdim=True))
+    return dl.to(logits.dtype), None, None, None
+
+
+torch.library.register_autograd("vidgen_kernels::moe_route", _route_backward,
+                                setup_context=_route_setup)
+
+
+@torch.library.custom_op("vidgen_kernels::moe_sort", mutates_args=())
+def _moe_sort(idx: Tensor, num_experts: int, backend: str) -> tuple[Tensor, Tensor, Tensor,
+                                                                     Tensor, Tensor]:
+    order, tok, pos, counts, offs = _kernels(backend).sort(idx, num_experts)
+    return order, tok, pos, counts, offs
+
+
+@_moe_sort.register_fake
+def _(idx, num_experts, backend):
+    P = idx.numel()
+    i64 = dict(dtype=torch.int64)
+    return (idx.new_empty((P,), **i64), idx.new_empty((P,), **i64),
+            idx.new_empty(tuple(idx.shape), **i64), idx.new_empty((num_experts,), **i64),
+            idx.new_empty((num_experts,), **i64))
+
+
+@torch.library.custom_op("vidgen_kernels::moe_permute", mutates_args=())
+def _moe_permute(x: Tensor, tok: Tensor, pos: Tensor, backend: str) -> Tensor:
+    return _kernels(backend).gather(x, tok)
+
+
+@_moe_permute.register_fake
+def _(x, tok, pos, backend):
+    return x.new_empty((tok.shape[0], x.shape[1]))
+
+
+def _permute_setup(ctx, inputs, output):
+    x, tok, pos, backend = inputs
+    ctx.save_for_backward(pos)
+    ctx.backend = backend
+
+
+def _permute_backward(ctx, dxs):
+    (pos,) = ctx.saved_tensors
+    dx = torch.ops.vidgen_kernels.moe_combine(dxs.contiguous(), pos, None, ctx.backend)
+    return dx, None, None, None
+
+
+torch.library.register_autograd("vidgen_kernels::moe_permute", _permute_backward,
+                                setup_context=_permute_setup)
+
+
+@torch.library.custom_op("vidgen_kernels::moe_combine", mutates_args=())
+def _moe_combine(y: Tensor, pos: Tensor, weights: Optional[Tensor], backend: str) -> Tensor:
+    """``out[n] = sum_j weights[n, j] * y[pos[n, j]]`` (no gradient: building block)."""
+    return _kernels(backend).combine(y, pos, weights)
+
+
+@_moe_combine.register_fake
+def _(y, pos, weights, backend):
+    return y.new_empty((pos.shape[0], y.shape[1]))
+
+
+@torch.library.custom_op("vidgen_kernels::moe_unpermute", mutates_args=())
+def _moe_unpermute(y: Tensor, weights: Tensor, pos: Tensor, tok: Tensor, order: Tensor,
+                   backend: str) -> Tensor:
+    return _kernels(backend).combine(y, pos, weights)
+
+
+@_moe_unpermute.register_fake
+def _(y, weights, pos, tok, order, backend):
+    return y.new_empty((pos.shape[0], y.shape[1]))
+
+
+def _unpermute_setup(ctx, inputs, output):
+    y, weights, pos, tok, order, backend = inputs
+    ctx.save_for_backward(y, weights, pos, tok, order)
+    ctx.backend = backend
+
+
+def _unpermute_backward(ctx, dout):
+    y, weights, pos, tok, order = ctx.saved_tensors
+    dout = dout.contiguous()
+    dy, dw = torch.ops.vidgen_kernels.moe_unpermute_bwd(dout, y, weights, pos, tok, order,
+                                                        ctx.backend)
+    return dy, dw, None, None, None, None
+
+
+@torch.library.custom_op("vidgen_kernels::moe_unpermute_bwd", mutates_args=())
+def _moe_unpermute_bwd(dout: Tensor, y: Tensor, weights: Tensor, pos: Tensor, tok: Tensor,
+                       order: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    K = _kernels(backend)
+    ws = weights.reshape(-1).index_select(0, order)  # weight of every sorted row
+    dy = (K.gather(dout, tok).to(_acc(dout.dtype)) * ws.to(_acc(dout.dtype)).unsqueeze(1))
+    dw = K.combine_wgrad(dout, y, pos)
+    return dy.to(y.dtype), dw
+
+
+@_moe_unpermute_bwd.register_fake
+def _(dout, y, weights, pos, tok, order, backend):
+    return y.new_empty(y.shape), weights.new_empty(weights.shape)
+
+
+torch.library.register_autograd("vidgen_kernels::moe_unpermute", _unpermute_backward,
+                                setup_context=_unpermute_setup)
+
+
+@torch.library.custom_op("vidgen_kernels::moe_experts_fwd", mutates_args=())
+def _moe_experts_fwd(xs: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+                     b2: Optional[Tensor], offs: Tensor, activation: str,
+                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Grouped GEMM 1 (+ bias + activation epilogue) and grouped GEMM 2 (+ bias).
+    Returns ``y [P, C]``, ``pre [P, F or 2F]``, ``hid [P, F]``."""
+    K = _kernels(backend)
+    pre, hid = K.gmm_act(xs, w1, offs, b1, activation)
+    y = K.gmm(hid, w2, offs, b2)
+    return y.contiguous(), pre.contiguous(), hid.contiguous()
+
+
+@_moe_experts_fwd.register_fake
+def _(xs, w1, b1, w2, b2, offs, activation, backend):
+    P = xs.shape[0]
+    return (xs.new_empty((P, w2.shape[2])), xs.new_empty((P, w1.shape[2])),
+            xs.new_empty((P, w2.shape[1])))
+
+
+@torch.library.custom_op("vidgen_kernels::moe_experts_bwd", mutates_args=())
+def _moe_experts_bwd(dy: Tensor, xs: Tensor, w1: Tensor, w2: Tensor, offs: Tensor, pre: Tensor,
+                     hid: Tensor, activation: str, need_b1: bool, need_b2: bool,
+                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``dxs``, ``dw1``, ``dw2``, ``db1`` (``[E, 2F or F]``), ``db2`` (``[E, C]``; zeros
+    of shape ``[0]`` when the bias is absent)."""
+    K = _kernels(backend)
+    E = w1.shape[0]
+    dhid = K.gmm(dy, w2.transpose(1, 2), offs)
+    dw2 = K.gmm_wgrad(hid, dy, offs, E)
+    dpre = act_backward(dhid, pre, activation)
+    dw1 = K.gmm_wgrad(xs, dpre, offs, E)
+    dxs = K.gmm(dpre, w1.transpose(1, 2), offs)
+    db1 = segment_sum(dpre, offs, E) if need_b1 else xs.new_zeros((0,))
+    db2 = segment_sum(dy, offs, E) if need_b2 else xs.new_zeros((0,))
+    return dxs.contiguous(), dw1.contiguous(), dw2.contiguous(), db1, db2
+
+
+@_moe_experts_bwd.register_fake
+def _(dy, xs, w1, w2, offs, pre, hid, activation, need_b1, need_b2, backend):
+    E = w1.shape[0]
+    return (xs.new_empty(xs.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape),
+            xs.new_empty((E, w1.shape[2]) if need_b1 else (0,)),
+            xs.new_empty((E, w2.shape[2]) if need_b2 else (0,)))
+
+
+def _experts_setup(ctx, inputs, output):
+    xs, w1, b1, w2, b2, offs, activation, backend = inputs
+    y, pre, hid = output
+    ctx.save_for_backward(xs, w1, w2, offs, pre, hid)
+    ctx.args = (activation, b1 is not None, b2 is not None, backend)
+
+
+def _experts_backward(ctx, dy, _dpre, _dhid):
+    xs, w1, w2, offs, pre, hid = ctx.saved_tensors
+    activation, has_b1, has_b2, backend = ctx.args
+    dxs, dw1, dw2, db1, db2 = torch.ops.vidgen_kernels.moe_experts_bwd(
+        dy.contiguous(), xs, w1, w2, offs, pre, hid, activation, has_b1, has_b2, backend)
+    return (dxs, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None, None, None, None)
+
+
+torch.library.register_autograd("vidgen_kernels::moe_experts_fwd", _experts_backward,
+                                setup_context=_experts_setup)
+
+
+def moe_pipeline(x2: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor,
+                 b1: Optional[Tensor], b2: Optional[Tensor], top_k: int, activation: str,
+                 normalize_weights: bool, expert_index: Optional[Tensor], backend: str):
+    """The grouped pipeline on ``x2 [N, C]`` with kernel set ``backend`` (``cpu``, ``triton`` or
+    ``torch``); returns ``(out [N, C], aux, z, counts)``."""
+    ops = torch.ops.vidgen_kernels
+    N = x2.shape[0]
+    E = w1.shape[0]
+    if expert_index is not None:
+        idx = expert_index.reshape(N, 1).to(torch.int64)
+        weights = torch.ones((N, 1), dtype=torch.float32, device=x2.device)
+        k = 1
+    else:
+        weights, idx = ops.moe_route(router_logits, top_k, bool(normalize_weights), backend)
+        k = top_k
+    order, tok, pos, counts, offs = ops.moe_sort(idx, E, backend)
+    xs = ops.moe_permute(x2, tok, pos, backend)
+    y, _, _ = ops.moe_experts_fwd(xs, w1, b1, w2, b2, offs, activation, backend)
+    out = ops.moe_unpermute(y, weights, pos, tok, order, backend)
+    aux, zl = _losses(router_logits, counts, N * k)
+    return out, aux, zl, counts
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, *,
+            top_k: int = 2, activation: str = "gelu", b1: Optional[Tensor] = None,
+            b2: Optional[Tensor] = None, normalize_weights: bool = True,
+            expert_index: Optional[Tensor] = None, backend: Optional[str] = None) -> MoEOutput:
+    """Dropless top-k Mixture-of-Experts FFN (definition in the module docstring).
+
+    Args:
+        x: ``[..., C]`` tokens (flattened to N).
+        router_logits: ``[N, E]`` (any float dtype; routing math in fp32). May be None only
+            with ``expert_index``.
+        w1: ``[E, C, F]`` (``[E, C, 2F]`` for swiglu / geglu / geglu_exact); w2: ``[E, F, C]``.
+        top_k: experts per token, ``1 <= top_k <= E`` (ignored with ``expert_index``).
+        activation: one of ``ACTIVATIONS``; ``"gelu"`` is the tanh approximation,
+            ``"gelu_exact"`` the erf form.
+        b1: ``[E, F]`` (``[E, 2F]``) or None; b2: ``[E, C]`` or None.
+        normalize_weights: renormalise the top-k probabilities to sum to 1.
+        expert_index: ``[N]`` integer expert per token (weight 1), replacing the router.
+        backend: ``None`` (current default), ``"reference"``, ``"cpu"``, ``"triton"``.
+    Returns:
+        ``MoEOutput(out [..., C] x.dtype, aux_loss fp32 [], z_loss fp32 [],
+        tokens_per_expert int64 [E])``. Gradients flow to x, router_logits, w1, w2, b1, b2.
+    Raises:
+        ValueError / TypeError naming the argument for shapes that do not chain, ``top_k``
+        outside ``[1, E]``, logits rows not matching the tokens, out-of-range ``expert_index``,
+        an unknown activation.
+    """
+    op = "moe_ffn"
+    N, C, E, _ = _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2,
+                               expert_index, op)
+    name = resolve(backend, x.device, x.dtype, SUPPORTED_DTYPES, op)
+    if name == "reference":
+        return moe_ffn_reference(x, router_logits, w1, w2, top_k=top_k, activation=activation,
+                                 b1=b1, b2=b2, normalize_weights=normalize_weights,
+                                 expert_index=expert_index)
+    out, aux, zl, counts = moe_pipeline(x.reshape(N, C), router_logits, w1, w2, b1, b2, top_k,
+                                        activation, normalize_weights, expert_index, name)
+    return MoEOutput(out.reshape(x.shape), aux, zl, counts)

@@ -1,0 +1,206 @@
+"""Triton backend of the grouped-GEMM MoE (``vidgen_kernels.ops.moe``).
+
+Implements the grouped-GEMM part of the MoE kernel contract (top of
+``vidgen_kernels/ops/moe.py``): ``gmm``, ``gmm_act`` (bias + activation fused in the epilogue,
+gated activations included) and ``gmm_wgrad``. Routing, the counting sort and the permutations
+use the contract's PyTorch implementations (``kernel_*_torch``): device ops with static shapes,
+no host synchronisation.
+
+Design
+------
+* **Grouped GEMM over expert segments** (``_gmm_kernel``): the P sorted rows are cut into
+  ``BLOCK_M``-row tiles per expert (a tile never straddles two experts). The tile table
+  (expert, first row) is built on the device from the cumulative ends ``offs`` with
+  ``searchsorted`` (:func:`_tile_table`) and has the static length ``cdiv(P, BLOCK_M) + E`` (an
+  upper bound of ``sum_e cdiv(count_e, BLOCK_M)``); unused entries hold expert -1 and their
+  programs exit. Grid: ``(tiles, cdiv(M_out, BLOCK_N))``. Each program computes a
+  ``BLOCK_M x BLOCK_N`` tile of ``a_e @ w[e]`` with fp32 accumulation (``input_precision="ieee"``
+  for fp32: no TF32), reading ``w`` through its three strides (so ``w.transpose(1, 2)`` serves
+  the data-gradient GEMM ``dy @ w^T`` without a copy).
+* **Epilogue**: ``+ bias[e]``, the pre-activation is rounded to the output dtype and stored, then
+  the activation (gelu tanh / gelu erf / silu, fp32 math) is applied and the hidden stored. Gated
+  activations (swiglu / geglu): the program holds two accumulators, for columns ``j`` and
+  ``j + F`` of ``w1[e]`` (the two halves), and stores ``act(a) * b``.
+* **Weight gradient** (``_wgrad_kernel``): ``dW[e] = a_e^T dy_e`` with grid
+  ``(E, cdiv(K, BLOCK_K), cdiv(M, BLOCK_N))``; each program loops over its expert's rows (bounds
+  read from ``offs`` in the kernel: no host sync), empty experts store zeros.
+* Row offsets are int64. Block sizes are not tuned (no GPU was available when this was
+  written): 64 x 64 x 32 on GPU, 16 x 32 x 32 under the interpreter.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpret
+from ..ops import moe as _moe
+
+_ACT_CODE = {None: 0, "gelu": 1, "gelu_exact": 2, "silu": 3}
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    if ACT == 1:  # gelu, tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        z = 0.5 * z * (2.0 * tl.sigmoid(2.0 * u))
+    elif ACT == 2:  # gelu, erf
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 3:  # silu
+        z = z * tl.sigmoid(z)
+    return z
+
+
+@triton.jit
+def _gmm_kernel(A, W, Bias, Pre, Hid, tile_e, tile_row, offs,
+                K, NOUT, s_am, s_ak, s_we, s_wk, s_wn, s_be, s_pre, s_hid,
+                ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                STORE_HID: tl.constexpr, DOT_PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_e + pid_t)
+    if e >= 0:
+        row0 = tl.load(tile_row + pid_t).to(tl.int64)
+        end = tl.load(offs + e).to(tl.int64)
+        rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        rmask = rows < end
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < NOUT
+        wbase = W + e.to(tl.int64) * s_we
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            a = tl.load(A + rows[:, None] * s_am + ks[None, :] * s_ak,
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(wbase + ks[:, None] * s_wk + cols[None, :] * s_wn,
+                        mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc += tl.dot(a, w, input_precision=DOT_PREC)
+            if GATED:
+                w2 = tl.load(wbase + ks[:, None] * s_wk + (cols + NOUT)[None, :] * s_wn,
+                             mask=kmask[:, None] & cmask[None, :], other=0.0)
+                acc2 += tl.dot(a, w2, input_precision=DOT_PREC)
+        out_ty = Pre.dtype.element_ty
+        if HAS_BIAS:
+            bias = tl.load(Bias + e.to(tl.int64) * s_be + cols, mask=cmask, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+            if GATED:
+                bias2 = tl.load(Bias + e.to(tl.int64) * s_be + cols + NOUT, mask=cmask, other=0.0)
+                acc2 += bias2.to(tl.float32)[None, :]
+        omask = rmask[:, None] & cmask[None, :]
+        pre = acc.to(out_ty)
+        tl.store(Pre + rows[:, None] * s_pre + cols[None, :], pre, mask=omask)
+        if GATED:
+            pre2 = acc2.to(out_ty)
+            tl.store(Pre + rows[:, None] * s_pre + (cols + NOUT)[None, :], pre2, mask=omask)
+        if STORE_HID:
+            h = _act(pre.to(tl.float32), ACT)
+            if GATED:
+                h = h * pre2.to(tl.float32)
+            tl.store(Hid + rows[:, None] * s_hid + cols[None, :], h.to(out_ty), mask=omask)
+
+
+@triton.jit
+def _wgrad_kernel(A, DY, OUT, offs, K, M, s_am, s_ak, s_dm, s_dn, s_oe, s_ok,
+                  DOT_PREC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
+    e = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    end = tl.load(offs + e)
+    start = tl.load(offs + e - 1, mask=e > 0, other=0)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kmask = ks < K
+    nmask = ns < M
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rs = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        rmask = rs < end
+        a = tl.load(A + rs[None, :] * s_am + ks[:, None] * s_ak,
+                    mask=kmask[:, None] & rmask[None, :], other=0.0)
+        d = tl.load(DY + rs[:, None] * s_dm + ns[None, :] * s_dn,
+                    mask=rmask[:, None] & nmask[None, :], other=0.0)
+        acc += tl.dot(a, d, input_precision=DOT_PREC)
+    tl.store(OUT + e.to(tl.int64) * s_oe + ks[:, None] * s_ok + ns[None, :],
+             acc.to(OUT.dtype.element_ty), mask=kmask[:, None] & nmask[None, :])
+
+
+def _blocks():
+    if triton_interpret():
+        return 16, 32, 32
+    return 64, 64, 32
+
+
+def _tile_table(offs: torch.Tensor, P: int, BM: int):
+    """(tile expert int32 [T] (-1 unused), tile first row int64 [T]) with T = cdiv(P, BM) + E."""
+    E = offs.shape[0]
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    nt = torch.div(counts + BM - 1, BM, rounding_mode="floor")
+    cum = torch.cumsum(nt, 0)
+    T = triton.cdiv(P, BM) + E
+    t = torch.arange(T, device=offs.device)
+    e = torch.searchsorted(cum, t, right=True)
+    ec = e.clamp(max=E - 1)
+    row = (offs[ec] - counts[ec]) + (t - (cum[ec] - nt[ec])) * BM
+    tile_e = torch.where(e < E, ec, torch.full_like(ec, -1)).to(torch.int32)
+    return tile_e, row.contiguous()
+
+
+def _prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch_gmm(a, w, offs, bias, act, gated, store_hid):
+    P, K = a.shape
+    NW = w.shape[2]
+    NOUT = NW // 2 if gated else NW
+    pre = torch.empty((P, NW), dtype=a.dtype, device=a.device)
+    hid = torch.empty((P, NOUT), dtype=a.dtype, device=a.device) if store_hid else pre
+    if P == 0:
+        return pre, hid
+    BM, BN, BK = _blocks()
+    tile_e, tile_row = _tile_table(offs, P, BM)
+    grid = (tile_e.shape[0], triton.cdiv(NOUT, BN))
+    b = bias if bias is not None else pre
+    _gmm_kernel[grid](a, w, b, pre, hid, tile_e, tile_row, offs,
+                      K, NOUT, a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
+                      b.stride(0) if bias is not None else 0, pre.stride(0), hid.stride(0),
+                      ACT=_ACT_CODE[act], GATED=gated, HAS_BIAS=bias is not None,
+                      STORE_HID=store_hid, DOT_PREC=_prec(a.dtype),
+                      BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    return pre, hid
+
+
+def gmm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, bias=None) -> torch.Tensor:
+    """``[P, M]``: rows of expert e times ``w[e]`` (``w`` ``[E, K, M]`` any strides), plus
+    ``bias[e]`` (``[E, M]``) in the epilogue when given."""
+    pre, _ = _launch_gmm(a, w, offs, bias, None, False, False)
+    return pre
+
+
+def gmm_act(a, w, offs, bias, activation):
+    gated = activation in _moe.GATED
+    return _launch_gmm(a, w, offs, bias, _moe._base_act(activation), gated, True)
+
+
+def gmm_wgrad(a: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, E: int) -> torch.Tensor:
+    P, K = a.shape
+    M = dy.shape[1]
+    out = torch.empty((E, K, M), dtype=a.dtype, device=a.device)
+    _, BN, BK = _blocks()
+    BR = 32
+    grid = (E, triton.cdiv(K, BK), triton.cdiv(M, BN))
+    _wgrad_kernel[grid](a, dy, out, offs, K, M, a.stride(0), a.stride(1), dy.stride(0),
+                        dy.stride(1), out.stride(0), out.stride(1), DOT_PREC=_prec(a.dtype),
+                        BLOCK_K=BK, BLOCK_N=BN, BLOCK_R=BR)
+    return out
+
+
+class TritonKernels(_moe._TorchKernels):
+    """The MoE kernel set of the ``triton`` backend."""
+    gmm = staticmethod(gmm)
+    gmm_act = staticmethod(gmm_act)
+    gmm_wgrad = staticmethod(gmm_wgrad)
