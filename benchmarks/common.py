@@ -588,3 +588,17 @@ def compile_contender(fn: Callable, warm: Callable[[Callable], object], device: 
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         pytest.skip(f"torch.compile failed: {type(e).__name__}: {msg}")
     return compiled, time.perf_counter() - t0
+
+
+def count_saved_bytes(run: Callable[[], object]) -> int:
+    """Bytes autograd saves for backward while ``run()`` executes a forward (each saved tensor
+    counted once per save, ``torch.autograd.graph.saved_tensors_hooks``)."""
+    seen = []
+
+    def pack(t):
+        seen.append(t.numel() * t.element_size())
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen)

@@ -241,16 +241,8 @@ def _results(case, f, inp):
 
 
 def saved_bytes(f, inp) -> int:
-    seen = []
-
-    def pack(t):
-        seen.append(t.numel() * t.element_size())
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        leaf = inp["qkv"].detach().requires_grad_()
-        f(dict(inp, qkv=leaf))
-    return sum(seen)
+    leaf = inp["qkv"].detach().requires_grad_()
+    return common.count_saved_bytes(lambda: f(dict(inp, qkv=leaf)))
 
 
 def _unavailable(case: Case):
