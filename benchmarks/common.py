@@ -49,6 +49,7 @@ import math
 import os
 import platform
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -499,6 +500,29 @@ def policy(quick: bool, device: str) -> Policy:
     if quick:
         return Policy(1, 1, warmup_rounds=1, min_rounds=5, max_rounds=30, target_s=0.1)
     return Policy(1, 2, warmup_rounds=1, min_rounds=7, max_rounds=100, target_s=1.2)
+
+
+def heavy_policy(quick: bool, device: str, max_rounds: int = 30) -> Policy:
+    """:func:`policy` shortened for full-size CPU cases whose calls take 0.1 - 5 s (attention,
+    MoE, whole blocks): one untimed call, one calibration call, 3 to ``max_rounds`` timed rounds,
+    about 1 s of timing."""
+    pol = policy(quick, device)
+    if device == "cpu" and not quick:
+        pol = dataclasses.replace(pol, warmup_calls=1, calibration_calls=1, warmup_rounds=0,
+                                  min_rounds=3, max_rounds=max_rounds, target_s=1.0)
+    return pol
+
+
+def kernel_unavailable(backend: str, device: str, ext_symbol: str, what: str) -> Optional[str]:
+    """Why kernel ``backend`` cannot run on ``device`` (None if it can); for the compiled
+    backends also when the built extension predates the op (``ext_symbol`` missing)."""
+    from vidgen_kernels.backends import why_unavailable
+    why = why_unavailable(backend, device)
+    if why is None and backend in ("cpu", "cuda"):
+        from vidgen_kernels import _ext
+        if not hasattr(_ext.C, ext_symbol.format(backend=backend)):
+            why = f"the built extension has no {what} kernel (rebuild it)"
+    return why
 
 
 def plan(pol: Policy, device: str, call_s: float) -> tuple[int, int]:

@@ -138,11 +138,7 @@ def test_dit_block(benchmark, case: Case, request):
     quick = request.config.getoption("--quick")
     if quick and case.contender == COMPILE:
         pytest.skip("--quick: torch.compile contender skipped (compiling takes 10-60 s per case)")
-    pol = common.policy(quick, case.device)
-    if not quick and case.device == "cpu":
-        import dataclasses
-        pol = dataclasses.replace(pol, warmup_calls=1, calibration_calls=1, warmup_rounds=0,
-                                  min_rounds=3, max_rounds=20, target_s=1.0)
+    pol = common.heavy_policy(quick, case.device, max_rounds=20)
     model = build(case)
     model.backend = None if case.contender == FUSED else "reference"
     inp = make_inputs(case)

@@ -199,14 +199,6 @@ def check_against_reference(case: Case, f, inp: dict) -> float:
     return err
 
 
-def policy(quick: bool, device: str) -> common.Policy:
-    pol = common.policy(quick, device)
-    if device == "cpu" and not quick:
-        pol = dataclasses.replace(pol, warmup_calls=1, calibration_calls=1, warmup_rounds=0,
-                                  min_rounds=3, max_rounds=30, target_s=1.0)
-    return pol
-
-
 def _unavailable(case: Case) -> str | None:
     if case.device == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU is visible"
@@ -214,13 +206,7 @@ def _unavailable(case: Case) -> str | None:
         return None
     if case.contender == GROUPED:
         return None if hasattr(torch, "_grouped_mm") else "torch._grouped_mm not in this torch"
-    from vidgen_kernels.backends import why_unavailable
-    why = why_unavailable(case.contender, case.device)
-    if why is None and case.contender == "cpu":
-        from vidgen_kernels import _ext
-        if not hasattr(_ext.C, "moe_gmm_cpu"):
-            why = "the built extension has no MoE kernels (rebuild it)"
-    return why
+    return common.kernel_unavailable(case.contender, case.device, "moe_route_{backend}", "MoE")
 
 
 def test_moe(benchmark, case: Case, request):
@@ -229,7 +215,7 @@ def test_moe(benchmark, case: Case, request):
     if why is not None:
         pytest.skip(f"{case.contender} unavailable on {case.device}: {why}")
     quick = request.config.getoption("--quick")
-    pol = policy(quick, case.device)
+    pol = common.heavy_policy(quick, case.device)
     info = {}
     sets = [make_inputs(case, 0)]
     f = op_fn(case)

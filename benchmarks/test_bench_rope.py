@@ -194,13 +194,7 @@ def _unavailable(case: Case) -> str | None:
         return "no CUDA GPU is visible"
     if case.contender in (REFERENCE, COMPILE, DIFFUSERS, COPY):
         return None
-    from vidgen_kernels.backends import why_unavailable
-    why = why_unavailable(case.contender, case.device)
-    if why is None and case.contender in ("cpu", "cuda"):
-        from vidgen_kernels import _ext
-        if not hasattr(_ext.C, f"rope_{case.contender}"):
-            why = "the built extension has no RoPE kernel (rebuild it)"
-    return why
+    return common.kernel_unavailable(case.contender, case.device, "rope_{backend}", "RoPE")
 
 
 def _compile(case: Case, inp: dict):

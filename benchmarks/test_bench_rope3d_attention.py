@@ -284,11 +284,7 @@ def test_rope3d_attention(benchmark, case: Case, request):
     quick = request.config.getoption("--quick")
     if quick and case.contender == COMPILE:
         pytest.skip("--quick: torch.compile contender skipped (compiling takes 5-30 s per case)")
-    pol = common.policy(quick, case.device)
-    if case.device == "cpu" and not quick:
-        import dataclasses
-        pol = dataclasses.replace(pol, warmup_calls=1, calibration_calls=1, warmup_rounds=0,
-                                  min_rounds=3, max_rounds=30, target_s=1.0)
+    pol = common.heavy_policy(quick, case.device)
     B, text, L, H, D = case.dims
     nbytes = bytes_moved(case)
     info = {}

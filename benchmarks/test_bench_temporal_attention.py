@@ -242,27 +242,13 @@ def check_against_reference(case: Case, f, inp: dict) -> float:
     return err
 
 
-def policy(quick: bool, device: str) -> common.Policy:
-    """``common.policy``, shortened for the full CPU shapes (calls of 0.1 - 5 s each)."""
-    pol = common.policy(quick, device)
-    if device == "cpu" and not quick:
-        pol = dataclasses.replace(pol, warmup_calls=1, calibration_calls=1, warmup_rounds=0,
-                                  min_rounds=3, max_rounds=30, target_s=1.0)
-    return pol
-
-
 def _unavailable(case: Case) -> str | None:
     if case.device == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU is visible"
     if case.contender in (REFERENCE, COMPILE, SDPA, MATMUL, COPY):
         return None
-    from vidgen_kernels.backends import why_unavailable
-    why = why_unavailable(case.contender, case.device)
-    if why is None and case.contender == "cpu":
-        from vidgen_kernels import _ext
-        if not hasattr(_ext.C, "temporal_attn_fwd_cpu"):
-            why = "the built extension has no temporal attention kernel (rebuild it)"
-    return why
+    return common.kernel_unavailable(case.contender, case.device, "temporal_attn_fwd_{backend}",
+                                     "temporal attention")
 
 
 def _compile(case: Case, inp: dict):
@@ -282,7 +268,7 @@ def test_temporal_attention(benchmark, case: Case, request):
     if quick and case.contender == COMPILE:
         pytest.skip("--quick: torch.compile contender skipped (compiling takes 5-30 s per case on "
                     "CPU, the rest of the quick run a few seconds)")
-    pol = policy(quick, case.device)
+    pol = common.heavy_policy(quick, case.device)
     nbytes, bytes_desc = bytes_moved(case)
     info = {}
 
