@@ -2,7 +2,8 @@
 #               demo into out/ (DEMO_ARGS="--steps N --seed S --out DIR --device cuda --tiny")
 # make test   - the test suite (CUDA tests run when a GPU is visible, skipped otherwise)
 # make bench  - the pytest-benchmark suite (BENCH_ARGS=--quick for a smoke run) + the report
-#               benchmarks/report/REPORT.md with plots
+#               benchmarks/report/REPORT.md with plots (python -m vidgen_kernels.bench; JSON in
+#               benchmarks/last.json; BENCH_ARGS takes its options and any pytest option)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vidgen-installed
@@ -23,9 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests -rs -q -p no:cacheprovider
 
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks -q -p no:cacheprovider $(BENCH_ARGS) --benchmark-json=benchmarks/last.json
-	$(PY) benchmarks/summarize.py benchmarks/last.json
-	$(PY) benchmarks/report.py benchmarks/last.json --out benchmarks/report
+	$(PY) -m vidgen_kernels.bench --out benchmarks/report --json benchmarks/last.json $(BENCH_ARGS)
 
 check-cuda:
 	bash csrc/check_cuda_compile.sh

@@ -9,12 +9,17 @@
 * ``VIDGEN_KERNELS_CPU_FLAGS`` replaces the default CPU code-generation flag (``-march=native``).
 * ``VIDGEN_KERNELS_NO_EXT=1`` builds nothing (pure-PyTorch and Triton paths only).
 
+Packages: ``vidgen_kernels*`` and ``vidgen*`` from the source tree, plus the benchmark suite:
+``benchmarks/`` is installed as ``vidgen_kernels._bench_suite`` (its ``*.py`` files only; not
+``benchmarks/results/`` or ``benchmarks/report/``) so that ``python -m vidgen_kernels.bench`` works
+without a checkout. ``benchmarks/`` stays the only copy in the source tree.
+
 Install with ``pip install --no-build-isolation .`` (or ``-e .``).
 """
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 here = os.path.dirname(os.path.abspath(__file__))
 
@@ -71,5 +76,19 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))}
 
 
+# The benchmark suite ships inside the package (see vidgen_kernels/bench.py). benchmarks/ has no
+# __init__.py on purpose (pytest imports its files as top-level modules next to conftest.py), so
+# it becomes a namespace subpackage: build_py copies its *.py files, nothing else.
+BENCH_SUITE = "vidgen_kernels._bench_suite"
+packages = find_packages(include=["vidgen_kernels", "vidgen_kernels.*", "vidgen", "vidgen.*"])
+packages.append(BENCH_SUITE)
+
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    packages=packages,
+    package_dir={BENCH_SUITE: "benchmarks"},
+    # only the suite's modules: no results/, report/ (generated), last.json, README.md or gpu.sh
+    exclude_package_data={BENCH_SUITE: ["*", "*/*", "*/*/*"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

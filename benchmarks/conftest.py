@@ -18,7 +18,11 @@ import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
-for p in (_HERE, _ROOT):  # common.py; vidgen_kernels from the checkout when not pip-installed
+# common.py (first); in a source checkout also the checkout root (last), for vidgen_kernels when it
+# is not pip-installed. Installed as vidgen_kernels._bench_suite (python -m vidgen_kernels.bench),
+# _ROOT is the vidgen_kernels package folder itself: not added.
+_PATHS = [_HERE] + ([_ROOT] if os.path.isdir(os.path.join(_ROOT, "vidgen_kernels")) else [])
+for p in _PATHS:
     if p not in sys.path:
         sys.path.insert(0 if p == _HERE else len(sys.path), p)
 

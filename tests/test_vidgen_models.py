@@ -117,6 +117,9 @@ def test_small_vae_shapes(T, H, W):
     v.fit_scaling_factor(x)
     z = v.encode_scaled(x)
     assert abs(z.std().item() - 1) < 1e-3
+    assert z.mean(dim=(0, 1, 3, 4)).abs().max() < 1e-4          # channels centred
+    assert v.latents_mean.abs().max() > 1e-3                      # ... by a non-trivial shift
+    torch.testing.assert_close(v.decode_scaled(z), v.decode(v.encode(x)[0]), atol=1e-5, rtol=1e-5)
     loss = v.loss(x, recon, mean, logvar)
     loss.backward()
 
@@ -374,3 +377,21 @@ def test_cogvideox_bad_inputs():
         m(x, t, torch.randn(2, 3, TEXT_DIM + 1))
     with pytest.raises(ValueError):
         tiny_cog(hidden_size=36, num_heads=3)
+
+
+def test_latent_dit_position_embedding():
+    from vidgen.models.layers import sincos_pos_embed_3d
+    e = sincos_pos_embed_3d((3, 2, 5), 32)
+    assert e.shape == (30, 32)
+    assert torch.unique(e, dim=0).shape[0] == 30          # every (t, h, w) token gets its own code
+    # frame-major: tokens of one frame share the temporal channels, differ in the spatial ones
+    torch.testing.assert_close(e[0, :8], e[9, :8])
+    assert not torch.equal(e[0, :8], e[10, :8])
+    x, t, text = inputs(T=2, H=4, W=6)
+    m_pe, m_none = perturb(tiny_dit()), perturb(tiny_dit(pos_embed="none"))
+    # same seed, same weights: the only difference is the added position embedding
+    assert not torch.allclose(m_pe(x, t, text), m_none(x, t, text))
+    with pytest.raises(ValueError, match="pos_embed"):
+        tiny_dit(pos_embed="learned")
+    with pytest.raises(ValueError, match="divisible by 8"):
+        sincos_pos_embed_3d((1, 2, 2), 12)

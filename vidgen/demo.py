@@ -96,7 +96,7 @@ def condition_embeddings(text_dim: int, tokens: int = 2, seed: int = 1234):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class DemoConfig:
-    steps: int = 600           # DiT training steps
+    steps: int = 2400          # DiT training steps
     vae_steps: int = 150
     batch: int = 16            # videos per DiT step
     vae_batch: int = 4
@@ -108,11 +108,12 @@ class DemoConfig:
     heads: int = 4
     patch: tuple = (2, 2, 2)   # 8 latent frames x 8 x 8 -> 4 x 4 x 4 = 64 tokens per video
     start: str = "random"      # object start position: "random" or "edge" (see moving_object_videos)
-    causal_temporal: bool = True   # the seed design's frame-causal temporal attention (--set causal_temporal=0)
+    causal_temporal: bool = False  # True: the seed design's frame-causal temporal attention (--set causal_temporal=1)
+    shift: float = 6.0         # flow-matching timestep shift (training and sampling): more weight on high noise
     text_dim: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     vae_lr: float = 3e-3
-    samples_per_direction: int = 8
+    samples_per_direction: int = 16
     sample_steps: int = 20
     guidance: float = 4.0
     ema_decay: float = 0.99
@@ -242,7 +243,7 @@ def run_demo(out: str = "out", steps: int = None, seed: int = 0, device: str = N
     n_params = sum(p.numel() for p in model.parameters())
     ema = EMA(model, cfg.ema_decay)
     opt = make_optimizer(model, lr=cfg.lr)
-    sched = FlowMatchingScheduler(cfg.sample_steps)
+    sched = FlowMatchingScheduler(cfg.sample_steps, shift=cfg.shift)
     warmup = max(1, cfg.steps // 20)
     lr_at = lambda i: cfg.lr * min(1.0, (i + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * i / max(1, cfg.steps))))  # noqa: E731
     dit_losses = []
@@ -346,7 +347,8 @@ def run_demo(out: str = "out", steps: int = None, seed: int = 0, device: str = N
         f"- DiT: LatentVideoDiT hidden {cfg.hidden}, depth {cfg.depth}, heads {cfg.heads}, "
         f"{'causal' if cfg.causal_temporal else 'bidirectional'} temporal attention, patch {'x'.join(map(str, cfg.patch))}, "
         f"{n_params:,} params; flow matching, AdamW lr {cfg.lr} (warm-up + cosine), grad clip {cfg.grad_clip}, "
-        f"EMA {cfg.ema_decay}; sampling: Euler {cfg.sample_steps} steps, CFG scale {cfg.guidance}",
+        f"EMA {cfg.ema_decay}; timestep shift {cfg.shift}; latents centred per channel and scaled; "
+        f"sampling: Euler {cfg.sample_steps} steps, CFG scale {cfg.guidance}",
         f"- checkpoint: `{os.path.basename(ckpt)}` ({'safetensors' if HAS_SAFETENSORS else 'torch.save: safetensors not installed'})",
         "- loss.png: left VAE loss, right DiT flow-matching loss (log y)",
         f"- device {device} ({torch.get_num_threads()} CPU threads); torch {torch.__version__}; vidgen_kernels {vk.__version__} "
@@ -362,7 +364,7 @@ def run_demo(out: str = "out", steps: int = None, seed: int = 0, device: str = N
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="vidgen demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=None, help="DiT training steps (default 600)")
+    p.add_argument("--steps", type=int, default=None, help="DiT training steps (default 2400)")
     p.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default 150)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out")

@@ -12,6 +12,8 @@ from .cogvideox import CogVideoXConfig, CogVideoXTransformer, cogvideox_2b, cogv
 from .causal_dit import VideoCausalDiT, VideoCausalDiTConfig
 from .moe import HAS_FUSED_MOE, ReferenceMoE, make_moe
 from .vae import SmallVideoVAE
+from .causal_vae import CausalVideoVAE
+from .image_moe_dit import ImageMoEDiT, ImageMoEDiTConfig
 
 __all__ = [
     "LATENT_VIDEO_DIT_PRESETS",
@@ -22,6 +24,9 @@ __all__ = [
     "LatentVideoDiT_S",
     "LatentVideoDiT_XL",
     "SmallVideoVAE",
+    "CausalVideoVAE",
+    "ImageMoEDiT",
+    "ImageMoEDiTConfig",
     "CogVideoXConfig",
     "CogVideoXTransformer",
     "cogvideox_2b",

@@ -1,6 +1,6 @@
 """LatentVideoDiT: the latent video diffusion transformer of the design.
 
-    latents [B, T, C, H, W] --PatchEmbed3D--> tokens [B, T'*H'*W', D]
+    latents [B, T, C, H, W] --PatchEmbed3D (+ 3D sin-cos position)--> tokens [B, T'*H'*W', D]
     c = TimestepEmbedder(t) + MLP(mean_L(text))                    # AdaLN conditioning
     N x LatentVideoDiTBlock:
         AdaLN-Zero (1) -> spatial attention within each frame (QK RMSNorm, 2D RoPE)
@@ -27,7 +27,8 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero, CausalTemporalAttention, RoPE3DAttention
 
-from .layers import CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder, backend_scope, unpatchify
+from .layers import (CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder, backend_scope,
+                     sincos_pos_embed_3d, unpatchify)
 
 __all__ = ["LatentVideoDiTConfig", "LatentVideoDiT", "LatentVideoDiT_S", "LatentVideoDiT_M",
            "LatentVideoDiT_L", "LatentVideoDiT_XL", "LATENT_VIDEO_DIT_PRESETS"]
@@ -45,6 +46,7 @@ class LatentVideoDiTConfig:
     text_dim: int = 512          # width of the text / condition embeddings
     causal_temporal: bool = True  # the seed design: frame t attends to frames <= t
     rope_theta: float = 10000.0
+    pos_embed: str = "sincos"    # "sincos": fixed 3D sin-cos added to the patch tokens (DiT); "none": RoPE only
     backend: Optional[str] = None  # None: vidgen_kernels' default; "reference": pure PyTorch
 
 
@@ -101,6 +103,8 @@ class LatentVideoDiT(nn.Module):
         self.head_dim = D // config.num_heads
         if self.head_dim % 4:
             raise ValueError("head_dim must be divisible by 4 (2D RoPE over h and w)")
+        if config.pos_embed not in ("sincos", "none"):
+            raise ValueError(f"pos_embed must be 'sincos' or 'none', got {config.pos_embed!r}")
         self.x_embedder = PatchEmbed3D(config.patch_size, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.text_pool = nn.Sequential(nn.Linear(config.text_dim, D), nn.SiLU(), nn.Linear(D, D))
@@ -142,6 +146,8 @@ class LatentVideoDiT(nn.Module):
             raise ValueError(f"t must be a scalar or [B]={B}, got shape {tuple(t.shape)}")
         with backend_scope(self.backend):
             h = self.x_embedder(x)
+            if self.config.pos_embed == "sincos":
+                h = h + sincos_pos_embed_3d(grid, h.shape[-1], device=x.device).to(h.dtype)
             c = self.t_embedder(t) + self.text_pool(text.mean(dim=1))
             cos, sin = vk.rope3d_freqs(1, grid[1], grid[2], self.head_dim,
                                        axes_dims=(0, self.head_dim // 2, self.head_dim // 2),

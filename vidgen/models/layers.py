@@ -42,6 +42,27 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
+def sincos_pos_embed_3d(grid: tuple[int, int, int], dim: int, temporal_fraction: float = 0.25,
+                        device=None) -> Tensor:
+    """Fixed 3D sin-cos position embedding ``[t*h*w, dim]`` (frame-major, as :class:`PatchEmbed3D`'s
+    tokens): ``temporal_fraction`` of the channels encode the frame, the rest half height, half
+    width (DiT's 2D sin-cos extended to time, as Latte / CogVideoX 1.0). ``dim`` divisible by 8."""
+    if dim % 8:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 8, got {dim}")
+    t, h, w = grid
+    dt = int(dim * temporal_fraction) // 4 * 4
+    ds = (dim - dt) // 2
+
+    def axis(n: int, d: int) -> Tensor:
+        if d == 0:
+            return torch.zeros(n, 0, device=device)
+        return timestep_embedding(torch.arange(n, device=device, dtype=torch.float32), d)
+
+    et, eh, ew = axis(t, dt), axis(h, ds), axis(w, dim - dt - ds)
+    return torch.cat([et[:, None, None].expand(t, h, w, -1), eh[None, :, None].expand(t, h, w, -1),
+                      ew[None, None, :].expand(t, h, w, -1)], dim=-1).reshape(t * h * w, dim)
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features -> MLP (DiT). ``t`` ``[B]`` (or ``[B, T]`` per frame) in ``[0, 1]``."""
 

@@ -7,8 +7,10 @@ Each frame of ``[B, T, C, H, W]`` is encoded independently (no temporal compress
         -> Conv3x3(-> 2 * latent_channels)  = (mean, logvar)
     decoder: the mirror image with ConvTranspose 4x4 stride 2.
 
-``scaling_factor`` (a buffer, set by :meth:`fit_scaling_factor`) rescales latents to unit
-variance for the diffusion model, as the SD VAE's 0.18215.
+``latents_mean`` ``[z]`` and ``scaling_factor`` (buffers, set by :meth:`fit_scaling_factor`) centre
+each latent channel and rescale the latents to unit variance for the diffusion model
+(``encode_scaled = (mean - latents_mean) * scaling_factor``, as Wan's latents_mean/std and the
+SD VAE's 0.18215).
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class SmallVideoVAE(nn.Module):
         dec += [_gn(ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
         self.register_buffer("scaling_factor", torch.ones(()))
+        self.register_buffer("latents_mean", torch.zeros(latent_channels))
 
     def _check(self, x: Tensor, channels: int, what: str, multiple: int = 1):
         if x.dim() != 5 or x.shape[2] != channels:
@@ -87,16 +90,22 @@ class SmallVideoVAE(nn.Module):
         return F.mse_loss(recon, x) + kl_weight * kl
 
     @torch.no_grad()
-    def fit_scaling_factor(self, x: Tensor) -> float:
-        """Set ``scaling_factor = 1 / std(mean latents of x)``."""
+    def fit_scaling_factor(self, x: Tensor, center: bool = True) -> float:
+        """Fit the latent normalisation on videos ``x``: ``latents_mean`` = per-channel mean of the
+        encoder means (zeros if not ``center``), ``scaling_factor = 1 / std(mean - latents_mean)``."""
         mean, _ = self.encode(x)
-        self.scaling_factor.fill_(1.0 / mean.std().clamp(min=1e-6).item())
+        mu = mean.mean(dim=(0, 1, 3, 4)) if center else torch.zeros_like(self.latents_mean)
+        self.latents_mean.copy_(mu)
+        self.scaling_factor.fill_(1.0 / (mean - self._channel(mu)).std().clamp(min=1e-6).item())
         return float(self.scaling_factor)
+
+    def _channel(self, v: Tensor) -> Tensor:
+        return v.view(1, 1, -1, 1, 1)
 
     def encode_scaled(self, x: Tensor, generator: Optional[torch.Generator] = None, sample: bool = False) -> Tensor:
         mean, logvar = self.encode(x)
         z = self.sample(mean, logvar, generator) if sample else mean
-        return z * self.scaling_factor
+        return (z - self._channel(self.latents_mean)) * self.scaling_factor
 
     def decode_scaled(self, z: Tensor) -> Tensor:
-        return self.decode(z / self.scaling_factor)
+        return self.decode(z / self.scaling_factor + self._channel(self.latents_mean))

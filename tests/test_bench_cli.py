@@ -1,0 +1,125 @@
+"""``python -m vidgen_kernels.bench``: the benchmark suite ships with the package, is found in
+both layouts (installed / source tree), and a quick filtered run writes bench.json, summary.md
+and REPORT.md."""
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import vidgen_kernels as vk
+from vidgen_kernels import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# where this test process imported vidgen_kernels from (checkout or site-packages)
+IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(vk.__file__)))
+
+
+def _env(**extra):
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (IMPORT_ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _fake_suite(folder):
+    os.makedirs(folder)
+    for f in bench.SUITE_FILES:
+        with open(os.path.join(folder, f), "w") as fh:
+            fh.write("\n")
+    return str(folder)
+
+
+def test_find_suite_default():
+    suite = bench.find_suite()
+    assert os.path.isfile(os.path.join(suite, "test_bench_adaln.py")), suite
+    # the checkout's benchmarks/ or an installed package's _bench_suite
+    assert suite in (os.path.join(ROOT, "benchmarks"), os.path.join(
+        os.path.dirname(os.path.abspath(bench.__file__)), "_bench_suite")), suite
+
+
+def test_find_suite_layouts(tmp_path):
+    pkg = tmp_path / "site" / "vidgen_kernels"
+    pkg.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        bench.find_suite(str(pkg))
+    # a source tree: <root>/vidgen_kernels next to <root>/benchmarks
+    tree = _fake_suite(tmp_path / "site" / "benchmarks")
+    assert bench.find_suite(str(pkg)) == tree
+    # an installed package: vidgen_kernels/_bench_suite, preferred
+    installed = _fake_suite(pkg / "_bench_suite")
+    assert bench.find_suite(str(pkg)) == installed
+    # an incomplete folder is not the suite
+    os.remove(os.path.join(installed, "report.py"))
+    assert bench.find_suite(str(pkg)) == tree
+
+
+def test_arguments_and_pytest_command():
+    ns, extra = bench.parse_args(["--quick", "-k", "adaln", "--wait-quiet", "5", "--out", "o",
+                                  "--", "-x", "--quick"])
+    assert ns.quick and ns.keyword == "adaln" and ns.out == "o" and ns.bench_device is None
+    assert extra == ["--wait-quiet", "5", "-x", "--quick"]
+    cmd = bench.pytest_command("/suite", "/o/bench.json", ns, extra, "/o")
+    assert cmd[:4] == [sys.executable, "-m", "pytest", "/suite"]
+    joined = " ".join(cmd)
+    for part in ("--rootdir /suite", "--confcutdir /suite", f"-c {os.devnull}",
+                 "-p no:cacheprovider", "--benchmark-json /o/bench.json", "-k adaln",
+                 "--benchmark-storage file:///o/.benchmarks"):
+        assert part in joined, (part, cmd)
+    assert cmd[-4:] == extra  # after ours: a pytest option given twice takes the last value
+    assert bench.parse_args([])[0].out == bench.DEFAULT_OUT
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "setup.py")), reason="not a source tree")
+def test_suite_ships_in_package(tmp_path):
+    """setup.py's build_py (what a wheel gets; copies Python files, compiles nothing) puts
+    benchmarks/*.py into vidgen_kernels/_bench_suite and nothing else from benchmarks/; there,
+    find_suite() finds it."""
+    lib = tmp_path / "lib"
+    r = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
+                        "build_py", "-d", str(lib)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, VIDGEN_KERNELS_NO_EXT="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    shipped = lib / "vidgen_kernels" / "_bench_suite"
+    want = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "benchmarks", "*.py")))
+    assert "conftest.py" in want and "test_bench_adaln.py" in want
+    assert sorted(os.listdir(shipped)) == want  # no results/, report/, last.json, README, gpu.sh
+    assert (lib / "vidgen_kernels" / "bench.py").is_file()
+
+    # installed layout: python -m vidgen_kernels.bench would use the shipped copy
+    r = subprocess.run([sys.executable, "-c", "from vidgen_kernels import bench; "
+                        "print(bench.find_suite())"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHONPATH=str(lib)))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(shipped)
+
+
+def test_cli_quick_run(tmp_path):
+    out = tmp_path / "out"
+    # one small file, without torch.compile contenders and backward (well under a minute on CPU)
+    r = subprocess.run([sys.executable, "-m", "vidgen_kernels.bench", "--quick", "--out", str(out),
+                        "-k", "adaln and not compile and not bwd", "--bench-device", "cpu"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env=_env())
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+    data = json.loads((out / "bench.json").read_text())
+    benches = data["benchmarks"]
+    assert benches, data
+    ops = {b["extra_info"]["op"] for b in benches}
+    assert ops <= {"adaln_modulate", "gated_residual_adaln"} and ops, ops
+    assert all(b["extra_info"]["contender"] != "torch.compile" for b in benches)
+
+    summary = (out / "summary.md").read_text()
+    assert "### adaln_modulate fwd" in summary and summary in r.stdout
+
+    report = (out / "REPORT.md").read_text()
+    device = benches[0]["extra_info"]["device_name"]
+    assert f"* devices: {device}" in report, report[:800]
+    assert "## adaln_modulate (cpu)" in report and "## gated_residual_adaln (cpu)" in report
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "adaln-modulate-cpu.png").is_file()
+        assert "](adaln-modulate-cpu.png)" in report
+    # nothing but the output folder was written (pytest-benchmark's storage folder included)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
