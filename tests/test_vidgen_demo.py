@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from vidgen.demo import measure_directions, moving_object_videos
@@ -73,11 +74,13 @@ def test_media_writers(tmp_path):
     assert (plot == [255, 0, 0]).all(-1).any() and (plot == [0, 0, 255]).all(-1).any()
 
 
-def test_vidgen_demo_cli_tiny(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU visible"))])
+def test_vidgen_demo_cli_tiny(tmp_path, device):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-m", "vidgen", "demo", "--tiny", "--steps", "4", "--seed", "3",
-                        "--out", str(out), "--device", "cpu"], cwd=ROOT, env=env,
+                        "--out", str(out), "--device", device], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("demo.gif", "frames.png", "loss.png", "report.md"):
@@ -87,7 +90,7 @@ def test_vidgen_demo_cli_tiny(tmp_path):
     _png_size(str(out / "frames.png"))
     _png_size(str(out / "loss.png"))
     report = (out / "report.md").read_text()
-    for key in ("Direction accuracy", "reference", "fused", "torch", "vidgen_kernels", "ms"):
+    for key in ("Direction accuracy", "reference", "fused", "torch", "vidgen_kernels", "ms", f"device {device}"):
         assert key in report, key
 
 

@@ -130,6 +130,11 @@ def _to_uint8(v: torch.Tensor) -> np.ndarray:
     return ((v.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _time_train_step(model, lat, text, sched, rounds: int, backend):
     m = copy.deepcopy(model).train().requires_grad_(True)
     m.backend = backend
@@ -139,6 +144,7 @@ def _time_train_step(model, lat, text, sched, rounds: int, backend):
         t0 = time.perf_counter()
         loss = flow_matching_loss(m, lat, text, sched, generator=g)
         loss.backward()
+        _sync(lat.device)
         times.append(time.perf_counter() - t0)
         m.zero_grad(set_to_none=True)
     return float(np.median(times[1:]))
@@ -151,6 +157,7 @@ def _time_sampling(model, cond, null, cfg: DemoConfig, shape, backend):
     generate_video(m, cond, null, num_frames=shape[0], height=shape[1], width=shape[2],
                    num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance, seed=0,
                    show_progress=False)
+    _sync(cond.device)
     return time.perf_counter() - t0
 
 

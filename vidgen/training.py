@@ -44,9 +44,11 @@ def cfg_dropout(text: Tensor, null_text: Tensor, p: float = 0.1,
 
 def flow_matching_loss(model: nn.Module, x0: Tensor, text: Tensor, scheduler: FlowMatchingScheduler,
                        generator: Optional[torch.Generator] = None) -> Tensor:
-    """MSE between ``model(x_t, t, text)`` and the velocity ``noise - x0``."""
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    t = scheduler.sample_t(x0.shape[0], generator=generator, device=x0.device)
+    """MSE between ``model(x_t, t, text)`` and the velocity ``noise - x0``. Noise and times are
+    drawn on ``generator``'s device (a CPU generator gives the same draws on every device)."""
+    gdev = generator.device if generator is not None else x0.device
+    noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(x0.device)
+    t = scheduler.sample_t(x0.shape[0], generator=generator, device=gdev).to(x0.device)
     x_t = scheduler.add_noise(x0, noise, t)
     return F.mse_loss(model(x_t, t, text), scheduler.velocity_target(x0, noise))
 
