@@ -27,7 +27,8 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero, CausalTemporalAttention, RoPE3DAttention
 
-from .layers import CrossAttention, FinalLayer, PatchEmbed3D, TimestepEmbedder, backend_scope, unpatchify
+from .layers import (CrossAttention, FinalLayer, PatchEmbed3D, TimestepEmbedder, backend_scope, check_text,
+                     unpatchify)
 from .moe import make_moe
 
 __all__ = ["VideoCausalDiTConfig", "VideoCausalDiT"]
@@ -103,9 +104,7 @@ class VideoCausalDiT(nn.Module):
         B = x.shape[0]
         if not 1 <= T <= self.config.max_frames:
             raise ValueError(f"frame count {T} outside 1..{self.config.max_frames}")
-        if text.dim() != 3 or text.shape[-1] != self.config.text_dim or text.shape[0] not in (1, B):
-            raise ValueError(f"text embeddings must be [B, L, {self.config.text_dim}], got {tuple(text.shape)}")
-        text = text.expand(B, -1, -1)
+        text = check_text(text, B, self.config.text_dim)
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
         if t.dim() <= 1:
             t = t.reshape(-1, 1).expand(B, T) if t.numel() in (1, B) else t

@@ -22,16 +22,19 @@ input frames ``<= 4j``, decoded frame ``t`` only on latents ``<= ceil(t / 4)``, 
 reconstruction frame ``t`` only on input frames ``<= 4 * ceil(t / 4)`` (causal at the latent
 group level: changing frames ``> 4j`` leaves latents ``<= j`` and output frames ``<= 4j`` unchanged).
 
-``scaling_factor`` (a buffer, set by :meth:`fit_scaling_factor`) rescales latents to unit
-variance for the diffusion model, as in :class:`vidgen.models.vae.SmallVideoVAE`.
+Sampling, ``forward``, the loss and the latent normalisation (``latents_mean``, ``scaling_factor``,
+``encode_scaled`` / ``decode_scaled``) come from :class:`vidgen.models.vae.LatentVAE`, shared with
+:class:`vidgen.models.vae.SmallVideoVAE`.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .vae import LatentVAE
 
 __all__ = ["CausalVideoVAE"]
 
@@ -116,7 +119,7 @@ class Up(nn.Module):
         return torch.cat([first, rest], dim=2)
 
 
-class CausalVideoVAE(nn.Module):
+class CausalVideoVAE(LatentVAE):
     def __init__(self, in_channels: int = 3, latent_channels: int = 16, base_channels: int = 64,
                  channel_mults: Sequence[int] = (1, 2, 4, 4), num_spatial_down: int = 3,
                  num_temporal_down: int = 2, blocks_per_level: int = 1):
@@ -152,7 +155,7 @@ class CausalVideoVAE(nn.Module):
                 dec.append(Up(ch, temporal=i - 1 < num_temporal_down))
         dec += [_gn(ch), nn.SiLU(), FConv(ch, in_channels)]
         self.decoder = nn.Sequential(*dec)
-        self.register_buffer("scaling_factor", torch.ones(()))
+        self._init_latent_norm(latent_channels)
 
     def _check(self, t: Tensor, name: str, channels: int, video: bool):
         f, s = self.temporal_factor, self.spatial_factor
@@ -177,39 +180,7 @@ class CausalVideoVAE(nn.Module):
         mean, logvar = m.chunk(2, dim=2)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    @staticmethod
-    def sample(mean: Tensor, logvar: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Reparameterised sample ``mean + exp(logvar / 2) * eps``."""
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + (0.5 * logvar).exp() * eps
-
     def decode(self, z: Tensor) -> Tensor:
         """``z [B, 1+k, z, h, w]`` (unscaled) -> video ``[B, 1+4k, C, 8h, 8w]``."""
         self._check(z, "z", self.latent_channels, video=False)
         return self.decoder(z.transpose(1, 2)).transpose(1, 2)
-
-    def forward(self, x: Tensor, generator: Optional[torch.Generator] = None):
-        """-> ``(reconstruction, mean, logvar)``."""
-        mean, logvar = self.encode(x)
-        return self.decode(self.sample(mean, logvar, generator)), mean, logvar
-
-    @staticmethod
-    def loss(x: Tensor, recon: Tensor, mean: Tensor, logvar: Tensor, kl_weight: float = 1e-4) -> Tensor:
-        """MSE reconstruction + ``kl_weight`` * KL(q(z|x) || N(0, I)) (mean over elements)."""
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-        return F.mse_loss(recon, x) + kl_weight * kl
-
-    @torch.no_grad()
-    def fit_scaling_factor(self, x: Tensor) -> float:
-        """Set ``scaling_factor = 1 / std(mean latents of x)``."""
-        mean, _ = self.encode(x)
-        self.scaling_factor.fill_(1.0 / mean.std().clamp(min=1e-6).item())
-        return float(self.scaling_factor)
-
-    def encode_scaled(self, x: Tensor, generator: Optional[torch.Generator] = None, sample: bool = False) -> Tensor:
-        mean, logvar = self.encode(x)
-        z = self.sample(mean, logvar, generator) if sample else mean
-        return z * self.scaling_factor
-
-    def decode_scaled(self, z: Tensor) -> Tensor:
-        return self.decode(z / self.scaling_factor)

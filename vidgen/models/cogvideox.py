@@ -26,7 +26,7 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import LayerNormZero, RoPE3DAttention
 
-from .layers import PatchEmbed3D, TimestepEmbedder, backend_scope, unpatchify
+from .layers import PatchEmbed3D, TimestepEmbedder, backend_scope, check_text, check_timesteps, unpatchify
 
 __all__ = ["CogVideoXConfig", "CogVideoXTransformer", "cogvideox_2b", "cogvideox_5b", "param_count",
            "recommended_defaults"]
@@ -164,12 +164,11 @@ class CogVideoXTransformer(nn.Module):
         T, h, w = self.patch_embed.grid(x)
         B = x.shape[0]
         c = self.config
-        if text.dim() != 3 or text.shape[-1] != c.text_hidden_size or text.shape[0] not in (1, B):
-            raise ValueError(f"text embeddings must be [B, L, {c.text_hidden_size}], got {tuple(text.shape)}")
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(B)
+        text = check_text(text, B, c.text_hidden_size, "text_hidden_size")
+        t = check_timesteps(t, B, x.device)
         with backend_scope(self.backend):
             hidden = self.patch_embed(x)
-            enc = self.text_proj(text.expand(B, -1, -1))
+            enc = self.text_proj(text)
             temb = self.time_embedding(t)
             rope = vk.rope3d_freqs(T, h, w, self.head_dim, theta=c.rope_theta, device=x.device)
             for block in self.blocks:

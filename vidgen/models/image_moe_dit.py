@@ -45,7 +45,8 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero
 
-from .layers import CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder, backend_scope, unpatchify
+from .layers import (CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder, backend_scope, check_text,
+                     check_timesteps, unpatchify)
 from .moe import make_moe
 
 __all__ = ["ImageMoEDiTConfig", "ImageMoEDiT"]
@@ -227,31 +228,13 @@ class ImageMoEDiT(nn.Module):
             raise ValueError(f"x: latent height H={H} and width W={W} must be divisible by patch_size={p}")
         return H // p, W // p
 
-    def _check_text(self, text: Tensor, B: int):
-        if not isinstance(text, Tensor) or text.dim() != 3 or text.shape[-1] != self.config.text_dim:
-            shape = tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__
-            raise ValueError(f"text embeddings must be [B, L, text_dim={self.config.text_dim}], got {shape}")
-        if text.shape[0] not in (1, B):
-            raise ValueError(f"text batch {text.shape[0]} does not match the latent batch B={B}")
-        if text.shape[1] < 1:
-            raise ValueError(f"text must have at least one token, got shape {tuple(text.shape)}")
-
-    def _check_t(self, t, B: int, device) -> Tensor:
-        t = torch.as_tensor(t, device=device, dtype=torch.float32)
-        if t.dim() == 0:
-            t = t.expand(B)
-        if t.shape != (B,):
-            raise ValueError(f"t must be a scalar or [B]=[{B}], got shape {tuple(t.shape)}")
-        return t
-
     # ------------------------------------------------------------------------------ forward
     def forward(self, x: Tensor, t: Tensor, text: Tensor) -> Tensor:
         h, w = self._check_x(x)
         video = x.dim() == 5
         B = x.shape[0]
-        self._check_text(text, B)
-        t = self._check_t(t, B, x.device)
-        text = text.expand(B, -1, -1)
+        text = check_text(text, B, self.config.text_dim)
+        t = check_timesteps(t, B, x.device)
         with backend_scope(self.backend):
             img = self.x_embedder(x if video else x.unsqueeze(1))       # [B, h*w, D]
             txt = self.context_embedder(text)                            # [B, L, D]

@@ -21,14 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero, CausalTemporalAttention, RoPE3DAttention
 
 from .layers import (CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder, backend_scope,
-                     sincos_pos_embed_3d, unpatchify)
+                     check_text, check_timesteps, sincos_pos_embed_3d, unpatchify)
 
 __all__ = ["LatentVideoDiTConfig", "LatentVideoDiT", "LatentVideoDiT_S", "LatentVideoDiT_M",
            "LatentVideoDiT_L", "LatentVideoDiT_XL", "LATENT_VIDEO_DIT_PRESETS"]
@@ -128,22 +127,11 @@ class LatentVideoDiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
-    def _check_text(self, text: Tensor, B: int):
-        if text.dim() != 3 or text.shape[-1] != self.config.text_dim:
-            raise ValueError(f"text embeddings must be [B, L, {self.config.text_dim}], got {tuple(text.shape)}")
-        if text.shape[0] not in (1, B):
-            raise ValueError(f"text batch {text.shape[0]} does not match the latent batch {B}")
-
     def forward(self, x: Tensor, t: Tensor, text: Tensor) -> Tensor:
         grid = self.x_embedder.grid(x)
         B = x.shape[0]
-        self._check_text(text, B)
-        text = text.expand(B, -1, -1)
-        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
-        if t.dim() == 0:
-            t = t.expand(B)
-        if t.shape != (B,):
-            raise ValueError(f"t must be a scalar or [B]={B}, got shape {tuple(t.shape)}")
+        text = check_text(text, B, self.config.text_dim)
+        t = check_timesteps(t, B, x.device)
         with backend_scope(self.backend):
             h = self.x_embedder(x)
             if self.config.pos_embed == "sincos":

@@ -25,6 +25,31 @@ def backend_scope(backend: Optional[str]):
 
 
 # ---------------------------------------------------------------------------------------------
+# Input checks shared by the models
+# ---------------------------------------------------------------------------------------------
+def check_text(text: Tensor, B: int, width: int, name: str = "text_dim") -> Tensor:
+    """Validate condition embeddings ``text [1 or B, L >= 1, width]`` and expand them to ``B``."""
+    if not isinstance(text, Tensor) or text.dim() != 3 or text.shape[-1] != width:
+        shape = tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__
+        raise ValueError(f"text embeddings must be [B, L, {name}={width}], got {shape}")
+    if text.shape[0] not in (1, B):
+        raise ValueError(f"text batch {text.shape[0]} does not match the latent batch B={B}")
+    if text.shape[1] < 1:
+        raise ValueError(f"text must have at least one token, got shape {tuple(text.shape)}")
+    return text.expand(B, -1, -1)
+
+
+def check_timesteps(t, B: int, device) -> Tensor:
+    """Diffusion times as float32 ``[B]`` from a scalar or a ``[B]`` tensor/number."""
+    t = torch.as_tensor(t, device=device, dtype=torch.float32)
+    if t.dim() == 0:
+        t = t.expand(B)
+    if t.shape != (B,):
+        raise ValueError(f"t must be a scalar or [B]=[{B}], got shape {tuple(t.shape)}")
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
 # Embedding layers
 # ---------------------------------------------------------------------------------------------
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

@@ -20,63 +20,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SmallVideoVAE"]
+__all__ = ["LatentVAE", "SmallVideoVAE"]
 
 
 def _gn(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(8, ch), ch)
 
 
-class SmallVideoVAE(nn.Module):
-    def __init__(self, in_channels: int = 1, latent_channels: int = 4, base_channels: int = 32,
-                 num_down: int = 2):
-        super().__init__()
-        self.in_channels, self.latent_channels, self.num_down = in_channels, latent_channels, num_down
-        self.downsample = 2 ** num_down
-        ch = base_channels
-        enc = [nn.Conv2d(in_channels, ch, 3, padding=1)]
-        for i in range(num_down):
-            nxt = base_channels * min(2 ** (i + 1), 4)
-            enc += [_gn(ch), nn.SiLU(), nn.Conv2d(ch, nxt, 4, stride=2, padding=1)]
-            ch = nxt
-        enc += [_gn(ch), nn.SiLU(), nn.Conv2d(ch, 2 * latent_channels, 3, padding=1)]
-        self.encoder = nn.Sequential(*enc)
-        dec = [nn.Conv2d(latent_channels, ch, 3, padding=1)]
-        for i in reversed(range(num_down)):
-            nxt = base_channels * min(2 ** i, 4)
-            dec += [_gn(ch), nn.SiLU(), nn.ConvTranspose2d(ch, nxt, 4, stride=2, padding=1)]
-            ch = nxt
-        dec += [_gn(ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1)]
-        self.decoder = nn.Sequential(*dec)
+class LatentVAE(nn.Module):
+    """What every vidgen video VAE shares: reparameterised sampling, ``forward``, the MSE + KL loss
+    and the latent normalisation for the diffusion model (``latents_mean`` ``[z]`` and
+    ``scaling_factor`` buffers, fitted by :meth:`fit_scaling_factor`). Subclasses define
+    ``encode(x) -> (mean, logvar)`` and ``decode(z)`` on ``[B, T, C, H, W]`` tensors and call
+    :meth:`_init_latent_norm` in ``__init__``."""
+
+    def _init_latent_norm(self, latent_channels: int):
         self.register_buffer("scaling_factor", torch.ones(()))
         self.register_buffer("latents_mean", torch.zeros(latent_channels))
-
-    def _check(self, x: Tensor, channels: int, what: str, multiple: int = 1):
-        if x.dim() != 5 or x.shape[2] != channels:
-            raise ValueError(f"{what} must be [B, T, {channels}, H, W], got shape {tuple(x.shape)}")
-        if x.shape[-1] % multiple or x.shape[-2] % multiple:
-            raise ValueError(f"{what} H, W = {tuple(x.shape[-2:])} must be divisible by {multiple}")
-
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x [B, T, C, H, W]`` in [-1, 1] -> ``(mean, logvar)`` each ``[B, T, z, H/f, W/f]``."""
-        self._check(x, self.in_channels, "video", self.downsample)
-        B, T = x.shape[:2]
-        m = self.encoder(x.flatten(0, 1))
-        mean, logvar = m.chunk(2, dim=1)
-        logvar = logvar.clamp(-30.0, 20.0)
-        return mean.unflatten(0, (B, T)), logvar.unflatten(0, (B, T))
 
     @staticmethod
     def sample(mean: Tensor, logvar: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """Reparameterised sample ``mean + exp(logvar / 2) * eps``."""
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + (0.5 * logvar).exp() * eps
-
-    def decode(self, z: Tensor) -> Tensor:
-        """``z [B, T, z, h, w]`` (unscaled) -> video ``[B, T, C, h*f, w*f]``."""
-        self._check(z, self.latent_channels, "latents")
-        B, T = z.shape[:2]
-        return self.decoder(z.flatten(0, 1)).unflatten(0, (B, T))
 
     def forward(self, x: Tensor, generator: Optional[torch.Generator] = None):
         """-> ``(reconstruction, mean, logvar)``."""
@@ -99,13 +65,61 @@ class SmallVideoVAE(nn.Module):
         self.scaling_factor.fill_(1.0 / (mean - self._channel(mu)).std().clamp(min=1e-6).item())
         return float(self.scaling_factor)
 
-    def _channel(self, v: Tensor) -> Tensor:
+    @staticmethod
+    def _channel(v: Tensor) -> Tensor:
         return v.view(1, 1, -1, 1, 1)
 
     def encode_scaled(self, x: Tensor, generator: Optional[torch.Generator] = None, sample: bool = False) -> Tensor:
+        """Normalised latents ``(z - latents_mean) * scaling_factor`` (``z``: the mean, or a sample)."""
         mean, logvar = self.encode(x)
         z = self.sample(mean, logvar, generator) if sample else mean
         return (z - self._channel(self.latents_mean)) * self.scaling_factor
 
     def decode_scaled(self, z: Tensor) -> Tensor:
+        """Inverse of :meth:`encode_scaled`, then :meth:`decode`."""
         return self.decode(z / self.scaling_factor + self._channel(self.latents_mean))
+
+
+class SmallVideoVAE(LatentVAE):
+    def __init__(self, in_channels: int = 1, latent_channels: int = 4, base_channels: int = 32,
+                 num_down: int = 2):
+        super().__init__()
+        self.in_channels, self.latent_channels, self.num_down = in_channels, latent_channels, num_down
+        self.downsample = 2 ** num_down
+        ch = base_channels
+        enc = [nn.Conv2d(in_channels, ch, 3, padding=1)]
+        for i in range(num_down):
+            nxt = base_channels * min(2 ** (i + 1), 4)
+            enc += [_gn(ch), nn.SiLU(), nn.Conv2d(ch, nxt, 4, stride=2, padding=1)]
+            ch = nxt
+        enc += [_gn(ch), nn.SiLU(), nn.Conv2d(ch, 2 * latent_channels, 3, padding=1)]
+        self.encoder = nn.Sequential(*enc)
+        dec = [nn.Conv2d(latent_channels, ch, 3, padding=1)]
+        for i in reversed(range(num_down)):
+            nxt = base_channels * min(2 ** i, 4)
+            dec += [_gn(ch), nn.SiLU(), nn.ConvTranspose2d(ch, nxt, 4, stride=2, padding=1)]
+            ch = nxt
+        dec += [_gn(ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1)]
+        self.decoder = nn.Sequential(*dec)
+        self._init_latent_norm(latent_channels)
+
+    def _check(self, x: Tensor, channels: int, what: str, multiple: int = 1):
+        if x.dim() != 5 or x.shape[2] != channels:
+            raise ValueError(f"{what} must be [B, T, {channels}, H, W], got shape {tuple(x.shape)}")
+        if x.shape[-1] % multiple or x.shape[-2] % multiple:
+            raise ValueError(f"{what} H, W = {tuple(x.shape[-2:])} must be divisible by {multiple}")
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x [B, T, C, H, W]`` in [-1, 1] -> ``(mean, logvar)`` each ``[B, T, z, H/f, W/f]``."""
+        self._check(x, self.in_channels, "video", self.downsample)
+        B, T = x.shape[:2]
+        m = self.encoder(x.flatten(0, 1))
+        mean, logvar = m.chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        return mean.unflatten(0, (B, T)), logvar.unflatten(0, (B, T))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """``z [B, T, z, h, w]`` (unscaled) -> video ``[B, T, C, h*f, w*f]``."""
+        self._check(z, self.latent_channels, "latents")
+        B, T = z.shape[:2]
+        return self.decoder(z.flatten(0, 1)).unflatten(0, (B, T))
