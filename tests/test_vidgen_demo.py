@@ -107,3 +107,13 @@ def test_gif_decodes_exactly_with_pillow(tmp_path):
     write_gif(str(tmp_path / "t.gif"), frames)
     got = [np.array(f.convert("L")) for f in ImageSequence.Iterator(Image.open(str(tmp_path / "t.gif")))]
     assert len(got) == 3 and all((a == b).all() for a, b in zip(frames, got))
+
+
+def test_auto_threads_reads_current_cpu_use(monkeypatch):
+    from vidgen import demo
+    busy = demo._cpu_busy_fraction(0.05)
+    assert 0.0 <= busy <= 1.0
+    monkeypatch.setattr(demo, "_cpu_busy_fraction", lambda window_s=0.5: 0.9)
+    assert demo._auto_threads() == 1
+    monkeypatch.setattr(demo, "_cpu_busy_fraction", lambda window_s=0.5: 0.1)
+    assert demo._auto_threads() == torch.get_num_threads()

@@ -161,14 +161,32 @@ def _time_sampling(model, cond, null, cfg: DemoConfig, shape, backend):
     return time.perf_counter() - t0
 
 
-def _auto_threads() -> int:
-    """1 thread when the CPU is already busy (OpenMP threads that get descheduled make a
-    2-thread run 5-10x slower on a loaded 2-core machine), else torch's default."""
+def _cpu_busy_fraction(window_s: float = 0.5) -> float:
+    """Fraction of all CPU time spent busy over the next ``window_s`` seconds (Linux
+    ``/proc/stat``), i.e. what other processes use right now; falls back to the 1-minute load
+    average per core elsewhere (a lagging measure)."""
+    def ticks():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return sum(v), idle
     try:
-        busy = os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
-    except OSError:
-        busy = False
-    return 1 if busy else torch.get_num_threads()
+        t0, i0 = ticks()
+        time.sleep(window_s)
+        t1, i1 = ticks()
+        return 1.0 - (i1 - i0) / max(1, t1 - t0)
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0] / (os.cpu_count() or 1)
+        except OSError:
+            return 0.0
+
+
+def _auto_threads() -> int:
+    """1 thread when other processes keep the CPU more than half busy right now (OpenMP threads
+    that get descheduled make a 2-thread run 5-10x slower on a loaded 2-core machine), else
+    torch's default."""
+    return 1 if _cpu_busy_fraction() > 0.5 else torch.get_num_threads()
 
 
 def _loss_plot(path, vae_losses, dit_losses, smooth):
