@@ -54,3 +54,13 @@ def assert_close_rule(got, ref_hi, ref_lo, name, floor=1e-5):
     ref_err = (lo - h).abs().max().item() if h.numel() else 0.0
     bound = 2 * ref_err + floor * scale
     assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g} (reference's own error {ref_err:.3g})"
+
+
+def perturb(model, std: float = 0.05, seed: int = 1):
+    """Add seeded N(0, std) noise to every parameter in place, so zero-initialised paths (AdaLN-Zero
+    gates, final layers, zero-init convs) contribute; returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g))
+    return model

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import perturb
 
 from vidgen.models.causal_vae import CausalVideoVAE
 
@@ -23,14 +24,6 @@ def tiny_vae(seed=0, **kw):
     cfg.update(kw)
     return CausalVideoVAE(**cfg)
 
-
-def perturb(model, std=0.05, seed=1):
-    """Non-zero weights everywhere (the temporal upsampling convs are zero-initialised)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return model
 
 
 def video(B=2, T=5, C=3, H=16, W=16, seed=0):

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from helpers import perturb
 
 import vidgen_kernels as vk
 from vidgen.models.image_moe_dit import ImageMoEDiT, ImageMoEDiTConfig
@@ -22,14 +23,6 @@ def tiny(**kw):
     cfg.update(kw)
     return ImageMoEDiT(ImageMoEDiTConfig(**cfg))
 
-
-def perturb(model, std=0.05, seed=1):
-    """Non-zero AdaLN / final weights so every path contributes (they are zero-initialised)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return model
 
 
 def inputs(B=2, H=8, W=8, L=3, seed=0):

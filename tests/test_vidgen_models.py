@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from helpers import perturb
 
 from vidgen.models import LatentVideoDiT, LatentVideoDiTConfig, SmallVideoVAE, LatentVideoDiT_S
 from vidgen.models.latent_dit import LATENT_VIDEO_DIT_PRESETS
@@ -21,14 +22,6 @@ def tiny_dit(**kw):
     cfg.update(kw)
     return LatentVideoDiT(LatentVideoDiTConfig(**cfg))
 
-
-def perturb(model, std=0.05, seed=1):
-    """Non-zero AdaLN / final weights so every path contributes (they are zero-initialised)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return model
 
 
 def inputs(B=2, T=4, C=3, H=8, W=8, L=3, seed=0):

@@ -46,7 +46,7 @@ import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero
 
 from .layers import (CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder, backend_scope, check_text,
-                     check_timesteps, unpatchify)
+                     check_timesteps, dit_init_, unpatchify)
 from .moe import make_moe
 
 __all__ = ["ImageMoEDiTConfig", "ImageMoEDiT"]
@@ -197,15 +197,7 @@ class ImageMoEDiT(nn.Module):
 
     def initialize_weights(self):
         """DiT initialisation: xavier linears, zero AdaLN/final (done in their modules)."""
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear) and "adaln" not in name and "final_layer" not in name:
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        dit_init_(self, self.x_embedder, self.t_embedder)
 
     @property
     def aux_loss(self) -> Tensor:

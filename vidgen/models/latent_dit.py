@@ -26,7 +26,7 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero, CausalTemporalAttention, RoPE3DAttention
 
-from .layers import (CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder, backend_scope,
+from .layers import (CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder, backend_scope, dit_init_,
                      check_text, check_timesteps, sincos_pos_embed_3d, unpatchify)
 
 __all__ = ["LatentVideoDiTConfig", "LatentVideoDiT", "LatentVideoDiT_S", "LatentVideoDiT_M",
@@ -117,15 +117,7 @@ class LatentVideoDiT(nn.Module):
 
     def initialize_weights(self):
         """DiT initialisation: xavier linears, zero AdaLN/final (done in their modules)."""
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear) and "adaln" not in name and "final_layer" not in name:
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        dit_init_(self, self.x_embedder, self.t_embedder)
 
     def forward(self, x: Tensor, t: Tensor, text: Tensor) -> Tensor:
         grid = self.x_embedder.grid(x)

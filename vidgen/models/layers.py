@@ -52,6 +52,20 @@ def check_timesteps(t, B: int, device) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # Embedding layers
 # ---------------------------------------------------------------------------------------------
+def dit_init_(model: nn.Module, x_embedder: "PatchEmbed3D", t_embedder: "TimestepEmbedder") -> None:
+    """DiT initialisation in place: xavier-uniform linears with zero biases (except AdaLN and the
+    final layer, zero-initialised by their modules), xavier patch embedding, N(0, 0.02) timestep MLP."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and "adaln" not in name and "final_layer" not in name:
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    w = x_embedder.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.normal_(t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(t_embedder.mlp[2].weight, std=0.02)
+
+
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps ``t`` (any shape) -> ``[*t, dim]``.
 
