@@ -614,15 +614,27 @@ def compile_contender(fn: Callable, warm: Callable[[Callable], object], device: 
     return compiled, time.perf_counter() - t0
 
 
-def count_saved_bytes(run: Callable[[], object]) -> int:
-    """Bytes autograd saves for backward while ``run()`` executes a forward (each saved tensor
-    counted once per save, ``torch.autograd.graph.saved_tensors_hooks``)."""
+def count_saved_bytes(run: Callable[[], object], exclude=()) -> dict:
+    """What autograd keeps for backward while ``run()`` executes a forward
+    (``torch.autograd.graph.saved_tensors_hooks``):
+
+    * ``saved_bytes``: every saved tensor's own bytes, counted once per save (a tensor saved by
+      three ops counts three times; a view counts its own elements only);
+    * ``activation_bytes``: the memory those saves keep alive: each distinct storage once, whole
+      (saving a view of a fused ``qkv`` buffer keeps the whole buffer), without the storages of
+      ``exclude`` (the parameters: they are not activations).
+    """
     seen = []
+    storages = {}
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
 
     def pack(t):
         seen.append(t.numel() * t.element_size())
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            storages[(st.data_ptr(), t.device)] = st.nbytes()
         return t
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
-    return sum(seen)
+    return {"saved_bytes": sum(seen), "activation_bytes": sum(storages.values())}

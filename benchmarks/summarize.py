@@ -10,7 +10,9 @@ contender: median per-call time, effective GB/s (``extra_info["bytes_moved"]`` /
 bandwidth (copy median / this median, the copy moving the same bytes), and the speedup vs the
 best peer (the fastest contender that is not one of our kernel backends and not the copy: eager
 reference, torch.compile, SDPA, matmul-softmax, ...). A GFLOP/s column (``extra_info["flops"]`` /
-median) appears when the group's cases count FLOPs. Works on any benchmark
+median) appears when the group's cases count FLOPs, and an activation-memory column (MB kept for
+backward, ``extra_info["activation_bytes"]``, and its ratio to the eager reference's) when they
+record it. Works on any benchmark
 whose ``extra_info`` has ``contender`` and ``bytes_moved``; without them rows show the test name
 and the columns that need them are left blank.
 
@@ -71,6 +73,9 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
     peers = [m for c, m in by.items() if m and c not in KERNEL_BACKENDS and c != COPY]
     best_peer = min(peers) if peers else None
     with_flops = any(r["flops"] for r in rows)
+    acts = {r["contender"]: r["ei"].get("activation_bytes") for r in rows}
+    with_act = any(v for v in acts.values())
+    ref_act = acts.get(REFERENCE)
 
     first = rows[0]["ei"] if rows else {}
     meta = ", ".join(str(x) for x in (first.get("device_name"), first.get("torch_version") and
@@ -81,9 +86,10 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
     if meta:
         out += [f"_{meta}_", ""]
     fl_head, fl_rule = (" GFLOP/s |", "---:|") if with_flops else ("", "")
+    act_head, act_rule = (" activation MB (vs ref) |", "---:|") if with_act else ("", "")
     out += [f"| contender | median ms | GB/s |{fl_head} vs eager ref | vs torch.compile | "
-            "vs best peer | of copy BW |",
-            f"|---|---:|---:|{fl_rule}---:|---:|---:|---:|"]
+            f"vs best peer | of copy BW |{act_head}",
+            f"|---|---:|---:|{fl_rule}---:|---:|---:|---:|{act_rule}"]
     noisy = False
     for r in _row_order(rows, sort):
         m = r["median_s"]
@@ -97,10 +103,17 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
         sp_peer = best_peer / m if (m and best_peer) else None
         frac = copy / m if (m and copy) else None
         gflops = f" {_fmt(r['flops'] / m / 1e9 if (m and r['flops']) else None, '.1f')} |"
+        act = acts.get(r["contender"])
+        act_cell = ""
+        if with_act:
+            act_cell = f" {_fmt(act and act / 2**20, '.1f')}"
+            if act and ref_act:
+                act_cell += f" ({act / ref_act:.2f}x)"
+            act_cell += " |"
         out.append(f"| {r['contender']}{mark} | {_fmt(m and m * 1e3, '.3f')} | {_fmt(gbps, '.1f')} |"
                    f"{gflops if with_flops else ''} {_fmt(sp_ref, '.2f', 'x')} | "
                    f"{_fmt(sp_comp, '.2f', 'x')} | {_fmt(sp_peer, '.2f', 'x')} | "
-                   f"{_fmt(frac and frac * 100, '.0f', '%')} |")
+                   f"{_fmt(frac and frac * 100, '.0f', '%')} |{act_cell}")
     if noisy:
         out += ["", "⚠N%: other processes used N% of the CPU time while this row was measured."]
     return "\n".join(out)

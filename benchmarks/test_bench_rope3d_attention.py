@@ -34,9 +34,11 @@ as diffusers' ``view(B, -1, H, D).transpose(1, 2)``. Contenders:
   ``[B, S, H, D]`` tensor: + read dout, q, k, v, out, write dq, dk, dv), the bandwidth limit.
 
 Work model (``extra_info``): ``flops`` = 4 * B * H * S^2 * D for the forward, x 3.5 for fwd+bwd
-(backward = 2.5 x forward); ``tflops`` = flops / median. ``saved_bytes``: bytes autograd saved
-for backward in one forward (``torch.autograd.graph.saved_tensors_hooks``), and
-``saved_bytes_vs_qkvo`` = that / bytes of q + k + v + out.
+(backward = 2.5 x forward); ``tflops`` = flops / median. For one forward
+(``torch.autograd.graph.saved_tensors_hooks``): ``activation_bytes`` = memory the saved tensors
+keep alive (each distinct storage once and whole: saving ``v``, a view of the fused qkv buffer,
+keeps all of it), ``saved_bytes`` = each saved tensor's own bytes per save; ``*_vs_qkvo`` = those
+/ bytes of q + k + v + out.
 
 Each contender is checked once before timing against ``rotate+sdpa`` in the case's dtype
 (outputs, and q/k/v gradients for fwd+bwd). Unavailable contenders are skipped with the reason.
@@ -240,7 +242,7 @@ def _results(case, f, inp):
     return [t.detach() for t in res]
 
 
-def saved_bytes(f, inp) -> int:
+def saved_bytes(f, inp) -> dict:
     leaf = inp["qkv"].detach().requires_grad_()
     return common.count_saved_bytes(lambda: f(dict(inp, qkv=leaf)))
 
@@ -305,8 +307,10 @@ def test_rope3d_attention(benchmark, case: Case, request):
             info["max_rel_err_vs_rotate_sdpa"] = check(case, f, sets[0])
         except RuntimeError as e:  # e.g. a forced SDPA backend that cannot run this shape / GPU
             pytest.skip(f"{case.contender} cannot run this case: {type(e).__name__}: {str(e)[:200]}")
-        info["saved_bytes"] = saved_bytes(f, sets[0])
-        info["saved_bytes_vs_qkvo"] = info["saved_bytes"] / (4 * B * case.S * H * D * esz)
+        info.update(saved_bytes(f, sets[0]))
+        qkvo = 4 * B * case.S * H * D * esz
+        info["saved_bytes_vs_qkvo"] = info["saved_bytes"] / qkvo
+        info["activation_bytes_vs_qkvo"] = info["activation_bytes"] / qkvo
         steps = [step_fn(case, f, s) for s in sets]
         del sets
     call = common.rotate(steps)

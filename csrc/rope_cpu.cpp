@@ -7,7 +7,8 @@
  *   rope_cpu(x, cos, sin, out, offset, interleaved, conj)
  *
  * - x [B, S, H, D] any strides (read in place, never copied), dtype T in {float32, float16,
- *   bfloat16, float64}; cos / sin [L, D/2] float32 contiguous; out [B, S, H, D] contiguous T.
+ *   bfloat16, float64}; cos / sin [L, D/2] float32 contiguous; out [B, S, H, D] T, dense and
+ *   non-overlapping with a unit last stride (contiguous, or e.g. a [B, H, S, D] buffer transposed).
  * - Token (b, s) with offset <= s < offset + L: each head row's pairs (x[2i], x[2i+1])
  *   (interleaved) or (x[i], x[i + D/2]) are rotated by the angle of table row s - offset
  *   (negated when conj), math in float (double for float64), rounded once to T. Other tokens
@@ -57,30 +58,31 @@ inline void copy_row(const T* x, int64_t sd, T* o, int64_t D) {
 }
 
 template <typename T, bool INTER, bool CONJ>
-void rope_impl(const Tensor& x, const float* cos, const float* sin, T* out, int64_t L,
-               int64_t offset) {
+void rope_impl(const Tensor& x, const float* cos, const float* sin, T* out,
+               at::IntArrayRef out_strides, int64_t L, int64_t offset) {
   const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3);
   const int64_t sb = x.stride(0), ss = x.stride(1), sh = x.stride(2), sd = x.stride(3);
   const int64_t P = D / 2;
   const T* xp = static_cast<const T*>(x.data_ptr());
+  const int64_t ob = out_strides[0], os = out_strides[1], oh = out_strides[2];
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * D));
   at::parallel_for(0, B * S, grain, [&](int64_t begin, int64_t end) {
     for (int64_t tok = begin; tok < end; ++tok) {
       const int64_t b = tok / S, s = tok - b * S;
       const T* xr = xp + b * sb + s * ss;
-      T* orow = out + tok * H * D;
+      T* orow = out + b * ob + s * os;
       const int64_t j = s - offset;
       if (j < 0 || j >= L) {
-        for (int64_t h = 0; h < H; ++h) copy_row(xr + h * sh, sd, orow + h * D, D);
+        for (int64_t h = 0; h < H; ++h) copy_row(xr + h * sh, sd, orow + h * oh, D);
         continue;
       }
       const float* c = cos + j * P;
       const float* sn = sin + j * P;
       for (int64_t h = 0; h < H; ++h) {
         if (sd == 1)
-          rotate_row<T, INTER, CONJ, true>(xr + h * sh, 1, orow + h * D, c, sn, P);
+          rotate_row<T, INTER, CONJ, true>(xr + h * sh, 1, orow + h * oh, c, sn, P);
         else
-          rotate_row<T, INTER, CONJ, false>(xr + h * sh, sd, orow + h * D, c, sn, P);
+          rotate_row<T, INTER, CONJ, false>(xr + h * sh, sd, orow + h * oh, c, sn, P);
       }
     }
   });
@@ -113,23 +115,26 @@ void rope_cpu(const Tensor& x, const Tensor& cos, const Tensor& sin, const Tenso
   const int64_t L = cos.size(0);
   TORCH_CHECK(offset >= 0 && offset + L <= S, "rope_cpu: need 0 <= offset and offset + L <= S, got ",
               "offset=", offset, ", L=", L, ", S=", S);
+  const bool out_layout_ok = out.is_non_overlapping_and_dense() && out.stride(3) == 1;
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == st && out.sizes() == x.sizes() &&
-                  out.is_contiguous(),
-              "rope_cpu: out must be a contiguous CPU tensor of x's shape ", x.sizes(),
-              " and dtype ", st, ", got ", out.sizes(), " ", out.scalar_type(),
-              out.is_contiguous() ? "" : " (not contiguous)");
+                  out_layout_ok,
+              "rope_cpu: out must be a dense, non-overlapping CPU tensor with a unit last stride ",
+              "(e.g. contiguous [B, S, H, D], or a [B, H, S, D] buffer transposed) of x's shape ",
+              x.sizes(), " and dtype ", st, ", got ", out.sizes(), " ", out.scalar_type(),
+              " strides ", out.strides());
   at::assert_no_overlap(out, x);
   if (x.numel() == 0) return;
   const float* c = cos.data_ptr<float>();
   const float* s = sin.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "rope_cpu", [&] {
     scalar_t* o = static_cast<scalar_t*>(out.data_ptr());
+    const at::IntArrayRef os_ = out.strides();
     if (interleaved) {
-      if (conj) rope_impl<scalar_t, true, true>(x, c, s, o, L, offset);
-      else rope_impl<scalar_t, true, false>(x, c, s, o, L, offset);
+      if (conj) rope_impl<scalar_t, true, true>(x, c, s, o, os_, L, offset);
+      else rope_impl<scalar_t, true, false>(x, c, s, o, os_, L, offset);
     } else {
-      if (conj) rope_impl<scalar_t, false, true>(x, c, s, o, L, offset);
-      else rope_impl<scalar_t, false, false>(x, c, s, o, L, offset);
+      if (conj) rope_impl<scalar_t, false, true>(x, c, s, o, os_, L, offset);
+      else rope_impl<scalar_t, false, false>(x, c, s, o, os_, L, offset);
     }
   });
 }

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero, LayerNormZero
 
+from helpers import assert_close_rule, backend_params
+
 BACKENDS = [b for b in ("reference", "cpu") if b in vk.available_backends("cpu")]
 
 
@@ -80,3 +82,90 @@ def test_layernorm_zero_matches_cogvideox(backend):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # the module's parameters are diffusers' names, so a state dict loads as is
     assert set(m.state_dict()) == {"linear.weight", "linear.bias", "norm.weight", "norm.bias"}
+
+
+# ----------------------------------------------------------------------------------------------
+# HeadNorm: the per-head QK norm on the AdaLN kernel
+# ----------------------------------------------------------------------------------------------
+def _head_norm_eager(x, m):
+    if m.kind == "layer":
+        return F.layer_norm(x.double(), (m.dim,), m.weight.double(), m.bias.double(), m.eps)
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) * m.weight.double()
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("backend,device,dtype", backend_params())
+def test_head_norm_matches_eager(kind, backend, device, dtype):
+    """Forward and backward (x, weight, bias) against the fp64 formula, on the q slice of a
+    fused qkv buffer (non-contiguous, read in place), odd sizes, flash-attention error rule."""
+    torch.manual_seed(3)
+    B, S, H, D = 2, 37, 3, 48
+    m = vk.nn.HeadNorm(D, kind, eps=1e-6, backend=backend).to(device)
+    with torch.no_grad():
+        m.weight.normal_(1.0, 0.3)
+        if m.bias is not None:
+            m.bias.normal_(0.0, 0.3)
+    qkv = (torch.randn(B, S, 3, H, D, device=device) * 2 + 0.5).to(dtype).requires_grad_()
+    g = torch.randn(B, S, H, D, device=device, dtype=dtype)
+    params = [p for p in (m.weight, m.bias) if p is not None]
+
+    def run(mod, dt):
+        x = qkv.detach().to(dt).requires_grad_()
+        out = mod(x.unbind(2)[1])
+        grads = torch.autograd.grad(out, [x] + [p for p in (mod.weight, mod.bias) if p is not None],
+                                    g.to(dt))
+        return [out.double()] + [t.double() for t in grads]
+
+    got = run(m, dtype)
+    assert got[0].shape == (B, S, H, D)
+    x64 = qkv.detach().double().requires_grad_()
+    out64 = _head_norm_eager(x64.unbind(2)[1], m)
+    want = [out64] + list(torch.autograd.grad(out64, [x64] + params, g.double()))
+    lo = vk.nn.HeadNorm(D, kind, eps=1e-6, backend="reference").to(device)
+    lo.load_state_dict(m.state_dict())
+    lo.to(dtype)
+    low = run(lo, dtype)  # F.rms_norm / F.layer_norm in the low precision
+    names = ["out", "dx", "dweight", "dbias"]
+    for i, (a, w, l_) in enumerate(zip(got, want, low)):
+        assert_close_rule(a, w, l_, f"{kind} {names[i]}")
+
+
+def test_head_norm_saves_less_than_eager_norm():
+    """Backward keeps x (here the fused qkv buffer, kept anyway) and row statistics, not a
+    normalised copy: fewer distinct bytes than nn.RMSNorm's composite."""
+    if "cpu" not in vk.available_backends("cpu"):
+        pytest.skip("the cpu backend is not built")
+    D = 64
+    qkv = torch.randn(1, 256, 3, 4, D, requires_grad=True)
+
+    def kept(mod):
+        st = {}
+
+        def pack(t):
+            st[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            mod(qkv.unbind(2)[0])
+        params = {p.untyped_storage().data_ptr() for p in mod.parameters()}
+        return sum(v for k, v in st.items() if k not in params)
+
+    ours = kept(vk.nn.HeadNorm(D, "rms", backend="cpu"))
+    eager = kept(torch.nn.RMSNorm(D, eps=1e-6))
+    assert ours < eager, (ours, eager)
+    assert ours <= qkv.numel() * 4 + 2 * 256 * 4 * 4 + 1024  # qkv buffer + fp32 mean / rstd
+
+
+def test_head_norm_drop_in_and_errors():
+    m = vk.nn.HeadNorm(8, "layer", eps=1e-5)
+    ref = torch.nn.LayerNorm(8, eps=1e-5)
+    assert set(m.state_dict()) == set(ref.state_dict())
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5, 2, 8)
+    with vk.use_backend("reference"):
+        torch.testing.assert_close(m(x), ref(x))
+    assert set(vk.nn.HeadNorm(8, "rms").state_dict()) == set(torch.nn.RMSNorm(8).state_dict())
+    with pytest.raises(ValueError, match=r"HeadNorm: x must be \[\.\.\., D=8\], got \(3, 7\)"):
+        m(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="kind must be 'layer' or 'rms'"):
+        vk.nn.HeadNorm(8, "batch")

@@ -72,7 +72,7 @@ class VideoCausalDiTBlock(nn.Module):
         a = self.cross_attn(self.adaln2.modulate_msa(x, p2), text)
         x, h = self.adaln2.residual_mlp(x, a, p2)
         h4 = h.view(B, T, S, D)
-        ctx = h4.mean(dim=2, keepdim=True).expand_as(h4)       # the frame's mean token (causal)
+        ctx = h4.mean(dim=2, keepdim=True)   # [B, T, 1, D]: the frame's mean token (causal), broadcast
         y = self.moe(h4, ctx).reshape(B, N, D)
         return self.adaln2.residual_out(x, y, p2)
 

@@ -84,10 +84,10 @@ class DualStreamAttention(nn.Module):
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.img_qkv = nn.Linear(dim, 3 * dim)
         self.txt_qkv = nn.Linear(dim, 3 * dim)
-        self.img_norm_q = nn.RMSNorm(self.head_dim, eps=1e-6)
-        self.img_norm_k = nn.RMSNorm(self.head_dim, eps=1e-6)
-        self.txt_norm_q = nn.RMSNorm(self.head_dim, eps=1e-6)
-        self.txt_norm_k = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.img_norm_q = vk.nn.HeadNorm(self.head_dim, "rms", 1e-6)
+        self.img_norm_k = vk.nn.HeadNorm(self.head_dim, "rms", 1e-6)
+        self.txt_norm_q = vk.nn.HeadNorm(self.head_dim, "rms", 1e-6)
+        self.txt_norm_k = vk.nn.HeadNorm(self.head_dim, "rms", 1e-6)
         self.img_proj = nn.Linear(dim, dim)
         self.txt_proj = None if context_pre_only else nn.Linear(dim, dim)
 

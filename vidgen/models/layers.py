@@ -173,9 +173,8 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(context_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
         self.context_dim = context_dim
-        norm = {"rms": nn.RMSNorm, "layer": nn.LayerNorm}.get(qk_norm) if qk_norm else None
-        self.norm_q = norm(self.head_dim, eps=1e-6) if norm else nn.Identity()
-        self.norm_k = norm(self.head_dim, eps=1e-6) if norm else nn.Identity()
+        self.norm_q = vk.nn.HeadNorm(self.head_dim, qk_norm, 1e-6) if qk_norm else nn.Identity()
+        self.norm_k = vk.nn.HeadNorm(self.head_dim, qk_norm, 1e-6) if qk_norm else nn.Identity()
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         B, N, C = x.shape

@@ -4,14 +4,18 @@
   shift/scale/gate for the attention and the MLP sublayers, with the fused norm + modulation.
 * :class:`LayerNormZero`: CogVideoX's ``CogVideoXLayerNormZero`` (same parameter names, same
   outputs), modulating video and text tokens with their own shift/scale/gate in one call.
+* :class:`HeadNorm`: per-head QK LayerNorm / RMSNorm (``nn.LayerNorm`` / ``nn.RMSNorm`` drop-in)
+  on the same kernel (no modulation), saving only its input and row statistics for backward.
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backends import current_backend
 from ..ops.adaln import adaln_modulate, gated_residual_adaln
 
 
@@ -152,3 +156,58 @@ class LayerNormZero(nn.Module):
         e, ne = gated_residual_adaln(encoder_hidden_states, attn_encoder_hidden_states, enc_gate,
                                      e_shift, e_scale, **kw)
         return h, e, nh, ne, gate2.unsqueeze(-2), e_gate2.unsqueeze(-2)
+
+
+class HeadNorm(nn.Module):
+    """Per-head QK norm: LayerNorm (``kind="layer"``, weight + bias) or RMSNorm (``"rms"``,
+    weight) over the last dim ``D`` of ``x [..., H, D]``, a drop-in for ``nn.LayerNorm(D)`` /
+    ``nn.RMSNorm(D)`` (same parameter names and initialisation).
+
+    Runs on the fused AdaLN kernel (:func:`vidgen_kernels.adaln_modulate` with zero shift and
+    scale) over the ``[rows, H, D]`` view of ``x``, read in place (e.g. the q / k slices of a
+    fused qkv projection), so backward keeps only ``x`` and the per-row fp32 statistics, where
+    the eager ``nn.RMSNorm`` / ``nn.LayerNorm`` composites also save normalised copies. With the
+    ``reference`` backend (``backend="reference"`` or ``use_backend("reference")``) it is exactly
+    ``F.layer_norm`` / ``F.rms_norm``.
+
+    Args:
+        dim: ``D``.
+        kind: ``"layer"`` or ``"rms"``.
+        eps: added to the variance / mean square.
+        backend: kernel backend (``None``: the package's selection).
+    """
+
+    def __init__(self, dim: int, kind: str = "rms", eps: float = 1e-6, *,
+                 backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        if kind not in ("layer", "rms"):
+            raise ValueError(f"HeadNorm: kind must be 'layer' or 'rms', got {kind!r}")
+        fk = {"device": device, "dtype": dtype}
+        self.dim, self.kind, self.eps, self.backend = dim, kind, float(eps), backend
+        self.normalized_shape = (dim,)
+        self.weight = nn.Parameter(torch.ones(dim, **fk))
+        if kind == "layer":
+            self.bias = nn.Parameter(torch.zeros(dim, **fk))
+        else:
+            self.register_parameter("bias", None)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, kind={self.kind!r}, eps={self.eps}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [..., D]`` (any strides) -> normalised ``[..., D]`` (contiguous, x's dtype)."""
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"HeadNorm: x must be [..., D={self.dim}], got {tuple(x.shape)}")
+        name = self.backend if self.backend is not None else current_backend()
+        if name == "reference" or x.dim() < 2 or x.numel() == 0:
+            if self.kind == "layer":
+                return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        try:  # [rows, H, D] view; only layouts that cannot merge the leading dims are copied
+            x3 = x.view(-1, x.shape[-2], self.dim)
+        except RuntimeError:
+            x3 = x.reshape(-1, x.shape[-2], self.dim)
+        zero = torch.zeros((), dtype=torch.float32, device=x.device).expand(self.dim)
+        out = adaln_modulate(x3, zero, zero, weight=self.weight, bias=self.bias, eps=self.eps,
+                             norm=self.kind, backend=self.backend)
+        return out.view(x.shape)

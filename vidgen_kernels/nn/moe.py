@@ -80,15 +80,18 @@ class MoEFFN(nn.Module):
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         if x.shape[-1] != self.hidden:
             raise ValueError(f"MoEFFN: x must be [..., {self.hidden}], got {tuple(x.shape)}")
-        r_in = x
+        logits = self.router(x)
         if self.context_proj is not None:
             if context is None:
                 raise ValueError("MoEFFN: context_router=True needs forward(x, context=...)")
-            r_in = x + self.context_proj(context)
+            # router(x + context_proj(c)) split by linearity: the router keeps x (which the
+            # experts keep anyway) for its weight gradient, and a broadcast context (one row per
+            # frame) is projected and routed once per row, not once per token
+            logits = logits + self.router(self.context_proj(context))
         elif context is not None:
             raise ValueError("MoEFFN: context given but the module was built with "
                              "context_router=False")
-        logits = self.router(r_in).reshape(-1, self.num_experts)
+        logits = logits.reshape(-1, self.num_experts)
         res = moe_ffn(x, logits, self.w1, self.w2, top_k=self.top_k, activation=self.activation,
                       b1=self.b1, b2=self.b2, normalize_weights=self.normalize_weights,
                       backend=self.backend)

@@ -60,7 +60,8 @@ class RoPE3DAttention(nn.Module):
         self.qk_norm, self.interleaved, self.backend = qk_norm, bool(interleaved), backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias, **fk)
         self.proj = nn.Linear(dim, dim, bias=bias, **fk)
-        self.norm_q, self.norm_k = qk_norms(qk_norm, head_dim, eps, "RoPE3DAttention", **fk)
+        self.norm_q, self.norm_k = qk_norms(qk_norm, head_dim, eps, "RoPE3DAttention", backend,
+                                            **fk)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, qk_norm={self.qk_norm}, "

@@ -118,7 +118,8 @@ class CausalTemporalAttention(nn.Module):
         self.causal, self.interleaved = bool(causal), bool(interleaved)
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias, **fk)
         self.proj = nn.Linear(dim, dim, bias=bias, **fk)
-        self.norm_q, self.norm_k = qk_norms(qk_norm, head_dim, eps, "CausalTemporalAttention", **fk)
+        self.norm_q, self.norm_k = qk_norms(qk_norm, head_dim, eps, "CausalTemporalAttention",
+                                            **fk)
         # RoPE tables per device: one [L, D/2] pair for the longest sequence seen so far; a call
         # with T_k frames uses the first T_k rows (a contiguous view: nothing is rebuilt or copied)
         self._rope_cache: dict[tuple[str, Optional[int]], tuple[Tensor, Tensor]] = {}

@@ -40,10 +40,9 @@ every size below is static, N*k rows):
    the (token, slot) order) -> ``order [P]`` (flat pair ``n*k + j`` at sorted row p), ``tok [P]``
    (its token), ``pos [N, k]`` (inverse: sorted row of pair (n, j)), ``counts [E]``,
    ``offs [E]`` (int64 cumulative ends: expert e owns rows ``offs[e-1] .. offs[e]``).
-3. ``moe_permute``: ``xs = x[tok]`` ``[P, C]``.
-4. ``moe_experts``: grouped GEMM 1 with bias + activation in its epilogue, grouped GEMM 2
-   (+ bias) -> ``y [P, C]``.
-5. ``moe_unpermute``: ``out[n] = sum_j weights[n, j] * y[pos[n, j]]`` (a gather per token, in
+3. ``moe_experts``: permutation ``xs = x[tok]`` ``[P, C]``, grouped GEMM 1 with bias +
+   activation in its epilogue, grouped GEMM 2 (+ bias) -> ``y [P, C]``.
+4. ``moe_unpermute``: ``out[n] = sum_j weights[n, j] * y[pos[n, j]]`` (a gather per token, in
    slot order: deterministic, no atomics).
 
 Backward: ``dy[p] = w(p) * dout[tok[p]]``, ``dweights[n, j] = <dout[n], y[pos[n, j]]>``; expert
@@ -51,7 +50,9 @@ backward ``dhid = dy @ w2[e]^T`` (grouped GEMM), ``dw2[e] = hid_e^T dy_e`` (grou
 GEMM over the expert's permuted rows), ``db2[e] = sum dy_e``; ``dpre = act'(pre) * dhid``;
 ``dw1``, ``db1`` alike; ``dxs = dpre @ w1[e]^T``; ``dx[n] = sum_j dxs[pos[n, j]]``; the router
 gradient flows from ``dweights`` through renormalisation and softmax, plus the aux / z losses.
-Saved for backward: xs, the pre-activation and the hidden ``[P, F]``, y.
+Saved for backward: x ``[N, C]`` (not the k times larger ``xs``: backward gathers it again), the
+pre-activation ``[P, F]`` (the hidden ``act(pre)`` is recomputed from it in an elementwise pass
+rather than kept), y ``[P, C]`` (for the routing-weight gradient), the small index tensors.
 
 Kernel contract (per backend; ``kernel_*_torch`` below is the contract in PyTorch)
 -------------------------------------------------------------------------------
@@ -599,32 +600,6 @@ def _(idx, num_experts, backend):
             idx.new_empty((num_experts,), **i64))
 
 
-@torch.library.custom_op("vidgen_kernels::moe_permute", mutates_args=())
-def _moe_permute(x: Tensor, tok: Tensor, pos: Tensor, backend: str) -> Tensor:
-    return _kernels(backend).gather(x, tok)
-
-
-@_moe_permute.register_fake
-def _(x, tok, pos, backend):
-    return x.new_empty((tok.shape[0], x.shape[1]))
-
-
-def _permute_setup(ctx, inputs, output):
-    x, tok, pos, backend = inputs
-    ctx.save_for_backward(pos)
-    ctx.backend = backend
-
-
-def _permute_backward(ctx, dxs):
-    (pos,) = ctx.saved_tensors
-    dx = torch.ops.vidgen_kernels.moe_combine(dxs.contiguous(), pos, None, ctx.backend)
-    return dx, None, None, None
-
-
-torch.library.register_autograd("vidgen_kernels::moe_permute", _permute_backward,
-                                setup_context=_permute_setup)
-
-
 @torch.library.custom_op("vidgen_kernels::moe_combine", mutates_args=())
 def _moe_combine(y: Tensor, pos: Tensor, weights: Optional[Tensor], backend: str) -> Tensor:
     """``out[n] = sum_j weights[n, j] * y[pos[n, j]]`` (no gradient: building block)."""
@@ -681,63 +656,73 @@ torch.library.register_autograd("vidgen_kernels::moe_unpermute", _unpermute_back
 
 
 @torch.library.custom_op("vidgen_kernels::moe_experts_fwd", mutates_args=())
-def _moe_experts_fwd(xs: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                     b2: Optional[Tensor], offs: Tensor, activation: str,
-                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Grouped GEMM 1 (+ bias + activation epilogue) and grouped GEMM 2 (+ bias).
-    Returns ``y [P, C]``, ``pre [P, F or 2F]``, ``hid [P, F]``."""
+def _moe_experts_fwd(x: Tensor, tok: Tensor, pos: Tensor, w1: Tensor, b1: Optional[Tensor],
+                     w2: Tensor, b2: Optional[Tensor], offs: Tensor, activation: str,
+                     backend: str) -> tuple[Tensor, Tensor]:
+    """Permutation ``xs = x[tok]``, grouped GEMM 1 (+ bias + activation epilogue) and grouped
+    GEMM 2 (+ bias). Returns ``y [P, C]`` and ``pre [P, F or 2F]``. ``xs`` lives only inside
+    the call: backward keeps ``x [N, C]`` (k times smaller) and gathers again."""
     K = _kernels(backend)
+    xs = K.gather(x, tok)
     pre, hid = K.gmm_act(xs, w1, offs, b1, activation)
     y = K.gmm(hid, w2, offs, b2)
-    return y.contiguous(), pre.contiguous(), hid.contiguous()
+    return y.contiguous(), pre.contiguous()
 
 
 @_moe_experts_fwd.register_fake
-def _(xs, w1, b1, w2, b2, offs, activation, backend):
-    P = xs.shape[0]
-    return (xs.new_empty((P, w2.shape[2])), xs.new_empty((P, w1.shape[2])),
-            xs.new_empty((P, w2.shape[1])))
+def _(x, tok, pos, w1, b1, w2, b2, offs, activation, backend):
+    P = tok.shape[0]
+    return x.new_empty((P, w2.shape[2])), x.new_empty((P, w1.shape[2]))
 
 
 @torch.library.custom_op("vidgen_kernels::moe_experts_bwd", mutates_args=())
-def _moe_experts_bwd(dy: Tensor, xs: Tensor, w1: Tensor, w2: Tensor, offs: Tensor, pre: Tensor,
-                     hid: Tensor, activation: str, need_b1: bool, need_b2: bool,
+def _moe_experts_bwd(dy: Tensor, x: Tensor, tok: Tensor, pos: Tensor, w1: Tensor, w2: Tensor,
+                     offs: Tensor, pre: Tensor, activation: str, need_b1: bool, need_b2: bool,
                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``dxs``, ``dw1``, ``dw2``, ``db1`` (``[E, 2F or F]``), ``db2`` (``[E, C]``; zeros
-    of shape ``[0]`` when the bias is absent)."""
+    """Returns ``dx`` (``[N, C]``: the k slot gradients of each token summed), ``dw1``, ``dw2``,
+    ``db1`` (``[E, 2F or F]``), ``db2`` (``[E, C]``; zeros of shape ``[0]`` when the bias is
+    absent)."""
     K = _kernels(backend)
     E = w1.shape[0]
+    xs = K.gather(x, tok)
+    hid = apply_act(pre, activation)
     dhid = K.gmm(dy, w2.transpose(1, 2), offs)
     dw2 = K.gmm_wgrad(hid, dy, offs, E)
+    del hid
     dpre = act_backward(dhid, pre, activation)
+    del dhid
     dw1 = K.gmm_wgrad(xs, dpre, offs, E)
     dxs = K.gmm(dpre, w1.transpose(1, 2), offs)
-    db1 = segment_sum(dpre, offs, E) if need_b1 else xs.new_zeros((0,))
-    db2 = segment_sum(dy, offs, E) if need_b2 else xs.new_zeros((0,))
-    return dxs.contiguous(), dw1.contiguous(), dw2.contiguous(), db1, db2
+    db1 = segment_sum(dpre, offs, E) if need_b1 else x.new_zeros((0,))
+    db2 = segment_sum(dy, offs, E) if need_b2 else x.new_zeros((0,))
+    dx = K.combine(dxs.contiguous(), pos, None)
+    return dx.contiguous(), dw1.contiguous(), dw2.contiguous(), db1, db2
 
 
 @_moe_experts_bwd.register_fake
-def _(dy, xs, w1, w2, offs, pre, hid, activation, need_b1, need_b2, backend):
+def _(dy, x, tok, pos, w1, w2, offs, pre, activation, need_b1, need_b2, backend):
     E = w1.shape[0]
-    return (xs.new_empty(xs.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape),
-            xs.new_empty((E, w1.shape[2]) if need_b1 else (0,)),
-            xs.new_empty((E, w2.shape[2]) if need_b2 else (0,)))
+    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape),
+            x.new_empty((E, w1.shape[2]) if need_b1 else (0,)),
+            x.new_empty((E, w2.shape[2]) if need_b2 else (0,)))
 
 
 def _experts_setup(ctx, inputs, output):
-    xs, w1, b1, w2, b2, offs, activation, backend = inputs
-    y, pre, hid = output
-    ctx.save_for_backward(xs, w1, w2, offs, pre, hid)
+    x, tok, pos, w1, b1, w2, b2, offs, activation, backend = inputs
+    y, pre = output
+    # neither xs = x[tok] nor hid = act(pre) is kept: backward rebuilds both (a gather and an
+    # elementwise pass) from x and pre
+    ctx.save_for_backward(x, tok, pos, w1, w2, offs, pre)
     ctx.args = (activation, b1 is not None, b2 is not None, backend)
 
 
-def _experts_backward(ctx, dy, _dpre, _dhid):
-    xs, w1, w2, offs, pre, hid = ctx.saved_tensors
+def _experts_backward(ctx, dy, _dpre):
+    x, tok, pos, w1, w2, offs, pre = ctx.saved_tensors
     activation, has_b1, has_b2, backend = ctx.args
-    dxs, dw1, dw2, db1, db2 = torch.ops.vidgen_kernels.moe_experts_bwd(
-        dy.contiguous(), xs, w1, w2, offs, pre, hid, activation, has_b1, has_b2, backend)
-    return (dxs, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None, None, None, None)
+    dx, dw1, dw2, db1, db2 = torch.ops.vidgen_kernels.moe_experts_bwd(
+        dy.contiguous(), x, tok, pos, w1, w2, offs, pre, activation, has_b1, has_b2, backend)
+    return (dx, None, None, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None, None,
+            None, None)
 
 
 torch.library.register_autograd("vidgen_kernels::moe_experts_fwd", _experts_backward,
@@ -760,8 +745,7 @@ def moe_pipeline(x2: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Te
         weights, idx = ops.moe_route(router_logits, top_k, bool(normalize_weights), backend)
         k = top_k
     order, tok, pos, counts, offs = ops.moe_sort(idx, E, backend)
-    xs = ops.moe_permute(x2, tok, pos, backend)
-    y, _, _ = ops.moe_experts_fwd(xs, w1, b1, w2, b2, offs, activation, backend)
+    y, _ = ops.moe_experts_fwd(x2, tok, pos, w1, b1, w2, b2, offs, activation, backend)
     out = ops.moe_unpermute(y, weights, pos, tok, order, backend)
     aux, zl = _losses(router_logits, counts, N * k)
     return out, aux, zl, counts
