@@ -128,8 +128,14 @@ def _f(z: Tensor, base: str) -> Tensor:
     return F.silu(z)
 
 
-def _df_mul(g: Tensor, z: Tensor, base: str) -> Tensor:
-    """``g * act'(z)`` with PyTorch's fused backward kernels."""
+def _df_mul(g: Tensor, z: Tensor, base: str, out: Optional[Tensor] = None) -> Tensor:
+    """``g * act'(z)`` with PyTorch's fused backward kernels (into ``out`` when given, which may
+    be ``g`` itself: an elementwise kernel)."""
+    if out is not None:
+        if base == "silu":
+            return torch.ops.aten.silu_backward.grad_input(g, z, grad_input=out)
+        return torch.ops.aten.gelu_backward.grad_input(
+            g, z, approximate="tanh" if base == "gelu" else "none", grad_input=out)
     if base == "gelu":
         return torch.ops.aten.gelu_backward(g, z, approximate="tanh")
     if base == "gelu_exact":
@@ -150,11 +156,16 @@ def apply_act(pre: Tensor, activation: str) -> Tensor:
     return h.to(pre.dtype)
 
 
-def act_backward(dhid: Tensor, pre: Tensor, activation: str) -> Tensor:
-    """Gradient of :func:`apply_act` w.r.t. ``pre`` (pre's dtype)."""
+def act_backward(dhid: Tensor, pre: Tensor, activation: str, reuse_dhid: bool = False) -> Tensor:
+    """Gradient of :func:`apply_act` w.r.t. ``pre`` (pre's dtype). ``reuse_dhid``: the caller
+    owns ``dhid`` and it may be overwritten with the result when the shapes and dtypes allow
+    (plain activations in fp32 / fp64: no new ``[P, F]`` buffer)."""
     z = pre if pre.dtype in (torch.float32, torch.float64) else pre.float()
-    g = dhid.to(z.dtype)
     base = _base_act(activation)
+    if reuse_dhid and activation not in GATED and dhid.dtype == z.dtype == pre.dtype \
+            and dhid.is_contiguous():
+        return _df_mul(dhid, z, base, out=dhid)
+    g = dhid.to(z.dtype)
     if activation in GATED:
         F_ = pre.shape[-1] // 2
         a, b = z[:, :F_], z[:, F_:]
@@ -684,13 +695,12 @@ def _moe_experts_bwd(dy: Tensor, x: Tensor, tok: Tensor, pos: Tensor, w1: Tensor
     absent)."""
     K = _kernels(backend)
     E = w1.shape[0]
-    xs = K.gather(x, tok)
     hid = apply_act(pre, activation)
-    dhid = K.gmm(dy, w2.transpose(1, 2), offs)
     dw2 = K.gmm_wgrad(hid, dy, offs, E)
     del hid
-    dpre = act_backward(dhid, pre, activation)
-    del dhid
+    # dpre overwrites dhid (one [P, F] buffer for both, which pays for recomputing hid)
+    dpre = act_backward(K.gmm(dy, w2.transpose(1, 2), offs), pre, activation, reuse_dhid=True)
+    xs = K.gather(x, tok)
     dw1 = K.gmm_wgrad(xs, dpre, offs, E)
     dxs = K.gmm(dpre, w1.transpose(1, 2), offs)
     db1 = segment_sum(dpre, offs, E) if need_b1 else x.new_zeros((0,))
