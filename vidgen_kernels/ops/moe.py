@@ -611,17 +611,6 @@ def _(idx, num_experts, backend):
             idx.new_empty((num_experts,), **i64))
 
 
-@torch.library.custom_op("vidgen_kernels::moe_combine", mutates_args=())
-def _moe_combine(y: Tensor, pos: Tensor, weights: Optional[Tensor], backend: str) -> Tensor:
-    """``out[n] = sum_j weights[n, j] * y[pos[n, j]]`` (no gradient: building block)."""
-    return _kernels(backend).combine(y, pos, weights)
-
-
-@_moe_combine.register_fake
-def _(y, pos, weights, backend):
-    return y.new_empty((pos.shape[0], y.shape[1]))
-
-
 @torch.library.custom_op("vidgen_kernels::moe_unpermute", mutates_args=())
 def _moe_unpermute(y: Tensor, weights: Tensor, pos: Tensor, tok: Tensor, order: Tensor,
                    backend: str) -> Tensor:
