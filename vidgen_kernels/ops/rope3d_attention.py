@@ -79,10 +79,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _ext
 from ..backends import resolve
 from ._checks import check_qkv, softmax_scale_or_default
-from .rope import canon_table, check_rope_pair, rotate
+from .rope import _rope_kernel, canon_table, check_rope_pair, rotate
 
 __all__ = ["rope3d_attention", "rope3d_attention_reference", "frame_causal_mask"]
 
@@ -251,13 +250,10 @@ def _rope_cpu(x: Tensor, cos, sin, offset: int, interleaved: bool, conj: bool = 
     if cos is None:
         return x.transpose(1, 2) if heads_major else x
     B, S, H, D = x.shape
-    if heads_major:
-        buf = torch.empty((B, H, S, D), dtype=x.dtype, device=x.device)
-        _ext.C.rope_cpu(x, cos, sin, buf.transpose(1, 2), offset, interleaved, conj)
-        return buf
-    out = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device)
-    _ext.C.rope_cpu(x, cos, sin, out, offset, interleaved, conj)
-    return out
+    buf = torch.empty((B, H, S, D) if heads_major else (B, S, H, D), dtype=x.dtype, device=x.device)
+    _rope_kernel("cpu")(x, cos, sin, buf.transpose(1, 2) if heads_major else buf, offset,
+                        interleaved, conj)
+    return buf
 
 
 def _cpu_mask(S, fc_start, fc_len, fc_block, dtype, device):
