@@ -576,6 +576,34 @@ def measure(benchmark, request, call: Callable[[], object], device: str, pol: Po
     return median_s
 
 
+def paired_speedup(ours: Callable[[], object], peer: Callable[[], object], device: str,
+                   pairs: int) -> dict:
+    """Speedup of ``ours`` over ``peer`` measured in interleaved pairs in one process: each pair
+    times one call of each (the order alternating between pairs, so that neither always runs
+    first), and the result is the median over the pairs of ``t_peer / t_ours``. Slow drift of
+    the machine (other tenants, frequency, a noisy minute) hits both calls of a pair alike, so
+    this ratio is steadier than the ratio of two medians timed minutes apart. Returns
+    ``{"speedup": median, "speedup_min": ..., "speedup_max": ..., "pairs": n}`` (None values
+    when ``pairs`` is 0)."""
+    ratios = []
+    for i in range(pairs):
+        t = {}
+        for name, fn in ((("ours", ours), ("peer", peer)) if i % 2 == 0 else
+                         (("peer", peer), ("ours", ours))):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            t[name] = time.perf_counter() - t0
+        ratios.append(t["peer"] / t["ours"])
+    ratios.sort()
+    if not ratios:
+        return {"speedup": None, "speedup_min": None, "speedup_max": None, "pairs": 0}
+    return {"speedup": ratios[len(ratios) // 2] if len(ratios) % 2 else
+            0.5 * (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]),
+            "speedup_min": ratios[0], "speedup_max": ratios[-1], "pairs": len(ratios)}
+
+
 def per_second(amount: Optional[float], info: dict, scale: float = 1e9) -> tuple[Optional[float], Optional[float]]:
     """``amount`` / median and / CUDA-event median (``info`` as filled by :func:`measure`), in
     units of ``scale`` per second: (GB/s or GFLOP/s, the same from CUDA events or None)."""

@@ -12,9 +12,10 @@ best peer (the fastest contender that is not one of our kernel backends and not 
 reference, torch.compile, SDPA, matmul-softmax, ...). A GFLOP/s column (``extra_info["flops"]`` /
 median) appears when the group's cases count FLOPs, and an activation-memory column (MB kept for
 backward, ``extra_info["activation_bytes"]``, and its ratio to the eager reference's) when they
-record it. Works on any benchmark
-whose ``extra_info`` has ``contender`` and ``bytes_moved``; without them rows show the test name
-and the columns that need them are left blank.
+record it. Where cases record interleaved-pair speedups (``extra_info["paired_vs_reference"]``,
+``["paired_vs_compile"]``: the DiT block benchmark) a line under the table gives them. Works on
+any benchmark whose ``extra_info`` has ``contender`` and ``bytes_moved``; without them rows show
+the test name and the columns that need them are left blank.
 
 Only the standard library is used (no torch import), so it runs anywhere.
 """
@@ -116,6 +117,19 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
                    f"{_fmt(frac and frac * 100, '.0f', '%')} |{act_cell}")
     if noisy:
         out += ["", "⚠N%: other processes used N% of the CPU time while this row was measured."]
+    paired = []
+    for r in rows:
+        for key, peer in (("paired_vs_reference", "eager reference"),
+                          ("paired_vs_compile", "torch.compile")):
+            v = r["ei"].get(key)
+            if v:
+                paired.append(f"{peer} **{v:.2f}x** [{r['ei'].get(key + '_min', v):.2f}-"
+                              f"{r['ei'].get(key + '_max', v):.2f}]")
+    if paired:
+        n = next((r["ei"].get("paired_pairs") for r in rows if r["ei"].get("paired_pairs")), "?")
+        out += ["", f"Fused speedup timed in interleaved pairs in one process (median [min-max] of "
+                    f"t_peer / t_fused over {n} pair{'' if n == 1 else 's'}): vs "
+                    + ", vs ".join(paired) + "."]
     return "\n".join(out)
 
 

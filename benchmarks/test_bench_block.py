@@ -25,6 +25,13 @@ with the default backend choice: our kernels), ``reference`` (the same model and
 ``backend="reference"``: pure PyTorch) and ``torch.compile`` (``torch.compile`` of the
 reference model, compiled outside the timed region).
 
+Paired speedups: in the ``fused`` and ``torch.compile`` cases the fused step and its peer (the
+eager reference, the compiled reference) are also timed in interleaved pairs in one process
+(``paired``): ``extra_info["paired_vs_reference"]`` / ``["paired_vs_compile"]``, the median of
+``t_peer / t_fused`` over 8 pairs (CPU; 10 on CUDA). On the shared 2-core VM the same step
+drifts by up to 30 % between runs; a pair sees the same machine state, so this ratio is the
+steadier one, and ``summarize.py`` prints it under the table.
+
 ``extra_info``: ``activation_bytes`` = the activation memory kept for backward by one training
 forward (``saved_tensors_hooks``: each distinct storage a saved tensor lives in, once, without
 the parameters; the issue's "activation memory"), ``saved_bytes`` = the same saves counted per
@@ -132,6 +139,32 @@ def step_fn(case: Case, model, inp: dict):
     return run
 
 
+def paired(case: Case, model, run_model, inp: dict, quick: bool) -> dict:
+    """The fused model's speedup over a peer timed in interleaved pairs in this process
+    (``common.paired_speedup``): in the ``fused`` case over the eager reference (the same module
+    with ``backend="reference"``), in the ``torch.compile`` case over the compiled reference.
+    Keys ``paired_vs_reference`` / ``paired_vs_compile`` (median of ``t_peer / t_fused``),
+    ``..._min``, ``..._max``, ``paired_pairs``."""
+    pairs = 1 if quick else (10 if case.device == "cuda" else 8)
+    fused_step = step_fn(case, model, inp)
+    peer_step = step_fn(case, run_model, inp)
+
+    def ours():
+        model.backend = None
+        return fused_step()
+
+    def peer():
+        model.backend = "reference"
+        return peer_step()
+    key = "paired_vs_reference" if case.contender == FUSED else "paired_vs_compile"
+    try:
+        r = common.paired_speedup(ours, peer, case.device, pairs)
+    finally:
+        model.backend = None if case.contender == FUSED else "reference"
+    return {key: r["speedup"], f"{key}_min": r["speedup_min"], f"{key}_max": r["speedup_max"],
+            "paired_pairs": r["pairs"]}
+
+
 def test_dit_block(benchmark, case: Case, request):
     benchmark.group = case.group
     if case.device == "cuda" and not torch.cuda.is_available():
@@ -167,6 +200,8 @@ def test_dit_block(benchmark, case: Case, request):
         assert info["max_rel_err_vs_reference"] <= tol, info["max_rel_err_vs_reference"]
     call = step_fn(case, run_model, inp)
     common.measure(benchmark, request, call, case.device, pol, case.id, info)
+    if case.contender in (FUSED, COMPILE):
+        info.update(paired(case, model, run_model, inp, quick))
     hid, heads, lat, L, tw = case.size
     info.update(op=OP, model=case.model, direction=case.direction, contender=case.contender,
                 hidden=hid, heads=heads, latent=list(lat), text_tokens=L,

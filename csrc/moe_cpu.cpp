@@ -18,10 +18,19 @@
  *                 one at::mm_out / addmm_out per non-empty expert segment (the loop over experts is here,
  *                 in C++, not in Python; each GEMM is BLAS-sized)
  *   moe_gmm_wgrad_cpu(a [P, K], dy [P, M], offs, E) -> [E, K, M]   a_e^T dy_e, zero if empty
+ *   moe_act_gelu_cpu(pre [P, M] f32, gated) -> hid f32 [P, M] (gated: [P, M/2])
+ *                 tanh-approximation GELU, gated: gelu(a) * b with a, b the two column halves
+ *   moe_act_gelu_bwd_cpu(dhid [P, M or M/2] f32, pre [P, M] f32, gated, inplace) -> dpre [P, M]
+ *                 dhid * gelu'(pre) (gated: [dhid * b * gelu'(a), dhid * gelu(a)]); inplace
+ *                 (plain only): written over dhid
+ *                 (PyTorch's CPU tanh is ~10x slower than a copy of the same bytes; these are one
+ *                 vectorised pass each: gelu(x) = x * sigmoid(2u), u = sqrt(2/pi)(x + 0.044715 x^3))
  *
  * Dtypes: float32, float16, bfloat16, float64 for the data tensors.
  */
 #include <torch/extension.h>
+
+#include "cpu_common.h"
 
 #include <ATen/Parallel.h>
 
@@ -327,6 +336,119 @@ Tensor moe_gmm_wgrad_cpu(const Tensor& a, const Tensor& dy, const Tensor& offs, 
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// tanh-approximation GELU and its derivative (fp32): gelu(x) = 0.5 x (1 + tanh(u)) = x s with
+// s = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3); gelu'(x) = s + x s (1 - s) 2u'(x).
+// ---------------------------------------------------------------------------------------------
+using vidgen_cpu::kW;
+using vidgen_cpu::vf;
+using vidgen_cpu::vload;
+using vidgen_cpu::vset1;
+using vidgen_cpu::vstore;
+
+constexpr float kGeluC0 = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluC1 = 0.044715f;
+
+inline vf gelu_sig(vf x) {  // sigmoid(2u(x))
+  const vf m2u = x * (vset1(-2.0f * kGeluC0) + (-2.0f * kGeluC0 * kGeluC1) * (x * x));
+  return 1.0f / (1.0f + vidgen_cpu::vexp(m2u));
+}
+inline vf gelu_v(vf x) { return x * gelu_sig(x); }
+inline vf gelu_grad_v(vf x) {
+  const vf s = gelu_sig(x);
+  const vf du2 = vset1(2.0f * kGeluC0) + (2.0f * kGeluC0 * 3.0f * kGeluC1) * (x * x);  // 2u'
+  return s + x * s * (1.0f - s) * du2;
+}
+inline float gelu_sig_s(float x) {
+  const float m2u = x * (-2.0f * kGeluC0 - 2.0f * kGeluC0 * kGeluC1 * x * x);
+  return 1.0f / (1.0f + std::exp(std::min(m2u, 88.0f)));
+}
+inline float gelu_s(float x) { return x * gelu_sig_s(x); }
+inline float gelu_grad_s(float x) {
+  const float s = gelu_sig_s(x);
+  return s + x * s * (1.0f - s) * (2.0f * kGeluC0 + 6.0f * kGeluC0 * kGeluC1 * x * x);
+}
+
+void check_act_2d(const char* op, const char* name, const Tensor& t) {
+  check_cpu(op, name, t);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [P, M], got ", t.sizes());
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
+              " must have unit column stride, got strides ", t.strides());
+}
+
+int64_t act_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
+
+Tensor moe_act_gelu_cpu(const Tensor& pre, bool gated) {
+  const char* op = "moe_act_gelu_cpu";
+  check_act_2d(op, "pre", pre);
+  const int64_t P = pre.size(0), M = pre.size(1);
+  TORCH_CHECK(!gated || M % 2 == 0, op, ": gated activations need an even column count, got ", M);
+  const int64_t F = gated ? M / 2 : M;
+  Tensor out = at::empty({P, F}, pre.options());
+  const float* src = pre.data_ptr<float>();
+  const int64_t ld = pre.stride(0);
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, P, act_grain(F), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* a = src + r * ld;
+      const float* b = a + F;
+      float* o = dst + r * F;
+      int64_t j = 0;
+      for (; j + kW <= F; j += kW) {
+        const vf h = gelu_v(vload(a + j));
+        vstore(o + j, gated ? h * vload(b + j) : h);
+      }
+      for (; j < F; ++j) o[j] = gated ? gelu_s(a[j]) * b[j] : gelu_s(a[j]);
+    }
+  });
+  return out;
+}
+
+Tensor moe_act_gelu_bwd_cpu(const Tensor& dhid, const Tensor& pre, bool gated, bool inplace) {
+  const char* op = "moe_act_gelu_bwd_cpu";
+  check_act_2d(op, "pre", pre);
+  check_act_2d(op, "dhid", dhid);
+  const int64_t P = pre.size(0), M = pre.size(1);
+  TORCH_CHECK(!gated || M % 2 == 0, op, ": gated activations need an even column count, got ", M);
+  const int64_t F = gated ? M / 2 : M;
+  TORCH_CHECK(dhid.size(0) == P && dhid.size(1) == F, op, ": dhid must be [", P, ", ", F,
+              "], got ", dhid.sizes());
+  TORCH_CHECK(!inplace || !gated, op, ": inplace needs a plain (not gated) activation");
+  Tensor out = inplace ? dhid : at::empty({P, M}, pre.options());
+  const float* z = pre.data_ptr<float>();
+  const float* g = dhid.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t ldz = pre.stride(0), ldg = dhid.stride(0), ldo = out.stride(0);
+  at::parallel_for(0, P, act_grain(M), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* a = z + r * ldz;
+      const float* b = a + F;
+      const float* gr = g + r * ldg;
+      float* o = dst + r * ldo;
+      int64_t j = 0;
+      if (!gated) {
+        for (; j + kW <= F; j += kW) vstore(o + j, vload(gr + j) * gelu_grad_v(vload(a + j)));
+        for (; j < F; ++j) o[j] = gr[j] * gelu_grad_s(a[j]);
+        continue;
+      }
+      for (; j + kW <= F; j += kW) {
+        const vf x = vload(a + j), gv = vload(gr + j);
+        const vf s = gelu_sig(x);
+        const vf du2 = vset1(2.0f * kGeluC0) + (2.0f * kGeluC0 * 3.0f * kGeluC1) * (x * x);
+        vstore(o + j, gv * vload(b + j) * (s + x * s * (1.0f - s) * du2));
+        vstore(o + F + j, gv * (x * s));
+      }
+      for (; j < F; ++j) {
+        o[j] = gr[j] * b[j] * gelu_grad_s(a[j]);
+        o[F + j] = gr[j] * gelu_s(a[j]);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 void register_moe_cpu(pybind11::module_& m) {
@@ -348,4 +470,10 @@ void register_moe_cpu(pybind11::module_& m) {
   m.def("moe_gmm_wgrad_cpu", &moe_gmm_wgrad_cpu,
         "MoE grouped weight-gradient GEMM a_e^T dy_e (CPU)", py::arg("a"), py::arg("dy"),
         py::arg("offs"), py::arg("num_experts"), rel);
+  m.def("moe_act_gelu_cpu", &moe_act_gelu_cpu,
+        "MoE tanh-GELU (gated: gelu(a) * b) of the pre-activation (CPU, fp32)", py::arg("pre"),
+        py::arg("gated"), rel);
+  m.def("moe_act_gelu_bwd_cpu", &moe_act_gelu_bwd_cpu,
+        "MoE gradient of the tanh-GELU w.r.t. the pre-activation (CPU, fp32)", py::arg("dhid"),
+        py::arg("pre"), py::arg("gated"), py::arg("inplace"), rel);
 }

@@ -123,3 +123,39 @@ def test_cli_quick_run(tmp_path):
         assert "](adaln-modulate-cpu.png)" in report
     # nothing but the output folder was written (pytest-benchmark's storage folder included)
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def _suite_module(name):
+    path = os.path.join(ROOT, "benchmarks", name + ".py")
+    if not os.path.isfile(path):
+        pytest.skip("benchmarks/ source folder not present (installed layout)")
+    sys.path.insert(0, os.path.dirname(path))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_vk_bench_{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(os.path.dirname(path))
+    return mod
+
+
+def test_paired_speedup_and_summary_line():
+    """Interleaved-pair timing: a call twice as slow as ours reads ~2x, and the summary prints
+    the pair medians under the table."""
+    import time
+    common = _suite_module("common")
+    r = common.paired_speedup(lambda: time.sleep(0.004), lambda: time.sleep(0.012), "cpu", 5)
+    assert r["pairs"] == 5 and r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+    assert 1.8 < r["speedup"] < 4.5, r
+    assert common.paired_speedup(lambda: None, lambda: None, "cpu", 0)["speedup"] is None
+
+    summarize = _suite_module("summarize")
+    ei = dict(contender="fused", bytes_moved=None, paired_vs_reference=1.5,
+              paired_vs_reference_min=1.4, paired_vs_reference_max=1.6, paired_pairs=8)
+    benches = [{"name": "a", "stats": {"median": 0.3}, "extra_info": ei},
+               {"name": "b", "stats": {"median": 0.45},
+                "extra_info": dict(contender="reference", bytes_moved=None)}]
+    text = summarize.table("dit_block x train", benches)
+    assert "over 8 pairs): vs eager reference **1.50x** [1.40-1.60]." in text, text
+    assert "pairs" not in summarize.table("dit_block x train", benches[1:])

@@ -157,6 +157,59 @@ def test_cpu_float64():
     check("cpu", torch.float64, activation="swiglu", top_k=2)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "geglu"])
+def test_cpu_odd_intermediate(activation):
+    """F = 13: the C++ tanh-GELU pass's scalar tail (and a gated split at an odd column)."""
+    if "cpu" not in vk.available_backends("cpu"):
+        pytest.skip("cpu backend not built")
+    check("cpu", torch.float32, N=9, C=5, F=13, E=3, activation=activation)
+
+
+def _gelu_tanh64(z):
+    z = z.double()
+    return 0.5 * z * (1 + torch.tanh(0.7978845608028654 * (z + 0.044715 * z ** 3)))
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu", "geglu"])
+def test_cpu_gelu_pass_vs_float64(gated):
+    """The C++ tanh-GELU forward and derivative (``_CpuKernels.act`` / ``act_bwd``) against the
+    float64 formula, within 2x PyTorch's fp32 error (+ a few ulp): odd widths, a row-strided
+    ``pre`` read in place, large and tiny magnitudes, in-place backward."""
+    if "cpu" not in vk.available_backends("cpu"):
+        pytest.skip("cpu backend not built")
+    K = M._CpuKernels
+    act = "geglu" if gated else "gelu"
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(37, 2 * 29 + 5, generator=g) * 3
+    big[0, :8] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0, 100.0, -100.0])
+    pre = big[:, : 2 * 29 if gated else 29]  # row stride 63: read in place
+    assert not pre.is_contiguous()
+    F_ = 29
+    hid = K.act(pre, act)
+    a, b = (pre[:, :F_], pre[:, F_:]) if gated else (pre, None)
+    want = _gelu_tanh64(a) * (b.double() if gated else 1)
+    ours = (hid.double() - want).abs().max().item()
+    theirs = (M.apply_act(pre, act).double() - want).abs().max().item()
+    assert ours <= 2 * theirs + 1e-6, (ours, theirs)
+
+    dhid = torch.randn(37, F_, generator=g)
+    z = a.double().requires_grad_(True)
+    h64 = _gelu_tanh64(z) * (b.double() if gated else 1)
+    (dz,) = torch.autograd.grad(h64, z, dhid.double())
+    want_d = torch.cat([dz, dhid.double() * _gelu_tanh64(a)], 1) if gated else dz
+    got_d = K.act_bwd(dhid.clone(), pre, act)
+    theirs_d = (M.act_backward(dhid, pre, act).double() - want_d).abs().max().item()
+    ours_d = (got_d.double() - want_d).abs().max().item()
+    assert ours_d <= 2 * theirs_d + 1e-5, (ours_d, theirs_d)
+    if not gated:  # reuse_dhid: the result is written over dhid
+        buf = dhid.clone()
+        out = K.act_bwd(buf, pre, act, reuse_dhid=True)
+        assert out.data_ptr() == buf.data_ptr()
+        torch.testing.assert_close(out, got_d, rtol=0, atol=0)
+    nan = K.act(torch.full((1, 9), float("nan")), act if not gated else "gelu")
+    assert torch.isnan(nan).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # edge cases
 # ----------------------------------------------------------------------------------------------

@@ -66,10 +66,14 @@ Kernel contract (per backend; ``kernel_*_torch`` below is the contract in PyTorc
 * ``gmm_act(a, w, offs, bias [E, M] or None, activation) -> (pre [P, M], hid [P, M or M/2])``:
   ``pre = gmm + bias``, ``hid = act(pre)`` (rounded to a's dtype; fp32 math).
 * ``gmm_wgrad(a [P, K], dy [P, M], offs) -> [E, K, M]`` (``a_e^T dy_e``, zero for empty e).
+* ``act(pre [P, M], activation) -> hid`` and ``act_bwd(dhid, pre, activation, reuse_dhid) ->
+  dpre [P, M]`` (backward's recomputed hidden and ``act'(pre) * dhid``; ``apply_act`` /
+  ``act_backward`` below are the contract).
 
 Backends: ``cpu`` (C++: route, sort, gather, combine, combine_wgrad, and the grouped GEMMs as
-``at::mm`` / ``at::addmm`` (bias) calls per expert segment inside one C++ call; the
-activation and its derivative with PyTorch's fused gelu / silu kernels),
+``at::mm`` / ``at::addmm`` (bias) calls per expert segment inside one C++ call; the tanh
+GELU (plain and geglu, fp32) and its derivative as one vectorised C++ pass each, the other
+activations with PyTorch's fused gelu / silu kernels),
 ``triton`` (grouped GEMM kernels with the bias + activation epilogue fused, and the
 weight-gradient grouped GEMM; routing / sort / permutes in PyTorch device ops, no host sync),
 ``cuda`` (CUDA C++ routing, permutation and weighted un-permutation kernels, csrc/moe_cuda.cu,
@@ -450,6 +454,8 @@ class _TorchKernels:
     gmm = staticmethod(kernel_gmm_torch)
     gmm_act = staticmethod(kernel_gmm_act_torch)
     gmm_wgrad = staticmethod(kernel_gmm_wgrad_torch)
+    act = staticmethod(apply_act)
+    act_bwd = staticmethod(act_backward)
 
 
 class _CpuKernels(_TorchKernels):
@@ -486,11 +492,33 @@ class _CpuKernels(_TorchKernels):
     @staticmethod
     def gmm_act(a, w, offs, bias, activation):
         pre = _CpuKernels._C().moe_gmm_cpu(a, w, offs, bias)
-        return pre, apply_act(pre, activation)
+        return pre, _CpuKernels.act(pre, activation)
 
     @staticmethod
     def gmm_wgrad(a, dy, offs, E):
         return _CpuKernels._C().moe_gmm_wgrad_cpu(a, dy, offs, E)
+
+    @staticmethod
+    def _own_gelu(pre, activation):
+        # tanh GELU (plain / geglu) in fp32: the C++ pass; PyTorch's fused kernels elsewhere
+        # (its erf GELU and SiLU are already one fast pass, its tanh is not)
+        return _base_act(activation) == "gelu" and pre.dtype == torch.float32 and \
+            (pre.shape[1] <= 1 or pre.stride(1) == 1)
+
+    @staticmethod
+    def act(pre, activation):
+        if _CpuKernels._own_gelu(pre, activation):
+            return _CpuKernels._C().moe_act_gelu_cpu(pre, activation in GATED)
+        return apply_act(pre, activation)
+
+    @staticmethod
+    def act_bwd(dhid, pre, activation, reuse_dhid=False):
+        if _CpuKernels._own_gelu(pre, activation) and dhid.dtype == torch.float32 and \
+                (dhid.shape[1] <= 1 or dhid.stride(1) == 1):
+            gated = activation in GATED
+            return _CpuKernels._C().moe_act_gelu_bwd_cpu(dhid, pre, gated,
+                                                         reuse_dhid and not gated)
+        return act_backward(dhid, pre, activation, reuse_dhid)
 
 
 class _CudaKernels(_TorchKernels):
@@ -684,11 +712,11 @@ def _moe_experts_bwd(dy: Tensor, x: Tensor, tok: Tensor, pos: Tensor, w1: Tensor
     absent)."""
     K = _kernels(backend)
     E = w1.shape[0]
-    hid = apply_act(pre, activation)
+    hid = K.act(pre, activation)
     dw2 = K.gmm_wgrad(hid, dy, offs, E)
     del hid
     # dpre overwrites dhid (one [P, F] buffer for both, which pays for recomputing hid)
-    dpre = act_backward(K.gmm(dy, w2.transpose(1, 2), offs), pre, activation, reuse_dhid=True)
+    dpre = K.act_bwd(K.gmm(dy, w2.transpose(1, 2), offs), pre, activation, reuse_dhid=True)
     xs = K.gather(x, tok)
     dw1 = K.gmm_wgrad(xs, dpre, offs, E)
     dxs = K.gmm(dpre, w1.transpose(1, 2), offs)
