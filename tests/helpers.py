@@ -1,4 +1,5 @@
-"""Shared test helpers: backend/device/dtype grid and the flash-attention tolerance rule."""
+"""Shared test helpers: backend/device/dtype grid, the flash-attention tolerance rule, and the
+fused-vs-reference model check."""
 from __future__ import annotations
 
 import pytest
@@ -64,3 +65,34 @@ def perturb(model, std: float = 0.05, seed: int = 1):
         for p in model.parameters():
             p.add_(std * torch.randn(p.shape, generator=g))
     return model
+
+
+def assert_fused_matches_reference(model, x, t, text, *, aux: bool = False,
+                                   every_param_grad: bool = False):
+    """``model`` (fp32, default backends) against a deep copy of it with ``backend="reference"``:
+    the output, the input gradient and every parameter gradient of ``sum(w * model(x, t, text))``
+    (plus ``0.1 * aux_loss``, whose values must agree too, when ``aux``). A parameter without a
+    gradient in the fused model must have none (or an all-zero one) in the reference, unless
+    ``every_param_grad`` (then every parameter must get one in both)."""
+    import copy
+    ref = copy.deepcopy(model)
+    ref.backend = "reference"
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = model(x1, t, text), ref(x2, t, text)
+    torch.testing.assert_close(y1, y2, atol=1e-4, rtol=1e-4)
+    w = torch.randn_like(y1)
+    loss1, loss2 = (y1 * w).sum(), (y2 * w).sum()
+    if aux:
+        torch.testing.assert_close(model.aux_loss, ref.aux_loss, atol=1e-5, rtol=1e-5)
+        loss1, loss2 = loss1 + 0.1 * model.aux_loss, loss2 + 0.1 * ref.aux_loss
+    loss1.backward()
+    loss2.backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    for (n, p1), p2 in zip(model.named_parameters(), ref.parameters()):
+        if every_param_grad:
+            assert p1.grad is not None and p2.grad is not None, n
+        elif p1.grad is None:
+            assert p2.grad is None or p2.grad.abs().max() == 0, n
+            continue
+        torch.testing.assert_close(p1.grad, p2.grad, atol=2e-4, rtol=1e-3,
+                                   msg=lambda m, n=n: f"{n}: {m}")

@@ -1,11 +1,10 @@
 """ImageMoEDiT at tiny configs: shapes, zero-init, fused vs backend="reference" (forward and
 backward), the MoE aux loss, the dual-stream interaction, generate_image, a short training run and
 bad inputs."""
-import copy
 
 import pytest
 import torch
-from helpers import perturb
+from helpers import assert_fused_matches_reference, perturb
 
 import vidgen_kernels as vk
 from vidgen.models.image_moe_dit import ImageMoEDiT, ImageMoEDiTConfig
@@ -66,21 +65,8 @@ def test_out_channels_scalar_t_and_5d_input():
 
 
 def test_fused_matches_reference_fwd_bwd():
-    m = perturb(tiny())
-    ref = copy.deepcopy(m)
-    ref.backend = "reference"
     x, t, text = inputs(H=6, W=10, L=4)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = m(x1, t, text), ref(x2, t, text)
-    torch.testing.assert_close(y1, y2, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(m.aux_loss, ref.aux_loss, atol=1e-5, rtol=1e-5)
-    w = torch.randn_like(y1)
-    ((y1 * w).sum() + 0.1 * m.aux_loss).backward()
-    ((y2 * w).sum() + 0.1 * ref.aux_loss).backward()
-    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-4)
-    for (n, p1), p2 in zip(m.named_parameters(), ref.parameters()):
-        assert p1.grad is not None and p2.grad is not None, n
-        torch.testing.assert_close(p1.grad, p2.grad, atol=2e-4, rtol=1e-3, msg=lambda s: f"{n}: {s}")
+    assert_fused_matches_reference(perturb(tiny()), x, t, text, aux=True, every_param_grad=True)
 
 
 def test_aux_loss():

@@ -363,6 +363,39 @@ def test_op_count_independent_of_num_experts(backend):
     assert ref[1] > ref[0]
 
 
+class _ZeroFills(TorchDispatchMode):
+    """Records the sizes of the tensors filled with zeros (zeros, zeros_like, zero_, fill_)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("zeros", "zeros_like", "zero_", "new_zeros", "fill_") and \
+                isinstance(out, torch.Tensor):
+            self.sizes.append(out.numel())
+        return out
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_backward_makes_no_zero_pre_activation_gradient(backend):
+    """The pre-activation is an output of the expert op only to be saved for backward: autograd
+    must not materialise a [P, F] zero gradient for it (nor any buffer that large)."""
+    if backend != "torch":
+        why = vk.backends.why_unavailable(backend, "cpu")
+        if why:
+            pytest.skip(why)
+    N, C, F, E = 16, 8, 24, 4
+    d = make(N, C, F, E, "gelu", torch.float32, seed=4)
+    ins = {k: (v.requires_grad_() if v is not None else v) for k, v in d.items()}
+    res = backend_fn(backend)(**ins, top_k=2, activation="gelu")
+    with _ZeroFills() as z:
+        res.out.sum().backward()
+    assert all(n < N * 2 * F for n in z.sizes), z.sizes
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

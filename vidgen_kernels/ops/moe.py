@@ -601,10 +601,13 @@ def _route_setup(ctx, inputs, output):
     logits, top_k, normalize, backend = inputs
     ctx.save_for_backward(logits, output[1])
     ctx.normalize = normalize
+    ctx.set_materialize_grads(False)
 
 
 def _route_backward(ctx, dw, _didx):
     logits, idx = ctx.saved_tensors
+    if dw is None:
+        return None, None, None, None
     lf = logits.float()
     p = torch.softmax(lf, dim=-1)
     sel = p.gather(1, idx)
@@ -741,11 +744,15 @@ def _experts_setup(ctx, inputs, output):
     # elementwise pass) from x and pre
     ctx.save_for_backward(x, tok, pos, w1, w2, offs, pre)
     ctx.args = (activation, b1 is not None, b2 is not None, backend)
+    # pre is an output only so that it can be saved: no [P, F] zero gradient is made for it
+    ctx.set_materialize_grads(False)
 
 
 def _experts_backward(ctx, dy, _dpre):
     x, tok, pos, w1, w2, offs, pre = ctx.saved_tensors
     activation, has_b1, has_b2, backend = ctx.args
+    if dy is None:  # y unused (never in moe_ffn, which always combines it)
+        dy = pre.new_zeros((pre.shape[0], w2.shape[2]))
     dx, dw1, dw2, db1, db2 = torch.ops.vidgen_kernels.moe_experts_bwd(
         dy.contiguous(), x, tok, pos, w1, w2, offs, pre, activation, has_b1, has_b2, backend)
     return (dx, None, None, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None, None,

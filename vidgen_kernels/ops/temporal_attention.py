@@ -215,10 +215,13 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, cos, sin, out, lse)
     ctx.args = (causal, interleaved, q_offset, scale, backend)
+    ctx.set_materialize_grads(False)  # no zero gradient is made for lse (an output for backward)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, cos, sin, out, lse = ctx.saved_tensors
+    if dout is None:
+        return (None,) * 10
     dq, dk, dv = torch.ops.vidgen_kernels.temporal_attn_bwd(dout, q, k, v, cos, sin, out, lse,
                                                             *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None
