@@ -68,6 +68,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..backends import resolve
+from ._eager import eager_op
 
 __all__ = [
     "adaln_modulate",
@@ -391,10 +392,9 @@ def _reduce_param(buf: Tensor, Bp: int, Fp: int, N: int, R: int, dtype) -> Tenso
 # ----------------------------------------------------------------------------------------------
 # custom ops
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("vidgen_kernels::adaln_fwd", mutates_args=())
-def _adaln_fwd(x: Tensor, y: Optional[Tensor], gate: Optional[Tensor], shift: Tensor, scale: Tensor,
-               weight: Optional[Tensor], bias: Optional[Tensor], eps: float, is_rms: bool,
-               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _adaln_fwd_impl(x: Tensor, y: Optional[Tensor], gate: Optional[Tensor], shift: Tensor,
+                    scale: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                    is_rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(out, h, mean, rstd)``; ``h`` is an empty tensor unless gated (``y`` given)."""
     B, N, C = x.shape
     out = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
@@ -408,6 +408,10 @@ def _adaln_fwd(x: Tensor, y: Optional[Tensor], gate: Optional[Tensor], shift: Te
     return out, h, mean, rstd
 
 
+_adaln_fwd = torch.library.custom_op("vidgen_kernels::adaln_fwd", mutates_args=())(
+    _adaln_fwd_impl)
+
+
 @_adaln_fwd.register_fake
 def _(x, y, gate, shift, scale, weight, bias, eps, is_rms, backend):
     B, N, C = x.shape
@@ -417,12 +421,11 @@ def _(x, y, gate, shift, scale, weight, bias, eps, is_rms, backend):
     return out, h, mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("vidgen_kernels::adaln_bwd", mutates_args=())
-def _adaln_bwd(dout: Tensor, dh: Optional[Tensor], hx: Tensor, y: Optional[Tensor],
-               gate: Optional[Tensor], scale: Tensor, weight: Optional[Tensor],
-               bias: Optional[Tensor], mean: Tensor, rstd: Tensor, shift_shape: list[int],
-               shift_dtype: torch.dtype, needs: list[bool], is_rms: bool,
-               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _adaln_bwd_impl(dout: Tensor, dh: Optional[Tensor], hx: Tensor, y: Optional[Tensor],
+                    gate: Optional[Tensor], scale: Tensor, weight: Optional[Tensor],
+                    bias: Optional[Tensor], mean: Tensor, rstd: Tensor, shift_shape: list[int],
+                    shift_dtype: torch.dtype, needs: list[bool], is_rms: bool,
+                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dx, dy, dgate, dshift, dscale, dweight, dbias)``; the ones not asked for in
     ``needs`` (same order) are empty tensors."""
     B, N, C = hx.shape
@@ -466,6 +469,11 @@ def _adaln_bwd(dout: Tensor, dh: Optional[Tensor], hx: Tensor, y: Optional[Tenso
     return dx, dy if dy is not None else empty(), grads["gate"], grads["shift"], grads["scale"], dw, db
 
 
+_adaln_bwd = torch.library.custom_op("vidgen_kernels::adaln_bwd", mutates_args=())(
+    _adaln_bwd_impl)
+_adaln_bwd_call = eager_op(_adaln_bwd, _adaln_bwd_impl)
+
+
 @_adaln_bwd.register_fake
 def _(dout, dh, hx, y, gate, scale, weight, bias, mean, rstd, shift_shape, shift_dtype, needs,
       is_rms, backend):
@@ -502,7 +510,7 @@ def _backward(ctx, dout, dh, _dmean, _drstd):
         dout = torch.zeros_like(hx)
     nig = ctx.needs_input_grad
     needs = [nig[0], nig[1], nig[2], nig[3], nig[4], nig[5], nig[6]]
-    dx, dy, dgate, dshift, dscale, dw, db = torch.ops.vidgen_kernels.adaln_bwd(
+    dx, dy, dgate, dshift, dscale, dw, db = _adaln_bwd_call(
         dout, dh if ctx.gated else None, hx, y, gate, scale, weight, bias, mean, rstd,
         ctx.shift_shape, ctx.shift_dtype, needs, ctx.is_rms, ctx.backend)
     return (dx if nig[0] else None, dy if nig[1] else None, dgate if nig[2] else None,
@@ -511,6 +519,7 @@ def _backward(ctx, dout, dh, _dmean, _drstd):
 
 
 torch.library.register_autograd("vidgen_kernels::adaln_fwd", _backward, setup_context=_setup_context)
+_adaln_fwd_call = eager_op(_adaln_fwd, _adaln_fwd_impl, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,8 +562,8 @@ def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, *, weight: Optional[
     name = _resolve(x, backend, op)
     if name == "reference":
         return _ref_modulate(x, shift3, scale3, weight, bias, eps, is_rms)
-    out, _, _, _ = torch.ops.vidgen_kernels.adaln_fwd(x, None, None, shift3, scale3, weight, bias,
-                                                      float(eps), is_rms, name)
+    out, _, _, _ = _adaln_fwd_call(x, None, None, shift3, scale3, weight, bias, float(eps),
+                                   is_rms, name)
     return out
 
 
@@ -585,8 +594,8 @@ def gated_residual_adaln(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scal
     if name == "reference":
         h = _ref_gated(x, y, gate3)
         return h, _ref_modulate(h, shift3, scale3, weight, bias, eps, is_rms)
-    out, h, _, _ = torch.ops.vidgen_kernels.adaln_fwd(x, y, gate3, shift3, scale3, weight, bias,
-                                                      float(eps), is_rms, name)
+    out, h, _, _ = _adaln_fwd_call(x, y, gate3, shift3, scale3, weight, bias, float(eps),
+                                   is_rms, name)
     return h, out
 
 

@@ -88,6 +88,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ._eager import eager_op
 from ..backends import resolve
 
 __all__ = ["MoEOutput", "moe_ffn", "moe_ffn_reference", "ACTIVATIONS"]
@@ -584,10 +585,13 @@ def _kernels(backend: str):
 # ----------------------------------------------------------------------------------------------
 # custom ops
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("vidgen_kernels::moe_route", mutates_args=())
-def _moe_route(logits: Tensor, top_k: int, normalize: bool, backend: str) -> tuple[Tensor, Tensor]:
+def _moe_route_impl(logits: Tensor, top_k: int, normalize: bool,
+                    backend: str) -> tuple[Tensor, Tensor]:
     w, idx = _kernels(backend).route(logits, top_k, normalize)
     return w, idx
+
+
+_moe_route = torch.library.custom_op("vidgen_kernels::moe_route", mutates_args=())(_moe_route_impl)
 
 
 @_moe_route.register_fake
@@ -624,13 +628,17 @@ def _route_backward(ctx, dw, _didx):
 
 torch.library.register_autograd("vidgen_kernels::moe_route", _route_backward,
                                 setup_context=_route_setup)
+_moe_route_call = eager_op(_moe_route, _moe_route_impl, _route_setup, _route_backward)
 
 
-@torch.library.custom_op("vidgen_kernels::moe_sort", mutates_args=())
-def _moe_sort(idx: Tensor, num_experts: int, backend: str) -> tuple[Tensor, Tensor, Tensor,
-                                                                     Tensor, Tensor]:
+def _moe_sort_impl(idx: Tensor, num_experts: int,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     order, tok, pos, counts, offs = _kernels(backend).sort(idx, num_experts)
     return order, tok, pos, counts, offs
+
+
+_moe_sort = torch.library.custom_op("vidgen_kernels::moe_sort", mutates_args=())(_moe_sort_impl)
+_moe_sort_call = eager_op(_moe_sort, _moe_sort_impl)
 
 
 @_moe_sort.register_fake
@@ -642,10 +650,13 @@ def _(idx, num_experts, backend):
             idx.new_empty((num_experts,), **i64))
 
 
-@torch.library.custom_op("vidgen_kernels::moe_unpermute", mutates_args=())
-def _moe_unpermute(y: Tensor, weights: Tensor, pos: Tensor, tok: Tensor, order: Tensor,
-                   backend: str) -> Tensor:
+def _moe_unpermute_impl(y: Tensor, weights: Tensor, pos: Tensor, tok: Tensor, order: Tensor,
+                        backend: str) -> Tensor:
     return _kernels(backend).combine(y, pos, weights)
+
+
+_moe_unpermute = torch.library.custom_op("vidgen_kernels::moe_unpermute",
+                                        mutates_args=())(_moe_unpermute_impl)
 
 
 @_moe_unpermute.register_fake
@@ -662,19 +673,22 @@ def _unpermute_setup(ctx, inputs, output):
 def _unpermute_backward(ctx, dout):
     y, weights, pos, tok, order = ctx.saved_tensors
     dout = dout.contiguous()
-    dy, dw = torch.ops.vidgen_kernels.moe_unpermute_bwd(dout, y, weights, pos, tok, order,
-                                                        ctx.backend)
+    dy, dw = _moe_unpermute_bwd_call(dout, y, weights, pos, tok, order, ctx.backend)
     return dy, dw, None, None, None, None
 
 
-@torch.library.custom_op("vidgen_kernels::moe_unpermute_bwd", mutates_args=())
-def _moe_unpermute_bwd(dout: Tensor, y: Tensor, weights: Tensor, pos: Tensor, tok: Tensor,
-                       order: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def _moe_unpermute_bwd_impl(dout: Tensor, y: Tensor, weights: Tensor, pos: Tensor, tok: Tensor,
+                            order: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     K = _kernels(backend)
     ws = weights.reshape(-1).index_select(0, order)  # weight of every sorted row
     dy = (K.gather(dout, tok).to(_acc(dout.dtype)) * ws.to(_acc(dout.dtype)).unsqueeze(1))
     dw = K.combine_wgrad(dout, y, pos)
     return dy.to(y.dtype), dw
+
+
+_moe_unpermute_bwd = torch.library.custom_op("vidgen_kernels::moe_unpermute_bwd",
+                                            mutates_args=())(_moe_unpermute_bwd_impl)
+_moe_unpermute_bwd_call = eager_op(_moe_unpermute_bwd, _moe_unpermute_bwd_impl)
 
 
 @_moe_unpermute_bwd.register_fake
@@ -684,12 +698,13 @@ def _(dout, y, weights, pos, tok, order, backend):
 
 torch.library.register_autograd("vidgen_kernels::moe_unpermute", _unpermute_backward,
                                 setup_context=_unpermute_setup)
+_moe_unpermute_call = eager_op(_moe_unpermute, _moe_unpermute_impl,
+                               _unpermute_setup, _unpermute_backward)
 
 
-@torch.library.custom_op("vidgen_kernels::moe_experts_fwd", mutates_args=())
-def _moe_experts_fwd(x: Tensor, tok: Tensor, pos: Tensor, w1: Tensor, b1: Optional[Tensor],
-                     w2: Tensor, b2: Optional[Tensor], offs: Tensor, activation: str,
-                     backend: str) -> tuple[Tensor, Tensor]:
+def _moe_experts_fwd_impl(x: Tensor, tok: Tensor, pos: Tensor, w1: Tensor, b1: Optional[Tensor],
+                          w2: Tensor, b2: Optional[Tensor], offs: Tensor, activation: str,
+                          backend: str) -> tuple[Tensor, Tensor]:
     """Permutation ``xs = x[tok]``, grouped GEMM 1 (+ bias + activation epilogue) and grouped
     GEMM 2 (+ bias). Returns ``y [P, C]`` and ``pre [P, F or 2F]``. ``xs`` lives only inside
     the call: backward keeps ``x [N, C]`` (k times smaller) and gathers again."""
@@ -700,16 +715,20 @@ def _moe_experts_fwd(x: Tensor, tok: Tensor, pos: Tensor, w1: Tensor, b1: Option
     return y.contiguous(), pre.contiguous()
 
 
+_moe_experts_fwd = torch.library.custom_op("vidgen_kernels::moe_experts_fwd",
+                                          mutates_args=())(_moe_experts_fwd_impl)
+
+
 @_moe_experts_fwd.register_fake
 def _(x, tok, pos, w1, b1, w2, b2, offs, activation, backend):
     P = tok.shape[0]
     return x.new_empty((P, w2.shape[2])), x.new_empty((P, w1.shape[2]))
 
 
-@torch.library.custom_op("vidgen_kernels::moe_experts_bwd", mutates_args=())
-def _moe_experts_bwd(dy: Tensor, x: Tensor, tok: Tensor, pos: Tensor, w1: Tensor, w2: Tensor,
-                     offs: Tensor, pre: Tensor, activation: str, need_b1: bool, need_b2: bool,
-                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _moe_experts_bwd_impl(dy: Tensor, x: Tensor, tok: Tensor, pos: Tensor, w1: Tensor,
+                          w2: Tensor, offs: Tensor, pre: Tensor, activation: str, need_b1: bool,
+                          need_b2: bool,
+                          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``dx`` (``[N, C]``: the k slot gradients of each token summed), ``dw1``, ``dw2``,
     ``db1`` (``[E, 2F or F]``), ``db2`` (``[E, C]``; zeros of shape ``[0]`` when the bias is
     absent)."""
@@ -727,6 +746,11 @@ def _moe_experts_bwd(dy: Tensor, x: Tensor, tok: Tensor, pos: Tensor, w1: Tensor
     db2 = segment_sum(dy, offs, E) if need_b2 else x.new_zeros((0,))
     dx = K.combine(dxs.contiguous(), pos, None)
     return dx.contiguous(), dw1.contiguous(), dw2.contiguous(), db1, db2
+
+
+_moe_experts_bwd = torch.library.custom_op("vidgen_kernels::moe_experts_bwd",
+                                          mutates_args=())(_moe_experts_bwd_impl)
+_moe_experts_bwd_call = eager_op(_moe_experts_bwd, _moe_experts_bwd_impl)
 
 
 @_moe_experts_bwd.register_fake
@@ -753,7 +777,7 @@ def _experts_backward(ctx, dy, _dpre):
     activation, has_b1, has_b2, backend = ctx.args
     if dy is None:  # y unused (never in moe_ffn, which always combines it)
         dy = pre.new_zeros((pre.shape[0], w2.shape[2]))
-    dx, dw1, dw2, db1, db2 = torch.ops.vidgen_kernels.moe_experts_bwd(
+    dx, dw1, dw2, db1, db2 = _moe_experts_bwd_call(
         dy.contiguous(), x, tok, pos, w1, w2, offs, pre, activation, has_b1, has_b2, backend)
     return (dx, None, None, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None, None,
             None, None)
@@ -761,6 +785,8 @@ def _experts_backward(ctx, dy, _dpre):
 
 torch.library.register_autograd("vidgen_kernels::moe_experts_fwd", _experts_backward,
                                 setup_context=_experts_setup)
+_moe_experts_fwd_call = eager_op(_moe_experts_fwd, _moe_experts_fwd_impl,
+                                 _experts_setup, _experts_backward)
 
 
 def moe_pipeline(x2: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor,
@@ -768,7 +794,6 @@ def moe_pipeline(x2: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Te
                  normalize_weights: bool, expert_index: Optional[Tensor], backend: str):
     """The grouped pipeline on ``x2 [N, C]`` with kernel set ``backend`` (``cpu``, ``triton`` or
     ``torch``); returns ``(out [N, C], aux, z, counts)``."""
-    ops = torch.ops.vidgen_kernels
     N = x2.shape[0]
     E = w1.shape[0]
     if expert_index is not None:
@@ -776,11 +801,11 @@ def moe_pipeline(x2: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Te
         weights = torch.ones((N, 1), dtype=torch.float32, device=x2.device)
         k = 1
     else:
-        weights, idx = ops.moe_route(router_logits, top_k, bool(normalize_weights), backend)
+        weights, idx = _moe_route_call(router_logits, top_k, bool(normalize_weights), backend)
         k = top_k
-    order, tok, pos, counts, offs = ops.moe_sort(idx, E, backend)
-    y, _ = ops.moe_experts_fwd(x2, tok, pos, w1, b1, w2, b2, offs, activation, backend)
-    out = ops.moe_unpermute(y, weights, pos, tok, order, backend)
+    order, tok, pos, counts, offs = _moe_sort_call(idx, E, backend)
+    y, _ = _moe_experts_fwd_call(x2, tok, pos, w1, b1, w2, b2, offs, activation, backend)
+    out = _moe_unpermute_call(y, weights, pos, tok, order, backend)
     aux, zl = _losses(router_logits, counts, N * k)
     return out, aux, zl, counts
 

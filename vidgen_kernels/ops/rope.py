@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from ._eager import eager_op
 from ..backends import resolve as _resolve_backend
 
 
@@ -263,14 +264,17 @@ def _rope_kernel(backend: str):
     raise ValueError(f"unknown kernel backend {backend!r}")
 
 
-@torch.library.custom_op("vidgen_kernels::rope_apply", mutates_args=())
-def _rope_apply(x: Tensor, cos: Tensor, sin: Tensor, offset: int, interleaved: bool, conj: bool,
-                backend: str) -> Tensor:
+def _rope_apply_impl(x: Tensor, cos: Tensor, sin: Tensor, offset: int, interleaved: bool,
+                     conj: bool, backend: str) -> Tensor:
     """Out-of-place rotation (kernel contract above); returns ``[B, S, H, D]`` contiguous."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel():
         _rope_kernel(backend)(x, cos, sin, out, int(offset), bool(interleaved), bool(conj))
     return out
+
+
+_rope_apply = torch.library.custom_op("vidgen_kernels::rope_apply",
+                                      mutates_args=())(_rope_apply_impl)
 
 
 @_rope_apply.register_fake
@@ -287,12 +291,13 @@ def _rope_setup_context(ctx, inputs, output):
 def _rope_backward(ctx, dout):
     cos, sin = ctx.saved_tensors
     offset, interleaved, conj, backend = ctx.args
-    dx = torch.ops.vidgen_kernels.rope_apply(dout, cos, sin, offset, interleaved, not conj, backend)
+    dx = _rope_apply_call(dout, cos, sin, offset, interleaved, not conj, backend)
     return dx, None, None, None, None, None, None
 
 
 torch.library.register_autograd("vidgen_kernels::rope_apply", _rope_backward,
                                 setup_context=_rope_setup_context)
+_rope_apply_call = eager_op(_rope_apply, _rope_apply_impl, _rope_setup_context, _rope_backward)
 
 
 def _resolve_rope(backend: Optional[str], x: Tensor, op: str) -> str:
@@ -330,4 +335,4 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = True,
     name = _resolve_rope(backend, x, op)
     if name == "reference":
         return _ref_apply(x, c, s, interleaved, offset)
-    return torch.ops.vidgen_kernels.rope_apply(x, c, s, offset, interleaved, False, name)
+    return _rope_apply_call(x, c, s, offset, interleaved, False, name)

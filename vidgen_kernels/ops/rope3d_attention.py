@@ -79,6 +79,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._eager import eager_op
 from ..backends import resolve
 from ._checks import check_qkv, softmax_scale_or_default
 from .rope import _rope_kernel, canon_table, check_rope_pair, rotate
@@ -309,10 +310,10 @@ def _kernels(backend: str):
     raise ValueError(f"unknown kernel backend {backend!r}")
 
 
-@torch.library.custom_op("vidgen_kernels::rope3d_attn_fwd", mutates_args=())
-def _rope3d_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
-                     rope_offset: int, interleaved: bool, fc_start: int, fc_len: int,
-                     fc_block: int, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+def _rope3d_attn_fwd_impl(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor],
+                          sin: Optional[Tensor], rope_offset: int, interleaved: bool,
+                          fc_start: int, fc_len: int, fc_block: int, scale: float,
+                          backend: str) -> tuple[Tensor, Tensor]:
     B, Sq, H, D = q.shape
     if q.numel() == 0 or k.shape[1] == 0:
         out = torch.zeros((B, Sq, H, D), dtype=q.dtype, device=q.device)
@@ -322,17 +323,20 @@ def _rope3d_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin
     return fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block, scale)
 
 
+_rope3d_attn_fwd = torch.library.custom_op("vidgen_kernels::rope3d_attn_fwd",
+                                           mutates_args=())(_rope3d_attn_fwd_impl)
+
+
 @_rope3d_attn_fwd.register_fake
 def _(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block, scale, backend):
     B, Sq, H, D = q.shape
     return q.new_empty((B, Sq, H, D)), q.new_empty((B, Sq, H), dtype=torch.float32)
 
 
-@torch.library.custom_op("vidgen_kernels::rope3d_attn_bwd", mutates_args=())
-def _rope3d_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor],
-                     sin: Optional[Tensor], out: Tensor, lse: Tensor, rope_offset: int,
-                     interleaved: bool, fc_start: int, fc_len: int, fc_block: int, scale: float,
-                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _rope3d_attn_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor],
+                          sin: Optional[Tensor], out: Tensor, lse: Tensor, rope_offset: int,
+                          interleaved: bool, fc_start: int, fc_len: int, fc_block: int,
+                          scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     if q.numel() == 0 or k.numel() == 0:
         return (torch.zeros(q.shape, dtype=q.dtype, device=q.device),
                 torch.zeros(k.shape, dtype=k.dtype, device=k.device),
@@ -340,6 +344,11 @@ def _rope3d_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Optiona
     _, bwd = _kernels(backend)
     return bwd(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, fc_start, fc_len,
                fc_block, scale)
+
+
+_rope3d_attn_bwd = torch.library.custom_op("vidgen_kernels::rope3d_attn_bwd",
+                                           mutates_args=())(_rope3d_attn_bwd_impl)
+_rope3d_attn_bwd_call = eager_op(_rope3d_attn_bwd, _rope3d_attn_bwd_impl)
 
 
 @_rope3d_attn_bwd.register_fake
@@ -360,13 +369,14 @@ def _backward(ctx, dout, _dlse):
     q, k, v, cos, sin, out, lse = ctx.saved_tensors
     if dout is None:
         return (None,) * 12
-    dq, dk, dv = torch.ops.vidgen_kernels.rope3d_attn_bwd(dout, q, k, v, cos, sin, out, lse,
-                                                          *ctx.args)
+    dq, dk, dv = _rope3d_attn_bwd_call(dout, q, k, v, cos, sin, out, lse, *ctx.args)
     return (dq, dk, dv) + (None,) * 9
 
 
 torch.library.register_autograd("vidgen_kernels::rope3d_attn_fwd", _backward,
                                 setup_context=_setup_context)
+_rope3d_attn_fwd_call = eager_op(_rope3d_attn_fwd, _rope3d_attn_fwd_impl, _setup_context,
+                                 _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,6 +422,6 @@ def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = No
     if name == "reference":
         out, _, _, _ = _attend(q, k, v, cos, sin, off, interleaved, off, fl, fb, scale)
         return out.to(q.dtype).contiguous()
-    out, _ = torch.ops.vidgen_kernels.rope3d_attn_fwd(q, k, v, cos, sin, off, bool(interleaved),
-                                                      off, fl, fb, scale, name)
+    out, _ = _rope3d_attn_fwd_call(q, k, v, cos, sin, off, bool(interleaved), off, fl, fb,
+                                   scale, name)
     return out

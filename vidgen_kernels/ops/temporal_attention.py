@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._eager import eager_op
 from ..backends import resolve
 from ._checks import check_qkv, softmax_scale_or_default
 from .rope import canon_table, check_rope_pair, rotate, unrotate
@@ -172,10 +173,9 @@ def _kernels(backend: str):
     raise ValueError(f"unknown kernel backend {backend!r}")
 
 
-@torch.library.custom_op("vidgen_kernels::temporal_attn_fwd", mutates_args=())
-def _temporal_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
-                       causal: bool, interleaved: bool, q_offset: int, scale: float,
-                       backend: str) -> tuple[Tensor, Tensor]:
+def _temporal_attn_fwd_impl(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor],
+                            sin: Optional[Tensor], causal: bool, interleaved: bool, q_offset: int,
+                            scale: float, backend: str) -> tuple[Tensor, Tensor]:
     B, Tq, S, H, D = q.shape
     out = torch.empty((B, Tq, S, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, S, H, Tq), dtype=torch.float32, device=q.device)
@@ -185,17 +185,20 @@ def _temporal_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], s
     return out, lse
 
 
+_temporal_attn_fwd = torch.library.custom_op("vidgen_kernels::temporal_attn_fwd",
+                                             mutates_args=())(_temporal_attn_fwd_impl)
+
+
 @_temporal_attn_fwd.register_fake
 def _(q, k, v, cos, sin, causal, interleaved, q_offset, scale, backend):
     B, Tq, S, H, D = q.shape
     return q.new_empty((B, Tq, S, H, D)), q.new_empty((B, S, H, Tq), dtype=torch.float32)
 
 
-@torch.library.custom_op("vidgen_kernels::temporal_attn_bwd", mutates_args=())
-def _temporal_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor],
-                       sin: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool,
-                       interleaved: bool, q_offset: int, scale: float,
-                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _temporal_attn_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor],
+                            sin: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool,
+                            interleaved: bool, q_offset: int, scale: float,
+                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -203,6 +206,11 @@ def _temporal_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Optio
         _, bwd = _kernels(backend)
         bwd(dout, q, k, v, cos, sin, out, lse, dq, dk, dv, causal, interleaved, q_offset, scale)
     return dq, dk, dv
+
+
+_temporal_attn_bwd = torch.library.custom_op("vidgen_kernels::temporal_attn_bwd",
+                                             mutates_args=())(_temporal_attn_bwd_impl)
+_temporal_attn_bwd_call = eager_op(_temporal_attn_bwd, _temporal_attn_bwd_impl)
 
 
 @_temporal_attn_bwd.register_fake
@@ -222,13 +230,14 @@ def _backward(ctx, dout, _dlse):
     q, k, v, cos, sin, out, lse = ctx.saved_tensors
     if dout is None:
         return (None,) * 10
-    dq, dk, dv = torch.ops.vidgen_kernels.temporal_attn_bwd(dout, q, k, v, cos, sin, out, lse,
-                                                            *ctx.args)
+    dq, dk, dv = _temporal_attn_bwd_call(dout, q, k, v, cos, sin, out, lse, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("vidgen_kernels::temporal_attn_fwd", _backward,
                                 setup_context=_setup_context)
+_temporal_attn_fwd_call = eager_op(_temporal_attn_fwd, _temporal_attn_fwd_impl, _setup_context,
+                                   _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +279,6 @@ def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         out, _, _, _ = _attend(_to_seq(q), _to_seq(k), _to_seq(v), cos, sin, causal, interleaved,
                                q_offset, scale)
         return out.to(q.dtype).permute(0, 3, 1, 2, 4).contiguous()
-    out, _ = torch.ops.vidgen_kernels.temporal_attn_fwd(q, k, v, cos, sin, bool(causal),
-                                                        bool(interleaved), int(q_offset), scale, name)
+    out, _ = _temporal_attn_fwd_call(q, k, v, cos, sin, bool(causal), bool(interleaved),
+                                     int(q_offset), scale, name)
     return out

@@ -1,0 +1,70 @@
+"""Eager fast path of the custom ops.
+
+``torch.library.custom_op`` is what lets the ops compose with ``torch.compile`` (fake
+implementations, registered autograd, opcheck), but calling one in eager mode costs a few hundred
+microseconds of Python per forward + backward: the op's autograd wrapper, re-filling the schema's
+defaults, the redispatch, the dynamo-disabled backend wrapper (measured on the 2-core CPU: 640 us
+for a tiny ``adaln_modulate`` forward + backward against 280 us for the eager reference's five
+ATen ops). A DiT block calls a dozen of them per step.
+
+:func:`eager_op` pairs a custom op with the plain Python function it was made from. In plain
+eager mode (not compiling or tracing, no dispatch or torch-function mode active, ordinary
+tensors) the returned callable runs that function directly, through a ``torch.autograd.Function``
+built from the op's own ``setup_context`` / ``backward`` when autograd needs the result; in every
+other case it calls the custom op. Same code, same results, one layer instead of five.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+__all__ = ["eager_op"]
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args) -> bool:
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or \
+            torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(type(a) in _PLAIN for a in args if isinstance(a, Tensor))
+
+
+def _needs_grad(args) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
+def eager_op(op, impl: Callable, setup_context: Optional[Callable] = None,
+             backward: Optional[Callable] = None) -> Callable:
+    """``call(*args)`` equivalent to ``op(*args)`` (positional arguments only).
+
+    Args:
+        op: the custom op (``torch.library.custom_op(...)(impl)``).
+        impl: the Python function the op was made from.
+        setup_context, backward: the functions registered with ``torch.library.register_autograd``
+            for ``op`` (None for an op without autograd, such as a backward kernel: then a call
+            that autograd would have to differentiate goes to ``op``, which reports it).
+    """
+    fn = None
+    if backward is not None:
+        def forward(ctx, *args):
+            # ctx-style forward (a separate setup_context staticmethod would make every apply()
+            # bind its arguments through inspect.signature: ~25 us per call)
+            out = impl(*args)
+            setup_context(ctx, args, out)
+            return out
+        fn = type(f"{impl.__name__}_eager", (torch.autograd.Function,), {
+            "forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def call(*args):
+        if not _plain_eager(args):
+            return op(*args)
+        if _needs_grad(args):
+            return fn.apply(*args) if fn is not None else op(*args)
+        return impl(*args)
+    call.__name__ = call.__qualname__ = f"{impl.__name__}_call"
+    call.__doc__ = impl.__doc__
+    return call
