@@ -13,7 +13,8 @@ reference, torch.compile, SDPA, matmul-softmax, ...). A GFLOP/s column (``extra_
 median) appears when the group's cases count FLOPs, and an activation-memory column (MB kept for
 backward, ``extra_info["activation_bytes"]``, and its ratio to the eager reference's) when they
 record it. Where cases record interleaved-pair speedups (``extra_info["paired_vs_reference"]``,
-``["paired_vs_compile"]``: the DiT block benchmark) a line under the table gives them. Works on
+``["paired_vs_compile"]``: the DiT block and temporal attention benchmarks) a line under the
+table gives them. Works on
 any benchmark whose ``extra_info`` has ``contender`` and ``bytes_moved``; without them rows show
 the test name and the columns that need them are left blank.
 
@@ -127,8 +128,8 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
                               f"{r['ei'].get(key + '_max', v):.2f}]")
     if paired:
         n = next((r["ei"].get("paired_pairs") for r in rows if r["ei"].get("paired_pairs")), "?")
-        out += ["", f"Fused speedup timed in interleaved pairs in one process (median [min-max] of "
-                    f"t_peer / t_fused over {n} pair{'' if n == 1 else 's'}): vs "
+        out += ["", f"Speedup timed in interleaved pairs in one process (median [min-max] of "
+                    f"t_peer / t_ours over {n} pair{'' if n == 1 else 's'}): vs "
                     + ", vs ".join(paired) + "."]
     return "\n".join(out)
 

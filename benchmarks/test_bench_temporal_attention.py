@@ -23,6 +23,11 @@ dtype, device) is one pytest-benchmark group. Contenders:
 * ``matmul-softmax``: ``softmax((q @ k^T) * scale masked) @ v`` on the same pre-permuted inputs;
 * ``copy``: a tensor copy moving ``bytes_moved`` bytes (the bandwidth limit of a fused kernel).
 
+Paired speedup: the kernel backend's case also times its calls and the reference's in
+interleaved pairs on the same inputs (``common.paired_speedup``; 6 pairs on CPU, 10 on CUDA):
+``extra_info["paired_vs_reference"]``, the median of ``t_reference / t_kernel``, steadier than the
+ratio of two medians timed minutes apart on a shared machine; ``summarize.py`` prints it.
+
 For fwd+bwd the leaves are the inputs each contender takes (``[B, T, S, H, D]`` or the
 pre-permuted ``[B*S*H, T, D]``) and the timed unit is forward + ``torch.autograd.grad``.
 
@@ -288,10 +293,19 @@ def test_temporal_attention(benchmark, case: Case, request):
             except (NotImplementedError, BackendUnavailableError) as e:
                 pytest.skip(f"{case.contender} cannot run this case: {type(e).__name__}: {e}")
         steps = [step_fn(case, f, s) for s in sets]
+        if case.contender in KERNEL_BACKENDS[case.device]:  # reference steps for the pairs
+            ref_f = op_fn(dataclasses.replace(case, contender=REFERENCE))
+            ref_steps = [step_fn(case, ref_f, s) for s in sets]
         del sets
     call = common.rotate(steps)
 
     median_s = common.measure(benchmark, request, call, case.device, pol, case.id, info)
+    if case.contender in KERNEL_BACKENDS[case.device]:
+        pairs = 1 if quick else (10 if case.device == "cuda" else 6)
+        r = common.paired_speedup(call, common.rotate(ref_steps), case.device, pairs)
+        info.update(paired_vs_reference=r["speedup"], paired_vs_reference_min=r["speedup_min"],
+                    paired_vs_reference_max=r["speedup_max"], paired_pairs=r["pairs"])
+        del ref_steps
     B, T, S, H, D = case.dims
     fl = None if case.contender == COPY else flops(case)
     info["gflops"], info["gflops_cuda_events"] = common.per_second(fl, info)

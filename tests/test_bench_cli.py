@@ -157,5 +157,5 @@ def test_paired_speedup_and_summary_line():
                {"name": "b", "stats": {"median": 0.45},
                 "extra_info": dict(contender="reference", bytes_moved=None)}]
     text = summarize.table("dit_block x train", benches)
-    assert "over 8 pairs): vs eager reference **1.50x** [1.40-1.60]." in text, text
+    assert "t_peer / t_ours over 8 pairs): vs eager reference **1.50x** [1.40-1.60]." in text, text
     assert "pairs" not in summarize.table("dit_block x train", benches[1:])

@@ -79,3 +79,13 @@ def test_fast_path_under_compile_uses_the_op():
     g2 = torch.autograd.grad(want.sum(), (x, shift, scale))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+def test_torch_func_transforms_go_through_the_op():
+    """torch.func.grad wraps tensors: the call must not take the autograd.Function fast path."""
+    _cpu()
+    x, shift, scale = _args(False)
+    calls = []
+    probe = _eager.eager_op(lambda t: calls.append("op") or t * 2, lambda t: calls.append("impl") or t * 2)
+    torch.func.grad(lambda t: probe(t).sum())(x)
+    assert calls == ["op"], calls

@@ -24,13 +24,17 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 __all__ = ["eager_op"]
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _plain_eager(args) -> bool:
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or \
             torch._C._is_torch_function_mode_enabled():
         return False
-    return all(type(a) in _PLAIN for a in args if isinstance(a, Tensor))
+    # ordinary tensors only: no subclass (FakeTensor, FunctionalTensor, ...) and nothing wrapped
+    # by a torch.func transform (grad / vmap levels, which autograd.Functions do not join)
+    return all(type(a) in _PLAIN and not _functorch_wrapped(a) for a in args
+               if isinstance(a, Tensor))
 
 
 def _needs_grad(args) -> bool:
