@@ -680,8 +680,10 @@ def _unpermute_backward(ctx, dout):
 def _moe_unpermute_bwd_impl(dout: Tensor, y: Tensor, weights: Tensor, pos: Tensor, tok: Tensor,
                             order: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     K = _kernels(backend)
-    ws = weights.reshape(-1).index_select(0, order)  # weight of every sorted row
-    dy = (K.gather(dout, tok).to(_acc(dout.dtype)) * ws.to(_acc(dout.dtype)).unsqueeze(1))
+    acc = _acc(dout.dtype)
+    ws = weights.reshape(-1).index_select(0, order).to(acc).unsqueeze(1)  # weight per sorted row
+    dy = K.gather(dout, tok)  # a fresh [P, C] tensor: scaled in place when already fp32 / fp64
+    dy = dy.mul_(ws) if dy.dtype == acc else (dy.to(acc) * ws).to(y.dtype)
     dw = K.combine_wgrad(dout, y, pos)
     return dy.to(y.dtype), dw
 
