@@ -23,8 +23,9 @@
  *   moe_act_gelu_bwd_cpu(dhid [P, M or M/2] f32, pre [P, M] f32, gated, inplace) -> dpre [P, M]
  *                 dhid * gelu'(pre) (gated: [dhid * b * gelu'(a), dhid * gelu(a)]); inplace
  *                 (plain only): written over dhid
- *                 (PyTorch's CPU tanh is ~10x slower than a copy of the same bytes; these are one
- *                 vectorised pass each: gelu(x) = x * sigmoid(2u), u = sqrt(2/pi)(x + 0.044715 x^3))
+ *                 (PyTorch's CPU tanh is ~10x slower than a copy of the same bytes; these are
+ *                 one vectorised pass each: gelu(x) = x * sigmoid(2u),
+ *                 u = sqrt(2/pi)(x + 0.044715 x^3))
  *
  * Dtypes: float32, float16, bfloat16, float64 for the data tensors.
  */
@@ -353,20 +354,14 @@ inline vf gelu_sig(vf x) {  // sigmoid(2u(x))
   const vf m2u = x * (vset1(-2.0f * kGeluC0) + (-2.0f * kGeluC0 * kGeluC1) * (x * x));
   return 1.0f / (1.0f + vidgen_cpu::vexp(m2u));
 }
-inline vf gelu_v(vf x) { return x * gelu_sig(x); }
-inline vf gelu_grad_v(vf x) {
-  const vf s = gelu_sig(x);
-  const vf du2 = vset1(2.0f * kGeluC0) + (2.0f * kGeluC0 * 3.0f * kGeluC1) * (x * x);  // 2u'
-  return s + x * s * (1.0f - s) * du2;
-}
-inline float gelu_sig_s(float x) {
+inline float gelu_sig(float x) {
   const float m2u = x * (-2.0f * kGeluC0 - 2.0f * kGeluC0 * kGeluC1 * x * x);
   return 1.0f / (1.0f + std::exp(std::min(m2u, 88.0f)));
 }
-inline float gelu_s(float x) { return x * gelu_sig_s(x); }
-inline float gelu_grad_s(float x) {
-  const float s = gelu_sig_s(x);
-  return s + x * s * (1.0f - s) * (2.0f * kGeluC0 + 6.0f * kGeluC0 * kGeluC1 * x * x);
+// gelu'(x) from s = gelu_sig(x) (vf or float): s + x s (1 - s) 2u'(x)
+template <typename V>
+inline V gelu_grad(V x, V s) {
+  return s + x * s * (1.0f - s) * (2.0f * kGeluC0 + (2.0f * kGeluC0 * 3.0f * kGeluC1) * (x * x));
 }
 
 void check_act_2d(const char* op, const char* name, const Tensor& t) {
@@ -397,10 +392,13 @@ Tensor moe_act_gelu_cpu(const Tensor& pre, bool gated) {
       float* o = dst + r * F;
       int64_t j = 0;
       for (; j + kW <= F; j += kW) {
-        const vf h = gelu_v(vload(a + j));
+        const vf x = vload(a + j), h = x * gelu_sig(x);
         vstore(o + j, gated ? h * vload(b + j) : h);
       }
-      for (; j < F; ++j) o[j] = gated ? gelu_s(a[j]) * b[j] : gelu_s(a[j]);
+      for (; j < F; ++j) {
+        const float h = a[j] * gelu_sig(a[j]);
+        o[j] = gated ? h * b[j] : h;
+      }
     }
   });
   return out;
@@ -429,20 +427,22 @@ Tensor moe_act_gelu_bwd_cpu(const Tensor& dhid, const Tensor& pre, bool gated, b
       float* o = dst + r * ldo;
       int64_t j = 0;
       if (!gated) {
-        for (; j + kW <= F; j += kW) vstore(o + j, vload(gr + j) * gelu_grad_v(vload(a + j)));
-        for (; j < F; ++j) o[j] = gr[j] * gelu_grad_s(a[j]);
+        for (; j + kW <= F; j += kW) {
+          const vf x = vload(a + j);
+          vstore(o + j, vload(gr + j) * gelu_grad(x, gelu_sig(x)));
+        }
+        for (; j < F; ++j) o[j] = gr[j] * gelu_grad(a[j], gelu_sig(a[j]));
         continue;
       }
       for (; j + kW <= F; j += kW) {
-        const vf x = vload(a + j), gv = vload(gr + j);
-        const vf s = gelu_sig(x);
-        const vf du2 = vset1(2.0f * kGeluC0) + (2.0f * kGeluC0 * 3.0f * kGeluC1) * (x * x);
-        vstore(o + j, gv * vload(b + j) * (s + x * s * (1.0f - s) * du2));
+        const vf x = vload(a + j), gv = vload(gr + j), s = gelu_sig(x);
+        vstore(o + j, gv * vload(b + j) * gelu_grad(x, s));
         vstore(o + F + j, gv * (x * s));
       }
       for (; j < F; ++j) {
-        o[j] = gr[j] * b[j] * gelu_grad_s(a[j]);
-        o[F + j] = gr[j] * gelu_s(a[j]);
+        const float s = gelu_sig(a[j]);
+        o[j] = gr[j] * b[j] * gelu_grad(a[j], s);
+        o[F + j] = gr[j] * (a[j] * s);
       }
     }
   });

@@ -16,10 +16,11 @@
  *   the tensor level.
  * - at::parallel_for over the B*S*H sequences in (b, s, h) order; a task owns a contiguous
  *   range and walks it in blocks of up to 16 consecutive sequences (as many as fit 3/4 of the
- *   L2 in scratch in the forward, 1/2 in the backward). Consecutive sequences are neighbouring heads/positions, so frame t of a
- *   block is one contiguous stretch of memory in the usual layouts: a block is gathered frame
- *   by frame (long runs through few pages, good for the TLB and the hardware prefetchers), and
- *   the next block's rows are software-prefetched, spread over the current block's sequences.
+ *   L2 in scratch in the forward, 1/2 in the backward). Consecutive sequences are neighbouring
+ *   heads/positions, so frame t of a block is one contiguous stretch of memory in the usual
+ *   layouts: a block is gathered frame by frame (long runs through few pages, good for the TLB
+ *   and the hardware prefetchers), and the next block's rows are software-prefetched, spread
+ *   over the current block's sequences.
  * - Gathering converts to small contiguous fp32 scratch matrices: q rotated and rounded to T
  *   (the contract), k rotated and rounded, v, dout; rows padded with zeros to Dp (a multiple of
  *   8 floats), row counts padded to tile multiples. Each sequence is then computed from L1/L2
