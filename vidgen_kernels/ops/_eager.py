@@ -48,12 +48,14 @@ def eager_op(op, impl: Callable, setup_context: Optional[Callable] = None,
     Args:
         op: the custom op (``torch.library.custom_op(...)(impl)``).
         impl: the Python function the op was made from.
-        setup_context, backward: the functions registered with ``torch.library.register_autograd``
-            for ``op`` (None for an op without autograd, such as a backward kernel: then a call
-            that autograd would have to differentiate goes to ``op``, which reports it).
+        setup_context, backward: the op's autograd: registered here for ``op``
+            (``op.register_autograd``) and used by the fast path's ``autograd.Function``, so the
+            two cannot drift apart. None for an op without autograd (a backward kernel): then a
+            call that autograd would have to differentiate goes to ``op``, which reports it.
     """
     fn = None
     if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
         def forward(ctx, *args):
             # ctx-style forward (a separate setup_context staticmethod would make every apply()
             # bind its arguments through inspect.signature: ~25 us per call)

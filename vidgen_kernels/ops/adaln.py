@@ -518,7 +518,6 @@ def _backward(ctx, dout, dh, _dmean, _drstd):
             db if nig[6] else None, None, None, None)
 
 
-torch.library.register_autograd("vidgen_kernels::adaln_fwd", _backward, setup_context=_setup_context)
 _adaln_fwd_call = eager_op(_adaln_fwd, _adaln_fwd_impl, _setup_context, _backward)
 
 

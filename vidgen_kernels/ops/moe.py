@@ -500,22 +500,21 @@ class _CpuKernels(_TorchKernels):
         return _CpuKernels._C().moe_gmm_wgrad_cpu(a, dy, offs, E)
 
     @staticmethod
-    def _own_gelu(pre, activation):
-        # tanh GELU (plain / geglu) in fp32: the C++ pass; PyTorch's fused kernels elsewhere
-        # (its erf GELU and SiLU are already one fast pass, its tanh is not)
-        return _base_act(activation) == "gelu" and pre.dtype == torch.float32 and \
-            (pre.shape[1] <= 1 or pre.stride(1) == 1)
+    def _own_gelu(activation, *tensors):
+        # tanh GELU (plain / geglu) on fp32 rows of unit stride: the C++ pass; PyTorch's fused
+        # kernels elsewhere (its erf GELU and SiLU are already one fast pass, its tanh is not)
+        return _base_act(activation) == "gelu" and all(
+            t.dtype == torch.float32 and (t.shape[1] <= 1 or t.stride(1) == 1) for t in tensors)
 
     @staticmethod
     def act(pre, activation):
-        if _CpuKernels._own_gelu(pre, activation):
+        if _CpuKernels._own_gelu(activation, pre):
             return _CpuKernels._C().moe_act_gelu_cpu(pre, activation in GATED)
         return apply_act(pre, activation)
 
     @staticmethod
     def act_bwd(dhid, pre, activation, reuse_dhid=False):
-        if _CpuKernels._own_gelu(pre, activation) and dhid.dtype == torch.float32 and \
-                (dhid.shape[1] <= 1 or dhid.stride(1) == 1):
+        if _CpuKernels._own_gelu(activation, pre, dhid):
             gated = activation in GATED
             return _CpuKernels._C().moe_act_gelu_bwd_cpu(dhid, pre, gated,
                                                          reuse_dhid and not gated)
@@ -626,8 +625,6 @@ def _route_backward(ctx, dw, _didx):
     return dl.to(logits.dtype), None, None, None
 
 
-torch.library.register_autograd("vidgen_kernels::moe_route", _route_backward,
-                                setup_context=_route_setup)
 _moe_route_call = eager_op(_moe_route, _moe_route_impl, _route_setup, _route_backward)
 
 
@@ -683,7 +680,7 @@ def _moe_unpermute_bwd_impl(dout: Tensor, y: Tensor, weights: Tensor, pos: Tenso
     acc = _acc(dout.dtype)
     ws = weights.reshape(-1).index_select(0, order).to(acc).unsqueeze(1)  # weight per sorted row
     dy = K.gather(dout, tok)  # a fresh [P, C] tensor: scaled in place when already fp32 / fp64
-    dy = dy.mul_(ws) if dy.dtype == acc else (dy.to(acc) * ws).to(y.dtype)
+    dy = dy.mul_(ws) if dy.dtype == acc else dy.to(acc) * ws
     dw = K.combine_wgrad(dout, y, pos)
     return dy.to(y.dtype), dw
 
@@ -698,8 +695,6 @@ def _(dout, y, weights, pos, tok, order, backend):
     return y.new_empty(y.shape), weights.new_empty(weights.shape)
 
 
-torch.library.register_autograd("vidgen_kernels::moe_unpermute", _unpermute_backward,
-                                setup_context=_unpermute_setup)
 _moe_unpermute_call = eager_op(_moe_unpermute, _moe_unpermute_impl,
                                _unpermute_setup, _unpermute_backward)
 
@@ -785,8 +780,6 @@ def _experts_backward(ctx, dy, _dpre):
             None, None)
 
 
-torch.library.register_autograd("vidgen_kernels::moe_experts_fwd", _experts_backward,
-                                setup_context=_experts_setup)
 _moe_experts_fwd_call = eager_op(_moe_experts_fwd, _moe_experts_fwd_impl,
                                  _experts_setup, _experts_backward)
 

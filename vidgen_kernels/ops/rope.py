@@ -295,8 +295,6 @@ def _rope_backward(ctx, dout):
     return dx, None, None, None, None, None, None
 
 
-torch.library.register_autograd("vidgen_kernels::rope_apply", _rope_backward,
-                                setup_context=_rope_setup_context)
 _rope_apply_call = eager_op(_rope_apply, _rope_apply_impl, _rope_setup_context, _rope_backward)
 
 

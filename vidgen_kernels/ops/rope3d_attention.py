@@ -373,8 +373,6 @@ def _backward(ctx, dout, _dlse):
     return (dq, dk, dv) + (None,) * 9
 
 
-torch.library.register_autograd("vidgen_kernels::rope3d_attn_fwd", _backward,
-                                setup_context=_setup_context)
 _rope3d_attn_fwd_call = eager_op(_rope3d_attn_fwd, _rope3d_attn_fwd_impl, _setup_context,
                                  _backward)
 

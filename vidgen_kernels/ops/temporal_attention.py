@@ -234,8 +234,6 @@ def _backward(ctx, dout, _dlse):
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("vidgen_kernels::temporal_attn_fwd", _backward,
-                                setup_context=_setup_context)
 _temporal_attn_fwd_call = eager_op(_temporal_attn_fwd, _temporal_attn_fwd_impl, _setup_context,
                                    _backward)
 
