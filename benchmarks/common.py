@@ -577,14 +577,15 @@ def measure(benchmark, request, call: Callable[[], object], device: str, pol: Po
 
 
 def paired_speedup(ours: Callable[[], object], peer: Callable[[], object], device: str,
-                   pairs: int) -> dict:
+                   pairs: int, key: str) -> dict:
     """Speedup of ``ours`` over ``peer`` measured in interleaved pairs in one process: each pair
     times one call of each (the order alternating between pairs, so that neither always runs
     first), and the result is the median over the pairs of ``t_peer / t_ours``. Slow drift of
     the machine (other tenants, frequency, a noisy minute) hits both calls of a pair alike, so
-    this ratio is steadier than the ratio of two medians timed minutes apart. Returns
-    ``{"speedup": median, "speedup_min": ..., "speedup_max": ..., "pairs": n}`` (None values
-    when ``pairs`` is 0)."""
+    this ratio is steadier than the ratio of two medians timed minutes apart. Returns the
+    ``extra_info`` entries ``{key: median, key + "_min": ..., key + "_max": ...,
+    "paired_pairs": n}`` (None values when ``pairs`` is 0); ``summarize.py`` prints the keys
+    ``paired_vs_reference`` and ``paired_vs_compile``."""
     ratios = []
     for i in range(pairs):
         t = {}
@@ -597,11 +598,12 @@ def paired_speedup(ours: Callable[[], object], peer: Callable[[], object], devic
             t[name] = time.perf_counter() - t0
         ratios.append(t["peer"] / t["ours"])
     ratios.sort()
-    if not ratios:
-        return {"speedup": None, "speedup_min": None, "speedup_max": None, "pairs": 0}
-    return {"speedup": ratios[len(ratios) // 2] if len(ratios) % 2 else
-            0.5 * (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]),
-            "speedup_min": ratios[0], "speedup_max": ratios[-1], "pairs": len(ratios)}
+    n = len(ratios)
+    median = None
+    if n:
+        median = ratios[n // 2] if n % 2 else 0.5 * (ratios[n // 2 - 1] + ratios[n // 2])
+    return {key: median, f"{key}_min": ratios[0] if n else None,
+            f"{key}_max": ratios[-1] if n else None, "paired_pairs": n}
 
 
 def per_second(amount: Optional[float], info: dict, scale: float = 1e9) -> tuple[Optional[float], Optional[float]]:

@@ -158,11 +158,9 @@ def paired(case: Case, model, run_model, inp: dict, quick: bool) -> dict:
         return peer_step()
     key = "paired_vs_reference" if case.contender == FUSED else "paired_vs_compile"
     try:
-        r = common.paired_speedup(ours, peer, case.device, pairs)
+        return common.paired_speedup(ours, peer, case.device, pairs, key)
     finally:
         model.backend = None if case.contender == FUSED else "reference"
-    return {key: r["speedup"], f"{key}_min": r["speedup_min"], f"{key}_max": r["speedup_max"],
-            "paired_pairs": r["pairs"]}
 
 
 def test_dit_block(benchmark, case: Case, request):

@@ -302,9 +302,8 @@ def test_temporal_attention(benchmark, case: Case, request):
     median_s = common.measure(benchmark, request, call, case.device, pol, case.id, info)
     if case.contender in KERNEL_BACKENDS[case.device]:
         pairs = 1 if quick else (10 if case.device == "cuda" else 6)
-        r = common.paired_speedup(call, common.rotate(ref_steps), case.device, pairs)
-        info.update(paired_vs_reference=r["speedup"], paired_vs_reference_min=r["speedup_min"],
-                    paired_vs_reference_max=r["speedup_max"], paired_pairs=r["pairs"])
+        info.update(common.paired_speedup(call, common.rotate(ref_steps), case.device, pairs,
+                                          "paired_vs_reference"))
         del ref_steps
     B, T, S, H, D = case.dims
     fl = None if case.contender == COPY else flops(case)

@@ -145,10 +145,12 @@ def test_paired_speedup_and_summary_line():
     the pair medians under the table."""
     import time
     common = _suite_module("common")
-    r = common.paired_speedup(lambda: time.sleep(0.004), lambda: time.sleep(0.012), "cpu", 5)
-    assert r["pairs"] == 5 and r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
-    assert 1.8 < r["speedup"] < 4.5, r
-    assert common.paired_speedup(lambda: None, lambda: None, "cpu", 0)["speedup"] is None
+    r = common.paired_speedup(lambda: time.sleep(0.004), lambda: time.sleep(0.012), "cpu", 5,
+                              "paired_vs_reference")
+    assert r["paired_pairs"] == 5
+    assert r["paired_vs_reference_min"] <= r["paired_vs_reference"] <= r["paired_vs_reference_max"]
+    assert 1.8 < r["paired_vs_reference"] < 4.5, r
+    assert common.paired_speedup(lambda: None, lambda: None, "cpu", 0, "k")["k"] is None
 
     summarize = _suite_module("summarize")
     ei = dict(contender="fused", bytes_moved=None, paired_vs_reference=1.5,
