@@ -15,12 +15,12 @@
  *   elements (any last stride; stride 1 is the fast path). Nothing is permuted or copied on
  *   the tensor level.
  * - at::parallel_for over the B*S*H sequences in (b, s, h) order; a task owns a contiguous
- *   range and walks it in blocks of up to 16 consecutive sequences (as many as fit 3/4 of the
- *   L2 in scratch in the forward, 1/2 in the backward). Consecutive sequences are neighbouring
- *   heads/positions, so frame t of a block is one contiguous stretch of memory in the usual
- *   layouts: a block is gathered frame by frame (long runs through few pages, good for the TLB
- *   and the hardware prefetchers), and the next block's rows are software-prefetched, spread
- *   over the current block's sequences.
+ *   range and walks it in blocks of up to 64 consecutive sequences (as many as fit 3x the L2 in
+ *   scratch in the forward, 2x in the backward; see block_size). Consecutive sequences are
+ *   neighbouring heads/positions, so frame t of a block is one contiguous stretch of memory in
+ *   the usual layouts: a block is gathered frame by frame (long runs through few pages, good
+ *   for the TLB and the hardware prefetchers), and the next block's rows are
+ *   software-prefetched, spread over the current block's sequences.
  * - Gathering converts to small contiguous fp32 scratch matrices: q rotated and rounded to T
  *   (the contract), k rotated and rounded, v, dout; rows padded with zeros to Dp (a multiple of
  *   8 floats), row counts padded to tile multiples. Each sequence is then computed from L1/L2
@@ -491,10 +491,10 @@ inline void softmax_rows(const Geo& g, float* P, float* rowm, float* rows, float
 // =============================================================================================
 // A task walks its sequences in blocks of up to kMaxG consecutive ones (consecutive heads, then
 // positions: for the usual layouts the rows of one frame of a block are one contiguous stretch
-// of memory, a few KB). Rows are copied frame by frame across the block, so memory is read and
-// written in long runs through few pages (TLB- and prefetcher-friendly), and the block's
-// scratch (a few hundred KB) stays in L2 while its sequences are computed one by one.
-constexpr int64_t kMaxG = 16;
+// of memory, up to 64 rows). Rows are copied frame by frame across the block, so memory is read
+// and written in long runs through few pages (TLB- and prefetcher-friendly); the block's scratch
+// (one to a few MB) is then computed sequence by sequence from the L2/L3.
+constexpr int64_t kMaxG = 64;
 
 struct Block {
   int64_t n0 = 0, cnt = 0;
@@ -514,20 +514,33 @@ struct Block {
   }
 };
 
-// Sequences per block: the block's scratch (per_seq_floats each) within `quarters` quarters of
-// the L2 (the forward, with less scratch per sequence and the next block's prefetched rows
-// beside it, is fastest at 3/4: +8 % at T = 32 against 1/2, measured in interleaved pairs; the
-// backward at 1/2: 1/4 and 3/4 were 6 % and 1.5 % slower).
-int64_t block_size(int64_t per_seq_floats, int64_t quarters) {
+// Sequences per block: as many as fit `l2s` times the L2 in scratch (per_seq_floats each), at
+// most kMaxG, and within half of each thread's share of the L3. Longer blocks mean longer
+// contiguous runs per frame (the gather / scatter bandwidth grows with them: a run of 16 rows of
+// 64 floats is one 4 KB page, and every page starts its prefetch stream cold), while the
+// compute, a few FLOPs per scratch byte, hardly notices that its scratch spilled from the L2 to
+// the L3. Measured in interleaved pairs against the earlier budget (3/4 and 1/2 of the L2, at
+// most 16 sequences) on a 2-core EPYC (1 MB L2, 32 MB L3): the forward at 3x the L2 is 3-10 %
+// faster, the backward at 2x 7-12 %, on all three benchmark shapes; at 8x the forward was 8 %
+// slower than before.
+int64_t block_size(int64_t per_seq_floats, int64_t l2s) {
   static const int64_t l2 = [] {
     long v = -1;
 #ifdef _SC_LEVEL2_CACHE_SIZE
     v = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
-    return v > 0 ? int64_t(v) : int64_t(512) << 10;
+    return std::min<int64_t>(v > 0 ? int64_t(v) : int64_t(512) << 10, int64_t(2) << 20);
   }();
-  const int64_t budget =
-      std::min<int64_t>(std::max<int64_t>(l2 * quarters / 4, 128 << 10), 1 << 20);
+  static const int64_t l3 = [] {
+    long v = -1;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return v > 0 ? int64_t(v) : int64_t(0);
+  }();
+  int64_t budget = l2s * l2;
+  if (l3 > 0) budget = std::min<int64_t>(budget, l3 / (2 * std::max(1, at::get_num_threads())));
+  budget = std::max<int64_t>(budget, int64_t(128) << 10);
   return std::max<int64_t>(1, std::min<int64_t>(kMaxG, budget / (per_seq_floats * 4)));
 }
 
@@ -645,7 +658,7 @@ void fwd_impl(const FwdArgs& a) {
   const int64_t N = g.nseq();
   const bool stream = N * Tq * D * int64_t(sizeof(T)) >= stream_threshold_bytes();
   const int64_t ldq = Tqp * Dp, ldk = Tkp * Dp;  // scratch floats per sequence
-  const int64_t G = block_size(2 * ldq + 2 * ldk, 3);
+  const int64_t G = block_size(2 * ldq + 2 * ldk, 3);  // 3x the L2
 
   at::parallel_for(0, N, grain_for(g, 2), [&](int64_t begin, int64_t end) {
     Scratch sc(Scratch::size({G * ldq, G * ldk, G * ldk, G * ldq, Tqp * Tkp, 2 * Dp, Tq, Tq}));
@@ -707,7 +720,7 @@ void bwd_impl(const BwdArgs& a) {
   const int64_t N = g.nseq();
   const bool stream = N * (Tq + 2 * Tk) * D * int64_t(sizeof(T)) >= stream_threshold_bytes();
   const int64_t ldq = Tqp * Dp, ldk = Tkp * Dp;  // scratch floats per sequence
-  const int64_t G = block_size(3 * ldq + 4 * ldk, 2);
+  const int64_t G = block_size(3 * ldq + 4 * ldk, 2);  // 2x the L2
 
   at::parallel_for(0, N, grain_for(g, 5), [&](int64_t begin, int64_t end) {
     Scratch sc(Scratch::size({G * ldq, G * ldk, G * ldk, G * ldq, G * ldq, G * ldk, G * ldk,

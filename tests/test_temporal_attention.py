@@ -164,6 +164,10 @@ CASES = _grid() + [
     Case(7, True, "half", S=5, layout="pbb"),
     Case(128, True, "half", S=1, H=1, q_offset=100),
     Case(128, True, "full", interleaved=False, S=2, H=2, layout="ppp", big=True),
+    # many sequences (B*S*H = 222 and 180): the C++ kernel walks each task's range in blocks of
+    # up to 64, so these cross block boundaries (and the next-block prefetch) on two threads
+    Case(7, True, "half", B=2, S=37, H=3, layout="psd", big=True),
+    Case(33, False, "full", interleaved=False, B=2, S=45, H=2, layout="sss", big=True),
 ]
 
 
