@@ -405,6 +405,9 @@ void gemm_nn(const float* A, int64_t lda, int64_t M, const float* B, int64_t Dp,
     int64_t col = 0;
     for (; col + 2 * kW <= Dp; col += 2 * kW) {
       vf c00{}, c01{}, c10{}, c11{}, c20{}, c21{}, c30{}, c31{};
+      // Unrolled by 2 (two k steps' loads in flight per iteration): 5-9 % faster backward at
+      // T = 13..32, 5 % faster forward at T = 32 (interleaved pairs; 4 and 8 gained less).
+#pragma GCC unroll 2
       for (int64_t k = k0; k < k1; ++k) {
         const float* bk = B + k * Dp + col;
         const vf b0 = vload(bk), b1 = vload(bk + kW);
