@@ -54,6 +54,15 @@ inline void stream_fence() {
 #endif
 }
 
+// Size in bytes of the level-2 or level-3 data cache as the C library reports it; 0 when unknown.
+inline int64_t cache_bytes(int level) {
+  long v = -1;
+#if defined(_SC_LEVEL2_CACHE_SIZE) && defined(_SC_LEVEL3_CACHE_SIZE)
+  v = sysconf(level == 2 ? _SC_LEVEL2_CACHE_SIZE : _SC_LEVEL3_CACHE_SIZE);
+#endif
+  return v > 0 ? int64_t(v) : 0;
+}
+
 // Streaming stores pay off once a call writes more than the cache could keep: the last-level
 // cache size, capped at 32 MiB. VIDGEN_KERNELS_CPU_STREAM_BYTES overrides it (0: always stream).
 inline int64_t stream_threshold_bytes() {
@@ -62,11 +71,8 @@ inline int64_t stream_threshold_bytes() {
       if (*env) return int64_t(std::strtoll(env, nullptr, 10));
     }
     const int64_t cap = int64_t(32) << 20;
-    long l3 = -1;
-#ifdef _SC_LEVEL3_CACHE_SIZE
-    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-#endif
-    return l3 > 0 ? std::min(int64_t(l3), cap) : cap;
+    const int64_t l3 = cache_bytes(3);
+    return l3 > 0 ? std::min(l3, cap) : cap;
   }();
   return t;
 }

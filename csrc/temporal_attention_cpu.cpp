@@ -65,8 +65,6 @@
 #include <optional>
 #include <type_traits>
 
-#include <unistd.h>
-
 #if defined(__SSE2__) || defined(__AVX__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -527,20 +525,9 @@ struct Block {
 // faster, the backward at 2x 7-12 %, on all three benchmark shapes; at 8x the forward was 8 %
 // slower than before.
 int64_t block_size(int64_t per_seq_floats, int64_t l2s) {
-  static const int64_t l2 = [] {
-    long v = -1;
-#ifdef _SC_LEVEL2_CACHE_SIZE
-    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#endif
-    return std::min<int64_t>(v > 0 ? int64_t(v) : int64_t(512) << 10, int64_t(2) << 20);
-  }();
-  static const int64_t l3 = [] {
-    long v = -1;
-#ifdef _SC_LEVEL3_CACHE_SIZE
-    v = sysconf(_SC_LEVEL3_CACHE_SIZE);
-#endif
-    return v > 0 ? int64_t(v) : int64_t(0);
-  }();
+  static const int64_t l2 = std::min<int64_t>(
+      cache_bytes(2) > 0 ? cache_bytes(2) : int64_t(512) << 10, int64_t(2) << 20);
+  static const int64_t l3 = cache_bytes(3);
   int64_t budget = l2s * l2;
   if (l3 > 0) budget = std::min<int64_t>(budget, l3 / (2 * std::max(1, at::get_num_threads())));
   budget = std::max<int64_t>(budget, int64_t(128) << 10);
