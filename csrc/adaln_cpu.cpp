@@ -289,6 +289,52 @@ inline A row_sum(int64_t n, const F& f) {
   return s;
 }
 
+// Sum of the 8 lanes of v as a balanced tree (3 dependent adds, not 8).
+inline float hsum(vf v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// float rows: mean and variance (about mu; mu = 0 for RMS) of v[0, n) with four 8-float vector
+// accumulators per sum and a tree reduction at the end. row_sum's kLanes scalar partials cost a
+// serial chain of kLanes adds per sum, which dominated short rows (C = 64: the per-head QK norm).
+inline void row_stats_f32(const float* v, int64_t n, bool is_rms, float inv_c, float& mu,
+                          float& var) {
+  int64_t c = 0;
+  float m = 0;
+  if (!is_rms) {
+    vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (; c + 4 * kW <= n; c += 4 * kW) {
+      a0 += vload(v + c);
+      a1 += vload(v + c + kW);
+      a2 += vload(v + c + 2 * kW);
+      a3 += vload(v + c + 3 * kW);
+    }
+    for (; c + kW <= n; c += kW) a0 += vload(v + c);
+    float t = 0;
+    for (; c < n; ++c) t += v[c];
+    m = (hsum((a0 + a1) + (a2 + a3)) + t) * inv_c;
+  }
+  const vf mv = vset1(m);
+  vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  c = 0;
+  for (; c + 4 * kW <= n; c += 4 * kW) {
+    const vf d0 = vload(v + c) - mv, d1 = vload(v + c + kW) - mv;
+    const vf d2 = vload(v + c + 2 * kW) - mv, d3 = vload(v + c + 3 * kW) - mv;
+    a0 += d0 * d0;
+    a1 += d1 * d1;
+    a2 += d2 * d2;
+    a3 += d3 * d3;
+  }
+  for (; c + kW <= n; c += kW) {
+    const vf d = vload(v + c) - mv;
+    a0 += d * d;
+  }
+  float t = 0;
+  for (; c < n; ++c) t += (v[c] - m) * (v[c] - m);
+  mu = m;
+  var = (hsum((a0 + a1) + (a2 + a3)) + t) * inv_c;
+}
+
 
 // =============================================================================================
 // Tensor descriptors
@@ -323,7 +369,9 @@ struct Param {
     tpr = N / F;
     bcast_b = t->size(0) == 1;
   }
-  int64_t index(int64_t b, int64_t n) const { return (bcast_b ? 0 : b) * F + n / tpr; }
+  // (F == 1 and tpr == 1, the common forms, skip the division: short rows pay it per row)
+  int64_t row_of(int64_t n) const { return F == 1 ? 0 : (tpr == 1 ? n : n / tpr); }
+  int64_t index(int64_t b, int64_t n) const { return (bcast_b ? 0 : b) * F + row_of(n); }
 };
 
 // Thread-local cache of the current row of a Param as contiguous A.
@@ -339,7 +387,7 @@ struct ParamCache {
     const int64_t k = p->index(b, n);
     if (k == key) return false;
     key = k;
-    const int64_t bb = p->bcast_b ? 0 : b, f = n / p->tpr;
+    const int64_t bb = p->bcast_b ? 0 : b, f = p->row_of(n);
     row = view_row<A>(p->r.row(bb, f), p->r.st, p->r.s2, int64_t(buf.size()), buf.data());
     return true;
   }
@@ -389,8 +437,8 @@ void fwd_impl(const FwdArgs& a) {
     const A* wv = w.data();
     const A* bvv = bv.data();
 
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / N, n = r % N;
+    int64_t b = begin / N, n = begin % N;  // row r = b * N + n, advanced without divisions
+    for (int64_t r = begin; r < end; ++r, n = (n + 1 == N) ? (++b, 0) : n + 1) {
       const A* hx = view_typed<A>(a.x.row<const T>(b, n), a.x.s2, C, hb);
       if (gated) {  // h = round_T(x + gate * y); the rounded h is what gets normalised
         const A* yv = view_typed<A>(a.y.row<const T>(b, n), a.y.s2, C, ybuf.data());
@@ -405,11 +453,16 @@ void fwd_impl(const FwdArgs& a) {
       }
 
       // Row statistics: two passes over the (cached) row.
-      const A mu = a.is_rms ? A(0) : row_sum<A>(C, [&](int64_t c) { return hx[c]; }) * inv_c;
-      const A var = row_sum<A>(C, [&](int64_t c) {
-        const A d = hx[c] - mu;
-        return d * d;
-      }) * inv_c;
+      A mu, var;
+      if constexpr (std::is_same<A, float>::value) {
+        row_stats_f32(hx, C, a.is_rms, inv_c, mu, var);
+      } else {
+        mu = a.is_rms ? A(0) : row_sum<A>(C, [&](int64_t c) { return hx[c]; }) * inv_c;
+        var = row_sum<A>(C, [&](int64_t c) {
+          const A d = hx[c] - mu;
+          return d * d;
+        }) * inv_c;
+      }
       const A rs = A(1) / std::sqrt(var + eps);
       a.mean[r] = float(mu);
       a.rstd[r] = float(rs);
@@ -429,7 +482,7 @@ void fwd_impl(const FwdArgs& a) {
 
       NextRow next;
       if (r + 1 < end) {
-        const int64_t b1 = (r + 1) / N, n1 = (r + 1) % N;
+        const int64_t b1 = n + 1 == N ? b + 1 : b, n1 = n + 1 == N ? 0 : n + 1;
         next.add(a.x.row(b1, n1), a.x.s2, a.x.esz);
         if (gated) next.add(a.y.row(b1, n1), a.y.s2, a.y.esz);
       }
@@ -514,6 +567,41 @@ void bwd_row_sums(int64_t C, const A* __restrict hv, const A* __restrict dov,
   s2 = t2;
 }
 
+// float rows: bwd_row_sums with 8-float vector accumulators (two per sum) and tree reductions.
+template <bool kAffine>
+void bwd_row_sums_f32(int64_t C, const float* __restrict hv, const float* __restrict dov,
+                      const float* __restrict s, const float* __restrict w, float mu, float rs,
+                      float* __restrict dxh, const NextRow& next, float& s1, float& s2) {
+  const vf muv = vset1(mu), rsv = vset1(rs), one = vset1(1.f);
+  vf p1a = {}, p1b = {}, p2a = {}, p2b = {};
+  auto body = [&](int64_t c, vf& q1, vf& q2) {
+    const vf xh = (vload(hv + c) - muv) * rsv;
+    const vf d = vload(dov + c) * (one + vload(s + c));
+    const vf e = kAffine ? d * vload(w + c) : d;
+    vstore(dxh + c, e);
+    q1 += e;
+    q2 += e * xh;
+  };
+  int64_t c = 0;
+  for (; c + 2 * kW <= C; c += 2 * kW) {
+    next.block(c, 2 * kW);
+    body(c, p1a, p2a);
+    body(c + kW, p1b, p2b);
+  }
+  for (; c + kW <= C; c += kW) body(c, p1a, p2a);
+  float t1 = 0, t2 = 0;
+  for (; c < C; ++c) {
+    const float xh = (hv[c] - mu) * rs;
+    const float d = dov[c] * (1.f + s[c]);
+    const float e = kAffine ? d * w[c] : d;
+    dxh[c] = e;
+    t1 += e;
+    t2 += e * xh;
+  }
+  s1 = hsum(p1a + p1b) + t1;
+  s2 = hsum(p2a + p2b) + t2;
+}
+
 template <typename T>
 void bwd_impl(const BwdArgs& a) {
   using A = acc_t<T>;
@@ -528,7 +616,9 @@ void bwd_impl(const BwdArgs& a) {
     if (g->per_token()) written += g->esz;
   const bool stream = B * N * C * written >= stream_threshold_bytes();
 
-  at::parallel_for(0, B * NC, 1, [&](int64_t begin, int64_t end) {
+  // Small calls run on the calling thread: waking the pool costs more than their work.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, R * C));
+  at::parallel_for(0, B * NC, grain, [&](int64_t begin, int64_t end) {
     std::vector<A> hbuf(C), dobuf(C), dxhbuf(C), gbuf(keep_g ? C : 0), ybuf(C), dhbuf(C);
     // Partial-sum scratch rows, flushed to the float32 partial buffers at each chunk's end.
     const GradOut* gouts[] = {&a.dgate, &a.dshift, &a.dscale, &a.dweight, &a.dbias};
@@ -572,7 +662,7 @@ void bwd_impl(const BwdArgs& a) {
         // while this one is processed: hx and dh during pass 1, dout and y during pass 2.
         NextRow next1, next2;
         if (b * N + n + 1 < B * N) {
-          const int64_t b1 = (b * N + n + 1) / N, nn = (b * N + n + 1) % N;
+          const int64_t b1 = n + 1 == N ? b + 1 : b, nn = n + 1 == N ? 0 : n + 1;
           for (const Rows* in : {&a.hx, &a.dh})
             if (in->on) next1.add(in->row(b1, nn), in->s2, in->esz);
           for (const Rows* in : {&a.dout, a.dgate.on() ? &a.y : nullptr})
@@ -581,8 +671,13 @@ void bwd_impl(const BwdArgs& a) {
 
         // Pass 1: dxhat and the two row sums.
         A s1, s2;
-        if (affine) bwd_row_sums<A, true>(C, hv, dov, s, wv, mu, rs, dxhv, next1, s1, s2);
-        else bwd_row_sums<A, false>(C, hv, dov, s, wv, mu, rs, dxhv, next1, s1, s2);
+        if constexpr (std::is_same<A, float>::value) {
+          if (affine) bwd_row_sums_f32<true>(C, hv, dov, s, wv, mu, rs, dxhv, next1, s1, s2);
+          else bwd_row_sums_f32<false>(C, hv, dov, s, wv, mu, rs, dxhv, next1, s1, s2);
+        } else {
+          if (affine) bwd_row_sums<A, true>(C, hv, dov, s, wv, mu, rs, dxhv, next1, s1, s2);
+          else bwd_row_sums<A, false>(C, hv, dov, s, wv, mu, rs, dxhv, next1, s1, s2);
+        }
         const A m1 = a.is_rms ? A(0) : s1 * inv_c, m2 = s2 * inv_c;
 
         // Pass 2, block by block: g = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
@@ -593,33 +688,50 @@ void bwd_impl(const BwdArgs& a) {
         A* p_scale = slot(2, n, n0);
         A* p_w = slot(3, n, n0);
         A* p_b = slot(4, n, n0);
-        write_row<T, A>(a.dx.row<T>(b, n), C, stream, [&](A* o, int64_t c0, int64_t len) {
-          const A* h = hv + c0;
-          const A* e = dxhv + c0;
-          const A* d = dov + c0;
-          for (int64_t j = 0; j < len; ++j) o[j] = rs * (e[j] - m1 - (h[j] - mu) * rs * m2);
+        write_row<T, A>(a.dx.row<T>(b, n), C, stream, [&](A* o_, int64_t c0, int64_t len) {
+          // Locals (not the closure's references): a store through an A* could alias a captured
+          // A such as mu or rs, which would keep these loops scalar, reloading them per element.
+          const A mu_ = mu, rs_ = rs, m1_ = m1, m2_ = m2;
+          A* __restrict o = o_;
+          const A* __restrict h = hv + c0;
+          const A* __restrict e = dxhv + c0;
+          const A* __restrict d = dov + c0;
+          const A* __restrict sc = s + c0;
+          for (int64_t j = 0; j < len; ++j) o[j] = rs_ * (e[j] - m1_ - (h[j] - mu_) * rs_ * m2_);
           if (dhv) {
-            for (int64_t j = 0; j < len; ++j) o[j] += dhv[c0 + j];
+            const A* __restrict dhp = dhv + c0;
+            for (int64_t j = 0; j < len; ++j) o[j] += dhp[j];
           }
           if (keep_g) std::copy(o, o + len, gb + c0);
           if (p_gate) {  // dgate += g * y
-            for (int64_t j = 0; j < len; ++j) p_gate[c0 + j] += o[j] * yv[c0 + j];
+            A* __restrict pg = p_gate + c0;
+            const A* __restrict yp = yv + c0;
+            for (int64_t j = 0; j < len; ++j) pg[j] += o[j] * yp[j];
           }
           if (p_shift) {  // dshift += dout
-            for (int64_t j = 0; j < len; ++j) p_shift[c0 + j] += d[j];
+            A* __restrict ps = p_shift + c0;
+            for (int64_t j = 0; j < len; ++j) ps[j] += d[j];
           }
           if (p_scale) {  // dscale += dout * (xhat * w + b)
+            A* __restrict pc = p_scale + c0;
+            const A* __restrict wp = wv + c0;
+            const A* __restrict bp = bvv + c0;
+            for (int64_t j = 0; j < len; ++j) pc[j] += d[j] * ((h[j] - mu_) * rs_ * wp[j] + bp[j]);
+          }
+          if (p_w && p_b) {  // both in one pass over d, sc and h
+            A* __restrict pw = p_w + c0;
+            A* __restrict pb = p_b + c0;
             for (int64_t j = 0; j < len; ++j) {
-              const int64_t c = c0 + j;
-              p_scale[c] += d[j] * ((h[j] - mu) * rs * wv[c] + bvv[c]);
+              const A dn = d[j] * (A(1) + sc[j]);
+              pw[j] += dn * ((h[j] - mu_) * rs_);
+              pb[j] += dn;
             }
-          }
-          const A* sc = s + c0;
-          if (p_w) {  // dweight += dn * xhat
-            for (int64_t j = 0; j < len; ++j) p_w[c0 + j] += d[j] * (A(1) + sc[j]) * ((h[j] - mu) * rs);
-          }
-          if (p_b) {  // dbias += dn
-            for (int64_t j = 0; j < len; ++j) p_b[c0 + j] += d[j] * (A(1) + sc[j]);
+          } else if (p_w) {  // dweight += dn * xhat
+            A* __restrict pw = p_w + c0;
+            for (int64_t j = 0; j < len; ++j) pw[j] += d[j] * (A(1) + sc[j]) * ((h[j] - mu_) * rs_);
+          } else if (p_b) {  // dbias += dn
+            A* __restrict pb = p_b + c0;
+            for (int64_t j = 0; j < len; ++j) pb[j] += d[j] * (A(1) + sc[j]);
           }
         }, &next2);
 

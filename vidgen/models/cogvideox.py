@@ -7,9 +7,10 @@
         LayerNormZero (shift, scale, gate for video and text)  -> full 3D attention over
             cat([text, video]) with QK LayerNorm and RoPE-3D on the video tokens only
             (``vidgen_kernels.nn.RoPE3DAttention``, rope_offset = text length)
-        LayerNormZero -> expert FFN routed by modality: text tokens -> text experts, video tokens ->
-            video experts (one ``vidgen_kernels.moe_ffn`` call; with several experts per modality a
-            router picks the top-1 within the token's modality)
+        gated attention residual fused into LayerNormZero (``forward_residual``: one
+            ``gated_residual_adaln`` per stream) -> expert FFN routed by modality: text tokens ->
+            text experts, video tokens -> video experts (one ``vidgen_kernels.moe_ffn`` call; with
+            several experts per modality a router picks the top-1 within the token's modality)
     final LayerNorm + AdaLN (shift, scale) -> Linear -> unpatchify -> [B, T, C_out, H, W]
 
 :func:`param_count` gives the parameter count from the config without building the model.
@@ -129,9 +130,9 @@ class CogVideoXBlock(nn.Module):
         L = enc.shape[1]
         nh, ne, gate, egate = self.norm1(hidden, enc, temb)
         attn = self.attn1(torch.cat([ne, nh], dim=1), *rope, rope_offset=L)
-        hidden = hidden + gate * attn[:, L:]
-        enc = enc + egate * attn[:, :L]
-        nh, ne, gate, egate = self.norm2(hidden, enc, temb)
+        # the attention residual fused into the second norm (gated_residual_adaln)
+        hidden, enc, nh, ne, gate, egate = self.norm2.forward_residual(
+            hidden, enc, attn[:, L:], attn[:, :L], gate, egate, temb)
         ff = self.ff(torch.cat([ne, nh], dim=1), L)
         return hidden + gate * ff[:, L:], enc + egate * ff[:, :L]
 
