@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vidgen-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: demo test bench check-cuda env clean
+.PHONY: demo test bench check-cuda check-triton env clean
 
 $(STAMP): $(SOURCES) .ci/bootstrap.sh
 	VENV=$(VENV) bash .ci/bootstrap.sh
@@ -28,6 +28,12 @@ bench: $(STAMP)
 
 check-cuda:
 	bash csrc/check_cuda_compile.sh
+
+# Triton kernels compiled ahead of time for GPU targets, no GPU needed
+# (TRITON_AOT_ARGS="--arch 90 80" for the full check of every dtype and size)
+TRITON_AOT_ARGS ?= --quick --arch 90
+check-triton: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m vidgen_kernels.triton_kernels.aot_check $(TRITON_AOT_ARGS)
 
 clean:
 	rm -rf build $(VENV) vidgen_kernels/_C*.so *.egg-info

@@ -503,14 +503,20 @@ def policy(quick: bool, device: str) -> Policy:
 
 
 def heavy_policy(quick: bool, device: str, max_rounds: int = 30) -> Policy:
-    """:func:`policy` shortened for full-size CPU cases whose calls take 0.1 - 5 s (attention,
-    MoE, whole blocks): one untimed call, one calibration call, 3 to ``max_rounds`` timed rounds,
-    about 1 s of timing."""
+    """:func:`policy` shortened for full-size cases whose calls take long (CPU: 0.1 - 5 s;
+    CUDA: whole blocks and models of 10 ms - 2 s). CPU: one untimed call, one calibration call,
+    3 to ``max_rounds`` timed rounds, about 1 s of timing. CUDA: two untimed calls, three
+    calibration calls, one warm-up round, 5 to ``max_rounds`` rounds, about 1 s of timing (the
+    plain CUDA policy's 25 calls before timing and 20-round minimum would take a minute per case
+    for a 1 s model forward; the lent GPU gives a whole run about 10 minutes)."""
     pol = policy(quick, device)
-    if device == "cpu" and not quick:
-        pol = dataclasses.replace(pol, warmup_calls=1, calibration_calls=1, warmup_rounds=0,
-                                  min_rounds=3, max_rounds=max_rounds, target_s=1.0)
-    return pol
+    if quick:
+        return pol
+    if device == "cpu":
+        return dataclasses.replace(pol, warmup_calls=1, calibration_calls=1, warmup_rounds=0,
+                                   min_rounds=3, max_rounds=max_rounds, target_s=1.0)
+    return dataclasses.replace(pol, warmup_calls=2, calibration_calls=3, warmup_rounds=1,
+                               min_rounds=5, max_rounds=max_rounds, target_s=1.0)
 
 
 def kernel_unavailable(backend: str, device: str, ext_symbol: str, what: str) -> Optional[str]:

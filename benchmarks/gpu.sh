@@ -1,96 +1,262 @@
 #!/usr/bin/env bash
 # The GPU record: on a machine with a CUDA GPU, build the CUDA extension, run the test suite on
-# CUDA and the benchmark suite, and write everything into one folder
+# CUDA, the demo and the benchmark suite, and write everything into one folder
 #   benchmarks/results/<gpu>-<UTC date>/   (or --out DIR)
-# holding env.txt (GPU, driver, versions), build.log, tests.log + tests.xml, bench.json, bench.log
-# SUMMARY.md (benchmarks/summarize.py tables) and REPORT.md + PNG plots (benchmarks/report.py).
-# Commit that folder.
+# holding env.txt (GPU, driver, versions), build.log, tests.log + tests-*.xml, demo/ + demo.log,
+# bench-<family>.json + bench.log, bench.json (the families merged), SUMMARY.md
+# (benchmarks/summarize.py tables), REPORT.md + PNG plots (benchmarks/report.py) and stages.txt
+# (what each stage did, how long it took, whether the budget cut it off). Commit that folder.
 #
-# Usage: bash benchmarks/gpu.sh [--out DIR] [--quick] [--python PY] [STAGE ...]
-#   STAGE: build, test, bench (default: all three, in that order). Stages can be run by separate
-#   calls into the same --out folder (e.g. on a machine that limits each command's time).
-#   --quick: the benchmarks' smoke mode (one small shape per op).
-# Uses the Python that has CUDA torch (default: python3); installs nothing from the network.
-# Exit status: non-zero if a stage failed (the others still run and are logged).
+# Usage: bash benchmarks/gpu.sh [options] [STAGE ...]
+#   STAGE: build, test, bench, demo (default: all four, in that order). Stages can also be run by
+#          separate calls into the same --out folder.
+#   --out DIR         the results folder
+#   --budget SECONDS  wall-clock budget of the whole run (e.g. a lent machine's per-command
+#                     limit). Each stage runs under `timeout` with a share of what is left (30 s
+#                     are kept for the summary and the pack); a stage that runs out is stopped
+#                     with SIGINT, so pytest still writes its junit XML / benchmark JSON of what
+#                     ran. Tests: the CUDA-marked tests first, then the rest in what is left of
+#                     the test share. Benchmarks: one pytest run per op family, CUDA cases only,
+#                     most wanted first (RoPE-3D attention, temporal attention, MoE, DiT block,
+#                     diffusers, AdaLN, RoPE), torch.compile contenders last.
+#   --pack FILE       at the end (also after a failed or cut-off stage) tar + gzip the folder
+#                     into FILE (one file: the device tool returns at most 8).
+#   --wheels DIR      first pip-install the wheels in DIR (no index, no deps) into a temporary
+#                     target on PYTHONPATH: packages the GPU image lacks (diffusers).
+#   --quick           the benchmarks' smoke mode (one small shape per op)
+#   --python PY       the Python that has CUDA torch (default: python3)
+#   --allow-cpu       run without a GPU (rehearses the script; CUDA cases skip, bench runs CPU)
+#   --dry-run         print the plan (stages, caps, commands) and exit
+# Environment: GPU_SH_TEST_PATHS replaces the test stage's paths (default: tests).
+# Installs nothing from the network. Exit status: non-zero if a stage failed or was cut off (the
+# others still run and are logged).
+#
+# With the device tool (one H200, 15 min of device time per session, 10 min per command, at most
+# 8 files back from $OUT), from the repo root of this machine:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 importlib_metadata
+#   run(command="bash benchmarks/gpu.sh --budget 540 --wheels .whl --out benchmarks/results/R
+#                --pack $OUT/gpu-record.tgz build test bench", carry=[".whl"], timeout_s=600)
+#   with R = <gpu>-<UTC date>, e.g. NVIDIA-H200-2026-12-01; then at once, while the machine is
+#   still warm (it keeps the build), if 3+ minutes of device time are left:
+#   run(command="bash benchmarks/gpu.sh --budget 170 --out benchmarks/results/R/demo-run
+#                --pack $OUT/gpu-demo.tgz demo", timeout_s=200)
+#   mkdir -p benchmarks/results && tar xzf <files_at>/gpu-record.tgz -C benchmarks/results
+#   tar xzf <files_at>/gpu-demo.tgz -C benchmarks/results/R      (after the second call)
+# then commit benchmarks/results/R/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PY=python3
 OUT=""
 QUICK=""
+BUDGET=0
+PACK=""
+WHEELS=""
+ALLOW_CPU=0
+DRY=0
 STAGES=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --quick) QUICK="--quick"; shift ;;
     --python) PY="$2"; shift 2 ;;
-    build|test|bench) STAGES+=("$1"); shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --budget) BUDGET="$2"; shift 2 ;;
+    --pack) PACK="$2"; shift 2 ;;
+    --wheels) WHEELS="$2"; shift 2 ;;
+    --allow-cpu) ALLOW_CPU=1; shift ;;
+    --dry-run) DRY=1; shift ;;
+    build|test|bench|demo) STAGES+=("$1"); shift ;;
+    -h|--help) sed -n '2,49p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build test bench)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build test bench demo)
+case "$BUDGET" in ''|*[!0-9]*) echo "gpu.sh: --budget takes whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+START=$(date +%s)
+RESERVE=30
+# Share of what is left that each stage may use when it starts (the last stage gets the rest).
+declare -A WEIGHT=([build]=3 [test]=3 [bench]=5 [demo]=2)
+SPENT=0  # --dry-run: seconds the stages before this one are assumed to use (their caps)
+# Benchmark families, most wanted first: "name file -k-expression".
+BENCH_PLAN=(
+  "rope3d_attention test_bench_rope3d_attention.py not torch.compile"
+  "temporal_attention test_bench_temporal_attention.py not torch.compile"
+  "moe test_bench_moe.py not torch.compile"
+  "block test_bench_block.py not torch.compile"
+  "diffusers test_bench_diffusers.py not torch.compile"
+  "adaln test_bench_adaln.py not torch.compile"
+  "rope test_bench_rope.py not torch.compile"
+  "compile . torch.compile"
+)
 
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if [ -n "$WHEELS" ] && [ "$DRY" = 0 ]; then
+  site=$(mktemp -d /tmp/gpu-sh-site.XXXXXX)
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+      "$WHEELS"/*.whl; then
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    echo "gpu.sh: installing the wheels of $WHEELS failed (continuing without them)" >&2
+  fi
+fi
+
+HAS_CUDA=1
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || HAS_CUDA=0
+if [ "$HAS_CUDA" = 0 ] && [ "$ALLOW_CPU" = 0 ] && [ "$DRY" = 0 ]; then
   echo "gpu.sh: $PY sees no CUDA GPU (torch.cuda.is_available() is False); nothing to record" >&2
   exit 1
 fi
-GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")
+if [ "$HAS_CUDA" = 1 ]; then
+  GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")
+  ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
+  BENCH_DEVICE=cuda
+else
+  GPU="cpu-rehearsal"; ARCH=""; BENCH_DEVICE=cpu
+fi
 if [ -z "$OUT" ]; then
   slug=$(echo "$GPU" | tr -c 'A-Za-z0-9\n' '-' | tr -s '-' | sed 's/^-//; s/-$//')
   OUT="benchmarks/results/${slug}-$(date -u +%Y-%m-%d)"
 fi
+XDIST=""
+"$PY" -c "import xdist" 2>/dev/null && XDIST="-n $(( $(nproc) > 16 ? 8 : ($(nproc) + 1) / 2 ))"
+
+# seconds left for stage $1 (0 = no budget): its weighted share of what is left before the
+# reserve, the last stage taking all of it
+cap_for() {
+  [ "$BUDGET" -gt 0 ] || { echo 0; return; }
+  local left=$(( START + BUDGET - RESERVE - SPENT - $(date +%s) )) total=0 s seen=0
+  for s in "${STAGES[@]}"; do
+    [ "$s" = "$1" ] && seen=1
+    [ "$seen" = 1 ] && total=$(( total + WEIGHT[$s] ))
+  done
+  local cap=$(( left * WEIGHT[$1] / (total > 0 ? total : 1) ))
+  [ "$1" = build ] && cap=$(( left * 2 / 5 < 240 ? left * 2 / 5 : 240 ))  # the others need the extension
+  [ "$1" = "${STAGES[-1]}" ] && cap=$left
+  echo $(( cap > 1 ? cap : 1 ))
+}
+# run "$@" until $DEADLINE (unix seconds; 0 = none); SIGINT first so pytest writes its reports
+capped() {
+  if [ "$DEADLINE" -gt 0 ]; then
+    local left=$(( DEADLINE - $(date +%s) ))
+    [ "$left" -ge 5 ] || return 124
+    timeout -s INT -k 20 "$left" "$@"
+  else
+    "$@"
+  fi
+}
+
+if [ "$DRY" = 1 ]; then
+  echo "gpu.sh plan: out=$OUT gpu=$GPU arch=${ARCH:-none} budget=${BUDGET}s stages=${STAGES[*]}"
+  for s in "${STAGES[@]}"; do
+    c=$(cap_for "$s"); echo "  $s: cap $c s if the stages before use their whole caps"; SPENT=$(( SPENT + c ))
+  done
+  echo "  tests: pytest ${GPU_SH_TEST_PATHS:-tests} -m cuda $XDIST, then -m 'not cuda'"
+  for f in "${BENCH_PLAN[@]}"; do
+    read -r name file kexpr <<< "$f"
+    echo "  bench $name: pytest benchmarks/${file#.} -k '$kexpr' --bench-device $BENCH_DEVICE $QUICK"
+  done
+  [ -n "$PACK" ] && echo "  pack: $PACK"
+  exit 0
+fi
+
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
+: > "$OUT/stages.txt"
+log_stage() { echo "$1: $2 in $3 s" | tee -a "$OUT/stages.txt"; }
 
 {
   echo "gpu: $GPU"
   echo "date (UTC): $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
+  echo "budget: ${BUDGET}s, stages: ${STAGES[*]}, xdist: ${XDIST:-none}"
   "$PY" - <<'EOF'
 import platform, torch
 print("python:", platform.python_version())
 print("torch:", torch.__version__, "cuda", torch.version.cuda)
-try:
-    import triton
-    print("triton:", triton.__version__)
-except Exception as e:
-    print("triton: not importable:", e)
-p = torch.cuda.get_device_properties(0)
-print(f"device: {p.name}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, "
-      f"sm_{p.major}{p.minor}")
+for mod in ("triton", "diffusers", "pytest_benchmark"):
+    try:
+        print(f"{mod}:", __import__(mod).__version__)
+    except Exception as e:
+        print(f"{mod}: not importable: {e}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device: {p.name}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, "
+          f"sm_{p.major}{p.minor}")
 EOF
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem,power.limit --format=csv 2>/dev/null || true
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
+pack() {
+  [ -n "$PACK" ] || return 0
+  mkdir -p "$(dirname "$PACK")"
+  tar czf "$PACK" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "gpu.sh: packed $OUT into $PACK"
+}
+trap pack EXIT
+
 for stage in "${STAGES[@]}"; do
+  cap=$(cap_for "$stage")
+  DEADLINE=0; [ "$cap" -gt 0 ] && DEADLINE=$(( $(date +%s) + cap ))
+  t0=$(date +%s)
+  if [ "$cap" -gt 0 ]; then echo "gpu.sh: stage $stage (cap $cap s) ..."; else echo "gpu.sh: stage $stage ..."; fi
+  rc=0
   case "$stage" in
     build)
-      # in place (the checkout is what the tests and benchmarks import); sm_80 + sm_90 + PTX
-      echo "gpu.sh: building the extension with CUDA ..."
-      if VIDGEN_KERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}" \
-          MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+      # in place (the checkout is what the tests and benchmarks import); this GPU's arch only
+      # unless TORCH_CUDA_ARCH_LIST is set; nvcc compiles its archs in parallel threads
+      if [ "$HAS_CUDA" = 1 ]; then
+        VIDGEN_KERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" \
+          NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:---threads 4}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+          capped "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || rc=$?
+      else
+        VIDGEN_KERNELS_BUILD_CUDA=0 capped "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || rc=$?
+      fi
+      if [ "$rc" = 0 ]; then
         "$PY" -c "import vidgen_kernels as vk; print(vk.extension_status())" | tee -a "$OUT/build.log"
       else
-        echo "gpu.sh: build FAILED (tail of $OUT/build.log):"; tail -30 "$OUT/build.log"; status=1
+        echo "gpu.sh: build FAILED (rc $rc; tail of $OUT/build.log):"; tail -30 "$OUT/build.log"
       fi ;;
     test)
-      echo "gpu.sh: test suite ..."
-      "$PY" -m pytest tests -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 \
-        || status=1
-      tail -3 "$OUT/tests.log" ;;
+      # -v: one line per test as it ends, so a run the budget cuts off still shows what passed
+      : > "$OUT/tests.log"
+      for sel in "cuda" "not cuda"; do
+        name=${sel// /-}
+        capped "$PY" -m pytest ${GPU_SH_TEST_PATHS:-tests} -v -rs -p no:cacheprovider $XDIST -m "$sel" \
+          --junitxml="$OUT/tests-$name.xml" >> "$OUT/tests.log" 2>&1 || rc=$?
+        # pytest: 5 = nothing collected (no test of that selection)
+        [ "$rc" = 5 ] && rc=0
+        tail -2 "$OUT/tests.log"
+        [ "$rc" = 124 ] && break
+      done ;;
     bench)
-      echo "gpu.sh: benchmarks ${QUICK:-(full)} ..."
-      "$PY" -m pytest benchmarks -q -p no:cacheprovider $QUICK --bench-device all \
-        --benchmark-json="$OUT/bench.json" > "$OUT/bench.log" 2>&1 || status=1
-      tail -3 "$OUT/bench.log"
-      if [ -s "$OUT/bench.json" ]; then
-        "$PY" benchmarks/summarize.py "$OUT/bench.json" --out "$OUT/SUMMARY.md" > /dev/null || status=1
-        "$PY" benchmarks/report.py "$OUT/bench.json" --out "$OUT" || status=1
+      : > "$OUT/bench.log"
+      for f in "${BENCH_PLAN[@]}"; do
+        read -r name file kexpr <<< "$f"
+        echo "gpu.sh: bench $name" | tee -a "$OUT/bench.log"
+        r=0
+        capped "$PY" -m pytest "benchmarks/${file#.}" -q -p no:cacheprovider -p no:xdist $QUICK -k "$kexpr" \
+          --bench-device "$BENCH_DEVICE" --benchmark-json="$OUT/bench-$name.json" \
+          >> "$OUT/bench.log" 2>&1 || r=$?
+        [ "$r" = 5 ] && r=0
+        tail -1 "$OUT/bench.log"
+        [ "$r" != 0 ] && rc=$r
+        [ "$r" = 124 ] && break
+      done
+      if ls "$OUT"/bench-*.json > /dev/null 2>&1; then
+        "$PY" benchmarks/merge_json.py "$OUT"/bench-*.json --out "$OUT/bench.json" || rc=1
+        "$PY" benchmarks/summarize.py "$OUT/bench.json" --out "$OUT/SUMMARY.md" > /dev/null || rc=1
+        "$PY" benchmarks/report.py "$OUT/bench.json" --out "$OUT" || rc=1
       fi ;;
+    demo)
+      demo_dev=cpu; [ "$HAS_CUDA" = 1 ] && demo_dev=cuda
+      tiny=""; [ -n "$QUICK" ] && tiny="--tiny"
+      capped "$PY" -m vidgen demo --device "$demo_dev" $tiny --out "$OUT/demo" > "$OUT/demo.log" 2>&1 || rc=$?
+      tail -3 "$OUT/demo.log" ;;
   esac
+  what=ok; [ "$rc" = 124 ] && what="CUT OFF by the budget"; [ "$rc" != 0 ] && [ "$rc" != 124 ] && what="FAILED (rc $rc)"
+  log_stage "$stage" "$what" $(( $(date +%s) - t0 ))
+  [ "$rc" != 0 ] && status=1
 done
 echo "gpu.sh: results in $OUT (exit $status)"
 exit $status

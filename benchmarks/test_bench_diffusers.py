@@ -157,10 +157,10 @@ def test_diffusers_forward(benchmark, case: Case, request):
         pytest.skip("no CUDA GPU is visible")
     from vidgen_kernels.integrations import diffusers as vkd
     quick = request.config.getoption("--quick")
-    pol = common.policy(quick, case.device)
+    pol = common.heavy_policy(quick, case.device, max_rounds=30 if case.device == "cpu" else 10)
     if case.device == "cpu" and not quick:
         import dataclasses
-        pol = dataclasses.replace(pol, min_rounds=5, max_rounds=30, target_s=1.0)
+        pol = dataclasses.replace(pol, min_rounds=5)
     model, call = build(case)
     info = {}
     key = case.group

@@ -67,14 +67,27 @@ def perturb(model, std: float = 0.05, seed: int = 1):
     return model
 
 
+# pytest params of the devices a model test runs on: CPU always, CUDA when a GPU is visible
+# (marked ``cuda``, so ``pytest -m cuda`` picks them; skipped with the reason otherwise)
+MODEL_DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda] + (
+        [] if HAS_CUDA else [pytest.mark.skip(reason="no CUDA GPU visible")])),
+]
+
+
 def assert_fused_matches_reference(model, x, t, text, *, aux: bool = False,
-                                   every_param_grad: bool = False):
-    """``model`` (fp32, default backends) against a deep copy of it with ``backend="reference"``:
-    the output, the input gradient and every parameter gradient of ``sum(w * model(x, t, text))``
-    (plus ``0.1 * aux_loss``, whose values must agree too, when ``aux``). A parameter without a
-    gradient in the fused model must have none (or an all-zero one) in the reference, unless
-    ``every_param_grad`` (then every parameter must get one in both)."""
+                                   every_param_grad: bool = False, device: str = "cpu"):
+    """``model`` (fp32, default backends) against a deep copy of it with ``backend="reference"``,
+    both moved to ``device`` with the inputs: the output, the input gradient and every parameter
+    gradient of ``sum(w * model(x, t, text))`` (plus ``0.1 * aux_loss``, whose values must agree
+    too, when ``aux``). A parameter without a gradient in the fused model must have none (or an
+    all-zero one) in the reference, unless ``every_param_grad`` (then every parameter must get
+    one in both). On CUDA the fused model runs the GPU backends (``cuda``, ``triton``); fp32
+    dots there are IEEE (no TF32), so the CPU tolerances apply."""
     import copy
+    model = model.to(device)
+    x, t, text = x.to(device), t.to(device), text.to(device)
     ref = copy.deepcopy(model)
     ref.backend = "reference"
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()

@@ -65,7 +65,7 @@ def test_arguments_and_pytest_command():
     assert cmd[:4] == [sys.executable, "-m", "pytest", "/suite"]
     joined = " ".join(cmd)
     for part in ("--rootdir /suite", "--confcutdir /suite", f"-c {os.devnull}",
-                 "-p no:cacheprovider", "--benchmark-json /o/bench.json", "-k adaln",
+                 "-p no:cacheprovider", "-p no:xdist", "--benchmark-json /o/bench.json", "-k adaln",
                  "--benchmark-storage file:///o/.benchmarks"):
         assert part in joined, (part, cmd)
     assert cmd[-4:] == extra  # after ours: a pytest option given twice takes the last value
@@ -161,3 +161,72 @@ def test_paired_speedup_and_summary_line():
     text = summarize.table("dit_block x train", benches)
     assert "t_peer / t_ours over 8 pairs): vs eager reference **1.50x** [1.40-1.60]." in text, text
     assert "pairs" not in summarize.table("dit_block x train", benches[1:])
+
+
+def _bench_json(path, names):
+    with open(path, "w") as f:
+        json.dump({"machine_info": {"node": "x"}, "commit_info": {}, "version": "5",
+                   "datetime": f"t-{names[0]}",
+                   "benchmarks": [{"name": n, "stats": {"median": 1.0}} for n in names]}, f)
+    return str(path)
+
+
+def test_merge_json(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import merge_json
+    finally:
+        sys.path.pop(0)
+    a = _bench_json(tmp_path / "a.json", ["a1", "a2"])
+    b = _bench_json(tmp_path / "b.json", ["b1"])
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"benchmarks": [')  # a run killed while writing
+    out = tmp_path / "m.json"
+    assert merge_json.main([a, str(broken), b, str(tmp_path / "missing.json"), "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert [x["name"] for x in m["benchmarks"]] == ["a1", "a2", "b1"]
+    assert m["merged_from"] == [a, b] and m["machine_info"] == {"node": "x"}
+    assert m["datetime"] == "t-b1"
+    err = capsys.readouterr().err
+    assert "skipping" in err and "broken.json" in err and "missing.json" in err
+    assert merge_json.main([str(broken), "--out", str(tmp_path / "none.json")]) == 1
+
+
+def _gpu_sh(*args, env=None, timeout=120):
+    return subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **(env or {})))
+
+
+def test_gpu_sh_plan_covers_every_benchmark_and_fits_the_budget():
+    """benchmarks/gpu.sh --dry-run: the stage caps add up to at most the budget minus the 30 s
+    reserve, and the benchmark plan names every benchmarks/test_bench_*.py (a new benchmark file
+    must be added to BENCH_PLAN, or the GPU record would silently lack it)."""
+    r = _gpu_sh("--dry-run", "--python", sys.executable, "--budget", "540", "build", "test", "bench")
+    assert r.returncode == 0, r.stdout + r.stderr
+    caps = [int(line.split("cap ")[1].split()[0]) for line in r.stdout.splitlines()
+            if ": cap " in line]
+    assert len(caps) == 3 and all(c > 0 for c in caps) and sum(caps) <= 540 - 30, r.stdout
+    files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "benchmarks", "test_bench_*.py")))
+    planned = r.stdout.split("bench rope3d_attention:")[1]
+    for f in files:
+        assert f"benchmarks/{f} -k 'not torch.compile'" in planned, (f, r.stdout)
+    assert "benchmarks/ -k 'torch.compile'" in planned  # the compile contenders come last
+    assert _gpu_sh("--budget", "soon").returncode == 2
+    assert _gpu_sh("--no-such-option").returncode == 2
+
+
+def test_gpu_sh_rehearsal_writes_and_packs(tmp_path):
+    """A CPU rehearsal of the test stage (--allow-cpu, one small test file): logs, the junit XML
+    of each selection, stages.txt, and one packed archive holding the folder."""
+    import tarfile
+    out, pack = tmp_path / "rec", tmp_path / "back" / "rec.tgz"
+    r = _gpu_sh("--allow-cpu", "--python", sys.executable, "--out", str(out), "--pack", str(pack),
+                "test", env={"GPU_SH_TEST_PATHS": "tests/test_package.py"}, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "test: ok" in (out / "stages.txt").read_text()
+    assert (out / "tests-not-cuda.xml").is_file() and (out / "env.txt").is_file()
+    assert "PASSED" in (out / "tests.log").read_text()
+    with tarfile.open(pack) as t:
+        names = t.getnames()
+    assert {"rec/stages.txt", "rec/tests.log", "rec/env.txt"} <= set(names), names

@@ -4,7 +4,7 @@ bad inputs."""
 
 import pytest
 import torch
-from helpers import assert_fused_matches_reference, perturb
+from helpers import MODEL_DEVICES, assert_fused_matches_reference, perturb
 
 import vidgen_kernels as vk
 from vidgen.models.image_moe_dit import ImageMoEDiT, ImageMoEDiTConfig
@@ -64,9 +64,11 @@ def test_out_channels_scalar_t_and_5d_input():
     torch.testing.assert_close(y5[:, 0], y4)
 
 
-def test_fused_matches_reference_fwd_bwd():
+@pytest.mark.parametrize("device", MODEL_DEVICES)
+def test_fused_matches_reference_fwd_bwd(device):
     x, t, text = inputs(H=6, W=10, L=4)
-    assert_fused_matches_reference(perturb(tiny()), x, t, text, aux=True, every_param_grad=True)
+    assert_fused_matches_reference(perturb(tiny()), x, t, text, aux=True, every_param_grad=True,
+                                   device=device)
 
 
 def test_aux_loss():

@@ -23,6 +23,25 @@ from vidgen_kernels.integrations.diffusers import (  # noqa: E402
 
 BACKENDS = [b for b in ("cpu", "reference") if b in vk.available_backends(torch.device("cpu"))]
 HEAD_DIM = 16
+HAS_CUDA = torch.cuda.is_available()
+# (backend, device): the CPU backends, and on a GPU the automatic choice (cuda, then triton),
+# marked ``cuda``; rtol of the fp32 comparisons per device (CUDA: SDPA in diffusers and our
+# kernels reduce in other orders)
+BACKEND_DEVICES = [pytest.param(b, "cpu", id=b) for b in BACKENDS] + [pytest.param(
+    None, "cuda", id="auto-cuda", marks=[pytest.mark.cuda] + (
+        [] if HAS_CUDA else [pytest.mark.skip(reason="no CUDA GPU visible")]))]
+RTOL = {"cpu": 1e-5, "cuda": 1e-4}
+
+
+def to_device(args, kw, device):
+    """Inputs of ``cog_inputs`` / ``wan_inputs`` moved to ``device`` (the RoPE tables too)."""
+    def mv(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, tuple):
+            return tuple(mv(u) for u in v)
+        return v
+    return tuple(mv(a) for a in args), {k: mv(v) for k, v in kw.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,11 +132,11 @@ def no_warnings(fn, *a, **k):
 # ----------------------------------------------------------------------------------------------
 # CogVideoX
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("rope", [None, "int", "frac"])
-def test_cogvideox_forward_and_grads_match(backend, rope):
-    model = cogvideox(rope=rope is not None).train()
-    args, kw = cog_inputs(rope)
+def test_cogvideox_forward_and_grads_match(backend, device, rope):
+    model = cogvideox(rope=rope is not None).to(device).train()
+    args, kw = to_device(*cog_inputs(rope), device)
     ref_out, ref_grads = train_step(model, args, kw)
     no_warnings(vkd.apply, model, backend=backend)
     assert vkd.is_patched(model)
@@ -126,10 +145,10 @@ def test_cogvideox_forward_and_grads_match(backend, rope):
     assert count(model, FusedAdaLayerNorm) == 1
     assert all("forward" in b.__dict__ for b in model.transformer_blocks)  # fused residual
     out, g = train_step(model, args, kw)
-    close(out, ref_out)
+    close(out, ref_out, rtol=RTOL[device])
     assert g.keys() == ref_grads.keys()
     for n in g:
-        close(g[n], ref_grads[n], rtol=1e-5)
+        close(g[n], ref_grads[n], rtol=RTOL[device])
 
 
 def test_cogvideox_remove_restores_exactly():
@@ -195,20 +214,20 @@ def test_cogvideox_attention_mask_falls_back_to_original():
 # ----------------------------------------------------------------------------------------------
 # Wan
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("per_token", [False, True], ids=["wan2.1", "wan2.2-per-token"])
-def test_wan_forward_and_grads_match(backend, per_token):
-    model = wan().train()
-    args, kw = wan_inputs(per_token)
+def test_wan_forward_and_grads_match(backend, device, per_token):
+    model = wan().to(device).train()
+    args, kw = to_device(*wan_inputs(per_token), device)
     ref_out, ref_grads = train_step(model, args, kw)
     no_warnings(vkd.apply, model, backend=backend)
     assert count(model, WanRoPE3DAttnProcessor) == 4  # attn1 (RoPE) + attn2 (text) per block
     assert all("forward" in b.__dict__ for b in model.blocks)  # fused modulation
     out, g = train_step(model, args, kw)
-    close(out, ref_out)
+    close(out, ref_out, rtol=RTOL[device])
     assert g.keys() == ref_grads.keys()
     for n in g:
-        close(g[n], ref_grads[n], rtol=1e-5)
+        close(g[n], ref_grads[n], rtol=RTOL[device])
 
 
 def test_wan_rotation_matches_diffusers_exactly_on_attn1():
@@ -316,8 +335,9 @@ def test_core_package_does_not_import_diffusers():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.id != "reference"])
 @pytest.mark.parametrize("which", ["cogvideox", "wan"])
-def test_bf16_forward_within_dtype_tolerance(which):
+def test_bf16_forward_within_dtype_tolerance(which, backend, device):
     """bf16 weights and activations: the patched model stays within a few bf16 ulps (the kernels
     round once where diffusers rounds rotated q/k and the residual terms separately)."""
     if which == "cogvideox":
@@ -326,10 +346,11 @@ def test_bf16_forward_within_dtype_tolerance(which):
     else:
         model, (args, kw) = wan(), wan_inputs()
         args = (args[0].bfloat16(), args[1], args[2].bfloat16())
-    model = model.to(torch.bfloat16).eval()
+    model = model.to(device, torch.bfloat16).eval()
+    args, kw = to_device(args, kw, device)
     with torch.no_grad():
         ref = run(model, args, kw).float()
-        vkd.apply(model, backend="cpu")
+        vkd.apply(model, backend=backend)
         out = run(model, args, kw)
     assert out.dtype == torch.bfloat16
     close(out.float(), ref, rtol=2e-2)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_fused_matches_reference, perturb
+from helpers import MODEL_DEVICES, assert_fused_matches_reference, perturb
 
 from vidgen.models import LatentVideoDiT, LatentVideoDiTConfig, SmallVideoVAE, LatentVideoDiT_S
 from vidgen.models.latent_dit import LATENT_VIDEO_DIT_PRESETS
@@ -43,9 +43,10 @@ def test_latent_dit_shapes(T, H, W, patch):
     assert torch.isfinite(m(x, t, text)).all()
 
 
-def test_latent_dit_fused_matches_reference_fwd_bwd():
+@pytest.mark.parametrize("device", MODEL_DEVICES)
+def test_latent_dit_fused_matches_reference_fwd_bwd(device):
     x, t, text = inputs(T=3, H=6, W=8)
-    assert_fused_matches_reference(perturb(tiny_dit()), x, t, text)
+    assert_fused_matches_reference(perturb(tiny_dit()), x, t, text, device=device)
 
 
 def test_latent_dit_temporal_causality():
@@ -217,9 +218,10 @@ def test_causal_dit_shapes_and_timestep_forms(T, H, W):
     assert torch.isfinite(torch.as_tensor(m.aux_loss)).all()
 
 
-def test_causal_dit_fused_matches_reference_fwd_bwd():
+@pytest.mark.parametrize("device", MODEL_DEVICES)
+def test_causal_dit_fused_matches_reference_fwd_bwd(device):
     x, _, text = inputs(T=3, H=4, W=6)
-    assert_fused_matches_reference(perturb(tiny_causal()), x, torch.rand(2, 3), text)
+    assert_fused_matches_reference(perturb(tiny_causal()), x, torch.rand(2, 3), text, device=device)
 
 
 def test_causal_dit_causality():
@@ -302,9 +304,10 @@ def test_cogvideox_shapes(T, H, W):
     assert m(x, t, text).shape == x.shape
 
 
-def test_cogvideox_fused_matches_reference_fwd_bwd():
+@pytest.mark.parametrize("device", MODEL_DEVICES)
+def test_cogvideox_fused_matches_reference_fwd_bwd(device):
     x, t, text = inputs(T=2, C=4, H=4, W=6, L=5)
-    assert_fused_matches_reference(perturb(tiny_cog(num_video_experts=2)), x, t, text)
+    assert_fused_matches_reference(perturb(tiny_cog(num_video_experts=2)), x, t, text, device=device)
 
 
 def test_cogvideox_modality_routing():

@@ -120,7 +120,9 @@ def pytest_command(suite: str, json_path: str, ns: argparse.Namespace, extra: li
     cmd = [sys.executable, "-m", "pytest", suite,
            # our own root and an empty ini: nothing of the caller's project configuration
            "--rootdir", suite, "--confcutdir", suite, "-c", os.devnull,
-           "-p", "no:cacheprovider", "-q", "--benchmark-json", json_path]
+           # never parallel (xdist would disable pytest-benchmark; under an xdist worker the
+           # inherited PYTEST_XDIST_* variables make it think it is one)
+           "-p", "no:cacheprovider", "-p", "no:xdist", "-q", "--benchmark-json", json_path]
     if out is not None:
         # pytest-benchmark always creates its storage folder (default ./.benchmarks); keep it in
         # the output folder (--benchmark-autosave runs land there; extra args may override it)
@@ -156,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd = pytest_command(suite, json_path, ns, extra, out)
     print(f"vidgen_kernels.bench: suite {suite}", flush=True)
     print("vidgen_kernels.bench: " + " ".join(cmd[1:]), flush=True)
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")  # no __pycache__ next to the suite
+    # no __pycache__ next to the suite; no PYTEST_XDIST_* of a caller that is an xdist worker
+    # (pytest-benchmark would take the run for one and disable itself)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
     rc = subprocess.call(cmd, env=env)
 
     if not os.path.isfile(json_path) or os.path.getsize(json_path) == 0:

@@ -410,7 +410,12 @@ def _config(op: str, q, k, v, cos, sin, q_offset: int, seqs_per_program, num_war
     if num_warps is None:
         # 8 warps once the key tile reaches 4096 elements (32 x 128, 64 x 64, ...), else 4: with
         # 4 warps the sm_90 build of the 32 x 128 / 64 x 64 forward already spills registers.
-        num_warps = 8 if block_t * block_d >= 4096 else 4
+        # The backward holds more accumulators: with 32 x 64 key and query tiles (T = 32,
+        # D = 64) its sm_90 bf16 build spills 424 bytes of stack with 4 warps, 200 with 8
+        # (aot_check, triton 3.9; forward: none either way). Chosen from builds, not timings.
+        big = block_t * block_d >= 4096 or (op.endswith("_bwd") and block_m >= 32
+                                            and block_t * block_d >= 2048)
+        num_warps = 8 if big else 4
     if num_stages is None:
         num_stages = _default_stages(groups, block_t * block_d * q.element_size())
     return dict(

@@ -1,0 +1,59 @@
+"""vidgen_kernels.triton_kernels.aot_check: the Triton kernels compile ahead of time for a GPU
+target on a machine without one (the full check is `make check-triton`, run by CI); here one
+family, and the guards."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, interpret=False, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, "-m", "vidgen_kernels.triton_kernels.aot_check", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_rope_kernels_compile_for_sm90(tmp_path):
+    out = tmp_path / "aot.json"
+    r = _run("--only", "rope", "--quick", "--arch", "90", "--json", str(out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert not data["failures"]
+    ks = data["kernels"]
+    # forward and backward (CONJ) x interleaved / half x D = 64 / 128, bf16 and fp32
+    assert {k["kernel"] for k in ks} == {"_rope_kernel"} and len(ks) >= 8, ks
+    assert all(k["arch"] == 90 and k["regs"] and k["shared"] <= 232448 for k in ks), ks
+    assert any("CONJ=True" in k["config"] for k in ks) and any("*bf16" in k["config"] for k in ks)
+    assert "sm90  _rope_kernel" in r.stdout
+
+
+def test_refuses_under_the_interpreter_and_unknown_families():
+    r = _run("--only", "rope", interpret=True)
+    assert r.returncode == 2 and "TRITON_INTERPRET" in r.stderr
+    r = _run("--only", "attention")
+    assert r.returncode == 2 and "unknown families" in r.stderr
+
+
+def test_temporal_attention_falls_back_to_fewer_stages_when_shared_memory_runs_out(tmp_path):
+    """The temporal launcher retries with fewer pipeline stages on OutOfResources. With a
+    7000-byte limit the pipelined (2-stage) builds of this config do not fit and the 1-stage
+    ones do: the check passes, and both builds are listed, the first marked over the limit."""
+    out = tmp_path / "aot.json"
+    r = _run("--quick", "--arch", "90", "--only", "temporal_attention",
+             "--case", "D=64 T=16 S=1024.*bfloat16", "--shared-limit", "7000", "--json", str(out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ks = json.loads(out.read_text())["kernels"]
+    for name in ("_temporal_attn_fwd_kernel", "_temporal_attn_bwd_kernel"):
+        builds = {("num_stages=2" in k["config"], k["over_shared"]) for k in ks if k["kernel"] == name}
+        assert builds == {(True, True), (False, False)}, (name, ks)
+    r = _run("--quick", "--arch", "90", "--only", "temporal_attention",
+             "--case", "D=64 T=16 S=1024.*bfloat16", "--shared-limit", "6000")
+    assert r.returncode == 1 and "OutOfResources" in r.stderr  # 1 stage does not fit either
