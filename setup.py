@@ -31,9 +31,28 @@ def _env_flag(name):
     return v.lower() not in ("0", "false", "no", "off")
 
 
+def _fix_cuda_home():
+    """torch takes CUDA_HOME from the variable, else from ``nvcc``'s grandparent folder, else
+    /usr/local/cuda. An ``nvcc`` installed as /usr/local/bin/nvcc (this team's machines) makes
+    that /usr/local, which has no CUDA headers, and the binding fails to compile
+    (``cuda_runtime_api.h: No such file``). Then, if unset, point CUDA_HOME at /usr/local/cuda.
+    Must run before torch.utils.cpp_extension is imported (it reads CUDA_HOME once)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    header = os.path.join("include", "cuda_runtime_api.h")
+    if not os.path.exists(os.path.join(guess, header)) and \
+            os.path.exists(os.path.join("/usr/local/cuda", header)):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
 def _extensions():
     if _env_flag("VIDGEN_KERNELS_NO_EXT"):
         return [], {}
+    _fix_cuda_home()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 

@@ -49,3 +49,21 @@ def test_cli_lists_backends():
     for b in vk.BACKENDS:
         assert b in r.stdout
     assert vk.extension_status() in r.stdout
+
+
+def test_backend_checks_make_no_import_lookups(monkeypatch):
+    """The backend checks run inside torch.compile'd code (every fused op resolves its backend);
+    torch 2.11's dynamo cannot trace importlib.util.find_spec (each fullgraph compile of a
+    fused op failed there), so the checks must not call it: triton's presence is looked up at
+    import."""
+    import importlib.util
+
+    from vidgen_kernels import backends
+
+    def no_lookup(*a, **k):
+        raise AssertionError("importlib.util.find_spec called by a backend check")
+    monkeypatch.setattr(importlib.util, "find_spec", no_lookup)
+    for name in backends.BACKENDS:
+        for device in ("cpu", "cuda", None):
+            backends.why_unavailable(name, device)
+    vk.available_backends("cpu")

@@ -19,7 +19,6 @@ Selection, highest priority first: the per-call ``backend=`` argument, the inner
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import threading
@@ -88,9 +87,14 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once, at import: the backend checks run inside torch.compile'd code, and torch 2.11's
+# dynamo refuses to trace importlib.util.find_spec (it reached it through an lru_cache wrapper,
+# which 2.11 traces into: every fullgraph compile of a fused op failed there).
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def why_unavailable(name: str, device: torch.device | str | None = None) -> str | None:
