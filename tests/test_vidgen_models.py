@@ -350,3 +350,25 @@ def test_latent_dit_position_embedding():
         tiny_dit(pos_embed="learned")
     with pytest.raises(ValueError, match="divisible by 8"):
         sincos_pos_embed_3d((1, 2, 2), 12)
+
+
+@pytest.mark.parametrize("patch,T", [((1, 2, 2), 4), ((2, 2, 2), 6), ((1, 4, 2), 3)])
+def test_patch_embed_is_the_conv_and_returns_contiguous_tokens(patch, T):
+    """PatchEmbed3D computes its Conv3d (kernel = stride = patch) as one GEMM over the patches:
+    same output and gradients as the conv with the same parameters, tokens contiguous [B, N, D]
+    (the conv's own token view is channels-first: a strided read for every consumer)."""
+    from vidgen.models.layers import PatchEmbed3D
+    torch.manual_seed(0)
+    m = PatchEmbed3D(patch, 5, 24)
+    x = torch.randn(2, T, 5, 8, 12, requires_grad=True)
+    out = m(x)
+    assert out.shape == (2, (T // patch[0]) * (8 // patch[1]) * (12 // patch[2]), 24)
+    assert out.is_contiguous()
+    x2 = x.detach().clone().requires_grad_()
+    ref = m.proj(x2.transpose(1, 2)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    gx, gw, gb = torch.autograd.grad(out, (x, m.proj.weight, m.proj.bias), g)
+    rx, rw, rb = torch.autograd.grad(ref, (x2, m.proj.weight, m.proj.bias), g)
+    for a, b in ((gx, rx), (gw, rw), (gb, rb)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -142,9 +142,21 @@ class PatchEmbed3D(nn.Module):
         return T // pt, H // ph, W // pw
 
     def forward(self, x: Tensor) -> Tensor:
-        self.grid(x)
-        y = self.proj(x.transpose(1, 2))  # [B, D, T', H', W']
-        return y.flatten(2).transpose(1, 2)
+        """``x [B, T, C, H, W]`` -> contiguous tokens ``[B, T'*H'*W', D]``.
+
+        The ``Conv3d`` (kernel = stride = patch) computed as one GEMM over the patches: the
+        conv's output is channels-first, and its ``flatten(2).transpose(1, 2)`` token view
+        strides each token's channels by N, which every consumer then reads column-wise (the
+        fused AdaLN and gated residual ~4x slower on such rows) or copies; CPU ``slow_conv3d``
+        is also slower than the GEMM. Same parameters (``proj.weight [D, C, pt, ph, pw]``)."""
+        T, h, w = self.grid(x)
+        B, C = x.shape[0], x.shape[2]
+        pt, ph, pw = self.patch_size
+        # [B, T', pt, C, H', ph, W', pw] -> [B, T', H', W', C, pt, ph, pw]: the weight's (C, pt,
+        # ph, pw) order; one copy of the (few-channel) input
+        p = x.reshape(B, T, pt, C, h, ph, w, pw).permute(0, 1, 4, 6, 3, 2, 5, 7)
+        p = p.reshape(B, T * h * w, C * pt * ph * pw)
+        return F.linear(p, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
 def unpatchify(x: Tensor, grid: tuple[int, int, int], patch_size, channels: int) -> Tensor:
