@@ -33,8 +33,8 @@
 #
 # With the device tool (one H200, 15 min of device time per session, 10 min per command, at most
 # 8 files back from $OUT), from the repo root of this machine:
-#   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 importlib_metadata
+#   (pure-Python wheels, 6.4 MB; .whl/ is git-ignored, so it travels only as carried)
 #   run(command="bash benchmarks/gpu.sh --budget 540 --wheels .whl --out benchmarks/results/R
 #                --pack $OUT/gpu-record.tgz build test bench", carry=[".whl"], timeout_s=600)
 #   with R = <gpu>-<UTC date>, e.g. NVIDIA-H200-2026-12-01; then at once, while the machine is

@@ -148,8 +148,7 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], None]]]:
     def add(family, name, fn):
         out.append((family, name, fn))
 
-    def backward(*outs_and_inputs):
-        outs, ins = outs_and_inputs
+    def backward(outs, ins):
         outs = [o for o in outs if o is not None and o.requires_grad]
         grads = [torch.ones_like(o) for o in outs]
         torch.autograd.grad(outs, [i for i in ins if i is not None and i.requires_grad], grads,
