@@ -289,52 +289,36 @@ inline A row_sum(int64_t n, const F& f) {
   return s;
 }
 
-// Sum of the 8 lanes of v as a balanced tree (3 dependent adds, not 8).
-inline float hsum(vf v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+// float rows: sum of f(v[c]) over [0, n) with four 8-float vector accumulators and one
+// horizontal sum at the end; f takes whole vectors (vf) and the scalar tail (float) alike.
+// row_sum's kLanes scalar partials cost a serial chain of kLanes adds per sum, which dominated
+// short rows (C = 64: the per-head QK norm).
+template <typename F>
+inline float vsum_f32(const float* v, int64_t n, const F& f) {
+  vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  int64_t c = 0;
+  for (; c + 4 * kW <= n; c += 4 * kW) {
+    a0 += f(vload(v + c));
+    a1 += f(vload(v + c + kW));
+    a2 += f(vload(v + c + 2 * kW));
+    a3 += f(vload(v + c + 3 * kW));
+  }
+  for (; c + kW <= n; c += kW) a0 += f(vload(v + c));
+  float t = 0;
+  for (; c < n; ++c) t += f(v[c]);
+  return hsum((a0 + a1) + (a2 + a3)) + t;
 }
 
-// float rows: mean and variance (about mu; mu = 0 for RMS) of v[0, n) with four 8-float vector
-// accumulators per sum and a tree reduction at the end. row_sum's kLanes scalar partials cost a
-// serial chain of kLanes adds per sum, which dominated short rows (C = 64: the per-head QK norm).
+// float rows: mean and variance (about mu; mu = 0 for RMS) of v[0, n).
 inline void row_stats_f32(const float* v, int64_t n, bool is_rms, float inv_c, float& mu,
                           float& var) {
-  int64_t c = 0;
-  float m = 0;
-  if (!is_rms) {
-    vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
-    for (; c + 4 * kW <= n; c += 4 * kW) {
-      a0 += vload(v + c);
-      a1 += vload(v + c + kW);
-      a2 += vload(v + c + 2 * kW);
-      a3 += vload(v + c + 3 * kW);
-    }
-    for (; c + kW <= n; c += kW) a0 += vload(v + c);
-    float t = 0;
-    for (; c < n; ++c) t += v[c];
-    m = (hsum((a0 + a1) + (a2 + a3)) + t) * inv_c;
-  }
-  const vf mv = vset1(m);
-  vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
-  c = 0;
-  for (; c + 4 * kW <= n; c += 4 * kW) {
-    const vf d0 = vload(v + c) - mv, d1 = vload(v + c + kW) - mv;
-    const vf d2 = vload(v + c + 2 * kW) - mv, d3 = vload(v + c + 3 * kW) - mv;
-    a0 += d0 * d0;
-    a1 += d1 * d1;
-    a2 += d2 * d2;
-    a3 += d3 * d3;
-  }
-  for (; c + kW <= n; c += kW) {
-    const vf d = vload(v + c) - mv;
-    a0 += d * d;
-  }
-  float t = 0;
-  for (; c < n; ++c) t += (v[c] - m) * (v[c] - m);
+  const float m = is_rms ? 0.f : vsum_f32(v, n, [](auto x) { return x; }) * inv_c;
   mu = m;
-  var = (hsum((a0 + a1) + (a2 + a3)) + t) * inv_c;
+  var = vsum_f32(v, n, [m](auto x) {
+    const auto d = x - m;
+    return d * d;
+  }) * inv_c;
 }
-
 
 // =============================================================================================
 // Tensor descriptors

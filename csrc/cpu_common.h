@@ -99,6 +99,18 @@ inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 inline vf vset1(float s) { return vf{s, s, s, s, s, s, s, s}; }
 inline vf vand(vi m, vf a) { return reinterpret_cast<vf>(m & reinterpret_cast<vi>(a)); }
 
+// Sum of the 8 lanes (3 dependent adds).
+inline float hsum(vf v) {
+#ifdef __AVX__
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+#else
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+#endif
+}
+
 // exp(x) for x <= ~88 (Cephes expf polynomial, ~1 ulp); exactly 0 for x < -87 (exp(-87) =
 // 1.6e-38, next to FLT_MIN) and -inf; NaN stays NaN. The clamp at -87 keeps every intermediate
 // a normal float: a denormal product costs a microcode assist (x2.5 slower on masked entries).

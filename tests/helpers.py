@@ -67,13 +67,11 @@ def perturb(model, std: float = 0.05, seed: int = 1):
     return model
 
 
-# pytest params of the devices a model test runs on: CPU always, CUDA when a GPU is visible
-# (marked ``cuda``, so ``pytest -m cuda`` picks them; skipped with the reason otherwise)
-MODEL_DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda] + (
-        [] if HAS_CUDA else [pytest.mark.skip(reason="no CUDA GPU visible")])),
-]
+# marks of a test case that needs a GPU (``pytest -m cuda`` picks it; skipped with the reason
+# otherwise), and the devices a model test runs on: CPU always, CUDA when a GPU is visible
+CUDA_MARKS = [pytest.mark.cuda] + (
+    [] if HAS_CUDA else [pytest.mark.skip(reason="no CUDA GPU visible")])
+MODEL_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=CUDA_MARKS)]
 
 
 def assert_fused_matches_reference(model, x, t, text, *, aux: bool = False,

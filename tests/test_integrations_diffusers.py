@@ -16,6 +16,7 @@ from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel  # noqa
 from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
 
 import vidgen_kernels as vk  # noqa: E402
+from helpers import CUDA_MARKS  # noqa: E402
 from vidgen_kernels.integrations import diffusers as vkd  # noqa: E402
 from vidgen_kernels.integrations.diffusers import (  # noqa: E402
     CogVideoXRoPE3DAttnProcessor, FusedAdaLayerNorm, FusedCogVideoXLayerNormZero,
@@ -23,13 +24,11 @@ from vidgen_kernels.integrations.diffusers import (  # noqa: E402
 
 BACKENDS = [b for b in ("cpu", "reference") if b in vk.available_backends(torch.device("cpu"))]
 HEAD_DIM = 16
-HAS_CUDA = torch.cuda.is_available()
 # (backend, device): the CPU backends, and on a GPU the automatic choice (cuda, then triton),
 # marked ``cuda``; rtol of the fp32 comparisons per device (CUDA: SDPA in diffusers and our
 # kernels reduce in other orders)
-BACKEND_DEVICES = [pytest.param(b, "cpu", id=b) for b in BACKENDS] + [pytest.param(
-    None, "cuda", id="auto-cuda", marks=[pytest.mark.cuda] + (
-        [] if HAS_CUDA else [pytest.mark.skip(reason="no CUDA GPU visible")]))]
+BACKEND_DEVICES = [pytest.param(b, "cpu", id=b) for b in BACKENDS] + [
+    pytest.param(None, "cuda", id="auto-cuda", marks=CUDA_MARKS)]
 RTOL = {"cpu": 1e-5, "cuda": 1e-4}
 
 

@@ -90,11 +90,7 @@ def triton_interpret() -> bool:
 # Looked up once, at import: the backend checks run inside torch.compile'd code, and torch 2.11's
 # dynamo refuses to trace importlib.util.find_spec (it reached it through an lru_cache wrapper,
 # which 2.11 traces into: every fullgraph compile of a fused op failed there).
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def _has_triton() -> bool:
-    return _HAS_TRITON
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def why_unavailable(name: str, device: torch.device | str | None = None) -> str | None:
@@ -121,7 +117,7 @@ def why_unavailable(name: str, device: torch.device | str | None = None) -> str 
             return f"backend 'cuda' runs CUDA tensors, got tensors on {device}"
         return None
     if name == "triton":
-        if not _has_triton():
+        if not HAS_TRITON:
             return "triton is not installed (pip install triton)"
         if dev_type == "cpu" or (dev_type is None and not torch.cuda.is_available()):
             if not triton_interpret():

@@ -120,8 +120,7 @@ def pytest_command(suite: str, json_path: str, ns: argparse.Namespace, extra: li
     cmd = [sys.executable, "-m", "pytest", suite,
            # our own root and an empty ini: nothing of the caller's project configuration
            "--rootdir", suite, "--confcutdir", suite, "-c", os.devnull,
-           # never parallel (xdist would disable pytest-benchmark; under an xdist worker the
-           # inherited PYTEST_XDIST_* variables make it think it is one)
+           # never parallel: under xdist pytest-benchmark disables itself
            "-p", "no:cacheprovider", "-p", "no:xdist", "-q", "--benchmark-json", json_path]
     if out is not None:
         # pytest-benchmark always creates its storage folder (default ./.benchmarks); keep it in

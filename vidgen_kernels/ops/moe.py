@@ -549,8 +549,8 @@ class _CudaKernels(_TorchKernels):
 
     @staticmethod
     def _gemms():
-        from ..backends import _has_triton
-        if _has_triton():
+        from ..backends import HAS_TRITON
+        if HAS_TRITON:
             from ..triton_kernels import moe as tk
             return tk.TritonKernels
         return _TorchKernels

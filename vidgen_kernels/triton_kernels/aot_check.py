@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -156,13 +157,11 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], None]]]:
 
     def leaf(*shape, dtype):
         # values only matter where torch code reads them (routing); large inputs stay unfilled
-        n = 1
-        for s in shape:
-            n *= s
-        t = torch.randn(*shape).to(dtype) if n <= 1 << 20 else torch.empty(*shape, dtype=dtype)
+        small = math.prod(shape) <= 1 << 20
+        t = torch.randn(*shape).to(dtype) if small else torch.empty(*shape, dtype=dtype)
         return t.requires_grad_()
 
-    # AdaLN: block size and warps follow C; flags: gated, norm kind, affine, per-frame params
+    # AdaLN: block size and warps follow C; flags: gated, norm kind, affine
     for dt in dtypes:
         for C in ((64, 3072) if quick else (64, 1152, 3072, 5120)):
             for gated, norm, affine in ((False, "layer", True), (True, "layer", True),
