@@ -30,7 +30,7 @@ check-cuda:
 	bash csrc/check_cuda_compile.sh
 
 # Triton kernels compiled ahead of time for GPU targets, no GPU needed
-# (TRITON_AOT_ARGS="--arch 90 80" for the full check of every dtype and size)
+# (TRITON_AOT_ARGS="--arch 90 80 86" for the full check of every dtype and size)
 TRITON_AOT_ARGS ?= --quick --arch 90
 check-triton: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) -m vidgen_kernels.triton_kernels.aot_check $(TRITON_AOT_ARGS)

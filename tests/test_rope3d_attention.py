@@ -400,6 +400,44 @@ def test_triton_skips_fully_masked_tiles():
     torch.testing.assert_close(dv[:, 16:], want[2][:, 16:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
+def test_triton_gpu_tiles_per_arch(monkeypatch, arch, rope):
+    """The GPU tile choice (``_tiles``: sm_90 tiles, or the sm_80 table with RoPE, where dk/dv and
+    dq get different tiles) run through the interpreter: the kernels agree with the contract
+    with those tiles, frame-causal, at a size that is no multiple of them."""
+    if why_unavailable("triton", "cpu"):
+        pytest.skip(why_unavailable("triton", "cpu"))
+    from vidgen_kernels.triton_kernels import rope3d_attention as tk
+    S, H, D, tpf, text = 8 + 3 * 40, 1, 64, 40, 8
+    q = torch.empty(0, 0, 0, D, dtype=torch.float16)
+    monkeypatch.setattr(tk, "triton_interpret", lambda: False)
+    monkeypatch.setattr(tk, "target_arch", lambda t: arch)
+    tiles = {kern: tk._tiles(kern, q, rope) for kern in ("fwd", "dkdv", "dq")}
+    if arch == 80 and rope:
+        assert tiles == {k: v[64] for k, v in tk._SM80_ROPE_TILES.items()}
+        assert tiles["dkdv"][:2] != tiles["dq"][:2]
+    else:
+        assert tiles == {"fwd": (128, 64, 4), "dkdv": (64, 64, 8), "dq": (64, 64, 8)}
+    assert tk._tiles("dq", q.float(), rope)[0] == tiles["dq"][0] // 2  # fp32 halves BLOCK_M
+    assert tk._tiles("fwd", q, rope, block_m=16, block_n=32, num_warps=2) == (16, 32, 2)
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        tk._tiles("fwd", q, rope, block_n=24)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, S, H, D, generator=g) for _ in range(4))
+    ang = torch.randn(S - text, D // 2, generator=g)
+    c, s = (ang.cos(), ang.sin()) if rope else (None, None)
+    args = (c, s, text, True, text, S - text, tpf, D ** -0.5)
+    out, lse = tk.rope3d_attn_fwd(q, k, v, *args)
+    ref, ref_lse = ra.kernel_fwd_torch(q, k, v, *args)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
+    got = tk.rope3d_attn_bwd(do, q, k, v, *args[:2], ref, ref_lse, *args[2:])
+    want = ra.kernel_bwd_torch(do, q, k, v, *args[:2], ref, ref_lse, *args[2:])
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_cpu_path_without_apply_rope(monkeypatch):
     """The cpu backend rotates with vidgen_kernels.apply_rope when the install has it, else with
     the PyTorch rotation: both give the same result."""

@@ -303,9 +303,11 @@ def main(argv=None) -> int:
         print("aot_check: no case matches --only / --case", file=sys.stderr)
         return 2
     t_start = time.perf_counter()
+    from vidgen_kernels.triton_kernels import _launch
     for arch in a.arch:
         rec.arch = arch
         driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
+        _launch._STAGES_FALLBACK.clear()  # the launchers' shared-memory fallbacks are per target
         for family, name, fn in cases:
             try:
                 fn()

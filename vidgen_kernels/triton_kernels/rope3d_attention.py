@@ -27,12 +27,17 @@ Design (FlashAttention-2)
   element mask of the contract.
 * q / k / v / dout are read in place through their four strides (any layout); row offsets are
   int64. fp32 inputs use ``input_precision="ieee"`` dots (no TF32).
-* Block sizes (``BLOCK_M x BLOCK_N``, warps): forward 128 x 64 for D <= 128 (4 warps at D = 64,
-  8 at D = 128), 64 x 32 for D = 256; backward 64 x 64 (D <= 64), 64 x 32 (D <= 128), 16 x 32
-  (D = 256), 8 warps from D = 64; fp32 halves BLOCK_M; 32 x 32 under the interpreter (tests).
-  Chosen from ahead-of-time sm_90a builds (``triton.compile`` with a ``GPUTarget``, ``ptxas -v``),
-  bf16 with RoPE + frame-causal: no spills in the forward (12 bytes at D = 256), none in the
-  backward at D = 64, 88 bytes (dk/dv) / 0 (dq) at D = 128, ~850 bytes (dk/dv) at D = 256.
+* Block sizes (``BLOCK_M x BLOCK_N``, warps; :func:`_tiles`), sm_90 and newer: forward 128 x 64
+  for D <= 128 (4 warps at D = 64, 8 at D = 128), 64 x 32 for D = 256; backward (dk/dv and dq
+  alike) 64 x 64 (D <= 64), 64 x 32 (D <= 128), 16 x 32 (D = 256), 8 warps from D = 64; fp32
+  halves BLOCK_M; 32 x 32 under the interpreter (tests). Chosen from ahead-of-time sm_90a builds
+  (``aot_check``: ``triton.compile`` for a ``GPUTarget``, ``ptxas -v``), bf16 with RoPE +
+  frame-causal: no spills in the forward (12 bytes at D = 256), none in the backward at D = 64,
+  88 bytes (dk/dv) / 0 (dq) at D = 128, ~850 bytes (dk/dv) at D = 256. On sm_80 - sm_89 with
+  RoPE those tiles spill 0.2-4.4 KB per thread, so there the launchers take the per-kernel table
+  ``_SM80_ROPE_TILES`` (dk/dv and dq tiles differ); without RoPE the sm_90 tiles spill at most
+  8 bytes there and are kept. A forward build over the GPU's shared memory (D = 256 with two stages
+  on sm_86 / sm_89) is retried with one stage (:func:`._launch.launch`).
   **No GPU timing was available**: not tuned by measurement; ``block_m`` / ``block_n`` /
   ``num_warps`` / ``num_stages`` are keyword-only knobs for benchmarks.
 
@@ -47,6 +52,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpret
+from ._launch import launch, target_arch
 from .rope_tiles import load_pair, pair_scores, store_pair
 
 __all__ = ["rope3d_attn_fwd", "rope3d_attn_bwd", "MAX_D"]
@@ -420,21 +426,49 @@ def _check(op, q, k, v, cos, sin, rope_offset, fc_start, fc_len, fc_block):
         raise ValueError(f"{op}: frame_causal needs S_q == S_k")
 
 
-def _blocks(D, dtype, backward, block_m, block_n):
+# Ampere / Ada (sm_80 - sm_89: mma.sync, no wgmma) with RoPE: (BLOCK_M, BLOCK_N, warps) for
+# fp16 / bf16 by kernel and head-dim bucket. From sm_80 builds (``ptxas -v`` through aot_check,
+# interleaved RoPE + frame-causal, the most registers): the sm_90 tiles spill 0.2-4.4 KB per
+# thread there (the rotated halves and their gradients stay live in registers), these at most
+# 16 B in the forward / dq and 144 B (D = 64) / 0 (D = 128) / 344 B (D = 256) in dk/dv (triton
+# 3.9; 3.6: at most 312 B). Without RoPE the sm_90 tiles spill at most 8 B on sm_80 and are
+# kept. Not timed on a GPU.
+_SM80_ROPE_TILES = {
+    "fwd": {64: (128, 32, 8), 128: (64, 64, 8), 256: (64, 32, 8)},
+    # dk/dv: BLOCK_N keys per program, BLOCK_M queries per loop step; dq the other way round
+    "dkdv": {64: (16, 32, 4), 128: (16, 32, 8), 256: (16, 16, 8)},
+    "dq": {64: (128, 16, 8), 128: (32, 64, 8), 256: (32, 16, 8)},
+}
+
+
+def _tiles(kernel, q, rope, block_m=None, block_n=None, num_warps=None):
+    """``(BLOCK_M, BLOCK_N, num_warps)`` of ``kernel`` (``"fwd"``, ``"dkdv"`` or ``"dq"``) for
+    ``q``'s head dim, dtype and GPU architecture; the keyword arguments override."""
+    D, dtype = q.shape[-1], q.dtype
+    block_d = max(triton.next_power_of_2(D), 32)
     if triton_interpret():
-        bm, bn = 32, 32
-    elif backward:  # fewest spills in sm_90a builds (ptxas -v), see the module docstring
-        bm, bn = (64, 64) if D <= 64 else (64, 32) if D <= 128 else (16, 32)
-    else:
-        bm, bn = (128, 64) if D <= 128 else (64, 32)
-    if dtype == torch.float32 and not triton_interpret():
-        bm, bn = max(16, bm // 2), bn
+        bm, bn, warps = 32, 32, 4
+    elif rope and target_arch(q) < 90:
+        bm, bn, warps = _SM80_ROPE_TILES[kernel][max(block_d, 64)]
+        if dtype == torch.float32:
+            bm = max(16, bm // 2)
+    else:  # sm_90: fewest spills in sm_90a builds (ptxas -v), see the module docstring
+        if kernel == "fwd":
+            bm, bn = (128, 64) if D <= 128 else (64, 32)
+        else:
+            bm, bn = (64, 64) if D <= 64 else (64, 32) if D <= 128 else (16, 32)
+        if dtype == torch.float32:
+            bm = max(16, bm // 2)
+        if kernel == "fwd":
+            warps = 8 if bm * block_d >= 128 * 128 else 4
+        else:
+            warps = 8 if block_d >= 64 else 4
     bm = bm if block_m is None else int(block_m)
     bn = bn if block_n is None else int(block_n)
     for name, val in (("block_m", bm), ("block_n", bn)):
         if val < 16 or val & (val - 1):
             raise ValueError(f"rope3d attention: {name} must be a power of two >= 16, got {val}")
-    return bm, bn
+    return bm, bn, int(num_warps or warps)
 
 
 def _common(q, cos, sin):
@@ -459,21 +493,21 @@ def rope3d_attn_fwd(q, k, v, cos, sin, rope_offset: int, interleaved: bool, fc_s
     if out.numel() == 0:
         return out, lse
     block_d, rope, (c, s), tstr = _common(q, cos, sin)
-    bm, bn = _blocks(D, q.dtype, False, block_m, block_n)
+    bm, bn, warps = _tiles("fwd", q, rope, block_m, block_n, num_warps)
     L = cos.shape[0] if rope else 0
     grid = (triton.cdiv(Sq, bm), B * H)
     with _device_ctx(q):
-        _fwd_kernel[grid](
+        # a build over the GPU's shared memory (sm_86 / sm_89: 99 KiB per block; D = 256 with
+        # two stages needs 100 KiB) retries unpipelined
+        launch(_fwd_kernel, grid, (
             q, k, v, c, s, out, lse,
             Sq, Sk, H, D, D // 2, L, int(rope_offset), int(fc_start), int(fc_start + fc_len),
             max(int(fc_block), 1), float(scale) * _LOG2E,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *tstr,
-            ROPE=rope, INTERLEAVED=bool(interleaved), FRAME_CAUSAL=bool(fc_block),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_H=block_d // 2,
-            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=int(num_warps or (8 if bm * block_d >= 128 * 128 else 4)),
-            num_stages=int(num_stages or 2),
-        )
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *tstr),
+            dict(ROPE=rope, INTERLEAVED=bool(interleaved), FRAME_CAUSAL=bool(fc_block),
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_H=block_d // 2,
+                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                 num_warps=warps, num_stages=int(num_stages or 2)), q.device)
     return out, lse
 
 
@@ -493,28 +527,31 @@ def rope3d_attn_bwd(dout, q, k, v, cos, sin, out, lse, rope_offset: int, interle
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_d, rope, (c, s), tstr = _common(q, cos, sin)
-    bm, bn = _blocks(D, q.dtype, True, block_m, block_n)
+    tiles = {kern: _tiles(kern, q, rope, block_m, block_n, num_warps) for kern in ("dkdv", "dq")}
     L = cos.shape[0] if rope else 0
     delta = torch.empty((B, Sq, H), dtype=torch.float32, device=q.device)
     fc_end = int(fc_start + fc_len)
     fcb = max(int(fc_block), 1)
-    warps = int(num_warps or (8 if block_d >= 64 else 4))
-    meta = dict(ROPE=rope, INTERLEAVED=bool(interleaved), FRAME_CAUSAL=bool(fc_block),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_H=block_d // 2,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                num_warps=warps, num_stages=int(num_stages or 1))
+
+    def meta(kern):
+        bm, bn, warps = tiles[kern]
+        return dict(ROPE=rope, INTERLEAVED=bool(interleaved), FRAME_CAUSAL=bool(fc_block),
+                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_H=block_d // 2,
+                    DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                    num_warps=warps, num_stages=int(num_stages or 1))
+    bm_q, bn_k = tiles["dq"][0], tiles["dkdv"][1]
     with _device_ctx(q):
-        _bwd_preprocess_kernel[(triton.cdiv(Sq, bm), B * H)](
+        _bwd_preprocess_kernel[(triton.cdiv(Sq, bm_q), B * H)](
             dout, out, delta, Sq, H, D, *dout.stride(), *out.stride(), *delta.stride(),
-            BLOCK_M=bm, BLOCK_D=block_d)
+            BLOCK_M=bm_q, BLOCK_D=block_d)
         common = (Sq, Sk, H, D, D // 2, L, int(rope_offset), int(fc_start), fc_end, fcb,
                   float(scale), float(scale) * _LOG2E)
-        _bwd_dkdv_kernel[(triton.cdiv(Sk, bn), B * H)](
+        _bwd_dkdv_kernel[(triton.cdiv(Sk, bn_k), B * H)](
             dout, q, k, v, c, s, lse, delta, dk, dv, *common,
             *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *lse.stride(),
-            *dk.stride(), *dv.stride(), *tstr, **meta)
-        _bwd_dq_kernel[(triton.cdiv(Sq, bm), B * H)](
+            *dk.stride(), *dv.stride(), *tstr, **meta("dkdv"))
+        _bwd_dq_kernel[(triton.cdiv(Sq, bm_q), B * H)](
             dout, q, k, v, c, s, lse, delta, dq, *common,
             *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *lse.stride(),
-            *dq.stride(), *tstr, **meta)
+            *dq.stride(), *tstr, **meta("dq"))
     return dq, dk, dv

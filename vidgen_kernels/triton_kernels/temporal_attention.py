@@ -57,7 +57,7 @@ Design
   timing was available): with 4 warps the 32 x 128 and 64 x 64 forward already spill; 16 warps
   do not reduce the backward's spills at ``T_k = 128``.
 * Shared memory: if a pipelined build does not fit the device (``OutOfResources``), the launch is
-  retried with fewer stages, once per configuration (:func:`_launch`). Unpipelined builds for
+  retried with fewer stages, once per configuration (:func:`._launch.launch`). Unpipelined builds for
   sm_90 need at most ~208 KiB (backward, ``T_k = 128``, ``D = 256``); on GPUs with less shared
   memory per block the largest configurations raise ``OutOfResources``.
 * Tuning knobs (keyword-only, for benchmarks): ``seqs_per_program``, ``num_warps``, ``block_m``,
@@ -73,8 +73,7 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
-
+from ._launch import launch as _launch
 from .rope_tiles import load_pair, pair_scores, store_pair
 
 __all__ = ["temporal_attn_fwd", "temporal_attn_bwd", "MAX_T", "MAX_D"]
@@ -439,30 +438,6 @@ def _default_stages(groups: int, tile_bytes: int) -> int:
     if tile_bytes >= 32 * 1024:
         return 1
     return 2
-
-
-# num_stages that failed with OutOfResources (shared memory) for a kernel config, per device
-_STAGES_FALLBACK: dict = {}
-
-
-def _launch(kernel, grid, args, meta, device) -> None:
-    """Launch; if the pipelined build does not fit the GPU's shared memory, fall back to fewer
-    stages (remembered per config, so the retry happens once)."""
-    key = None
-    if _STAGES_FALLBACK:
-        key = (kernel.__name__, device, tuple(sorted(meta.items())))
-        meta = dict(meta, num_stages=_STAGES_FALLBACK.get(key, meta["num_stages"]))
-    while True:
-        try:
-            kernel[grid](*args, **meta)
-            return
-        except OutOfResources:
-            if meta["num_stages"] <= 1:
-                raise
-            if key is None:
-                key = (kernel.__name__, device, tuple(sorted(meta.items())))
-            meta = dict(meta, num_stages=meta["num_stages"] - 1)
-            _STAGES_FALLBACK[key] = meta["num_stages"]
 
 
 def _table_strides(cos, sin):

@@ -1,0 +1,56 @@
+"""Launch helpers shared by the Triton launchers: the GPU architecture a launch compiles for (to
+pick tile sizes per architecture) and a launch that falls back to fewer pipeline stages when a
+build does not fit the GPU's shared memory."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from triton.runtime.errors import OutOfResources
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def target_arch(t: torch.Tensor) -> int:
+    """Compute capability as ``10 * major + minor`` (80 = A100, 90 = H100 / H200) of ``t``'s GPU.
+
+    For a tensor that is not on a CUDA device (``aot_check``'s ahead-of-time builds, where a
+    stand-in driver names the target) it is the target of Triton's active driver, and 90 when
+    there is none (the interpreter, whose launchers use their own tiles anyway)."""
+    if t.is_cuda:
+        index = t.device.index
+        return _cuda_arch(torch.cuda.current_device() if index is None else index)
+    try:
+        from triton.runtime import driver
+        return int(driver.active.get_current_target().arch)
+    except Exception:  # noqa: BLE001 - no driver (CPU-only triton): the default tiles
+        return 90
+
+
+# num_stages that failed with OutOfResources (shared memory) for a kernel config, per device
+_STAGES_FALLBACK: dict = {}
+
+
+def launch(kernel, grid, args, meta: dict, device) -> None:
+    """``kernel[grid](*args, **meta)``; if the pipelined build does not fit the GPU's shared
+    memory (``OutOfResources``), fall back to fewer ``meta["num_stages"]`` (remembered per
+    kernel, config and device, so the retry happens once). Raises when one stage does not fit."""
+    key = None
+    if _STAGES_FALLBACK:
+        key = (kernel.__name__, device, tuple(sorted(meta.items())))
+        meta = dict(meta, num_stages=_STAGES_FALLBACK.get(key, meta["num_stages"]))
+    while True:
+        try:
+            kernel[grid](*args, **meta)
+            return
+        except OutOfResources:
+            if meta["num_stages"] <= 1:
+                raise
+            if key is None:
+                key = (kernel.__name__, device, tuple(sorted(meta.items())))
+            meta = dict(meta, num_stages=meta["num_stages"] - 1)
+            _STAGES_FALLBACK[key] = meta["num_stages"]
