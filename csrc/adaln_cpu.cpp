@@ -45,7 +45,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
