@@ -448,21 +448,20 @@ def _tiles(kernel, q, rope, block_m=None, block_n=None, num_warps=None):
     block_d = max(triton.next_power_of_2(D), 32)
     if triton_interpret():
         bm, bn, warps = 32, 32, 4
-    elif rope and target_arch(q) < 90:
-        bm, bn, warps = _SM80_ROPE_TILES[kernel][max(block_d, 64)]
+    else:
+        if rope and target_arch(q) < 90:
+            bm, bn, warps = _SM80_ROPE_TILES[kernel][max(block_d, 64)]
+        else:  # sm_90: fewest spills in sm_90a builds (ptxas -v), see the module docstring
+            warps = None
+            if kernel == "fwd":
+                bm, bn = (128, 64) if D <= 128 else (64, 32)
+            else:
+                bm, bn = (64, 64) if D <= 64 else (64, 32) if D <= 128 else (16, 32)
         if dtype == torch.float32:
             bm = max(16, bm // 2)
-    else:  # sm_90: fewest spills in sm_90a builds (ptxas -v), see the module docstring
-        if kernel == "fwd":
-            bm, bn = (128, 64) if D <= 128 else (64, 32)
-        else:
-            bm, bn = (64, 64) if D <= 64 else (64, 32) if D <= 128 else (16, 32)
-        if dtype == torch.float32:
-            bm = max(16, bm // 2)
-        if kernel == "fwd":
-            warps = 8 if bm * block_d >= 128 * 128 else 4
-        else:
-            warps = 8 if block_d >= 64 else 4
+        if warps is None:  # sm_90: warps follow the (fp32-halved) tile
+            warps = (8 if bm * block_d >= 128 * 128 else 4) if kernel == "fwd" else \
+                (8 if block_d >= 64 else 4)
     bm = bm if block_m is None else int(block_m)
     bn = bn if block_n is None else int(block_n)
     for name, val in (("block_m", bm), ("block_n", bn)):

@@ -73,7 +73,7 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
-from ._launch import launch as _launch
+from ._launch import launch
 from .rope_tiles import load_pair, pair_scores, store_pair
 
 __all__ = ["temporal_attn_fwd", "temporal_attn_bwd", "MAX_T", "MAX_D"]
@@ -470,7 +470,7 @@ def temporal_attn_fwd(q, k, v, cos, sin, out, lse, causal: bool, interleaved: bo
     )
     meta = dict(cfg["meta"], CAUSAL=bool(causal), ROPE=cfg["rope"], INTERLEAVED=bool(interleaved))
     with _device_ctx(q):
-        _launch(_temporal_attn_fwd_kernel, cfg["grid"], args, meta, q.device)
+        launch(_temporal_attn_fwd_kernel, cfg["grid"], args, meta, q.device)
 
 
 def temporal_attn_bwd(dout, q, k, v, cos, sin, out, lse, dq, dk, dv, causal: bool,
@@ -500,4 +500,4 @@ def temporal_attn_bwd(dout, q, k, v, cos, sin, out, lse, dq, dk, dv, causal: boo
     )
     meta = dict(cfg["meta"], CAUSAL=bool(causal), ROPE=cfg["rope"], INTERLEAVED=bool(interleaved))
     with _device_ctx(q):
-        _launch(_temporal_attn_bwd_kernel, cfg["grid"], args, meta, q.device)
+        launch(_temporal_attn_bwd_kernel, cfg["grid"], args, meta, q.device)
