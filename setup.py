@@ -70,7 +70,7 @@ def _extensions():
     cpu_flag = os.environ.get("VIDGEN_KERNELS_CPU_FLAGS", "-march=native").split()
     cxx = ["-O3", "-fopenmp", "-std=c++17", *cpu_flag]
     sources = ["csrc/bindings.cpp", "csrc/adaln_cpu.cpp", "csrc/temporal_attention_cpu.cpp",
-               "csrc/rope_cpu.cpp", "csrc/moe_cpu.cpp"]
+               "csrc/rope_cpu.cpp", "csrc/moe_cpu.cpp", "csrc/attention_cpu.cpp"]
     define_macros = []
     if build_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")

@@ -6,12 +6,15 @@ Run::
     python -m pytest benchmarks/test_bench_rope3d_attention.py --quick                       # smoke
     python benchmarks/summarize.py /tmp/r.json                                                 # tables
 
-Cases: direction (fwd, fwd+bwd) x shape x device x contender; full attention (no mask), RoPE on
-the video tokens, text first (``rope_offset = text``). Each (direction, shape, dtype, device) is
-one pytest-benchmark group.
+Cases: direction (fwd, fwd+bwd) x shape x device x contender; full attention (no mask) unless
+the shape says frame-causal, RoPE on the video tokens, text first (``rope_offset = text``). Each
+(direction, shape, dtype, device) is one pytest-benchmark group.
 
 * CPU, fp32: ``B=1, H=4, D=64``, video ``4x16x16`` and ``8x16x16`` latents + 16 text tokens
-  (S = 1040, 2064). ``--quick``: ``2x8x8`` + 16 text (S = 144).
+  (S = 1040, 2064), and ``4x16x16-frame-causal`` (``frame_causal=True``, blocks of one frame of
+  256 tokens: the mask of autoregressive video diffusion; the SDPA contenders get the same
+  boolean ``S x S`` mask as ``attn_mask``). ``--quick``: ``2x8x8`` + 16 text (S = 144), and
+  ``2x8x8-frame-causal``.
 * CUDA, bf16: CogVideoX-5B (``B=1, H=48, D=64``, 226 text + ``13x30x45`` = 17,776 tokens) and
   Wan-1.3B (``H=12, D=128``, ``21x30x52`` = 32,760 tokens, no text: Wan's text goes through
   cross-attention). ``--quick``: ``H=8, D=64``, 32 text + ``4x16x16``.
@@ -33,8 +36,8 @@ as diffusers' ``view(B, -1, H, D).transpose(1, 2)``. Contenders:
 * ``copy``: a copy moving ``bytes_moved`` bytes (fwd: read q, k, v, write out; fwd+bwd: 12x a
   ``[B, S, H, D]`` tensor: + read dout, q, k, v, out, write dq, dk, dv), the bandwidth limit.
 
-Work model (``extra_info``): ``flops`` = 4 * B * H * S^2 * D for the forward, x 3.5 for fwd+bwd
-(backward = 2.5 x forward); ``tflops`` = flops / median. For one forward
+Work model (``extra_info``): ``flops`` = 4 * B * H * S^2 * D for the forward (S^2: the number of
+(query, key) pairs the mask allows), x 3.5 for fwd+bwd (backward = 2.5 x forward); ``tflops`` = flops / median. For one forward
 (``torch.autograd.graph.saved_tensors_hooks``): ``activation_bytes`` = memory the saved tensors
 keep alive (each distinct storage once and whole: saving ``v``, a view of the fused qkv buffer,
 keeps all of it), ``saved_bytes`` = each saved tensor's own bytes per save; ``*_vs_qkvo`` = those
@@ -64,10 +67,12 @@ ROT_FA = "rotate+flash-attn"
 SDPA = "sdpa"
 COMPILE, COPY = common.COMPILE, common.COPY
 KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton",)}
-# (B, text, (F, Hh, Ww), H, D, label)
+# (B, text, (F, Hh, Ww), H, D, label[, frames per block of a frame-causal mask])
 SHAPES = {
-    ("cpu", False): ((1, 16, (4, 16, 16), 4, 64, "4x16x16"), (1, 16, (8, 16, 16), 4, 64, "8x16x16")),
-    ("cpu", True): ((1, 16, (2, 8, 8), 4, 64, "2x8x8"),),
+    ("cpu", False): ((1, 16, (4, 16, 16), 4, 64, "4x16x16"), (1, 16, (8, 16, 16), 4, 64, "8x16x16"),
+                     (1, 16, (4, 16, 16), 4, 64, "4x16x16-frame-causal", 1)),
+    ("cpu", True): ((1, 16, (2, 8, 8), 4, 64, "2x8x8"),
+                    (1, 16, (2, 8, 8), 4, 64, "2x8x8-frame-causal", 1)),
     ("cuda", False): ((1, 226, (13, 30, 45), 48, 64, "cogvideox-5b"),
                       (1, 0, (21, 30, 52), 12, 128, "wan-1.3b")),
     ("cuda", True): ((1, 32, (4, 16, 16), 8, 64, "4x16x16"),),
@@ -91,8 +96,22 @@ class Case:
 
     @property
     def dims(self):
-        B, text, (f, h, w), H, D, _ = self.shape
+        B, text, (f, h, w), H, D, *_ = self.shape
         return B, text, f * h * w, H, D
+
+    @property
+    def fpb(self):
+        """Frames per block of the frame-causal mask; 0: no mask."""
+        return self.shape[6] if len(self.shape) > 6 else 0
+
+    def mask(self):
+        """The boolean ``[S, S]`` frame-causal mask (True: attend) or None."""
+        if not self.fpb:
+            return None
+        from vidgen_kernels.ops.rope3d_attention import frame_causal_mask
+        B, text, L, H, D = self.dims
+        tpf = self.shape[2][1] * self.shape[2][2]
+        return frame_causal_mask(self.S, text, L, tpf * self.fpb, self.device)
 
     @property
     def S(self):
@@ -106,13 +125,13 @@ class Case:
     @property
     def group(self):
         B, text, L, H, D = self.dims
-        return (f"{OP} {self.direction} {self.shape[-1]} B={B} text={text} video={L} H={H} D={D} "
+        return (f"{OP} {self.direction} {self.shape[5]} B={B} text={text} video={L} H={H} D={D} "
                 f"{common.dtype_name(self.dtype)} {self.device}")
 
     @property
     def id(self):
         B, text, L, H, D = self.dims
-        return (f"{OP}-{self.direction}-{self.shape[-1]}-B{B}xT{text}xL{L}xH{H}xD{D}-"
+        return (f"{OP}-{self.direction}-{self.shape[5]}-B{B}xT{text}xL{L}xH{H}xD{D}-"
                 f"{common.dtype_name(self.dtype)}-{self.device}-{self.contender}")
 
 
@@ -135,7 +154,9 @@ def bytes_moved(case: Case) -> int:
 
 def flops(case: Case) -> int:
     B, _, _, H, D = case.dims
-    f = 4 * B * H * case.S * case.S * D
+    m = case.mask()
+    pairs = case.S * case.S if m is None else int(m.sum())
+    f = 4 * B * H * pairs * D
     return int(f * 3.5) if case.backward else f
 
 
@@ -145,7 +166,7 @@ def flops(case: Case) -> int:
 def rope_tables(case: Case):
     """3D RoPE table of the video ([t | h | w] split as CogVideoX), [L, D/2] and diffusers'
     [L, D] interleaved layout, fp32."""
-    _, _, (f, h, w), _, D, _ = case.shape
+    _, _, (f, h, w), _, D, *_ = case.shape
     dt, dh = D // 4, 3 * D // 8
     dims = (dt, dh, D - dt - dh)
     pos = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w),
@@ -190,20 +211,23 @@ def op_fn(case: Case, compiled=None):
     B, text, L, H, D = case.dims
     cos, sin, cos_f, sin_f = rope_tables(case)
     c = case.contender
+    mask = case.mask()
+    fc = dict(frame_causal=True, tokens_per_frame=case.shape[2][1] * case.shape[2][2],
+              frames_per_block=case.fpb) if case.fpb else {}
     if c in KERNEL_BACKENDS[case.device]:
         def f(i):
             q, k, v = i["qkv"].unbind(2)
-            return vk.rope3d_attention(q, k, v, cos, sin, rope_offset=text, backend=c)
+            return vk.rope3d_attention(q, k, v, cos, sin, rope_offset=text, backend=c, **fc)
         return f
     if c == REFERENCE:
         def f(i):
             q, k, v = i["qkv"].unbind(2)
-            return vk.rope3d_attention_reference(q, k, v, cos, sin, rope_offset=text)
+            return vk.rope3d_attention_reference(q, k, v, cos, sin, rope_offset=text, **fc)
         return f
     if c == SDPA:
         def f(i):
             q, k, v = (t.transpose(1, 2) for t in i["qkv"].unbind(2))
-            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
         return f
 
     def rotate_bhsd(x):
@@ -222,7 +246,7 @@ def op_fn(case: Case, compiled=None):
         q, k, v = (t.transpose(1, 2) for t in i["qkv"].unbind(2))
         q, k = rotate_bhsd(q), rotate_bhsd(k)
         with _sdpa_ctx(c):
-            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
     if c == COMPILE:
         return compiled if compiled is not None else f
     return f
@@ -255,6 +279,8 @@ def _unavailable(case: Case):
         return why_unavailable(case.contender, case.device)
     if case.contender == ROT_FA and importlib.util.find_spec("flash_attn") is None:
         return "flash_attn is not installed"
+    if case.contender == ROT_FA and case.fpb:
+        return "flash_attn_func has no block-causal mask"
     return None
 
 
@@ -318,7 +344,7 @@ def test_rope3d_attention(benchmark, case: Case, request):
     fl = None if case.contender == COPY else flops(case)
     info["tflops"] = common.per_second(fl, info, 1e12)[0]
     info.update(
-        op=OP, direction=case.direction, contender=case.contender, shape_label=case.shape[-1],
+        op=OP, direction=case.direction, contender=case.contender, shape_label=case.shape[5],
         shape=dict(B=B, text=text, video=L, S=case.S, H=H, D=D), dtype=common.dtype_name(case.dtype),
         device=case.device, device_name=common.device_name(case.device),
         flops=fl, flops_counted="4*B*H*S^2*D" + (" * 3.5 (fwd+bwd)" if case.backward else ""),
@@ -333,3 +359,6 @@ def test_work_model():
     c = Case("fwd+bwd", (1, 226, (13, 30, 45), 48, 64, "x"), "cuda", torch.bfloat16, "triton")
     assert c.S == 17776 and flops(c) == int(4 * 48 * 17776 ** 2 * 64 * 3.5)
     assert math.isclose(flops(c) / flops(Case("fwd", *list(c.__dict__.values())[1:])), 3.5)
+    m = Case("fwd", (1, 2, (3, 1, 2), 1, 8, "x", 1), "cpu", torch.float32, "cpu")
+    # text sees the 2 text tokens; frame f's 2 tokens see text + frames <= f
+    assert flops(m) == 4 * 8 * (2 * 2 + 2 * (2 + 2) + 2 * (2 + 4) + 2 * (2 + 6))

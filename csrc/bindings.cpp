@@ -6,6 +6,7 @@ void register_adaln_cpu(pybind11::module_& m);
 void register_temporal_attention_cpu(pybind11::module_& m);
 void register_rope_cpu(pybind11::module_& m);
 void register_moe_cpu(pybind11::module_& m);
+void register_attention_cpu(pybind11::module_& m);
 #ifdef VIDGEN_WITH_CUDA
 void register_adaln_cuda(pybind11::module_& m);
 void register_rope_cuda(pybind11::module_& m);
@@ -26,4 +27,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_temporal_attention_cpu(m);
   register_rope_cpu(m);
   register_moe_cpu(m);
+  register_attention_cpu(m);
 }

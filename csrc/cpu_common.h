@@ -1,6 +1,6 @@
 // Helpers shared by the C++ CPU kernels (adaln_cpu.cpp, temporal_attention_cpu.cpp, ...):
 // bf16 bit conversions, streaming (cache-bypassing) stores and their threshold, prefetch, 8-float
-// vectors (GCC/Clang vector extensions) and a vectorised exp.
+// vectors (GCC/Clang vector extensions) and vectorised exps.
 // Header-only, everything inline in namespace vidgen_cpu.
 #pragma once
 
@@ -111,14 +111,9 @@ inline float hsum(vf v) {
 #endif
 }
 
-// exp(x) for x <= ~88 (Cephes expf polynomial, ~1 ulp); exactly 0 for x < -87 (exp(-87) =
-// 1.6e-38, next to FLT_MIN) and -inf; NaN stays NaN. The clamp at -87 keeps every intermediate
-// a normal float: a denormal product costs a microcode assist (x2.5 slower on masked entries).
-inline vf vexp(vf x) {
-  const vf x0 = x;
-  const vi keep = x >= vset1(-87.0f);
-  x = x < vset1(88.3762626647949f) ? x : vset1(88.3762626647949f);
-  x = x > vset1(-87.0f) ? x : vset1(-87.0f);
+// exp(x) for -87 <= x <= 88.38 (Cephes expf: Cody-Waite range reduction + degree-5 polynomial,
+// ~1 ulp); the callers below clamp to that range.
+inline vf vexp_in_range(vf x) {
   vf fx = x * 1.44269504088896341f + 0.5f;
   const vf tr = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);
   fx = tr > fx ? tr - 1.0f : tr;  // floor
@@ -133,9 +128,27 @@ inline vf vexp(vf x) {
   y = y * x + 5.0000001201e-1f;
   y = y * z + x + 1.0f;
   const vi n = __builtin_convertvector(fx, vi);
-  const vf p2 = reinterpret_cast<vf>((n + 127) << 23);
-  const vf r = vand(keep, y * p2);
+  return y * reinterpret_cast<vf>((n + 127) << 23);
+}
+
+// exp(x) for x <= ~88 (~1 ulp); exactly 0 for x < -87 (exp(-87) = 1.6e-38, next to FLT_MIN)
+// and -inf; NaN stays NaN. The clamp at -87 keeps every intermediate a normal float: a
+// denormal product costs a microcode assist (x2.5 slower on masked entries).
+inline vf vexp(vf x) {
+  const vf x0 = x;
+  const vi keep = x >= vset1(-87.0f);
+  x = x < vset1(88.3762626647949f) ? x : vset1(88.3762626647949f);
+  x = x > vset1(-87.0f) ? x : vset1(-87.0f);
+  const vf r = vand(keep, vexp_in_range(x));
   return x0 != x0 ? x0 : r;
+}
+
+// exp(x) for x <= 0 (softmax arguments z - max, z - lse), without vexp's edge handling: -inf
+// and x < -87 give exp(-87) = 1.6e-38 instead of 0 (callers zero masked entries themselves), x > 0
+// gives 1, NaN an unspecified finite value (callers detect NaN rows themselves).
+inline vf vexp_nonpos(vf x) {
+  x = x > vset1(-87.0f) ? x : vset1(-87.0f);
+  return vexp_in_range(x < vset1(0.0f) ? x : vset1(0.0f));
 }
 
 }  // namespace vidgen_cpu

@@ -4,13 +4,15 @@ diffusers-style formula, the frame-causal mask against an explicit boolean mask,
 (opcheck, torch.compile), saved-tensor bytes, bad input and the ``nn.RoPE3DAttention`` module.
 
 Backends of the kernel path: ``torch`` (the kernel contract in PyTorch, reached through the
-custom op), ``cpu`` (rotation + ATen's CPU flash-attention kernel) and ``triton`` (interpreter on
-CPU: small shapes, fp32/fp16 only).
+custom op), ``cpu`` (rotation + ATen's CPU flash-attention kernel; with ``frame_causal`` the C++
+kernel of ``csrc/attention_cpu.cpp``, also tested directly, masked and not) and ``triton``
+(interpreter on CPU: small shapes, fp32/fp16 only).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import traceback
 
 import pytest
@@ -451,6 +453,119 @@ def test_cpu_path_without_apply_rope(monkeypatch):
     torch.testing.assert_close(with_rope[0], without[0], rtol=1e-6, atol=1e-6)
     for n in "qkv":
         torch.testing.assert_close(with_rope[1][n], without[1][n], rtol=1e-6, atol=1e-6)
+
+
+# ---- the C++ kernel (csrc/attention_cpu.cpp): the cpu backend's frame-causal path -------------
+CPP_CASES = [  # (B, H, D, pre, L (0: no table), suf, tokens per mask block (0: no mask), Sk)
+    (2, 3, 16, 5, 24, 0, 0, None),  # no mask (the kernel also runs it; the backend uses ATen's)
+    (1, 2, 32, 4, 40, 3, 8, None),  # text prefix and suffix, blocks of 8
+    (2, 2, 64, 0, 33, 0, 11, None),  # video only, S = 33
+    (1, 1, 16, 3, 60, 0, 20, None),  # B * H = 1: query rows split over chunks (partial dk / dv)
+    (1, 2, 24, 6, 0, 0, 0, 45),  # cross-attention without a table, S_k != S_q
+    (1, 1, 12, 0, 0, 0, 0, 1),  # a single key
+]
+
+
+def _cpp_call(q, k, v, do, cos, sin, pre, L, fb, inter, block_m):
+    B, S, H, D = q.shape
+    scale = D ** -0.5
+    fl = L if L else S - pre
+    args = (pre, inter, pre, fl, fb, scale)
+    out = torch.empty(q.shape, dtype=q.dtype)
+    lse = torch.empty(B, S, H)
+    C = vk._ext.C
+    C.rope3d_attn_fwd_cpu(q, k, v, cos, sin, out, lse, *args, block_m)
+    grads = tuple(torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
+    C.rope3d_attn_bwd_cpu(do, q, k, v, cos, sin, out, lse, *grads, *args, block_m)
+    ref, ref_lse = ra.kernel_fwd_torch(q, k, v, cos, sin, pre, inter, pre, fl, fb, scale)
+    want = ra.kernel_bwd_torch(do, q, k, v, cos, sin, out, lse, pre, inter, pre, fl, fb, scale)
+    return (out, lse) + grads, (ref, ref_lse) + want
+
+
+@pytest.mark.parametrize("block_m", [0, 7, 16])
+@pytest.mark.parametrize("case", CPP_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cpp_attention_kernel_contract(case, dtype, block_m):
+    """The C++ kernel against the contract in PyTorch, forward (out, lse) and backward, masked
+    and not, with a text prefix / suffix, chunked query rows, cross-attention and any block
+    size; q / k / v / dout read in place from a fused [B, S, 4, H, D] buffer (non-contiguous)."""
+    if kernel_missing("cpu"):
+        pytest.skip(kernel_missing("cpu"))
+    B, H, D, pre, L, suf, fb, Sk = case
+    S = pre + (L or 17) + suf
+    g = torch.Generator().manual_seed(len(S * "x") + D)
+    buf = torch.randn(B, S, 4, H, D, generator=g).to(dtype)
+    q, k, v, do = buf.unbind(2)
+    if Sk is not None:
+        k, v = torch.randn(2, B, Sk, H, D, generator=g).to(dtype).unbind(0)
+    cos = sin = None
+    if L:
+        ang = torch.rand(L, D // 2, generator=g) * 6
+        cos, sin = ang.cos(), ang.sin()
+    for inter in (True, False):
+        got, want = _cpp_call(q, k, v, do, cos, sin, pre, L, fb, inter, block_m)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # same rounding points: only summation order
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous(), name
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol,
+                                       msg=lambda m, n=name: f"{n} interleaved={inter}: {m}")
+
+
+def test_cpp_attention_nan_and_blas_fallback(tmp_path):
+    """NaN in a query row gives NaN in that row's output and lse (and not elsewhere); the
+    at::mm fallback of the kernel's GEMM (VIDGEN_KERNELS_CPU_ATEN_GEMM=1, used where the torch
+    build exports no BLAS sgemm_) gives the same numbers as the BLAS path."""
+    if kernel_missing("cpu"):
+        pytest.skip(kernel_missing("cpu"))
+    import subprocess
+    import sys
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=g) for _ in range(3))
+    q[0, 9, 1, 3] = float("nan")
+    out, lse = ra._cpp_fwd(q, k, v, None, None, 0, True, 0, 40, 8, 0.25)
+    assert out[0, 9, 1].isnan().all() and lse[0, 9, 1].isnan()
+    out[0, 9, 1] = 0
+    lse[0, 9, 1] = 0
+    assert not out.isnan().any() and not lse.isnan().any()
+    code = (
+        "import torch, vidgen_kernels.ops.rope3d_attention as ra\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "q, k, v, do = (torch.randn(1, 50, 2, 16, generator=g) for _ in range(4))\n"
+        "ang = torch.rand(45, 8, generator=g)\n"
+        "a = (ang.cos(), ang.sin(), 5, True, 5, 45, 9, 0.25)\n"
+        "o, l = ra._cpp_fwd(q, k, v, *a)\n"
+        "r = ra._cpp_bwd(do, q, k, v, *a[:2], o, l, *a[2:])\n"
+        "torch.save([o, l, *r], __import__('sys').argv[1])\n"
+        "print(ra._ext.C.attention_cpu_gemm())\n")
+    res = []
+    for env in ("0", "1"):
+        path = str(tmp_path / f"r{env}.pt")
+        r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                           env={**os.environ, "VIDGEN_KERNELS_CPU_ATEN_GEMM": env}, timeout=300)
+        assert r.returncode == 0, r.stderr
+        gemm = r.stdout.split()[-1]
+        assert gemm == ("aten" if env == "1" else vk._ext.C.attention_cpu_gemm()), (env, gemm)
+        res.append(torch.load(path))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_frame_causal_builds_no_mask(monkeypatch):
+    """The cpu backend's frame-causal path (forward and backward) never materialises the S x S
+    mask: it runs with frame_causal_mask disabled and still matches the reference."""
+    if kernel_missing("cpu"):
+        pytest.skip(kernel_missing("cpu"))
+    case = CASES[4]
+    lv, tabs = make_leaves(case)
+    want = fwd_bwd(lv, tabs, case, "reference", torch.float32, "cpu")
+
+    def boom(*a, **k):
+        raise AssertionError("frame_causal_mask called on the cpu path")
+    monkeypatch.setattr(ra, "frame_causal_mask", boom)
+    got = fwd_bwd(lv, tabs, case, "cpu", torch.float32, "cpu")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for n in "qkv":
+        torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
