@@ -550,6 +550,29 @@ def test_cpp_attention_nan_and_blas_fallback(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32,), oracle=False))
+def test_frame_causal_broadcast_kv(backend, device, dtype):
+    """k / v broadcast with stride 0 (one head expanded to H, as grouped-query attention does it,
+    and one batch row expanded to B) are read in place and give the reference's result,
+    forward and backward (the gradient of the expanded leaf sums over the broadcast)."""
+    g = torch.Generator().manual_seed(5)
+    B, H, D, pre, F_, tpf = 2, 3, 16, 4, 3, 6
+    S = pre + F_ * tpf
+    q = torch.randn(B, S, H, D, generator=g).to(device, dtype).requires_grad_()
+    k1 = torch.randn(B, S, 1, D, generator=g).to(device, dtype).requires_grad_()
+    v1 = torch.randn(1, S, H, D, generator=g).to(device, dtype).requires_grad_()
+    ang = torch.rand(F_ * tpf, D // 2, generator=g).to(device)
+    kw = dict(rope_offset=pre, frame_causal=True, tokens_per_frame=tpf)
+    cot = torch.randn(B, S, H, D, generator=g).to(device, dtype)
+    res = []
+    for be in (backend, "reference"):
+        k, v = k1.expand(B, S, H, D), v1.expand(B, S, H, D)
+        out = attn(q, k, v, be, ang.cos(), ang.sin(), **kw)
+        res.append((out, *torch.autograd.grad(out, (q, k1, v1), cot)))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *res):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_cpu_frame_causal_builds_no_mask(monkeypatch):
     """The cpu backend's frame-causal path (forward and backward) never materialises the S x S
     mask: it runs with frame_causal_mask disabled and still matches the reference."""
