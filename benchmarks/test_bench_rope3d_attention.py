@@ -17,7 +17,9 @@ the shape says frame-causal, RoPE on the video tokens, text first (``rope_offset
   ``2x8x8-frame-causal``.
 * CUDA, bf16: CogVideoX-5B (``B=1, H=48, D=64``, 226 text + ``13x30x45`` = 17,776 tokens) and
   Wan-1.3B (``H=12, D=128``, ``21x30x52`` = 32,760 tokens, no text: Wan's text goes through
-  cross-attention). ``--quick``: ``H=8, D=64``, 32 text + ``4x16x16``.
+  cross-attention), and ``cogvideox-5b-frame-causal`` (blocks of one 30x45 frame; SDPA gets the
+  boolean mask, so its flash and cuDNN backends may refuse it and are then skipped with the
+  reason). ``--quick``: ``H=8, D=64``, 32 text + ``4x16x16``, with and without the mask.
 
 q, k, v are the ``[B, S, H, D]`` slices of one fused ``[B, S, 3, H, D]`` projection (read in place
 by the kernels); the SDPA contenders get ``[B, H, S, D]`` transposed views of the same buffers,
@@ -74,8 +76,10 @@ SHAPES = {
     ("cpu", True): ((1, 16, (2, 8, 8), 4, 64, "2x8x8"),
                     (1, 16, (2, 8, 8), 4, 64, "2x8x8-frame-causal", 1)),
     ("cuda", False): ((1, 226, (13, 30, 45), 48, 64, "cogvideox-5b"),
-                      (1, 0, (21, 30, 52), 12, 128, "wan-1.3b")),
-    ("cuda", True): ((1, 32, (4, 16, 16), 8, 64, "4x16x16"),),
+                      (1, 0, (21, 30, 52), 12, 128, "wan-1.3b"),
+                      (1, 226, (13, 30, 45), 48, 64, "cogvideox-5b-frame-causal", 1)),
+    ("cuda", True): ((1, 32, (4, 16, 16), 8, 64, "4x16x16"),
+                     (1, 32, (4, 16, 16), 8, 64, "4x16x16-frame-causal", 1)),
 }
 
 
