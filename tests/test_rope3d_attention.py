@@ -573,6 +573,27 @@ def test_frame_causal_broadcast_kv(backend, device, dtype):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_cpu_non_unit_last_stride_goes_to_cpp_kernel(monkeypatch):
+    """Unmasked inputs with a non-unit last stride (which ATen's CPU flash kernel reads wrongly)
+    run on the C++ kernel, read in place (no copy), and match the reference; unit-stride inputs
+    stay on the ATen path."""
+    if kernel_missing("cpu"):
+        pytest.skip(kernel_missing("cpu"))
+    calls = []
+    for name in ("_cpp_fwd", "_cpp_bwd"):
+        fn = getattr(ra, name)
+        monkeypatch.setattr(ra, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    for case, want_calls in ((CASES[7], ["_cpp_fwd", "_cpp_bwd"]), (CASES[0], [])):
+        calls.clear()
+        lv, tabs = make_leaves(case)
+        got = fwd_bwd(lv, tabs, case, "cpu", torch.float32, "cpu")
+        want = fwd_bwd(lv, tabs, case, "reference", torch.float32, "cpu")
+        assert calls == want_calls, (case.layout, calls)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        for n in "qkv":
+            torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_frame_causal_builds_no_mask(monkeypatch):
     """The cpu backend's frame-causal path (forward and backward) never materialises the S x S
     mask: it runs with frame_causal_mask disabled and still matches the reference."""

@@ -42,9 +42,9 @@ Backends
   writing ``[B, H, S, D]`` buffers (the layout the next kernel reads fastest), then ATen's
   flash-attention CPU kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``, which returns
   out and logsumexp); the backward re-rotates, calls ``..._for_cpu_backward`` and un-rotates dq /
-  dk. Rotated copies live only inside each call (never saved). Inputs with a non-unit last
-  stride are copied first (the ATen kernel reads them wrongly otherwise); every other layout is
-  read in place. With ``frame_causal``: the C++ kernel of ``csrc/attention_cpu.cpp`` (q / k
+  dk. Rotated copies live only inside each call (never saved); every layout with a unit last
+  stride is read in place. With ``frame_causal``, or an input with a non-unit last stride (which
+  the ATen kernel reads wrongly, and which would otherwise need a copy): the C++ kernel of ``csrc/attention_cpu.cpp`` (q / k
   rotated as they are gathered, any strides read in place, exact softmax over whole key rows one
   block of queries at a time, every product a BLAS call), which computes only the key ranges a
   query block can see: no ``S x S`` mask is made and fully masked key ranges cost nothing (ATen's
@@ -262,10 +262,10 @@ def _rope_cpu(x: Tensor, cos, sin, offset: int, interleaved: bool, conj: bool = 
     return buf
 
 
-def _unit_last(t: Tensor) -> Tensor:
-    """ATen's CPU flash kernel assumes a unit last stride (it silently reads garbage otherwise):
-    only such tensors (e.g. a ``[B, S, D, H]`` storage) are copied; all other strides go in place."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+def _strided_last(*ts: Tensor) -> bool:
+    """True if a tensor has a non-unit last stride: ATen's CPU flash kernel silently reads such
+    tensors wrongly, so they go to the C++ kernel, which reads any strides in place."""
+    return any(t.stride(-1) != 1 and t.shape[-1] != 1 for t in ts)
 
 
 def _cpp_fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block, scale):
@@ -287,10 +287,9 @@ def _cpp_bwd(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, fc_sta
 
 
 def kernel_fwd_cpu(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block, scale):
-    if fc_block:
+    if fc_block or _strided_last(q, k, v):
         return _cpp_fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block,
                         scale)
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     qr = _rope_cpu(q, cos, sin, rope_offset, interleaved, heads_major=True)
     kr = _rope_cpu(k, cos, sin, rope_offset, interleaved, heads_major=True)
     o, l_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -301,10 +300,9 @@ def kernel_fwd_cpu(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len
 
 def kernel_bwd_cpu(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, fc_start, fc_len,
                    fc_block, scale):
-    if fc_block:
+    if fc_block or _strided_last(dout, q, k, v, out):
         return _cpp_bwd(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, fc_start,
                         fc_len, fc_block, scale)
-    dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
     qr = _rope_cpu(q, cos, sin, rope_offset, interleaved, heads_major=True)
     kr = _rope_cpu(k, cos, sin, rope_offset, interleaved, heads_major=True)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -312,8 +310,8 @@ def kernel_bwd_cpu(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, 
         lse.transpose(1, 2), 0.0, False, scale=scale)
     dq, dk, dv = (t.transpose(1, 2) for t in (dq, dk, dv))
     if cos is not None:  # un-rotate (rotation by the negative angle) straight into [B, S, H, D]
-        dq = _rope_cpu(_unit_last(dq), cos, sin, rope_offset, interleaved, conj=True)
-        dk = _rope_cpu(_unit_last(dk), cos, sin, rope_offset, interleaved, conj=True)
+        dq = _rope_cpu(dq, cos, sin, rope_offset, interleaved, conj=True)
+        dk = _rope_cpu(dk, cos, sin, rope_offset, interleaved, conj=True)
     return tuple(t.contiguous() for t in (dq, dk, dv))
 
 
