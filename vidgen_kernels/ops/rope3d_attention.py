@@ -43,15 +43,15 @@ Backends
   flash-attention CPU kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``, which returns
   out and logsumexp); the backward re-rotates, calls ``..._for_cpu_backward`` and un-rotates dq /
   dk. Rotated copies live only inside each call (never saved); every layout with a unit last
-  stride is read in place. With ``frame_causal``, or an input with a non-unit last stride (which
-  the ATen kernel reads wrongly, and which would otherwise need a copy): the C++ kernel of ``csrc/attention_cpu.cpp`` (q / k
-  rotated as they are gathered, any strides read in place, exact softmax over whole key rows one
-  block of queries at a time, every product a BLAS call), which computes only the key ranges a
-  query block can see: no ``S x S`` mask is made and fully masked key ranges cost nothing (ATen's
-  kernel takes only a dense mask and skips nothing; the C++ kernel is 1.5-2.6x faster forward
-  and backward with blocks of one or two frames at 4x16x16 / 8x16x16,
-  ``benchmarks/results/cpu-2026-12-01-frame-causal``). Without a mask the C++ kernel measures
-  0.9-1.1x ATen's (2-core Zen VM, S = 256 .. 2064), so ATen's stays there.
+  stride is read in place. With ``frame_causal``, or an input with a non-unit last stride
+  (which the ATen kernel reads wrongly, and which would otherwise need a copy): the C++ kernel
+  of ``csrc/attention_cpu.cpp`` (q / k rotated as they are gathered, any strides read in place,
+  exact softmax over whole key rows one block of queries at a time, every product a BLAS call),
+  which computes only the key ranges a query block can see: no ``S x S`` mask is made and fully
+  masked key ranges cost nothing (ATen's kernel takes only a dense mask and skips nothing; the
+  C++ kernel is 1.5-2.6x faster forward and backward with blocks of one or two frames at
+  4x16x16 / 8x16x16, ``benchmarks/results/cpu-2026-12-01-frame-causal``). Without a mask the
+  C++ kernel measures 0.9-1.1x ATen's (2-core Zen VM, S = 256 .. 2064), so ATen's stays there.
 
 Layers, top to bottom: the public ``rope3d_attention`` (checks, table canonicalisation, backend
 choice); the PyTorch reference; the custom ops ``vidgen_kernels::rope3d_attn_fwd`` / ``_bwd``
