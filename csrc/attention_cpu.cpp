@@ -60,7 +60,6 @@
 #include <limits>
 #include <optional>
 #include <string>
-#include <utility>
 #include <vector>
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
@@ -121,10 +120,16 @@ inline float rnd(float x) {  // round to T and back (the contract's round_T)
   return static_cast<float>(static_cast<T>(x));
 }
 
-// Row x (D elements, element stride sd) -> fp32 o[0..D); rotated by table row (c, s) if c.
+// The RoPE table rows of one position (both null where the position is not rotated).
+struct Rot {
+  const float* c = nullptr;
+  const float* s = nullptr;
+};
+
+// Row x (D elements, element stride sd) -> fp32 o[0..D); rotated by rot if rot.c.
 template <typename T>
-inline void load_row(const T* x, int64_t sd, float* o, int64_t D, const float* c, const float* s,
-                     bool inter) {
+inline void load_row(const T* x, int64_t sd, float* o, int64_t D, Rot rot, bool inter) {
+  const float *c = rot.c, *s = rot.s;
   if (sd == 1) {
     for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>(x[d]);
   } else {
@@ -140,10 +145,10 @@ inline void load_row(const T* x, int64_t sd, float* o, int64_t D, const float* c
   }
 }
 
-// fp32 row r[0..D) -> o (contiguous T); rotated by the NEGATIVE angle of (c, s) if c.
+// fp32 row r[0..D) -> o (contiguous T); rotated by the NEGATIVE angle of rot if rot.c.
 template <typename T>
-inline void store_row(const float* r, T* o, int64_t D, const float* c, const float* s,
-                      bool inter) {
+inline void store_row(const float* r, T* o, int64_t D, Rot rot, bool inter) {
+  const float *c = rot.c, *s = rot.s;
   if (!c) {
     for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(r[d]);
     return;
@@ -176,12 +181,12 @@ struct Problem {
   int64_t block_m = 64;
   int64_t chunks = 1;  // query-row chunks per (b, h)
 
-  // table rows of position i, or null where i is not rotated
-  const float* cos_at(int64_t i) const {
+  // table rows of position i (null where i is not rotated)
+  Rot rot_at(int64_t i) const {
     const int64_t j = i - rope_offset;
-    return (cos && j >= 0 && j < L) ? cos + j * (D / 2) : nullptr;
+    if (!cos || j < 0 || j >= L) return {};
+    return {cos + j * (D / 2), sin + j * (D / 2)};
   }
-  const float* sin_at(int64_t i) const { return sin + (i - rope_offset) * (D / 2); }
   // query i sees keys [0, lim(i)) and [suffix(), Sk)
   int64_t lim(int64_t i) const {
     if (!fc_block) return Sk;
@@ -216,9 +221,8 @@ void gather_kv(const Problem& p, const T* k, Strides sk, const T* v, Strides sv,
   const T* kb = k + b * sk.b + h * sk.h;
   const T* vb = v + b * sv.b + h * sv.h;
   for (int64_t j = 0; j < p.Sk; ++j) {
-    const float* c = p.cos_at(j);
-    load_row<T>(kb + j * sk.s, sk.d, ks + j * p.D, p.D, c, c ? p.sin_at(j) : nullptr, p.inter);
-    load_row<T>(vb + j * sv.s, sv.d, vs + j * p.D, p.D, nullptr, nullptr, p.inter);
+    load_row<T>(kb + j * sk.s, sk.d, ks + j * p.D, p.D, p.rot_at(j), p.inter);
+    load_row<T>(vb + j * sv.s, sv.d, vs + j * p.D, p.D, Rot{}, p.inter);
   }
 }
 
@@ -238,6 +242,14 @@ void times_rows(const Cols& cl, int64_t m, int64_t D, float alpha, const float* 
   if (cl.n2) gemm(false, false, m, D, cl.n2, alpha, P + cl.n1, ld, rows + cl.s2 * D, D, 1.f, C, ldc);
 }
 
+// f(begin, end) for the column ranges row r of a block sees: [0, seen) and [n1, ncols), where
+// seen = min(lim(row), n1); the columns [seen, n1) are masked.
+template <typename F>
+inline void for_visible(int64_t seen, const Cols& cl, const F& f) {
+  f(int64_t(0), seen);
+  f(cl.n1, cl.ncols());
+}
+
 // acc[rows of the two column ranges, D] += alpha P^T[ncols, m] . X[m, D]
 void acc_rows(const Cols& cl, int64_t m, int64_t D, float alpha, const float* P, const float* X,
               float* acc) {
@@ -255,7 +267,8 @@ void fwd_impl(const Problem& p, const T* q, Strides sq, const T* k, Strides sk, 
   const int64_t D = p.D, H = p.H, BM = p.block_m;
   const int64_t ntask = p.B * H * p.chunks;
   at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> ks(p.Sk * D), vs(p.Sk * D), z(BM * p.Sk), qs(BM * D), os(BM * D);
+    std::vector<float> ks(p.Sk * D), vs(p.Sk * D), z(BM * p.Sk), qs(BM * D), os(BM * D),
+        inv(BM);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t bh = task / p.chunks, chunk = task % p.chunks;
       const int64_t b = bh / H, h = bh % H;
@@ -263,39 +276,32 @@ void fwd_impl(const Problem& p, const T* q, Strides sq, const T* k, Strides sk, 
       const T* qb = q + b * sq.b + h * sq.h;
       for (int64_t i0 = p.row_begin(chunk); i0 < p.row_begin(chunk + 1); i0 += BM) {
         const int64_t i1 = std::min(i0 + BM, p.Sq), m = i1 - i0;
-        for (int64_t i = i0; i < i1; ++i) {
-          const float* c = p.cos_at(i);
-          load_row<T>(qb + i * sq.s, sq.d, qs.data() + (i - i0) * D, D, c,
-                      c ? p.sin_at(i) : nullptr, p.inter);
-        }
+        for (int64_t i = i0; i < i1; ++i)
+          load_row<T>(qb + i * sq.s, sq.d, qs.data() + (i - i0) * D, D, p.rot_at(i), p.inter);
         const Cols cl = cols_of(p, i0, i1);
         const int64_t nc = cl.ncols();
         scores(p, cl, m, qs.data(), ks.data(), z.data(), p.scale);
-        std::vector<float> inv(m);
         for (int64_t r = 0; r < m; ++r) {
           float* zr = z.data() + r * nc;
           const int64_t seen = std::min(p.lim(i0 + r), cl.n1);
-          // visible columns: [0, seen) and [n1, nc); max (and whether the row has a NaN)
+          // max over the visible columns, and whether the row has a NaN
           vf vm = vset1(kNegInf);
           vi vnan = vi{0, 0, 0, 0, 0, 0, 0, 0};
           float mx = kNegInf;
           bool nan = false;
-          for (const auto [a, e] : {std::pair{int64_t(0), seen}, std::pair{cl.n1, nc}}) {
-            int64_t c = a;
+          for_visible(seen, cl, [&](int64_t c, int64_t e) {
             for (; c + kW <= e; c += kW) {
               const vf x = vload(zr + c);
-              vm = x > vm ? x : vm;
+              vm = vmax(vm, x);
               vnan |= x != x;
             }
             for (; c < e; ++c) {
               nan |= zr[c] != zr[c];
               mx = std::max(mx, zr[c]);
             }
-          }
-          for (int64_t l = 0; l < kW; ++l) {
-            mx = std::max(mx, vm[l]);
-            nan |= vnan[l] != 0;
-          }
+          });
+          mx = std::max(mx, hmax(vm));
+          for (int64_t l = 0; l < kW; ++l) nan |= vnan[l] != 0;
           std::fill(zr + seen, zr + cl.n1, 0.f);  // masked
           const int64_t lrow = (b * p.Sq + i0 + r) * H + h;
           if (nan || mx == kNegInf) {  // NaN in: NaN out (no visible key cannot happen)
@@ -309,8 +315,7 @@ void fwd_impl(const Problem& p, const T* q, Strides sq, const T* k, Strides sk, 
           vf vsum = vset1(0.f);
           float sum = 0.f;
           const vf vmx = vset1(mx);
-          for (const auto [a, e] : {std::pair{int64_t(0), seen}, std::pair{cl.n1, nc}}) {
-            int64_t c = a;
+          for_visible(seen, cl, [&](int64_t c, int64_t e) {
             for (; c + kW <= e; c += kW) {
               const vf x = vexp_nonpos(vload(zr + c) - vmx);
               vstore(zr + c, x);
@@ -320,7 +325,7 @@ void fwd_impl(const Problem& p, const T* q, Strides sq, const T* k, Strides sk, 
               zr[c] = std::exp(zr[c] - mx);
               sum += zr[c];
             }
-          }
+          });
           sum += hsum(vsum);
           inv[r] = 1.f / sum;
           lse[lrow] = mx + std::log(sum);
@@ -360,11 +365,9 @@ void bwd_impl(const Problem& p, const T* dout, Strides sdo, const T* q, Strides 
         const int64_t i1 = std::min(i0 + BM, p.Sq), m = i1 - i0;
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t r = i - i0;
-          const float* c = p.cos_at(i);
-          load_row<T>(qb + i * sq.s, sq.d, qs.data() + r * D, D, c, c ? p.sin_at(i) : nullptr,
-                      p.inter);
+          load_row<T>(qb + i * sq.s, sq.d, qs.data() + r * D, D, p.rot_at(i), p.inter);
           float* dr = dos.data() + r * D;
-          load_row<T>(dob + i * sdo.s, sdo.d, dr, D, nullptr, nullptr, p.inter);
+          load_row<T>(dob + i * sdo.s, sdo.d, dr, D, Rot{}, p.inter);
           const T* orow = ob + i * so.s;
           float acc = 0.f;
           for (int64_t d = 0; d < D; ++d) acc += dr[d] * static_cast<float>(orow[d * so.d]);
@@ -390,33 +393,31 @@ void bwd_impl(const Problem& p, const T* dout, Strides sdo, const T* q, Strides 
             continue;
           }
           const vf vl = vset1(l), vd = vset1(delta[r]);
-          int64_t c = 0;
-          for (; c + kW <= nc; c += kW) {
-            const vf e = vexp_nonpos(vload(zr + c) - vl);
-            vstore(zr + c, e);
-            vstore(dr + c, e * (vload(dr + c) - vd));
-          }
-          for (; c < nc; ++c) {
-            zr[c] = std::exp(zr[c] - l);
-            dr[c] = zr[c] * (dr[c] - delta[r]);
-          }
-          for (c = seen; c < cl.n1; ++c) zr[c] = dr[c] = 0.f;  // masked
+          for_visible(seen, cl, [&](int64_t c, int64_t e) {
+            for (; c + kW <= e; c += kW) {
+              const vf x = vexp_nonpos(vload(zr + c) - vl);
+              vstore(zr + c, x);
+              vstore(dr + c, x * (vload(dr + c) - vd));
+            }
+            for (; c < e; ++c) {
+              zr[c] = std::exp(zr[c] - l);
+              dr[c] = zr[c] * (dr[c] - delta[r]);
+            }
+          });
+          std::fill(zr + seen, zr + cl.n1, 0.f);  // masked
+          std::fill(dr + seen, dr + cl.n1, 0.f);
         }
         acc_rows(cl, m, D, 1.f, z.data(), dos.data(), dvs);             // dv += p^T dout
         acc_rows(cl, m, D, p.scale, dpz.data(), qs.data(), dks);        // dk += scale ds^T q
         times_rows(cl, m, D, p.scale, dpz.data(), ks.data(), dqs.data(), D);  // dq = scale ds k
-        for (int64_t i = i0; i < i1; ++i) {
-          const float* c = p.cos_at(i);
-          store_row<T>(dqs.data() + (i - i0) * D, dq + ((b * p.Sq + i) * H + h) * D, D, c,
-                       c ? p.sin_at(i) : nullptr, p.inter);
-        }
+        for (int64_t i = i0; i < i1; ++i)
+          store_row<T>(dqs.data() + (i - i0) * D, dq + ((b * p.Sq + i) * H + h) * D, D,
+                       p.rot_at(i), p.inter);
       }
       if (!partial) {
         for (int64_t j = 0; j < Sk; ++j) {
-          const float* c = p.cos_at(j);
-          store_row<T>(dks + j * D, dk + ((b * Sk + j) * H + h) * D, D, c,
-                       c ? p.sin_at(j) : nullptr, p.inter);
-          store_row<T>(dvs + j * D, dv + ((b * Sk + j) * H + h) * D, D, nullptr, nullptr, p.inter);
+          store_row<T>(dks + j * D, dk + ((b * Sk + j) * H + h) * D, D, p.rot_at(j), p.inter);
+          store_row<T>(dvs + j * D, dv + ((b * Sk + j) * H + h) * D, D, Rot{}, p.inter);
         }
       }
     }
@@ -435,10 +436,8 @@ void bwd_impl(const Problem& p, const T* dout, Strides sdo, const T* q, Strides 
           acc[D + d] += src[(Sk + j) * D + d];
         }
       }
-      const float* cs = p.cos_at(j);
-      store_row<T>(acc.data(), dk + ((b * Sk + j) * H + h) * D, D, cs, cs ? p.sin_at(j) : nullptr,
-                   p.inter);
-      store_row<T>(acc.data() + D, dv + ((b * Sk + j) * H + h) * D, D, nullptr, nullptr, p.inter);
+      store_row<T>(acc.data(), dk + ((b * Sk + j) * H + h) * D, D, p.rot_at(j), p.inter);
+      store_row<T>(acc.data() + D, dv + ((b * Sk + j) * H + h) * D, D, Rot{}, p.inter);
     }
   });
 }

@@ -99,6 +99,8 @@ inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 inline vf vset1(float s) { return vf{s, s, s, s, s, s, s, s}; }
 inline vf vand(vi m, vf a) { return reinterpret_cast<vf>(m & reinterpret_cast<vi>(a)); }
 
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
 // Sum of the 8 lanes (3 dependent adds).
 inline float hsum(vf v) {
 #ifdef __AVX__
@@ -108,6 +110,20 @@ inline float hsum(vf v) {
   return _mm_cvtss_f32(x);
 #else
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+#endif
+}
+
+// Maximum of the 8 lanes.
+inline float hmax(vf v) {
+#ifdef __AVX__
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+#else
+  float m = v[0];
+  for (int i = 1; i < kW; ++i) m = std::max(m, v[i]);
+  return m;
 #endif
 }
 

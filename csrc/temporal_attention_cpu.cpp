@@ -77,24 +77,11 @@ using at::ScalarType;
 using OptTensor = std::optional<at::Tensor>;
 
 // =============================================================================================
-// 8-float vectors: vf / vi / kW / vload / vstore / vset1 / vand / hsum / vexp: cpu_common.h.
+// 8-float vectors: vf / vi / kW / vload / vstore / vset1 / vand / vmax / hsum / hmax / vexp:
+// cpu_common.h.
 // Scratch rows are padded to multiples of kW, so there are no tails.
 // =============================================================================================
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline vf viota(float base) { return vf{0, 1, 2, 3, 4, 5, 6, 7} + base; }
-
-inline float hmax(vf v) {
-#ifdef __AVX__
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_max_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-#else
-  float m = v[0];
-  for (int i = 1; i < kW; ++i) m = std::max(m, v[i]);
-  return m;
-#endif
-}
 
 // o[0..3] = scale * (hsum(a), hsum(b), hsum(c), hsum(d)).
 inline void hsum4(vf a, vf b, vf c, vf d, float scale, float* o) {

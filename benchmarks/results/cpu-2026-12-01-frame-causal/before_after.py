@@ -1,7 +1,13 @@
 import torch, time, json, sys
 import vidgen_kernels.ops.rope3d_attention as ra
+
+
+def _unit_last(t):  # the old path's copy of inputs with a non-unit last stride (gone since b39fa3f)
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def old_fwd(q, k, v, cos, sin, off, inter, fs, fl, fb, scale):
-    q, k, v = ra._unit_last(q), ra._unit_last(k), ra._unit_last(v)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     qr = ra._rope_cpu(q, cos, sin, off, inter, heads_major=True); kr = ra._rope_cpu(k, cos, sin, off, inter, heads_major=True)
     allowed = ra.frame_causal_mask(q.shape[1], fs, fl, fb, q.device)
     mask = torch.zeros(q.shape[1], q.shape[1], dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
@@ -13,7 +19,7 @@ def old_bwd(dout, q, k, v, cos, sin, out, lse, off, inter, fs, fl, fb, scale):
     mask = torch.zeros(q.shape[1], q.shape[1], dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(dout.transpose(1, 2), qr, kr, v.transpose(1, 2), out.transpose(1, 2), lse.transpose(1, 2), 0.0, False, attn_mask=mask, scale=scale)
     dq, dk, dv = (t.transpose(1, 2) for t in (dq, dk, dv))
-    dq = ra._rope_cpu(ra._unit_last(dq), cos, sin, off, inter, conj=True); dk = ra._rope_cpu(ra._unit_last(dk), cos, sin, off, inter, conj=True)
+    dq = ra._rope_cpu(_unit_last(dq), cos, sin, off, inter, conj=True); dk = ra._rope_cpu(_unit_last(dk), cos, sin, off, inter, conj=True)
     return dq, dk, dv
 def tm(f, r=15):
     for _ in range(3): f()
