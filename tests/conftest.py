@@ -1,6 +1,8 @@
 """Test set-up: Triton runs on CPU tensors through its interpreter when no GPU is present.
 
-TRITON_INTERPRET must be set before triton is first imported, hence here.
+TRITON_INTERPRET must be set before triton is first imported, hence here; the interpreter is
+then patched to compute as a GPU does (interp_fixes.py: bf16 arithmetic, scalar loop bounds)
+before any kernel runs.
 """
 import os
 
@@ -8,3 +10,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        import interp_fixes
+        interp_fixes.install()
+    except ImportError:  # triton not installed: its tests skip
+        pass

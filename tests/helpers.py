@@ -10,13 +10,22 @@ from vidgen_kernels.backends import why_unavailable
 HAS_CUDA = torch.cuda.is_available()
 
 # (backend, device) pairs and the dtypes each is tested in. Triton on CPU runs in the
-# interpreter, which is slow and mishandles bf16 dots: fp32/fp16 and small shapes only there.
+# interpreter (slow: small shapes only there), whose bf16 arithmetic is made GPU-faithful by
+# interp_fixes (installed by conftest.py); its bf16 cases skip with the reason if that
+# patch's self-check fails with the installed Triton.
 GRID = [
     ("cpu", "cpu", (torch.float32, torch.float16, torch.bfloat16)),
-    ("triton", "cpu", (torch.float32, torch.float16)),
+    ("triton", "cpu", (torch.float32, torch.float16, torch.bfloat16)),
     ("cuda", "cuda", (torch.float32, torch.float16, torch.bfloat16)),
     ("triton", "cuda", (torch.float32, torch.float16, torch.bfloat16)),
 ]
+
+
+def interp_fixes_skip():
+    """None when Triton's interpreter runs bf16 kernels faithfully here (interp_fixes), else
+    why."""
+    import interp_fixes
+    return interp_fixes.check()
 
 
 def backend_params(dtypes_filter=None):
@@ -29,6 +38,7 @@ def backend_params(dtypes_filter=None):
         else:
             why = why_unavailable(backend, device)
         marks = [pytest.mark.skip(reason=f"{backend} on {device}: {why}")] if why else []
+        interp = backend == "triton" and device == "cpu" and not why
         if backend == "triton":
             marks.append(pytest.mark.triton)
         if device == "cuda":
@@ -36,7 +46,11 @@ def backend_params(dtypes_filter=None):
         for dt in dtypes:
             if dtypes_filter is not None and dt not in dtypes_filter:
                 continue
-            out.append(pytest.param(backend, device, dt, marks=marks,
+            m = marks
+            if interp and dt == torch.bfloat16 and interp_fixes_skip():
+                m = marks + [pytest.mark.skip(reason=f"triton bf16 in the interpreter: "
+                                                     f"{interp_fixes_skip()}")]
+            out.append(pytest.param(backend, device, dt, marks=m,
                                     id=f"{backend}-{device}-{str(dt).replace('torch.', '')}"))
     return out
 
