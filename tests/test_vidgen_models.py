@@ -4,7 +4,8 @@ import os
 
 import pytest
 import torch
-from helpers import MODEL_DEVICES, assert_fused_matches_reference, perturb
+from helpers import (CUDA_MARKS, MODEL_DEVICES, assert_close_rule, assert_fused_matches_reference,
+                     interp_fixes_skip, perturb)
 
 from vidgen.models import LatentVideoDiT, LatentVideoDiTConfig, SmallVideoVAE, LatentVideoDiT_S
 from vidgen.models.latent_dit import LATENT_VIDEO_DIT_PRESETS
@@ -372,3 +373,55 @@ def test_patch_embed_is_the_conv_and_returns_contiguous_tokens(patch, T):
     rx, rw, rb = torch.autograd.grad(ref, (x2, m.proj.weight, m.proj.bias), g)
     for a, b in ((gx, rx), (gw, rw), (gb, rb)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------- bf16 (the GPU's dtype) through the GPU kernels
+def _bf16_case(model: str):
+    torch.manual_seed(0)
+    if model == "video_causal_dit":
+        m = VideoCausalDiT(in_channels=4, hidden_size=64, depth=1, num_heads=2, text_dim=32)
+    else:
+        m = CogVideoXTransformer(CogVideoXConfig(in_channels=4, hidden_size=64, num_heads=2,
+                                                 num_layers=1, text_hidden_size=32,
+                                                 num_text_experts=1, num_video_experts=1))
+    g = torch.Generator().manual_seed(1)
+    return (perturb(m), torch.randn(1, 3, 4, 8, 8, generator=g), torch.rand(1, generator=g),
+            torch.randn(1, 5, 32, generator=g))
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", id="triton-interpreter", marks=[pytest.mark.triton]),
+    pytest.param("cuda", id="cuda", marks=CUDA_MARKS)])
+@pytest.mark.parametrize("model", ["video_causal_dit", "cogvideox"])
+def test_model_bf16_kernels_within_flash_rule(model, device):
+    """One block of the model in bf16 on the GPU kernels (CPU: ``backend="triton"`` in the
+    interpreter, whose bf16 arithmetic ``interp_fixes`` makes GPU-faithful; CUDA: the default
+    choice, ``cuda`` + ``triton``) against the same weights with ``backend="reference"`` in bf16
+    and in float64: the output, the input gradient and every parameter gradient within
+    flash-attention's rule (error vs float64 at most twice the bf16 reference's own)."""
+    import copy
+    from vidgen_kernels.backends import why_unavailable
+    if device == "cpu":
+        if why_unavailable("triton", "cpu"):
+            pytest.skip(why_unavailable("triton", "cpu"))
+        if interp_fixes_skip():
+            pytest.skip(f"triton bf16 in the interpreter: {interp_fixes_skip()}")
+    m, x, t, text = _bf16_case(model)
+
+    def run(backend, dtype):
+        mm = copy.deepcopy(m).to(device, dtype)
+        mm.backend = backend
+        xx = x.to(device, dtype).requires_grad_()
+        y = mm(xx, t.to(device), text.to(device, dtype))
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(device)
+        (y.float() * w).sum().backward()
+        return y, [("x", xx.grad)] + [(n, p.grad) for n, p in mm.named_parameters()]
+
+    hi_y, hi_g = run("reference", torch.float64)
+    lo_y, lo_g = run("reference", torch.bfloat16)
+    y, g = run("triton" if device == "cpu" else None, torch.bfloat16)
+    assert_close_rule(y, hi_y, lo_y, "output")
+    for (n, a), (_, b), (_, c) in zip(g, lo_g, hi_g):
+        assert (a is None) == (c is None), f"{n}: gradient presence differs from the reference"
+        if a is not None:
+            assert_close_rule(a, c, b, f"grad {n}")
