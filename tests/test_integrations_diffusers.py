@@ -24,11 +24,23 @@ from vidgen_kernels.integrations.diffusers import (  # noqa: E402
 
 BACKENDS = [b for b in ("cpu", "reference") if b in vk.available_backends(torch.device("cpu"))]
 HEAD_DIM = 16
-# (backend, device): the CPU backends, and on a GPU the automatic choice (cuda, then triton),
-# marked ``cuda``; rtol of the fp32 comparisons per device (CUDA: SDPA in diffusers and our
-# kernels reduce in other orders)
+
+
+def _triton_interpreter_param():
+    """``("triton", "cpu")``: the GPU kernels in Triton's interpreter (bf16 made GPU-faithful by
+    ``interp_fixes``), skipped with the reason where that cannot run."""
+    from helpers import interp_fixes_skip
+    from vidgen_kernels.backends import why_unavailable
+    why = why_unavailable("triton", "cpu") or interp_fixes_skip()
+    marks = [pytest.mark.triton] + ([pytest.mark.skip(reason=f"triton on cpu: {why}")] if why else [])
+    return pytest.param("triton", "cpu", id="triton-interpreter", marks=marks)
+
+
+# (backend, device): the CPU backends, the Triton kernels in the interpreter, and on a GPU the
+# automatic choice (cuda, then triton), marked ``cuda``; rtol of the fp32 comparisons per
+# device (CUDA: SDPA in diffusers and our kernels reduce in other orders)
 BACKEND_DEVICES = [pytest.param(b, "cpu", id=b) for b in BACKENDS] + [
-    pytest.param(None, "cuda", id="auto-cuda", marks=CUDA_MARKS)]
+    _triton_interpreter_param(), pytest.param(None, "cuda", id="auto-cuda", marks=CUDA_MARKS)]
 RTOL = {"cpu": 1e-5, "cuda": 1e-4}
 
 
@@ -134,6 +146,8 @@ def no_warnings(fn, *a, **k):
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("rope", [None, "int", "frac"])
 def test_cogvideox_forward_and_grads_match(backend, device, rope):
+    if backend == "triton" and rope != "frac":
+        pytest.skip("Triton interpreter: the fractional-position table only (time)")
     model = cogvideox(rope=rope is not None).to(device).train()
     args, kw = to_device(*cog_inputs(rope), device)
     ref_out, ref_grads = train_step(model, args, kw)
@@ -338,7 +352,8 @@ def test_core_package_does_not_import_diffusers():
 @pytest.mark.parametrize("which", ["cogvideox", "wan"])
 def test_bf16_forward_within_dtype_tolerance(which, backend, device):
     """bf16 weights and activations: the patched model stays within a few bf16 ulps (the kernels
-    round once where diffusers rounds rotated q/k and the residual terms separately)."""
+    round once where diffusers rounds rotated q/k and the residual terms separately). Also on
+    the Triton kernels in the interpreter, the GPU's code in the GPU's dtype."""
     if which == "cogvideox":
         model, (args, kw) = cogvideox(), cog_inputs("frac")
         args = (args[0].bfloat16(), args[1].bfloat16(), args[2])
