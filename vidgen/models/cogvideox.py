@@ -110,9 +110,11 @@ class ModalityExpertFFN(nn.Module):
     def forward(self, x: Tensor, text_len: int) -> Tensor:
         B, S, C = x.shape
         logits = self.router(x).float()
-        is_text = torch.arange(S, device=x.device) < text_len            # [S]
-        expert_is_text = torch.arange(self.Et + self.Ev, device=x.device) < self.Et
-        allowed = is_text[:, None] == expert_is_text[None, :]            # [S, E]
+        # token s may use expert e iff both are text or both are video; as 0/1 integers, since
+        # inductor (torch 2.13) fails to lower an == between two boolean tensors
+        is_text = (torch.arange(S, device=x.device) < text_len).to(torch.int8)        # [S]
+        expert_is_text = (torch.arange(self.Et + self.Ev, device=x.device) < self.Et).to(torch.int8)
+        allowed = is_text[:, None] == expert_is_text[None, :]                         # [S, E]
         logits = logits.masked_fill(~allowed, -1e4).reshape(B * S, -1)
         return vk.moe_ffn(x, logits, self.w1, self.w2, top_k=1, activation="gelu", b1=self.b1, b2=self.b2).out
 
