@@ -558,3 +558,29 @@ def test_moeffn_context_router():
     assert m.context_proj.weight.grad is not None and m.context_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="context"):
         m(x)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_autocast_casts_operands_like_linear(backend):
+    """Under ``torch.autocast`` (bf16 on CPU) x, w1, w2, b1, b2 are cast to the autocast dtype
+    first, as ``F.linear``'s operands are: the result equals the call on explicitly cast
+    operands, has that dtype, and the fp32 master weights get fp32 gradients (before, fp32
+    weights with the bf16 activations of an autocast region raised a TypeError)."""
+    if backend == "cpu" and "cpu" not in vk.available_backends(torch.device("cpu")):
+        pytest.skip("cpu backend not built")
+    d = make(37, 24, 40, 4, "swiglu", torch.float32)
+    d["x"] = d["x"].bfloat16()  # what a bf16-autocast region hands the MoE
+    lv = {k: d[k].clone().requires_grad_() for k in leaves(d)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = vk.moe_ffn(**lv, top_k=2, activation="swiglu", backend=backend)
+    assert got.out.dtype == torch.bfloat16
+    cast = {k: (v.detach().bfloat16() if k != "router_logits" else v.detach()).requires_grad_()
+            for k, v in lv.items()}
+    want = vk.moe_ffn(**cast, top_k=2, activation="swiglu", backend=backend)
+    torch.testing.assert_close(got.out, want.out, rtol=0, atol=0)
+    cot = torch.randn(got.out.shape, generator=torch.Generator().manual_seed(2)).bfloat16()
+    (got.out.float() * cot).sum().backward()
+    (want.out.float() * cot).sum().backward()
+    for k in lv:
+        assert lv[k].grad.dtype == lv[k].dtype, k
+        torch.testing.assert_close(lv[k].grad, cast[k].grad.to(lv[k].dtype), rtol=0, atol=0)
