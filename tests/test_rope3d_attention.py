@@ -887,3 +887,35 @@ def test_empty_batch(backend, device, dtype):
     assert out.shape == q.shape
     (g,) = torch.autograd.grad(out.sum(), q)
     assert g.shape == q.shape
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_autocast_casts_qkv_like_sdpa(backend):
+    """Under ``torch.autocast`` (bf16 on CPU), q, k, v are cast to the autocast dtype first, as
+    autocast does for SDPA, and the op runs with autocast off: q / k from an fp32 norm with v
+    from a bf16 projection (diffusers' CogVideoX under CUDA autocast: its nn.LayerNorm QK norms
+    output fp32) give exactly the call on bf16 operands, and q / k get fp32 gradients. Outside
+    autocast the mix stays a TypeError."""
+    if backend != "reference" and kernel_missing(backend):
+        pytest.skip(kernel_missing(backend))
+    g = torch.Generator().manual_seed(0)
+    B, S, H, D, text = 1, 4 + 2 * 3 * 4, 2, 16, 4
+    q, k = (torch.randn(B, S, H, D, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(B, S, H, D, generator=g).bfloat16().requires_grad_()
+    cos, sin = vk.rope3d_freqs(2, 3, 4, D)
+    kw = dict(rope_offset=text, backend=backend)
+    with pytest.raises(TypeError, match="v has dtype torch.bfloat16 but q has torch.float32"):
+        vk.rope3d_attention(q, k, v, cos, sin, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vk.rope3d_attention(q, k, v, cos, sin, **kw)
+    assert out.dtype == torch.bfloat16
+    qb, kb = (t.detach().bfloat16().requires_grad_() for t in (q, k))
+    vb = v.detach().clone().requires_grad_()
+    want = vk.rope3d_attention(qb, kb, vb, cos, sin, **kw)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    cot = torch.randn(out.shape, generator=g).bfloat16()
+    out.backward(cot)
+    want.backward(cot)
+    for a, b in ((q, qb), (k, kb), (v, vb)):
+        assert a.grad.dtype == a.dtype
+        torch.testing.assert_close(a.grad, b.grad.to(a.dtype), rtol=0, atol=0)

@@ -773,3 +773,34 @@ def test_reference_checks_too():
         vk.temporal_attention_reference(q, q[:, :3], q[:, :3])
     with pytest.raises(ValueError, match="cos has 3 positions but 4 are needed"):
         vk.temporal_attention_reference(q, q, q, cos=torch.ones(3, 4), sin=torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_autocast_casts_qkv_like_sdpa(backend):
+    """Under ``torch.autocast`` (bf16 on CPU) q, k, v are cast to the autocast dtype and the op
+    runs with autocast off, as autocast treats SDPA: fp32 q / k with bf16 v give exactly the
+    call on bf16 operands, and q / k get fp32 gradients. Outside autocast the mix stays a
+    TypeError."""
+    if backend != "reference" and kernel_missing(backend):
+        pytest.skip(kernel_missing(backend))
+    g = torch.Generator().manual_seed(0)
+    B, T, S, H, D = 2, 5, 3, 2, 16
+    q, k = (torch.randn(B, T, S, H, D, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(B, T, S, H, D, generator=g).bfloat16().requires_grad_()
+    ang = torch.randn(T, D // 2, generator=g)
+    kw = dict(cos=ang.cos(), sin=ang.sin(), backend=backend)
+    with pytest.raises(TypeError, match="v has dtype torch.bfloat16 but q has torch.float32"):
+        vk.temporal_attention(q, k, v, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vk.temporal_attention(q, k, v, **kw)
+    assert out.dtype == torch.bfloat16
+    qb, kb = (t.detach().bfloat16().requires_grad_() for t in (q, k))
+    vb = v.detach().clone().requires_grad_()
+    want = vk.temporal_attention(qb, kb, vb, **kw)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    cot = torch.randn(out.shape, generator=g).bfloat16()
+    out.backward(cot)
+    want.backward(cot)
+    for a, b in ((q, qb), (k, kb), (v, vb)):
+        assert a.grad.dtype == a.dtype
+        torch.testing.assert_close(a.grad, b.grad.to(a.dtype), rtol=0, atol=0)

@@ -11,6 +11,25 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def autocast_dtype(t) -> Optional[torch.dtype]:
+    """The autocast dtype when ``torch.autocast`` is on for tensor ``t``'s device, else None.
+
+    The public ops then do what autocast does for the operands of GEMMs and SDPA: cast their
+    floating tensor inputs to that dtype (differentiable casts: fp32 leaves get fp32 gradients)
+    and run with autocast off, so that the result is exactly the op on the cast operands
+    (autocast does not re-cast the reference paths' fp32 internals)."""
+    if not isinstance(t, Tensor):
+        return None
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def cast_floating(dtype: torch.dtype, *tensors):
+    """The floating tensors among ``tensors`` cast to ``dtype``; anything else unchanged."""
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype
+                 else t for t in tensors)
+
+
 def check_qkv(q, k, v, layout: str, op: str) -> None:
     """q, k, v are float tensors of the rank of ``layout`` (e.g. ``"[B, S, H, D]"``), k and v of
     one shape, all of q's dtype and device."""

@@ -88,6 +88,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ._checks import autocast_dtype, cast_floating
 from ._eager import eager_op
 from ..backends import resolve
 
@@ -196,20 +197,6 @@ def _act_module_fn(activation: str):
 # ----------------------------------------------------------------------------------------------
 # checks
 # ----------------------------------------------------------------------------------------------
-def _autocast(x, w1, w2, b1, b2):
-    """Under ``torch.autocast`` for x's device: x, w1, w2, b1, b2 in the autocast dtype (the
-    experts are GEMMs, which autocast runs in that dtype, as it does ``F.linear``; the casts are
-    differentiable, so fp32 master weights get fp32 gradients). Unchanged otherwise."""
-    dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
-        return x, w1, w2, b1, b2
-    dt = torch.get_autocast_dtype(dev)
-
-    def cast(t):
-        return t.to(dt) if t is not None and t.is_floating_point() and t.dtype != dt else t
-    return cast(x), cast(w1), cast(w2), cast(b1), cast(b2)
-
-
 def _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2, expert_index, op):
     for name, t in (("x", x), ("w1", w1), ("w2", w2)):
         if not isinstance(t, Tensor):
@@ -325,7 +312,14 @@ def moe_ffn_reference(x, router_logits, w1, w2, *, top_k=2, activation="gelu", b
     mask (a host sync on ``mask.any()``), run the expert, and add the weighted result. Plain
     PyTorch autograd; the readable definition the kernel backends are tested against."""
     op = "moe_ffn_reference"
-    x, w1, w2, b1, b2 = _autocast(x, w1, w2, b1, b2)
+    ac = autocast_dtype(x)
+    if ac is not None:  # the experts are GEMMs: autocast's operand casts, then autocast off
+        x, w1, w2, b1, b2 = cast_floating(ac, x, w1, w2, b1, b2)
+        with torch.autocast(x.device.type, enabled=False):
+            return moe_ffn_reference(x, router_logits, w1, w2, top_k=top_k,
+                                     activation=activation, b1=b1, b2=b2,
+                                     normalize_weights=normalize_weights,
+                                     expert_index=expert_index)
     N, C, E, _ = _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2,
                                expert_index, op)
     xf = x.reshape(N, C)
@@ -843,7 +837,8 @@ def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, 
         backend: ``None`` (current default), ``"reference"``, ``"cpu"``, ``"triton"``.
 
     Under ``torch.autocast`` for x's device, x, w1, w2, b1 and b2 are first cast to the
-    autocast dtype (as ``F.linear``'s operands are), and ``out`` has that dtype.
+    autocast dtype (as ``F.linear``'s operands are) and the op runs with autocast off: ``out``
+    has that dtype and equals the call on the cast operands.
 
     Returns:
         ``MoEOutput(out [..., C] x.dtype, aux_loss fp32 [], z_loss fp32 [],
@@ -854,7 +849,13 @@ def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, 
         an unknown activation.
     """
     op = "moe_ffn"
-    x, w1, w2, b1, b2 = _autocast(x, w1, w2, b1, b2)
+    ac = autocast_dtype(x)
+    if ac is not None:  # the experts are GEMMs: autocast's operand casts, then autocast off
+        x, w1, w2, b1, b2 = cast_floating(ac, x, w1, w2, b1, b2)
+        with torch.autocast(x.device.type, enabled=False):
+            return moe_ffn(x, router_logits, w1, w2, top_k=top_k, activation=activation, b1=b1,
+                           b2=b2, normalize_weights=normalize_weights,
+                           expert_index=expert_index, backend=backend)
     N, C, E, _ = _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2,
                                expert_index, op)
     name = resolve(backend, x.device, x.dtype, SUPPORTED_DTYPES, op)

@@ -86,7 +86,7 @@ from torch import Tensor
 from .. import _ext
 from ._eager import eager_op
 from ..backends import resolve
-from ._checks import check_qkv, softmax_scale_or_default
+from ._checks import autocast_dtype, cast_floating, check_qkv, softmax_scale_or_default
 from .rope import _rope_kernel, canon_table, check_rope_pair, rotate
 
 __all__ = ["rope3d_attention", "rope3d_attention_reference", "frame_causal_mask"]
@@ -423,9 +423,20 @@ def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = No
         softmax_scale: default ``1 / sqrt(D)``.
         backend: ``None`` (current default), ``"reference"``, ``"cpu"``, ``"triton"``.
     Returns:
-        ``[B, S_q, H, D]`` contiguous, q's dtype.
+        ``[B, S_q, H, D]`` contiguous, q's dtype. Under ``torch.autocast`` for q's device, q, k
+        and v are first cast to the autocast dtype, as SDPA's are (so q / k from an fp32 norm
+        and v from a bf16 projection mix as they do with SDPA).
     """
     op = "rope3d_attention"
+    ac = autocast_dtype(q)
+    if ac is not None:  # as autocast treats SDPA's q, k, v
+        q, k, v = cast_floating(ac, q, k, v)
+        with torch.autocast(q.device.type, enabled=False):
+            return rope3d_attention(q, k, v, cos, sin, rope_offset=rope_offset,
+                                    interleaved=interleaved, frame_causal=frame_causal,
+                                    tokens_per_frame=tokens_per_frame,
+                                    frames_per_block=frames_per_block,
+                                    softmax_scale=softmax_scale, backend=backend)
     cos, sin, off, fl, fb, scale = _check_inputs(q, k, v, cos, sin, rope_offset, interleaved,
                                                  frame_causal, tokens_per_frame, frames_per_block,
                                                  softmax_scale, op)

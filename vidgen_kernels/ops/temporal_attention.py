@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ._eager import eager_op
 from ..backends import resolve
-from ._checks import check_qkv, softmax_scale_or_default
+from ._checks import autocast_dtype, cast_floating, check_qkv, softmax_scale_or_default
 from .rope import canon_table, check_rope_pair, rotate, unrotate
 
 __all__ = ["temporal_attention", "temporal_attention_reference"]
@@ -260,9 +260,17 @@ def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         backend: ``None`` (current default) or a backend name.
     Returns:
         ``[B, T_q, S, H, D]`` contiguous, q's dtype. The output equals the last ``T_q`` frames
-        of the full causal computation over ``T_k`` frames.
+        of the full causal computation over ``T_k`` frames. Under ``torch.autocast`` for q's
+        device, q, k and v are first cast to the autocast dtype, as SDPA's are.
     """
     op = "temporal_attention"
+    ac = autocast_dtype(q)
+    if ac is not None:  # as autocast treats SDPA's q, k, v
+        q, k, v = cast_floating(ac, q, k, v)
+        with torch.autocast(q.device.type, enabled=False):
+            return temporal_attention(q, k, v, causal=causal, cos=cos, sin=sin,
+                                      interleaved=interleaved, q_offset=q_offset,
+                                      softmax_scale=softmax_scale, backend=backend)
     cos, sin, scale = _check_inputs(q, k, v, cos, sin, q_offset, interleaved, softmax_scale, op)
     name = resolve(backend, q.device, q.dtype, SUPPORTED_DTYPES, op)
     Tk, D = k.shape[1], q.shape[-1]
