@@ -519,3 +519,24 @@ def test_models_train_under_autocast(model, device):
         scale = max(1.0, c.abs().max().item())
         err, ref_err = (a.double() - c).abs().max().item(), (b.double() - c).abs().max().item()
         assert err <= 3 * ref_err + 1e-5 * scale, f"grad {n}: {err:.3g} vs the reference's {ref_err:.3g}"
+
+
+@pytest.mark.parametrize("model", ["latent_dit", "video_causal_dit", "cogvideox"])
+def test_model_exports_and_eager_is_unchanged_after(model):
+    """``torch.export.export`` of the model (inference) on its fused kernels: the exported
+    program computes what the eager model does, and the eager model still does so afterwards.
+    (Export traces with fake tensors; the RoPE table cache of ``rope3d_freqs`` used to keep the
+    fake tables it built while exporting, and every later eager call computed on them.)"""
+    make_model, make_inputs = COMPILE_CASES[model]
+    m = make_model().eval()
+    x, t, text = make_inputs()
+    with torch.no_grad():
+        want = m(x, t, text)
+    import vidgen_kernels.ops.rope as rope_ops
+    rope_ops._rope3d_freqs_cached.cache_clear()  # so that export is the first to build them
+    ep = torch.export.export(m, (x, t, text))
+    with torch.no_grad():
+        exported, after = ep.module()(x, t, text), m(x, t, text)
+    for got in (exported, after):
+        assert type(got) is torch.Tensor
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

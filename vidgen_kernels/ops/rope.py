@@ -158,7 +158,8 @@ def rope3d_freqs(frames: int, height: int, width: int, head_dim: int, *, theta: 
         ``repeat_interleave(2, -1)`` (interleaved pairs).
 
     The tables are cached per ``(grid, dims, theta, device)``: repeated calls return the SAME
-    tensors. Do not modify them in place (``.clone()`` first if you need to).
+    tensors. Do not modify them in place (``.clone()`` first if you need to). Under
+    ``torch.compile`` / ``torch.export`` they are computed in the graph, not cached.
     """
     op = "rope3d_freqs"
     for name, v in (("frames", frames), ("height", height), ("width", width)):
@@ -183,7 +184,13 @@ def rope3d_freqs(frames: int, height: int, width: int, head_dim: int, *, theta: 
         if len(axes) != 3 or any(a < 0 or a % 2 for a in axes) or sum(axes) != head_dim:
             raise ValueError(f"{op}: axes_dims must be 3 even ints >= 0 summing to "
                              f"head_dim={head_dim}, got {tuple(axes_dims)}")
-    return _rope3d_freqs_cached(frames, height, width, axes, float(theta), _canon_device(device))
+    args = (frames, height, width, axes, float(theta), _canon_device(device))
+    if torch.compiler.is_compiling():
+        # torch.compile / torch.export trace with fake tensors: computed inside the graph, and
+        # never cached (a table cached while exporting would be a FakeTensor for every later
+        # eager call)
+        return _rope3d_freqs_cached.__wrapped__(*args)
+    return _rope3d_freqs_cached(*args)
 
 
 # ----------------------------------------------------------------------------------------------
