@@ -121,3 +121,25 @@ def assert_fused_matches_reference(model, x, t, text, *, aux: bool = False,
             continue
         torch.testing.assert_close(p1.grad, p2.grad, atol=2e-4, rtol=1e-3,
                                    msg=lambda m, n=n: f"{n}: {m}")
+
+
+def assert_autocast_casts_qkv(op, q, k, v, **kw):
+    """``op(q, k, v, **kw)`` with fp32 q / k and a bf16 v: a TypeError outside autocast; under
+    bf16 ``torch.autocast`` exactly the call on bf16 operands (output and gradients, the fp32
+    leaves getting fp32 gradients), as autocast treats SDPA."""
+    g = torch.Generator().manual_seed(7)
+    with pytest.raises(TypeError, match="v has dtype torch.bfloat16 but q has torch.float32"):
+        op(q, k, v, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = op(q, k, v, **kw)
+    assert out.dtype == torch.bfloat16
+    qb, kb = (t.detach().bfloat16().requires_grad_() for t in (q, k))
+    vb = v.detach().clone().requires_grad_()
+    want = op(qb, kb, vb, **kw)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    cot = torch.randn(out.shape, generator=g).bfloat16()
+    out.backward(cot)
+    want.backward(cot)
+    for a, b in ((q, qb), (k, kb), (v, vb)):
+        assert a.grad.dtype == a.dtype
+        torch.testing.assert_close(a.grad, b.grad.to(a.dtype), rtol=0, atol=0)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import vidgen_kernels as vk
 import vidgen_kernels.ops.rope3d_attention as ra
-from helpers import assert_close_rule, backend_params, interp_fixes_skip
+from helpers import assert_autocast_casts_qkv, assert_close_rule, backend_params, interp_fixes_skip
 from vidgen_kernels.backends import why_unavailable
 
 FWD = torch.ops.vidgen_kernels.rope3d_attn_fwd
@@ -904,18 +904,5 @@ def test_autocast_casts_qkv_like_sdpa(backend):
     v = torch.randn(B, S, H, D, generator=g).bfloat16().requires_grad_()
     cos, sin = vk.rope3d_freqs(2, 3, 4, D)
     kw = dict(rope_offset=text, backend=backend)
-    with pytest.raises(TypeError, match="v has dtype torch.bfloat16 but q has torch.float32"):
-        vk.rope3d_attention(q, k, v, cos, sin, **kw)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = vk.rope3d_attention(q, k, v, cos, sin, **kw)
-    assert out.dtype == torch.bfloat16
-    qb, kb = (t.detach().bfloat16().requires_grad_() for t in (q, k))
-    vb = v.detach().clone().requires_grad_()
-    want = vk.rope3d_attention(qb, kb, vb, cos, sin, **kw)
-    torch.testing.assert_close(out, want, rtol=0, atol=0)
-    cot = torch.randn(out.shape, generator=g).bfloat16()
-    out.backward(cot)
-    want.backward(cot)
-    for a, b in ((q, qb), (k, kb), (v, vb)):
-        assert a.grad.dtype == a.dtype
-        torch.testing.assert_close(a.grad, b.grad.to(a.dtype), rtol=0, atol=0)
+    assert_autocast_casts_qkv(lambda q_, k_, v_, **kw_: vk.rope3d_attention(q_, k_, v_, cos, sin, **kw_),
+                              q, k, v, **kw)

@@ -25,7 +25,7 @@ from torch import nn
 
 import vidgen_kernels as vk
 import vidgen_kernels.ops.temporal_attention as ta
-from helpers import HAS_CUDA, assert_close_rule, backend_params
+from helpers import HAS_CUDA, assert_autocast_casts_qkv, assert_close_rule, backend_params
 from vidgen_kernels import _ext
 from vidgen_kernels.backends import why_unavailable
 
@@ -789,18 +789,4 @@ def test_autocast_casts_qkv_like_sdpa(backend):
     v = torch.randn(B, T, S, H, D, generator=g).bfloat16().requires_grad_()
     ang = torch.randn(T, D // 2, generator=g)
     kw = dict(cos=ang.cos(), sin=ang.sin(), backend=backend)
-    with pytest.raises(TypeError, match="v has dtype torch.bfloat16 but q has torch.float32"):
-        vk.temporal_attention(q, k, v, **kw)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = vk.temporal_attention(q, k, v, **kw)
-    assert out.dtype == torch.bfloat16
-    qb, kb = (t.detach().bfloat16().requires_grad_() for t in (q, k))
-    vb = v.detach().clone().requires_grad_()
-    want = vk.temporal_attention(qb, kb, vb, **kw)
-    torch.testing.assert_close(out, want, rtol=0, atol=0)
-    cot = torch.randn(out.shape, generator=g).bfloat16()
-    out.backward(cot)
-    want.backward(cot)
-    for a, b in ((q, qb), (k, kb), (v, vb)):
-        assert a.grad.dtype == a.dtype
-        torch.testing.assert_close(a.grad, b.grad.to(a.dtype), rtol=0, atol=0)
+    assert_autocast_casts_qkv(vk.temporal_attention, q, k, v, **kw)
