@@ -57,6 +57,6 @@ def softmax_scale_or_default(softmax_scale: Optional[float], D: int, op: str) ->
     if softmax_scale is None:
         return 1.0 / math.sqrt(D)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
-            or not math.isfinite(softmax_scale):
+            or not -math.inf < softmax_scale < math.inf:
         raise ValueError(f"{op}: softmax_scale must be a finite number or None, got {softmax_scale!r}")
     return float(softmax_scale)

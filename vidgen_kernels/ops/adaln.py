@@ -126,22 +126,26 @@ def _canon_param(name: str, p, x: Tensor, op: str) -> Tensor:
     """``[C]``, ``[Bp, C]``, ``[Bp, F, C]`` -> a ``[Bp, F, C]`` view (Bp in {1, B}, F | N)."""
     B, N, C = x.shape
     _check_aux(name, p, x, op)
-    expected = f"[C], [B, C], [B, 1, C], [B, F, C] with F dividing N, or [B, N, C] (B={B}, N={N}, C={C})"
+
+    def expected():  # formatted only when raising: under torch.compile(dynamic=True) an f-string
+        # of the sizes specialises them, after which dynamo answers `Bp in (1, B)` wrongly
+        return (f"[C], [B, C], [B, 1, C], [B, F, C] with F dividing N, or [B, N, C] "
+                f"(B={B}, N={N}, C={C})")
     if p.dim() == 1:
         p = p.view(1, 1, -1)
     elif p.dim() == 2:
         p = p.unsqueeze(1)
     elif p.dim() != 3:
-        raise ValueError(f"{op}: {name} must be {expected}, got shape {tuple(p.shape)}")
+        raise ValueError(f"{op}: {name} must be {expected()}, got shape {tuple(p.shape)}")
     Bp, Fp, Cp = p.shape
     if Cp != C:
-        raise ValueError(f"{op}: {name} has {Cp} channels but x has C={C}; expected {expected}")
+        raise ValueError(f"{op}: {name} has {Cp} channels but x has C={C}; expected {expected()}")
     if Bp not in (1, B):
         raise ValueError(f"{op}: {name} has batch {Bp} but x has B={B} (1 broadcasts); "
-                         f"expected {expected}")
+                         f"expected {expected()}")
     if Fp == 0 or N % Fp != 0:
         raise ValueError(f"{op}: {name} has {Fp} rows along the token axis, which does not divide "
-                         f"N={N}; expected {expected}")
+                         f"N={N}; expected {expected()}")
     return p
 
 
@@ -157,7 +161,7 @@ def _check_affine(name: str, w, x: Tensor, op: str) -> Optional[Tensor]:
 def _check_norm(norm, eps, op: str) -> bool:
     if norm not in NORMS:
         raise ValueError(f"{op}: norm must be one of {NORMS}, got {norm!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or math.isinf(eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     return norm == "rms"
 

@@ -1,0 +1,152 @@
+"""Every public op under ``torch.compile(fullgraph=True, dynamic=True)``: the sizes a video model
+varies (tokens, frames, grid, experts' token counts) are symbolic, the compiled op computes what
+the eager op does, forward and backward, at several sizes, and a new size does not recompile.
+
+This is what ``torch.compile(model)`` does by itself once a second resolution or frame count
+arrives (automatic dynamic shapes): every check, reshape and custom-op fake must accept
+symbolic sizes. (``adaln_modulate`` with a ``[B, 1, C]`` shift failed here with a false
+"shift has batch 2 but x has B=2": its error message, formatted before the check, specialised
+the sizes, after which dynamo answered ``Bp in (1, B)`` wrongly; and ``math.isinf(eps)`` broke
+the graph.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import vidgen_kernels as vk
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible"))]
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _leaf(*shape, seed, device, dtype=torch.float32):
+    return torch.randn(*shape, generator=_g(seed), dtype=dtype).to(device).requires_grad_()
+
+
+# Each case: (op call f(*tensors, **ints), its inputs at size i in {0, 1, 2}, the ints). Sizes
+# are odd and pairwise distinct, so that dynamo's duck sizing does not tie two of them to one
+# symbol by accident; the ints (offsets, tokens per frame) are arguments, as in a model.
+def _adaln_f(x, sh, sc, w):
+    return vk.adaln_modulate(x, sh, sc, weight=w, eps=1e-5)
+
+
+def _adaln(i, device):
+    B, N, C = 2, (5, 9, 13)[i], 24
+    return _adaln_f, [_leaf(B, N, C, seed=0, device=device), _leaf(B, 1, C, seed=1, device=device),
+                      _leaf(B, C, seed=2, device=device), _leaf(C, seed=3, device=device)], {}
+
+
+def _gated_f(x, y, g, sh, sc):
+    return torch.cat(vk.gated_residual_adaln(x, y, g, sh, sc, norm="rms"), -1)
+
+
+def _gated(i, device):
+    B, F, C = 2, (3, 5, 7)[i], 24
+    N = F * (3, 5, 7)[2 - i]
+    return _gated_f, [_leaf(B, N, C, seed=0, device=device), _leaf(B, N, C, seed=1, device=device),
+                      _leaf(B, F, C, seed=2, device=device), _leaf(B, C, seed=3, device=device),
+                      _leaf(1, N, C, seed=4, device=device)], {}
+
+
+_PRE, _GRID = (3, 5, 7), ((1, 3, 5), (2, 3, 5), (3, 5, 3))
+
+
+def _rope_f(x, cos, sin, *, pre):
+    return vk.apply_rope(x, cos, sin, offset=pre)
+
+
+def _rope(i, device):
+    cos, sin = vk.rope3d_freqs(*_GRID[i], 32, device=device)
+    S = _PRE[i] + cos.shape[0]
+    return _rope_f, [_leaf(2, S, 2, 32, seed=0, device=device), cos, sin], dict(pre=_PRE[i])
+
+
+def _attn_f(qkv, cos, sin, *, pre, tpf, frame_causal):
+    q, k, v = qkv.unbind(2)  # strided slices of one projection, read in place
+    return vk.rope3d_attention(q, k, v, cos, sin, rope_offset=pre, frame_causal=frame_causal,
+                               tokens_per_frame=tpf if frame_causal else None)
+
+
+def _rope3d_attention(i, device, frame_causal):
+    grid = _GRID[i]
+    cos, sin = vk.rope3d_freqs(*grid, 32, device=device)
+    S = _PRE[i] + cos.shape[0]
+    dt = torch.float32 if device == "cpu" else torch.float16
+    return _attn_f, [_leaf(1, S, 3, 2, 32, seed=0, device=device, dtype=dt), cos, sin], dict(
+        pre=_PRE[i], tpf=grid[1] * grid[2], frame_causal=frame_causal)
+
+
+def _temporal_f(q, k, v, cos, sin, *, q_off):
+    return vk.temporal_attention(q, k, v, cos=cos, sin=sin, q_offset=q_off)
+
+
+def _temporal_attention(i, device):
+    T, S, q_off, D = (7, 11, 15)[i], (13, 17, 19)[i], (4, 6, 8)[i], 32  # 0 and 1 would be specialised
+    dt = torch.float32 if device == "cpu" else torch.float16
+    cos, sin = vk.rope3d_freqs(T, 1, 1, D, axes_dims=(D, 0, 0), device=device)
+    q = _leaf(2, T - q_off, S, 2, D, seed=0, device=device, dtype=dt)
+    k, v = (_leaf(2, T, S, 2, D, seed=s, device=device, dtype=dt) for s in (1, 2))
+    return _temporal_f, [q, k, v, cos, sin], dict(q_off=q_off)
+
+
+def _moe_f(x, logits, w1, w2, b1):
+    o = vk.moe_ffn(x, logits, w1, w2, b1=b1, top_k=2, activation="geglu")
+    return o.out.sum(-1) + o.aux_loss + o.z_loss
+
+
+def _moe(i, device):
+    N, E, C, F = (7, 13, 29)[i], 4, 16, 24
+    return _moe_f, [_leaf(N, C, seed=0, device=device), _leaf(N, E, seed=1, device=device),
+                    _leaf(E, C, 2 * F, seed=2, device=device), _leaf(E, F, C, seed=3, device=device),
+                    _leaf(E, 2 * F, seed=4, device=device)], {}
+
+
+def _assert_close(got, want, tol, what):
+    """Max error within ``tol`` of the tensor's scale (fp32 sums in another order)."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape)
+    err = (got.float() - want.float()).abs().max().item()
+    scale = want.float().abs().max().item()
+    assert err <= tol * max(scale, 1.0), f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+CASES = {
+    "adaln_modulate": _adaln,
+    "gated_residual_adaln": _gated,
+    "apply_rope": _rope,
+    "rope3d_attention": lambda i, d: _rope3d_attention(i, d, False),
+    "rope3d_attention_frame_causal": lambda i, d: _rope3d_attention(i, d, True),
+    "temporal_attention_streaming_rope": _temporal_attention,
+    "moe_ffn": _moe,
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_op_compiles_with_dynamic_shapes(case, device):
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = None
+    for i in range(3):
+        fn, args, ints = CASES[case](i, device)
+        if compiled is None:
+            compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+        leaves = [a for a in args if a.requires_grad]
+        want = fn(*args, **ints)
+        want_g = torch.autograd.grad(want.float().square().sum(), leaves)
+        got = compiled(*args, **ints)
+        got_g = torch.autograd.grad(got.float().square().sum(), leaves)
+        tol = 1e-5 if want.dtype == torch.float32 else 2e-3
+        _assert_close(got, want, tol, f"size {i} output")
+        for j, (a, b) in enumerate(zip(got_g, want_g)):
+            _assert_close(a, b, tol, f"size {i} gradient {j}")
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    # the first graph is symbolic in the sizes: the second and third sizes reuse it
+    assert counters["stats"]["unique_graphs"] == graphs, (
+        f"{case}: a new size recompiled ({counters['stats']['unique_graphs']} graphs, {graphs} "
+        "after the first size)")
