@@ -230,6 +230,40 @@ def test_empty_experts(backend, device, dtype):
     assert got.tokens_per_expert[1].item() == 0 and got.tokens_per_expert[4].item() == 0
 
 
+@pytest.mark.skipif(vk.backends.why_unavailable("cpu", "cpu") is not None, reason="no C++ CPU backend")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [3, 40, 700])
+def test_cpu_grouped_gemm_schedules(rows, threads):
+    """The C++ grouped GEMMs run small expert segments (E >= 2 threads, < 512 rows per expert
+    on average) in parallel across experts, each GEMM on one thread, and large ones one after
+    the other on all threads: both schedules (rows=3, 40 vs 700; one thread: always the second)
+    give the per-expert products, with empty experts first, in the middle and last, and the
+    whole layer's gradients match inside autograd (the worker threads must see the caller's
+    grad mode: the out= GEMMs raised "functions with out=... arguments don't support automatic
+    differentiation" when they did not)."""
+    E, Kd, Md = 8, 16, 24
+    counts = torch.tensor([0, rows, 2 * rows + 1, 0, rows, 1, rows + 2, 0])
+    offs = counts.cumsum(0)
+    P = int(offs[-1])
+    g = torch.Generator().manual_seed(0)
+    a, dy = torch.randn(P, Kd, generator=g), torch.randn(P, Md, generator=g)
+    w, b = torch.randn(E, Kd, Md, generator=g), torch.randn(E, Md, generator=g)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        K_ = M._CpuKernels  # the C++ kernels
+        seg = M.segment_ids(offs, P)
+        want = torch.bmm(a.unsqueeze(1), w[seg]).squeeze(1) + b[seg]
+        torch.testing.assert_close(K_.gmm(a, w, offs, b), want, rtol=1e-5, atol=1e-5)
+        want_wg = torch.stack([a[seg == e].t() @ dy[seg == e] for e in range(E)])
+        torch.testing.assert_close(K_.gmm_wgrad(a, dy, offs, E), want_wg, rtol=1e-5, atol=1e-4)
+        with torch.inference_mode():
+            torch.testing.assert_close(K_.gmm(a, w, offs, None), want - b[seg], rtol=1e-5, atol=1e-5)
+        check("cpu", torch.float32, N=max(P // 2, 1), E=E, top_k=2)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("backend,device,dtype", _kernel_and_torch())
 def test_all_tokens_on_one_expert(backend, device, dtype):
     N, E = 10, 4
