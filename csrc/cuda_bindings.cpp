@@ -26,6 +26,16 @@
 #include "moe_cuda.h"
 #include "rope_cuda.h"
 
+// The tensors the kernels may touch: CUDA tensors, or CPU tensors in the tests' CPU emulation of
+// the kernels (tests/cuda_emu.py compiles this file with VIDGEN_CUDA_EMU).
+static inline bool on_device(const at::Tensor& t) {
+#ifdef VIDGEN_CUDA_EMU
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
+
 namespace {
 
 namespace va = vidgen::adaln;
@@ -52,7 +62,7 @@ va::DType to_dtype(at::ScalarType s) {
 }
 
 void check_device(const char* op, const char* name, const Tensor& t, const Tensor& x) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(on_device(t), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
               x.device(), "; all tensors must be on one device");
 }
@@ -150,7 +160,7 @@ void adaln_fwd_cuda(const Tensor& x, const OptTensor& y, const OptTensor& gate,
                     const Tensor& mean, const Tensor& rstd, double eps, bool is_rms,
                     uint64_t stream) {
   const char* op = "adaln_fwd_cuda";
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(on_device(x), op, ": x must be a CUDA tensor, got one on ", x.device());
   const c10::DeviceGuard guard(x.device());  // the weight / bias conversions and the launch
   TORCH_CHECK(kernel_dtype(x.scalar_type()), op,
               ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
@@ -259,7 +269,7 @@ void adaln_bwd_cuda(const Tensor& dout, const OptTensor& dh, const Tensor& hx, c
                     int64_t tpr_scale, int64_t rows_per_chunk, bool is_rms, uint64_t stream) {
   const char* op = "adaln_bwd_cuda";
   const Tensor& x = hx;  // the reference for shape, dtype and device
-  TORCH_CHECK(x.is_cuda(), op, ": hx must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(on_device(x), op, ": hx must be a CUDA tensor, got one on ", x.device());
   const c10::DeviceGuard guard(x.device());  // the weight / bias conversions and the launch
   TORCH_CHECK(kernel_dtype(x.scalar_type()), op,
               ": hx must be float32, float16 or bfloat16, got ", x.scalar_type());
@@ -391,7 +401,7 @@ void rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin
                const at::Tensor& out, int64_t offset, bool interleaved, bool conj,
                uint64_t stream) {
   const char* op = "rope_cuda";
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(on_device(x), op, ": x must be a CUDA tensor, got one on ", x.device());
   const c10::DeviceGuard guard(x.device());
   TORCH_CHECK(x.dim() == 4, op, ": x must be [B, S, H, D], got shape ", x.sizes());
   const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3);
@@ -475,7 +485,7 @@ vm::DType moe_dtype(const char* op, at::ScalarType s) {
 }
 
 void moe_check_index(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), op, ": ", name, " must be on ",
+  TORCH_CHECK(on_device(t) && t.device() == ref.device(), op, ": ", name, " must be on ",
               ref.device(), ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous(), op, ": ", name,
               " must be contiguous int64, got ", t.scalar_type());
@@ -489,7 +499,7 @@ void moe_check_launch(const char* op, cudaError_t err) {
 std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, int64_t top_k,
                                                   bool normalize, uint64_t stream) {
   const char* op = "moe_route_cuda";
-  TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor, got one on ", logits.device());
+  TORCH_CHECK(on_device(logits), op, ": logits must be a CUDA tensor, got one on ", logits.device());
   const c10::DeviceGuard guard(logits.device());
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
               op, ": logits must be a contiguous float32 [N, E] tensor, got ", logits.sizes(), " ",
@@ -506,7 +516,7 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, int6
 
 at::Tensor moe_gather_cuda(const at::Tensor& src, const at::Tensor& rows, uint64_t stream) {
   const char* op = "moe_gather_cuda";
-  TORCH_CHECK(src.is_cuda(), op, ": src must be a CUDA tensor, got one on ", src.device());
+  TORCH_CHECK(on_device(src), op, ": src must be a CUDA tensor, got one on ", src.device());
   const c10::DeviceGuard guard(src.device());
   TORCH_CHECK(src.dim() == 2, op, ": src must be [M, C], got ", src.sizes());
   moe_check_index(op, "rows", rows, src);
@@ -522,7 +532,7 @@ at::Tensor moe_gather_cuda(const at::Tensor& src, const at::Tensor& rows, uint64
 at::Tensor moe_combine_cuda(const at::Tensor& y_, const at::Tensor& pos,
                             const std::optional<at::Tensor>& weights, uint64_t stream) {
   const char* op = "moe_combine_cuda";
-  TORCH_CHECK(y_.is_cuda(), op, ": y must be a CUDA tensor, got one on ", y_.device());
+  TORCH_CHECK(on_device(y_), op, ": y must be a CUDA tensor, got one on ", y_.device());
   const c10::DeviceGuard guard(y_.device());
   TORCH_CHECK(y_.dim() == 2, op, ": y must be [P, C], got ", y_.sizes());
   const at::Tensor y = y_.contiguous();

@@ -1,0 +1,388 @@
+"""The CUDA C++ kernels (csrc/*.cu) run on the CPU by the emulator of tests/cuda_emu.py.
+
+Nothing CUDA runs on this project's CI machines, yet ``adaln_cuda.cu``, ``rope_cuda.cu`` and
+``moe_cuda.cu`` are what the ``cuda`` backend launches on a GPU. Here their code (kernels and
+host launchers, through the bindings of csrc/cuda_bindings.cpp) runs with one fiber per CUDA
+thread, real ``__syncthreads`` / warp-shuffle semantics and the GPU's launch limits, on CPU
+tensors, and is checked the way the other backends are: each public op with its kernels swapped
+for the emulated CUDA ones (the op layer's own ``cuda`` code path: buffers, partial-gradient
+reductions, the autograd Function), forward and backward, against the float64 reference under
+flash-attention's rule, in fp32 / fp16 / bf16, with the threads of a block run in index order
+and in reverse order (a missing barrier shows in one of the two).
+
+Every test asserts that the emulator really ran kernels (its launch count), so a test cannot
+pass on another backend's kernels.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import cuda_emu
+import test_adaln as TA
+import test_moe as TM
+import test_rope as TR
+import vidgen_kernels as vk
+from helpers import assert_close_rule
+from vidgen_kernels.ops import adaln as adaln_ops
+from vidgen_kernels.ops import moe as moe_ops
+from vidgen_kernels.ops import rope as rope_ops
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_IDS = ["float32", "float16", "bfloat16"]
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                       reason="no C++ compiler to build the CUDA emulation"),
+    pytest.mark.skipif("cpu" not in vk.available_backends("cpu"),
+                       reason="the op layer's cpu backend (the C++ extension) is needed to route "
+                              "the ops to the emulated kernels"),
+]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return cuda_emu.load()
+
+
+@pytest.fixture(params=["in-order", "reverse"])
+def schedule(request, emu):
+    emu.set_schedule(request.param == "reverse")
+    yield request.param
+    emu.set_schedule(False)
+
+
+@pytest.fixture
+def ran(emu):
+    """Resets the emulator; after the test, asserts that it launched kernels."""
+    emu.reset()
+    emu.set_optin_smem(232448)
+    yield emu
+    assert emu.stats()["launches"] > 0, "the test ran no emulated CUDA kernel"
+
+
+@pytest.fixture
+def adaln_on_emu(monkeypatch, emu):
+    """``backend="cpu"`` of the AdaLN ops runs the emulated CUDA kernels."""
+    orig = adaln_ops._kernels
+
+    def kernels(backend):
+        if backend != "cpu":
+            return orig(backend)
+        return (lambda *a: emu.adaln_fwd_cuda(*a, 0)), (lambda *a: emu.adaln_bwd_cuda(*a, 0))
+    monkeypatch.setattr(adaln_ops, "_kernels", kernels)
+
+
+@pytest.fixture
+def rope_on_emu(monkeypatch, emu):
+    orig = rope_ops._rope_kernel
+
+    def kernel(backend):
+        if backend != "cpu":
+            return orig(backend)
+        return lambda x, *a: emu.rope_cuda(x, *a, 0)
+    monkeypatch.setattr(rope_ops, "_rope_kernel", kernel)
+
+
+@pytest.fixture
+def moe_on_emu(monkeypatch, emu):
+    """``backend="cpu"`` of ``moe_ffn`` runs the ``cuda`` backend's kernel set: emulated CUDA
+    routing / permutation / combine, PyTorch grouped GEMMs (Triton's are tested elsewhere)."""
+    orig = moe_ops._kernels
+    monkeypatch.setattr(moe_ops._CudaKernels, "_C", staticmethod(lambda: emu))
+    monkeypatch.setattr(moe_ops._CudaKernels, "_stream", staticmethod(lambda t: 0))
+    monkeypatch.setattr(moe_ops._CudaKernels, "_gemms", staticmethod(lambda: moe_ops._TorchKernels))
+    monkeypatch.setattr(moe_ops, "_kernels", lambda b: moe_ops._CudaKernels if b == "cpu" else orig(b))
+
+
+# ----------------------------------------------------------------------------------------------
+# AdaLN
+# ----------------------------------------------------------------------------------------------
+AC = TA.Case
+# the CUDA launch paths by channel count: warp per row (C <= 256), block per row with 8 / 16 /
+# 32 elements per thread (<= 2048 / 8192 / 16384) forward; 8 / 16 elements, up to 512 / 1024
+# threads backward; VEC 1 (C not a multiple of 16 bytes) and the vector paths
+ADALN_CASES = TA.CASES + [
+    AC(2, 5, 260, shift="F5", scale="F1", gate="BC", gated=True, affine=True),
+    AC(1, 4, 2056, gated=True, affine=True, norm="rms", x_layout="T"),
+    AC(2, 3, 4104, shift="F3", scale="1C", gate="F1", gated=True, affine=True),
+    AC(1, 3, 8200, gated=True, affine=True),
+    AC(1, 2, 12290, shift="BNC", scale="F2", norm="rms"),
+    AC(1, 2, 16384, shift="F2", scale="F1", gate="F1", gated=True, affine=True),
+]
+
+
+def _adaln_check(case, dtype):
+    """test_adaln's check (the op, forward and backward, against the float64 reference) with the
+    ``cpu`` backend's kernels replaced by the emulated CUDA ones (fixture ``adaln_on_emu``)."""
+    TA.test_matches_reference("cpu", "cpu", dtype, case)
+
+
+@pytest.mark.parametrize("case", ADALN_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_adaln_matches_reference(adaln_on_emu, ran, dtype, case):
+    _adaln_check(case, dtype)
+
+
+@pytest.mark.parametrize("case", [c for c in ADALN_CASES if c.C in (7, 33, 1000, 260, 4104)], ids=str)
+def test_adaln_reverse_schedule(adaln_on_emu, ran, schedule, case):
+    _adaln_check(case, torch.float16)
+    st = ran.stats()
+    assert st["shuffles"] > 0
+    if case.C > 256:  # block-per-row paths: a shared-memory step per reduction
+        assert st["barriers"] > 0
+
+
+@pytest.mark.parametrize("C,optin,path", [
+    (1000, 232448, "default"),     # 5 x 4000 B: under 48 KiB
+    (4104, 232448, "opt-in"),      # 82 KB: opt-in shared memory (H100)
+    (4104, 65536, "in-place"),     # a device with 64 KiB: accumulate in the partial buffers
+    (16384, 232448, "in-place"),   # 328 KB > 227 KiB: in place on every GPU
+], ids=lambda v: str(v))
+def test_adaln_backward_shared_memory_paths(adaln_on_emu, ran, C, optin, path):
+    ran.set_optin_smem(optin)
+    # five partial accumulators in the backward: dgate, dshift, dscale, dweight, dbias
+    _adaln_check(TA.Case(2, 6, C, shift="F3", scale="F2", gate="F1", gated=True, affine=True),
+                 torch.float32)
+    smem = ran.stats()["max_dyn_smem"]
+    if path == "default":
+        assert 0 < smem <= 48 * 1024
+    elif path == "opt-in":
+        assert 48 * 1024 < smem <= optin
+    else:
+        assert smem == 0
+
+
+def test_adaln_launch_rejects_too_many_channels(emu, ran):
+    x = torch.randn(1, 2, 16385)
+    p = torch.zeros(1, 1, 16385)
+    out, mean, rstd = torch.empty_like(x), torch.empty(1, 2), torch.empty(1, 2)
+    with pytest.raises(RuntimeError, match="C must be in"):
+        emu.adaln_fwd_cuda(x, None, None, p, p, None, None, out, None, mean, rstd, 1e-6, False, 0)
+    # and a valid call runs (the fixture asserts a launch)
+    x = x[..., :16384].contiguous()
+    p = p[..., :16384]
+    out = torch.empty_like(x)
+    emu.adaln_fwd_cuda(x, None, None, p, p, None, None, out, None, mean, rstd, 1e-6, False, 0)
+    torch.testing.assert_close(out, vk.adaln_modulate_reference(x, p, p), atol=1e-4, rtol=1e-4)
+
+
+# Raw kernels on guarded memory: every input a view whose storage has NaN around (between rows)
+# or between (every other element) its elements, every output inside a buffer filled with a
+# sentinel. A read of anything but the tensor's elements turns the result into NaN, a write
+# outside an output changes a sentinel, an output element the kernel does not write keeps one.
+SENTINEL = 1234.5
+PAD = 16  # elements before and after each output (keeps 16-byte alignment)
+
+
+def _nan_holed(vals: torch.Tensor, how: str) -> torch.Tensor:
+    """``vals`` [..., C] as a view into NaN-filled storage: rows padded ("pad") or every other
+    element ("holes")."""
+    *lead, C = vals.shape
+    if how == "pad":  # unit stride, 8 NaN after each row (the vector paths' case)
+        big = torch.full((*lead, C + 8), float("nan"), dtype=vals.dtype)
+        v = big[..., :C]
+    else:
+        big = torch.full((*lead, 2 * C), float("nan"), dtype=vals.dtype)
+        v = big[..., ::2]
+    v.copy_(vals)
+    return v
+
+
+class _Guarded:
+    def __init__(self):
+        self.bufs = []
+
+    def out(self, shape, dtype):
+        n = 1
+        for d in shape:
+            n *= d
+        buf = torch.full((n + 2 * PAD,), SENTINEL, dtype=dtype)
+        self.bufs.append((buf, n))
+        return buf[PAD:PAD + n].view(shape)
+
+    def check(self):
+        for buf, n in self.bufs:
+            assert torch.all(buf[:PAD] == SENTINEL) and torch.all(buf[PAD + n:] == SENTINEL), \
+                "a kernel wrote outside its output"
+
+
+@pytest.mark.parametrize("C", [7, 40, 264, 2056, 4104])
+@pytest.mark.parametrize("how", ["pad", "holes"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_adaln_kernels_touch_only_their_elements(emu, ran, dtype, how, C):
+    g = torch.Generator().manual_seed(C)
+    B, N, R = 2, 12, 3
+    tpr = {"gate": 4, "shift": 6, "scale": 12}   # F = 3, 2, 1: chunks of 3 rows straddle rows of 4
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+    x, y = _nan_holed(rnd(B, N, C), how), _nan_holed(rnd(B, N, C), how)
+    gate, shift, scale = (_nan_holed(rnd(B, N // tpr[k], C, scale=0.5), how) for k in ("gate", "shift", "scale"))
+    w32 = (1 + 0.3 * torch.randn(C, generator=g))
+    weight, bias = _nan_holed(w32, how), _nan_holed(0.3 * torch.randn(C, generator=g), how)
+    for is_rms in (False, True):
+        gd = _Guarded()
+        out, h = gd.out((B, N, C), dtype), gd.out((B, N, C), dtype)
+        mean, rstd = gd.out((B, N), torch.float32), gd.out((B, N), torch.float32)
+        emu.adaln_fwd_cuda(x, y, gate, shift, scale, weight, bias, out, h, mean, rstd, 1e-5, is_rms, 0)
+        want = [torch.empty_like(t) for t in (out, h, mean, rstd)]
+        adaln_ops.kernel_fwd_torch(x, y, gate, shift, scale, weight, bias, *want, 1e-5, is_rms)
+        gd.check()
+        tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+        for name, got, w in zip(("out", "h", "mean", "rstd"), (out, h, mean, rstd), want):
+            torch.testing.assert_close(got.float(), w.float(), atol=tol * 4, rtol=tol, msg=name)
+
+        dout, dh = _nan_holed(rnd(B, N, C), how), _nan_holed(rnd(B, N, C), how)
+        NC = -(-N // R)
+        gd = _Guarded()
+        dx, dy = gd.out((B, N, C), dtype), gd.out((B, N, C), dtype)
+        parts = {k: gd.out((B, NC, 2, C), torch.float32) for k in ("gate", "shift", "scale")}
+        dw, db = gd.out((B, NC, C), torch.float32), gd.out((B, NC, C), torch.float32)
+        args = (dout, dh, h, y, gate, scale, weight, bias, mean, rstd)
+        emu.adaln_bwd_cuda(*args, dx, dy, parts["gate"], parts["shift"], parts["scale"], dw, db,
+                           tpr["gate"], tpr["shift"], tpr["scale"], R, is_rms, 0)
+        gd.check()
+        want = [torch.empty_like(t) for t in (dx, dy, parts["gate"], parts["shift"], parts["scale"], dw, db)]
+        adaln_ops.kernel_bwd_torch(*args, *want, tpr["gate"], tpr["shift"], tpr["scale"], R, is_rms)
+        for name, got, w in zip(("dx", "dy", "dgate", "dshift", "dscale", "dweight", "dbias"),
+                                (dx, dy, parts["gate"], parts["shift"], parts["scale"], dw, db), want):
+            scale_ = w.float().abs().max().item() + 1e-6
+            torch.testing.assert_close(got.float(), w.float(), atol=tol * 8 * scale_, rtol=tol * 4, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE
+# ----------------------------------------------------------------------------------------------
+R = TR.Case
+ROPE_CASES = TR.CASES + [
+    R(1, 2 * 3 * 4 + 3, 5, 128, offset=3, layout="qkv"),   # H * D/2 = 320 pairs > 256 threads
+    R(2, 24, 1, 6, grid=(2, 3, 4), interleaved=False),      # 3 pairs: a 32-thread block, mostly idle
+]
+
+
+_TR_DIMS = TR._dims
+
+
+def _rope_dims(case):
+    return (2, 2, 2) if case.D == 6 else _TR_DIMS(case)
+
+
+@pytest.mark.parametrize("case", ROPE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_rope_matches_reference(rope_on_emu, ran, monkeypatch, dtype, case):
+    monkeypatch.setattr(TR, "_dims", _rope_dims)
+    TR.test_matches_reference("cpu", "cpu", dtype, case)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rope_unaligned_base_and_reverse_schedule(rope_on_emu, ran, schedule, interleaved):
+    """x starting one element into its storage: the paired-access path must not be taken."""
+    g = torch.Generator().manual_seed(5)
+    buf = torch.randn(2 * 11 * 3 * 8 + 1, generator=g).half()
+    x = buf[1:].view(2, 11, 3, 8)
+    cos, sin = vk.rope3d_freqs(1, 3, 3, 8, axes_dims=(0, 4, 4))
+    got = vk.apply_rope(x, cos, sin, interleaved=interleaved, offset=2, backend="cpu")
+    want = vk.apply_rope(x, cos, sin, interleaved=interleaved, offset=2, backend="reference")
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("how", ["pad", "holes"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_rope_kernel_touches_only_its_elements(emu, ran, dtype, how):
+    g = torch.Generator().manual_seed(11)
+    B, S, H, D, off = 2, 17, 3, 10, 3
+    x = _nan_holed(torch.randn(B, S, H, D, generator=g).to(dtype), how)
+    cos, sin = vk.rope3d_freqs(2, 3, 2, D, axes_dims=(2, 4, 4))
+    for inter in (True, False):
+        for conj in (False, True):
+            gd = _Guarded()
+            out = gd.out((B, S, H, D), dtype)
+            emu.rope_cuda(x, cos, sin, out, off, inter, conj, 0)
+            gd.check()
+            want = torch.empty_like(out)
+            rope_ops.rope_kernel_torch(x, cos, sin, want, off, inter, conj)
+            assert torch.equal(out, want), (inter, conj)
+
+
+# ----------------------------------------------------------------------------------------------
+# MoE routing / permutation / combine
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation,bias,top_k", TM.COMBOS, ids=TM.COMBO_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_moe_matches_reference(moe_on_emu, ran, dtype, activation, bias, top_k):
+    TM.check("cpu", dtype, activation=activation, bias=bias, top_k=top_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_moe_edge_cases(moe_on_emu, ran, dtype):
+    TM.test_tied_logits_lowest_index_wins("cpu", "cpu", dtype)
+    TM.test_single_expert("cpu", "cpu", dtype)
+    TM.test_expert_index_routing("cpu", "cpu", dtype)
+    TM.test_empty_experts("cpu", "cpu", dtype)
+    TM.check("cpu", dtype, N=300, C=72, F=40, E=7, top_k=3)  # > 128 tokens: several route blocks
+
+
+def test_moe_route_matches_cpu_kernel(emu, ran, schedule):
+    """Routing is exact: the same experts and (to rounding) weights as the C++ CPU kernel, ties
+    to the lowest index, for any E (no per-thread array), with and without renormalisation."""
+    g = torch.Generator().manual_seed(7)
+    for N, E, k in ((1, 1, 1), (200, 6, 2), (77, 64, 8), (33, 5, 5)):
+        lg = torch.randn(N, E, generator=g).round(decimals=1)  # many ties
+        for norm in (True, False):
+            w, idx = emu.moe_route_cuda(lg, k, norm, 0)
+            w_ref, idx_ref = torch.ops.vidgen_kernels.moe_route(lg, k, norm, "cpu")
+            assert torch.equal(idx, idx_ref), (N, E, k, norm)
+            torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-6)
+
+
+def test_moe_gather_combine_strided(emu, ran):
+    g = torch.Generator().manual_seed(8)
+    for dt in DTYPES:
+        src = torch.randn(40, 3 * 37, generator=g).to(dt)[:, ::3]   # column stride 3
+        rows = torch.randint(0, 40, (55,), generator=g)
+        torch.testing.assert_close(emu.moe_gather_cuda(src, rows, 0), src[rows], atol=0, rtol=0)
+        y = torch.randn(60, 300, generator=g).to(dt)
+        pos = torch.randint(0, 60, (25, 3), generator=g)
+        w = torch.rand(25, 3, generator=g)
+        want = (y.float()[pos] * w[..., None]).sum(1).to(dt)
+        got = emu.moe_combine_cuda(y, pos, w, 0)
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2 if dt != torch.float32 else 1e-5, rtol=1e-2)
+        torch.testing.assert_close(emu.moe_combine_cuda(y, pos, None, 0).float(),
+                                   y.float()[pos].sum(1).to(dt).float(), atol=1e-2, rtol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# the emulator itself: it must catch what a GPU would
+# ----------------------------------------------------------------------------------------------
+def test_emulator_catches_a_missing_barrier(emu, ran, schedule):
+    err, bad = emu.selftest("race")
+    err2, good = emu.selftest("no_race")
+    want = [float((t + 1) % 64) for _ in range(2) for t in range(64)]
+    assert err == err2 == "cudaSuccess"
+    assert good == want
+    assert bad != want  # shared memory starts poisoned: the unsynchronised read sees it
+
+
+def test_emulator_warp_shuffles(emu, ran):
+    err, out = emu.selftest("butterfly")
+    assert err == "cudaSuccess" and out == [float(sum(range(32)))] * 32
+    with pytest.raises(RuntimeError, match="deadlock: 16 lanes of warp 0"):
+        emu.selftest("divergent_shuffle")
+    with pytest.raises(RuntimeError, match="deadlock: 16 lanes of warp 1 .* do not exist"):
+        emu.selftest("partial_warp_shuffle")
+
+
+def test_emulator_launch_limits(emu, ran):
+    assert emu.selftest("too_many_threads")[0] == "cudaErrorInvalidConfiguration"
+    with pytest.raises(RuntimeError, match="256 threads per block, __launch_bounds__ 128"):
+        emu.selftest("launch_bounds")
+    assert emu.selftest("smem_without_optin")[0] == "cudaErrorInvalidValue"
+    err, out = emu.selftest("smem_with_optin")
+    assert err == "cudaSuccess" and out == [16384.0] * 32
+    with pytest.raises(RuntimeError, match="write past the end of the 128 bytes"):
+        emu.selftest("smem_overflow")
+    with pytest.raises(RuntimeError, match="misaligned __ldg of 16 bytes"):
+        emu.selftest("misaligned_ldg")
