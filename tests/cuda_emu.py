@@ -2,7 +2,8 @@
 
 :func:`load` rewrites every ``csrc/*.cu`` into plain C++ (the ``<<<grid, block, smem,
 stream>>>`` launches become calls of the emulator, ``extern __shared__`` arrays its dynamic
-shared memory, ``__launch_bounds__`` a check at kernel entry), compiles them with
+shared memory and static ``__shared__`` arrays the emulator's per-block (poisoned) shared
+memory, ``__launch_bounds__`` a check at kernel entry), compiles them with
 ``tests/cuda_emu_src/`` in front of the include path (its ``cuda_runtime.h`` / ``cuda_fp16.h`` /
 ``cuda_bf16.h`` are the emulator: one fiber per CUDA thread, real barriers and warp shuffles,
 launch limits; see ``vidgen_cuda_emu.h``) together with ``csrc/cuda_bindings.cpp`` (built with
@@ -116,11 +117,17 @@ def _rewrite_launch_bounds(s: str) -> str:
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([\w:<>]+)\s+(\w+)\s*\[\s*\]\s*;")
 
 
+_STATIC_SHARED = re.compile(r"__shared__\s+([\w:<>]+)\s+(\w+)((?:\s*\[[^\]]+\])+)\s*;")
+
+
 def rewrite(source: str, name: str) -> str:
     """A .cu file as C++ for the emulator (line numbers kept: errors point at the .cu file)."""
     s = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = "
                                      f"reinterpret_cast<{m.group(1)}*>(::vidgen_emu::dynamic_smem());",
                            source)
+    s = _STATIC_SHARED.sub(lambda m: f"static {m.group(1)} {m.group(2)}{m.group(3)}; "
+                                     f"::vidgen_emu::shared_static({m.group(2)}, sizeof({m.group(2)}));",
+                           s)
     s = _rewrite_launch_bounds(s)
     s = _rewrite_launches(s)
     return f'#line 1 "{name}"\n' + s
@@ -149,6 +156,10 @@ def load(verbose: bool = False):
               + list(CSRC.glob("*.cuh")) + list(EMU.glob("*")))
     tag = _digest([p for p in inputs if p.is_file()])
     build = ROOT / "build" / "cuda_emu" / tag
+    if build.parent.is_dir():  # builds of earlier source states
+        for old in build.parent.iterdir():
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
     src = build / "src"
     src.mkdir(parents=True, exist_ok=True)
     sources = []

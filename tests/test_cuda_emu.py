@@ -364,6 +364,10 @@ def test_emulator_catches_a_missing_barrier(emu, ran, schedule):
     assert err == err2 == "cudaSuccess"
     assert good == want
     assert bad != want  # shared memory starts poisoned: the unsynchronised read sees it
+    # static __shared__ arrays too, in every block: block 0 wrote its copy, block 1 reads NaN
+    err, out = emu.selftest("uninit_static_smem")
+    assert err == "cudaSuccess" and out[:64] == [1.0] * 64
+    assert all(v != v for v in out[64:])
 
 
 def test_emulator_warp_shuffles(emu, ran):

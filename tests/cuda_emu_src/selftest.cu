@@ -39,6 +39,14 @@ __global__ void smem_overflow_kernel(int* out, int n) {
   out[threadIdx.x] = n;
 }
 
+// Reads a static shared array no thread wrote (the second block also must not see the first's).
+__global__ void uninit_static_smem_kernel(float* out, int write_first) {
+  __shared__ float s[64];
+  if (write_first && blockIdx.x == 0) s[threadIdx.x] = 1.f;
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s[threadIdx.x];
+}
+
 __global__ void misaligned_kernel(const float* p, float* out) {
   const float4 v = __ldg(reinterpret_cast<const float4*>(p + 1));
   out[0] = v.x;
@@ -85,6 +93,10 @@ std::pair<std::string, std::vector<float>> run(const std::string& name) {
   } else if (name == "smem_overflow") {
     std::vector<int> out(64, 0);
     smem_overflow_kernel<<<1, 64, 32 * sizeof(int)>>>(out.data(), 32);
+  } else if (name == "uninit_static_smem") {
+    std::vector<float> out(128, 0.f);
+    uninit_static_smem_kernel<<<2, 64>>>(out.data(), 1);
+    res = out;
   } else if (name == "misaligned_ldg") {
     std::vector<float> in(16, 1.f), out(1, 0.f);
     misaligned_kernel<<<1, 1>>>(in.data(), out.data());

@@ -17,8 +17,8 @@
 //     cudaFuncSetAttribute(MaxDynamicSharedMemorySize) and never above the device's opt-in limit
 //     (set_optin_smem; default: an H100's 227 KiB). A bad launch leaves cudaGetLastError() set
 //     and runs nothing, as CUDA does.
-//   * dynamic shared memory starts filled with 0xff bytes (NaN as float) in every block, with a
-//     guard zone after it that is checked at the end of each block.
+//   * shared memory, static and dynamic, starts filled with 0xff bytes (NaN as float) in every
+//     block; a guard zone after the dynamic part is checked at the end of each block.
 //   * misaligned vector loads through __ldg fail; full-mask shuffles only.
 // Not emulated: memory-model effects (everything is sequentially consistent here), timing,
 // texture/constant memory, atomics (no kernel of this package uses them).
@@ -43,6 +43,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static  // one block at a time: a static local is the block's shared memory
+                          // (the rewrite adds a shared_static() call to poison it per block)
 #define __launch_bounds__(...)
 
 // ---- vector types
@@ -115,6 +116,7 @@ struct State {
   const std::function<void()>* body = nullptr;
   std::vector<unsigned char> smem;
   size_t smem_bytes = 0;
+  std::vector<const void*> static_smem;  // static __shared__ arrays poisoned in this block
   std::string error;
   bool reverse = false;
   bool in_kernel = false;
@@ -158,6 +160,16 @@ inline void fiber_entry() {
 
 inline void* dynamic_smem() { return state().smem.data(); }
 
+// First thread of the block to reach a static __shared__ declaration fills it with 0xff bytes:
+// shared memory starts undefined on a GPU, not zeroed, and not holding the previous block's data.
+inline void shared_static(void* p, size_t bytes) {
+  State& s = state();
+  for (const void* q : s.static_smem)
+    if (q == p) return;
+  s.static_smem.push_back(p);
+  std::memset(p, 0xff, bytes);
+}
+
 inline void run_block(State& s) {
   const unsigned n = s.bdim.x * s.bdim.y * s.bdim.z;
   for (unsigned i = 0; i < n; ++i) {
@@ -172,6 +184,7 @@ inline void run_block(State& s) {
     f.tid = {i % s.bdim.x, (i / s.bdim.x) % s.bdim.y, i / (s.bdim.x * s.bdim.y)};
   }
   std::memset(s.smem.data(), 0xff, s.smem.size());
+  s.static_smem.clear();
   for (;;) {
     for (unsigned k = 0; k < n; ++k) {
       Fiber& f = s.fibers[s.reverse ? n - 1 - k : k];
