@@ -321,6 +321,22 @@ def test_moe_matches_reference(moe_on_emu, ran, dtype, activation, bias, top_k):
     TM.check("cpu", dtype, activation=activation, bias=bias, top_k=top_k)
 
 
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in vk.available_backends("cpu"),
+                    reason="Triton's interpreter is not available here")
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_moe_cuda_backend_as_on_a_gpu(moe_on_emu, ran, monkeypatch, dtype, activation):
+    """The ``cuda`` backend's exact composition on a GPU: emulated CUDA routing / permutation /
+    combine around Triton's grouped GEMMs (here in the interpreter)."""
+    from helpers import interp_fixes_skip
+    if dtype == torch.bfloat16 and interp_fixes_skip():
+        pytest.skip(f"triton bf16 in the interpreter: {interp_fixes_skip()}")
+    from vidgen_kernels.triton_kernels import moe as tk
+    monkeypatch.setattr(moe_ops._CudaKernels, "_gemms", staticmethod(lambda: tk.TritonKernels))
+    TM.check("cpu", dtype, N=13, C=16, F=24, E=4, top_k=2, activation=activation)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_moe_edge_cases(moe_on_emu, ran, dtype):
     TM.test_tied_logits_lowest_index_wins("cpu", "cpu", dtype)
