@@ -411,3 +411,32 @@ def test_emulator_launch_limits(emu, ran):
         emu.selftest("smem_overflow")
     with pytest.raises(RuntimeError, match="misaligned __ldg of 16 bytes"):
         emu.selftest("misaligned_ldg")
+
+
+def test_emulator_conversions_match_torch(emu):
+    """__float2half_rn / __half2float / __float2bfloat16_rn of the emulator, bit for bit against
+    torch's conversions: every float16 value, and float32 values around every float16 / bfloat16
+    rounding boundary (ties to even), subnormals, overflow to inf, NaN."""
+    h = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    f = h.view(torch.float16).float()
+    back = emu.half_to_float(h.contiguous())
+    assert torch.equal(back.isnan(), f.isnan())
+    ok = ~f.isnan()
+    assert torch.equal(back[ok].view(torch.int32), f[ok].view(torch.int32))
+    # float32 values: every float16 value, the midpoints between neighbours, and one ulp around
+    fin = f[torch.isfinite(f)].double().unique()
+    mids = (fin[1:] + fin[:-1]) / 2
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(200000, generator=g).double() * 10.0 ** torch.randint(-9, 6, (200000,), generator=g)
+    xs = torch.cat([fin, mids, wide]).float()
+    xs = torch.cat([xs, torch.nextafter(xs, torch.tensor(float("inf"))),
+                    torch.nextafter(xs, torch.tensor(float("-inf"))),
+                    torch.tensor([65504.0, 65519.99, 65520.0, 1e30, float("inf"), -float("inf"), 0.0, -0.0])])
+    want = xs.half().view(torch.int16)
+    got = emu.half_bits(xs.contiguous())
+    assert torch.equal(got, want), (xs[got != want][:5], got[got != want][:5], want[got != want][:5])
+    got_b = emu.bf16_bits(xs.contiguous())
+    want_b = xs.bfloat16().view(torch.int16)
+    assert torch.equal(got_b, want_b), xs[got_b != want_b][:5]
+    nan = emu.half_bits(torch.tensor([float("nan")]))
+    assert (int(nan[0]) & 0x7c00) == 0x7c00 and (int(nan[0]) & 0x3ff) != 0  # a NaN stays a NaN

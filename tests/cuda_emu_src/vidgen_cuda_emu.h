@@ -314,16 +314,28 @@ inline uint32_t f32_to_bits(float f) {
   std::memcpy(&b, &f, 4);
   return b;
 }
+// Software conversions (no _Float16: any C++17 compiler), bit-exact with IEEE binary16.
 inline float half_bits_to_f32(uint16_t h) {
-  _Float16 v;
-  std::memcpy(&v, &h, 2);
-  return static_cast<float>(v);
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24, exact in float
+    const float v = static_cast<float>(man) * 5.9604644775390625e-8f;
+    return bits_to_f32(f32_to_bits(v) | sign);
+  }
+  if (exp == 31) return bits_to_f32(sign | 0x7f800000u | (man << 13));  // inf / NaN
+  return bits_to_f32(sign | ((exp + 112u) << 23) | (man << 13));
 }
-inline uint16_t f32_to_half_bits(float f) {
-  const _Float16 v = static_cast<_Float16>(f);
-  uint16_t h;
-  std::memcpy(&h, &v, 2);
-  return h;
+inline uint16_t f32_to_half_bits(float f) {  // round to nearest even
+  const uint32_t x = f32_to_bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));  // qNaN
+  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 (or inf): inf
+  if (ax < 0x38800000u) {  // below 2^-14: a subnormal (or zero); 1024 lands on the smallest normal
+    const float v = bits_to_f32(ax) * 16777216.0f;  // in units of 2^-24, exact
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(v)));
+  }
+  const uint32_t r = ax + 0xfffu + ((ax >> 13) & 1u) - 0x38000000u;  // round at bit 13, rebias
+  return static_cast<uint16_t>(sign | (r >> 13));
 }
 inline uint16_t f32_to_bf16_bits(float f) {
   uint32_t x = f32_to_bits(f);
