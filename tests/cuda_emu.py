@@ -29,30 +29,20 @@ EMU = Path(__file__).resolve().parent / "cuda_emu_src"
 CU_SOURCES = ("adaln_cuda.cu", "rope_cuda.cu", "moe_cuda.cu")
 
 
-def _match_back(s: str, end: int, open_ch: str, close_ch: str) -> int:
-    """Index of the ``open_ch`` matching the ``close_ch`` at ``end``."""
+def _match(s: str, at: int, step: int, open_ch: str = "(", close_ch: str = ")") -> int:
+    """Index of the bracket matching the one at ``at``: scanning forward (``step`` 1) from an
+    ``open_ch``, or backward (``step`` -1) from a ``close_ch``."""
     depth = 0
-    for i in range(end, -1, -1):
-        if s[i] == close_ch:
-            depth += 1
-        elif s[i] == open_ch:
-            depth -= 1
-            if depth == 0:
-                return i
-    raise ValueError(f"unbalanced {open_ch}{close_ch} before offset {end}")
-
-
-def _match_fwd(s: str, start: int, open_ch: str = "(", close_ch: str = ")") -> int:
-    """Index of the ``close_ch`` matching the ``open_ch`` at ``start``."""
-    depth = 0
-    for i in range(start, len(s)):
+    i = at
+    while 0 <= i < len(s):
         if s[i] == open_ch:
-            depth += 1
+            depth += step
         elif s[i] == close_ch:
-            depth -= 1
-            if depth == 0:
-                return i
-    raise ValueError(f"unbalanced {open_ch}{close_ch} after offset {start}")
+            depth -= step
+        if depth == 0:
+            return i
+        i += step
+    raise ValueError(f"unbalanced {open_ch}{close_ch} at offset {at}")
 
 
 def _pad(original: str, new: str) -> str:
@@ -71,7 +61,7 @@ def _rewrite_launches(s: str) -> str:
         while s[j].isspace():
             j -= 1
         if s[j] == ">":
-            j = _match_back(s, j, "<", ">") - 1
+            j = _match(s, j, -1, "<", ">") - 1
         k = j
         while k >= 0 and (s[k].isalnum() or s[k] in "_:"):
             k -= 1
@@ -84,7 +74,7 @@ def _rewrite_launches(s: str) -> str:
             a0 += 1
         if s[a0] != "(":
             raise ValueError(f"kernel launch without arguments at offset {i}")
-        a1 = _match_fwd(s, a0)
+        a1 = _match(s, a0, 1)
         args = s[a0 + 1:a1]
         original = s[callee_start:a1 + 1]
         new = (f"::vidgen_emu::launch(::vidgen_emu::cfg({cfg}), ::vidgen_emu::fn_id({callee}), "
@@ -103,7 +93,7 @@ def _rewrite_launch_bounds(s: str) -> str:
         if i < 0:
             break
         p0 = i + len("__launch_bounds__")
-        p1 = _match_fwd(s, p0)
+        p1 = _match(s, p0, 1)
         bound = s[p0 + 1:p1].split(",")[0]  # (max threads[, min blocks])
         body = s.index("{", p1)
         out.append(s[pos:i])
@@ -170,11 +160,7 @@ def load(verbose: bool = False):
         if not dst.exists() or dst.read_text() != text:
             dst.write_text(text)
         sources.append(str(dst))
-    for f in ("cuda_bindings.cpp",):
-        dst = src / f
-        shutil.copyfile(CSRC / f, dst)
-        sources.append(str(dst))
-    sources.append(str(EMU / "module.cpp"))
+    sources += [str(CSRC / "cuda_bindings.cpp"), str(EMU / "module.cpp")]  # compiled as they are
     flags = ["-O1", "-std=c++17", "-DVIDGEN_CUDA_EMU", "-ffp-contract=off", "-fno-strict-aliasing",
              "-Wno-unused-function"]
     san = ["-fsanitize=alignment", "-fno-sanitize-recover=alignment"]

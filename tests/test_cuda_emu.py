@@ -63,38 +63,33 @@ def ran(emu):
     assert emu.stats()["launches"] > 0, "the test ran no emulated CUDA kernel"
 
 
+def _on_emu_for_cpu(monkeypatch, module, name: str, emulated):
+    """Replace ``module.name`` (a backend name -> kernels function) so that ``"cpu"`` gives
+    ``emulated`` and every other backend what it gave before."""
+    orig = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda backend: emulated if backend == "cpu" else orig(backend))
+
+
 @pytest.fixture
 def adaln_on_emu(monkeypatch, emu):
     """``backend="cpu"`` of the AdaLN ops runs the emulated CUDA kernels."""
-    orig = adaln_ops._kernels
-
-    def kernels(backend):
-        if backend != "cpu":
-            return orig(backend)
-        return (lambda *a: emu.adaln_fwd_cuda(*a, 0)), (lambda *a: emu.adaln_bwd_cuda(*a, 0))
-    monkeypatch.setattr(adaln_ops, "_kernels", kernels)
+    _on_emu_for_cpu(monkeypatch, adaln_ops, "_kernels", (lambda *a: emu.adaln_fwd_cuda(*a, 0),
+                                                         lambda *a: emu.adaln_bwd_cuda(*a, 0)))
 
 
 @pytest.fixture
 def rope_on_emu(monkeypatch, emu):
-    orig = rope_ops._rope_kernel
-
-    def kernel(backend):
-        if backend != "cpu":
-            return orig(backend)
-        return lambda x, *a: emu.rope_cuda(x, *a, 0)
-    monkeypatch.setattr(rope_ops, "_rope_kernel", kernel)
+    _on_emu_for_cpu(monkeypatch, rope_ops, "_rope_kernel", lambda x, *a: emu.rope_cuda(x, *a, 0))
 
 
 @pytest.fixture
 def moe_on_emu(monkeypatch, emu):
     """``backend="cpu"`` of ``moe_ffn`` runs the ``cuda`` backend's kernel set: emulated CUDA
     routing / permutation / combine, PyTorch grouped GEMMs (Triton's are tested elsewhere)."""
-    orig = moe_ops._kernels
     monkeypatch.setattr(moe_ops._CudaKernels, "_C", staticmethod(lambda: emu))
     monkeypatch.setattr(moe_ops._CudaKernels, "_stream", staticmethod(lambda t: 0))
     monkeypatch.setattr(moe_ops._CudaKernels, "_gemms", staticmethod(lambda: moe_ops._TorchKernels))
-    monkeypatch.setattr(moe_ops, "_kernels", lambda b: moe_ops._CudaKernels if b == "cpu" else orig(b))
+    _on_emu_for_cpu(monkeypatch, moe_ops, "_kernels", moe_ops._CudaKernels)
 
 
 # ----------------------------------------------------------------------------------------------

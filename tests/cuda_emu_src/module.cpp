@@ -12,6 +12,23 @@ namespace vidgen_selftest {
 std::pair<std::string, std::vector<float>> run(const std::string& name);
 }
 
+namespace {
+
+// fn applied to each element of a contiguous tensor of dtype `in` -> a new tensor of dtype `out`.
+template <typename In, typename Out, typename Fn>
+at::Tensor convert(const at::Tensor& t, at::ScalarType in, at::ScalarType out, const char* name,
+                   Fn fn) {
+  TORCH_CHECK(t.scalar_type() == in && t.is_contiguous(), name, ": expected a contiguous ", in,
+              " tensor, got ", t.scalar_type());
+  at::Tensor r = at::empty(t.sizes(), t.options().dtype(out));
+  const In* p = t.data_ptr<In>();
+  Out* o = r.data_ptr<Out>();
+  for (int64_t i = 0; i < t.numel(); ++i) o[i] = static_cast<Out>(fn(p[i]));
+  return r;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_adaln_cuda(m);
   register_rope_cuda(m);
@@ -19,35 +36,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selftest", &vidgen_selftest::run,
         "Run one scenario of tests/cuda_emu_src/selftest.cu: (cudaGetLastError name, output)",
         pybind11::arg("name"));
-  m.def("half_bits", [](const at::Tensor& f) {  // float32 -> the emulator's binary16 bits
-    TORCH_CHECK(f.scalar_type() == at::kFloat && f.is_contiguous(), "half_bits: float32 contiguous");
-    at::Tensor out = at::empty(f.sizes(), f.options().dtype(at::kShort));
-    const float* p = f.data_ptr<float>();
-    int16_t* o = out.data_ptr<int16_t>();
-    for (int64_t i = 0; i < f.numel(); ++i) {
-      o[i] = static_cast<int16_t>(vidgen_emu::f32_to_half_bits(p[i]));
-    }
-    return out;
+  m.def("half_bits", [](const at::Tensor& f) {
+    return convert<float, int16_t>(f, at::kFloat, at::kShort, "half_bits",
+                                   [](float v) { return vidgen_emu::f32_to_half_bits(v); });
   }, "The emulator's float32 -> float16 conversion (__float2half_rn), as int16 bits");
   m.def("half_to_float", [](const at::Tensor& h) {
-    TORCH_CHECK(h.scalar_type() == at::kShort && h.is_contiguous(), "half_to_float: int16 contiguous");
-    at::Tensor out = at::empty(h.sizes(), h.options().dtype(at::kFloat));
-    const int16_t* p = h.data_ptr<int16_t>();
-    float* o = out.data_ptr<float>();
-    for (int64_t i = 0; i < h.numel(); ++i) {
-      o[i] = vidgen_emu::half_bits_to_f32(static_cast<uint16_t>(p[i]));
-    }
-    return out;
+    return convert<int16_t, float>(h, at::kShort, at::kFloat, "half_to_float", [](int16_t v) {
+      return vidgen_emu::half_bits_to_f32(static_cast<uint16_t>(v));
+    });
   }, "The emulator's float16 -> float32 conversion (__half2float) of int16 bits");
   m.def("bf16_bits", [](const at::Tensor& f) {
-    TORCH_CHECK(f.scalar_type() == at::kFloat && f.is_contiguous(), "bf16_bits: float32 contiguous");
-    at::Tensor out = at::empty(f.sizes(), f.options().dtype(at::kShort));
-    const float* p = f.data_ptr<float>();
-    int16_t* o = out.data_ptr<int16_t>();
-    for (int64_t i = 0; i < f.numel(); ++i) {
-      o[i] = static_cast<int16_t>(vidgen_emu::f32_to_bf16_bits(p[i]));
-    }
-    return out;
+    return convert<float, int16_t>(f, at::kFloat, at::kShort, "bf16_bits",
+                                   [](float v) { return vidgen_emu::f32_to_bf16_bits(v); });
   }, "The emulator's float32 -> bfloat16 conversion (__float2bfloat16_rn), as int16 bits");
   m.def("set_schedule", [](bool reverse) { vidgen_emu::state().reverse = reverse; },
         "Run the threads of a block in reverse index order (true) or in index order (false)",
