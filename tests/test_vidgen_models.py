@@ -546,3 +546,65 @@ def test_model_exports_and_eager_is_unchanged_after(model):
     for got in (exported, after):
         assert type(got) is torch.Tensor
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["latent_dit", "video_causal_dit", "cogvideox", "image_moe_dit"])
+def test_models_jvp_in_time_and_input(model):
+    """``torch.func.jvp`` through the model on its default (fused) backends, w.r.t. the latent and
+    the timestep together (what consistency-model and MeanFlow training differentiate), under
+    the flash rule against the float64 reference model's jvp, which itself passes the
+    dot-product test against reverse mode (central differences do not serve: the timestep
+    embedding is computed in fp32 even in a float64 model). Before the ops routed
+    forward-mode AD to their references, the fused models returned a zero tangent here."""
+    import copy
+    make_model, make_inputs = MODEL_CASES[model]
+    m = make_model()
+    x, t, text = make_inputs()
+    g = torch.Generator().manual_seed(6)
+    tx, tt = torch.randn(x.shape, generator=g), torch.rand(t.shape, generator=g)
+    # copies before jvp: the models keep their aux loss as an attribute
+    lo, hi = copy.deepcopy(m), copy.deepcopy(m).double()
+    lo.backend = hi.backend = "reference"
+
+    def jvp(mm, dtype):
+        return torch.func.jvp(lambda x, t: mm(x, t, text.to(dtype)), (x.to(dtype), t.to(dtype)),
+                              (tx.to(dtype), tt.to(dtype)))
+    y, tangent = jvp(m, torch.float32)
+    _, lo_tangent = jvp(lo, torch.float32)
+    hi_y, hi_tangent = jvp(hi, torch.float64)
+    # the float64 tangent passes the dot-product test against reverse mode: <w, J v> = <J^T w, v>
+    w = torch.randn(hi_y.shape, generator=g, dtype=torch.float64)
+    x64, t64 = x.double().requires_grad_(), t.double().requires_grad_()
+    gx, gt = torch.autograd.grad((hi(x64, t64, text.double()) * w).sum(), (x64, t64))
+    torch.testing.assert_close((hi_tangent * w).sum(), (gx * tx).sum() + (gt * tt).sum(),
+                               rtol=1e-5, atol=1e-6)  # (fp32 timestep embedding)
+    assert hi_tangent.abs().max() > 0.1
+    assert_close_rule(tangent, hi_tangent, lo_tangent, "tangent")
+    torch.testing.assert_close(y, m(x, t, text), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["latent_dit", "video_causal_dit", "cogvideox", "image_moe_dit"])
+def test_models_gradient_penalty(model):
+    """An R1-style gradient penalty (``create_graph=True``, then backward to the parameters)
+    through the model on its default (fused) kernels equals the reference model's: every
+    parameter gradient within the flash rule of the float64 reference (the fp32 reference sets
+    the bound). Before the kernels' backward had a double-backward path, the second backward
+    raised ("no autograd formula was registered" for vidgen_kernels::*_bwd)."""
+    import copy
+    make_model, make_inputs = MODEL_CASES[model]
+    m = make_model()
+    x, t, text = make_inputs()
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+
+    def run(mm, dtype):
+        xx = x.to(dtype).requires_grad_()
+        gx, = torch.autograd.grad((mm(xx, t.to(dtype), text.to(dtype)) * w.to(dtype)).sum(), xx,
+                                  create_graph=True)
+        gx.square().sum().backward()
+        return [(n, p.grad) for n, p in mm.named_parameters()]
+
+    lo, hi = copy.deepcopy(m), copy.deepcopy(m).double()
+    lo.backend = hi.backend = "reference"
+    got, lo_g, hi_g = run(m, torch.float32), run(lo, torch.float32), run(hi, torch.float64)
+    assert sum(g.abs().sum() for _, g in got if g is not None) > 0
+    assert_grads_close_rule(got, lo_g, hi_g)

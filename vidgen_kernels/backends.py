@@ -15,6 +15,13 @@ triton        Triton kernels                              CUDA tensors (CPU tens
 Selection, highest priority first: the per-call ``backend=`` argument, the innermost
 ``use_backend(...)`` context, the ``VIDGEN_KERNELS_BACKEND`` environment variable, ``"auto"``.
 ``auto`` picks the fastest usable backend for the tensors' device and dtype (see ``AUTO_ORDER``).
+
+The kernels have a backward but no forward-mode derivative, and ``torch.library`` custom ops do
+not run under ``torch.func.grad`` / ``vjp`` / ``jacrev``: where an op's inputs are under forward-mode
+AD (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad`` dual tensors) or a
+``torch.func`` gradient transform, ``auto`` takes ``reference`` (plain PyTorch, which every
+transform follows exactly) and a named kernel backend raises ``BackendUnavailableError``
+(``torch.func.vmap`` alone stays on the kernels). See :func:`autodiff_transform`.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import threading
 from typing import Iterator
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 
 from . import _ext
 
@@ -137,14 +145,75 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [b for b in BACKENDS if why_unavailable(b, device) is None]
 
 
+try:  # private; where a torch lacks it, every call looks at the tensors' tangents instead
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _interpreters
+    _KERNEL_FREE_TRANSFORMS = {
+        torch._C._functorch.TransformType.Grad: "a torch.func gradient transform (grad / vjp / "
+                                                "jacrev)",
+        torch._C._functorch.TransformType.Jvp: "forward-mode AD (torch.func.jvp / jacfwd)"}
+except (ImportError, AttributeError):  # pragma: no cover
+    _interpreters, _KERNEL_FREE_TRANSFORMS = None, {}
+
+
+_FORWARD_AD = "forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad)"
+_FUNC_TRANSFORM = "a torch.func transform"  # compiled: dynamo cannot tell grad from vmap
+
+
+def autodiff_transform(tensors) -> str | None:
+    """The autodiff, in words, that the kernels cannot follow and that applies to ``tensors``
+    (an op's tensor inputs; ``None`` entries allowed), or ``None``.
+
+    That is forward-mode AD (``torch.func.jvp`` / ``jacfwd``, or a ``torch.autograd.forward_ad``
+    dual tensor among ``tensors``) or a ``torch.func`` gradient transform (``grad``, ``vjp``,
+    ``jacrev``, ``hessian``). Under these the custom ops would silently drop the tangent (the
+    result of ``jvp`` would be zero) or raise from inside PyTorch, so ``auto`` takes the
+    ``reference`` path instead. Reverse-mode ``.backward()`` / ``torch.autograd.grad`` (also
+    ``create_graph=True``), ``vmap`` and ``torch.export`` are not affected. Inside
+    ``torch.compile`` only the transforms' presence is visible: there any ``torch.func``
+    transform (``vmap`` included) counts. Costs about a microsecond when none applies.
+    """
+    compiling = torch.compiler.is_compiling()
+    functorch = torch._C._are_functorch_transforms_active()
+    if getattr(_fwAD, "_current_level", 0) >= 0:  # inside a dual level (torch.func.jvp makes one)
+        if compiling or functorch:  # (unpack_dual has no batching rule under vmap)
+            return _FORWARD_AD
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and _fwAD.unpack_dual(t).tangent is not None:
+                return _FORWARD_AD
+    if functorch:
+        if compiling or _interpreters is None:
+            return _FUNC_TRANSFORM
+        for interp in _interpreters():
+            what = _KERNEL_FREE_TRANSFORMS.get(interp.key())
+            if what is not None:
+                return what
+    return None  # vmap alone: the custom ops run under it
+
+
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype,
-            supported_dtypes: dict[str, tuple[torch.dtype, ...]], op: str) -> str:
+            supported_dtypes: dict[str, tuple[torch.dtype, ...]], op: str,
+            tensors=()) -> str:
     """Turn ``backend`` (``None`` = current default) into a concrete backend for ``op``.
 
-    ``supported_dtypes`` maps each kernel backend the op has to the dtypes it takes.
+    ``supported_dtypes`` maps each kernel backend the op has to the dtypes it takes; ``tensors``
+    are the op's tensor inputs (see :func:`autodiff_transform`: ``auto`` takes ``reference``
+    under forward-mode AD or a ``torch.func`` gradient transform).
     Raises ``BackendUnavailableError`` when an explicitly requested backend cannot run.
     """
     name = current_backend() if backend is None else _check_name(backend, f"{op}(backend=)")
+    if name != "reference":
+        transform = autodiff_transform(tensors)
+        if transform is not None:
+            if name == "auto":
+                return "reference"
+            if transform == _FUNC_TRANSFORM:  # compiled vmap runs the custom ops: keep them
+                transform = None
+        if transform is not None:
+            why = ("the kernels have no forward-mode derivative" if "forward" in transform else
+                   "torch.library custom ops do not run under torch.func gradient transforms")
+            raise BackendUnavailableError(
+                f"{op}: backend {name!r} cannot run under {transform}: {why}; use backend "
+                "'auto' or 'reference' (plain PyTorch, exact under every transform)")
     if name == "auto":
         for cand in AUTO_ORDER.get(device.type, ("reference",)):
             if cand == "reference":

@@ -12,16 +12,21 @@ eager mode (not compiling or tracing, no dispatch or torch-function mode active,
 tensors) the returned callable runs that function directly, through a ``torch.autograd.Function``
 built from the op's own ``setup_context`` / ``backward`` when autograd needs the result; in every
 other case it calls the custom op. Same code, same results, one layer instead of five.
+
+:func:`differentiable_vjp` is the ops' double-backward path: under ``create_graph=True`` (grad
+mode on inside backward) a kernel's gradient would be a constant to autograd, so the backward
+functions recompute their forward in plain PyTorch and return its vector-Jacobian product as a
+graph (gradient penalties, Hessian-vector products).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["eager_op"]
+__all__ = ["eager_op", "differentiable_vjp"]
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -74,3 +79,27 @@ def eager_op(op, impl: Callable, setup_context: Optional[Callable] = None,
     call.__name__ = call.__qualname__ = f"{impl.__name__}_call"
     call.__doc__ = impl.__doc__
     return call
+
+
+def differentiable_vjp(forward: Callable, inputs: Sequence[Optional[Tensor]],
+                       needs: Sequence[bool], grad_outputs: Sequence[Optional[Tensor]]) -> tuple:
+    """``sum_i <grad_outputs[i], d forward(*inputs)[i] / d inputs[j]>`` for each ``j`` with
+    ``needs[j]`` (``None`` elsewhere), with ``create_graph=True``: what a backward returns when
+    autograd is to differentiate it again.
+
+    Args:
+        forward: plain PyTorch ops (the op's reference); returns a tensor or a tuple of them.
+        inputs: its arguments; those with ``needs[j]`` must require grad (a backward's saved
+            tensors do under ``create_graph=True``).
+        grad_outputs: one per output of ``forward``; ``None`` for an output without gradient.
+    """
+    with torch.enable_grad():
+        outs = forward(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+        wanted = [t for t, n in zip(inputs, needs) if n]
+        if not pairs or not wanted:
+            return tuple(None for _ in inputs)
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                       create_graph=True, allow_unused=True))
+    return tuple(next(got) if n else None for n in needs)

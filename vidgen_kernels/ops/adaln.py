@@ -68,7 +68,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..backends import resolve
-from ._eager import eager_op
+from ._eager import differentiable_vjp, eager_op
 
 __all__ = [
     "adaln_modulate",
@@ -504,14 +504,48 @@ def _setup_context(ctx, inputs, output):
     ctx.shift_shape = list(shift.shape)
     ctx.shift_dtype = shift.dtype
     ctx.is_rms = is_rms
+    ctx.eps = eps
     ctx.backend = backend
     ctx.set_materialize_grads(False)
+
+
+def _double_backward(ctx, dout, dh, hx, y, gate, scale, weight, bias):
+    """The gradients as a graph (create_graph=True), from the reference. Gated, the saved h
+    stands for x + gate * y: differentiating through it reaches this op's own backward, which
+    carries the gradient on to x, y and gate."""
+    nig = ctx.needs_input_grad
+    # shift enters linearly: its gradient does not depend on its value
+    shift = torch.zeros(ctx.shift_shape, dtype=ctx.shift_dtype, device=hx.device,
+                        requires_grad=nig[3])
+    need_h = nig[0] or (ctx.gated and (nig[1] or nig[2]))
+    if ctx.gated:
+        # aliases: differentiating w.r.t. scale / weight / bias themselves would make autograd
+        # run this op's backward (a path to them through h), recursively
+        scale, weight, bias = (t.view_as(t) if t is not None and t.requires_grad else t
+                               for t in (scale, weight, bias))
+    dhx, dshift, dscale, dw, db = differentiable_vjp(
+        lambda hx, shift, scale, weight, bias: _ref_modulate(hx, shift, scale, weight, bias,
+                                                             ctx.eps, ctx.is_rms),
+        (hx, shift, scale, weight, bias), (need_h, nig[3], nig[4], nig[5], nig[6]), (dout,))
+    dx = dy = dgate = None
+    if ctx.gated and need_h:
+        dh_total = dhx if dh is None else (dh if dhx is None else dhx + dh)
+        if dh_total is not None:
+            _, dy, dgate = differentiable_vjp(
+                lambda _, y, gate: _ref_gated(torch.zeros_like(hx), y, gate), (None, y, gate),
+                (False, nig[1], nig[2]), (dh_total,))
+        dx = dh_total
+    elif not ctx.gated:
+        dx = dhx
+    return (dx if nig[0] else None, dy, dgate, dshift, dscale, dw, db, None, None, None)
 
 
 def _backward(ctx, dout, dh, _dmean, _drstd):
     hx, y, gate, scale, weight, bias, mean, rstd = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(hx)
+    if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
+        return _double_backward(ctx, dout, dh, hx, y, gate, scale, weight, bias)
     nig = ctx.needs_input_grad
     needs = [nig[0], nig[1], nig[2], nig[3], nig[4], nig[5], nig[6]]
     dx, dy, dgate, dshift, dscale, dw, db = _adaln_bwd_call(
@@ -528,8 +562,8 @@ _adaln_fwd_call = eager_op(_adaln_fwd, _adaln_fwd_impl, _setup_context, _backwar
 # ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
-def _resolve(x: Tensor, backend: Optional[str], op: str) -> str:
-    name = resolve(backend, x.device, x.dtype, SUPPORTED_DTYPES, op)
+def _resolve(x: Tensor, backend: Optional[str], op: str, tensors=()) -> str:
+    name = resolve(backend, x.device, x.dtype, SUPPORTED_DTYPES, op, tensors)
     limit = MAX_C.get(name)
     if limit is not None and x.shape[2] > limit:
         if backend is None:  # auto / context choice: fall back rather than fail
@@ -562,7 +596,7 @@ def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, *, weight: Optional[
     shift3, scale3 = _canon_param("shift", shift, x, op), _canon_param("scale", scale, x, op)
     weight, bias = _check_affine("weight", weight, x, op), _check_affine("bias", bias, x, op)
     _check_param_dtypes(op, shift3, scale3)
-    name = _resolve(x, backend, op)
+    name = _resolve(x, backend, op, (x, shift3, scale3, weight, bias))
     if name == "reference":
         return _ref_modulate(x, shift3, scale3, weight, bias, eps, is_rms)
     out, _, _, _ = _adaln_fwd_call(x, None, None, shift3, scale3, weight, bias, float(eps),
@@ -593,7 +627,7 @@ def gated_residual_adaln(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scal
     shift3, scale3 = _canon_param("shift", shift, x, op), _canon_param("scale", scale, x, op)
     weight, bias = _check_affine("weight", weight, x, op), _check_affine("bias", bias, x, op)
     _check_param_dtypes(op, shift3, scale3, gate3)
-    name = _resolve(x, backend, op)
+    name = _resolve(x, backend, op, (x, y, gate3, shift3, scale3, weight, bias))
     if name == "reference":
         h = _ref_gated(x, y, gate3)
         return h, _ref_modulate(h, shift3, scale3, weight, bias, eps, is_rms)

@@ -89,7 +89,7 @@ import torch
 from torch import Tensor
 
 from ._checks import autocast_dtype, cast_floating
-from ._eager import eager_op
+from ._eager import differentiable_vjp, eager_op
 from ..backends import resolve
 
 __all__ = ["MoEOutput", "moe_ffn", "moe_ffn_reference", "ACTIVATIONS"]
@@ -678,6 +678,10 @@ def _unpermute_setup(ctx, inputs, output):
 
 def _unpermute_backward(ctx, dout):
     y, weights, pos, tok, order = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
+        dy, dw = differentiable_vjp(lambda y, w: kernel_combine_torch(y, pos, w), (y, weights),
+                                    ctx.needs_input_grad[:2], (dout,))
+        return dy, dw, None, None, None, None
     dout = dout.contiguous()
     dy, dw = _moe_unpermute_bwd_call(dout, y, weights, pos, tok, order, ctx.backend)
     return dy, dw, None, None, None, None
@@ -772,17 +776,24 @@ def _experts_setup(ctx, inputs, output):
     y, pre = output
     # neither xs = x[tok] nor hid = act(pre) is kept: backward rebuilds both (a gather and an
     # elementwise pass) from x and pre
-    ctx.save_for_backward(x, tok, pos, w1, w2, offs, pre)
+    ctx.save_for_backward(x, tok, pos, w1, w2, offs, pre, b1, b2)  # (b1, b2: for create_graph)
     ctx.args = (activation, b1 is not None, b2 is not None, backend)
     # pre is an output only so that it can be saved: no [P, F] zero gradient is made for it
     ctx.set_materialize_grads(False)
 
 
 def _experts_backward(ctx, dy, _dpre):
-    x, tok, pos, w1, w2, offs, pre = ctx.saved_tensors
+    x, tok, pos, w1, w2, offs, pre, b1, b2 = ctx.saved_tensors
     activation, has_b1, has_b2, backend = ctx.args
     if dy is None:  # y unused (never in moe_ffn, which always combines it)
         dy = pre.new_zeros((pre.shape[0], w2.shape[2]))
+    if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
+        nig = ctx.needs_input_grad
+        dx, dw1, db1, dw2, db2 = differentiable_vjp(
+            lambda x, w1, b1, w2, b2: _moe_experts_fwd_impl(x, tok, pos, w1, b1, w2, b2, offs,
+                                                            activation, "torch")[0],
+            (x, w1, b1, w2, b2), (nig[0], nig[3], nig[4], nig[5], nig[6]), (dy,))
+        return dx, None, None, dw1, db1, dw2, db2, None, None, None
     dx, dw1, dw2, db1, db2 = _moe_experts_bwd_call(
         dy.contiguous(), x, tok, pos, w1, w2, offs, pre, activation, has_b1, has_b2, backend)
     return (dx, None, None, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None, None,
@@ -858,7 +869,8 @@ def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, 
                            expert_index=expert_index, backend=backend)
     N, C, E, _ = _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2,
                                expert_index, op)
-    name = resolve(backend, x.device, x.dtype, SUPPORTED_DTYPES, op)
+    name = resolve(backend, x.device, x.dtype, SUPPORTED_DTYPES, op,
+                   (x, router_logits, w1, w2, b1, b2))
     if name == "reference":
         return moe_ffn_reference(x, router_logits, w1, w2, top_k=top_k, activation=activation,
                                  b1=b1, b2=b2, normalize_weights=normalize_weights,

@@ -305,8 +305,8 @@ def _rope_backward(ctx, dout):
 _rope_apply_call = eager_op(_rope_apply, _rope_apply_impl, _rope_setup_context, _rope_backward)
 
 
-def _resolve_rope(backend: Optional[str], x: Tensor, op: str) -> str:
-    name = _resolve_backend(backend, x.device, x.dtype, ROPE_SUPPORTED_DTYPES, op)
+def _resolve_rope(backend: Optional[str], x: Tensor, op: str, tensors=()) -> str:
+    name = _resolve_backend(backend, x.device, x.dtype, ROPE_SUPPORTED_DTYPES, op, tensors)
     symbol = {"cpu": "rope_cpu", "cuda": "rope_cuda"}.get(name)
     if symbol is not None and not hasattr(_ext.C, symbol):  # an extension built before RoPE
         if backend is None or backend == "auto":
@@ -337,7 +337,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = True,
     """
     op = "apply_rope"
     c, s = _check_apply_args(x, cos, sin, interleaved, offset, op)
-    name = _resolve_rope(backend, x, op)
+    name = _resolve_rope(backend, x, op, (x, c, s))
     if name == "reference":
         return _ref_apply(x, c, s, interleaved, offset)
     return _rope_apply_call(x, c, s, offset, interleaved, False, name)

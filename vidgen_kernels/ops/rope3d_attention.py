@@ -84,7 +84,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from ._eager import eager_op
+from ._eager import differentiable_vjp, eager_op
 from ..backends import resolve
 from ._checks import autocast_dtype, cast_floating, check_qkv, softmax_scale_or_default
 from .rope import _rope_kernel, canon_table, check_rope_pair, rotate
@@ -388,6 +388,13 @@ def _backward(ctx, dout, _dlse):
     q, k, v, cos, sin, out, lse = ctx.saved_tensors
     if dout is None:
         return (None,) * 12
+    if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
+        off, interleaved, fc_start, fc_len, fc_block, scale, _ = ctx.args
+        dq, dk, dv = differentiable_vjp(
+            lambda q, k, v: _attend(q, k, v, cos, sin, off, interleaved, fc_start, fc_len,
+                                    fc_block, scale)[0].to(q.dtype),
+            (q, k, v), ctx.needs_input_grad[:3], (dout,))
+        return (dq, dk, dv) + (None,) * 9
     dq, dk, dv = _rope3d_attn_bwd_call(dout, q, k, v, cos, sin, out, lse, *ctx.args)
     return (dq, dk, dv) + (None,) * 9
 
@@ -440,7 +447,7 @@ def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = No
     cos, sin, off, fl, fb, scale = _check_inputs(q, k, v, cos, sin, rope_offset, interleaved,
                                                  frame_causal, tokens_per_frame, frames_per_block,
                                                  softmax_scale, op)
-    name = resolve(backend, q.device, q.dtype, SUPPORTED_DTYPES, op)
+    name = resolve(backend, q.device, q.dtype, SUPPORTED_DTYPES, op, (q, k, v, cos, sin))
     lim = MAX_D.get(name)
     if lim is not None and q.shape[-1] > lim:
         if backend is None:

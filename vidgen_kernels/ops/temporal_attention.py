@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._eager import eager_op
+from ._eager import differentiable_vjp, eager_op
 from ..backends import resolve
 from ._checks import autocast_dtype, cast_floating, check_qkv, softmax_scale_or_default
 from .rope import canon_table, check_rope_pair, rotate, unrotate
@@ -230,6 +230,14 @@ def _backward(ctx, dout, _dlse):
     q, k, v, cos, sin, out, lse = ctx.saved_tensors
     if dout is None:
         return (None,) * 10
+    if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
+        causal, interleaved, q_offset, scale, _ = ctx.args
+        dq, dk, dv = differentiable_vjp(
+            lambda q, k, v: _attend(_to_seq(q), _to_seq(k), _to_seq(v), cos, sin, causal,
+                                    interleaved, q_offset, scale)[0].to(q.dtype)
+            .permute(0, 3, 1, 2, 4),
+            (q, k, v), ctx.needs_input_grad[:3], (dout,))
+        return (dq, dk, dv) + (None,) * 7
     dq, dk, dv = _temporal_attn_bwd_call(dout, q, k, v, cos, sin, out, lse, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None
 
@@ -272,7 +280,7 @@ def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                                       interleaved=interleaved, q_offset=q_offset,
                                       softmax_scale=softmax_scale, backend=backend)
     cos, sin, scale = _check_inputs(q, k, v, cos, sin, q_offset, interleaved, softmax_scale, op)
-    name = resolve(backend, q.device, q.dtype, SUPPORTED_DTYPES, op)
+    name = resolve(backend, q.device, q.dtype, SUPPORTED_DTYPES, op, (q, k, v, cos, sin))
     Tk, D = k.shape[1], q.shape[-1]
     for limits, val, what in ((MAX_T, Tk, "T_k"), (MAX_D, D, "head_dim")):
         lim = limits.get(name)
