@@ -328,20 +328,33 @@ def _dd_moe_all():
                0.5 * _rnd(E, F, C, seed=3))
 
 
+# (backend, device): the CPU kernels, Triton in the interpreter; the GPU backends on a GPU
+_DD_BACKENDS = [("cpu", "cpu"), ("triton", "cpu")] + (
+    [("triton", "cuda"), ("cuda", "cuda")] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("backend,device", _DD_BACKENDS)
 @pytest.mark.parametrize("kind", ["full", "causal", "temporal", "moe"])
-def test_double_backward_vs_reference(kind):
-    """A gradient penalty through the attention kernels (fp32 only on ``cpu``) and through
-    moe_ffn with its router logits: the penalty's gradients w.r.t. every input equal those of
-    the reference backend (plain autograd, no custom op), and are not zero."""
+def test_double_backward_vs_reference(kind, backend, device):
+    """A gradient penalty through the attention kernels (fp32: the ``cpu`` attention has no
+    float64) and through moe_ffn with its router logits: the penalty's gradients w.r.t. every
+    input equal those of the reference backend (plain autograd, no custom op), and are not
+    zero."""
+    why = vk.backends.why_unavailable(backend, device)
+    if why is not None:
+        pytest.skip(why)
+    if backend == "cuda" and kind != "moe":
+        pytest.skip("the cuda backend has no attention (Triton serves CUDA)")
     f, args = _dd_moe_all() if kind == "moe" else _dd_attention(kind)
-    w = torch.randn(f(*args, "reference").shape, generator=_g(9))
+    args = tuple(a.to(device) for a in args)
+    w = torch.randn(f(*args, "reference").shape, generator=_g(9)).to(device)
     res = {}
-    for backend in ("cpu", "reference"):
+    for be in (backend, "reference"):
         qkv = [a.detach().clone().requires_grad_() for a in args]
-        grads = torch.autograd.grad((f(*qkv, backend) * w).sum(), qkv, create_graph=True)
+        grads = torch.autograd.grad((f(*qkv, be) * w).sum(), qkv, create_graph=True)
         penalty = sum(g.square().sum() for g in grads)
-        res[backend] = torch.autograd.grad(penalty, qkv)
-    for got, want in zip(res["cpu"], res["reference"]):
+        res[be] = torch.autograd.grad(penalty, qkv)
+    for got, want in zip(res[backend], res["reference"]):
         assert want.abs().max() > 1e-3
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
