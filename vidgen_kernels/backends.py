@@ -145,7 +145,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [b for b in BACKENDS if why_unavailable(b, device) is None]
 
 
-try:  # private; where a torch lacks it, every call looks at the tensors' tangents instead
+try:  # private API; where a torch lacks it, any active torch.func transform counts
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _interpreters
     _KERNEL_FREE_TRANSFORMS = {
         torch._C._functorch.TransformType.Grad: "a torch.func gradient transform (grad / vjp / "
