@@ -407,3 +407,39 @@ def test_autocast_training_step_matches(which, backend, device):
     assert g.keys() == ref_grads.keys()
     for n in g:
         close(g[n], ref_grads[n], rtol=5e-2)
+
+
+@pytest.mark.parametrize("which", ["cogvideox", "wan"])
+def test_jvp_and_gradient_penalty_match_unpatched(which):
+    """Beyond ``.backward()`` on the patched model (default backend): ``torch.func.jvp`` w.r.t.
+    the latents (consistency / MeanFlow training; the ops run their reference there) and an
+    R1-style gradient penalty (``create_graph=True``, then backward to the parameters; the
+    kernels' backward returns a differentiable graph) equal the unpatched model's (on SDPA's
+    math backend: unpatched, the CPU flash attention cannot do forward AD)."""
+    if which == "cogvideox":
+        model, (args, kw) = cogvideox(), cog_inputs("frac")
+    else:
+        model, (args, kw) = wan(), wan_inputs()
+    x, rest = args[0], args[1:]
+    tx = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+
+    def jvp():
+        return torch.func.jvp(lambda x: run(model, (x,) + rest, kw), (x,), (tx,))[1]
+
+    def penalty():
+        model.zero_grad()
+        xx = x.clone().requires_grad_()
+        gx, = torch.autograd.grad(run(model, (xx,) + rest, kw).square().sum(), xx,
+                                  create_graph=True)
+        gx.square().sum().backward()
+        return grads(model)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):  # ATen's CPU flash attention has no forward AD
+        ref_t, ref_g = jvp(), penalty()
+    no_warnings(vkd.apply, model)
+    t, g = jvp(), penalty()
+    assert ref_t.abs().max() > 0
+    close(t, ref_t, rtol=1e-4)
+    assert g.keys() == ref_g.keys()
+    for n in g:
+        close(g[n], ref_g[n], rtol=1e-4)
