@@ -39,71 +39,87 @@ def _as(p, *ts):
     return tuple(t.to(p.dtype) for t in ts)
 
 
-# each case: (function of one tensor p with a backend keyword, p); constants are closed over.
-# Odd sizes; strided / broadcast forms where the op takes them.
-def _adaln():
-    sh, sc = _rnd(2, 1, 33, seed=1), _rnd(33, seed=2)
-    w = _rnd(33, seed=3)
-    def f(x, backend):
-        return vk.adaln_modulate(x, *_as(x, sh, sc), weight=_as(x, w)[0], norm="layer",
+# Case builders: (f(*inputs, backend=...), inputs). Odd sizes; strided / broadcast forms where
+# the op takes them.
+def _adaln_case(norm, gated):
+    def f(x, y, gate, shift, scale, weight, bias, backend="cpu"):
+        if gated:
+            h, out = vk.gated_residual_adaln(x, y, gate, shift, scale, weight=weight, bias=bias,
+                                             norm=norm, backend=backend)
+            return h * out  # both outputs, so that dh reaches the backward too
+        return vk.adaln_modulate(x, shift, scale, weight=weight, bias=bias, norm=norm,
                                  backend=backend)
-    return f, _rnd(2, 7, 33)
+    B, N, C = 2, 5, 7
+    args = (_rnd(B, N, C), _rnd(B, N, C, seed=1), _rnd(B, 1, C, seed=2), _rnd(B, C, seed=3),
+            _rnd(C, seed=4), _rnd(C, seed=5), _rnd(C, seed=6))
+    return f, args
 
 
-def _gated():
-    y, gate = _rnd(2, 7, 33, seed=1), _rnd(2, 33, seed=2)
-    sh, sc = _rnd(2, 33, seed=3), _rnd(2, 33, seed=4)
-
-    def f(x, backend):
-        h, out = vk.gated_residual_adaln(x, *_as(x, y, gate, sh, sc), norm="rms",
-                                         backend=backend)
-        return h + out
-    return f, _rnd(2, 7, 33)
+def _rope_case():
+    cos, sin = vk.rope3d_freqs(1, 2, 3, 16)
+    return (lambda x, backend="cpu": vk.apply_rope(x, cos.to(x.dtype), sin.to(x.dtype), offset=1,
+                                                   interleaved=False, backend=backend)), \
+        (_rnd(2, 3, 7, 16).transpose(1, 2),)
 
 
-def _rope():
-    cos, sin = vk.rope3d_freqs(2, 2, 3, 16)
-    return (lambda x, backend: vk.apply_rope(x, cos, sin, offset=2, backend=backend)), \
-        _rnd(2, 3, 15, 16).transpose(1, 2)  # [B, S=15, H=3, D] strided
+def _moe_case(activation):
+    E, C, F = 3, 6, 5
+    F1 = 2 * F if activation == "swiglu" else F
 
+    # the router's math is fp32 by design (numerical differences w.r.t. the logits are noise in
+    # float64): the logits are a constant here, and differentiated in test_double_backward_vs_reference
+    logits = _rnd(7, E, seed=1)
 
-def _attn(frame_causal):
-    cos, sin = vk.rope3d_freqs(3, 2, 2, 16)
-    qkv = _rnd(1, 15, 3, 2, 16, seed=1)  # text 3 + 3 frames of 4 tokens
-
-    def f(q, backend):
-        kv = _as(q, qkv)[0]
-        return vk.rope3d_attention(q, kv[:, :, 1], kv[:, :, 2], cos, sin, rope_offset=3,
-                                   frame_causal=frame_causal, tokens_per_frame=4,
-                                   backend=backend)
-    return f, _rnd(1, 15, 2, 16)
-
-
-def _temporal():
-    T_k, T_q = 5, 3
-    cos, sin = vk.rope3d_freqs(T_k, 1, 1, 16, axes_dims=(16, 0, 0))
-    k, v = _rnd(1, T_k, 3, 2, 16, seed=1), _rnd(1, T_k, 3, 2, 16, seed=2)
-    def f(q, backend):
-        return vk.temporal_attention(q, *_as(q, k, v), cos=cos, sin=sin, q_offset=T_k - T_q,
-                                     backend=backend)
-    return f, _rnd(1, T_q, 3, 2, 16)
-
-
-def _moe():
-    logits = _rnd(9, 4, seed=1)
-    w1, w2 = 0.3 * _rnd(4, 12, 2 * 10, seed=2), 0.3 * _rnd(4, 10, 12, seed=3)
-
-    def f(x, backend):
-        r = vk.moe_ffn(x, logits, *_as(x, w1, w2), top_k=2, activation="swiglu",
+    def f(x, w1, w2, b1, b2, backend="cpu"):
+        r = vk.moe_ffn(x, logits, w1, w2, b1=b1, b2=b2, top_k=2, activation=activation,
                        backend=backend)
-        return r.out + r.aux_loss
-    return f, _rnd(9, 12)
+        return r.out.sum(-1) + r.aux_loss + r.z_loss
+    return f, (_rnd(7, C), 0.5 * _rnd(E, C, F1, seed=2), 0.5 * _rnd(E, F, C, seed=3),
+               _rnd(E, F1, seed=4), _rnd(E, C, seed=5))
 
 
-CASES = {"adaln_modulate": _adaln, "gated_residual_adaln": _gated, "apply_rope": _rope,
-         "rope3d_attention": lambda: _attn(False),
-         "rope3d_attention_frame_causal": lambda: _attn(True),
-         "temporal_attention_streaming_rope": _temporal, "moe_ffn": _moe}
+def _attention_case(kind):
+    if kind == "temporal":
+        cos, sin = vk.rope3d_freqs(5, 1, 1, 16, axes_dims=(16, 0, 0))
+
+        def f(q, k, v, backend):
+            return vk.temporal_attention(q, k, v, cos=cos, sin=sin, q_offset=2, backend=backend)
+        return f, (_rnd(1, 3, 4, 2, 16), _rnd(1, 5, 4, 2, 16, seed=1), _rnd(1, 5, 4, 2, 16, seed=2))
+    cos, sin = vk.rope3d_freqs(3, 2, 2, 16)  # text 3 + 3 frames of 4 tokens
+    qkv = _rnd(1, 15, 3, 2, 16, seed=1)  # k, v: strided slices of a fused projection
+
+    def f(q, k, v, backend):
+        return vk.rope3d_attention(q, k, v, cos, sin, rope_offset=3, frame_causal=kind == "causal",
+                                   tokens_per_frame=4, backend=backend)
+    return f, (_rnd(1, 15, 2, 16), qkv[:, :, 1], qkv[:, :, 2])
+
+
+def _moe_router_case():
+    E, C, F = 3, 6, 5
+
+    def f(x, logits, w1, w2, backend):
+        r = vk.moe_ffn(x, logits, w1, w2, top_k=2, activation="swiglu", backend=backend)
+        return r.out + r.aux_loss + r.z_loss
+    return f, (_rnd(7, C), _rnd(7, E, seed=1), 0.5 * _rnd(E, C, 2 * F, seed=2),
+               0.5 * _rnd(E, F, C, seed=3))
+
+
+def _one_input(build):
+    """A builder of (f(p, backend), p): the case's first input varies, the others are closed
+    over (cast to p's dtype: float64 for the central differences)."""
+    def make():
+        f, (p, *rest) = build()
+        return (lambda p, backend: f(p, *_as(p, *rest), backend=backend)), p
+    return make
+
+
+CASES = {"adaln_modulate": _one_input(lambda: _adaln_case("layer", False)),
+         "gated_residual_adaln": _one_input(lambda: _adaln_case("rms", True)),
+         "apply_rope": _one_input(_rope_case),
+         "rope3d_attention": _one_input(lambda: _attention_case("full")),
+         "rope3d_attention_frame_causal": _one_input(lambda: _attention_case("causal")),
+         "temporal_attention_streaming_rope": _one_input(lambda: _attention_case("temporal")),
+         "moe_ffn": _one_input(_moe_router_case)}
 OP = {k: k.split("_frame")[0].split("_streaming")[0] for k in CASES}
 
 
@@ -251,47 +267,10 @@ def test_vmap_keeps_kernel_results():
 # create_graph=True (gradient penalties, Hessian-vector products): the kernels' backward returns
 # the reference's vector-Jacobian product as a graph. Before, the second backward raised
 # "Trying to backward through vidgen_kernels.*_bwd but no autograd formula was registered".
-def _dd_adaln(norm, gated):
-    def f(x, y, gate, shift, scale, weight, bias, backend="cpu"):
-        if gated:
-            h, out = vk.gated_residual_adaln(x, y, gate, shift, scale, weight=weight, bias=bias,
-                                             norm=norm, backend=backend)
-            return h * out  # both outputs, so that dh reaches the backward too
-        return vk.adaln_modulate(x, shift, scale, weight=weight, bias=bias, norm=norm,
-                                 backend=backend)
-    B, N, C = 2, 5, 7
-    args = (_rnd(B, N, C), _rnd(B, N, C, seed=1), _rnd(B, 1, C, seed=2), _rnd(B, C, seed=3),
-            _rnd(C, seed=4), _rnd(C, seed=5), _rnd(C, seed=6))
-    return f, args
-
-
-def _dd_rope():
-    cos, sin = vk.rope3d_freqs(1, 2, 3, 16)
-    return (lambda x, backend="cpu": vk.apply_rope(x, cos.to(x.dtype), sin.to(x.dtype), offset=1,
-                                                   interleaved=False, backend=backend)), \
-        (_rnd(2, 3, 7, 16).transpose(1, 2),)
-
-
-def _dd_moe(activation):
-    E, C, F = 3, 6, 5
-    F1 = 2 * F if activation == "swiglu" else F
-
-    # the router's math is fp32 by design (numerical differences w.r.t. the logits are noise in
-    # float64): the logits are a constant here, and differentiated in test_double_backward_vs_reference
-    logits = _rnd(7, E, seed=1)
-
-    def f(x, w1, w2, b1, b2, backend="cpu"):
-        r = vk.moe_ffn(x, logits, w1, w2, b1=b1, b2=b2, top_k=2, activation=activation,
-                       backend=backend)
-        return r.out.sum(-1) + r.aux_loss + r.z_loss
-    return f, (_rnd(7, C), 0.5 * _rnd(E, C, F1, seed=2), 0.5 * _rnd(E, F, C, seed=3),
-               _rnd(E, F1, seed=4), _rnd(E, C, seed=5))
-
-
-DD64 = {"adaln_layer": lambda: _dd_adaln("layer", False), "adaln_rms": lambda: _dd_adaln("rms", False),
-        "gated_layer": lambda: _dd_adaln("layer", True), "gated_rms": lambda: _dd_adaln("rms", True),
-        "apply_rope": _dd_rope, "moe_swiglu": lambda: _dd_moe("swiglu"),
-        "moe_gelu": lambda: _dd_moe("gelu")}
+DD64 = {"adaln_layer": lambda: _adaln_case("layer", False), "adaln_rms": lambda: _adaln_case("rms", False),
+        "gated_layer": lambda: _adaln_case("layer", True), "gated_rms": lambda: _adaln_case("rms", True),
+        "apply_rope": _rope_case, "moe_swiglu": lambda: _moe_case("swiglu"),
+        "moe_gelu": lambda: _moe_case("gelu")}
 
 
 @pytest.mark.parametrize("case", list(DD64))
@@ -301,31 +280,6 @@ def test_double_backward_gradgradcheck(case):
     f, args = DD64[case]()
     args = tuple(a.double().requires_grad_() for a in args)
     assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4)
-
-
-def _dd_attention(kind):
-    if kind == "temporal":
-        cos, sin = vk.rope3d_freqs(5, 1, 1, 16, axes_dims=(16, 0, 0))
-
-        def f(q, k, v, backend):
-            return vk.temporal_attention(q, k, v, cos=cos, sin=sin, q_offset=2, backend=backend)
-        return f, (_rnd(1, 3, 4, 2, 16), _rnd(1, 5, 4, 2, 16, seed=1), _rnd(1, 5, 4, 2, 16, seed=2))
-    cos, sin = vk.rope3d_freqs(3, 2, 2, 16)
-
-    def f(q, k, v, backend):
-        return vk.rope3d_attention(q, k, v, cos, sin, rope_offset=3, frame_causal=kind == "causal",
-                                   tokens_per_frame=4, backend=backend)
-    return f, tuple(_rnd(1, 15, 2, 16, seed=s) for s in range(3))
-
-
-def _dd_moe_all():
-    E, C, F = 3, 6, 5
-
-    def f(x, logits, w1, w2, backend):
-        r = vk.moe_ffn(x, logits, w1, w2, top_k=2, activation="swiglu", backend=backend)
-        return r.out + r.aux_loss + r.z_loss
-    return f, (_rnd(7, C), _rnd(7, E, seed=1), 0.5 * _rnd(E, C, 2 * F, seed=2),
-               0.5 * _rnd(E, F, C, seed=3))
 
 
 # (backend, device): the CPU kernels, Triton in the interpreter; the GPU backends on a GPU
@@ -345,7 +299,7 @@ def test_double_backward_vs_reference(kind, backend, device):
         pytest.skip(why)
     if backend == "cuda" and kind != "moe":
         pytest.skip("the cuda backend has no attention (Triton serves CUDA)")
-    f, args = _dd_moe_all() if kind == "moe" else _dd_attention(kind)
+    f, args = _moe_router_case() if kind == "moe" else _attention_case(kind)
     args = tuple(a.to(device) for a in args)
     w = torch.randn(f(*args, "reference").shape, generator=_g(9)).to(device)
     res = {}
@@ -371,8 +325,8 @@ def test_first_order_backward_stays_on_the_kernels(monkeypatch):
         raise AssertionError("differentiable_vjp called")
     for mod in (adaln_ops, attn_ops):
         monkeypatch.setattr(mod, "differentiable_vjp", spy)
-    f, args = _dd_attention("causal")
-    fa, aargs = _dd_adaln("layer", True)
+    f, args = _attention_case("causal")
+    fa, aargs = _adaln_case("layer", True)
 
     def step(*ts):
         return (f(*ts[:3], None).square().sum() + fa(*ts[3:], backend=None).square().sum())
