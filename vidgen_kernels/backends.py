@@ -201,14 +201,11 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype,
     Raises ``BackendUnavailableError`` when an explicitly requested backend cannot run.
     """
     name = current_backend() if backend is None else _check_name(backend, f"{op}(backend=)")
-    if name != "reference":
-        transform = autodiff_transform(tensors)
-        if transform is not None:
-            if name == "auto":
-                return "reference"
-            if transform == _FUNC_TRANSFORM:  # compiled vmap runs the custom ops: keep them
-                transform = None
-        if transform is not None:
+    transform = autodiff_transform(tensors) if name != "reference" else None
+    if transform is not None:
+        if name == "auto":
+            return "reference"
+        if transform != _FUNC_TRANSFORM:  # (compiled, that may be vmap, which runs the kernels)
             why = ("the kernels have no forward-mode derivative" if "forward" in transform else
                    "torch.library custom ops do not run under torch.func gradient transforms")
             raise BackendUnavailableError(
