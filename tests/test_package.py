@@ -67,3 +67,67 @@ def test_backend_checks_make_no_import_lookups(monkeypatch):
         for device in ("cpu", "cuda", None):
             backends.why_unavailable(name, device)
     vk.available_backends("cpu")
+
+
+def test_every_triton_launch_runs_on_its_tensors_device(monkeypatch):
+    """Triton launches on the *current* CUDA device, not on the device of the pointers it gets:
+    an op on ``cuda:1`` tensors while ``cuda:0`` is current would run on the wrong GPU. Every
+    launcher must enter ``_launch.device_ctx`` of its tensors around the launch. Checked here on
+    the interpreter: each module's ``device_ctx`` is replaced by one that records the tensor it
+    was given, and each kernel launch records whether it happened inside one, on the device of
+    its first tensor argument."""
+    import contextlib
+
+    import pytest
+    import torch
+    if not vk.backends.triton_interpret():
+        pytest.skip("checks the launchers on the Triton interpreter (TRITON_INTERPRET=1)")
+    from triton.runtime import interpreter
+
+    import importlib
+
+    active, launches = [], []
+
+    @contextlib.contextmanager
+    def recording_ctx(t):
+        active.append(t.device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    for m in ("adaln", "rope", "rope3d_attention", "temporal_attention", "moe"):
+        mod = importlib.import_module(f"vidgen_kernels.triton_kernels.{m}")
+        monkeypatch.setattr(mod, "device_ctx", recording_ctx, raising=False)
+    run = interpreter.InterpretedFunction.run
+
+    def recording_run(self, *args, **kwargs):
+        dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+        launches.append((self.fn.__name__, bool(active) and active[-1] == dev))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", recording_run)
+
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    x, y, gate, shift, scale = rnd(2, 5, 32), rnd(2, 5, 32), rnd(2, 32), rnd(2, 32), rnd(2, 32)
+    out = vk.adaln_modulate(x, shift, scale, backend="triton")
+    h, out2 = vk.gated_residual_adaln(x, y, gate, shift, scale, backend="triton")
+    losses = [out.sum(), out2.sum() + h.sum()]
+    q, k, v = rnd(1, 12, 2, 16), rnd(1, 12, 2, 16), rnd(1, 12, 2, 16)
+    cos, sin = vk.rope3d_freqs(2, 2, 2, 16)
+    losses.append(vk.apply_rope(q, cos, sin, offset=4, backend="triton").sum())
+    losses.append(vk.rope3d_attention(q, k, v, cos, sin, rope_offset=4, backend="triton").sum())
+    qt, kt, vt = rnd(1, 3, 2, 2, 16), rnd(1, 3, 2, 2, 16), rnd(1, 3, 2, 2, 16)
+    losses.append(vk.temporal_attention(qt, kt, vt, backend="triton").sum())
+    xm, logits, w1, w2 = rnd(6, 16), rnd(6, 3), rnd(3, 16, 8), rnd(3, 8, 16)
+    losses.append(vk.moe_ffn(xm, logits, w1, w2, top_k=2, backend="triton").out.sum())
+    sum(losses).backward()
+
+    names = {name for name, _ in launches}
+    outside = sorted({name for name, inside in launches if not inside})
+    assert len(names) >= 6, names  # the check saw the kernels of every family
+    assert not outside, f"Triton kernels launched outside their tensors' device context: {outside}"

@@ -1,12 +1,23 @@
-"""Launch helpers shared by the Triton launchers: the GPU architecture a launch compiles for (to
-pick tile sizes per architecture) and a launch that falls back to fewer pipeline stages when a
-build does not fit the GPU's shared memory."""
+"""Launch helpers shared by the Triton launchers: the device a launch runs on, the GPU
+architecture it compiles for (to pick tile sizes per architecture) and a launch that falls back
+to fewer pipeline stages when a build does not fit the GPU's shared memory."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 from triton.runtime.errors import OutOfResources
+
+
+def device_ctx(t: torch.Tensor):
+    """Context that makes ``t``'s GPU the current device for a launch. Triton launches on the
+    current device and its current stream, not on the device of the pointers it is given: a
+    tensor on ``cuda:1`` launched while ``cuda:0`` is current would run on the wrong GPU (an
+    illegal memory access without peer access). Every launcher enters it around its launches."""
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,11 +18,11 @@ last-dim stride is large enough to overflow it.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import device_ctx
 
 __all__ = ["adaln_fwd", "adaln_bwd", "MAX_C"]
 
@@ -284,12 +284,6 @@ def _bwd_warps(block_c: int) -> int:
     return min(max(block_c // 128, 1), 16)
 
 
-def _device_ctx(t: torch.Tensor):
-    """Launch on ``t``'s GPU (Triton uses the current device and its current stream)."""
-    if t.is_cuda:
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
 
 def _s3(t, dummy=(0, 0, 0)):
     return tuple(t.stride()) if t is not None else dummy
@@ -335,7 +329,7 @@ def adaln_fwd(x, y, gate, shift, scale, weight, bias, out, h, mean, rstd, eps: f
     sw = weight.stride(0) if weight is not None else 0
     sbias = bias.stride(0) if bias is not None else 0
     col64 = _col64(C, x.stride(2), y.stride(2) if gated else 0, sg[2], ssh[2], ssc[2], sw, sbias)
-    with _device_ctx(x):
+    with device_ctx(x):
         _adaln_fwd_kernel[(B * N,)](
             x, y if gated else x, gate if gated else x, shift, scale,
             weight if weight is not None else x, bias if bias is not None else x,
@@ -404,7 +398,7 @@ def adaln_bwd(dout, dh, hx, y, gate, scale, weight, bias, mean, rstd, dx, dy, dg
     col64 = _col64(C, dout.stride(2), dh.stride(2) if dh is not None else 0, hx.stride(2),
                    y.stride(2) if y is not None else 0, sg[2], ssc[2], sw, sbias)
     d = hx  # stand-in for absent pointers (never dereferenced: the constexpr flags guard them)
-    with _device_ctx(hx):
+    with device_ctx(hx):
         _adaln_bwd_kernel[(B * NC,)](
             dout, dh if dh is not None else d, hx, y if y is not None else d,
             gate if gate is not None else d, scale,

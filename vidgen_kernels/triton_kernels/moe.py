@@ -35,6 +35,7 @@ import triton.language as tl
 
 from ..backends import triton_interpret
 from ..ops import moe as _moe
+from ._launch import device_ctx
 
 _ACT_CODE = {None: 0, "gelu": 1, "gelu_exact": 2, "silu": 3}
 
@@ -165,12 +166,13 @@ def _launch_gmm(a, w, offs, bias, act, gated, store_hid):
     tile_e, tile_row = _tile_table(offs, P, BM)
     grid = (tile_e.shape[0], triton.cdiv(NOUT, BN))
     b = bias if bias is not None else pre
-    _gmm_kernel[grid](a, w, b, pre, hid, tile_e, tile_row, offs,
-                      K, NOUT, a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
-                      b.stride(0) if bias is not None else 0, pre.stride(0), hid.stride(0),
-                      ACT=_ACT_CODE[act], GATED=gated, HAS_BIAS=bias is not None,
-                      STORE_HID=store_hid, DOT_PREC=_prec(a.dtype),
-                      BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    with device_ctx(a):
+        _gmm_kernel[grid](a, w, b, pre, hid, tile_e, tile_row, offs,
+                          K, NOUT, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
+                          w.stride(2), b.stride(0) if bias is not None else 0, pre.stride(0),
+                          hid.stride(0), ACT=_ACT_CODE[act], GATED=gated,
+                          HAS_BIAS=bias is not None, STORE_HID=store_hid,
+                          DOT_PREC=_prec(a.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
     return pre, hid
 
 
@@ -193,9 +195,10 @@ def gmm_wgrad(a: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, E: int) -> 
     _, BN, BK = _blocks()
     BR = 32
     grid = (E, triton.cdiv(K, BK), triton.cdiv(M, BN))
-    _wgrad_kernel[grid](a, dy, out, offs, K, M, a.stride(0), a.stride(1), dy.stride(0),
-                        dy.stride(1), out.stride(0), out.stride(1), DOT_PREC=_prec(a.dtype),
-                        BLOCK_K=BK, BLOCK_N=BN, BLOCK_R=BR)
+    with device_ctx(a):
+        _wgrad_kernel[grid](a, dy, out, offs, K, M, a.stride(0), a.stride(1), dy.stride(0),
+                            dy.stride(1), out.stride(0), out.stride(1), DOT_PREC=_prec(a.dtype),
+                            BLOCK_K=BK, BLOCK_N=BN, BLOCK_R=BR)
     return out
 
 

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import device_ctx
+
 __all__ = ["rope"]
 
 
@@ -79,9 +81,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tenso
     if L == 0:  # pointers must still be valid: point at a dummy table
         cos = sin = torch.ones(1, D // 2, dtype=torch.float32, device=x.device)
     grid = (B * S, triton.cdiv(H, block_h))
-    _rope_kernel[grid](
-        x, cos, sin, out, S, H, L, offset,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        D=D, INTERLEAVED=bool(interleaved), CONJ=bool(conj), BLOCK_H=block_h, BLOCK_P=block_p,
-        num_warps=4 if block_h * block_p >= 1024 else 2,
-    )
+    with device_ctx(x):
+        _rope_kernel[grid](
+            x, cos, sin, out, S, H, L, offset,
+            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+            D=D, INTERLEAVED=bool(interleaved), CONJ=bool(conj), BLOCK_H=block_h,
+            BLOCK_P=block_p, num_warps=4 if block_h * block_p >= 1024 else 2,
+        )

@@ -45,14 +45,13 @@ Limits: ``D <= 256`` (:data:`MAX_D`); any D works (padded to a power of two >= 3
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from ..backends import triton_interpret
-from ._launch import launch, target_arch
+from ._launch import device_ctx, launch, target_arch
 from .rope_tiles import load_pair, pair_scores, store_pair
 
 __all__ = ["rope3d_attn_fwd", "rope3d_attn_bwd", "MAX_D"]
@@ -393,11 +392,6 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def _device_ctx(t: torch.Tensor):
-    if t.is_cuda:
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
 
 def _check(op, q, k, v, cos, sin, rope_offset, fc_start, fc_len, fc_block):
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -495,7 +489,7 @@ def rope3d_attn_fwd(q, k, v, cos, sin, rope_offset: int, interleaved: bool, fc_s
     bm, bn, warps = _tiles("fwd", q, rope, block_m, block_n, num_warps)
     L = cos.shape[0] if rope else 0
     grid = (triton.cdiv(Sq, bm), B * H)
-    with _device_ctx(q):
+    with device_ctx(q):
         # a build over the GPU's shared memory (sm_86 / sm_89: 99 KiB per block; D = 256 with
         # two stages needs 100 KiB) retries unpipelined
         launch(_fwd_kernel, grid, (
@@ -539,7 +533,7 @@ def rope3d_attn_bwd(dout, q, k, v, cos, sin, out, lse, rope_offset: int, interle
                     DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
                     num_warps=warps, num_stages=int(num_stages or 1))
     bm_q, bn_k = tiles["dq"][0], tiles["dkdv"][1]
-    with _device_ctx(q):
+    with device_ctx(q):
         _bwd_preprocess_kernel[(triton.cdiv(Sq, bm_q), B * H)](
             dout, out, delta, Sq, H, D, *dout.stride(), *out.stride(), *delta.stride(),
             BLOCK_M=bm_q, BLOCK_D=block_d)

@@ -68,12 +68,11 @@ otherwise; any ``D >= 1`` below that works (small D are padded to 32 columns).
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
-from ._launch import launch
+from ._launch import device_ctx, launch
 from .rope_tiles import load_pair, pair_scores, store_pair
 
 __all__ = ["temporal_attn_fwd", "temporal_attn_bwd", "MAX_T", "MAX_D"]
@@ -332,12 +331,6 @@ def _temporal_attn_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def _device_ctx(t: torch.Tensor):
-    """Launch on ``t``'s GPU (Triton uses the current device and its current stream)."""
-    if t.is_cuda:
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
 
 def _check_tensor(op: str, name: str, t, shape, dtype, device) -> None:
     if not isinstance(t, torch.Tensor):
@@ -469,7 +462,7 @@ def temporal_attn_fwd(q, k, v, cos, sin, out, lse, causal: bool, interleaved: bo
         *_table_strides(cos, sin),
     )
     meta = dict(cfg["meta"], CAUSAL=bool(causal), ROPE=cfg["rope"], INTERLEAVED=bool(interleaved))
-    with _device_ctx(q):
+    with device_ctx(q):
         launch(_temporal_attn_fwd_kernel, cfg["grid"], args, meta, q.device)
 
 
@@ -499,5 +492,5 @@ def temporal_attn_bwd(dout, q, k, v, cos, sin, out, lse, dq, dk, dv, causal: boo
         *_table_strides(cos, sin),
     )
     meta = dict(cfg["meta"], CAUSAL=bool(causal), ROPE=cfg["rope"], INTERLEAVED=bool(interleaved))
-    with _device_ctx(q):
+    with device_ctx(q):
         launch(_temporal_attn_bwd_kernel, cfg["grid"], args, meta, q.device)
