@@ -6,7 +6,7 @@ Run::
     python -m pytest benchmarks/test_bench_rope3d_attention.py --quick                       # smoke
     python benchmarks/summarize.py /tmp/r.json                                                 # tables
 
-Cases: direction (fwd, fwd+bwd) x shape x device x contender; full attention (no mask) unless
+Cases: direction (fwd, fwd+bwd, jvp) x shape x device x contender; full attention (no mask) unless
 the shape says frame-causal, RoPE on the video tokens, text first (``rope_offset = text``). Each
 (direction, shape, dtype, device) is one pytest-benchmark group.
 
@@ -45,6 +45,15 @@ keep alive (each distinct storage once and whole: saving ``v``, a view of the fu
 keeps all of it), ``saved_bytes`` = each saved tensor's own bytes per save; ``*_vs_qkvo`` = those
 / bytes of q + k + v + out.
 
+Direction ``jvp``: ``torch.func.jvp`` w.r.t. the fused qkv buffer along a random tangent (the
+primal and its tangent: what sCM / MeanFlow training runs through every attention layer).
+Contenders there: the kernel backend (its forward-mode path), ``reference`` (jvp of the
+materialised softmax; CPU only), ``rotate+sdpa`` on SDPA's math backend (the only one of ATen's
+SDPA kernels with a forward-mode derivative) and ``copy`` (read q, k, v and their tangents,
+write out and its tangent: 8 tensors); ``torch.compile`` of a jvp takes the reference inside our
+op, so it is not a contender there. ``flops`` counts 3x the forward (primal + tangent: two more
+score and two more value products).
+
 Each contender is checked once before timing against ``rotate+sdpa`` in the case's dtype
 (outputs, and q/k/v gradients for fwd+bwd). Unavailable contenders are skipped with the reason.
 """
@@ -69,6 +78,8 @@ ROT_FA = "rotate+flash-attn"
 SDPA = "sdpa"
 COMPILE, COPY = common.COMPILE, common.COPY
 KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton",)}
+JVP = "jvp"
+DIRECTIONS = (*common.DIRECTIONS, JVP)
 # (B, text, (F, Hh, Ww), H, D, label[, frames per block of a frame-causal mask])
 SHAPES = {
     ("cpu", False): ((1, 16, (4, 16, 16), 4, 64, "4x16x16"), (1, 16, (8, 16, 16), 4, 64, "8x16x16"),
@@ -83,7 +94,10 @@ SHAPES = {
 }
 
 
-def contenders(device: str) -> tuple[str, ...]:
+def contenders(device: str, direction: str = "fwd") -> tuple[str, ...]:
+    if direction == JVP:
+        return (*KERNEL_BACKENDS[device], *(() if device == "cuda" else (REFERENCE,)), ROT_SDPA,
+                COPY)
     if device == "cuda":
         return (*KERNEL_BACKENDS[device], ROT_SDPA, ROT_FLASH, ROT_CUDNN, ROT_FA, SDPA, COMPILE,
                 COPY)
@@ -152,8 +166,8 @@ class Case:
 
 def make_cases(quick, devices):
     return [Case(d, shape, dev, common.DTYPES[dev], c)
-            for dev in devices for shape in SHAPES[(dev, quick)] for d in common.DIRECTIONS
-            for c in contenders(dev)]
+            for dev in devices for shape in SHAPES[(dev, quick)] for d in DIRECTIONS
+            for c in contenders(dev, d)]
 
 
 def pytest_generate_tests(metafunc):
@@ -164,13 +178,14 @@ def pytest_generate_tests(metafunc):
 
 def bytes_moved(case: Case) -> int:
     B, _, _, H, D = case.dims
-    return (12 if case.backward else 4) * B * case.S * H * D * torch.empty((), dtype=case.dtype).element_size()
+    n = 12 if case.backward else 8 if case.direction == JVP else 4
+    return n * B * case.S * H * D * torch.empty((), dtype=case.dtype).element_size()
 
 
 def flops(case: Case) -> int:
     B, _, _, H, D = case.dims
     f = 4 * B * H * case.allowed_pairs() * D
-    return int(f * 3.5) if case.backward else f
+    return int(f * 3.5) if case.backward else 3 * f if case.direction == JVP else f
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +211,8 @@ def make_inputs(case: Case, seed: int) -> dict:
     qkv = torch.randn(B, case.S, 3, H, D, device=case.device, dtype=case.dtype, generator=g)
     qkv.requires_grad_(case.backward)
     inp = {"qkv": qkv}
+    if case.direction == JVP:
+        inp["tangent"] = torch.randn(qkv.shape, device=case.device, dtype=case.dtype, generator=g)
     if case.backward:
         inp["dout"] = torch.randn(B, case.S, H, D, device=case.device, dtype=case.dtype, generator=g)
     return inp
@@ -208,8 +225,10 @@ def diffusers_rope(x, cos_f, sin_f):
     return (x.float() * cos_f + x_rot * sin_f).to(x.dtype)
 
 
-def _sdpa_ctx(contender):
+def _sdpa_ctx(contender, direction="fwd"):
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    if direction == JVP:  # the one SDPA backend with a forward-mode derivative
+        return sdpa_kernel(SDPBackend.MATH)
     if contender == ROT_FLASH:
         return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
     if contender == ROT_CUDNN:
@@ -258,20 +277,28 @@ def op_fn(case: Case, compiled=None):
     def f(i):
         q, k, v = (t.transpose(1, 2) for t in i["qkv"].unbind(2))
         q, k = rotate_bhsd(q), rotate_bhsd(k)
-        with _sdpa_ctx(c):
+        with _sdpa_ctx(c, case.direction):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
     if c == COMPILE:
         return compiled if compiled is not None else f
     return f
 
 
+def _jvp(f, inp):
+    return torch.func.jvp(lambda qkv: f(dict(inp, qkv=qkv)), (inp["qkv"],), (inp["tangent"],))
+
+
 def step_fn(case: Case, f, inp):
+    if case.direction == JVP:
+        return lambda: _jvp(f, inp)
     if not case.backward:
         return lambda: f(inp)
     return lambda: torch.autograd.grad(f(inp), (inp["qkv"],), inp["dout"])
 
 
 def _results(case, f, inp):
+    if case.direction == JVP:
+        return list(_jvp(f, inp))
     out = f(inp)
     res = [out]
     if case.backward:
@@ -334,7 +361,7 @@ def test_rope3d_attention(benchmark, case: Case, request):
         steps = [common.copy_bytes_step(nbytes, case.dtype, case.device, i) for i in range(n_sets)]
     else:
         esz = torch.empty((), dtype=case.dtype).element_size()
-        set_bytes = (5 if case.backward else 3) * B * case.S * H * D * esz
+        set_bytes = (5 if case.backward else 6 if case.direction == JVP else 3) * B * case.S * H * D * esz
         sets = [make_inputs(case, i) for i in range(common.rotation_sets(set_bytes, case.device))]
         n_sets = len(sets)
         compiled = None
@@ -346,10 +373,11 @@ def test_rope3d_attention(benchmark, case: Case, request):
             info["max_rel_err_vs_rotate_sdpa"] = check(case, f, sets[0])
         except RuntimeError as e:  # e.g. a forced SDPA backend that cannot run this shape / GPU
             pytest.skip(f"{case.contender} cannot run this case: {type(e).__name__}: {str(e)[:200]}")
-        info.update(saved_bytes(f, sets[0]))
-        qkvo = 4 * B * case.S * H * D * esz
-        info["saved_bytes_vs_qkvo"] = info["saved_bytes"] / qkvo
-        info["activation_bytes_vs_qkvo"] = info["activation_bytes"] / qkvo
+        if case.direction != JVP:
+            info.update(saved_bytes(f, sets[0]))
+            qkvo = 4 * B * case.S * H * D * esz
+            info["saved_bytes_vs_qkvo"] = info["saved_bytes"] / qkvo
+            info["activation_bytes_vs_qkvo"] = info["activation_bytes"] / qkvo
         steps = [step_fn(case, f, s) for s in sets]
         del sets
     call = common.rotate(steps)
@@ -360,7 +388,9 @@ def test_rope3d_attention(benchmark, case: Case, request):
         op=OP, direction=case.direction, contender=case.contender, shape_label=case.shape[5],
         shape=dict(B=B, text=text, video=L, S=case.S, H=H, D=D), dtype=common.dtype_name(case.dtype),
         device=case.device, device_name=common.device_name(case.device),
-        flops=fl, flops_counted="4*B*H*S^2*D" + (" * 3.5 (fwd+bwd)" if case.backward else ""),
+        flops=fl, flops_counted="4*B*H*S^2*D" + (" * 3.5 (fwd+bwd)" if case.backward else
+                                                 " * 3 (jvp: primal + tangent)"
+                                                 if case.direction == JVP else ""),
         bytes_moved=nbytes, input_sets=n_sets,
     )
     benchmark.extra_info.update(info)

@@ -159,7 +159,20 @@ _FORWARD_AD = "forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_
 _FUNC_TRANSFORM = "a torch.func transform"  # compiled: dynamo cannot tell grad from vmap
 
 
-def autodiff_transform(tensors) -> str | None:
+def forward_ad_active() -> bool:
+    """Inside a forward-mode AD dual level (``torch.func.jvp`` makes one)."""
+    return getattr(_fwAD, "_current_level", 0) >= 0  # (unknown: assume so)
+
+
+def _only_jvp_transform() -> bool:
+    """The torch.func stack is one ``jvp`` and nothing else (no vmap / grad around or inside)."""
+    if _interpreters is None:
+        return False
+    keys = [i.key() for i in _interpreters()]
+    return keys == [torch._C._functorch.TransformType.Jvp]
+
+
+def autodiff_transform(tensors, forward_ad: bool = False) -> str | None:
     """The autodiff, in words, that the kernels cannot follow and that applies to ``tensors``
     (an op's tensor inputs; ``None`` entries allowed), or ``None``.
 
@@ -171,10 +184,17 @@ def autodiff_transform(tensors) -> str | None:
     ``create_graph=True``), ``vmap`` and ``torch.export`` are not affected. Inside
     ``torch.compile`` only the transforms' presence is visible: there any ``torch.func``
     transform (``vmap`` included) counts. Costs about a microsecond when none applies.
+
+    ``forward_ad=True`` (an op with its own forward-mode derivative, ``rope3d_attention``):
+    eager forward-mode AD alone (one ``torch.func.jvp``, or a dual level without ``torch.func``)
+    does not count; jvp combined with another transform (``jacfwd`` = vmap of jvp, jvp of jvp,
+    hessian) and compiled jvp still do.
     """
     compiling = torch.compiler.is_compiling()
     functorch = torch._C._are_functorch_transforms_active()
-    if getattr(_fwAD, "_current_level", 0) >= 0:  # inside a dual level (torch.func.jvp makes one)
+    if forward_ad_active():  # inside a dual level (torch.func.jvp makes one)
+        if forward_ad and not compiling and (not functorch or _only_jvp_transform()):
+            return None
         if compiling or functorch:  # (unpack_dual has no batching rule under vmap)
             return _FORWARD_AD
         for t in tensors:
@@ -192,16 +212,17 @@ def autodiff_transform(tensors) -> str | None:
 
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype,
             supported_dtypes: dict[str, tuple[torch.dtype, ...]], op: str,
-            tensors=()) -> str:
+            tensors=(), forward_ad: bool = False) -> str:
     """Turn ``backend`` (``None`` = current default) into a concrete backend for ``op``.
 
     ``supported_dtypes`` maps each kernel backend the op has to the dtypes it takes; ``tensors``
     are the op's tensor inputs (see :func:`autodiff_transform`: ``auto`` takes ``reference``
-    under forward-mode AD or a ``torch.func`` gradient transform).
+    under forward-mode AD or a ``torch.func`` gradient transform; ``forward_ad``: the op has
+    its own forward-mode derivative, see there).
     Raises ``BackendUnavailableError`` when an explicitly requested backend cannot run.
     """
     name = current_backend() if backend is None else _check_name(backend, f"{op}(backend=)")
-    transform = autodiff_transform(tensors) if name != "reference" else None
+    transform = autodiff_transform(tensors, forward_ad) if name != "reference" else None
     if transform is not None:
         if name == "auto":
             return "reference"

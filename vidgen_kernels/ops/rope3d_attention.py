@@ -53,6 +53,13 @@ Backends
   4x16x16 / 8x16x16, ``benchmarks/results/cpu-2026-12-01-frame-causal``). Without a mask the
   C++ kernel measures 0.9-1.1x ATen's (2-core Zen VM, S = 256 .. 2064), so ATen's stays there.
 
+Forward-mode AD (``torch.func.jvp`` alone, or a ``torch.autograd.forward_ad`` dual level; eager):
+the kernels run, through ``_Rope3dAttnForwardAD`` (the kernels' forward and backward plus a
+``jvp``): the tangent of ``out`` comes from ``kernel_jvp_torch`` (``cpu``: PyTorch over blocks of
+queries) or the Triton forward kernel with ``JVP`` (``triton``), memory ``O(rows x S)``, never the
+``S x S`` matrix of differentiating the reference. A tangent on the tables, ``jacfwd``, nested
+jvp and compiled jvp take the reference (``backends.autodiff_transform``).
+
 Layers, top to bottom: the public ``rope3d_attention`` (checks, table canonicalisation, backend
 choice); the PyTorch reference; the custom ops ``vidgen_kernels::rope3d_attn_fwd`` / ``_bwd``
 (fakes, autograd saving only q, k, v, out, lse and the small tables); the kernel backends.
@@ -75,6 +82,12 @@ Kernel contract (``torch``, ``cpu`` and ``triton`` implement it, same argument o
 scale) -> (dq, dk, dv)`` contiguous ``[B, S, H, D]`` ``T``: FA2 math (``delta_i = <dout_i,
 out_i>``, ``p = exp(z - lse)``, ``ds = p (dp - delta)``), ``dq``/``dk`` un-rotated (rotation by
 the negative angle) at the rotated positions.
+
+``jvp(q, k, v, dq, dk, dv, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block, scale)
+-> dout`` contiguous ``[B, Sq, H, D]`` ``T`` (``torch``/``cpu``: ``kernel_jvp_torch``; ``triton``):
+the tangent of ``out`` along the tangents of q, k, v (any strides; stride 0 for a zero one):
+``dz = scale (<rot(dq_i), kr_j> + <qr_i, rot(dk_j)>)``, ``mu_i = sum_j p_ij dz_ij``,
+``dout_i = sum_j p_ij ((dz_ij - mu_i) v_j + dv_j)``.
 """
 from __future__ import annotations
 
@@ -85,7 +98,7 @@ from torch import Tensor
 
 from .. import _ext
 from ._eager import differentiable_vjp, eager_op
-from ..backends import resolve
+from ..backends import forward_ad_active, resolve
 from ._checks import autocast_dtype, cast_floating, check_qkv, softmax_scale_or_default
 from .rope import _rope_kernel, canon_table, check_rope_pair, rotate
 
@@ -163,15 +176,18 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
 # ----------------------------------------------------------------------------------------------
 # reference and the contract in PyTorch
 # ----------------------------------------------------------------------------------------------
-def frame_causal_mask(S: int, fc_start: int, fc_len: int, fc_block: int, device=None) -> Tensor:
-    """``[S, S]`` boolean, True where query ``i`` may attend key ``j`` (module docstring)."""
+def frame_causal_mask(S: int, fc_start: int, fc_len: int, fc_block: int, device=None,
+                      rows: Optional[slice] = None) -> Tensor:
+    """``[S, S]`` boolean, True where query ``i`` may attend key ``j`` (module docstring); only
+    the query rows ``rows`` (``[len(rows), S]``) when given."""
     # block index per token, -1 for text (built without integer division of a tensor, which
     # inductor fails to compile on torch 2.13)
     fb = max(fc_block, 1)
     blk = torch.arange(-(-fc_len // fb), device=device).repeat_interleave(fb)[:fc_len]
     blk = torch.cat([blk.new_full((fc_start,), -1), blk, blk.new_full((S - fc_start - fc_len,), -1)])
     vid = blk >= 0
-    return (~vid)[None, :] | (vid[:, None] & (blk[None, :] <= blk[:, None]))
+    qblk, qvid = (blk, vid) if rows is None else (blk[rows], vid[rows])
+    return (~vid)[None, :] | (qvid[:, None] & (blk[None, :] <= qblk[:, None]))
 
 
 def _rope_torch(x: Tensor, cos, sin, offset: int, interleaved: bool) -> Tensor:
@@ -244,6 +260,49 @@ def kernel_bwd_torch(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved
         dq = _rope_torch(dq, cos, -sin, rope_offset, interleaved)
         dk = _rope_torch(dk, cos, -sin, rope_offset, interleaved)
     return tuple(t.to(q.dtype).contiguous() for t in (dq, dk, dv.transpose(1, 2)))
+
+
+# Query rows per chunk of kernel_jvp_torch: about this many fp32 score elements per chunk
+_JVP_CHUNK_ELEMS = 1 << 22
+
+
+def kernel_jvp_torch(q, k, v, dq, dk, dv, cos, sin, rope_offset, interleaved, fc_start, fc_len,
+                     fc_block, scale, *, chunk_rows=None):
+    """The forward-mode contract in PyTorch: the tangent of ``out`` (``[B, Sq, H, D]``
+    contiguous, q's dtype) along the tangents ``dq, dk, dv`` of q, k, v (any strides; a
+    zero tangent may be a stride-0 expanded zero). The tables are constants.
+
+    Flash-style, one block of ``chunk_rows`` queries at a time (default: ~4M score elements per
+    block), so memory is ``O(rows x Sk)``, not the ``O(Sq x Sk)`` of differentiating the
+    reference: with ``z = scale <qr, kr>``, ``dz = scale (<dqr, kr> + <qr, dkr>)`` (the rotation
+    is linear: ``dqr = rot(dq)``), ``p = softmax(z)`` and ``mu = sum_j p dz``,
+    ``dout = (p (dz - mu)) v + p dv``. Differentiable PyTorch ops (fp32 math, fp64 for fp64)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    def heads(x, rotate_it):  # [B, H, S, D] in the accumulation dtype
+        x = _rope_torch(x, cos, sin, rope_offset, interleaved) if rotate_it else x
+        return x.to(acc).transpose(1, 2)
+    qh, kh, vh = heads(q, True), heads(k, True), heads(v, False)
+    dqh, dkh, dvh = heads(dq, True), heads(dk, True), heads(dv, False)
+    B, Sq, H, _ = q.shape
+    Sk = k.shape[1]
+    rows = chunk_rows or max(1, _JVP_CHUNK_ELEMS // max(1, B * H * Sk))
+    kt, dkt = kh.transpose(-1, -2), dkh.transpose(-1, -2)
+    parts = []
+    for r0 in range(0, Sq, rows):
+        r = slice(r0, min(r0 + rows, Sq))
+        qc = qh[:, :, r]
+        z = torch.matmul(qc, kt) * scale
+        dz = (torch.matmul(dqh[:, :, r], kt) + torch.matmul(qc, dkt)) * scale
+        if fc_block:
+            allowed = frame_causal_mask(Sq, fc_start, fc_len, fc_block, q.device, rows=r)
+            z = z.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(z, dim=-1)
+        pdz = p * dz
+        mu = pdz.sum(-1, keepdim=True)
+        parts.append(torch.matmul(pdz - p * mu, vh) + torch.matmul(p, dvh))
+    dout = torch.cat(parts, dim=2) if parts else vh.new_zeros((B, H, 0, vh.shape[-1]))
+    return dout.transpose(1, 2).to(q.dtype).contiguous()
 
 
 # ---- cpu backend: rotation, then ATen's flash-attention CPU kernel -----------------------------
@@ -403,6 +462,89 @@ _rope3d_attn_fwd_call = eager_op(_rope3d_attn_fwd, _rope3d_attn_fwd_impl, _setup
                                  _backward)
 
 
+# ---- forward-mode AD: the kernels' forward / backward plus a flash-style tangent ----------------
+def _jvp_kernel(backend: str):
+    if backend == "triton":
+        from ..triton_kernels import rope3d_attention as tk
+        return tk.rope3d_attn_jvp
+    return kernel_jvp_torch  # cpu and the contract oracle: chunked PyTorch
+
+
+class _AttentionTangent(torch.autograd.Function):
+    """The tangent of the attention output from :func:`_jvp_kernel` (inputs: q, k, v, dq, dk,
+    dv, then the contract's constants and the backend). Its backward (a gradient *through the
+    tangent*, which consistency-model / MeanFlow recipes stop) recomputes the tangent with
+    :func:`kernel_jvp_torch` and differentiates that: exact, memory ``O(Sq x Sk)`` then."""
+
+    @staticmethod
+    def forward(q, k, v, dq, dk, dv, cos, sin, *args):
+        *contract, backend = args
+        if q.numel() == 0 or k.shape[1] == 0:
+            return torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        return _jvp_kernel(backend)(q, k, v, dq, dk, dv, cos, sin, *contract)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:8])
+        ctx.args = tuple(inputs[8:-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:6]
+
+        def tangent(q, k, v, dq, dk, dv):
+            return kernel_jvp_torch(q, k, v, dq, dk, dv, *saved[6:], *ctx.args)
+        if torch.is_grad_enabled():  # create_graph=True: the saved tensors carry the graph
+            grads = differentiable_vjp(tangent, saved[:6], needs, (g,))
+        else:
+            with torch.enable_grad():
+                ins = [t.detach().requires_grad_(n) for t, n in zip(saved[:6], needs)]
+                got = iter(torch.autograd.grad(tangent(*ins), [t for t, n in zip(ins, needs) if n],
+                                               g, allow_unused=True))
+            grads = tuple(next(got) if n else None for n in needs)
+        return (*grads,) + (None,) * (len(ctx.args) + 3)
+
+
+def _zero_tangent(t: Tensor, x: Tensor) -> Tensor:
+    return t if t is not None else x.new_zeros(()).expand(x.shape)  # stride 0: no memory
+
+
+class _Rope3dAttnForwardAD(torch.autograd.Function):
+    """``(out, lse)`` of the kernels (same inputs as the custom op ``rope3d_attn_fwd``) with a
+    forward-mode derivative: under ``torch.func.jvp`` or a ``torch.autograd.forward_ad`` dual
+    level the tangent is computed flash-style (:class:`_AttentionTangent`) instead of
+    differentiating the reference's materialised softmax; reverse mode uses the kernels'
+    backward, as the custom op does."""
+
+    @staticmethod
+    def forward(q, k, v, cos, sin, *args):
+        return _rope3d_attn_fwd_impl(q, k, v, cos, sin, *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:5])
+        ctx.mark_non_differentiable(output[1])
+
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, dcos, dsin, *_):
+        q, k, v, cos, sin = ctx.saved_tensors[:5]
+        off, interleaved, fc_start, fc_len, fc_block, scale, backend = ctx.args
+        if dcos is not None or dsin is not None:  # a table with a tangent: differentiate _attend
+            def f(q, k, v, cos, sin):
+                return _attend(q, k, v, cos, sin, off, interleaved, fc_start, fc_len, fc_block,
+                               scale)[0].to(q.dtype)
+            prim = (q, k, v, cos, sin)
+            tans = tuple(_zero_tangent(t, x) for t, x in zip((dq, dk, dv, dcos, dsin), prim))
+            return torch.func.jvp(f, prim, tans)[1].contiguous(), None
+        tangent = _AttentionTangent.apply(q, k, v, _zero_tangent(dq, q), _zero_tangent(dk, k),
+                                          _zero_tangent(dv, v), cos, sin, *ctx.args)
+        return tangent, None
+
+
 # ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +589,8 @@ def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = No
     cos, sin, off, fl, fb, scale = _check_inputs(q, k, v, cos, sin, rope_offset, interleaved,
                                                  frame_causal, tokens_per_frame, frames_per_block,
                                                  softmax_scale, op)
-    name = resolve(backend, q.device, q.dtype, SUPPORTED_DTYPES, op, (q, k, v, cos, sin))
+    name = resolve(backend, q.device, q.dtype, SUPPORTED_DTYPES, op, (q, k, v, cos, sin),
+                   forward_ad=True)
     lim = MAX_D.get(name)
     if lim is not None and q.shape[-1] > lim:
         if backend is None:
@@ -457,6 +600,8 @@ def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = No
     if name == "reference":
         out, _, _, _ = _attend(q, k, v, cos, sin, off, interleaved, off, fl, fb, scale)
         return out.to(q.dtype).contiguous()
-    out, _ = _rope3d_attn_fwd_call(q, k, v, cos, sin, off, bool(interleaved), off, fl, fb,
-                                   scale, name)
+    args = (q, k, v, cos, sin, off, bool(interleaved), off, fl, fb, scale, name)
+    if forward_ad_active():  # (resolve let the kernels run: jvp / forward_ad alone)
+        return _Rope3dAttnForwardAD.apply(*args)[0]
+    out, _ = _rope3d_attn_fwd_call(*args)
     return out

@@ -201,11 +201,17 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], None]]]:
     heads = (64, 128) if quick else (64, 128, 256)
     for dt in dtypes:
         for D in heads:
-            for mode in ("interleaved", "half", "cross", "frame_causal"):
+            for mode in ("interleaved", "half", "cross", "frame_causal", "jvp"):
                 def f(dt=dt, D=D, mode=mode):
                     B, H, T, grid = 1, 2, 4, (2, 4, 4)
                     S = T + grid[0] * grid[1] * grid[2]
                     q, k, v = (leaf(B, S, H, D, dtype=dt) for _ in range(3))
+                    if mode == "jvp":  # forward-mode: the forward kernel with JVP (frame-causal)
+                        cos, sin = vk.rope3d_freqs(*grid, D)
+                        torch.func.jvp(lambda q, k, v: vk.rope3d_attention(
+                            q, k, v, cos, sin, rope_offset=T, frame_causal=True,
+                            tokens_per_frame=16, backend="triton"), (q, k, v), (q, k, v))
+                        return
                     if mode == "cross":
                         k, v = (leaf(B, 12, H, D, dtype=dt) for _ in range(2))
                         o = vk.rope3d_attention(q, k, v, backend="triton")

@@ -1,8 +1,8 @@
 """Triton backend of fused RoPE-3D + flash attention (``vidgen_kernels.ops.rope3d_attention``).
 
 Implements the kernel contract documented at the top of ``vidgen_kernels/ops/rope3d_attention.py``
-(``rope3d_attn_fwd`` / ``rope3d_attn_bwd``, same argument order as ``kernel_fwd_torch`` /
-``kernel_bwd_torch``; both return new tensors).
+(``rope3d_attn_fwd`` / ``rope3d_attn_bwd`` / ``rope3d_attn_jvp``, same argument order as
+``kernel_fwd_torch`` / ``kernel_bwd_torch`` / ``kernel_jvp_torch``; all return new tensors).
 
 Design (FlashAttention-2)
 -------------------------
@@ -20,6 +20,10 @@ Design (FlashAttention-2)
   atomics) and a dq kernel (one program per query block, looping over key blocks). Both
   re-rotate q / k on load and rotate ``dq`` / ``dk`` by the negative angle before storing
   (``tl.join`` re-interleaves). Only q, k, v, out, lse (and the tables) are read.
+* **Forward-mode AD** (``rope3d_attn_jvp``): the forward kernel with ``JVP`` also loads the
+  tangents of q / k / v (rotated like q / k) and carries ``mu = sum p dz`` and
+  ``t = sum p (dz v + dv)`` through the online softmax, storing ``t / l - (mu / l) o``: one pass,
+  four score dots and three value dots per tile, its own tiles (``_JVP_TILES``).
 * **Frame-causal tile skipping**: a (query block, key block) pair whose key block lies entirely
   in the video range and whose first key's frame block is after the last video query's block
   is fully masked: the loops skip it (a scalar test per tile), so frame-causal attention costs
@@ -54,7 +58,7 @@ from ..backends import triton_interpret
 from ._launch import device_ctx, launch, target_arch
 from .rope_tiles import load_pair, pair_scores, store_pair
 
-__all__ = ["rope3d_attn_fwd", "rope3d_attn_bwd", "MAX_D"]
+__all__ = ["rope3d_attn_fwd", "rope3d_attn_bwd", "rope3d_attn_jvp", "MAX_D"]
 
 MAX_D = 256
 _LOG2E = 1.4426950408889634
@@ -123,18 +127,28 @@ def _key_block_has_text(n0, BLOCK_N: tl.constexpr, Sk, fc_start, fc_end, fc_bloc
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, COS, SIN, OUT, LSE,
-    Sq, Sk, H, D, HALF, L, rope_off, fc_start, fc_end, fc_block, qk_scale2,
+    Q, K, V, COS, SIN, OUT, LSE, DQ, DK, DV,
+    Sq, Sk, H, D, HALF, L, rope_off, fc_start, fc_end, fc_block, qk_scale2, qk_scale,
     sq_b, sq_s, sq_h, sq_d,
     sk_b, sk_s, sk_h, sk_d,
     sv_b, sv_s, sv_h, sv_d,
     so_b, so_s, so_h, so_d,
     sl_b, sl_s, sl_h,
     sc_t, sc_d, ss_t, ss_d,
+    sdq_b, sdq_s, sdq_h, sdq_d,
+    sdk_b, sdk_s, sdk_h, sdk_d,
+    sdv_b, sdv_s, sdv_h, sdv_d,
     ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, FRAME_CAUSAL: tl.constexpr,
+    JVP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
+    """Forward: ``out`` and ``lse``. ``JVP``: instead, the tangent of ``out`` along the tangents
+    DQ / DK / DV of q / k / v (any strides; stride 0 for a zero tangent), written to OUT (LSE is
+    not touched): with ``dz = scale (<dqr, kr> + <qr, dkr>)`` (natural units), it accumulates
+    ``sum_j p_j dz_j``, ``sum_j p_j dz_j v_j + p_j dv_j`` beside the online softmax and stores
+    ``t / l - (mu / l) o``. The ``p dz`` products go through the dot in fp32 (tf32 for 16-bit
+    inputs: ``dz`` has no bound, fp16 could overflow)."""
     dt = OUT.dtype.element_ty
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -151,6 +165,12 @@ def _fwd_kernel(
                        ROPE, INTERLEAVED, BLOCK_H)
     k_base = b * sk_b + h * sk_h
     v_base = b * sv_b + h * sv_h
+    if JVP:
+        dqa, dqb = _load_rot(DQ, b * sdq_b + h * sdq_h + rm64 * sdq_s, rm, q_ok, COS, SIN, d_full,
+                             d_half, sdq_d, D, HALF, sc_t, sc_d, ss_t, ss_d, rope_off, L,
+                             ROPE, INTERLEAVED, BLOCK_H)
+        mu_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        tacc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qmax = -1
     if FRAME_CAUSAL:
         qmax = _max_qblock(m0, BLOCK_M, Sq, fc_start, fc_end, fc_block)
@@ -183,14 +203,31 @@ def _fwd_kernel(
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision=DOT_PREC)
+            if JVP:
+                dka, dkb = _load_rot(DK, b * sdk_b + h * sdk_h + rn64 * sdk_s, rn, k_ok, COS,
+                                     SIN, d_full, d_half, sdk_d, D, HALF, sc_t, sc_d, ss_t, ss_d,
+                                     rope_off, L, ROPE, INTERLEAVED, BLOCK_H)
+                dv = tl.load(DV + b * sdv_b + h * sdv_h + rn64[:, None] * sdv_s
+                             + d_full[None, :] * sdv_d,
+                             mask=k_ok[:, None] & (d_full[None, :] < D), other=0.0)
+                dz = (pair_scores(dqa, dqb, ka, kb, ROPE, DOT_PREC)
+                      + pair_scores(qa, qb, dka, dkb, ROPE, DOT_PREC)) * qk_scale
+                pdz = p * dz  # 0 where masked (p = 0 there, dz finite)
+                mu_i = mu_i * alpha + tl.sum(pdz, axis=1)
+                tacc = tacc * alpha[:, None] + tl.dot(pdz, v.to(tl.float32),
+                                                      input_precision=DOT_PREC) \
+                    + tl.dot(p.to(dt), dv, input_precision=DOT_PREC)
             m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
+    if JVP:
+        o = tacc / l_safe[:, None] - (mu_i / l_safe)[:, None] * o
     tl.store(OUT + b * so_b + h * so_h + rm64[:, None] * so_s + d_full[None, :] * so_d,
              o.to(dt), mask=q_ok[:, None] & (d_full[None, :] < D))
-    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
-    tl.store(LSE + b * sl_b + h * sl_h + rm64 * sl_s, lse, mask=q_ok)
+    if not JVP:
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+        tl.store(LSE + b * sl_b + h * sl_h + rm64 * sl_s, lse, mask=q_ok)
 
 
 @triton.jit
@@ -435,13 +472,25 @@ _SM80_ROPE_TILES = {
 }
 
 
+# The forward kernel with JVP (forward-mode AD: q and its tangent, two accumulators live) for
+# fp16 / bf16 by architecture and head-dim bucket, from bf16 frame-causal RoPE builds (``ptxas
+# -v`` through aot_check's recorder, triton 3.9): sm_90 spills 0 / 216 / 496 bytes per thread at
+# D = 64 / 128 / 256 (the forward's tiles: 80 / 712 / 4560), sm_80 248 / 696 / 504. Not timed.
+_JVP_TILES = {90: {64: (128, 32, 8), 128: (64, 32, 8), 256: (16, 16, 4)},
+              80: {64: (128, 32, 8), 128: (32, 64, 4), 256: (16, 32, 4)}}
+
+
 def _tiles(kernel, q, rope, block_m=None, block_n=None, num_warps=None):
-    """``(BLOCK_M, BLOCK_N, num_warps)`` of ``kernel`` (``"fwd"``, ``"dkdv"`` or ``"dq"``) for
-    ``q``'s head dim, dtype and GPU architecture; the keyword arguments override."""
+    """``(BLOCK_M, BLOCK_N, num_warps)`` of ``kernel`` (``"fwd"``, ``"jvp"``, ``"dkdv"`` or
+    ``"dq"``) for ``q``'s head dim, dtype and GPU architecture; the keyword arguments override."""
     D, dtype = q.shape[-1], q.dtype
     block_d = max(triton.next_power_of_2(D), 32)
     if triton_interpret():
         bm, bn, warps = 32, 32, 4
+    elif kernel == "jvp":
+        bm, bn, warps = _JVP_TILES[90 if target_arch(q) >= 90 else 80][max(block_d, 64)]
+        if dtype == torch.float32:
+            bm = max(16, bm // 2)
     else:
         if rope and target_arch(q) < 90:
             bm, bn, warps = _SM80_ROPE_TILES[kernel][max(block_d, 64)]
@@ -473,35 +522,60 @@ def _common(q, cos, sin):
     return block_d, rope, tabs, tstrides
 
 
-def rope3d_attn_fwd(q, k, v, cos, sin, rope_offset: int, interleaved: bool, fc_start: int,
-                    fc_len: int, fc_block: int, scale: float, *, block_m=None, block_n=None,
-                    num_warps=None, num_stages=None):
-    """Forward contract (``vidgen_kernels.ops.rope3d_attention``) -> (out, lse)."""
-    op = "triton rope3d_attn_fwd"
-    _check(op, q, k, v, cos, sin, rope_offset, fc_start, fc_len, fc_block)
+def _launch_fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block, scale,
+                tangents, block_m, block_n, num_warps, num_stages):
+    """(out, lse) or, with ``tangents = (dq, dk, dv)``, (tangent of out, None)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Sq, H), dtype=torch.float32, device=q.device)
+    jvp = tangents is not None
+    lse = out if jvp else torch.empty((B, Sq, H), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
-        return out, lse
+        return out, None if jvp else lse
     block_d, rope, (c, s), tstr = _common(q, cos, sin)
-    bm, bn, warps = _tiles("fwd", q, rope, block_m, block_n, num_warps)
+    bm, bn, warps = _tiles("jvp" if jvp else "fwd", q, rope, block_m, block_n, num_warps)
     L = cos.shape[0] if rope else 0
+    dq, dk, dv = tangents if jvp else (q, k, v)
     grid = (triton.cdiv(Sq, bm), B * H)
     with device_ctx(q):
         # a build over the GPU's shared memory (sm_86 / sm_89: 99 KiB per block; D = 256 with
         # two stages needs 100 KiB) retries unpipelined
         launch(_fwd_kernel, grid, (
-            q, k, v, c, s, out, lse,
+            q, k, v, c, s, out, lse, dq, dk, dv,
             Sq, Sk, H, D, D // 2, L, int(rope_offset), int(fc_start), int(fc_start + fc_len),
-            max(int(fc_block), 1), float(scale) * _LOG2E,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *tstr),
-            dict(ROPE=rope, INTERLEAVED=bool(interleaved), FRAME_CAUSAL=bool(fc_block),
+            max(int(fc_block), 1), float(scale) * _LOG2E, float(scale),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride()[:3], *tstr,
+            *dq.stride(), *dk.stride(), *dv.stride()),
+            dict(ROPE=rope, INTERLEAVED=bool(interleaved), FRAME_CAUSAL=bool(fc_block), JVP=jvp,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_H=block_d // 2,
                  DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
                  num_warps=warps, num_stages=int(num_stages or 2)), q.device)
-    return out, lse
+    return out, None if jvp else lse
+
+
+def rope3d_attn_fwd(q, k, v, cos, sin, rope_offset: int, interleaved: bool, fc_start: int,
+                    fc_len: int, fc_block: int, scale: float, *, block_m=None, block_n=None,
+                    num_warps=None, num_stages=None):
+    """Forward contract (``vidgen_kernels.ops.rope3d_attention``) -> (out, lse)."""
+    _check("triton rope3d_attn_fwd", q, k, v, cos, sin, rope_offset, fc_start, fc_len, fc_block)
+    return _launch_fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block,
+                       scale, None, block_m, block_n, num_warps, num_stages)
+
+
+def rope3d_attn_jvp(q, k, v, dq, dk, dv, cos, sin, rope_offset: int, interleaved: bool,
+                    fc_start: int, fc_len: int, fc_block: int, scale: float, *, block_m=None,
+                    block_n=None, num_warps=None, num_stages=None):
+    """Forward-mode contract (``kernel_jvp_torch``): the tangent of out along ``dq, dk, dv``
+    (shapes of q, k, v, their dtype, any strides) -> ``[B, Sq, H, D]`` contiguous. One pass
+    of the forward kernel with ``JVP`` (tiles: ``_JVP_TILES``)."""
+    op = "triton rope3d_attn_jvp"
+    _check(op, q, k, v, cos, sin, rope_offset, fc_start, fc_len, fc_block)
+    for name, t, x in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{op}: {name} must match {tuple(x.shape)} {x.dtype} on {x.device}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+    return _launch_fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block,
+                       scale, (dq, dk, dv), block_m, block_n, num_warps, num_stages)[0]
 
 
 def rope3d_attn_bwd(dout, q, k, v, cos, sin, out, lse, rope_offset: int, interleaved: bool,
