@@ -279,29 +279,30 @@ def kernel_jvp_torch(q, k, v, dq, dk, dv, cos, sin, rope_offset, interleaved, fc
     ``dout = (p (dz - mu)) v + p dv``. Differentiable PyTorch ops (fp32 math, fp64 for fp64)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    def heads(x, rotate_it):  # [B, H, S, D] in the accumulation dtype
-        x = _rope_torch(x, cos, sin, rope_offset, interleaved) if rotate_it else x
-        return x.to(acc).transpose(1, 2)
-    qh, kh, vh = heads(q, True), heads(k, True), heads(v, False)
-    dqh, dkh, dvh = heads(dq, True), heads(dk, True), heads(dv, False)
-    B, Sq, H, _ = q.shape
+    def heads(*xs, rotate_it):  # [B, H, S, D] (the last dims of xs joined) in fp32 / fp64
+        xs = [_rope_torch(x, cos, sin, rope_offset, interleaved) if rotate_it else x for x in xs]
+        return torch.cat([x.to(acc) for x in xs], -1).transpose(1, 2).contiguous()
+    # scores and their tangent in one product each: [q | dq] . [k | dk] pairs as z, and
+    # [q | dq] . [dk | k] = <q, dk> + <dq, k> (rotation and scale commute with the sums)
+    qq, kk, kd = heads(q, dq, rotate_it=True), heads(k, dk, rotate_it=True), \
+        heads(dk, k, rotate_it=True)
+    vh, dvh = heads(v, rotate_it=False), heads(dv, rotate_it=False)
+    B, Sq, H, D = q.shape
     Sk = k.shape[1]
     rows = chunk_rows or max(1, _JVP_CHUNK_ELEMS // max(1, B * H * Sk))
-    kt, dkt = kh.transpose(-1, -2), dkh.transpose(-1, -2)
-    parts = []
+    kt, kdt = kk[..., :D].transpose(-1, -2), kd.transpose(-1, -2)
+    dout = vh.new_empty((B, H, Sq, D))
     for r0 in range(0, Sq, rows):
         r = slice(r0, min(r0 + rows, Sq))
-        qc = qh[:, :, r]
-        z = torch.matmul(qc, kt) * scale
-        dz = (torch.matmul(dqh[:, :, r], kt) + torch.matmul(qc, dkt)) * scale
+        z = torch.matmul(qq[:, :, r, :D], kt).mul_(scale)
+        dz = torch.matmul(qq[:, :, r], kdt).mul_(scale)
         if fc_block:
             allowed = frame_causal_mask(Sq, fc_start, fc_len, fc_block, q.device, rows=r)
-            z = z.masked_fill(~allowed, float("-inf"))
+            z.masked_fill_(~allowed, float("-inf"))
         p = torch.softmax(z, dim=-1)
         pdz = p * dz
-        mu = pdz.sum(-1, keepdim=True)
-        parts.append(torch.matmul(pdz - p * mu, vh) + torch.matmul(p, dvh))
-    dout = torch.cat(parts, dim=2) if parts else vh.new_zeros((B, H, 0, vh.shape[-1]))
+        pdz.addcmul_(p, pdz.sum(-1, keepdim=True), value=-1.0)  # p (dz - mu)
+        dout[:, :, r] = torch.matmul(pdz, vh) + torch.matmul(p, dvh)
     return dout.transpose(1, 2).to(q.dtype).contiguous()
 
 
