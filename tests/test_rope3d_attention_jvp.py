@@ -161,6 +161,26 @@ def test_jvp_runs_on_the_kernels(case, backend, api, monkeypatch):
     torch.testing.assert_close(tan.double(), want_tan, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", CASES[1:3], ids=IDS[1:3])
+def test_low_precision_jvp_on_cpu(case, dtype, monkeypatch):
+    """fp16 / bf16 through the ``cpu`` backend under jvp: primal and tangent in the input dtype,
+    within flash-attention's rule of jvp of the reference run in that dtype."""
+    if "cpu" not in vk.available_backends("cpu"):
+        pytest.skip("the C++ CPU kernels are not built")
+    qkv, tangents, tables, kw = _case(case)
+    hi_out, hi_tan = _reference_jvp(qkv, tangents, tables, kw)
+    lo_in = [t.to(dtype) for t in (*qkv, *tangents)]
+
+    def f(be):
+        return lambda q, k, v: vk.rope3d_attention(q, k, v, *tables, backend=be, **kw)
+    lo_out, lo_tan = torch.func.jvp(f("reference"), tuple(lo_in[:3]), tuple(lo_in[3:]))
+    _forbid_reference(monkeypatch)
+    out, tan = torch.func.jvp(f("cpu"), tuple(lo_in[:3]), tuple(lo_in[3:]))
+    assert_close_rule(out, hi_out, lo_out, f"primal {case[0]} {dtype}")
+    assert_close_rule(tan, hi_tan, lo_tan, f"tangent {case[0]} {dtype}")
+
+
 @pytest.mark.parametrize("backend", _kernel_backends())
 def test_gradients_of_the_primal_and_through_the_tangent(backend):
     """MeanFlow / sCM backpropagate through the jvp's primal output (and stop the tangent);
