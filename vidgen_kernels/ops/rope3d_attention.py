@@ -282,15 +282,15 @@ def kernel_jvp_torch(q, k, v, dq, dk, dv, cos, sin, rope_offset, interleaved, fc
     def heads(*xs, rotate_it):  # [B, H, S, D] (the last dims of xs joined) in fp32 / fp64
         xs = [_rope_torch(x, cos, sin, rope_offset, interleaved) if rotate_it else x for x in xs]
         return torch.cat([x.to(acc) for x in xs], -1).transpose(1, 2).contiguous()
-    # scores and their tangent in one product each: [q | dq] . [k | dk] pairs as z, and
-    # [q | dq] . [dk | k] = <q, dk> + <dq, k> (rotation and scale commute with the sums)
-    qq, kk, kd = heads(q, dq, rotate_it=True), heads(k, dk, rotate_it=True), \
+    # the scores' tangent in one product: [q | dq] . [dk | k] = <q, dk> + <dq, k> (rotation and
+    # scale commute with the sums); the scores from the q half of [q | dq]
+    qq, kh, kd = heads(q, dq, rotate_it=True), heads(k, rotate_it=True), \
         heads(dk, k, rotate_it=True)
     vh, dvh = heads(v, rotate_it=False), heads(dv, rotate_it=False)
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     rows = chunk_rows or max(1, _JVP_CHUNK_ELEMS // max(1, B * H * Sk))
-    kt, kdt = kk[..., :D].transpose(-1, -2), kd.transpose(-1, -2)
+    kt, kdt = kh.transpose(-1, -2), kd.transpose(-1, -2)
     dout = vh.new_empty((B, H, Sq, D))
     for r0 in range(0, Sq, rows):
         r = slice(r0, min(r0 + rows, Sq))

@@ -49,7 +49,6 @@ Limits: ``D <= 256`` (:data:`MAX_D`); any D works (padded to a power of two >= 3
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
