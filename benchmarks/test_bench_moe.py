@@ -6,7 +6,7 @@ Run::
     python -m pytest benchmarks/test_bench_moe.py --quick                         # smoke
     python benchmarks/summarize.py /tmp/m.json                                    # tables
 
-Cases: direction (fwd, fwd+bwd) x shape ``(E, C, F, N)`` x device x contender, top-2 routing,
+Cases: direction (fwd, fwd+bwd, jvp) x shape ``(E, C, F, N)`` x device x contender, top-2 routing,
 ``gelu`` (tanh), biases on, router logits random normal (roughly balanced experts).
 CPU (fp32): ``(4, 512, 2048, 4096)``, ``(8, 512, 2048, 4096)`` (the issue's CPU set) and the
 many-small-experts set ``(32|64, 256, 512, 2048|8192)``. GPU (bf16): E in {4, 8, 16},
@@ -27,7 +27,16 @@ pytest-benchmark group. Contenders:
 The timed unit is the forward, or forward + ``torch.autograd.grad`` of every leaf (x, router
 logits, w1, w2, b1, b2; dense: x, its weights and biases). Work model (``extra_info``):
 ``flops`` = ``4 * N * k * C * F`` for the forward (two GEMMs over the N*k routed rows), times 3
-for fwd+bwd; ``gflops`` = flops / median. Timing: ``common.measure`` (calibration, then
+for fwd+bwd, times 2 for jvp; ``gflops`` = flops / median.
+
+Direction ``jvp``: ``torch.func.jvp`` w.r.t. x and the router logits along random tangents (what
+sCM / MeanFlow training of a MoE DiT runs: the tangent enters a MoE layer on its input, and on
+the logits through the router), on fewer shapes (``JVP_SHAPES``). Contenders there: the kernel
+backends (their forward-mode path), ``reference`` (jvp of the seed's loop: what ``auto`` ran under
+jvp before the kernels had a forward-mode derivative), ``grouped_mm`` (the same forward-mode
+stages on the contract's PyTorch kernels) and ``dense`` (jvp of the dense FFN; tangent on x);
+``padded-bmm`` routes through a custom op without a forward-mode derivative and is left out.
+Work: the forward's two GEMMs plus the tangent's two. Timing: ``common.measure`` (calibration, then
 ``benchmark.pedantic``), ``common.policy`` shortened for the full CPU shapes (calls of 0.1-3 s).
 Every non-reference MoE contender is checked against the reference once before timing.
 """
@@ -57,9 +66,15 @@ FULL_SHAPES = {
 }
 QUICK_SHAPES = {"cpu": ((4, 64, 256, 512), (32, 32, 64, 512)),
                 "cuda": ((8, 256, 1024, 2048),)}
+JVP = "jvp"
+DIRECTIONS = (*common.DIRECTIONS, JVP)
+JVP_SHAPES = {"cpu": ((8, 512, 2048, 4096), (64, 256, 512, 2048)),
+              "cuda": ((8, 1152, 4608, 16384),)}
 
 
-def contenders(device_type: str) -> tuple[str, ...]:
+def contenders(device_type: str, direction: str = "fwd") -> tuple[str, ...]:
+    if direction == JVP:
+        return (*KERNEL_BACKENDS[device_type], REFERENCE, GROUPED, DENSE)
     return (*KERNEL_BACKENDS[device_type], REFERENCE, PADDED, GROUPED, DENSE)
 
 
@@ -89,10 +104,13 @@ class Case:
 
 
 def make_cases(quick: bool, devices) -> list[Case]:
-    shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    def shapes(dev, direction):
+        if quick:
+            return QUICK_SHAPES[dev]
+        return JVP_SHAPES[dev] if direction == JVP else FULL_SHAPES[dev]
     return [Case(direction, shape, dev, common.DTYPES[dev], c)
-            for dev in devices for shape in shapes[dev] for direction in common.DIRECTIONS
-            for c in contenders(dev)]
+            for dev in devices for direction in DIRECTIONS for shape in shapes(dev, direction)
+            for c in contenders(dev, direction)]
 
 
 def pytest_generate_tests(metafunc):
@@ -105,7 +123,7 @@ def pytest_generate_tests(metafunc):
 def flops(case: Case) -> int:
     E, C, F_, N = case.shape
     f = 4 * N * TOP_K * C * F_
-    return 3 * f if case.backward else f
+    return 3 * f if case.backward else 2 * f if case.direction == JVP else f
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +147,12 @@ def make_inputs(case: Case, seed: int) -> dict:
     if case.backward:
         rows = inp["x"].shape[0]
         inp["dout"] = torch.randn(rows, C, **kw)
+    if case.direction == JVP:
+        inp["tangents"] = {k: torch.randn(inp[k].shape, **kw) for k in _JVP_WRT if k in inp}
     return inp
+
+
+_JVP_WRT = ("x", "router_logits")
 
 
 def padded_bmm(x, router_logits, w1, w2, b1, b2):
@@ -166,18 +189,28 @@ def op_fn(case: Case):
     if case.contender == PADDED:
         return lambda i: padded_bmm(*args(i), i["b1"], i["b2"])
     if case.contender == GROUPED:
+        fad = case.direction == JVP  # (the custom ops drop tangents: the forward-mode stages)
         return lambda i: M.moe_pipeline(*args(i), i["b1"], i["b2"], TOP_K, ACT, True, None,
-                                        "torch")[0]
+                                        "torch", forward_ad=fad)[0]
     backend = case.contender
     return lambda i: vk.moe_ffn(*args(i), top_k=TOP_K, activation=ACT, b1=i["b1"], b2=i["b2"],
                                 backend=backend).out
 
 
 def _leaves(inp):
-    return [v for k, v in inp.items() if k != "dout"]
+    return [v for k, v in inp.items() if k not in ("dout", "tangents")]
+
+
+def _jvp(f, inp):
+    """``(out, tangent)`` of ``torch.func.jvp`` w.r.t. the inputs in ``inp["tangents"]``."""
+    names = tuple(inp["tangents"])
+    return torch.func.jvp(lambda *p: f(dict(inp, **dict(zip(names, p)))),
+                          tuple(inp[k] for k in names), tuple(inp["tangents"].values()))
 
 
 def step_fn(case: Case, f, inp: dict):
+    if case.direction == JVP:
+        return lambda: _jvp(f, inp)
     if not case.backward:
         return lambda: f(inp)
     leaves = _leaves(inp)
@@ -189,7 +222,10 @@ def step_fn(case: Case, f, inp: dict):
 
 def check_against_reference(case: Case, f, inp: dict) -> float:
     ref = op_fn(dataclasses.replace(case, contender=REFERENCE))
-    got, want = [f(inp)], [ref(inp)]
+    if case.direction == JVP:
+        got, want = list(_jvp(f, inp)), list(_jvp(ref, inp))
+    else:
+        got, want = [f(inp)], [ref(inp)]
     if case.backward:
         got += torch.autograd.grad(got[0], _leaves(inp), inp["dout"])
         want += torch.autograd.grad(want[0], _leaves(inp), inp["dout"])
@@ -232,7 +268,9 @@ def test_moe(benchmark, case: Case, request):
         backend=case.contender if case.contender in KERNEL_BACKENDS[case.device] else None,
         dtype=common.dtype_name(case.dtype), shape=[E, C, F_, N], top_k=TOP_K, activation=ACT,
         device=case.device, device_name=common.device_name(case.device), flops=fl,
-        flops_counted="4*N*k*C*F" + (" * 3 (fwd+bwd)" if case.backward else ""),
+        flops_counted="4*N*k*C*F" + (" * 3 (fwd+bwd)" if case.backward else
+                                     " * 2 (jvp: primal + tangent)" if case.direction == JVP
+                                     else ""),
         input_sets=len(sets),
     )
     benchmark.extra_info.update(info)

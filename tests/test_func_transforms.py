@@ -8,8 +8,8 @@ tangent (the custom ops drop it), a dual tensor lost its tangent, and ``torch.fu
 from inside PyTorch. Now ``auto`` takes the reference path there (checked against float64 central
 differences, so a dropped tangent fails), a named kernel backend raises
 ``BackendUnavailableError`` naming the op and the transform, and ``vmap`` alone stays on the
-kernels (``rope3d_attention`` has its own forward-mode derivative under jvp / forward_ad
-alone: tests/test_rope3d_attention_jvp.py). Double backward used to raise at the second backward; the kernels' backward now
+kernels (``rope3d_attention`` and ``moe_ffn`` have their own forward-mode derivatives under jvp /
+forward_ad alone: tests/test_rope3d_attention_jvp.py, tests/test_moe_jvp.py). Double backward used to raise at the second backward; the kernels' backward now
 recomputes the reference's vector-Jacobian product as a graph when grad mode is on.
 """
 import functools
@@ -205,14 +205,18 @@ def test_func_gradient_transforms_match_backward(case, transform):
     torch.testing.assert_close(got, p1.grad, rtol=1e-4, atol=1e-5)
 
 
+# ops whose kernels have a forward-mode derivative of their own (jvp / forward_ad alone)
+_OWN_FORWARD_AD = {"rope3d_attention": "tests/test_rope3d_attention_jvp.py",
+                   "moe_ffn": "tests/test_moe_jvp.py"}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("api", ["func.jvp", "forward_ad", "func.grad"])
 def test_named_kernel_backend_raises_under_the_transform(case, api):
     f, p = CASES[case]()
     op = OP[case]
-    if op == "rope3d_attention" and api != "func.grad":
-        pytest.skip("rope3d_attention has its own forward-mode derivative "
-                    "(tests/test_rope3d_attention_jvp.py)")
+    if op in _OWN_FORWARD_AD and api != "func.grad":
+        pytest.skip(f"{op} has its own forward-mode derivative ({_OWN_FORWARD_AD[op]})")
     with pytest.raises(vk.BackendUnavailableError, match=rf"{op}: backend 'cpu' cannot run under"):
         if api == "func.jvp":
             torch.func.jvp(lambda p: f(p, "cpu"), (p,), (torch.ones_like(p),))
@@ -221,7 +225,7 @@ def test_named_kernel_backend_raises_under_the_transform(case, api):
                 f(fwAD.make_dual(p, torch.ones_like(p)), "cpu")
         else:
             torch.func.grad(lambda p: f(p, "cpu").sum())(p)
-    if op == "rope3d_attention":
+    if op in _OWN_FORWARD_AD:
         return
     with vk.use_backend("cpu"), pytest.raises(vk.BackendUnavailableError, match="forward-mode AD"):
         torch.func.jvp(lambda p: f(p, None), (p,), (torch.ones_like(p),))

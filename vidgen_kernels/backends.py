@@ -185,7 +185,8 @@ def autodiff_transform(tensors, forward_ad: bool = False) -> str | None:
     ``torch.compile`` only the transforms' presence is visible: there any ``torch.func``
     transform (``vmap`` included) counts. Costs about a microsecond when none applies.
 
-    ``forward_ad=True`` (an op with its own forward-mode derivative, ``rope3d_attention``):
+    ``forward_ad=True`` (an op with its own forward-mode derivative: ``rope3d_attention``,
+    ``moe_ffn``):
     eager forward-mode AD alone (one ``torch.func.jvp``, or a dual level without ``torch.func``)
     does not count; jvp combined with another transform (``jacfwd`` = vmap of jvp, jvp of jvp,
     hessian) and compiled jvp still do.

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["eager_op", "differentiable_vjp"]
+__all__ = ["eager_op", "differentiable_vjp", "recomputed_vjp"]
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -93,6 +93,24 @@ def differentiable_vjp(forward: Callable, inputs: Sequence[Optional[Tensor]],
             tensors do under ``create_graph=True``).
         grad_outputs: one per output of ``forward``; ``None`` for an output without gradient.
     """
+    return _vjp(forward, inputs, needs, grad_outputs, create_graph=True)
+
+
+def recomputed_vjp(forward: Callable, inputs: Sequence[Optional[Tensor]],
+                   needs: Sequence[bool], grad_outputs: Sequence[Optional[Tensor]]) -> tuple:
+    """:func:`differentiable_vjp` from inside a backward in either grad mode: on
+    (``create_graph=True``) the saved ``inputs`` carry the graph and so does the result; off,
+    detached copies of the inputs are differentiated and the result is a plain tensor. For a
+    backward that has no kernel of its own (the gradient through a forward-mode tangent, which
+    recomputes the tangent in plain PyTorch)."""
+    if torch.is_grad_enabled():
+        return _vjp(forward, inputs, needs, grad_outputs, create_graph=True)
+    ins = [t.detach().requires_grad_(n) if isinstance(t, Tensor) else t
+           for t, n in zip(inputs, needs)]
+    return _vjp(forward, ins, needs, grad_outputs, create_graph=False)
+
+
+def _vjp(forward, inputs, needs, grad_outputs, create_graph: bool) -> tuple:
     with torch.enable_grad():
         outs = forward(*inputs)
         outs = outs if isinstance(outs, tuple) else (outs,)
@@ -101,5 +119,5 @@ def differentiable_vjp(forward: Callable, inputs: Sequence[Optional[Tensor]],
         if not pairs or not wanted:
             return tuple(None for _ in inputs)
         got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                       create_graph=True, allow_unused=True))
+                                       create_graph=create_graph, allow_unused=True))
     return tuple(next(got) if n else None for n in needs)

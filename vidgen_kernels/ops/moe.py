@@ -70,6 +70,16 @@ Kernel contract (per backend; ``kernel_*_torch`` below is the contract in PyTorc
   dpre [P, M]`` (backward's recomputed hidden and ``act'(pre) * dhid``; ``apply_act`` /
   ``act_backward`` below are the contract).
 
+Forward-mode AD (``torch.func.jvp`` alone, or a ``torch.autograd.forward_ad`` dual level; eager):
+the kernel pipeline runs, each stage as an ``autograd.Function`` with the custom op's backward
+and a ``jvp`` on the same kernels (``moe_pipeline(forward_ad=True)``): the weights' tangent
+``(dp[idx] - w sum dp[idx]) / s`` with ``dp = p (dl - <p, dl>)`` (PyTorch, ``[N, k]``);
+``dpre = gmm(dx[tok], w1) + gmm(x[tok], dw1) + db1``, ``dhid = act'(pre) dpre`` (gated:
+``f'(a) da b + f(a) db``), ``dy = gmm(dhid, w2) + gmm(act(pre), dw2) + db2``; ``dout =
+combine(dy, w) + combine(y, dw)``. Inputs without a tangent cost nothing (a tangent on x alone:
+two grouped GEMMs). A gradient *through* the tangent recomputes it with the PyTorch contract
+and differentiates that. ``jacfwd``, nested and compiled jvp take the reference.
+
 Backends: ``cpu`` (C++: route, sort, gather, combine, combine_wgrad, and the grouped GEMMs as
 ``at::mm`` / ``at::addmm`` (bias) calls per expert segment inside one C++ call; the tanh
 GELU (plain and geglu, fp32) and its derivative as one vectorised C++ pass each, the other
@@ -89,8 +99,8 @@ import torch
 from torch import Tensor
 
 from ._checks import autocast_dtype, cast_floating
-from ._eager import differentiable_vjp, eager_op
-from ..backends import resolve
+from ._eager import differentiable_vjp, eager_op, recomputed_vjp
+from ..backends import forward_ad_active, resolve
 
 __all__ = ["MoEOutput", "moe_ffn", "moe_ffn_reference", "ACTIVATIONS"]
 
@@ -616,14 +626,12 @@ def _route_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _route_backward(ctx, dw, _didx):
-    logits, idx = ctx.saved_tensors
-    if dw is None:
-        return None, None, None, None
+def _route_grad(logits: Tensor, idx: Tensor, dw: Tensor, normalize: bool) -> Tensor:
+    """Gradient of the routing weights w.r.t. the logits (plain PyTorch, O(N E))."""
     lf = logits.float()
     p = torch.softmax(lf, dim=-1)
     sel = p.gather(1, idx)
-    if ctx.normalize:
+    if normalize:
         s = sel.sum(-1, keepdim=True)
         w = sel / s
         dsel = (dw - (dw * w).sum(-1, keepdim=True)) / s
@@ -631,7 +639,14 @@ def _route_backward(ctx, dw, _didx):
         dsel = dw
     dp = torch.zeros_like(p).scatter_add_(1, idx, dsel)
     dl = p * (dp - (dp * p).sum(-1, keepdim=True))
-    return dl.to(logits.dtype), None, None, None
+    return dl.to(logits.dtype)
+
+
+def _route_backward(ctx, dw, _didx):
+    logits, idx = ctx.saved_tensors
+    if dw is None:
+        return None, None, None, None
+    return _route_grad(logits, idx, dw, ctx.normalize), None, None, None
 
 
 _moe_route_call = eager_op(_moe_route, _moe_route_impl, _route_setup, _route_backward)
@@ -804,13 +819,235 @@ _moe_experts_fwd_call = eager_op(_moe_experts_fwd, _moe_experts_fwd_impl,
                                  _experts_setup, _experts_backward)
 
 
+# ---- forward-mode AD: the same pipeline, each stage with a jvp --------------------------------
+# Under one eager torch.func.jvp or a forward_ad dual level, moe_pipeline(forward_ad=True) runs the
+# stages below: autograd.Functions with the kernels' forward, the custom ops' backward (reverse
+# mode through the primal is unchanged) and a jvp built from the same kernels (grouped GEMMs,
+# gathers, the weighted combine). A stage's tangent goes through _KernelTangent, whose backward
+# (a gradient *through* the tangent, which sCM / MeanFlow recipes stop) recomputes the tangent
+# with the PyTorch contract ("torch" kernels) and differentiates that.
+def _df_mul_differentiable(g: Tensor, z: Tensor, base: str) -> Tensor:
+    """``g * act'(z)`` in plain elementwise ops that autograd differentiates again (PyTorch has
+    no derivative of ``silu_backward``)."""
+    if base == "silu":
+        s = torch.sigmoid(z)
+        return g * s * (1 + z * (1 - s))
+    if base == "gelu_exact":
+        return g * (0.5 * (1 + torch.erf(z * 0.5 ** 0.5)) +
+                    z * torch.exp(-0.5 * z * z) * (2 * torch.pi) ** -0.5)
+    k = (2 / torch.pi) ** 0.5
+    t = torch.tanh(k * (z + 0.044715 * z ** 3))
+    return g * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z))
+
+
+def act_jvp(pre: Tensor, dpre: Tensor, activation: str, differentiable: bool = False) -> Tensor:
+    """Tangent of :func:`apply_act` at ``pre`` along ``dpre`` (pre's dtype, fp32 math):
+    ``act'(pre) dpre``; gated ``f'(a) da b + f(a) db``. ``differentiable``: in ops that autograd
+    can differentiate (a gradient through the tangent), else PyTorch's fused backward kernels."""
+    z = pre if pre.dtype in (torch.float32, torch.float64) else pre.float()
+    dz = dpre.to(z.dtype)
+    base = _base_act(activation)
+    df_mul = (lambda g, z: _df_mul_differentiable(g, z, base)) if differentiable else \
+        (lambda g, z: _df_mul(g, z, base))
+    if activation not in GATED:
+        return df_mul(dz, z).to(pre.dtype)
+    F_ = pre.shape[-1] // 2
+    a, b, da, db = z[:, :F_], z[:, F_:], dz[:, :F_], dz[:, F_:]
+    return (df_mul(da * b, a) + _f(a, base) * db).to(pre.dtype)
+
+
+def _route_tangent(logits: Tensor, idx: Tensor, weights: Tensor, dlogits: Tensor,
+                   normalize: bool) -> Tensor:
+    """Tangent of the routing weights ``[N, k]`` fp32 along ``dlogits`` (plain PyTorch)."""
+    p = torch.softmax(logits.float(), dim=-1)
+    dl = dlogits.float()
+    dsel = (p * (dl - (p * dl).sum(-1, keepdim=True))).gather(1, idx)
+    if not normalize:
+        return dsel
+    return (dsel - weights * dsel.sum(-1, keepdim=True)) / p.gather(1, idx).sum(-1, keepdim=True)
+
+
+def _seg_rows(t: Tensor, offs: Tensor, P: int) -> Tensor:
+    """``t[e]`` for every sorted row: ``[P, M]`` (a bias tangent without a GEMM to fuse into)."""
+    return t.index_select(0, segment_ids(offs, P).clamp_(max=t.shape[0] - 1))
+
+
+def _gmm_tangent(K, a: Optional[Tensor], w: Tensor, da: Optional[Tensor], dw: Optional[Tensor],
+                 db: Optional[Tensor], offs: Tensor) -> Optional[Tensor]:
+    """Tangent of ``gmm(a, w) + bias``: ``gmm(da, w) + gmm(a, dw) + db`` (None: no tangent)."""
+    out = None
+    bias = db.contiguous() if db is not None else None  # (the GEMM epilogue's [E, M] layout)
+    if da is not None:
+        out, bias = K.gmm(da, w, offs, bias), None
+    if dw is not None:
+        t = K.gmm(a, dw, offs, bias)
+        out, bias = (t if out is None else out + t), None
+    if bias is not None:
+        out = _seg_rows(bias, offs, a.shape[0])
+    return out
+
+
+def _experts_tangent(backend, x, tok, offs, pre, w1, b1, w2, dx, dw1, db1, dw2, db2,
+                     activation):
+    """Tangent of the experts' ``y [P, C]`` (forward: :func:`_moe_experts_fwd_impl`; ``pre`` is
+    its saved pre-activation). ``backend="torch"`` (differentiated through by
+    :class:`_KernelTangent`) recomputes ``pre`` from ``x``, ``w1``, ``b1``, so that a gradient
+    through the tangent reaches them through ``act'(pre)`` too."""
+    K = _kernels(backend)
+    if backend == "torch":
+        pre = K.gmm(K.gather(x, tok), w1, offs, b1)
+    xs = K.gather(x, tok) if dw1 is not None else None
+    dxs = K.gather(dx, tok) if dx is not None else None
+    dpre = _gmm_tangent(K, xs, w1, dxs, dw1, db1, offs)
+    del xs, dxs
+    hid = K.act(pre, activation) if dw2 is not None else None
+    if dpre is None:
+        dhid = None
+    elif activation in GATED or backend == "torch":
+        dhid = act_jvp(pre, dpre, activation, differentiable=backend == "torch")
+    else:  # act'(pre) dpre is the backward's elementwise pass: the kernels' (in place on dpre)
+        dhid = K.act_bwd(dpre, pre, activation, reuse_dhid=True)
+    dy = _gmm_tangent(K, hid, w2, dhid, dw2, db2, offs)
+    return dy if dy is not None else pre.new_zeros((pre.shape[0], w2.shape[2]))
+
+
+def _combine_tangent(backend, y, weights, pos, dy, dweights):
+    """Tangent of the weighted un-permutation ``out [N, C]`` (:func:`_moe_unpermute_impl`)."""
+    K = _kernels(backend)
+    out = K.combine(dy.contiguous(), pos, weights) if dy is not None else None
+    if dweights is not None:
+        t = K.combine(y, pos, dweights.float().contiguous())
+        out = t if out is None else out + t
+    return out if out is not None else y.new_zeros((pos.shape[0], y.shape[1]))
+
+
+class _KernelTangent(torch.autograd.Function):
+    """``fn(backend, *tensors, *consts)``: a stage's tangent from the kernels. Its backward (a
+    gradient through the tangent) differentiates ``fn("torch", ...)``, the PyTorch contract."""
+
+    @staticmethod
+    def forward(fn, backend, consts, *tensors):
+        return fn(backend, *tensors, *consts)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.fn, _, ctx.consts = inputs[:3]
+        ctx.save_for_backward(*inputs[3:])
+
+    @staticmethod
+    def backward(ctx, g):
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        grads = recomputed_vjp(lambda *ts: ctx.fn("torch", *ts, *ctx.consts), saved, needs, (g,))
+        return (None, None, None) + tuple(grads)
+
+
+class _RoutingForwardAD(torch.autograd.Function):
+    """Routing and the counting sort (forward-mode AD stage): ``(weights, idx, order, tok, pos,
+    counts, offs)``; only the weights have a tangent (from the logits')."""
+
+    @staticmethod
+    def forward(logits, expert_index, top_k, normalize, num_experts, backend):
+        if expert_index is not None:
+            N = expert_index.numel()
+            idx = expert_index.reshape(N, 1).to(torch.int64)
+            weights = torch.ones((N, 1), dtype=torch.float32, device=idx.device)
+        else:
+            weights, idx = _moe_route_impl(logits, top_k, normalize, backend)
+        return (weights, idx) + tuple(_moe_sort_impl(idx, num_experts, backend))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, expert_index, _, normalize, _, _ = inputs
+        ctx.normalize = normalize
+        ctx.routed = expert_index is None
+        ctx.save_for_backward(logits, output[1])
+        ctx.save_for_forward(logits, output[1], output[0])
+        ctx.mark_non_differentiable(*output[1:] if ctx.routed else output)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, dw, *_):
+        logits, idx = ctx.saved_tensors
+        dl = _route_grad(logits, idx, dw, ctx.normalize) if dw is not None and ctx.routed \
+            else None
+        return dl, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dlogits, *_):
+        logits, idx, weights = ctx.saved_tensors
+        dw = None
+        if dlogits is not None and ctx.routed:
+            dw = _route_tangent(logits, idx, weights, dlogits, ctx.normalize)
+        return (dw,) + (None,) * 6
+
+
+class _ExpertsForwardAD(torch.autograd.Function):
+    """The experts stage (inputs and outputs of the custom op ``moe_experts_fwd``) with a jvp:
+    ``dy = gmm(act'(pre) (gmm(dx[tok], w1) + gmm(x[tok], dw1) + db1), w2) + gmm(act(pre), dw2)
+    + db2`` on the kernels' grouped GEMMs."""
+
+    @staticmethod
+    def forward(x, tok, pos, w1, b1, w2, b2, offs, activation, backend):
+        return _moe_experts_fwd_impl(x, tok, pos, w1, b1, w2, b2, offs, activation, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _experts_setup(ctx, inputs, output)
+        x, tok, pos, w1, b1, w2, b2, offs = inputs[:8]
+        ctx.save_for_forward(x, tok, offs, output[1], w1, b1, w2)
+        ctx.mark_non_differentiable(output[1])
+
+    backward = staticmethod(_experts_backward)
+
+    @staticmethod
+    def jvp(ctx, dx, _dtok, _dpos, dw1, db1, dw2, db2, *_):
+        x, tok, offs, pre, w1, b1, w2 = ctx.saved_tensors
+        activation, _, _, backend = ctx.args
+        dy = _KernelTangent.apply(_experts_tangent, backend, (activation,), x, tok, offs, pre,
+                                  w1, b1, w2, dx, dw1, db1, dw2, db2)
+        return dy, None
+
+
+class _UnpermuteForwardAD(torch.autograd.Function):
+    """The weighted un-permutation (custom op ``moe_unpermute``) with a jvp:
+    ``combine(dy, w) + combine(y, dw)``."""
+
+    @staticmethod
+    def forward(y, weights, pos, tok, order, backend):
+        return _moe_unpermute_impl(y, weights, pos, tok, order, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _unpermute_setup(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:3])
+        ctx.set_materialize_grads(False)
+
+    backward = staticmethod(_unpermute_backward)
+
+    @staticmethod
+    def jvp(ctx, dy, dweights, *_):
+        y, weights, pos = ctx.saved_tensors
+        return _KernelTangent.apply(_combine_tangent, ctx.backend, (), y, weights, pos, dy,
+                                    dweights)
+
+
 def moe_pipeline(x2: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor,
                  b1: Optional[Tensor], b2: Optional[Tensor], top_k: int, activation: str,
-                 normalize_weights: bool, expert_index: Optional[Tensor], backend: str):
+                 normalize_weights: bool, expert_index: Optional[Tensor], backend: str,
+                 forward_ad: bool = False):
     """The grouped pipeline on ``x2 [N, C]`` with kernel set ``backend`` (``cpu``, ``triton`` or
-    ``torch``); returns ``(out [N, C], aux, z, counts)``."""
+    ``torch``); returns ``(out [N, C], aux, z, counts)``. ``forward_ad``: the stages with a
+    forward-mode derivative (inside an eager jvp / dual level)."""
     N = x2.shape[0]
     E = w1.shape[0]
+    if forward_ad:
+        weights, idx, order, tok, pos, counts, offs = _RoutingForwardAD.apply(
+            router_logits, expert_index, top_k, bool(normalize_weights), E, backend)
+        y, _ = _ExpertsForwardAD.apply(x2, tok, pos, w1, b1, w2, b2, offs, activation, backend)
+        out = _UnpermuteForwardAD.apply(y, weights, pos, tok, order, backend)
+        aux, zl = _losses(router_logits, counts, N * idx.shape[1])
+        return out, aux, zl, counts
     if expert_index is not None:
         idx = expert_index.reshape(N, 1).to(torch.int64)
         weights = torch.ones((N, 1), dtype=torch.float32, device=x2.device)
@@ -853,7 +1090,9 @@ def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, 
 
     Returns:
         ``MoEOutput(out [..., C] x.dtype, aux_loss fp32 [], z_loss fp32 [],
-        tokens_per_expert int64 [E])``. Gradients flow to x, router_logits, w1, w2, b1, b2.
+        tokens_per_expert int64 [E])``. Gradients flow to x, router_logits, w1, w2, b1, b2;
+        under one eager ``torch.func.jvp`` / ``forward_ad`` dual level the kernels also carry
+        tangents of all six (module docstring).
     Raises:
         ValueError / TypeError naming the argument for shapes that do not chain, ``top_k``
         outside ``[1, E]``, logits rows not matching the tokens, out-of-range ``expert_index``,
@@ -870,11 +1109,12 @@ def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, 
     N, C, E, _ = _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2,
                                expert_index, op)
     name = resolve(backend, x.device, x.dtype, SUPPORTED_DTYPES, op,
-                   (x, router_logits, w1, w2, b1, b2))
+                   (x, router_logits, w1, w2, b1, b2), forward_ad=True)
     if name == "reference":
         return moe_ffn_reference(x, router_logits, w1, w2, top_k=top_k, activation=activation,
                                  b1=b1, b2=b2, normalize_weights=normalize_weights,
                                  expert_index=expert_index)
     out, aux, zl, counts = moe_pipeline(x.reshape(N, C), router_logits, w1, w2, b1, b2, top_k,
-                                        activation, normalize_weights, expert_index, name)
+                                        activation, normalize_weights, expert_index, name,
+                                        forward_ad=forward_ad_active())
     return MoEOutput(out.reshape(x.shape), aux, zl, counts)

@@ -97,7 +97,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from ._eager import differentiable_vjp, eager_op
+from ._eager import differentiable_vjp, eager_op, recomputed_vjp
 from ..backends import forward_ad_active, resolve
 from ._checks import autocast_dtype, cast_floating, check_qkv, softmax_scale_or_default
 from .rope import _rope_kernel, canon_table, check_rope_pair, rotate
@@ -496,14 +496,7 @@ class _AttentionTangent(torch.autograd.Function):
 
         def tangent(q, k, v, dq, dk, dv):
             return kernel_jvp_torch(q, k, v, dq, dk, dv, *saved[6:], *ctx.args)
-        if torch.is_grad_enabled():  # create_graph=True: the saved tensors carry the graph
-            grads = differentiable_vjp(tangent, saved[:6], needs, (g,))
-        else:
-            with torch.enable_grad():
-                ins = [t.detach().requires_grad_(n) for t, n in zip(saved[:6], needs)]
-                got = iter(torch.autograd.grad(tangent(*ins), [t for t, n in zip(ins, needs) if n],
-                                               g, allow_unused=True))
-            grads = tuple(next(got) if n else None for n in needs)
+        grads = recomputed_vjp(tangent, saved[:6], needs, (g,))
         return (*grads,) + (None,) * (len(ctx.args) + 3)
 
 
