@@ -132,6 +132,26 @@ def test_jvp_runs_on_the_kernels(activation, routing, backend, api, monkeypatch)
         torch.testing.assert_close(tan[1].double(), want_tan[1].double(), **tol)
 
 
+@pytest.mark.parametrize("wrt", [("b1",), ("b2",), ("w1", "b2"), ("w2",), ("logits",)],
+                         ids=lambda w: "+".join(w))
+def test_tangents_on_a_subset_of_the_inputs(wrt, monkeypatch):
+    """Tangents on some inputs only (a dual level: the others have none), each combination of
+    the GEMM tangents' terms (bias alone, weight alone, ...), against the reference's jvp with
+    zero tangents elsewhere."""
+    names = ("x", "logits", "w1", "w2", "b1", "b2")
+    prim, tans, kw = _case("geglu", "top2")
+    tans = tuple(t if n in wrt else torch.zeros_like(t) for n, t in zip(names, tans))
+    _, want = torch.func.jvp(_fn("reference", kw), prim, tans)
+    _forbid_reference(monkeypatch)
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, t) if n in wrt else p for n, p, t in zip(names, prim, tans)]
+        got = [fwAD.unpack_dual(o).tangent for o in _fn("cpu", kw)(*duals)]
+    assert want[0].abs().max() > 1e-3
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    if "logits" in wrt:
+        torch.testing.assert_close(got[1].double(), want[1].double(), rtol=1e-6, atol=1e-6)
+
+
 def test_tangents_on_a_subset_cost_no_gemm_against_zeros(monkeypatch):
     """With a tangent on x only (the latent, as in sCM), the tangent takes two grouped GEMMs
     (``dx[tok] @ w1``, ``dhid @ w2``), none with a zero weight tangent."""

@@ -873,8 +873,9 @@ def _seg_rows(t: Tensor, offs: Tensor, P: int) -> Tensor:
 
 
 def _gmm_tangent(K, a: Optional[Tensor], w: Tensor, da: Optional[Tensor], dw: Optional[Tensor],
-                 db: Optional[Tensor], offs: Tensor) -> Optional[Tensor]:
-    """Tangent of ``gmm(a, w) + bias``: ``gmm(da, w) + gmm(a, dw) + db`` (None: no tangent)."""
+                 db: Optional[Tensor], offs: Tensor, P: int) -> Optional[Tensor]:
+    """Tangent of ``gmm(a, w) + bias`` over ``P`` rows: ``gmm(da, w) + gmm(a, dw) + db`` (None:
+    no tangent; ``a`` is needed only with ``dw``)."""
     out = None
     bias = db.contiguous() if db is not None else None  # (the GEMM epilogue's [E, M] layout)
     if da is not None:
@@ -883,7 +884,7 @@ def _gmm_tangent(K, a: Optional[Tensor], w: Tensor, da: Optional[Tensor], dw: Op
         t = K.gmm(a, dw, offs, bias)
         out, bias = (t if out is None else out + t), None
     if bias is not None:
-        out = _seg_rows(bias, offs, a.shape[0])
+        out = _seg_rows(bias, offs, P)
     return out
 
 
@@ -898,7 +899,8 @@ def _experts_tangent(backend, x, tok, offs, pre, w1, b1, w2, dx, dw1, db1, dw2, 
         pre = K.gmm(K.gather(x, tok), w1, offs, b1)
     xs = K.gather(x, tok) if dw1 is not None else None
     dxs = K.gather(dx, tok) if dx is not None else None
-    dpre = _gmm_tangent(K, xs, w1, dxs, dw1, db1, offs)
+    P = tok.shape[0]
+    dpre = _gmm_tangent(K, xs, w1, dxs, dw1, db1, offs, P)
     del xs, dxs
     hid = K.act(pre, activation) if dw2 is not None else None
     if dpre is None:
@@ -907,7 +909,7 @@ def _experts_tangent(backend, x, tok, offs, pre, w1, b1, w2, dx, dw1, db1, dw2, 
         dhid = act_jvp(pre, dpre, activation, differentiable=backend == "torch")
     else:  # act'(pre) dpre is the backward's elementwise pass: the kernels' (in place on dpre)
         dhid = K.act_bwd(dpre, pre, activation, reuse_dhid=True)
-    dy = _gmm_tangent(K, hid, w2, dhid, dw2, db2, offs)
+    dy = _gmm_tangent(K, hid, w2, dhid, dw2, db2, offs, P)
     return dy if dy is not None else pre.new_zeros((pre.shape[0], w2.shape[2]))
 
 
