@@ -70,6 +70,7 @@ JVP = "jvp"
 DIRECTIONS = (*common.DIRECTIONS, JVP)
 JVP_SHAPES = {"cpu": ((8, 512, 2048, 4096), (64, 256, 512, 2048)),
               "cuda": ((8, 1152, 4608, 16384),)}
+_JVP_WRT = ("x", "router_logits")  # the inputs with a tangent (dense: x only)
 
 
 def contenders(device_type: str, direction: str = "fwd") -> tuple[str, ...]:
@@ -150,9 +151,6 @@ def make_inputs(case: Case, seed: int) -> dict:
     if case.direction == JVP:
         inp["tangents"] = {k: torch.randn(inp[k].shape, **kw) for k in _JVP_WRT if k in inp}
     return inp
-
-
-_JVP_WRT = ("x", "router_logits")
 
 
 def padded_bmm(x, router_logits, w1, w2, b1, b2):

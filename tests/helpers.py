@@ -154,3 +154,21 @@ def assert_autocast_casts_qkv(op, q, k, v, **kw):
     for a, b in ((q, qb), (k, kb), (v, vb)):
         assert a.grad.dtype == a.dtype
         torch.testing.assert_close(a.grad, b.grad.to(a.dtype), rtol=0, atol=0)
+
+
+def jvp_backend_params(*extra: str):
+    """pytest params of the backends a forward-mode-AD test runs on CPU tensors: ``cpu``,
+    ``auto``, then ``extra`` (test-specific names), then ``triton`` in the interpreter (skip mark
+    with the reason when it cannot run here)."""
+    out = [pytest.param(n, id=n) for n in ("cpu", "auto", *extra)]
+    why = why_unavailable("triton", "cpu")
+    out.append(pytest.param("triton", id="triton-interpreter", marks=[pytest.mark.triton] + (
+        [pytest.mark.skip(reason=f"triton on cpu: {why}")] if why else [])))
+    return out
+
+
+def forbid(monkeypatch, module, name: str, what: str):
+    """From here on ``module.name`` raises: a path that falls back to ``what`` fails."""
+    def boom(*a, **k):
+        raise AssertionError(f"{what} ran")
+    monkeypatch.setattr(module, name, boom)

@@ -19,8 +19,7 @@ import torch.autograd.forward_ad as fwAD
 
 import vidgen_kernels as vk
 import vidgen_kernels.ops.moe as moe
-from helpers import assert_close_rule
-from vidgen_kernels.backends import why_unavailable
+from helpers import assert_close_rule, forbid, jvp_backend_params
 
 pytestmark = pytest.mark.skipif("cpu" not in vk.available_backends("cpu"),
                                 reason="the C++ CPU kernels are not built")
@@ -59,20 +58,8 @@ def _fn(backend, kw):
     return f
 
 
-def _kernel_backends():
-    out = [pytest.param("cpu", id="cpu"), pytest.param("auto", id="auto"),
-           pytest.param("torch-contract", id="torch-contract")]
-    why = why_unavailable("triton", "cpu")
-    out.append(pytest.param("triton", id="triton-interpreter", marks=[pytest.mark.triton] + (
-        [pytest.mark.skip(reason=f"triton on cpu: {why}")] if why else [])))
-    return out
-
-
 def _forbid_reference(monkeypatch):
-    """From here on the reference pipeline raises: a path that falls back to it fails."""
-    def boom(*a, **k):
-        raise AssertionError("the reference moe_ffn ran")
-    monkeypatch.setattr(moe, "moe_ffn_reference", boom)
+    forbid(monkeypatch, moe, "moe_ffn_reference", "the reference moe_ffn")
 
 
 def _run_backend(backend, monkeypatch):
@@ -103,7 +90,7 @@ def test_jvp_matches_the_reference(activation, routing, monkeypatch):
 
 
 @pytest.mark.parametrize("api", ["func.jvp", "forward_ad"])
-@pytest.mark.parametrize("backend", _kernel_backends())
+@pytest.mark.parametrize("backend", jvp_backend_params("torch-contract"))
 @pytest.mark.parametrize("activation,routing", [("gelu", "top2"), ("swiglu", "expert-index")])
 def test_jvp_runs_on_the_kernels(activation, routing, backend, api, monkeypatch):
     """Each kernel backend (Triton in fp32 in the interpreter, the others in float64) under both

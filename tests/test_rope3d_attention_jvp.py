@@ -18,7 +18,7 @@ import torch.autograd.forward_ad as fwAD
 
 import vidgen_kernels as vk
 import vidgen_kernels.ops.rope3d_attention as ra
-from helpers import assert_close_rule
+from helpers import assert_close_rule, forbid, jvp_backend_params
 from vidgen_kernels.backends import why_unavailable
 
 
@@ -119,23 +119,12 @@ def test_triton_jvp_checks_the_tangents():
         tk.rope3d_attn_jvp(*qkv, tangents[0], bad, tangents[2], *_contract(qkv, tables, kw))
 
 
-def _kernel_backends():
-    out = [pytest.param("cpu", id="cpu"), pytest.param("auto", id="auto")]
-    why = why_unavailable("triton", "cpu")
-    out.append(pytest.param("triton", id="triton-interpreter", marks=[pytest.mark.triton] + (
-        [pytest.mark.skip(reason=f"triton on cpu: {why}")] if why else [])))
-    return out
-
-
 def _forbid_reference(monkeypatch):
-    """From here on the reference attention raises: a path that falls back to it fails."""
-    def boom(*a, **k):
-        raise AssertionError("the reference attention ran")
-    monkeypatch.setattr(ra, "_attend", boom)
+    forbid(monkeypatch, ra, "_attend", "the reference attention")
 
 
 @pytest.mark.parametrize("api", ["func.jvp", "forward_ad"])
-@pytest.mark.parametrize("backend", _kernel_backends())
+@pytest.mark.parametrize("backend", jvp_backend_params())
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_jvp_runs_on_the_kernels(case, backend, api, monkeypatch):
     if backend == "auto" and "cpu" not in vk.available_backends("cpu"):
@@ -181,7 +170,7 @@ def test_low_precision_jvp_on_cpu(case, dtype, monkeypatch):
     assert_close_rule(tan, hi_tan, lo_tan, f"tangent {case[0]} {dtype}")
 
 
-@pytest.mark.parametrize("backend", _kernel_backends())
+@pytest.mark.parametrize("backend", jvp_backend_params())
 def test_gradients_of_the_primal_and_through_the_tangent(backend):
     """MeanFlow / sCM backpropagate through the jvp's primal output (and stop the tangent);
     a regulariser on the tangent backpropagates through it too: both match the reference."""

@@ -895,9 +895,9 @@ def _experts_tangent(backend, x, tok, offs, pre, w1, b1, w2, dx, dw1, db1, dw2, 
     :class:`_KernelTangent`) recomputes ``pre`` from ``x``, ``w1``, ``b1``, so that a gradient
     through the tangent reaches them through ``act'(pre)`` too."""
     K = _kernels(backend)
+    xs = K.gather(x, tok) if dw1 is not None or backend == "torch" else None
     if backend == "torch":
-        pre = K.gmm(K.gather(x, tok), w1, offs, b1)
-    xs = K.gather(x, tok) if dw1 is not None else None
+        pre = K.gmm(xs, w1, offs, b1)
     dxs = K.gather(dx, tok) if dx is not None else None
     P = tok.shape[0]
     dpre = _gmm_tangent(K, xs, w1, dxs, dw1, db1, offs, P)
@@ -944,6 +944,13 @@ class _KernelTangent(torch.autograd.Function):
         return (None, None, None) + tuple(grads)
 
 
+def _fixed_routing(expert_index: Tensor) -> tuple[Tensor, Tensor]:
+    """``(weights fp32 [N, 1] of ones, idx int64 [N, 1])`` of a given expert per token."""
+    N = expert_index.numel()
+    idx = expert_index.reshape(N, 1).to(torch.int64)
+    return torch.ones((N, 1), dtype=torch.float32, device=idx.device), idx
+
+
 class _RoutingForwardAD(torch.autograd.Function):
     """Routing and the counting sort (forward-mode AD stage): ``(weights, idx, order, tok, pos,
     counts, offs)``; only the weights have a tangent (from the logits')."""
@@ -951,9 +958,7 @@ class _RoutingForwardAD(torch.autograd.Function):
     @staticmethod
     def forward(logits, expert_index, top_k, normalize, num_experts, backend):
         if expert_index is not None:
-            N = expert_index.numel()
-            idx = expert_index.reshape(N, 1).to(torch.int64)
-            weights = torch.ones((N, 1), dtype=torch.float32, device=idx.device)
+            weights, idx = _fixed_routing(expert_index)
         else:
             weights, idx = _moe_route_impl(logits, top_k, normalize, backend)
         return (weights, idx) + tuple(_moe_sort_impl(idx, num_experts, backend))
@@ -1051,8 +1056,7 @@ def moe_pipeline(x2: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Te
         aux, zl = _losses(router_logits, counts, N * idx.shape[1])
         return out, aux, zl, counts
     if expert_index is not None:
-        idx = expert_index.reshape(N, 1).to(torch.int64)
-        weights = torch.ones((N, 1), dtype=torch.float32, device=x2.device)
+        weights, idx = _fixed_routing(expert_index)
         k = 1
     else:
         weights, idx = _moe_route_call(router_logits, top_k, bool(normalize_weights), backend)
