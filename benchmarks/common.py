@@ -590,8 +590,9 @@ def paired_speedup(ours: Callable[[], object], peer: Callable[[], object], devic
     the machine (other tenants, frequency, a noisy minute) hits both calls of a pair alike, so
     this ratio is steadier than the ratio of two medians timed minutes apart. Returns the
     ``extra_info`` entries ``{key: median, key + "_min": ..., key + "_max": ...,
-    "paired_pairs": n}`` (None values when ``pairs`` is 0); ``summarize.py`` prints the keys
-    ``paired_vs_reference`` and ``paired_vs_compile``."""
+    "paired_pairs": n}`` (None values when ``pairs`` is 0); ``summarize.py`` prints every
+    ``paired_vs_<peer>`` key under the group's table (``summarize.PAIRED_PEERS`` names the
+    peers)."""
     ratios = []
     for i in range(pairs):
         t = {}

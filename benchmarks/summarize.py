@@ -12,9 +12,10 @@ best peer (the fastest contender that is not one of our kernel backends and not 
 reference, torch.compile, SDPA, matmul-softmax, ...). A GFLOP/s column (``extra_info["flops"]`` /
 median) appears when the group's cases count FLOPs, and an activation-memory column (MB kept for
 backward, ``extra_info["activation_bytes"]``, and its ratio to the eager reference's) when they
-record it. Where cases record interleaved-pair speedups (``extra_info["paired_vs_reference"]``,
-``["paired_vs_compile"]``: the DiT block and temporal attention benchmarks) a line under the
-table gives them. Works on
+record it. Where cases record interleaved-pair speedups (``extra_info["paired_vs_<peer>"]``:
+``reference`` and ``compile`` in the DiT block and temporal attention benchmarks, ``sdpa`` and
+``rotate_sdpa`` in RoPE-3D attention, ``dense`` in the MoE, ``diffusers`` in the diffusers
+drop-in) a line under the table gives them. Works on
 any benchmark whose ``extra_info`` has ``contender`` and ``bytes_moved``; without them rows show
 the test name and the columns that need them are left blank.
 
@@ -31,6 +32,11 @@ REFERENCE, COMPILE, COPY = "reference", "torch.compile", "copy"
 KERNEL_BACKENDS = ("cpu", "cuda", "triton")  # ours; every other contender but the copy is a peer
 NOISY_SHARE = 0.10  # as benchmarks/common.py: rows measured while others used > 10 % of the CPU
 _LAST = (COMPILE, REFERENCE, COPY)  # kernel backends first, then these, in this order
+_PAIRED = "paired_vs_"
+# extra_info["paired_vs_<key>"] (interleaved-pair speedups, common.paired_speedup): the peer's name
+PAIRED_PEERS = {"reference": "eager reference", "compile": "torch.compile", "sdpa": "SDPA alone",
+                "rotate_sdpa": "rotate+sdpa", "dense": "the dense GEMM",
+                "diffusers": "unpatched diffusers"}
 
 
 def _median_s(bench: dict) -> float | None:
@@ -118,19 +124,21 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
                    f"{_fmt(frac and frac * 100, '.0f', '%')} |{act_cell}")
     if noisy:
         out += ["", "⚠N%: other processes used N% of the CPU time while this row was measured."]
+    found = [(r, key, v) for r in rows for key, v in r["ei"].items()
+             if key.startswith(_PAIRED) and not key.endswith(("_min", "_max")) and v]
+    keys = [key for _, key, _ in found]
     paired = []
-    for r in rows:
-        for key, peer in (("paired_vs_reference", "eager reference"),
-                          ("paired_vs_compile", "torch.compile")):
-            v = r["ei"].get(key)
-            if v:
-                paired.append(f"{peer} **{v:.2f}x** [{r['ei'].get(key + '_min', v):.2f}-"
-                              f"{r['ei'].get(key + '_max', v):.2f}]")
+    for r, key, v in found:
+        peer = PAIRED_PEERS.get(key[len(_PAIRED):], key[len(_PAIRED):])
+        # several rows paired against the same peer (two kernel backends): name the row
+        ours = f"{r['contender']} " if keys.count(key) > 1 else ""
+        paired.append(f"{ours}vs {peer} **{v:.2f}x** [{r['ei'].get(key + '_min', v):.2f}-"
+                      f"{r['ei'].get(key + '_max', v):.2f}]")
     if paired:
         n = next((r["ei"].get("paired_pairs") for r in rows if r["ei"].get("paired_pairs")), "?")
         out += ["", f"Speedup timed in interleaved pairs in one process (median [min-max] of "
-                    f"t_peer / t_ours over {n} pair{'' if n == 1 else 's'}): vs "
-                    + ", vs ".join(paired) + "."]
+                    f"t_peer / t_ours over {n} pair{'' if n == 1 else 's'}): "
+                    + ", ".join(paired) + "."]
     return "\n".join(out)
 
 

@@ -27,7 +27,11 @@ Sizes:
 
 Before timing, the patched output is compared with the unpatched one (``max_rel_err`` in
 ``extra_info``, tolerance of the dtype). The patched case records ``speedup`` = unpatched median /
-patched median of the same run.
+patched median of the same run, and on CPU (and in ``--quick`` runs) ``paired_vs_diffusers``: the
+median of ``t_unpatched / t_patched`` over 6 interleaved pairs against an unpatched twin of the
+model (same seed, same weights; ``common.paired_speedup``), the steadier figure on a shared VM
+where two separately timed medians drift by up to 30 %. (Not at the full GPU sizes: a second
+5B model and its pairs would take minutes of the lent GPU's time.)
 """
 from __future__ import annotations
 
@@ -176,6 +180,13 @@ def test_diffusers_forward(benchmark, case: Case, request):
         tol = common.TOLERANCE[case.dtype] * (1 if case.dtype == torch.float32 else 4)
         assert err <= tol, f"{case.id}: max relative error {err:.3g} exceeds {tol:g}"
     median_s = common.measure(benchmark, request, call, case.device, pol, case.id, info)
+    if case.contender == PATCHED and (case.device == "cpu" or quick):
+        # vs an unpatched twin (same seed: same weights) in interleaved pairs
+        twin, twin_call = build(case)
+        twin_call()  # warm-up
+        info.update(common.paired_speedup(call, twin_call, case.device, 1 if quick else 6,
+                                          "paired_vs_diffusers"))
+        del twin, twin_call
     if median_s:
         if case.contender == UNPATCHED:
             _BASELINE[key]["median_s"] = median_s

@@ -54,6 +54,12 @@ write out and its tangent: 8 tensors); ``torch.compile`` of a jvp takes the refe
 op, so it is not a contender there. ``flops`` counts 3x the forward (primal + tangent: two more
 score and two more value products).
 
+Paired speedups: in the kernel backend's case, the kernel and a peer are also timed in
+interleaved pairs on the same inputs (``common.paired_speedup``; 6 pairs on CPU, 10 on CUDA):
+``extra_info["paired_vs_sdpa"]`` (SDPA alone; not in the jvp direction) and
+``["paired_vs_rotate_sdpa"]``, the median of ``t_peer / t_kernel``. On the shared 2-core VM two
+separately timed medians of the same call drift by up to 30 %; a pair sees one machine state.
+
 Each contender is checked once before timing against ``rotate+sdpa`` in the case's dtype
 (outputs, and q/k/v gradients for fwd+bwd). Unavailable contenders are skipped with the reason.
 """
@@ -61,6 +67,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -344,6 +351,23 @@ def check(case: Case, f, inp):
     return err
 
 
+PAIR_PEERS = {"paired_vs_sdpa": SDPA, "paired_vs_rotate_sdpa": ROT_SDPA}
+
+
+def _pair_peers(case: Case, sets: list) -> dict:
+    """``{extra_info key: peer call}`` for the kernel backends' interleaved-pair speedups, on the
+    same input sets: vs SDPA alone (the CPU target: forward within 1.1x of it) and vs rotation +
+    SDPA (the GPU targets), where the direction has that contender."""
+    out = {}
+    for key, peer in PAIR_PEERS.items():
+        pc = dataclasses.replace(case, contender=peer)
+        if peer in contenders(case.device, case.direction) and _unavailable(pc) is None:
+            f = op_fn(pc)
+            out[key] = common.rotate([step_fn(pc, f, s) for s in sets])
+            out[key]()  # warm-up
+    return out
+
+
 def test_rope3d_attention(benchmark, case: Case, request):
     benchmark.group = case.group
     why = _unavailable(case)
@@ -355,7 +379,7 @@ def test_rope3d_attention(benchmark, case: Case, request):
     pol = common.heavy_policy(quick, case.device)
     B, text, L, H, D = case.dims
     nbytes = bytes_moved(case)
-    info = {}
+    info, peers = {}, {}
     if case.contender == COPY:
         n_sets = common.rotation_sets(nbytes, case.device)
         steps = [common.copy_bytes_step(nbytes, case.dtype, case.device, i) for i in range(n_sets)]
@@ -379,9 +403,18 @@ def test_rope3d_attention(benchmark, case: Case, request):
             info["saved_bytes_vs_qkvo"] = info["saved_bytes"] / qkvo
             info["activation_bytes_vs_qkvo"] = info["activation_bytes"] / qkvo
         steps = [step_fn(case, f, s) for s in sets]
+        if case.contender in KERNEL_BACKENDS[case.device]:
+            peers = _pair_peers(case, sets)
         del sets
     call = common.rotate(steps)
     common.measure(benchmark, request, call, case.device, pol, case.id, info)
+    for key, peer_call in peers.items():
+        pairs = 1 if quick else (10 if case.device == "cuda" else 6)
+        try:
+            info.update(common.paired_speedup(call, peer_call, case.device, pairs, key))
+        except RuntimeError as e:  # a peer that cannot run this shape: the kernel's row stays
+            info[key + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    del peers
     fl = None if case.contender == COPY else flops(case)
     info["tflops"] = common.per_second(fl, info, 1e12)[0]
     info.update(

@@ -161,6 +161,17 @@ def test_paired_speedup_and_summary_line():
     text = summarize.table("dit_block x train", benches)
     assert "t_peer / t_ours over 8 pairs): vs eager reference **1.50x** [1.40-1.60]." in text, text
     assert "pairs" not in summarize.table("dit_block x train", benches[1:])
+    # any paired_vs_<peer> key is printed, with the peer's name; two rows paired against the
+    # same peer are told apart by their contender
+    two = [{"name": n, "stats": {"median": 0.2},
+            "extra_info": dict(contender=n, bytes_moved=None, paired_vs_dense=v,
+                               paired_vs_dense_min=v, paired_vs_dense_max=v, paired_pairs=4,
+                               paired_vs_sdpa=0.9)}
+           for n, v in (("cpu", 0.95), ("triton", 1.25))]
+    text = summarize.table("moe x", two)
+    assert "cpu vs the dense GEMM **0.95x** [0.95-0.95]" in text, text
+    assert "triton vs the dense GEMM **1.25x**" in text, text
+    assert "cpu vs SDPA alone **0.90x** [0.90-0.90]" in text, text
 
 
 def _bench_json(path, names):
