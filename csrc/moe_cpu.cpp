@@ -99,7 +99,9 @@ std::tuple<Tensor, Tensor> moe_route_cpu(const Tensor& logits, int64_t top_k, bo
         int64_t best = -1;
         for (int64_t e = 0; e < E; ++e) {
           if (taken[e]) continue;
-          if (best < 0 || l[e] > l[best]) best = e;  // strict: ties keep the lowest index
+          // strict: ties keep the lowest index; NaN above every number (torch.sort's order)
+          const float a = l[e], b = l[best < 0 ? 0 : best];
+          if (best < 0 || (a != a ? b == b : a > b)) best = e;
         }
         taken[best] = 1;
         const float p = std::exp(l[best] - mx) / sum;

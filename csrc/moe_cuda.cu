@@ -21,8 +21,13 @@ namespace vidgen {
 namespace moe {
 namespace {
 
+// a above b in torch.sort's descending order: NaN above every number
+__device__ __forceinline__ bool above(float a, float b) { return a != a ? b == b : a > b; }
+
+// expert a (logit la) is picked before expert b: larger logit first, ties (NaN with NaN too) to
+// the lower index; a total order, so the k picks are k distinct experts whatever the logits
 __device__ __forceinline__ bool before(float la, int64_t a, float lb, int64_t b) {
-  return la > lb || (la == lb && a < b);
+  return above(la, lb) || (!above(lb, la) && a < b);
 }
 
 __global__ void route_kernel(const float* __restrict__ logits, int64_t N, int64_t E, int64_t k,
@@ -49,7 +54,7 @@ __global__ void route_kernel(const float* __restrict__ logits, int64_t N, int64_
           bl = le;
         }
       }
-      if (best < 0) best = 0;  // only with NaN logits
+      if (best < 0) best = 0;  // unreachable (k <= E): a guard for the index below
       const float p = expf(l[best] - mx) / sum;
       idx[n * k + j] = best;
       weights[n * k + j] = p;

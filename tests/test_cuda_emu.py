@@ -347,11 +347,19 @@ def test_moe_route_matches_cpu_kernel(emu, ran, schedule):
     g = torch.Generator().manual_seed(7)
     for N, E, k in ((1, 1, 1), (200, 6, 2), (77, 64, 8), (33, 5, 5)):
         lg = torch.randn(N, E, generator=g).round(decimals=1)  # many ties
+        # non-finite rows: NaN ranks above every number, as in torch.sort (the C++ kernels
+        # used to skip NaN: other experts than the PyTorch path's, on CUDA repeated ones)
+        special = (float("nan"), float("inf"), -float("inf"))
+        for r in range(1, N, 3):
+            lg[r, torch.randint(0, E, (2,), generator=g)] = special[r % 3]
+        lg[N // 2] = float("nan")
         for norm in (True, False):
             w, idx = emu.moe_route_cuda(lg, k, norm, 0)
             w_ref, idx_ref = torch.ops.vidgen_kernels.moe_route(lg, k, norm, "cpu")
+            _, idx_torch = torch.ops.vidgen_kernels.moe_route(lg, k, norm, "torch")
+            assert torch.equal(idx_ref, idx_torch), (N, E, k, norm)
             assert torch.equal(idx, idx_ref), (N, E, k, norm)
-            torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-6, equal_nan=True)
 
 
 def test_moe_gather_combine_strided(emu, ran):

@@ -4,13 +4,17 @@ b1, b2 through the output and the aux / z losses); edge cases; custom-op checks;
 Python loop; torch.compile; bad input; the ``MoEFFN`` module."""
 from __future__ import annotations
 
+import copy
+import io
+import pickle
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vidgen_kernels as vk
 from vidgen_kernels.ops import moe as M
-from helpers import HAS_CUDA, assert_close_rule, backend_params
+from helpers import BIAS_LAYOUTS, HAS_CUDA, assert_close_rule, backend_params, bias_layout
 
 ALL_ACTS = M.ACTIVATIONS
 
@@ -208,6 +212,36 @@ def test_cpu_gelu_pass_vs_float64(gated):
         torch.testing.assert_close(out, got_d, rtol=0, atol=0)
     nan = K.act(torch.full((1, 9), float("nan")), act if not gated else "gelu")
     assert torch.isnan(nan).all()
+
+
+@pytest.mark.parametrize("layout", BIAS_LAYOUTS)
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("backend,device,dtype", moe_backend_params((torch.float32,)))
+def test_strided_biases(backend, device, dtype, activation, layout):
+    """b1 / b2 that are not row-major ``[E, M]`` (transposed storage, a column slice, a stride-0
+    broadcast over columns or experts) are read through their strides, without a copy: output
+    and every gradient match the reference and the float64 dense computation, and the output
+    equals the run on contiguous copies. (The triton GEMM epilogue once read the bias as if its
+    column stride were 1: wrong values, and out-of-bounds reads for an expand.) Odd sizes."""
+    N, C, F, E = 9, 7, 5, 3
+    d = make(N, C, F, E, activation, dtype, device=device)
+    d["b1"], d["b2"] = bias_layout(d["b1"], layout), bias_layout(d["b2"], layout)
+    assert d["b1"].stride(1) != 1 or d["b1"].stride(0) == 0
+    assert d["b2"].stride(1) != 1 or d["b2"].stride(0) == 0
+    kw = dict(top_k=2, activation=activation)
+    gout = torch.randn(N, C, generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64).to(dtype).to(device)
+    got, g_got = run(backend_fn(backend), d, gout, **kw)
+    lo, g_lo = run(vk.moe_ffn_reference, d, gout, **kw)
+    hi, g_hi = run(dense_moe, {k: v.double() for k, v in d.items()}, gout.double(), **kw)
+    dense_b = dict(d, b1=d["b1"].contiguous(), b2=d["b2"].contiguous())
+    plain, g_plain = run(backend_fn(backend), dense_b, gout, **kw)
+    assert_close_rule(got.out, hi.out.to(device), lo.out, "out")
+    torch.testing.assert_close(got.out, plain.out, rtol=1e-6, atol=1e-6)
+    for name, a, b_lo, h, p in zip(leaves(d), g_got, g_lo, g_hi, g_plain):
+        assert_close_rule(a, h.to(device), b_lo, f"d{name}",
+                          floor=1e-4 if name == "router_logits" else 1e-5)
+        torch.testing.assert_close(a, p, rtol=1e-6, atol=1e-6, msg=lambda m: f"d{name}: {m}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,6 +584,25 @@ def test_bad_types():
         vk.moe_ffn(d["x"], None, d["w1"], d["w2"], **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.bool,
+                                   torch.float32], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("fn", [vk.moe_ffn, vk.moe_ffn_reference], ids=["moe_ffn", "reference"])
+def test_expert_index_dtype(fn, dtype):
+    """expert_index of a dtype without min / max / index kernels (uint16 / uint32 / uint64,
+    which once got past the check and crashed in ``min()`` with NotImplementedError), bool or
+    floating: a TypeError naming the argument, the dtype and the accepted ones; every accepted
+    integer dtype routes as int64 does."""
+    d, kw = _bad()
+    idx = torch.tensor([0, 1, 2, 3, 1, 0])
+    with pytest.raises(TypeError, match=r"expert_index must be an integer tensor \[N\] of dtype "
+                       r"uint8, int8, int16, int32, int64, got " + str(dtype)):
+        fn(d["x"], None, d["w1"], d["w2"], expert_index=idx.to(dtype), **kw)
+    want = fn(d["x"], None, d["w1"], d["w2"], expert_index=idx, **kw).out
+    for ok in M.INDEX_DTYPES:
+        got = fn(d["x"], None, d["w1"], d["w2"], expert_index=idx.to(ok), **kw).out
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # module
 # ----------------------------------------------------------------------------------------------
@@ -618,3 +671,39 @@ def test_autocast_casts_operands_like_linear(backend):
     for k in lv:
         assert lv[k].grad.dtype == lv[k].dtype, k
         torch.testing.assert_close(lv[k].grad, cast[k].grad.to(lv[k].dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation", ALL_ACTS)
+def test_moeffn_deepcopy_and_pickle_after_a_step(activation):
+    """After a forward and backward (``aux_loss``, ``z_loss``, ``last_output`` still attached
+    to the graph) the module deep-copies (an EMA copy mid-training), pickles and round-trips
+    through ``torch.save`` / ``torch.load``, for every activation (the shared expert's
+    activation was once a lambda / closure): each copy computes what the original does, and
+    starts without the last call's results."""
+    torch.manual_seed(0)
+    m = vk.nn.MoEFFN(8, 6, 3, 2, activation, shared_expert=True)
+    with torch.no_grad():
+        m.b1.normal_()
+    x = torch.randn(2, 5, 8)
+    (m(x).sum() + m.aux_loss + m.z_loss).backward()
+    assert m.aux_loss.grad_fn is not None  # the case that deepcopy used to reject
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    copies = {"deepcopy": copy.deepcopy(m), "pickle": pickle.loads(pickle.dumps(m)),
+              "torch.save": torch.load(buf, weights_only=False)}
+    want = m(x)
+    for how, c in copies.items():
+        assert c is not m and c.w1 is not m.w1, how
+        assert c.aux_loss is None and c.z_loss is None and c.last_output is None, how
+        assert c.tokens_per_expert is None, how
+        for (n, p), q in zip(m.named_parameters(), c.parameters()):
+            assert torch.equal(p, q), f"{how}: {n}"
+        got = c(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda s: f"{how}: {s}")
+        torch.testing.assert_close(c.aux_loss, m.aux_loss, rtol=0, atol=0)
+        c.zero_grad(set_to_none=True)
+        got.sum().backward()  # the copy trains on its own
+        assert c.w1.grad is not None and c.w1.grad.abs().sum() > 0, how
+    # the original keeps its own last results
+    assert m.aux_loss is not None and m.last_output is not None

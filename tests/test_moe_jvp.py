@@ -19,7 +19,7 @@ import torch.autograd.forward_ad as fwAD
 
 import vidgen_kernels as vk
 import vidgen_kernels.ops.moe as moe
-from helpers import assert_close_rule, forbid, jvp_backend_params
+from helpers import BIAS_LAYOUTS, assert_close_rule, bias_layout, forbid, jvp_backend_params
 
 pytestmark = pytest.mark.skipif("cpu" not in vk.available_backends("cpu"),
                                 reason="the C++ CPU kernels are not built")
@@ -117,6 +117,27 @@ def test_jvp_runs_on_the_kernels(activation, routing, backend, api, monkeypatch)
     torch.testing.assert_close(tan[0].double(), want_tan[0], **tol)
     if routing != "expert-index":
         torch.testing.assert_close(tan[1].double(), want_tan[1].double(), **tol)
+
+
+@pytest.mark.parametrize("layout", BIAS_LAYOUTS)
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("backend", [p for p in jvp_backend_params() if p.values[0] != "auto"])
+def test_jvp_with_strided_biases(backend, activation, layout, monkeypatch):
+    """Primal biases and their tangents in a layout other than row-major ``[E, M]``
+    (transposed, a column slice, stride 0): the kernels' GEMM epilogues read them through their
+    strides (primal ``b1`` / ``b2`` and the tangents ``db1`` / ``db2``), matching the
+    reference's jvp (Triton in fp32 in the interpreter, cpu in float64)."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    prim, tans, kw = _case(activation, "top2", dtype)
+    prim = prim[:4] + tuple(bias_layout(t, layout) for t in prim[4:])
+    tans = tans[:4] + tuple(bias_layout(t, layout) for t in tans[4:])
+    want = torch.func.jvp(_fn("reference", kw), tuple(t.double() for t in prim),
+                          tuple(t.double() for t in tans))
+    _forbid_reference(monkeypatch)
+    got = torch.func.jvp(_fn(backend, kw), prim, tans)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[0][0].double(), want[0][0], **tol)
+    torch.testing.assert_close(got[1][0].double(), want[1][0], **tol)
 
 
 @pytest.mark.parametrize("wrt", [("b1",), ("b2",), ("w1", "b2"), ("w2",), ("logits",)],

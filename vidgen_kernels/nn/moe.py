@@ -20,6 +20,10 @@ class MoEFFN(nn.Module):
     the module exposes ``aux_loss`` (Switch load-balancing loss), ``z_loss`` (router z-loss) and
     ``tokens_per_expert`` (``[E]`` int64) of that call, and ``last_output`` (the full
     ``MoEOutput`` of the routed part). Add ``aux_loss`` / ``z_loss`` (scaled) to the training loss.
+    These four are the last call's results, not module state: ``copy.deepcopy``, pickle and
+    ``torch.save(module)`` leave them out (the copy has them None until its own first call), so
+    a module can be copied (an EMA copy) or saved right after a forward / backward, while they
+    still hold the autograd graph.
 
     Args:
         hidden: model width C.
@@ -71,11 +75,24 @@ class MoEFFN(nn.Module):
         if context_router:
             self.context_proj = nn.Linear(context_dim or C, C, bias=False)
             nn.init.zeros_(self.context_proj.weight)
-        self._act = _act_module_fn(activation)
+        self._act = _act_module_fn(activation)  # (module-level function / partial: picklable)
         self.aux_loss: Optional[Tensor] = None
         self.z_loss: Optional[Tensor] = None
         self.tokens_per_expert: Optional[Tensor] = None
         self.last_output = None
+
+    # the last call's results: left out of copies and pickles (see the class docstring)
+    _STEP_RESULTS = ("aux_loss", "z_loss", "tokens_per_expert", "last_output")
+
+    def __getstate__(self):
+        """``nn.Module``'s state with the last call's ``aux_loss``, ``z_loss``,
+        ``tokens_per_expert``, ``last_output`` set to None: non-leaf tensors attached to the
+        autograd graph cannot be deep-copied, and are not worth saving."""
+        state = super().__getstate__()
+        for name in self._STEP_RESULTS:
+            if name in state:
+                state[name] = None
+        return state
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         if x.shape[-1] != self.hidden:

@@ -61,8 +61,9 @@ Kernel contract (per backend; ``kernel_*_torch`` below is the contract in PyTorc
 * ``gather(src [M, C], rows int64 [P]) -> [P, C]`` contiguous.
 * ``combine(y [P, C], pos [N, k], weights fp32 [N, k] or None) -> [N, C]`` in y's dtype.
 * ``combine_wgrad(dout [N, C], y [P, C], pos) -> fp32 [N, k]``.
-* ``gmm(a [P, K], w [E, K, M] any strides, offs, bias [E, M] or None) -> [P, M]``
-  (``a_e @ w[e] + bias[e]`` per segment).
+* ``gmm(a [P, K], w [E, K, M] any strides, offs, bias [E, M] any strides or None) -> [P, M]``
+  (``a_e @ w[e] + bias[e]`` per segment; a transposed, sliced or expanded (stride 0) bias is
+  read in place, as ``moe_ffn`` hands the user's b1 / b2 through unchanged).
 * ``gmm_act(a, w, offs, bias [E, M] or None, activation) -> (pre [P, M], hid [P, M or M/2])``:
   ``pre = gmm + bias``, ``hid = act(pre)`` (rounded to a's dtype; fp32 math).
 * ``gmm_wgrad(a [P, K], dy [P, M], offs) -> [E, K, M]`` (``a_e^T dy_e``, zero for empty e).
@@ -93,6 +94,7 @@ with Triton's grouped GEMMs; compile-checked only: no GPU was available when it 
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -112,6 +114,9 @@ SUPPORTED_DTYPES = {
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# expert_index dtypes: PyTorch's integer types with min / max / index kernels (not the
+# uint16 / uint32 / uint64 "shell" dtypes, which have none)
+INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 class MoEOutput(NamedTuple):
@@ -191,16 +196,25 @@ def act_backward(dhid: Tensor, pre: Tensor, activation: str, reuse_dhid: bool = 
     return d.to(pre.dtype)
 
 
+def _gelu_tanh(z: Tensor) -> Tensor:
+    """tanh-approximated GELU (``[..., M] -> [..., M]``)."""
+    return torch.nn.functional.gelu(z, approximate="tanh")
+
+
+def _gated_act(z: Tensor, base) -> Tensor:
+    """``base(a) * b`` with ``a, b`` the two halves of ``z [..., 2F]`` -> ``[..., F]``."""
+    a, b = z.chunk(2, dim=-1)
+    return base(a) * b
+
+
 def _act_module_fn(activation: str):
-    """The seed's activation as a PyTorch function of the pre-activation (reference)."""
+    """The seed's activation as a PyTorch function of the pre-activation (reference). Module
+    level functions / ``functools.partial`` only (no lambda or closure): a module that stores it
+    (``nn.MoEFFN``) can be pickled / ``torch.save``d."""
     import torch.nn.functional as F
-    base = {"gelu": lambda z: F.gelu(z, approximate="tanh"), "gelu_exact": F.gelu,
-            "silu": F.silu}[_base_act(activation)]
+    base = {"gelu": _gelu_tanh, "gelu_exact": F.gelu, "silu": F.silu}[_base_act(activation)]
     if activation in GATED:
-        def gated(z):
-            a, b = z.chunk(2, dim=-1)
-            return base(a) * b
-        return gated
+        return functools.partial(_gated_act, base=base)
     return base
 
 
@@ -273,10 +287,10 @@ def _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2, expert_in
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
             raise ValueError(f"{op}: top_k must be an int in [1, E={E}], got {top_k!r}")
     else:
-        if not isinstance(expert_index, Tensor) or expert_index.dtype.is_floating_point \
-                or expert_index.dtype.is_complex or expert_index.dtype == torch.bool:
-            raise TypeError(f"{op}: expert_index must be an integer tensor [N], got "
-                            f"{getattr(expert_index, 'dtype', type(expert_index).__name__)}")
+        if not isinstance(expert_index, Tensor) or expert_index.dtype not in INDEX_DTYPES:
+            names = ", ".join(str(d).replace("torch.", "") for d in INDEX_DTYPES)
+            raise TypeError(f"{op}: expert_index must be an integer tensor [N] of dtype {names}, "
+                            f"got {getattr(expert_index, 'dtype', type(expert_index).__name__)}")
         if expert_index.numel() != N:
             raise ValueError(f"{op}: expert_index must have N={N} entries (one per token), got "
                              f"shape {tuple(expert_index.shape)}")
@@ -877,7 +891,7 @@ def _gmm_tangent(K, a: Optional[Tensor], w: Tensor, da: Optional[Tensor], dw: Op
     """Tangent of ``gmm(a, w) + bias`` over ``P`` rows: ``gmm(da, w) + gmm(a, dw) + db`` (None:
     no tangent; ``a`` is needed only with ``dw``)."""
     out = None
-    bias = db.contiguous() if db is not None else None  # (the GEMM epilogue's [E, M] layout)
+    bias = db  # (any strides: the GEMM epilogue reads both)
     if da is not None:
         out, bias = K.gmm(da, w, offs, bias), None
     if dw is not None:

@@ -17,10 +17,12 @@ Design
   ``BLOCK_M x BLOCK_N`` tile of ``a_e @ w[e]`` with fp32 accumulation (``input_precision="ieee"``
   for fp32: no TF32), reading ``w`` through its three strides (so ``w.transpose(1, 2)`` serves
   the data-gradient GEMM ``dy @ w^T`` without a copy).
-* **Epilogue**: ``+ bias[e]``, the pre-activation is rounded to the output dtype and stored, then
-  the activation (gelu tanh / gelu erf / silu, fp32 math) is applied and the hidden stored. Gated
-  activations (swiglu / geglu): the program holds two accumulators, for columns ``j`` and
-  ``j + F`` of ``w1[e]`` (the two halves), and stores ``act(a) * b``.
+* **Epilogue**: ``+ bias[e]`` (read through both bias strides: a transposed, column-sliced or
+  expanded (stride 0) ``[E, M]`` bias is used in place, no copy), the pre-activation is rounded
+  to the output dtype and stored, then the activation (gelu tanh / gelu erf / silu, fp32 math)
+  is applied and the hidden stored. Gated activations (swiglu / geglu): the program holds two
+  accumulators, for columns ``j`` and ``j + F`` of ``w1[e]`` (the two halves), and stores
+  ``act(a) * b``.
 * **Weight gradient** (``_wgrad_kernel``): ``dW[e] = a_e^T dy_e`` with grid
   ``(E, cdiv(K, BLOCK_K), cdiv(M, BLOCK_N))``; each program loops over its expert's rows (bounds
   read from ``offs`` in the kernel: no host sync), empty experts store zeros.
@@ -54,7 +56,7 @@ def _act(z, ACT: tl.constexpr):
 
 @triton.jit
 def _gmm_kernel(A, W, Bias, Pre, Hid, tile_e, tile_row, offs,
-                K, NOUT, s_am, s_ak, s_we, s_wk, s_wn, s_be, s_pre, s_hid,
+                K, NOUT, s_am, s_ak, s_we, s_wk, s_wn, s_be, s_bn, s_pre, s_hid,
                 ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                 STORE_HID: tl.constexpr, DOT_PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -85,10 +87,12 @@ def _gmm_kernel(A, W, Bias, Pre, Hid, tile_e, tile_row, offs,
                 acc2 += tl.dot(a, w2, input_precision=DOT_PREC)
         out_ty = Pre.dtype.element_ty
         if HAS_BIAS:
-            bias = tl.load(Bias + e.to(tl.int64) * s_be + cols, mask=cmask, other=0.0)
+            bbase = Bias + e.to(tl.int64) * s_be
+            bias = tl.load(bbase + cols.to(tl.int64) * s_bn, mask=cmask, other=0.0)
             acc += bias.to(tl.float32)[None, :]
             if GATED:
-                bias2 = tl.load(Bias + e.to(tl.int64) * s_be + cols + NOUT, mask=cmask, other=0.0)
+                bias2 = tl.load(bbase + (cols + NOUT).to(tl.int64) * s_bn, mask=cmask,
+                                other=0.0)
                 acc2 += bias2.to(tl.float32)[None, :]
         omask = rmask[:, None] & cmask[None, :]
         pre = acc.to(out_ty)
@@ -166,19 +170,22 @@ def _launch_gmm(a, w, offs, bias, act, gated, store_hid):
     tile_e, tile_row = _tile_table(offs, P, BM)
     grid = (tile_e.shape[0], triton.cdiv(NOUT, BN))
     b = bias if bias is not None else pre
+    # the bias is read through both of its strides (a transposed, sliced or expanded [E, M]
+    # bias needs no copy; stride 0 broadcasts)
+    s_be, s_bn = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     with device_ctx(a):
         _gmm_kernel[grid](a, w, b, pre, hid, tile_e, tile_row, offs,
                           K, NOUT, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
-                          w.stride(2), b.stride(0) if bias is not None else 0, pre.stride(0),
-                          hid.stride(0), ACT=_ACT_CODE[act], GATED=gated,
-                          HAS_BIAS=bias is not None, STORE_HID=store_hid,
+                          w.stride(2), s_be, s_bn, pre.stride(0), hid.stride(0),
+                          ACT=_ACT_CODE[act], GATED=gated, HAS_BIAS=bias is not None,
+                          STORE_HID=store_hid,
                           DOT_PREC=_prec(a.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
     return pre, hid
 
 
 def gmm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, bias=None) -> torch.Tensor:
     """``[P, M]``: rows of expert e times ``w[e]`` (``w`` ``[E, K, M]`` any strides), plus
-    ``bias[e]`` (``[E, M]``) in the epilogue when given."""
+    ``bias[e]`` (``[E, M]`` any strides, stride 0 included) in the epilogue when given."""
     pre, _ = _launch_gmm(a, w, offs, bias, None, False, False)
     return pre
 
