@@ -304,11 +304,14 @@ void fwd_impl(const Problem& p, const T* q, Strides sq, const T* k, Strides sk, 
           for (int64_t l = 0; l < kW; ++l) nan |= vnan[l] != 0;
           std::fill(zr + seen, zr + cl.n1, 0.f);  // masked
           const int64_t lrow = (b * p.Sq + i0 + r) * H + h;
-          if (nan || mx == kNegInf) {  // NaN in: NaN out (no visible key cannot happen)
-            const float fill = nan ? std::numeric_limits<float>::quiet_NaN() : 0.f;
+          // NaN in: NaN out. As in the reference's softmax, a +inf score (exp(inf - inf)) or a
+          // row whose visible scores are all -inf (overflow of q.k: 0 / 0) gives NaN too;
+          // vexp_nonpos would turn inf - inf into a finite weight. (Every row sees a key.)
+          if (nan || mx == kNegInf || mx == -kNegInf) {
+            const float fill = std::numeric_limits<float>::quiet_NaN();
             std::fill(zr, zr + nc, fill);
             inv[r] = 1.f;
-            lse[lrow] = nan ? fill : kNegInf;
+            lse[lrow] = fill;
             continue;
           }
           // exp, sum

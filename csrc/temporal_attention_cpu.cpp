@@ -746,16 +746,21 @@ void bwd_impl(const BwdArgs& a) {
           const vf lv = vset1(lse[r * a.l3]);
           const int64_t L = g.klim(r), Lv = round_up(L, kW);
           const vf Lf = vset1(float(L));
+          // Columns past L hold what gemm_nt left there (up to round_up(L, 4)) or an earlier
+          // sequence's ds: both p and dp are masked, or a NaN there (0 * NaN) would leak into
+          // this sequence's delta / ds, and ds must be 0 past L (dq reads up to klim(r + 3)).
           vf dacc{};
           for (int64_t j = 0; j < Lv; j += kW) {
             const vi keep = viota(float(j)) < Lf;
             const vf p = vand(keep, vexp(vload(pr + j) - lv));
             vstore(pr + j, p);
-            dacc += p * vload(dr + j);
+            dacc += p * vand(keep, vload(dr + j));
           }
           const vf dl = vset1(hsum(dacc));
-          for (int64_t j = 0; j < Lv; j += kW)
-            vstore(dr + j, (vload(pr + j) * g.scale) * (vload(dr + j) - dl));
+          for (int64_t j = 0; j < Lv; j += kW) {
+            const vi keep = viota(float(j)) < Lf;
+            vstore(dr + j, vand(keep, (vload(pr + j) * g.scale) * (vload(dr + j) - dl)));
+          }
           for (int64_t j = Lv; j < Tkp; j += kW) {
             vstore(pr + j, vf{});
             vstore(dr + j, vf{});

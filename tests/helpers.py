@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import vidgen_kernels as vk
 from vidgen_kernels.backends import why_unavailable
 
 HAS_CUDA = torch.cuda.is_available()
@@ -154,6 +155,17 @@ def assert_autocast_casts_qkv(op, q, k, v, **kw):
     for a, b in ((q, qb), (k, kb), (v, vb)):
         assert a.grad.dtype == a.dtype
         torch.testing.assert_close(a.grad, b.grad.to(a.dtype), rtol=0, atol=0)
+    # float64 operands are left alone, as autocast leaves them (they used to be cast to bf16),
+    # where the backend takes float64 at all
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    try:
+        want = op(q64, k64, v64, **kw)
+    except vk.BackendUnavailableError:
+        return
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = op(q64, k64, v64, **kw)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 def jvp_backend_params(*extra: str):
@@ -172,3 +184,24 @@ def forbid(monkeypatch, module, name: str, what: str):
     def boom(*a, **k):
         raise AssertionError(f"{what} ran")
     monkeypatch.setattr(module, name, boom)
+
+
+BIAS_LAYOUTS = ("transposed", "sliced", "expand-cols", "expand-rows")
+
+
+def bias_layout(t, layout: str):
+    """``t [E, M]`` stored another way: ``transposed`` (strides (1, E), same values),
+    ``sliced`` (every other column of a ``[E, 2M]`` tensor, strides (2M, 2), same values),
+    ``expand-cols`` / ``expand-rows`` (t's first column / row broadcast, stride 0)."""
+    E, M = t.shape
+    if layout == "transposed":
+        return t.t().contiguous().t()
+    if layout == "sliced":
+        wide = torch.zeros(E, 2 * M, dtype=t.dtype, device=t.device)
+        wide[:, ::2] = t
+        return wide[:, ::2]
+    if layout == "expand-cols":
+        return t[:, :1].expand(E, M)
+    if layout == "expand-rows":
+        return t[:1].expand(E, M)
+    raise ValueError(f"bias_layout: unknown layout {layout!r}")

@@ -124,6 +124,10 @@ def test_rope3d_freqs_cached_and_shared():
     (dict(frames=2, height=2, width=2, head_dim=64, axes_dims=(32, 32)), "axes_dims"),
     (dict(frames=2, height=2, width=2, head_dim=8), "axes_dims"),  # default split 2/3/3 is odd
     (dict(frames=2, height=2, width=2, head_dim=63), "head_dim"),
+    # not ints: used to be truncated / parsed by int() (8.7 -> 8, "8" -> 8)
+    (dict(frames=2, height=2, width=2, head_dim=32, axes_dims=(8.7, 12, 12)), "3 even ints"),
+    (dict(frames=2, height=2, width=2, head_dim=32, axes_dims=("8", "12", "12")), "3 even ints"),
+    (dict(frames=2, height=2, width=2, head_dim=32, axes_dims=(True, 15, 16)), "3 even ints"),
     (dict(frames=0, height=2, width=2, head_dim=64), "frames"),
     (dict(frames=2, height=2, width=2, head_dim=64, theta=-1.0), "theta"),
 ])

@@ -557,6 +557,23 @@ def test_cpp_attention_nan_and_blas_fallback(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_cpp_attention_infinite_score_matches_reference():
+    """A +inf score (an inf in k) gives NaN output rows exactly where the reference's softmax
+    does (exp(inf - inf)); the C++ kernel used to return finite rows there (a plain average of
+    v: its vectorised exp turned the NaN into a weight). Finite rows agree. (Which gradient rows
+    turn NaN then depends on which masked products an implementation forms: not compared.)"""
+    if kernel_missing("cpu"):
+        pytest.skip(kernel_missing("cpu"))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 12, 2, 16, generator=g) for _ in range(3))
+    k[0, 3, 0, 0] = float("inf")
+    kw = dict(frame_causal=True, tokens_per_frame=2)
+    got, want = (vk.rope3d_attention(q, k, v, backend=b, **kw) for b in ("cpu", "reference"))
+    assert want.isnan().any() and not want.isnan().all()
+    assert torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32,), oracle=False))
 def test_frame_causal_broadcast_kv(backend, device, dtype):
     """k / v broadcast with stride 0 (one head expanded to H, as grouped-query attention does it,
@@ -696,6 +713,35 @@ def test_bad_input(fn, name, kw, exc, match):
         getattr(vk, fn)(q, k, v, cos, sin, **args)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "torch"])
+def test_frames_per_block_longer_than_the_video(backend):
+    """A block of more frames than the video is one block (the whole video): the same result
+    as frames_per_block = frames, without a mask or index sized by tokens x frames_per_block
+    (2**40 frames per block used to ask the reference for terabytes)."""
+    if kernel_missing(backend):
+        pytest.skip(kernel_missing(backend))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 11, 2, 8, generator=g) for _ in range(3))
+    kw = dict(rope_offset=3, frame_causal=True, tokens_per_frame=2)
+    want = attn(q, k, v, backend, frames_per_block=4, **kw)
+    for fpb in (5, 2 ** 40):
+        torch.testing.assert_close(attn(q, k, v, backend, frames_per_block=fpb, **kw), want)
+
+
+def test_cpu_head_dim_limit():
+    """The cpu backend's C++ kernel (frame_causal / strided inputs) takes head_dim < 4096: a
+    named cpu backend says so with a ValueError (it raised a RuntimeError from C++), auto runs
+    the reference."""
+    if kernel_missing("cpu"):
+        pytest.skip(kernel_missing("cpu"))
+    q = torch.randn(1, 4, 1, 4096)
+    kw = dict(frame_causal=True, tokens_per_frame=2)
+    with pytest.raises(ValueError, match="backend 'cpu' supports head_dim <= 4095, got 4096"):
+        vk.rope3d_attention(q, q, q, backend="cpu", **kw)
+    torch.testing.assert_close(vk.rope3d_attention(q, q, q, **kw),
+                               vk.rope3d_attention_reference(q, q, q, **kw))
+
+
 def test_backend_choice():
     q = torch.randn(1, 6, 2, 8)
     with pytest.raises(vk.BackendUnavailableError, match="no implementation of this op"):
@@ -831,6 +877,66 @@ def test_compile_fullgraph_matches_eager(backend):
     torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _table_grads(backend, device, dtype, tdtype, leaves, interleaved, fc, full, create_graph=False,
+                 wrap=None):
+    """Gradients (q, cos, sin) of ``<dout, attn(q, k, v, cos, sin)>`` with the tables as leaves
+    that require grad (``full``: diffusers' ``[L, D]`` repeated layout)."""
+    q64, k64, v64, ang, dout = leaves
+    cos, sin = ang.cos(), ang.sin()
+    if full:
+        cos, sin = repeat_table(cos, interleaved), repeat_table(sin, interleaved)
+    cos, sin = (t.to(device, tdtype).requires_grad_() for t in (cos, sin))
+    q = q64.to(device, dtype).requires_grad_()
+    k, v = k64.to(device, dtype), v64.to(device, dtype)
+
+    def f(q, k, v, cos, sin):
+        return attn(q, k, v, backend, cos, sin, rope_offset=3, interleaved=interleaved,
+                    frame_causal=fc, tokens_per_frame=2 if fc else None)
+    out = (wrap(f) if wrap else f)(q, k, v, cos, sin)
+    return torch.autograd.grad(out, (q, cos, sin), dout.to(device, dtype),
+                               create_graph=create_graph)
+
+
+def _table_leaves(S=15, L=10, H=2, D=16):
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(2, S, H, D, generator=g, dtype=torch.float64) for _ in range(4))
+    return q, k, v, torch.randn(L, D // 2, generator=g, dtype=torch.float64) * 3, dout
+
+
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
+@pytest.mark.parametrize("interleaved,fc,full", [(True, False, False), (False, True, True)],
+                         ids=["interleaved", "half-frame_causal-full_table"])
+@pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32, torch.float16)))
+def test_table_gradients_match_reference(backend, device, dtype, interleaved, fc, full,
+                                         create_graph):
+    """cos / sin that require grad get the reference's gradient on every backend (the kernel
+    backends used to return None for them without a word), in both table layouts, also under
+    ``create_graph=True``."""
+    leaves = _table_leaves()
+    hi = _table_grads("reference", device, torch.float64, torch.float64, leaves, interleaved, fc,
+                      full)
+    lo = _table_grads("reference", device, dtype, torch.float32, leaves, interleaved, fc, full)
+    got = _table_grads(backend, device, dtype, torch.float32, leaves, interleaved, fc, full,
+                       create_graph)
+    assert got[1].abs().max() > 0.1  # the test's tables do matter
+    for name, a, h, l_ in zip(("q", "cos", "sin"), got, hi, lo):
+        assert_close_rule(a.cpu(), h.cpu(), l_.cpu(), f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", _compile_backends()[1:])
+def test_table_gradients_compiled(backend):
+    """The custom op's registered autograd (the path torch.compile takes) gives the tables their
+    gradient too."""
+    leaves = _table_leaves(S=9, L=6, D=8)
+    torch._dynamo.reset()
+    compile_ = lambda f: torch.compile(f, fullgraph=True)  # noqa: E731
+    got = _table_grads(backend, "cpu", torch.float32, torch.float32, leaves, True, True, False,
+                       wrap=compile_)
+    want = _table_grads("reference", "cpu", torch.float64, torch.float64, leaves, True, True, False)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

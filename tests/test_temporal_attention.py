@@ -596,6 +596,91 @@ def test_opcheck(backend, rope, q_offset):
     torch.library.opcheck(BWD.default, (dout, q, k, v, cos, sin, out, lse, *rest))
 
 
+def _table_grads(backend, device, dtype, tdtype, leaves, interleaved, q_offset,
+                 create_graph=False, wrap=None):
+    """Gradients (k, cos, sin) of ``<dout, attn(q, k, v)>`` with RoPE tables as leaves that
+    require grad."""
+    q64, k64, v64, ang, dout = leaves
+    cos, sin = (t.to(device, tdtype).requires_grad_() for t in (ang.cos(), ang.sin()))
+    q, v = q64[:, q_offset:].to(device, dtype), v64.to(device, dtype)
+    k = k64.to(device, dtype).requires_grad_()
+
+    def f(q, k, v, cos, sin):
+        return attn(q, k, v, backend, cos=cos, sin=sin, interleaved=interleaved,
+                    q_offset=q_offset)
+    out = (wrap(f) if wrap else f)(q, k, v, cos, sin)
+    return torch.autograd.grad(out, (k, cos, sin), dout[:, q_offset:].to(device, dtype),
+                               create_graph=create_graph)
+
+
+def _table_leaves(B=2, T=6, S=3, H=2, D=8):
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(B, T, S, H, D, generator=g, dtype=torch.float64)
+                     for _ in range(4))
+    return q, k, v, torch.randn(T, D // 2, generator=g, dtype=torch.float64) * 3, dout
+
+
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
+@pytest.mark.parametrize("interleaved,q_offset", [(True, 0), (False, 2)],
+                         ids=["interleaved", "half-streaming"])
+@pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32, torch.float16)))
+def test_table_gradients_match_reference(backend, device, dtype, interleaved, q_offset,
+                                         create_graph):
+    """cos / sin that require grad get the reference's gradient on every backend (the kernel
+    backends used to return None for them without a word): k's frames use rows 0 .., q's rows
+    q_offset ..; also under ``create_graph=True``."""
+    leaves = _table_leaves()
+    hi = _table_grads("reference", device, torch.float64, torch.float64, leaves, interleaved,
+                      q_offset)
+    lo = _table_grads("reference", device, dtype, torch.float32, leaves, interleaved, q_offset)
+    got = _table_grads(backend, device, dtype, torch.float32, leaves, interleaved, q_offset,
+                       create_graph)
+    assert got[1].abs().max() > 0.1  # the test's tables do matter
+    for name, a, h, l_ in zip(("k", "cos", "sin"), got, hi, lo):
+        assert_close_rule(a.cpu(), h.cpu(), l_.cpu(), f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_table_gradients_compiled(backend):
+    """The custom op's registered autograd (the path torch.compile takes) gives the tables their
+    gradient too."""
+    leaves = _table_leaves(T=5, S=2)
+    torch._dynamo.reset()
+    compile_ = lambda f: torch.compile(f, fullgraph=True)  # noqa: E731
+    got = _table_grads(backend, "cpu", torch.float32, torch.float32, leaves, False, 1,
+                       wrap=compile_)
+    want = _table_grads("reference", "cpu", torch.float64, torch.float64, leaves, False, 1)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [3, 9])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_nan_stays_in_its_sequence(backend, T):
+    """A NaN in one (b, s, h) sequence's dout or v makes only that sequence's gradients / output
+    NaN, as in the reference: the C++ backward used to carry it into every later sequence of
+    the thread's block (0 * NaN in the padded columns of ds). (The Triton kernel packs several
+    sequences with T_k <= 8 into one tile and does not promise this: see the op's docstring.)"""
+    if backend != "reference" and kernel_missing(backend):
+        pytest.skip(kernel_missing(backend))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, T, 5, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    dout = torch.randn(1, T, 5, 2, 8, generator=g)
+    dout[:, :, 1, 0] = float("nan")
+    out = vk.temporal_attention(q, k, v, backend=backend)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    bad = torch.zeros(1, T, 5, 2, 8, dtype=torch.bool)
+    bad[:, :, 1, 0] = True
+    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.equal(t.isnan(), bad), f"{name}: NaN outside the sequence (s=1, h=0)"
+    v2 = v.detach().clone()
+    v2[0, 0, 3, 1, 2] = float("nan")
+    out = vk.temporal_attention(q.detach(), k.detach(), v2, backend=backend)
+    assert out[:, :, 3, 1, 2].isnan().all()  # (its channel: out = p v)
+    out[:, :, 3, 1, 2] = 0
+    assert not out.isnan().any()
+
+
 class TinyTemporalBlock(nn.Module):
     """qkv projection -> [B, T, S, 3, H, D] views -> temporal attention with RoPE -> out proj."""
 
@@ -743,8 +828,10 @@ def _bad_calls():
         ("k has dtype torch.float16 but q has torch.float32", lambda: ta_(q, q.half(), q.half())),
         ("q must be a floating tensor, got dtype torch.int64", lambda: ta_(q.long(), q, q)),
         ("q must have T >= 1 frames", lambda: ta_(q[:, :0], q[:, :0], q[:, :0])),
-        ("softmax_scale must be a finite number or None, got nan",
+        ("softmax_scale must be a finite Python float / int or None, got nan \\(float\\)",
          lambda: ta_(q, q, q, softmax_scale=float("nan"))),
+        ("softmax_scale must be a finite Python float / int or None, got tensor\\(0.5000\\) "
+         "\\(Tensor\\)", lambda: ta_(q, q, q, softmax_scale=torch.tensor(0.5))),
         ("v is on meta but q is on cpu", lambda: ta_(q, q, q.to("meta"))),
         ("q must be a torch.Tensor, got list", lambda: ta_([1.0], q, q)),
     ]

@@ -211,6 +211,14 @@ def autodiff_transform(tensors, forward_ad: bool = False) -> str | None:
     return None  # vmap alone: the custom ops run under it
 
 
+def may_fall_back(backend: str | None) -> bool:
+    """Whether an op whose resolved kernel backend cannot take this call's size (a head_dim,
+    T_k or C beyond the kernel's limit) runs ``reference`` instead of raising: yes when the
+    caller named no backend (``None``: ``auto`` or a context / environment choice) or ``"auto"``;
+    no for a backend named in the call."""
+    return backend is None or backend == "auto"
+
+
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype,
             supported_dtypes: dict[str, tuple[torch.dtype, ...]], op: str,
             tensors=(), forward_ad: bool = False) -> str:

@@ -25,9 +25,11 @@ def autocast_dtype(t) -> Optional[torch.dtype]:
 
 
 def cast_floating(dtype: torch.dtype, *tensors):
-    """The floating tensors among ``tensors`` cast to ``dtype``; anything else unchanged."""
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype
-                 else t for t in tensors)
+    """The floating tensors among ``tensors`` cast to ``dtype`` as autocast casts an op's
+    operands: float64 ones stay float64 (autocast leaves them alone too); anything else
+    unchanged."""
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point()
+                 and t.dtype not in (dtype, torch.float64) else t for t in tensors)
 
 
 def check_qkv(q, k, v, layout: str, op: str) -> None:
@@ -58,5 +60,6 @@ def softmax_scale_or_default(softmax_scale: Optional[float], D: int, op: str) ->
         return 1.0 / math.sqrt(D)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
             or not -math.inf < softmax_scale < math.inf:
-        raise ValueError(f"{op}: softmax_scale must be a finite number or None, got {softmax_scale!r}")
+        raise ValueError(f"{op}: softmax_scale must be a finite Python float / int or None, got "
+                         f"{softmax_scale!r} ({type(softmax_scale).__name__})")
     return float(softmax_scale)

@@ -19,6 +19,7 @@ Public (issue 3, bottom of this module):
 from __future__ import annotations
 
 import functools as _functools
+import operator as _operator
 from typing import Optional
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from .. import _ext
 from ._eager import eager_op
-from ..backends import resolve as _resolve_backend
+from ..backends import may_fall_back, resolve as _resolve_backend
 
 
 def canon_table(name: str, t, D: int, min_len: int, device, op: str, interleaved: bool) -> Tensor:
@@ -65,6 +66,29 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
 def unrotate(g: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
     """Gradient of :func:`rotate` (rotation by the negative angle)."""
     return rotate(g, cos, -sin, interleaved)
+
+
+def table_grads(x: Tensor, gx: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, dim: int,
+                offset: int) -> tuple[Tensor, Tensor]:
+    """Gradients ``(dcos, dsin)`` ``[L, D/2]`` (fp32, fp64 for fp64 x) of a loss w.r.t. the
+    tables that rotated ``x``'s positions ``offset .. offset + L - 1`` along ``dim`` (the last
+    dim is D), given ``gx``, the loss's gradient w.r.t. the *unrotated* ``x`` (what the attention
+    kernels' backward returns). The gradient w.r.t. the rotated values is ``rotate(gx)`` (the
+    rotation is orthogonal); then, per pair ``(a, b) -> (a c - b s, b c + a s)``,
+    ``dc = ga a + gb b`` and ``ds = gb a - ga b``, summed over every dim but ``dim`` and D.
+    Plain PyTorch over x-sized fp32 temporaries: run only when a table requires grad."""
+    L = cos.shape[0]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs = x.narrow(dim, offset, L).movedim(dim, -2).to(acc)
+    gr = rotate(gx.narrow(dim, offset, L).movedim(dim, -2).to(acc), cos.to(acc), sin.to(acc),
+                interleaved)
+    if interleaved:
+        a, b, ga, gb = xs[..., 0::2], xs[..., 1::2], gr[..., 0::2], gr[..., 1::2]
+    else:
+        h = x.shape[-1] // 2
+        a, b, ga, gb = xs[..., :h], xs[..., h:], gr[..., :h], gr[..., h:]
+    lead = tuple(range(xs.dim() - 2))
+    return (ga * a + gb * b).sum(lead), (gb * a - ga * b).sum(lead)
 
 
 def check_rope_pair(cos, sin, op: str) -> Optional[tuple]:
@@ -176,9 +200,11 @@ def rope3d_freqs(frames: int, height: int, width: int, head_dim: int, *, theta: 
             raise ValueError(f"{op}: the default axes_dims (D/4, 3D/8, 3D/8) = {axes} do not split "
                              f"head_dim={head_dim} into even parts; pass axes_dims explicitly")
     else:
-        try:
-            axes = tuple(int(a) for a in axes_dims)
-        except (TypeError, ValueError):
+        try:  # ints only (numpy / torch integers too): 8.7 or "8" is not silently truncated
+            axes = tuple(_operator.index(a) for a in axes_dims if not isinstance(a, bool))
+            if len(axes) != len(axes_dims):
+                raise TypeError
+        except TypeError:
             raise ValueError(f"{op}: axes_dims must be 3 even ints summing to head_dim={head_dim}, "
                              f"got {axes_dims!r}") from None
         if len(axes) != 3 or any(a < 0 or a % 2 for a in axes) or sum(axes) != head_dim:
@@ -309,7 +335,7 @@ def _resolve_rope(backend: Optional[str], x: Tensor, op: str, tensors=()) -> str
     name = _resolve_backend(backend, x.device, x.dtype, ROPE_SUPPORTED_DTYPES, op, tensors)
     symbol = {"cpu": "rope_cpu", "cuda": "rope_cuda"}.get(name)
     if symbol is not None and not hasattr(_ext.C, symbol):  # an extension built before RoPE
-        if backend is None or backend == "auto":
+        if may_fall_back(backend):
             return "reference"
         from ..backends import BackendUnavailableError
         raise BackendUnavailableError(f"{op}: backend {name!r} cannot run here: the compiled "

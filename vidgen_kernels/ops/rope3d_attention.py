@@ -72,7 +72,8 @@ Kernel contract (``torch``, ``cpu`` and ``triton`` implement it, same argument o
 * ``q``: ``[B, Sq, H, D]``, ``k``, ``v``: ``[B, Sk, H, D]``, one dtype ``T``, any strides.
 * ``cos``, ``sin``: ``None`` or ``[L, D/2]`` float32 contiguous, ``rope_offset + L <= Sq = Sk``.
 * ``fc_block``: 0 for no mask, else the tokens of one block (``tokens_per_frame *
-  frames_per_block``) of the video range ``[fc_start, fc_start + fc_len)`` (``Sq = Sk`` then).
+  frames_per_block``, at most ``max(fc_len, 1)``: a longer block is the whole video) of the video
+  range ``[fc_start, fc_start + fc_len)`` (``Sq = Sk`` then).
 * ``out``: ``[B, Sq, H, D]`` contiguous ``T``; ``lse``: ``[B, Sq, H]`` contiguous float32.
 * ``qr_i = round_T(rot(q_i, i - rope_offset))`` for ``rope_offset <= i < rope_offset + L``, else
   ``q_i`` (likewise ``kr_j``); ``z_ij = scale <qr_i, kr_j>`` (fp32), ``-inf`` where the mask
@@ -98,9 +99,9 @@ from torch import Tensor
 
 from .. import _ext
 from ._eager import differentiable_vjp, eager_op, recomputed_vjp
-from ..backends import forward_ad_active, resolve
+from ..backends import forward_ad_active, may_fall_back, resolve
 from ._checks import autocast_dtype, cast_floating, check_qkv, softmax_scale_or_default
-from .rope import _rope_kernel, canon_table, check_rope_pair, rotate
+from .rope import _rope_kernel, canon_table, check_rope_pair, rotate, table_grads
 
 __all__ = ["rope3d_attention", "rope3d_attention_reference", "frame_causal_mask"]
 
@@ -108,7 +109,7 @@ SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float16, torch.bfloat16),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
-MAX_D = {"cpu": None, "triton": 256}
+MAX_D = {"cpu": 4095, "triton": 256}  # cpu: its C++ kernel (frame_causal, strided) takes D < 4096
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +170,9 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
             raise ValueError(f"{op}: tokens_per_frame={tokens_per_frame} does not divide the video "
                              f"length {video_len} (tokens rope_offset .. rope_offset + "
                              f"{'len(cos)' if rope else 'S'} - 1)")
-        fc_block = tokens_per_frame * frames_per_block
+        # a block longer than the video is the whole video: same mask, and no mask
+        # construction (reference) or kernel index sized by an unbounded product
+        fc_block = max(1, min(tokens_per_frame * frames_per_block, video_len))
     return cos, sin, int(rope_offset), int(video_len), int(fc_block), float(softmax_scale)
 
 
@@ -448,15 +451,20 @@ def _backward(ctx, dout, _dlse):
     q, k, v, cos, sin, out, lse = ctx.saved_tensors
     if dout is None:
         return (None,) * 12
+    off, interleaved, fc_start, fc_len, fc_block, scale, _ = ctx.args
     if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
-        off, interleaved, fc_start, fc_len, fc_block, scale, _ = ctx.args
-        dq, dk, dv = differentiable_vjp(
-            lambda q, k, v: _attend(q, k, v, cos, sin, off, interleaved, fc_start, fc_len,
-                                    fc_block, scale)[0].to(q.dtype),
-            (q, k, v), ctx.needs_input_grad[:3], (dout,))
-        return (dq, dk, dv) + (None,) * 9
+        grads = differentiable_vjp(
+            lambda q, k, v, cos, sin: _attend(q, k, v, cos, sin, off, interleaved, fc_start,
+                                              fc_len, fc_block, scale)[0].to(q.dtype),
+            (q, k, v, cos, sin), ctx.needs_input_grad[:5], (dout,))
+        return grads + (None,) * 7
     dq, dk, dv = _rope3d_attn_bwd_call(dout, q, k, v, cos, sin, out, lse, *ctx.args)
-    return (dq, dk, dv) + (None,) * 9
+    dcos = dsin = None
+    if cos is not None and any(ctx.needs_input_grad[3:5]):  # tables that require grad
+        qc, qs = table_grads(q, dq, cos, sin, interleaved, 1, off)
+        kc, ks = table_grads(k, dk, cos, sin, interleaved, 1, off)
+        dcos, dsin = (qc + kc).to(cos.dtype), (qs + ks).to(sin.dtype)
+    return (dq, dk, dv, dcos, dsin) + (None,) * 7
 
 
 _rope3d_attn_fwd_call = eager_op(_rope3d_attn_fwd, _rope3d_attn_fwd_impl, _setup_context,
@@ -568,7 +576,8 @@ def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = No
     Returns:
         ``[B, S_q, H, D]`` contiguous, q's dtype. Under ``torch.autocast`` for q's device, q, k
         and v are first cast to the autocast dtype, as SDPA's are (so q / k from an fp32 norm
-        and v from a bf16 projection mix as they do with SDPA).
+        and v from a bf16 projection mix as they do with SDPA). Gradients reach q, k, v and,
+        where they require grad, cos / sin (from the kernels' dq / dk, in PyTorch).
     """
     op = "rope3d_attention"
     ac = autocast_dtype(q)
@@ -587,7 +596,7 @@ def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = No
                    forward_ad=True)
     lim = MAX_D.get(name)
     if lim is not None and q.shape[-1] > lim:
-        if backend is None:
+        if may_fall_back(backend):
             name = "reference"
         else:
             raise ValueError(f"{op}: backend {name!r} supports head_dim <= {lim}, got {q.shape[-1]}")

@@ -44,9 +44,9 @@ import torch
 from torch import Tensor
 
 from ._eager import differentiable_vjp, eager_op
-from ..backends import resolve
+from ..backends import may_fall_back, resolve
 from ._checks import autocast_dtype, cast_floating, check_qkv, softmax_scale_or_default
-from .rope import canon_table, check_rope_pair, rotate, unrotate
+from .rope import canon_table, check_rope_pair, rotate, table_grads, unrotate
 
 __all__ = ["temporal_attention", "temporal_attention_reference"]
 
@@ -230,16 +230,23 @@ def _backward(ctx, dout, _dlse):
     q, k, v, cos, sin, out, lse = ctx.saved_tensors
     if dout is None:
         return (None,) * 10
+    causal, interleaved, q_offset, scale, _ = ctx.args
     if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
-        causal, interleaved, q_offset, scale, _ = ctx.args
-        dq, dk, dv = differentiable_vjp(
-            lambda q, k, v: _attend(_to_seq(q), _to_seq(k), _to_seq(v), cos, sin, causal,
-                                    interleaved, q_offset, scale)[0].to(q.dtype)
-            .permute(0, 3, 1, 2, 4),
-            (q, k, v), ctx.needs_input_grad[:3], (dout,))
-        return (dq, dk, dv) + (None,) * 7
+        grads = differentiable_vjp(
+            lambda q, k, v, cos, sin: _attend(_to_seq(q), _to_seq(k), _to_seq(v), cos, sin,
+                                              causal, interleaved, q_offset, scale)[0]
+            .to(q.dtype).permute(0, 3, 1, 2, 4),
+            (q, k, v, cos, sin), ctx.needs_input_grad[:5], (dout,))
+        return grads + (None,) * 5
     dq, dk, dv = _temporal_attn_bwd_call(dout, q, k, v, cos, sin, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dcos = dsin = None
+    if cos is not None and any(ctx.needs_input_grad[3:5]):  # tables that require grad
+        # k's frames 0 .. T_k - 1 use table rows 0 .., q's frames rows q_offset ..
+        dcos, dsin = table_grads(k, dk, cos, sin, interleaved, 1, 0)
+        qc, qs = table_grads(q, dq, cos[q_offset:], sin[q_offset:], interleaved, 1, 0)
+        dcos = torch.cat([dcos[:q_offset], dcos[q_offset:] + qc]).to(cos.dtype)
+        dsin = torch.cat([dsin[:q_offset], dsin[q_offset:] + qs]).to(sin.dtype)
+    return dq, dk, dv, dcos, dsin, None, None, None, None, None
 
 
 _temporal_attn_fwd_call = eager_op(_temporal_attn_fwd, _temporal_attn_fwd_impl, _setup_context,
@@ -270,6 +277,10 @@ def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         ``[B, T_q, S, H, D]`` contiguous, q's dtype. The output equals the last ``T_q`` frames
         of the full causal computation over ``T_k`` frames. Under ``torch.autocast`` for q's
         device, q, k and v are first cast to the autocast dtype, as SDPA's are.
+
+    Gradients reach q, k, v and, where they require grad, the tables. A NaN / inf stays in its
+    own (b, s, h) sequence on ``reference`` and ``cpu``; Triton packs several sequences with
+    ``T_k <= 8`` into one tile, where a non-finite value can reach the tile's other sequences.
     """
     op = "temporal_attention"
     ac = autocast_dtype(q)
@@ -285,7 +296,7 @@ def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     for limits, val, what in ((MAX_T, Tk, "T_k"), (MAX_D, D, "head_dim")):
         lim = limits.get(name)
         if lim is not None and val > lim:
-            if backend is None:
+            if may_fall_back(backend):
                 name = "reference"
             else:
                 raise ValueError(f"{op}: backend {name!r} supports {what} <= {lim}, got {val}")
