@@ -447,6 +447,33 @@ def test_triton_gpu_tiles_per_arch(monkeypatch, arch, rope, dtype):
         torch.testing.assert_close(a, b, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.triton
+def test_triton_batches_beyond_the_grid_y_limit(monkeypatch):
+    """The kernels put (batch, head) on grid axis 1, which CUDA caps at 65535: larger B * H is
+    launched over batch slices (views, no copy). With the cap lowered to 3 (H=2: one batch per
+    launch) forward, backward and the jvp equal one launch."""
+    if why_unavailable("triton", "cpu"):
+        pytest.skip(why_unavailable("triton", "cpu"))
+    import vidgen_kernels.triton_kernels.rope3d_attention as tr
+    g = torch.Generator().manual_seed(0)
+    B, S, H, D = 3, 10, 2, 16
+    q, k, v, do, tq = (torch.randn(B, S, H, D, generator=g) for _ in range(5))
+    ang = torch.randn(7, D // 2, generator=g)
+    args = (ang.cos(), ang.sin(), 3, True, 3, 7, 0, 0.3)
+
+    def run():
+        out, lse = tr.rope3d_attn_fwd(q, k, v, *args)
+        grads = tr.rope3d_attn_bwd(do, q, k, v, *args[:2], out, lse, *args[2:])
+        tangent = tr.rope3d_attn_jvp(q, k, v, tq, tq, tq, *args)
+        return (out, lse, *grads, tangent)
+    want = run()
+    assert len(tr._batch_slices(B, H)) == 1
+    monkeypatch.setattr(tr, "_MAX_GRID_Y", 3)
+    assert [s_.indices(B) for s_ in tr._batch_slices(B, H)] == [(0, 1, 1), (1, 2, 1), (2, 3, 1)]
+    for a, b in zip(run(), want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_cpu_path_without_apply_rope(monkeypatch):
     """The cpu backend rotates with vidgen_kernels.apply_rope when the install has it, else with
     the PyTorch rotation: both give the same result."""

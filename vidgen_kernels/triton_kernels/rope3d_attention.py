@@ -512,6 +512,18 @@ def _tiles(kernel, q, rope, block_m=None, block_n=None, num_warps=None):
     return bm, bn, int(num_warps or warps)
 
 
+# CUDA's limit on grid.y: the kernels put (batch, head) on axis 1, so a launch covers at most
+# this many (b, h) pairs and larger batches go in several launches over batch slices (views: the
+# kernels take every tensor's strides)
+_MAX_GRID_Y = 65535
+
+
+def _batch_slices(B: int, H: int) -> list[slice]:
+    """Batch ranges whose ``(b, h)`` pairs fit grid.y (one slice unless ``B * H > 65535``)."""
+    n = max(1, _MAX_GRID_Y // max(H, 1))
+    return [slice(b0, min(B, b0 + n)) for b0 in range(0, B, n)]
+
+
 def _common(q, cos, sin):
     D = q.shape[-1]
     block_d = max(triton.next_power_of_2(D), 32)
@@ -535,20 +547,21 @@ def _launch_fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, f
     bm, bn, warps = _tiles("jvp" if jvp else "fwd", q, rope, block_m, block_n, num_warps)
     L = cos.shape[0] if rope else 0
     dq, dk, dv = tangents if jvp else (q, k, v)
-    grid = (triton.cdiv(Sq, bm), B * H)
     with device_ctx(q):
-        # a build over the GPU's shared memory (sm_86 / sm_89: 99 KiB per block; D = 256 with
-        # two stages needs 100 KiB) retries unpipelined
-        launch(_fwd_kernel, grid, (
-            q, k, v, c, s, out, lse, dq, dk, dv,
-            Sq, Sk, H, D, D // 2, L, int(rope_offset), int(fc_start), int(fc_start + fc_len),
-            max(int(fc_block), 1), float(scale) * _LOG2E, float(scale),
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride()[:3], *tstr,
-            *dq.stride(), *dk.stride(), *dv.stride()),
-            dict(ROPE=rope, INTERLEAVED=bool(interleaved), FRAME_CAUSAL=bool(fc_block), JVP=jvp,
-                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_H=block_d // 2,
-                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                 num_warps=warps, num_stages=int(num_stages or 2)), q.device)
+        for bs in _batch_slices(B, H):
+            qb, kb, vb, ob, lb, dqb, dkb, dvb = (t[bs] for t in (q, k, v, out, lse, dq, dk, dv))
+            # a build over the GPU's shared memory (sm_86 / sm_89: 99 KiB per block; D = 256
+            # with two stages needs 100 KiB) retries unpipelined
+            launch(_fwd_kernel, (triton.cdiv(Sq, bm), qb.shape[0] * H), (
+                qb, kb, vb, c, s, ob, lb, dqb, dkb, dvb,
+                Sq, Sk, H, D, D // 2, L, int(rope_offset), int(fc_start), int(fc_start + fc_len),
+                max(int(fc_block), 1), float(scale) * _LOG2E, float(scale),
+                *qb.stride(), *kb.stride(), *vb.stride(), *ob.stride(), *lb.stride()[:3], *tstr,
+                *dqb.stride(), *dkb.stride(), *dvb.stride()),
+                dict(ROPE=rope, INTERLEAVED=bool(interleaved), FRAME_CAUSAL=bool(fc_block),
+                     JVP=jvp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_H=block_d // 2,
+                     DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                     num_warps=warps, num_stages=int(num_stages or 2)), q.device)
     return out, None if jvp else lse
 
 
@@ -606,18 +619,22 @@ def rope3d_attn_bwd(dout, q, k, v, cos, sin, out, lse, rope_offset: int, interle
                     DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
                     num_warps=warps, num_stages=int(num_stages or 1))
     bm_q, bn_k = tiles["dq"][0], tiles["dkdv"][1]
+    common = (Sq, Sk, H, D, D // 2, L, int(rope_offset), int(fc_start), fc_end, fcb,
+              float(scale), float(scale) * _LOG2E)
     with device_ctx(q):
-        _bwd_preprocess_kernel[(triton.cdiv(Sq, bm_q), B * H)](
-            dout, out, delta, Sq, H, D, *dout.stride(), *out.stride(), *delta.stride(),
-            BLOCK_M=bm_q, BLOCK_D=block_d)
-        common = (Sq, Sk, H, D, D // 2, L, int(rope_offset), int(fc_start), fc_end, fcb,
-                  float(scale), float(scale) * _LOG2E)
-        _bwd_dkdv_kernel[(triton.cdiv(Sk, bn_k), B * H)](
-            dout, q, k, v, c, s, lse, delta, dk, dv, *common,
-            *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *lse.stride(),
-            *dk.stride(), *dv.stride(), *tstr, **meta("dkdv"))
-        _bwd_dq_kernel[(triton.cdiv(Sq, bm_q), B * H)](
-            dout, q, k, v, c, s, lse, delta, dq, *common,
-            *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *lse.stride(),
-            *dq.stride(), *tstr, **meta("dq"))
+        for bs in _batch_slices(B, H):
+            do_, q_, k_, v_, o_, l_, de_, dq_, dk_, dv_ = (
+                t[bs] for t in (dout, q, k, v, out, lse, delta, dq, dk, dv))
+            BH = q_.shape[0] * H
+            _bwd_preprocess_kernel[(triton.cdiv(Sq, bm_q), BH)](
+                do_, o_, de_, Sq, H, D, *do_.stride(), *o_.stride(), *de_.stride(),
+                BLOCK_M=bm_q, BLOCK_D=block_d)
+            _bwd_dkdv_kernel[(triton.cdiv(Sk, bn_k), BH)](
+                do_, q_, k_, v_, c, s, l_, de_, dk_, dv_, *common,
+                *do_.stride(), *q_.stride(), *k_.stride(), *v_.stride(), *l_.stride(),
+                *dk_.stride(), *dv_.stride(), *tstr, **meta("dkdv"))
+            _bwd_dq_kernel[(triton.cdiv(Sq, bm_q), BH)](
+                do_, q_, k_, v_, c, s, l_, de_, dq_, *common,
+                *do_.stride(), *q_.stride(), *k_.stride(), *v_.stride(), *l_.stride(),
+                *dq_.stride(), *tstr, **meta("dq"))
     return dq, dk, dv
