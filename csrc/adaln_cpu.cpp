@@ -12,7 +12,9 @@
  * Layout and strategy
  * -------------------
  * - T is x's dtype (a template parameter); the compute type A is float, or double for float64
- *   (so that float64 gradcheck sees double-precision math).
+ *   (so that float64 gradcheck sees double-precision math). The row statistics mean / rstd and
+ *   the partial parameter-gradient buffers are stored in A too (float32, float64 for float64
+ *   inputs: the backward then normalises with the forward's very statistics).
  * - Inputs [B, N, C] are read in place through (pointer, strides); nothing is made contiguous.
  *   Row (b, n) is C elements with the last-dim stride s2 (any value, 0 included). A row is read
  *   from memory once: used in place when it already is contiguous A (the fast path), else
@@ -34,7 +36,7 @@
  *   chunk. A task walks its chunk's rows in order; per row, pass 1 computes the two row sums,
  *   pass 2 writes dx and adds the parameter-gradient partials to scratch rows of A, pass 3
  *   writes dy and the per-token parameter gradients. At the end of a chunk the scratch rows are
- *   written to its slots of the float32 partial buffers ([B, NC, 2, C] for dgate/dshift/dscale,
+ *   written to its slots of the partial buffers of A ([B, NC, 2, C] for dgate/dshift/dscale,
  *   [B, NC, C] for dweight/dbias), zeros included.
  */
 #include <torch/extension.h>
@@ -75,6 +77,12 @@ using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
 template <typename A>
 constexpr ScalarType acc_dtype() {
   return std::is_same<A, double>::value ? ScalarType::Double : ScalarType::Float;
+}
+
+// The dtype of the row statistics and of the partial gradient buffers for inputs of dtype T:
+// acc_t<T>'s (float64 for float64, else float32).
+inline ScalarType acc_dtype_of(ScalarType T) {
+  return T == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
 }
 
 // Calls f(T{}) with T the C++ type of dtype st (one of the four float dtypes).
@@ -392,8 +400,8 @@ struct FwdArgs {
   Rows x, y, out, h;
   Param gate, shift, scale;
   OptTensor weight, bias;
-  float* mean;
-  float* rstd;
+  void* mean;  // [B, N] contiguous acc_t<T>
+  void* rstd;
   double eps;
   bool is_rms;
 };
@@ -406,6 +414,8 @@ void fwd_impl(const FwdArgs& a) {
   const std::vector<A> w = affine_vector<A>(a.weight, C, A(1));
   const std::vector<A> bv = affine_vector<A>(a.bias, C, A(0));
   const A eps = A(a.eps), inv_c = A(1) / A(C);
+  A* const mean = static_cast<A*>(a.mean);
+  A* const rstd = static_cast<A*>(a.rstd);
   const bool stream = (gated ? 2 : 1) * B * N * C * int64_t(sizeof(T)) >= stream_threshold_bytes();
   const int64_t grain = std::max<int64_t>(1, 16384 / C);
 
@@ -447,8 +457,8 @@ void fwd_impl(const FwdArgs& a) {
         }) * inv_c;
       }
       const A rs = A(1) / std::sqrt(var + eps);
-      a.mean[r] = float(mu);
-      a.rstd[r] = float(rs);
+      mean[r] = mu;
+      rstd[r] = rs;
 
       // Coefficients, recomputed only when the scale or shift row changes.
       const bool new_scale = scale.fetch(b, n);
@@ -484,7 +494,7 @@ void fwd_impl(const FwdArgs& a) {
 // =============================================================================================
 // Backward
 // =============================================================================================
-// A parameter-gradient output: None, per-token [B, N, C] (any float dtype), or float32 partials
+// A parameter-gradient output: None, per-token [B, N, C] (any float dtype), or partials of A
 // [B, NC, slots, C] (slots = 2 for dgate/dshift/dscale, 1 for dweight/dbias).
 struct GradOut {
   enum Kind { kNone, kPerToken, kPartial } kind = kNone;
@@ -509,8 +519,8 @@ struct BwdArgs {
   Rows dout, dh, hx, y, dx, dy;
   Param gate, scale;
   OptTensor weight, bias;
-  const float* mean;
-  const float* rstd;
+  const void* mean;  // [B, N] acc_t<T>, any strides
+  const void* rstd;
   int64_t ms0, ms1, rs0, rs1;  // strides of mean / rstd (read in place)
   GradOut dgate, dshift, dscale, dweight, dbias;
   bool is_rms;
@@ -593,6 +603,8 @@ void bwd_impl(const BwdArgs& a) {
   const std::vector<A> w = affine_vector<A>(a.weight, C, A(1));
   const std::vector<A> bv = affine_vector<A>(a.bias, C, A(0));
   const A inv_c = A(1) / A(C);
+  const A* const mean = static_cast<const A*>(a.mean);
+  const A* const rstd = static_cast<const A*>(a.rstd);
   const bool keep_g = a.dy.on || a.dgate.per_token();  // g kept in a row for pass 3
   int64_t written = (a.dy.on ? 2 : 1) * int64_t(sizeof(T));
   for (const GradOut* g : {&a.dgate, &a.dshift, &a.dscale})
@@ -603,7 +615,7 @@ void bwd_impl(const BwdArgs& a) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, R * C));
   at::parallel_for(0, B * NC, grain, [&](int64_t begin, int64_t end) {
     std::vector<A> hbuf(C), dobuf(C), dxhbuf(C), gbuf(keep_g ? C : 0), ybuf(C), dhbuf(C);
-    // Partial-sum scratch rows, flushed to the float32 partial buffers at each chunk's end.
+    // Partial-sum scratch rows, flushed to the partial buffers (of A) at each chunk's end.
     const GradOut* gouts[] = {&a.dgate, &a.dshift, &a.dscale, &a.dweight, &a.dbias};
     std::vector<A> accs[5];
     for (int i = 0; i < 5; ++i) accs[i].resize(gouts[i]->partial() ? gouts[i]->slots * C : 0);
@@ -629,8 +641,8 @@ void bwd_impl(const BwdArgs& a) {
       for (auto& acc : accs) std::fill(acc.begin(), acc.end(), A(0));
 
       for (int64_t n = n0; n < n1; ++n) {
-        const A mu = A(a.mean[b * a.ms0 + n * a.ms1]);
-        const A rs = A(a.rstd[b * a.rs0 + n * a.rs1]);
+        const A mu = mean[b * a.ms0 + n * a.ms1];
+        const A rs = rstd[b * a.rs0 + n * a.rs1];
         const A* hv = view_typed<A>(a.hx.row<const T>(b, n), a.hx.s2, C, hbuf.data());
         const A* dov = view_typed<A>(a.dout.row<const T>(b, n), a.dout.s2, C, dobuf.data());
         scale.fetch(b, n);
@@ -752,8 +764,8 @@ void bwd_impl(const BwdArgs& a) {
       for (int i = 0; i < 5; ++i) {
         if (!gouts[i]->partial()) continue;
         const int64_t len = gouts[i]->slots * C;
-        float* dst = reinterpret_cast<float*>(gouts[i]->p) + (b * NC + chunk) * len;
-        store_typed<A, float>(accs[i].data(), len, dst);
+        A* dst = reinterpret_cast<A*>(gouts[i]->p) + (b * NC + chunk) * len;
+        std::copy(accs[i].begin(), accs[i].end(), dst);
       }
     }
     if (stream) stream_fence();
@@ -806,19 +818,21 @@ void check_affine(const OptTensor& t, const char* name, int64_t C, ScalarType T)
               name, " must have dtype ", T, " or float32, got ", t->scalar_type());
 }
 
-void check_stats(const at::Tensor& t, const char* name, int64_t B, int64_t N, bool contiguous) {
+// mean / rstd: [B, N] of acc_dtype_of(T) (float64 for float64 inputs, else float32).
+void check_stats(const at::Tensor& t, const char* name, int64_t B, int64_t N, ScalarType T,
+                 bool contiguous) {
   check_cpu(t, name);
   TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == N, "adaln_cpu: ", name, " must be [",
               B, ", ", N, "], got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == ScalarType::Float, "adaln_cpu: ", name,
-              " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == acc_dtype_of(T), "adaln_cpu: ", name, " must be ",
+              acc_dtype_of(T), " for inputs of dtype ", T, ", got ", t.scalar_type());
   TORCH_CHECK(!contiguous || t.is_contiguous(), "adaln_cpu: ", name, " must be contiguous");
 }
 
 // A dgate / dshift / dscale buffer: per-token [B, N, C] contiguous (any float dtype) or partial
-// [B, NC, 2, C] contiguous float32 with rows_per_chunk <= tpr.
+// [B, NC, 2, C] contiguous acc_dtype_of(T) with rows_per_chunk <= tpr.
 void check_param_grad(const OptTensor& t, const char* name, int64_t B, int64_t N, int64_t C,
-                      int64_t NC, int64_t R, int64_t tpr) {
+                      int64_t NC, int64_t R, int64_t tpr, ScalarType T) {
   if (!t.has_value()) return;
   check_cpu(*t, name);
   TORCH_CHECK(t->is_contiguous(), "adaln_cpu: ", name, " must be contiguous");
@@ -832,20 +846,23 @@ void check_param_grad(const OptTensor& t, const char* name, int64_t B, int64_t N
                     t->size(3) == C,
                 "adaln_cpu: ", name, " (partial) must be [", B, ", ", NC, ", 2, ", C, "], got ",
                 t->sizes());
-    TORCH_CHECK(t->scalar_type() == ScalarType::Float, "adaln_cpu: ", name,
-                " (partial) must be float32, got ", t->scalar_type());
+    TORCH_CHECK(t->scalar_type() == acc_dtype_of(T), "adaln_cpu: ", name, " (partial) must be ",
+                acc_dtype_of(T), " for inputs of dtype ", T, ", got ", t->scalar_type());
     TORCH_CHECK(tpr >= R, "adaln_cpu: ", name, ": rows_per_chunk (", R,
                 ") must not exceed its tokens per parameter row (", tpr, ")");
   }
 }
 
-void check_weight_grad(const OptTensor& t, const char* name, int64_t B, int64_t NC, int64_t C) {
+// A dweight / dbias partial buffer: [B, NC, C] contiguous acc_dtype_of(T).
+void check_weight_grad(const OptTensor& t, const char* name, int64_t B, int64_t NC, int64_t C,
+                       ScalarType T) {
   if (!t.has_value()) return;
   check_cpu(*t, name);
   TORCH_CHECK(t->dim() == 3 && t->size(0) == B && t->size(1) == NC && t->size(2) == C,
               "adaln_cpu: ", name, " must be [", B, ", ", NC, ", ", C, "], got ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == ScalarType::Float && t->is_contiguous(), "adaln_cpu: ", name,
-              " must be a contiguous float32 tensor");
+  TORCH_CHECK(t->scalar_type() == acc_dtype_of(T) && t->is_contiguous(), "adaln_cpu: ", name,
+              " must be a contiguous ", acc_dtype_of(T), " tensor for inputs of dtype ", T,
+              ", got ", t->scalar_type());
 }
 
 void check_x(const at::Tensor& x, const char* name) {
@@ -883,14 +900,14 @@ void adaln_fwd_cpu(const at::Tensor& x, const OptTensor& y, const OptTensor& gat
   check_affine(weight, "weight", C, T);
   check_affine(bias, "bias", C, T);
   check_bnc(out, "out", B, N, C, T, true);
-  check_stats(mean, "mean", B, N, true);
-  check_stats(rstd, "rstd", B, N, true);
+  check_stats(mean, "mean", B, N, T, true);
+  check_stats(rstd, "rstd", B, N, T, true);
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, "adaln_cpu: eps must be finite and >= 0");
   if (B * N == 0) return;
 
   const FwdArgs a{B, N, C, Rows(x), Rows(y), Rows(out), Rows(h), Param(gate, N),
-                  Param(shift, N), Param(scale, N), weight, bias, mean.data_ptr<float>(),
-                  rstd.data_ptr<float>(), eps, is_rms};
+                  Param(shift, N), Param(scale, N), weight, bias, mean.data_ptr(),
+                  rstd.data_ptr(), eps, is_rms};
   dispatch_float(T, [&](auto tag) { fwd_impl<decltype(tag)>(a); });
 }
 
@@ -918,8 +935,8 @@ void adaln_bwd_cpu(const at::Tensor& dout, const OptTensor& dh, const at::Tensor
   }
   check_affine(weight, "weight", C, T);
   check_affine(bias, "bias", C, T);
-  check_stats(mean, "mean", B, N, false);
-  check_stats(rstd, "rstd", B, N, false);
+  check_stats(mean, "mean", B, N, T, false);
+  check_stats(rstd, "rstd", B, N, T, false);
   check_bnc(dx, "dx", B, N, C, T, true);
   if (dy.has_value()) {
     check_bnc(*dy, "dy", B, N, C, T, true);
@@ -927,17 +944,17 @@ void adaln_bwd_cpu(const at::Tensor& dout, const OptTensor& dh, const at::Tensor
   }
   TORCH_CHECK(!dgate.has_value() || (gate.has_value() && y.has_value()),
               "adaln_cpu: dgate needs gate and y");
-  check_param_grad(dgate, "dgate", B, N, C, NC, R, tpr_gate);
-  check_param_grad(dshift, "dshift", B, N, C, NC, R, tpr_shift);
-  check_param_grad(dscale, "dscale", B, N, C, NC, R, tpr_scale);
-  check_weight_grad(dweight, "dweight", B, NC, C);
-  check_weight_grad(dbias, "dbias", B, NC, C);
+  check_param_grad(dgate, "dgate", B, N, C, NC, R, tpr_gate, T);
+  check_param_grad(dshift, "dshift", B, N, C, NC, R, tpr_shift, T);
+  check_param_grad(dscale, "dscale", B, N, C, NC, R, tpr_scale, T);
+  check_weight_grad(dweight, "dweight", B, NC, C, T);
+  check_weight_grad(dbias, "dbias", B, NC, C, T);
   if (B * N == 0) return;
 
   const BwdArgs a{B, N, C, R, NC,
                   Rows(dout), Rows(dh), Rows(hx), Rows(y), Rows(dx), Rows(dy),
                   Param(gate, N), Param(scale, N), weight, bias,
-                  mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                  mean.data_ptr(), rstd.data_ptr(),
                   mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1),
                   GradOut(dgate, tpr_gate, 2), GradOut(dshift, tpr_shift, 2),
                   GradOut(dscale, tpr_scale, 2), GradOut(dweight, 1, 1), GradOut(dbias, 1, 1),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -318,7 +319,13 @@ def _bad_calls():
          lambda: vk.adaln_modulate(x.half(), s.double(), s.half())),
         ("norm must be one of \\('layer', 'rms'\\), got 'batch'",
          lambda: vk.adaln_modulate(x, s, s, norm="batch")),
-        ("eps must be a finite number >= 0, got -1", lambda: vk.adaln_modulate(x, s, s, eps=-1)),
+        ("eps must be a finite Python float / int >= 0, got -1 \\(int\\)",
+         lambda: vk.adaln_modulate(x, s, s, eps=-1)),
+        # numpy scalars are not taken (torch.compile traces these checks): the message says why
+        ("eps must be a finite Python float / int >= 0, got .*1e-05.* \\(float32\\)",
+         lambda: vk.adaln_modulate(x, s, s, eps=np.float32(1e-5))),
+        ("eps must be a finite Python float / int >= 0, got inf \\(float\\)",
+         lambda: vk.gated_residual_adaln(x, y, s, s, s, eps=float("inf"))),
         ("weight must be \\[C\\] = \\[8\\], got shape \\(7,\\)",
          lambda: vk.adaln_modulate(x, s, s, weight=torch.ones(7))),
         ("y must have x's shape \\(2, 6, 8\\), got \\(2, 5, 8\\)",
@@ -326,8 +333,8 @@ def _bad_calls():
         ("y must have x's dtype", lambda: vk.gated_residual_adaln(x, y.double(), s, s, s)),
         ("gate has 7 channels", lambda: vk.gated_residual_adaln(x, y, s[:, :7], s, s)),
         ("x must be a torch.Tensor, got list", lambda: vk.adaln_modulate([1.0], s, s)),
-        ("shift, scale \\(and gate\\) must share one dtype",
-         lambda: vk.adaln_modulate(x.half(), s, s.half())),
+        ("shift must have x's dtype \\(torch.bfloat16\\) or float32, got torch.float16",
+         lambda: vk.adaln_modulate(x.bfloat16(), s.half(), s)),
         ("x must have C >= 1", lambda: vk.adaln_modulate(torch.randn(2, 6, 0), s[:, :0], s[:, :0])),
     ]
 
@@ -365,3 +372,259 @@ def test_empty_tokens():
         assert out.shape == (2, 0, 8)
         out.sum().backward()
         assert torch.equal(s.grad, torch.zeros_like(s))
+
+
+# ----------------------------------------------------------------------------------------------
+# float64: statistics and partial gradient buffers in double precision
+# ----------------------------------------------------------------------------------------------
+FP64_BACKENDS = ["torch"] + [b for b in ("cpu",) if b in vk.available_backends("cpu")]
+
+
+def _fp64_large_mean_leaves(form: str, gated: bool, affine: bool, seed=0):
+    """float64 leaves with |mean| >> spread (1000 +- 0.01): float32 statistics lose the spread."""
+    g = torch.Generator().manual_seed(seed)
+    B, N, C = 2, 6, 8
+    lv = {"x": 1000 + 1e-2 * torch.randn(B, N, C, generator=g, dtype=torch.float64)}
+    if gated:
+        lv["y"] = 1e-2 * torch.randn(B, N, C, generator=g, dtype=torch.float64)
+    shapes = {"BC": (B, C), "F3": (B, 3, C), "C": (C,)}
+    for k in ("shift", "scale") + (("gate",) if gated else ()):
+        lv[k] = 0.5 * torch.randn(shapes[form], generator=g, dtype=torch.float64)
+    if affine:
+        lv["weight"] = 1 + 0.3 * torch.randn(C, generator=g, dtype=torch.float64)
+        lv["bias"] = 0.3 * torch.randn(C, generator=g, dtype=torch.float64)
+    return {k: v.requires_grad_() for k, v in lv.items()}
+
+
+def _fp64_call(backend, norm, gated):
+    def f(x, *rest):
+        if gated:
+            y, shift, scale, gate, *wb = rest
+        else:
+            shift, scale, *wb = rest
+        kw = dict(zip(("weight", "bias"), wb))
+        if backend == "torch":  # the kernel contract in PyTorch, through the custom ops
+            out, h, _, _ = torch.ops.vidgen_kernels.adaln_fwd(
+                x, y if gated else None, _canon(gate, x) if gated else None, _canon(shift, x),
+                _canon(scale, x), kw.get("weight"), kw.get("bias"), 1e-6, norm == "rms", "torch")
+            return (h, out) if gated else out
+        if gated:
+            return vk.gated_residual_adaln(x, y, gate, shift, scale, norm=norm, backend=backend, **kw)
+        return vk.adaln_modulate(x, shift, scale, norm=norm, backend=backend, **kw)
+    return f
+
+
+def _canon(p, x):
+    from vidgen_kernels.ops.adaln import _canon_param
+    return _canon_param("p", p, x, "test")
+
+
+@pytest.mark.parametrize("form", ["BC", "F3", "C"])
+@pytest.mark.parametrize("gated,affine", [(False, False), (False, True), (True, True)])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("backend", ["reference"] + FP64_BACKENDS)
+def test_float64_large_mean_gradcheck(backend, norm, gated, affine, form):
+    """float64 keeps mean / rstd in float64 from forward to backward: with float32 statistics
+    the backward normalised with a mean off by ~1e-4 of a 1e-2 spread (wrong gradients).
+    (eps 1e-5: with gradcheck's 1e-6 the rounding of h ~ 1000 to float64 already shows in the
+    central differences of the gate; the reference case shows the check is well posed.)"""
+    lv = _fp64_large_mean_leaves(form, gated, affine)
+    assert torch.autograd.gradcheck(_fp64_call(backend, norm, gated), tuple(lv.values()), eps=1e-5)
+
+
+@pytest.mark.parametrize("form", ["BC", "F3", "C"])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("backend", FP64_BACKENDS)
+def test_float64_grads_match_reference_to_double_precision(backend, norm, gated, form):
+    """The kernels' float64 gradients (parameter gradients summed over tokens included) equal
+    the reference's to ~1e-10 relative: no float32 statistics or partial buffers on the way."""
+    for large_mean in (False, True):
+        lv = _fp64_large_mean_leaves(form, gated, affine=True, seed=1)
+        if not large_mean:
+            with torch.no_grad():
+                lv["x"].sub_(1000).mul_(200)
+        keys = list(lv)
+        f = _fp64_call(backend, norm, gated)
+        ref = _fp64_call("reference", norm, gated)
+        outs, outs_r = f(*lv.values()), ref(*lv.values())
+        outs, outs_r = (outs, outs_r) if gated else ((outs,), (outs_r,))
+        g = torch.Generator().manual_seed(2)
+        cots = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+        got = torch.autograd.grad(outs, tuple(lv.values()), cots)
+        want = torch.autograd.grad(outs_r, tuple(lv.values()), cots)
+        for name, a, b in zip(("h", "out") if gated else ("out",), outs, outs_r):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * b.abs().max().item(),
+                                       msg=f"{name} (large_mean={large_mean})")
+        for k, a, b in zip(keys, got, want):
+            assert a.dtype == torch.float64, k
+            tol = 1e-10 * b.abs().max().item()
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=tol,
+                                       msg=lambda m, k=k: f"grad {k} (large_mean={large_mean}): {m}")
+
+
+@pytest.mark.parametrize("backend", FP64_BACKENDS)
+def test_float64_statistics_and_fake_dtypes(backend):
+    """The forward op returns float64 statistics for float64 inputs (float32 otherwise), and its
+    fake implementation agrees (opcheck)."""
+    g = torch.Generator().manual_seed(0)
+    for dtype, stats in ((torch.float64, torch.float64), (torch.float32, torch.float32)):
+        x, y = (torch.randn(2, 6, 5, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
+        gate, shift = (torch.randn(2, 3, 5, generator=g, dtype=dtype, requires_grad=True)
+                       for _ in range(2))
+        scale = torch.randn(1, 6, 5, generator=g, dtype=dtype, requires_grad=True)
+        w = torch.randn(5, generator=g, dtype=dtype, requires_grad=True)
+        args = (x, y, gate, shift, scale, w, None, 1e-6, False, backend)
+        _, _, mean, rstd = torch.ops.vidgen_kernels.adaln_fwd(*args)
+        assert mean.dtype == rstd.dtype == stats
+        torch.library.opcheck(torch.ops.vidgen_kernels.adaln_fwd.default, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# shift / scale / gate of different dtypes (each x's dtype or float32)
+# ----------------------------------------------------------------------------------------------
+MIXED_PARAMS = [  # x dtype, gated, dtypes of shift / scale / gate ("x": x's dtype)
+    (torch.bfloat16, False, ("f32", "x", None)),
+    (torch.float16, False, ("x", "f32", None)),
+    (torch.bfloat16, True, ("f32", "x", "x")),
+    (torch.float16, True, ("x", "x", "f32")),
+]
+
+
+@pytest.mark.parametrize("xdt,gated,pdts", MIXED_PARAMS,
+                         ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, tuple)
+                         else "-".join(map(str, v)))
+@pytest.mark.parametrize("backend", ["reference"] + [
+    b for b in ("cpu", "triton") if b in vk.available_backends("cpu")])
+def test_mixed_param_dtypes_match_reference(backend, xdt, gated, pdts):
+    """fp32 shift with an x-dtype scale (or gate) is taken as the docs say: the kernels then run
+    with all three in float32, each gradient in its own tensor's dtype."""
+    g = torch.Generator().manual_seed(4)
+    B, N, C = 2, 6, 24
+    x = (torch.randn(B, N, C, generator=g) * 2 + 0.5).to(xdt).requires_grad_()
+    y = torch.randn(B, N, C, generator=g).to(xdt).requires_grad_()
+    shapes = {"shift": (B, C), "scale": (B, 3, C), "gate": (1, C)}
+    ps = {}
+    for k, dt in zip(("shift", "scale", "gate"), pdts):
+        if dt is not None:
+            ps[k] = (0.5 * torch.randn(shapes[k], generator=g)).to(
+                xdt if dt == "x" else torch.float32).requires_grad_()
+    w = (1 + 0.3 * torch.randn(C, generator=g)).requires_grad_()  # fp32 affine
+    b = (0.3 * torch.randn(C, generator=g)).to(xdt).requires_grad_()
+    kw = {"weight": w, "bias": b, "eps": 1e-5}
+    leaves = [x, y, *ps.values(), w, b] if gated else [x, *ps.values(), w, b]
+    if gated:
+        got = vk.gated_residual_adaln(x, y, ps["gate"], ps["shift"], ps["scale"], backend=backend, **kw)
+        want = vk.gated_residual_adaln_reference(x, y, ps["gate"], ps["shift"], ps["scale"], **kw)
+    else:
+        got = (vk.adaln_modulate(x, ps["shift"], ps["scale"], backend=backend, **kw),)
+        want = (vk.adaln_modulate_reference(x, ps["shift"], ps["scale"], **kw),)
+    cots = [torch.randn(o.shape, generator=g).to(xdt) for o in want]
+    gk = torch.autograd.grad(got, leaves, cots)
+    gr = torch.autograd.grad(want, leaves, cots)
+    tol = {"rtol": 2e-2, "atol": 2e-2}
+    for a, r in zip(got, want):
+        assert a.dtype == xdt
+        torch.testing.assert_close(a, r, **tol)
+    for leaf, a, r in zip(leaves, gk, gr):
+        assert a.dtype == leaf.dtype
+        scale_ = max(1.0, r.abs().max().item())
+        torch.testing.assert_close(a, r, rtol=2e-2, atol=2e-2 * scale_)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.autocast: eager type promotion of the operands
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference"] + [
+    b for b in ("cpu",) if b in vk.available_backends("cpu")])
+def test_autocast_promotes_as_eager(backend):
+    """Under bf16 autocast (CPU) bf16 modulation with an fp32 x, or a bf16 y with an fp32 x,
+    run as on the promoted operands (fp32), gradients in each leaf's dtype; float64 tensors are
+    left alone (and still refused), and outside autocast the strict dtype errors stay."""
+    g = torch.Generator().manual_seed(5)
+    B, N, C = 2, 6, 16
+
+    def rnd(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+    for xdt, ydt, pdt in ((torch.float32, torch.float32, torch.bfloat16),
+                          (torch.float32, torch.bfloat16, torch.bfloat16),
+                          (torch.bfloat16, torch.float32, torch.bfloat16),
+                          (torch.bfloat16, torch.bfloat16, torch.float16)):
+        x, y = rnd(B, N, C, dtype=xdt), rnd(B, N, C, dtype=ydt)
+        gate, shift, scale = rnd(B, C, dtype=pdt), rnd(B, 3, C, dtype=pdt), rnd(C, dtype=pdt)
+        w, b = rnd(C, dtype=pdt), rnd(C)
+
+        def promoted(p, xd):  # as eager type promotion, but x's dtype and float32 stay
+            return p if p.dtype in (xd, torch.float32) else p.to(torch.promote_types(p.dtype, xd))
+        hd = torch.promote_types(xdt, ydt)
+        calls = [  # (op, leaves, the leaves explicitly promoted, output dtypes)
+            (lambda x, shift, scale, w, b: (vk.adaln_modulate(
+                x, shift, scale, weight=w, bias=b, backend=backend),),
+             (x, shift, scale, w, b),
+             (x, *(promoted(t, xdt) for t in (shift, scale, w, b))), (xdt,)),
+            (lambda x, y, gate, shift, scale, w, b: vk.gated_residual_adaln(
+                x, y, gate, shift, scale, weight=w, bias=b, backend=backend),
+             (x, y, gate, shift, scale, w, b),
+             (x.to(hd), y.to(hd), *(promoted(t, hd) for t in (gate, shift, scale, w, b))),
+             (hd, hd)),
+        ]
+        for op, leaves, explicit, dts in calls:
+            if any(t.dtype not in (xdt, torch.float32) for t in leaves[1:]) or \
+                    (len(leaves) == 7 and xdt != ydt):
+                with pytest.raises(TypeError):  # outside autocast: strict
+                    op(*leaves)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = op(*leaves)
+            want = op(*explicit)
+            assert tuple(o.dtype for o in got) == dts
+            cots = [torch.randn(o.shape, generator=g).to(o.dtype) for o in want]
+            gk = torch.autograd.grad(got, leaves, cots)
+            gw = torch.autograd.grad(want, leaves, cots)
+            for a, r in zip(got, want):
+                torch.testing.assert_close(a, r, rtol=0, atol=0)
+            for leaf, a, r in zip(leaves, gk, gw):
+                assert a.dtype == leaf.dtype
+                torch.testing.assert_close(a, r)
+    x, s64 = torch.randn(B, N, C), torch.randn(B, C, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="shift must have x's dtype \\(torch.float32\\) or "
+                                            "float32, got torch.float64"):
+            vk.adaln_modulate(x, s64, s64.float(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", FP64_BACKENDS[1:])
+def test_float64_mixed_param_dtypes(backend):
+    """A float64 x with an fp32 shift and float64 scale / gate: the kernels take the three in
+    float64 (not float32), so the result and gradients are the reference's to double precision,
+    the fp32 shift's gradient in fp32."""
+    lv = _fp64_large_mean_leaves("F3", gated=True, affine=True, seed=3)
+    lv["shift"] = lv["shift"].detach().float().requires_grad_()
+    f, ref = _fp64_call(backend, "layer", True), _fp64_call("reference", "layer", True)
+    outs, outs_r = f(*lv.values()), ref(*lv.values())
+    g = torch.Generator().manual_seed(4)
+    cots = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+    got = torch.autograd.grad(outs, tuple(lv.values()), cots)
+    want = torch.autograd.grad(outs_r, tuple(lv.values()), cots)
+    for a, b in zip(outs + got, outs_r + want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * b.abs().max().item())
+    assert got[list(lv).index("shift")].dtype == torch.float32
+
+
+def test_cpu_kernel_checks_statistics_dtype():
+    """The C++ kernels take float64 statistics for float64 inputs, float32 otherwise."""
+    if "cpu" not in vk.available_backends("cpu"):
+        pytest.skip("cpu backend not built")
+    from vidgen_kernels import _ext
+    x, p = torch.randn(1, 2, 4, dtype=torch.float64), torch.zeros(1, 1, 4, dtype=torch.float64)
+    s32, s64 = torch.empty(1, 2), torch.empty(1, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="mean must be Double for inputs of dtype Double, got Float"):
+        _ext.C.adaln_fwd_cpu(x, None, None, p, p, None, None, torch.empty_like(x), None, s32, s64,
+                             1e-6, False)
+    with pytest.raises(RuntimeError, match="rstd must be Float for inputs of dtype Float, got Double"):
+        _ext.C.adaln_fwd_cpu(x.float(), None, None, p.float(), p.float(), None, None,
+                             torch.empty_like(x.float()), None, s32, s64, 1e-6, False)
+    dx, dw = torch.empty_like(x), torch.empty(1, 1, 4)  # a float32 partial dweight for float64
+    with pytest.raises(RuntimeError, match="dweight must be a contiguous Double tensor"):
+        _ext.C.adaln_bwd_cpu(x, None, x, None, None, p, p[0, 0], None, s64, s64, dx, None, None,
+                             None, None, dw, None, 1, 1, 2, 2, False)

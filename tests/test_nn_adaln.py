@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero, LayerNormZero
+from vidgen_kernels.nn.adaln import AdaLNParams
 
 from helpers import assert_close_rule, backend_params
 
@@ -82,6 +83,105 @@ def test_layernorm_zero_matches_cogvideox(backend):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # the module's parameters are diffusers' names, so a state dict loads as is
     assert set(m.state_dict()) == {"linear.weight", "linear.bias", "norm.weight", "norm.bias"}
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.autocast: the Linear's bf16 modulation with an fp32 residual stream
+# ----------------------------------------------------------------------------------------------
+def _autocast_linear(lin, t):
+    """What ``lin(t)`` computes under bf16 autocast: bf16 operands, bf16 result."""
+    return F.linear(t.bfloat16(), lin.weight.bfloat16(),
+                    lin.bias.bfloat16() if lin.bias is not None else None)
+
+
+class _PromotedLinear(torch.nn.Module):
+    """The autocast Linear's bf16 result explicitly promoted to fp32 (``lin``'s parameters)."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, t):
+        return _autocast_linear(self.lin, t).float()
+
+
+def _grads(outs, leaves, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    return torch.autograd.grad(loss, leaves, allow_unused=True, retain_graph=True)
+
+
+def _assert_same(got, want, what):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert (a is None) == (b is None), f"{what} {i}"
+        if a is not None:
+            torch.testing.assert_close(a.float(), b.float(), msg=lambda m: f"{what} {i}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layernorm_zero_under_autocast(backend):
+    """CogVideoX's block under bf16 autocast: the Linear gives bf16 shift / scale / gate, the
+    residual stream is fp32, the attention outputs bf16. The module then computes what it does
+    on explicitly promoted (fp32) inputs, outputs and gradients alike (diffusers' eager formula
+    promotes too)."""
+    torch.manual_seed(5)
+    B, Nv, Nt, C, D = 2, 12, 5, 16, 12
+    m = LayerNormZero(D, C)
+    torch.nn.init.normal_(m.norm.weight, 1.0, 0.2)
+    torch.nn.init.normal_(m.norm.bias, 0.0, 0.2)
+    promoted = LayerNormZero(D, C)  # the same parameters, the Linear's output promoted
+    promoted.linear, promoted.norm = _PromotedLinear(m.linear), m.norm
+    hid, enc, temb = (torch.randn(*s, requires_grad=True) for s in ((B, Nv, C), (B, Nt, C), (B, D)))
+    ah, ae = (torch.randn(B, n, C).bfloat16().requires_grad_() for n in (Nv, Nt))
+    g, eg = (torch.randn(B, 1, C).bfloat16().requires_grad_() for _ in range(2))
+    leaves = [hid, enc, temb, ah, ae, g, eg] + list(m.parameters())
+    with vk.use_backend(backend):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = m(hid, enc, temb)
+            got_r = m.forward_residual(hid, enc, ah, ae, g, eg, temb)
+        want = promoted(hid, enc, temb)
+        want_r = promoted.forward_residual(hid, enc, ah.float(), ae.float(), g.float(),
+                                           eg.float(), temb)
+    assert [t.dtype for t in got] == [torch.float32] * 2 + [torch.bfloat16] * 2  # gates as diffusers
+    assert [t.dtype for t in got_r] == [torch.float32] * 4 + [torch.bfloat16] * 2
+    _assert_same(got, want, "forward output")
+    _assert_same(got_r, want_r, "forward_residual output")
+    _assert_same(_grads(got, leaves), _grads(want, leaves), "forward grad")
+    _assert_same(_grads(got_r, leaves), _grads(want_r, leaves), "forward_residual grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adaln_zero_under_autocast(backend):
+    """DiT's block under bf16 autocast (bf16 modulation and sublayer outputs, fp32 residual
+    stream): each AdaLNZero step equals the step on explicitly promoted inputs (residual_out is
+    eager ``x + gate * y``: bf16 product, fp32 sum, under autocast as without)."""
+    torch.manual_seed(6)
+    B, N, C = 2, 10, 16
+    m = AdaLNZero(C, cond_dim=8, elementwise_affine=True)
+    torch.nn.init.normal_(m.linear.weight, std=0.3)
+    torch.nn.init.normal_(m.linear.bias, std=0.3)
+    with torch.no_grad():
+        m.weight.normal_(1.0, 0.2)
+        m.bias.normal_(0.0, 0.2)
+    x, c = torch.randn(B, N, C, requires_grad=True), torch.randn(B, 8, requires_grad=True)
+    a, mo = (torch.randn(B, N, C).bfloat16().requires_grad_() for _ in range(2))
+    leaves = [x, c, a, mo] + list(m.parameters())
+    with vk.use_backend(backend):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            p = m(c)
+            assert p.shift_msa.dtype == torch.bfloat16
+            got = [m.modulate_msa(x, p), *m.residual_mlp(x, a, p)]
+            got.append(m.residual_out(got[1], mo, p))
+        pb = AdaLNParams(*_autocast_linear(m.linear, F.silu(c)).chunk(6, dim=-1))
+        pf = AdaLNParams(*(t.float() for t in pb))
+        want = [m.modulate_msa(x, pf), *m.residual_mlp(x, a.float(), pf)]
+        want.append(m.residual_out(want[1], mo, pb))
+    assert all(t.dtype == torch.float32 for t in got)
+    _assert_same(got, want, "output")
+    for i in range(len(got)):  # modulate_msa, residual_mlp (h, mlp_in), residual_out
+        _assert_same(_grads(got[i:i + 1], leaves, seed=i), _grads(want[i:i + 1], leaves, seed=i),
+                     f"grad of output {i}")
 
 
 # ----------------------------------------------------------------------------------------------

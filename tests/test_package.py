@@ -131,3 +131,36 @@ def test_every_triton_launch_runs_on_its_tensors_device(monkeypatch):
     outside = sorted({name for name, inside in launches if not inside})
     assert len(names) >= 6, names  # the check saw the kernels of every family
     assert not outside, f"Triton kernels launched outside their tensors' device context: {outside}"
+
+
+def test_auto_falls_back_beyond_a_kernel_limit(monkeypatch):
+    """``backend="auto"`` (and no backend) runs the reference when the kernel ``auto`` picks
+    cannot take the size (head_dim, T_k, C beyond its limit), as the README says; only a
+    backend named in the call raises. Before, the string ``"auto"`` raised like a named one.
+    Emulates a GPU machine's order (``auto`` -> Triton) on CPU tensors in the interpreter."""
+    import pytest
+    import torch
+    from vidgen_kernels import backends
+    from vidgen_kernels.ops import adaln, rope3d_attention, temporal_attention
+
+    if backends.why_unavailable("triton", "cpu"):
+        pytest.skip(backends.why_unavailable("triton", "cpu"))
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "reference"))
+    D = rope3d_attention.MAX_D["triton"] + 2
+    assert D == temporal_attention.MAX_D["triton"] + 2
+    qr, qt = torch.randn(1, 3, 1, D), torch.randn(1, 2, 1, 1, D)
+    C = adaln.MAX_C["triton"] + 1
+    x, s = torch.randn(1, 2, C), torch.randn(1, C)
+    calls = [
+        (lambda b: vk.rope3d_attention(qr, qr, qr, backend=b),
+         vk.rope3d_attention_reference(qr, qr, qr), "head_dim"),
+        (lambda b: vk.temporal_attention(qt, qt, qt, backend=b),
+         vk.temporal_attention_reference(qt, qt, qt), "head_dim"),
+        (lambda b: vk.adaln_modulate(x, s, s, backend=b), vk.adaln_modulate_reference(x, s, s),
+         "C <="),
+    ]
+    for f, want, what in calls:
+        for b in ("auto", None):
+            torch.testing.assert_close(f(b), want)
+        with pytest.raises(ValueError, match=f"backend 'triton' supports {what}"):
+            f("triton")

@@ -41,6 +41,9 @@ class AdaLNZero(nn.Module):
         x, m = self.adaln.residual_mlp(x, a, p)               # x + gate * a, then norm2 + modulation
         x = self.adaln.residual_out(x, self.mlp(m), p)        # x + gate_mlp * mlp
 
+    Under ``torch.autocast`` the Linear's bf16 modulation (and bf16 sublayer outputs) meet an
+    fp32 stream as in DiT's eager formulas: the ops promote to fp32.
+
     Args:
         dim: channels C of the token stream.
         cond_dim: channels of the conditioning vector (default ``dim``).
@@ -103,7 +106,9 @@ class LayerNormZero(nn.Module):
     """CogVideoX's ``CogVideoXLayerNormZero`` on the fused kernel (drop-in: same parameters).
 
     ``linear(silu(temb)).chunk(6)`` gives shift, scale, gate (video) and enc_shift, enc_scale,
-    enc_gate (text); both streams go through the same LayerNorm (eps 1e-5, affine on).
+    enc_gate (text); both streams go through the same LayerNorm (eps 1e-5, affine on). Under
+    ``torch.autocast`` the Linear's bf16 chunks modulate an fp32 stream in fp32, as diffusers'
+    eager formula promotes.
 
     Args:
         conditioning_dim: channels of ``temb``.

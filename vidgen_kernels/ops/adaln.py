@@ -20,11 +20,13 @@ Kernel contract (what ``cpu``, ``cuda`` and ``triton`` implement, same argument 
 * ``y``: ``None`` or ``[B, N, C]`` any strides, dtype ``T``. Gated mode iff ``y is not None``.
 * ``shift``, ``scale``, ``gate``: ``[Bp, F, C]`` with ``Bp in {1, B}``, ``F`` divides ``N``, any
   strides; token ``n`` of batch ``b`` reads row ``[b if Bp == B else 0, n // (N // F)]``. All three
-  share one dtype ``P in {T, float32}``; ``gate`` is ``None`` unless gated.
+  share one dtype ``P in {T, float32}`` (the public ops cast mixed ones to float32, float64 for a
+  float64 ``x``); ``gate`` is ``None`` unless gated.
 * ``weight``, ``bias``: ``None`` or ``[C]`` any stride, dtype ``T`` or ``float32``.
 * ``out``: ``[B, N, C]`` contiguous, dtype ``T``; ``h``: ``None`` or ``[B, N, C]`` contiguous ``T``.
-* ``mean``, ``rstd``: ``[B, N]`` contiguous float32 (``mean`` is written as 0 for rms).
-* Math in fp32: ``h = round_T(x + gate * y)`` (gated; the rounded ``h`` is what is normalised),
+* ``mean``, ``rstd``: ``[B, N]`` contiguous of the accumulation dtype ``A``: float32, float64 when
+  ``T`` is float64 (only the ``cpu`` backend takes float64); ``mean`` is written as 0 for rms.
+* Math in ``A``: ``h = round_T(x + gate * y)`` (gated; the rounded ``h`` is what is normalised),
   layer: ``mu = mean_c(h)``, ``rstd = 1/sqrt(mean_c((h - mu)^2) + eps)``; rms: ``mu = 0``,
   ``rstd = 1/sqrt(mean_c(h^2) + eps)``; ``xhat = (h - mu) * rstd``; ``nrm = xhat * w + b``
   (w = 1, b = 0 when absent); ``out = nrm * (1 + scale) + shift``.
@@ -45,13 +47,13 @@ dweight, dbias, tpr_gate, tpr_shift, tpr_scale, rows_per_chunk, is_rms)``
   - ``dy``: ``None`` or ``[B, N, C]`` contiguous ``T`` = ``g * gate``.
   - ``dgate`` (``g * y``), ``dshift`` (``dout``), ``dscale`` (``dout * nrm``): each ``None``, or a
     per-token buffer ``[B, N, C]`` contiguous (any float dtype, element ``[b, n, c]``), or a
-    partial buffer ``[B, NC, 2, C]`` float32 contiguous with ``R = rows_per_chunk``,
+    partial buffer ``[B, NC, 2, C]`` contiguous of dtype ``A`` with ``R = rows_per_chunk``,
     ``NC = ceil(N / R)``. Chunk ``c`` of batch ``b`` covers rows ``c*R .. min(c*R+R, N)-1``; with
     ``tpr`` the matching ``tpr_*`` argument (tokens per parameter row, ``R <= tpr`` guaranteed)
     and ``g_lo = (c*R) // tpr``: slot 0 sums the rows with ``n // tpr == g_lo``, slot 1 the rows
     with ``n // tpr == g_lo + 1`` (zeros if none).
-  - ``dweight`` (``dn * xhat``), ``dbias`` (``dn``): ``None`` or partial ``[B, NC, C]`` float32,
-    the sum over the chunk's rows.
+  - ``dweight`` (``dn * xhat``), ``dbias`` (``dn``): ``None`` or partial ``[B, NC, C]`` of dtype
+    ``A``, the sum over the chunk's rows.
 
 One program (thread block, OpenMP task) per ``(b, chunk)`` walks its rows in order, so the
 broadcast-parameter reductions happen in registers, and only ``B * NC`` partial rows are written.
@@ -67,7 +69,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext
-from ..backends import resolve
+from ..backends import may_fall_back, resolve
+from ._checks import autocast_dtype
 from ._eager import differentiable_vjp, eager_op
 
 __all__ = [
@@ -161,8 +164,10 @@ def _check_affine(name: str, w, x: Tensor, op: str) -> Optional[Tensor]:
 def _check_norm(norm, eps, op: str) -> bool:
     if norm not in NORMS:
         raise ValueError(f"{op}: norm must be one of {NORMS}, got {norm!r}")
+    # Python numbers only (a numpy scalar too would be a guard torch.compile cannot trace)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+        raise ValueError(f"{op}: eps must be a finite Python float / int >= 0, got {eps!r} "
+                         f"({type(eps).__name__})")
     return norm == "rms"
 
 
@@ -182,6 +187,12 @@ def _rows(p: Tensor, t: Tensor, fn):
 def _acc(t: Tensor) -> Tensor:
     """Upcast half precision to fp32 for the math; fp32 and fp64 stay as they are."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation dtype ``A`` for inputs of ``dtype``: float64 for float64, else
+    float32. Row statistics and partial parameter-gradient buffers are stored in it."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _ref_norm(h32: Tensor, weight, bias, eps: float, is_rms: bool) -> Tensor:
@@ -248,38 +259,39 @@ def _check_y(y, x: Tensor, op: str):
 # ----------------------------------------------------------------------------------------------
 # kernel contract in PyTorch (test oracle for raw backend kernels)
 # ----------------------------------------------------------------------------------------------
-def _expand_rows(p: Optional[Tensor], B: int, N: int) -> Optional[Tensor]:
+def _expand_rows(p: Optional[Tensor], B: int, N: int, dtype=torch.float32) -> Optional[Tensor]:
     if p is None:
         return None
-    return p.float().repeat_interleave(N // p.shape[1], dim=1).expand(B, N, p.shape[2])
+    return p.to(dtype).repeat_interleave(N // p.shape[1], dim=1).expand(B, N, p.shape[2])
 
 
 def kernel_fwd_torch(x, y, gate, shift, scale, weight, bias, out, h, mean, rstd, eps, is_rms):
     """The forward kernel contract (module docstring) in PyTorch; fills the given outputs."""
     B, N, C = x.shape
-    hx = x.float()
+    A = _acc_dtype(x.dtype)
+    hx = x.to(A)
     if y is not None:
-        hh = (hx + _expand_rows(gate, B, N) * y.float()).to(x.dtype)
+        hh = (hx + _expand_rows(gate, B, N, A) * y.to(A)).to(x.dtype)
         h.copy_(hh)
-        hx = hh.float()
+        hx = hh.to(A)
     if is_rms:
-        mu = torch.zeros(B, N, 1, device=x.device)
+        mu = torch.zeros(B, N, 1, dtype=A, device=x.device)
         rs = torch.rsqrt(hx.pow(2).mean(-1, keepdim=True) + eps)
     else:
         mu = hx.mean(-1, keepdim=True)
         rs = torch.rsqrt((hx - mu).pow(2).mean(-1, keepdim=True) + eps)
     nrm = (hx - mu) * rs
     if weight is not None:
-        nrm = nrm * weight.float()
+        nrm = nrm * weight.to(A)
     if bias is not None:
-        nrm = nrm + bias.float()
-    out.copy_(nrm * (1 + _expand_rows(scale, B, N)) + _expand_rows(shift, B, N))
+        nrm = nrm + bias.to(A)
+    out.copy_(nrm * (1 + _expand_rows(scale, B, N, A)) + _expand_rows(shift, B, N, A))
     mean.copy_(mu[..., 0])
     rstd.copy_(rs[..., 0])
 
 
 def _fill_partial(buf: Tensor, v: Tensor, tpr: int, R: int):
-    """Write the contract's per-token values ``v`` [B, N, C] (fp32) into ``buf``."""
+    """Write the contract's per-token values ``v`` [B, N, C] (dtype ``A``) into ``buf``."""
     B, N, C = v.shape
     if buf.dim() == 3:
         buf.copy_(v)
@@ -299,12 +311,13 @@ def kernel_bwd_torch(dout, dh, hx, y, gate, scale, weight, bias, mean, rstd, dx,
     """The backward kernel contract (module docstring) in PyTorch; fills the given outputs."""
     B, N, C = hx.shape
     R = rows_per_chunk
-    h32 = hx.float()
-    xhat = (h32 - mean[..., None]) * rstd[..., None]
-    w = weight.float() if weight is not None else torch.ones(C, device=hx.device)
-    nrm = xhat * w + (bias.float() if bias is not None else 0)
-    do = dout.float()
-    dn = do * (1 + _expand_rows(scale, B, N))
+    A = _acc_dtype(hx.dtype)
+    h32 = hx.to(A)
+    xhat = (h32 - mean[..., None].to(A)) * rstd[..., None].to(A)
+    w = weight.to(A) if weight is not None else torch.ones(C, dtype=A, device=hx.device)
+    nrm = xhat * w + (bias.to(A) if bias is not None else 0)
+    do = dout.to(A)
+    dn = do * (1 + _expand_rows(scale, B, N, A))
     dxh = dn * w
     proj = (dxh * xhat).mean(-1, keepdim=True)
     g = dxh - xhat * proj
@@ -312,12 +325,12 @@ def kernel_bwd_torch(dout, dh, hx, y, gate, scale, weight, bias, mean, rstd, dx,
         g = g - dxh.mean(-1, keepdim=True)
     g = g * rstd[..., None]
     if dh is not None:
-        g = g + dh.float()
+        g = g + dh.to(A)
     dx.copy_(g)
     if dy is not None:
-        dy.copy_(g * _expand_rows(gate, B, N))
+        dy.copy_(g * _expand_rows(gate, B, N, A))
     if dgate is not None:
-        _fill_partial(dgate, g * y.float(), tpr_gate, R)
+        _fill_partial(dgate, g * y.to(A), tpr_gate, R)
     if dshift is not None:
         _fill_partial(dshift, do, tpr_shift, R)
     if dscale is not None:
@@ -326,7 +339,7 @@ def kernel_bwd_torch(dout, dh, hx, y, gate, scale, weight, bias, mean, rstd, dx,
     for buf, v in ((dweight, dn * xhat), (dbias, dn)):
         if buf is not None:
             buf.zero_()
-            buf.index_add_(1, c, v)
+            buf.index_add_(1, c, v.to(buf.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,10 +380,13 @@ def _rows_per_chunk(B: int, N: int, device: torch.device, tprs: list[int]) -> in
     return R
 
 
-def _param_grad_buffer(Bp: int, Fp: int, B: int, N: int, C: int, NC: int, dtype, device):
-    if Fp == N:  # per token: written directly (fp32 when it still has to be summed over B)
-        return torch.empty(B, N, C, dtype=dtype if Bp == B else torch.float32, device=device)
-    return torch.empty(B, NC, 2, C, dtype=torch.float32, device=device)
+def _param_grad_buffer(Bp: int, Fp: int, B: int, N: int, C: int, NC: int, dtype, acc, device):
+    """The kernel's output for one parameter gradient: per token [B, N, C] (in ``dtype``, or the
+    accumulation dtype ``acc`` when it still has to be summed over B), else partial sums
+    [B, NC, 2, C] in ``acc``."""
+    if Fp == N:
+        return torch.empty(B, N, C, dtype=dtype if Bp == B else acc, device=device)
+    return torch.empty(B, NC, 2, C, dtype=acc, device=device)
 
 
 def _reduce_param(buf: Tensor, Bp: int, Fp: int, N: int, R: int, dtype) -> Tensor:
@@ -385,7 +401,7 @@ def _reduce_param(buf: Tensor, Bp: int, Fp: int, N: int, R: int, dtype) -> Tenso
         else:
             NC = buf.shape[1]
             glo = (torch.arange(NC, device=buf.device) * R) // tpr
-            g = torch.zeros(B, Fp, C, dtype=torch.float32, device=buf.device)
+            g = torch.zeros(B, Fp, C, dtype=buf.dtype, device=buf.device)
             # slot 1 of a chunk in the last row holds zeros (no rows beyond N): clamping is exact
             g.index_add_(1, glo, buf[:, :, 0]).index_add_(1, (glo + 1).clamp_(max=Fp - 1), buf[:, :, 1])
     if Bp == 1 and B != 1:
@@ -403,8 +419,8 @@ def _adaln_fwd_impl(x: Tensor, y: Optional[Tensor], gate: Optional[Tensor], shif
     B, N, C = x.shape
     out = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
     h = torch.empty((B, N, C) if y is not None else (0,), dtype=x.dtype, device=x.device)
-    mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
+    mean = torch.empty((B, N), dtype=_acc_dtype(x.dtype), device=x.device)
+    rstd = torch.empty((B, N), dtype=_acc_dtype(x.dtype), device=x.device)
     if B * N > 0:
         fwd, _ = _kernels(backend)
         fwd(x, y, gate, shift, scale, weight, bias, out, h if y is not None else None, mean, rstd,
@@ -421,7 +437,7 @@ def _(x, y, gate, shift, scale, weight, bias, eps, is_rms, backend):
     B, N, C = x.shape
     out = x.new_empty((B, N, C))
     h = x.new_empty((B, N, C) if y is not None else (0,))
-    mean = x.new_empty((B, N), dtype=torch.float32)
+    mean = x.new_empty((B, N), dtype=_acc_dtype(x.dtype))
     return out, h, mean, torch.empty_like(mean)
 
 
@@ -448,12 +464,13 @@ def _adaln_bwd_impl(dout: Tensor, dh: Optional[Tensor], hx: Tensor, y: Optional[
     NC = -(-N // R)
     dtypes = {"gate": gate.dtype if gate is not None else None, "shift": shift_dtype,
               "scale": scale.dtype}
-    bufs = {k: _param_grad_buffer(s[0], s[1], B, N, C, NC, dtypes[k], dev) if s is not None else None
-            for k, s in params.items()}
+    acc = _acc_dtype(hx.dtype)
+    bufs = {k: _param_grad_buffer(s[0], s[1], B, N, C, NC, dtypes[k], acc, dev)
+            if s is not None else None for k, s in params.items()}
     dx = torch.empty((B, N, C), dtype=hx.dtype, device=dev)
     dy = torch.empty((B, N, C), dtype=hx.dtype, device=dev) if need_y else None
-    dwp = torch.empty((B, NC, C), dtype=torch.float32, device=dev) if need_w else None
-    dbp = torch.empty((B, NC, C), dtype=torch.float32, device=dev) if need_b else None
+    dwp = torch.empty((B, NC, C), dtype=acc, device=dev) if need_w else None
+    dbp = torch.empty((B, NC, C), dtype=acc, device=dev) if need_b else None
     tpr = {k: (N // s[1] if s is not None else 1) for k, s in params.items()}
     if B * N > 0:
         _, bwd = _kernels(backend)
@@ -566,7 +583,7 @@ def _resolve(x: Tensor, backend: Optional[str], op: str, tensors=()) -> str:
     name = resolve(backend, x.device, x.dtype, SUPPORTED_DTYPES, op, tensors)
     limit = MAX_C.get(name)
     if limit is not None and x.shape[2] > limit:
-        if backend is None:  # auto / context choice: fall back rather than fail
+        if may_fall_back(backend):  # auto / context choice: fall back rather than fail
             return "reference"
         raise ValueError(f"{op}: backend {name!r} supports C <= {limit}, got C={x.shape[2]}")
     return name
@@ -575,30 +592,39 @@ def _resolve(x: Tensor, backend: Optional[str], op: str, tensors=()) -> str:
 def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, *, weight: Optional[Tensor] = None,
                    bias: Optional[Tensor] = None, eps: float = 1e-6, norm: str = "layer",
                    backend: Optional[str] = None) -> Tensor:
-    """``norm(x) * (1 + scale) + shift`` in one pass, statistics in fp32.
+    """``norm(x) * (1 + scale) + shift`` in one pass, statistics in fp32 (fp64 for fp64 x).
 
     Args:
-        x: ``[B, N, C]`` (fp16/bf16/fp32; any strides).
+        x: ``[B, N, C]`` (fp16/bf16/fp32, fp64 on ``cpu`` / ``reference``; any strides).
         shift, scale: ``[B, C]``, ``[B, 1, C]``, per-frame ``[B, F, C]`` (F divides N: each run
             of N/F consecutive tokens shares a row) or per-token ``[B, N, C]``; batch 1 (and
-            ``[C]``) broadcasts. Dtype ``x.dtype`` or float32. Strided views (the pieces of
-            ``mod.chunk(6, -1)``) are read in place.
-        weight, bias: optional ``[C]`` affine of the norm (LayerNorm as in CogVideoX).
-        eps: added to the variance (layer) or mean square (rms).
+            ``[C]``) broadcasts. Each of dtype ``x.dtype`` or float32 (when they differ, the
+            kernels take them all as float32, float64 for a float64 x). Strided views (the
+            pieces of ``mod.chunk(6, -1)``) are read in place.
+        weight, bias: optional ``[C]`` affine of the norm (LayerNorm as in CogVideoX), dtype
+            ``x.dtype`` or float32.
+        eps: added to the variance (layer) or mean square (rms); a Python float / int.
         norm: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm).
         backend: ``None`` (current default, see ``vidgen_kernels.backends``) or a backend name.
     Returns:
-        ``[B, N, C]`` contiguous, dtype of ``x``.
+        ``[B, N, C]`` contiguous, dtype of ``x``. Under ``torch.autocast`` for x's device the
+        dtypes are promoted as eager arithmetic would (:func:`_autocast_promoted`), e.g. the bf16
+        modulation of an autocast Linear with an fp32 x runs in fp32.
     """
     op = "adaln_modulate"
     x = _check_x("x", x, op)
+    if autocast_dtype(x) is not None:
+        x, _, (shift, scale, weight, bias) = _autocast_promoted(x, None, (shift, scale, weight, bias))
+        with torch.autocast(x.device.type, enabled=False):
+            return adaln_modulate(x, shift, scale, weight=weight, bias=bias, eps=eps, norm=norm,
+                                  backend=backend)
     is_rms = _check_norm(norm, eps, op)
     shift3, scale3 = _canon_param("shift", shift, x, op), _canon_param("scale", scale, x, op)
     weight, bias = _check_affine("weight", weight, x, op), _check_affine("bias", bias, x, op)
-    _check_param_dtypes(op, shift3, scale3)
     name = _resolve(x, backend, op, (x, shift3, scale3, weight, bias))
     if name == "reference":
         return _ref_modulate(x, shift3, scale3, weight, bias, eps, is_rms)
+    shift3, scale3 = _one_param_dtype(x, shift3, scale3)
     out, _, _, _ = _adaln_fwd_call(x, None, None, shift3, scale3, weight, bias, float(eps),
                                    is_rms, name)
     return out
@@ -613,33 +639,66 @@ def gated_residual_adaln(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scal
 
     Args:
         x, y: ``[B, N, C]`` residual stream and sublayer output (same dtype; any strides).
-        gate, shift, scale: broadcast forms as in :func:`adaln_modulate`.
+        gate, shift, scale: broadcast forms and dtypes as in :func:`adaln_modulate`.
         weight, bias, eps, norm, backend: as in :func:`adaln_modulate`.
     Returns:
         ``(h, out)``, both ``[B, N, C]`` contiguous in ``x.dtype``; ``h`` (rounded to ``x.dtype``)
-        is the new residual stream and is what gets normalised.
+        is the new residual stream and is what gets normalised. Under ``torch.autocast`` for x's
+        device the dtypes are promoted as eager arithmetic would (:func:`_autocast_promoted`):
+        a bf16 ``y`` with an fp32 ``x`` gives fp32 ``h`` and ``out``.
     """
     op = "gated_residual_adaln"
     x = _check_x("x", x, op)
+    if autocast_dtype(x) is not None:
+        x, y, (gate, shift, scale, weight, bias) = _autocast_promoted(
+            x, y, (gate, shift, scale, weight, bias))
+        with torch.autocast(x.device.type, enabled=False):
+            return gated_residual_adaln(x, y, gate, shift, scale, weight=weight, bias=bias,
+                                        eps=eps, norm=norm, backend=backend)
     _check_y(y, x, op)
     is_rms = _check_norm(norm, eps, op)
     gate3 = _canon_param("gate", gate, x, op)
     shift3, scale3 = _canon_param("shift", shift, x, op), _canon_param("scale", scale, x, op)
     weight, bias = _check_affine("weight", weight, x, op), _check_affine("bias", bias, x, op)
-    _check_param_dtypes(op, shift3, scale3, gate3)
     name = _resolve(x, backend, op, (x, y, gate3, shift3, scale3, weight, bias))
     if name == "reference":
         h = _ref_gated(x, y, gate3)
         return h, _ref_modulate(h, shift3, scale3, weight, bias, eps, is_rms)
+    gate3, shift3, scale3 = _one_param_dtype(x, gate3, shift3, scale3)
     out, h, _, _ = _adaln_fwd_call(x, y, gate3, shift3, scale3, weight, bias, float(eps),
                                    is_rms, name)
     return h, out
 
 
-def _check_param_dtypes(op: str, shift3: Tensor, scale3: Tensor, gate3: Optional[Tensor] = None):
-    ts = {"shift": shift3, "scale": scale3}
-    if gate3 is not None:
-        ts["gate"] = gate3
-    if len({t.dtype for t in ts.values()}) != 1:
-        got = ", ".join(f"{k}={t.dtype}" for k, t in ts.items())
-        raise TypeError(f"{op}: shift, scale (and gate) must share one dtype, got {got}")
+def _one_param_dtype(x: Tensor, *params: Tensor) -> tuple[Tensor, ...]:
+    """The modulation tensors (each already ``x.dtype`` or float32) in the one dtype the kernels
+    take: as they are when they agree, else all cast to float32 (float64 for a float64 x), by
+    differentiable casts (each gradient comes back in its own tensor's dtype). They are small
+    ([B, C] / [B, F, C]); a per-token [B, N, C] one is copied, the price of the mixed choice."""
+    if len({p.dtype for p in params}) == 1:
+        return params
+    dt = torch.promote_types(x.dtype, torch.float32)
+    return tuple(p.to(dt) for p in params)
+
+
+def _autocast_promoted(x: Tensor, y: Optional[Tensor], params: tuple) -> tuple:
+    """``(x, y, params)`` with the dtypes eager type promotion would compute in, for the ops
+    under ``torch.autocast`` (whose Linear layers hand bf16 modulation to an fp32 residual
+    stream, where diffusers' and DiT's eager formulas promote):
+
+    * ``x`` and ``y`` (when both given and different) to ``promote_types(x, y)``: a copy of an
+      activation, as eager arithmetic would materialise;
+    * each floating tensor of ``params`` (modulation / affine) whose dtype is neither x's (after
+      the above) nor float32 to ``promote_types(p, x)``; float64 ones are left alone (as autocast
+      leaves them), so the usual checks still report them.
+
+    Differentiable casts (fp32 leaves get fp32 gradients); anything else is returned unchanged
+    for the argument checks to report."""
+    def floating(t) -> bool:
+        return isinstance(t, Tensor) and t.is_floating_point()
+    if floating(y) and y.dtype != x.dtype:
+        dt = torch.promote_types(x.dtype, y.dtype)
+        x, y = x.to(dt), y.to(dt)
+    keep = (x.dtype, torch.float32, torch.float64)
+    return x, y, tuple(p.to(torch.promote_types(p.dtype, x.dtype))
+                       if floating(p) and p.dtype not in keep else p for p in params)
