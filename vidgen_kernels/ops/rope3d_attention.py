@@ -72,8 +72,8 @@ Kernel contract (``torch``, ``cpu`` and ``triton`` implement it, same argument o
 * ``q``: ``[B, Sq, H, D]``, ``k``, ``v``: ``[B, Sk, H, D]``, one dtype ``T``, any strides.
 * ``cos``, ``sin``: ``None`` or ``[L, D/2]`` float32 contiguous, ``rope_offset + L <= Sq = Sk``.
 * ``fc_block``: 0 for no mask, else the tokens of one block (``tokens_per_frame *
-  frames_per_block``, at most ``max(fc_len, 1)``: a longer block is the whole video) of the video
-  range ``[fc_start, fc_start + fc_len)`` (``Sq = Sk`` then).
+  frames_per_block``; a block longer than the video is the whole video) of the video range
+  ``[fc_start, fc_start + fc_len)`` (``Sq = Sk`` then).
 * ``out``: ``[B, Sq, H, D]`` contiguous ``T``; ``lse``: ``[B, Sq, H]`` contiguous float32.
 * ``qr_i = round_T(rot(q_i, i - rope_offset))`` for ``rope_offset <= i < rope_offset + L``, else
   ``q_i`` (likewise ``kr_j``); ``z_ij = scale <qr_i, kr_j>`` (fp32), ``-inf`` where the mask
@@ -170,9 +170,7 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
             raise ValueError(f"{op}: tokens_per_frame={tokens_per_frame} does not divide the video "
                              f"length {video_len} (tokens rope_offset .. rope_offset + "
                              f"{'len(cos)' if rope else 'S'} - 1)")
-        # a block longer than the video is the whole video: same mask, and no mask
-        # construction (reference) or kernel index sized by an unbounded product
-        fc_block = max(1, min(tokens_per_frame * frames_per_block, video_len))
+        fc_block = tokens_per_frame * frames_per_block
     return cos, sin, int(rope_offset), int(video_len), int(fc_block), float(softmax_scale)
 
 
@@ -186,6 +184,11 @@ def frame_causal_mask(S: int, fc_start: int, fc_len: int, fc_block: int, device=
     # block index per token, -1 for text (built without integer division of a tensor, which
     # inductor fails to compile on torch 2.13)
     fb = max(fc_block, 1)
+    if isinstance(fb, int) and isinstance(fc_len, int):
+        # a block longer than the video is the whole video: no index of fb entries (a huge
+        # frames_per_block asked for terabytes); not for symbolic sizes under torch.compile,
+        # where the comparison would be a guard (a recompile per size)
+        fb = min(fb, max(fc_len, 1))
     blk = torch.arange(-(-fc_len // fb), device=device).repeat_interleave(fb)[:fc_len]
     blk = torch.cat([blk.new_full((fc_start,), -1), blk, blk.new_full((S - fc_start - fc_len,), -1)])
     vid = blk >= 0
