@@ -143,6 +143,28 @@ def test_cache_rejects_mismatched_frames():
     assert cache.num_frames == 0
 
 
+def test_failed_call_leaves_the_cache_unchanged():
+    """A streaming call whose attention raises (here: a named backend without float64) adds
+    nothing to the cache, so a retry gives the full call's frames; the frames used to be
+    appended before the attention ran, and the retry then saw them twice at shifted RoPE
+    positions (error 0.2)."""
+    if kernel_missing("cpu"):
+        pytest.skip(kernel_missing("cpu"))
+    torch.manual_seed(0)
+    m = make().double()
+    S = 2
+    x = torch.randn(1, 3 * S, m.dim, dtype=torch.float64)
+    cache = TemporalKVCache()
+    with torch.no_grad():
+        m(x[:, :S], 1, S, kv_cache=cache)
+        with vk.use_backend("cpu"), pytest.raises(vk.BackendUnavailableError, match="float64"):
+            m(x[:, S:2 * S], 1, S, kv_cache=cache)
+        assert cache.num_frames == 1
+        steps = [m(x[:, t * S:(t + 1) * S], 1, S, kv_cache=cache) for t in (1, 2)]
+        torch.testing.assert_close(torch.cat(steps, 1), m(x, 3, S)[:, S:])
+    assert cache.num_frames == 3
+
+
 def test_rope_tables_built_once():
     m = make(C=32, H=2)
     c1, s1 = m.rope_tables(5, "cpu")

@@ -50,8 +50,14 @@ class TemporalKVCache:
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append ``[B, T_new, S, H, D]`` keys/values; returns the whole cached sequence."""
+        self.k, self.v = self.extended(k, v)
+        return self.k, self.v
+
+    def extended(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The cached sequence with ``[B, T_new, S, H, D]`` keys/values appended, checked but
+        not stored: the layer stores it only after its attention has run, so a call that raises
+        (an unsupported dtype, a size limit, out of memory) leaves the cache as it was."""
         if self.k is None:
-            self.k, self.v = k, v
             return k, v
         want = (self.k.shape[0],) + tuple(self.k.shape[2:])
         got = (k.shape[0],) + tuple(k.shape[2:])
@@ -60,9 +66,7 @@ class TemporalKVCache:
                 f"TemporalKVCache: the cache holds [B, T_past, S, H, D] = {tuple(self.k.shape)} "
                 f"({self.k.dtype}, {self.k.device}) but the new frames are {tuple(k.shape)} "
                 f"({k.dtype}, {k.device}): B, S, H, D, dtype and device must match")
-        self.k = torch.cat([self.k, k], dim=1)
-        self.v = torch.cat([self.v, v], dim=1)
-        return self.k, self.v
+        return torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
 
     def reset(self) -> None:
         self.k = self.v = None
@@ -164,10 +168,12 @@ class CausalTemporalAttention(nn.Module):
         q_offset = 0
         if kv_cache is not None:
             q_offset = kv_cache.num_frames
-            k, v = kv_cache.append(k, v)
+            k, v = kv_cache.extended(k, v)
         cos = sin = None
         if self.rope:
             cos, sin = self.rope_tables(q_offset + T, x.device)
         o = temporal_attention(q, k, v, causal=self.causal, cos=cos, sin=sin,
                                interleaved=self.interleaved, q_offset=q_offset)
+        if kv_cache is not None:  # stored once the attention ran: a failed call changes nothing
+            kv_cache.k, kv_cache.v = k, v
         return self.proj(o.view(B, N, C))
