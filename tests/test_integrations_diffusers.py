@@ -443,3 +443,84 @@ def test_jvp_and_gradient_penalty_match_unpatched(which):
     assert g.keys() == ref_g.keys()
     for n in g:
         close(g[n], ref_g[n], rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# hooks and wrappers added by the user or by diffusers / accelerate
+# ----------------------------------------------------------------------------------------------
+def _double(module, inputs, output):  # a forward hook that changes the output
+    return tuple(o * 2 for o in output) if isinstance(output, tuple) else output * 2
+
+
+def _hook_targets(model, which):
+    """The norm modules a user (or an offload hook) may hook: every LayerNorm the fused paths
+    read instead of calling, and CogVideoX's norm2 (called through forward_residual)."""
+    if which == "cogvideox":
+        b = model.transformer_blocks[0]
+        return [b.norm1.norm, b.norm2.norm, b.norm2, model.norm_out.norm]
+    return [model.blocks[0].norm1, model.blocks[1].norm3]
+
+
+@pytest.mark.parametrize("which", ["cogvideox", "wan"])
+def test_hooks_on_norms_fire_after_apply(which):
+    """A forward hook registered after apply() on a norm the fused path reads instead of calling
+    (a user's hook, or accelerate's sequential-offload hook that loads the weights) fires, and the
+    output equals the unpatched model with the same hooks; the patched code used to skip them
+    (output off by 5e-2, or 'weight is on meta' under sequential CPU offload)."""
+    make, inputs = (cogvideox, cog_inputs) if which == "cogvideox" else (wan, wan_inputs)
+    args, kw = inputs("int") if which == "cogvideox" else inputs()
+    ref, model = make().eval(), make().eval()
+    vkd.apply(model)
+    calls = {id(ref): [], id(model): []}
+    for m in (ref, model):
+        for t in _hook_targets(m, which):
+            t.register_forward_hook(_double)
+            t.register_forward_pre_hook(lambda mod, inp, c=calls[id(m)]: c.append(mod) and None)
+    with torch.no_grad():
+        want, got = run(ref, args, kw), run(model, args, kw)
+    assert len(calls[id(model)]) == len(calls[id(ref)]) >= len(_hook_targets(ref, which))
+    close(got, want)
+
+
+def test_cogvideox_hooked_norm_at_apply_left_unpatched():
+    model = cogvideox().eval()
+    model.transformer_blocks[1].norm1.register_forward_hook(_double)
+    with pytest.warns(UserWarning, match=r"transformer_blocks\.1\.norm1.*carries a hook"):
+        vkd.apply(model)
+    assert type(model.transformer_blocks[1].norm1) is not FusedCogVideoXLayerNormZero
+    assert type(model.transformer_blocks[0].norm1) is FusedCogVideoXLayerNormZero
+    assert "forward" not in model.transformer_blocks[1].__dict__
+
+
+@pytest.mark.parametrize("which", ["cogvideox", "wan"])
+def test_remove_refuses_a_forward_wrapped_after_apply(which):
+    """remove() after model.enable_cache(...) would delete the cache wrapper of every block (the
+    cache then silently off; a later disable_cache() put back the removed forward and crashed):
+    it raises, naming the block, and changes nothing; after disable_cache() it restores the
+    original exactly."""
+    from diffusers.hooks import FirstBlockCacheConfig
+    make, inputs = (cogvideox, cog_inputs) if which == "cogvideox" else (wan, wan_inputs)
+    args, kw = inputs("int") if which == "cogvideox" else inputs()
+    model = make().eval()
+    with torch.no_grad():
+        before = run(model, args, kw)
+        vkd.apply(model)
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+        with pytest.raises(RuntimeError, match=r"blocks\.0 was wrapped after apply\(\)"):
+            vkd.remove(model)
+        assert vkd.is_patched(model)
+        model.disable_cache()
+        vkd.remove(model)
+        assert torch.equal(run(model, args, kw), before)
+
+
+def test_remove_keeps_a_processor_set_after_apply():
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+    model = cogvideox().eval()
+    vkd.apply(model)
+    mine = CogVideoXAttnProcessor2_0()
+    model.transformer_blocks[0].attn1.set_processor(mine)
+    with pytest.warns(UserWarning, match="processor was replaced after apply"):
+        vkd.remove(model)
+    assert model.transformer_blocks[0].attn1.processor is mine
+    assert type(model.transformer_blocks[1].attn1.processor) is CogVideoXAttnProcessor2_0

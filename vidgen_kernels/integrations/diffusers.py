@@ -35,7 +35,13 @@ shared with, not copied from, the original modules):
 Left unpatched, with a ``warnings.warn`` naming the module and the reason: processors of another
 class (fused-QKV, user-chosen ones), Wan processors with an attention backend or a context-parallel
 config set, Wan image-to-video cross-attention (``add_k_proj``), blocks whose ``forward`` already
-carries a hook, norms whose configuration differs from the ones above. At run time an
+carries a hook, norms that carry a hook or whose configuration differs from the ones above.
+A norm hooked after ``apply`` (a user's hook, accelerate's sequential CPU offload, which keeps
+the weights on ``meta`` until the module is called) is called instead of read: the fused paths
+check for hooks on every call and run diffusers' formula around the hooked module then.
+:func:`remove` refuses (``RuntimeError``, nothing changed) while a patched block forward is
+wrapped by something added after ``apply`` (``model.enable_cache(...)``: undo it first), and
+keeps a processor the user set after ``apply``, with a warning. At run time an
 ``attention_mask`` (not supported by the kernels), and for Wan an attention backend or
 context-parallel config set after ``apply`` (``model.set_attention_backend``,
 ``enable_parallelism``), make the patched processor call the original one, with a warning.
@@ -181,6 +187,17 @@ class WanRoPE3DAttnProcessor(_FallbackMixin):
 # ----------------------------------------------------------------------------------------------
 # norm modules (same submodule names as diffusers: state_dict keys unchanged)
 # ----------------------------------------------------------------------------------------------
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run more than its own forward: forward (pre-)hooks,
+    an accelerate hook (``_hf_hook``: sequential CPU offload keeps the weights on ``meta`` until
+    the module is called), a diffusers hook, or a replaced ``forward``. The fused paths read a
+    LayerNorm's weight instead of calling it, so they check this on every call and call the
+    module instead when it is hooked (a few attribute lookups)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or "forward" in module.__dict__ or getattr(module, "_hf_hook", None) is not None
+                or getattr(module, "_diffusers_hook", None) is not None)
+
+
 class FusedCogVideoXLayerNormZero(nn.Module):
     """diffusers' ``CogVideoXLayerNormZero`` on :func:`vidgen_kernels.adaln_modulate`.
 
@@ -201,11 +218,15 @@ class FusedCogVideoXLayerNormZero(nn.Module):
     def chunks(self, temb: torch.Tensor):
         return self.linear(self.silu(temb)).chunk(6, dim=1)
 
+    def _modulate(self, x, shift, scale):
+        if _hooked(self.norm):  # diffusers' formula, calling the (hooked) LayerNorm
+            return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+        return vk.adaln_modulate(x, shift, scale, **self._kw())
+
     def forward(self, hidden_states, encoder_hidden_states, temb):
         shift, scale, gate, e_shift, e_scale, e_gate = self.chunks(temb)
-        kw = self._kw()
-        h = vk.adaln_modulate(hidden_states, shift, scale, **kw)
-        e = vk.adaln_modulate(encoder_hidden_states, e_shift, e_scale, **kw)
+        h = self._modulate(hidden_states, shift, scale)
+        e = self._modulate(encoder_hidden_states, e_shift, e_scale)
         return h, e, gate[:, None, :], e_gate[:, None, :]
 
     def forward_residual(self, hidden_states, encoder_hidden_states, attn_hidden_states,
@@ -213,6 +234,11 @@ class FusedCogVideoXLayerNormZero(nn.Module):
         """``h = h + gate * attn`` (both streams) fused with this norm; returns
         ``(h, enc_h, norm_h, norm_enc_h, gate2, enc_gate2)``."""
         shift, scale, gate2, e_shift, e_scale, e_gate2 = self.chunks(temb)
+        if _hooked(self.norm):  # unfused, calling the (hooked) LayerNorm
+            h = hidden_states + gate * attn_hidden_states
+            e = encoder_hidden_states + enc_gate * attn_encoder_hidden_states
+            return (h, e, self._modulate(h, shift, scale), self._modulate(e, e_shift, e_scale),
+                    gate2[:, None, :], e_gate2[:, None, :])
         kw = self._kw()
         h, nh = vk.gated_residual_adaln(hidden_states, attn_hidden_states, gate, shift, scale, **kw)
         e, ne = vk.gated_residual_adaln(encoder_hidden_states, attn_encoder_hidden_states,
@@ -236,6 +262,8 @@ class FusedAdaLayerNorm(nn.Module):
     def forward(self, x, timestep=None, temb=None):
         temb = self.linear(self.silu(temb))
         shift, scale = temb.chunk(2, dim=1)
+        if _hooked(self.norm):  # diffusers' formula, calling the (hooked) LayerNorm
+            return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
         return vk.adaln_modulate(x, shift, scale, weight=self.norm.weight, bias=self.norm.bias,
                                  eps=self.norm.eps, norm="layer", backend=self.backend)
 
@@ -253,10 +281,16 @@ def _cogvideox_block_forward(self, hidden_states, encoder_hidden_states, temb,
     attn_hidden_states, attn_encoder_hidden_states = self.attn1(
         hidden_states=norm_hidden_states, encoder_hidden_states=norm_encoder_hidden_states,
         image_rotary_emb=image_rotary_emb, **attention_kwargs)
-    (hidden_states, encoder_hidden_states, norm_hidden_states, norm_encoder_hidden_states,
-     gate_ff, enc_gate_ff) = self.norm2.forward_residual(
-        hidden_states, encoder_hidden_states, attn_hidden_states, attn_encoder_hidden_states,
-        gate_msa, enc_gate_msa, temb)
+    if _hooked(self.norm2):  # a hook on norm2 (added after apply): call it, residual unfused
+        hidden_states = hidden_states + gate_msa * attn_hidden_states
+        encoder_hidden_states = encoder_hidden_states + enc_gate_msa * attn_encoder_hidden_states
+        norm_hidden_states, norm_encoder_hidden_states, gate_ff, enc_gate_ff = self.norm2(
+            hidden_states, encoder_hidden_states, temb)
+    else:
+        (hidden_states, encoder_hidden_states, norm_hidden_states, norm_encoder_hidden_states,
+         gate_ff, enc_gate_ff) = self.norm2.forward_residual(
+            hidden_states, encoder_hidden_states, attn_hidden_states, attn_encoder_hidden_states,
+            gate_msa, enc_gate_msa, temb)
     norm_hidden_states = torch.cat([norm_encoder_hidden_states, norm_hidden_states], dim=1)
     ff_output = self.ff(norm_hidden_states)
     hidden_states = hidden_states + gate_ff * ff_output[:, text_seq_length:]
@@ -275,6 +309,8 @@ def _wan_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_
     backend = self._vidgen_kernels_backend
 
     def modulate(norm, x, shift, scale):
+        if _hooked(norm):  # diffusers' formula, calling the (hooked) norm
+            return (norm(x.float()) * (1 + scale) + shift).type_as(x)
         w = norm.weight.float() if norm.weight is not None else None
         b = norm.bias.float() if norm.bias is not None else None
         return vk.adaln_modulate(x, shift, scale, weight=w, bias=b, eps=norm.eps, norm="layer",
@@ -315,7 +351,7 @@ class _Patch:
         module.forward = types.MethodType(fn, module)
         for k, v in attrs.items():
             setattr(module, k, v)
-        self.entries.append((module, "forward", tuple(attrs), None))
+        self.entries.append((module, "forward", tuple(attrs), fn))
 
 
 def _forward_hooked(module) -> bool:
@@ -358,6 +394,9 @@ def _apply_cogvideox(model, patch: _Patch, backend):
                 norms_ok = False
             elif not _layernorm_ok(norm.norm):
                 _warn(f"{name}.{nname}", "its norm is not a plain nn.LayerNorm")
+                norms_ok = False
+            elif _hooked(norm):
+                _warn(f"{name}.{nname}", "it carries a hook (replacing it would drop the hook)")
                 norms_ok = False
             else:
                 patch.set_child(block, nname, FusedCogVideoXLayerNormZero(norm, backend))
@@ -457,9 +496,25 @@ def remove(model: nn.Module) -> nn.Module:
     patch = getattr(model, _STATE, None)
     if patch is None:
         return model
+    names = {id(m): n for n, m in model.named_modules()}
+    for module, kind, name, fn in patch.entries:
+        # a forward wrapped after apply() (model.enable_cache(...), an accelerate hook) would
+        # lose its wrapper, and the wrapper would later call the removed forward: refuse first
+        if kind == "forward" and getattr(module.__dict__.get("forward"), "__func__", None) is not fn:
+            raise RuntimeError(
+                f"vidgen_kernels.integrations.diffusers.remove: the forward of "
+                f"{names.get(id(module), type(module).__name__)} was wrapped after apply() (e.g. "
+                "model.enable_cache(...) or an offload hook); undo that first (e.g. "
+                "model.disable_cache()), then remove(). Nothing was changed.")
     for module, kind, name, old in reversed(patch.entries):
         if kind == "processor":
-            module.set_processor(old)
+            if isinstance(module.processor, (CogVideoXRoPE3DAttnProcessor,
+                                             WanRoPE3DAttnProcessor)):
+                module.set_processor(old)
+            else:  # replaced after apply() (a user's processor, fused QKV): left as it is
+                _warn(names.get(id(module), type(module).__name__),
+                      f"its processor was replaced after apply() by "
+                      f"{type(module.processor).__name__}; left as it is", stacklevel=3)
         elif kind == "child":
             setattr(module, name, old)
         else:
