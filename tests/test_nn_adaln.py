@@ -51,6 +51,40 @@ def test_adaln_zero_per_frame(backend):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_residual_out_dtype_forms_and_errors():
+    """AdaLNZero.residual_out (gated_add): x + gate * y for every gate form, in x's dtype
+    outside autocast (an fp32 gate used to turn a bf16 residual stream into fp32 for every
+    later block), promoted under autocast like the fused ops; bad shapes raise a ValueError
+    naming the argument (they raised view / broadcast RuntimeErrors)."""
+    g = torch.Generator().manual_seed(0)
+    B, Fr, T, C = 2, 3, 4, 8
+    x, y = (torch.randn(B, Fr * T, C, generator=g) for _ in range(2))
+    for gate in (torch.randn(C, generator=g), torch.randn(1, C, generator=g),
+                 torch.randn(B, C, generator=g), torch.randn(B, Fr, C, generator=g),
+                 torch.randn(B, Fr * T, C, generator=g)):
+        gf = gate if gate.dim() != 3 else gate.repeat_interleave(Fr * T // gate.shape[1], 1)
+        want = x + (gf if gf.dim() == 3 else gf.view(-1, 1, C)) * y
+        torch.testing.assert_close(AdaLNZero.residual_out(x, y, AdaLNParams(*[gate] * 6)), want)
+        torch.testing.assert_close(  # non-contiguous y
+            AdaLNZero.residual_out(x, y.transpose(0, 1).contiguous().transpose(0, 1),
+                                   AdaLNParams(*[gate] * 6)), want)
+    xb, yb, gate = x.bfloat16(), y.bfloat16(), torch.randn(B, C, generator=g)
+    p = AdaLNParams(*[gate] * 6)
+    out = AdaLNZero.residual_out(xb, yb, p)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, (xb.float() + gate[:, None] * yb.float()).bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert AdaLNZero.residual_out(xb, yb, p).dtype == torch.float32
+    for bad, match in ((dict(y=y[:, :5]), "y \\(the sublayer output\\) must have x's shape"),
+                       (dict(gate=torch.randn(B, 5, C)), "gate must be .* got shape \\(2, 5, 8\\)"),
+                       (dict(gate=torch.randn(3, C)), "gate must be"),
+                       (dict(x=x[0], y=y[0]), "x must be \\[B, N, C\\]")):
+        a = dict(x=x, y=y, gate=gate)
+        a.update(bad)
+        with pytest.raises(ValueError, match=match):
+            AdaLNZero.residual_out(a["x"], a["y"], AdaLNParams(*[a["gate"]] * 6))
+
+
 def _cogvideox_layernorm_zero(mod, hidden, enc, temb):
     """diffusers CogVideoXLayerNormZero.forward, written out."""
     shift, scale, gate, e_shift, e_scale, e_gate = mod.linear(F.silu(temb)).chunk(6, dim=1)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends import current_backend
+from ..ops._checks import autocast_dtype
 from ..ops.adaln import adaln_modulate, gated_residual_adaln
 
 
@@ -92,14 +93,31 @@ class AdaLNZero(nn.Module):
 
 def gated_add(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     """``x + gate * y`` for ``x, y`` ``[B, N, C]`` and ``gate`` in any form :func:`adaln_modulate`
-    accepts (``[B, C]``, ``[B, F, C]`` with F | N, ``[B, N, C]``)."""
+    accepts (``[C]``, ``[B, C]``, ``[B, F, C]`` with F | N, ``[B, N, C]``; batch 1 broadcasts).
+    The result has x's dtype, as :func:`gated_residual_adaln`'s ``h`` (an fp32 gate does not turn
+    a 16-bit residual stream into fp32); under ``torch.autocast`` eager promotion, as there."""
+    op = "AdaLNZero.residual_out"
+    for name, t in (("x", x), ("y", y), ("gate", gate)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be [B, N, C], got shape {tuple(x.shape)}")
     B, N, C = x.shape
-    if gate.dim() == 2:
-        gate = gate.unsqueeze(1)
-    Fg = gate.shape[-2] if gate.dim() == 3 else 1
+    if y.shape != x.shape:
+        raise ValueError(f"{op}: y (the sublayer output) must have x's shape {tuple(x.shape)}, "
+                         f"got {tuple(y.shape)}")
+    g = gate.view(1, 1, -1) if gate.dim() == 1 else gate.unsqueeze(1) if gate.dim() == 2 else gate
+    if g.dim() != 3 or g.shape[0] not in (1, B) or g.shape[2] != C or g.shape[1] == 0 \
+            or N % g.shape[1]:
+        raise ValueError(f"{op}: gate must be [C], [B, C], [B, F, C] with F dividing N, or "
+                         f"[B, N, C] (B={B}, N={N}, C={C}), got shape {tuple(gate.shape)}")
+    Fg = g.shape[1]
     if Fg in (1, N):
-        return x + gate * y
-    return (x.view(B, Fg, N // Fg, C) + gate.unsqueeze(2) * y.view(B, Fg, N // Fg, C)).view(B, N, C)
+        out = x + g * y
+    else:
+        out = (x.reshape(B, Fg, N // Fg, C) + g.unsqueeze(2) * y.reshape(B, Fg, N // Fg, C)
+               ).reshape(B, N, C)
+    return out if autocast_dtype(x) is not None else out.to(x.dtype)
 
 
 class LayerNormZero(nn.Module):
