@@ -707,3 +707,21 @@ def test_moeffn_deepcopy_and_pickle_after_a_step(activation):
         assert c.w1.grad is not None and c.w1.grad.abs().sum() > 0, how
     # the original keeps its own last results
     assert m.aux_loss is not None and m.last_output is not None
+
+
+def test_moeffn_factory_kwargs_and_context_errors():
+    """nn.MoEFFN takes device= / dtype= like the other modules (it raised a TypeError), and a
+    context of the wrong width or one that does not broadcast to x raises a ValueError naming
+    context (a RuntimeError from the projection, or a message about router_logits the user
+    never passed)."""
+    m = vk.nn.MoEFFN(8, 16, 4, 2, context_router=True, context_dim=6, dtype=torch.float64,
+                     device="cpu")
+    assert {p.dtype for p in m.parameters()} == {torch.float64}
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    assert m(x, torch.randn(2, 1, 6, dtype=torch.float64)).shape == x.shape
+    with pytest.raises(ValueError, match="context must be \\[..., context_dim=6\\]"):
+        m(x, torch.randn(2, 1, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="context \\(4, 1, 6\\) does not broadcast"):
+        m(x, torch.randn(4, 1, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        m([1.0])

@@ -39,6 +39,7 @@ class MoEFFN(nn.Module):
         bias: expert biases ``b1`` ``[E, F]`` (``[E, 2F]``) and ``b2`` ``[E, C]``.
         normalize_weights: renormalise the top-k router weights to sum to 1.
         backend: passed to ``moe_ffn`` (None: the current default).
+        device, dtype: of the parameters, as for ``nn.Linear``.
 
     Parameters: ``router`` (``Linear(hidden, E, bias=False)``), ``w1`` ``[E, C, F or 2F]``,
     ``w2`` ``[E, F, C]``, ``b1``, ``b2``, ``shared_fc1`` / ``shared_fc2`` (Linear), ``context_proj``.
@@ -48,8 +49,9 @@ class MoEFFN(nn.Module):
                  activation: str = "gelu", shared_expert: bool = True,
                  context_router: bool = False, *, context_dim: Optional[int] = None,
                  bias: bool = True, normalize_weights: bool = True,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         if activation not in ACTIVATIONS:
             raise ValueError(f"MoEFFN: activation must be one of {ACTIVATIONS}, got {activation!r}")
         for name, v in (("hidden", hidden), ("intermediate", intermediate),
@@ -64,16 +66,17 @@ class MoEFFN(nn.Module):
         self.normalize_weights = normalize_weights
         g = 2 if activation in GATED else 1
         E, C, F = num_experts, hidden, intermediate
-        self.router = nn.Linear(C, E, bias=False)
-        self.w1 = nn.Parameter(torch.randn(E, C, g * F) / math.sqrt(C))
-        self.w2 = nn.Parameter(torch.randn(E, F, C) / math.sqrt(F))
-        self.b1 = nn.Parameter(torch.zeros(E, g * F)) if bias else None
-        self.b2 = nn.Parameter(torch.zeros(E, C)) if bias else None
-        self.shared_fc1 = nn.Linear(C, g * F) if shared_expert else None
-        self.shared_fc2 = nn.Linear(F, C) if shared_expert else None
+        self.router = nn.Linear(C, E, bias=False, **fk)
+        self.w1 = nn.Parameter(torch.randn(E, C, g * F, **fk) / math.sqrt(C))
+        self.w2 = nn.Parameter(torch.randn(E, F, C, **fk) / math.sqrt(F))
+        self.b1 = nn.Parameter(torch.zeros(E, g * F, **fk)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(E, C, **fk)) if bias else None
+        self.shared_fc1 = nn.Linear(C, g * F, **fk) if shared_expert else None
+        self.shared_fc2 = nn.Linear(F, C, **fk) if shared_expert else None
         self.context_proj = None
+        self.context_dim = context_dim or C
         if context_router:
-            self.context_proj = nn.Linear(context_dim or C, C, bias=False)
+            self.context_proj = nn.Linear(self.context_dim, C, bias=False, **fk)
             nn.init.zeros_(self.context_proj.weight)
         self._act = _act_module_fn(activation)  # (module-level function / partial: picklable)
         self.aux_loss: Optional[Tensor] = None
@@ -95,7 +98,9 @@ class MoEFFN(nn.Module):
         return state
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        if x.shape[-1] != self.hidden:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MoEFFN: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.hidden:
             raise ValueError(f"MoEFFN: x must be [..., {self.hidden}], got {tuple(x.shape)}")
         logits = self.router(x)
         if self.context_proj is not None:
@@ -104,7 +109,19 @@ class MoEFFN(nn.Module):
             # router(x + context_proj(c)) split by linearity: the router keeps x (which the
             # experts keep anyway) for its weight gradient, and a broadcast context (one row per
             # frame) is projected and routed once per row, not once per token
-            logits = logits + self.router(self.context_proj(context))
+            if not isinstance(context, Tensor) or context.dim() < 1 \
+                    or context.shape[-1] != self.context_dim:
+                raise ValueError(f"MoEFFN: context must be [..., context_dim={self.context_dim}] "
+                                 f"broadcastable to x's leading dims {tuple(x.shape[:-1])}, got "
+                                 f"{tuple(getattr(context, 'shape', ()))}")
+            c_logits = self.router(self.context_proj(context))
+            cs, ls = c_logits.shape, logits.shape
+            if not torch.compiler.is_compiling() and not (  # (eager: no guards on the sizes)
+                    len(cs) <= len(ls)
+                    and all(a == 1 or a == b for a, b in zip(reversed(cs), reversed(ls)))):
+                raise ValueError(f"MoEFFN: context {tuple(context.shape)} does not broadcast to "
+                                 f"x's leading dims {tuple(x.shape[:-1])}")
+            logits = logits + c_logits
         elif context is not None:
             raise ValueError("MoEFFN: context given but the module was built with "
                              "context_router=False")
