@@ -193,9 +193,14 @@ def _hooked(module: nn.Module) -> bool:
     the module is called), a diffusers hook, or a replaced ``forward``. The fused paths read a
     LayerNorm's weight instead of calling it, so they check this on every call and call the
     module instead when it is hooked (a few attribute lookups)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or "forward" in module.__dict__ or getattr(module, "_hf_hook", None) is not None
-                or getattr(module, "_diffusers_hook", None) is not None)
+    return bool(module._forward_hooks or module._forward_pre_hooks or _forward_hooked(module)
+                or getattr(module, "_hf_hook", None) is not None)
+
+
+def _eager_modulate(norm: nn.Module, x, shift, scale):
+    """diffusers' ``norm(x) * (1 + scale) + shift`` with ``[B, C]`` shift / scale, calling
+    ``norm`` (the path for a hooked norm)."""
+    return norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
 
 
 class FusedCogVideoXLayerNormZero(nn.Module):
@@ -219,8 +224,8 @@ class FusedCogVideoXLayerNormZero(nn.Module):
         return self.linear(self.silu(temb)).chunk(6, dim=1)
 
     def _modulate(self, x, shift, scale):
-        if _hooked(self.norm):  # diffusers' formula, calling the (hooked) LayerNorm
-            return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+        if _hooked(self.norm):
+            return _eager_modulate(self.norm, x, shift, scale)
         return vk.adaln_modulate(x, shift, scale, **self._kw())
 
     def forward(self, hidden_states, encoder_hidden_states, temb):
@@ -262,8 +267,8 @@ class FusedAdaLayerNorm(nn.Module):
     def forward(self, x, timestep=None, temb=None):
         temb = self.linear(self.silu(temb))
         shift, scale = temb.chunk(2, dim=1)
-        if _hooked(self.norm):  # diffusers' formula, calling the (hooked) LayerNorm
-            return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+        if _hooked(self.norm):
+            return _eager_modulate(self.norm, x, shift, scale)
         return vk.adaln_modulate(x, shift, scale, weight=self.norm.weight, bias=self.norm.bias,
                                  eps=self.norm.eps, norm="layer", backend=self.backend)
 
