@@ -420,7 +420,7 @@ def _adaln_fwd_impl(x: Tensor, y: Optional[Tensor], gate: Optional[Tensor], shif
     out = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
     h = torch.empty((B, N, C) if y is not None else (0,), dtype=x.dtype, device=x.device)
     mean = torch.empty((B, N), dtype=_acc_dtype(x.dtype), device=x.device)
-    rstd = torch.empty((B, N), dtype=_acc_dtype(x.dtype), device=x.device)
+    rstd = torch.empty_like(mean)
     if B * N > 0:
         fwd, _ = _kernels(backend)
         fwd(x, y, gate, shift, scale, weight, bias, out, h if y is not None else None, mean, rstd,
@@ -677,7 +677,7 @@ def _one_param_dtype(x: Tensor, *params: Tensor) -> tuple[Tensor, ...]:
     ([B, C] / [B, F, C]); a per-token [B, N, C] one is copied, the price of the mixed choice."""
     if len({p.dtype for p in params}) == 1:
         return params
-    dt = torch.promote_types(x.dtype, torch.float32)
+    dt = _acc_dtype(x.dtype)
     return tuple(p.to(dt) for p in params)
 
 
