@@ -524,6 +524,14 @@ def _batch_slices(B: int, H: int) -> list[slice]:
     return [slice(b0, min(B, b0 + n)) for b0 in range(0, B, n)]
 
 
+def _by_batch(B: int, H: int, *tensors):
+    """``tensors`` (each with batch first) per launch: as they are when one launch fits grid.y
+    (no view is made on the usual path), else their slices along :func:`_batch_slices`."""
+    if B * H <= _MAX_GRID_Y:
+        return [tensors]
+    return [tuple(t[bs] for t in tensors) for bs in _batch_slices(B, H)]
+
+
 def _common(q, cos, sin):
     D = q.shape[-1]
     block_d = max(triton.next_power_of_2(D), 32)
@@ -548,8 +556,7 @@ def _launch_fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, f
     L = cos.shape[0] if rope else 0
     dq, dk, dv = tangents if jvp else (q, k, v)
     with device_ctx(q):
-        for bs in _batch_slices(B, H):
-            qb, kb, vb, ob, lb, dqb, dkb, dvb = (t[bs] for t in (q, k, v, out, lse, dq, dk, dv))
+        for qb, kb, vb, ob, lb, dqb, dkb, dvb in _by_batch(B, H, q, k, v, out, lse, dq, dk, dv):
             # a build over the GPU's shared memory (sm_86 / sm_89: 99 KiB per block; D = 256
             # with two stages needs 100 KiB) retries unpipelined
             launch(_fwd_kernel, (triton.cdiv(Sq, bm), qb.shape[0] * H), (
@@ -622,9 +629,8 @@ def rope3d_attn_bwd(dout, q, k, v, cos, sin, out, lse, rope_offset: int, interle
     common = (Sq, Sk, H, D, D // 2, L, int(rope_offset), int(fc_start), fc_end, fcb,
               float(scale), float(scale) * _LOG2E)
     with device_ctx(q):
-        for bs in _batch_slices(B, H):
-            do_, q_, k_, v_, o_, l_, de_, dq_, dk_, dv_ = (
-                t[bs] for t in (dout, q, k, v, out, lse, delta, dq, dk, dv))
+        for do_, q_, k_, v_, o_, l_, de_, dq_, dk_, dv_ in _by_batch(
+                B, H, dout, q, k, v, out, lse, delta, dq, dk, dv):
             BH = q_.shape[0] * H
             _bwd_preprocess_kernel[(triton.cdiv(Sq, bm_q), BH)](
                 do_, o_, de_, Sq, H, D, *do_.stride(), *o_.stride(), *de_.stride(),
