@@ -312,6 +312,48 @@ def test_single_token(backend, device, dtype):
     check(backend, dtype, N=1, E=4, top_k=2, device=device)
 
 
+@pytest.mark.parametrize("routing", ["router", "expert_index"])
+@pytest.mark.parametrize("fn", ["moe_ffn", "moe_ffn_reference"])
+@pytest.mark.parametrize("backend,device,dtype",
+                         [pytest.param("reference", "cpu", torch.float32, id="reference")]
+                         + EDGE_BACKENDS)
+def test_empty_batch(backend, device, dtype, fn, routing):
+    """Zero tokens (a batch of 0 or a sequence of length 0): an empty ``out``, losses 0, zero
+    counts, and a backward that gives zero gradients to every input (an inf weight too: the
+    graph goes through empty slices), on every backend and in nn.MoEFFN (it raised before)."""
+    d = make(0, 8, 6, 3, "swiglu", dtype, device=device)
+    with torch.no_grad():
+        d["w1"][0, 0, 0] = float("inf")
+    kw = {}
+    if routing == "expert_index":
+        d["router_logits"] = None
+        kw["expert_index"] = torch.zeros(0, dtype=torch.long, device=device)
+    for t in d.values():
+        if t is not None:
+            t.requires_grad_(True)
+    x = d.pop("x").reshape(2, 0, 8)
+    extra = {"backend": backend}
+    if fn == "moe_ffn_reference":
+        extra = {}
+    fn = getattr(vk, fn)
+    r = fn(x, d["router_logits"], d["w1"], d["w2"], b1=d["b1"], b2=d["b2"], top_k=2,
+           activation="swiglu", **kw, **extra)
+    assert r.out.shape == (2, 0, 8) and r.out.dtype == dtype
+    assert r.aux_loss.item() == 0.0 and r.z_loss.item() == 0.0
+    assert r.tokens_per_expert.tolist() == [0, 0, 0]
+    names = [k for k in ("router_logits", "w1", "w2", "b1", "b2") if d[k] is not None]
+    grads = torch.autograd.grad(r.out.sum() + r.aux_loss + r.z_loss, [x] + [d[k] for k in names])
+    assert grads[0].shape == x.shape
+    for k, g in zip(names, grads[1:]):
+        assert g.shape == d[k].shape and not g.any(), k
+    m = vk.nn.MoEFFN(8, 6, 3, 2, context_router=True, context_dim=4, device=device, dtype=dtype)
+    m.backend = backend
+    y = m(x.detach(), context=torch.randn(2, 1, 4, device=device, dtype=dtype))
+    assert y.shape == (2, 0, 8) and m.aux_loss.item() == 0.0
+    (y.sum() + m.aux_loss).backward()
+    assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+
+
 @pytest.mark.parametrize("backend,device,dtype", _kernel_and_torch())
 def test_single_expert(backend, device, dtype):
     got = check(backend, dtype, N=7, E=1, top_k=1, device=device)

@@ -233,8 +233,6 @@ def _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2, expert_in
         raise ValueError(f"{op}: x must be [..., C] with C >= 1, got shape {tuple(x.shape)}")
     C = x.shape[-1]
     N = x.numel() // C
-    if N == 0:
-        raise ValueError(f"{op}: x must hold at least one token, got shape {tuple(x.shape)}")
     if w1.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"{op}: w1 must be [E, C, F] and w2 [E, F, C] (3-D), got w1 "
                          f"{tuple(w1.shape)} and w2 {tuple(w2.shape)}")
@@ -297,7 +295,7 @@ def _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2, expert_in
         if expert_index.device != x.device:
             raise ValueError(f"{op}: expert_index is on {expert_index.device} but x is on {x.device}")
         # value check: needs the values (one host sync; skipped while compiling)
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and N > 0:
             lo, hi = int(expert_index.min()), int(expert_index.max())
             if lo < 0 or hi >= E:
                 raise ValueError(f"{op}: expert_index values must be in [0, E={E}), got range "
@@ -346,6 +344,8 @@ def moe_ffn_reference(x, router_logits, w1, w2, *, top_k=2, activation="gelu", b
                                      expert_index=expert_index)
     N, C, E, _ = _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2,
                                expert_index, op)
+    if N == 0:
+        return _empty_batch(x, router_logits, w1, w2, b1, b2, E)
     xf = x.reshape(N, C)
     if expert_index is not None:
         k = 1
@@ -1085,6 +1085,19 @@ def moe_pipeline(x2: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Te
 # ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
+def _empty_batch(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor,
+                 b1: Optional[Tensor], b2: Optional[Tensor], E: int) -> MoEOutput:
+    """``moe_ffn`` on zero tokens (every backend): an empty ``out``, ``aux_loss = z_loss = 0``
+    and zero counts. Both losses and ``out`` stay in the graph of every input (through empty
+    slices, so an inf weight gives no NaN) and their gradients are zeros, so a training step on
+    an empty batch runs like any other."""
+    zero = sum(t[:0].sum().float() for t in (x, router_logits, w1, w2, b1, b2) if t is not None)
+    out = x * 0 + zero.to(x.dtype)
+    z_loss = zero if router_logits is not None else x.new_zeros((), dtype=torch.float32)
+    return MoEOutput(out, zero.clone(), z_loss, torch.zeros(E, dtype=torch.int64,
+                                                            device=x.device))
+
+
 def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, *,
             top_k: int = 2, activation: str = "gelu", b1: Optional[Tensor] = None,
             b2: Optional[Tensor] = None, normalize_weights: bool = True,
@@ -1112,7 +1125,8 @@ def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, 
         ``MoEOutput(out [..., C] x.dtype, aux_loss fp32 [], z_loss fp32 [],
         tokens_per_expert int64 [E])``. Gradients flow to x, router_logits, w1, w2, b1, b2;
         under one eager ``torch.func.jvp`` / ``forward_ad`` dual level the kernels also carry
-        tangents of all six (module docstring).
+        tangents of all six (module docstring). Zero tokens give an empty ``out``, losses 0,
+        zero counts and zero gradients.
     Raises:
         ValueError / TypeError naming the argument for shapes that do not chain, ``top_k``
         outside ``[1, E]``, logits rows not matching the tokens, out-of-range ``expert_index``,
@@ -1128,6 +1142,8 @@ def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, 
                            expert_index=expert_index, backend=backend)
     N, C, E, _ = _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2,
                                expert_index, op)
+    if N == 0:
+        return _empty_batch(x, router_logits, w1, w2, b1, b2, E)
     name = resolve(backend, x.device, x.dtype, SUPPORTED_DTYPES, op,
                    (x, router_logits, w1, w2, b1, b2), forward_ad=True)
     if name == "reference":
