@@ -301,5 +301,9 @@ def test_head_norm_drop_in_and_errors():
     assert set(vk.nn.HeadNorm(8, "rms").state_dict()) == set(torch.nn.RMSNorm(8).state_dict())
     with pytest.raises(ValueError, match=r"HeadNorm: x must be \[\.\.\., D=8\], got \(3, 7\)"):
         m(torch.randn(3, 7))
+    with pytest.raises(TypeError, match="HeadNorm: x must be a floating tensor, got dtype torch.int8"):
+        m(torch.ones(3, 8, dtype=torch.int8))
+    with pytest.raises(TypeError, match="HeadNorm: x must be a torch.Tensor, got list"):
+        m([1.0] * 8)
     with pytest.raises(ValueError, match="kind must be 'layer' or 'rms'"):
         vk.nn.HeadNorm(8, "batch")

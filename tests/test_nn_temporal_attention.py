@@ -237,6 +237,10 @@ def test_bad_construction_and_input():
     m = make()
     with pytest.raises(ValueError, match="x has 12 tokens but T\\*S = 5\\*3 = 15"):
         m(torch.randn(1, 12, m.dim), 5, 3)
+    with pytest.raises(TypeError, match="CausalTemporalAttention: T must be an int, got float 4.0"):
+        m(torch.randn(1, 12, m.dim), 4.0, 3)
+    with pytest.raises(TypeError, match="CausalTemporalAttention: S must be an int, got bool True"):
+        m(torch.randn(1, 12, m.dim), 12, True)
     with pytest.raises(ValueError, match="x must be \\[B, T\\*S, C\\] with C=64"):
         m(torch.randn(1, 12, 32), 4, 3)
 

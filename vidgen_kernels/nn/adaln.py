@@ -219,6 +219,10 @@ class HeadNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [..., D]`` (any strides) -> normalised ``[..., D]`` (contiguous, x's dtype)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"HeadNorm: x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"HeadNorm: x must be a floating tensor, got dtype {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"HeadNorm: x must be [..., D={self.dim}], got {tuple(x.shape)}")
         name = self.backend if self.backend is not None else current_backend()

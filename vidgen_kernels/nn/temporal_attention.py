@@ -158,6 +158,10 @@ class CausalTemporalAttention(nn.Module):
             raise ValueError(f"CausalTemporalAttention: x must be [B, T*S, C] with C={self.dim}, "
                              f"got shape {tuple(x.shape)}")
         B, N, C = x.shape
+        for name, val in (("T", T), ("S", S)):
+            if isinstance(val, bool) or not isinstance(val, (int, torch.SymInt)):
+                raise TypeError(f"CausalTemporalAttention: {name} must be an int, got "
+                                f"{type(val).__name__} {val!r}")
         if T < 1 or S < 1 or N != T * S:
             raise ValueError(f"CausalTemporalAttention: x has {N} tokens but T*S = {T}*{S} = "
                              f"{T * S}")
