@@ -3,6 +3,7 @@ weights, streaming with a k/v cache against one full call, torch.compile(fullgra
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -131,6 +132,41 @@ def test_streaming_gradients_flow():
     (gf,) = torch.autograd.grad(full[:, 3 * S:].sum(), x)
     torch.testing.assert_close(g, gf, rtol=1e-5, atol=1e-6)
     assert g[:, :3 * S].abs().sum() > 0
+
+
+def test_streaming_under_activation_checkpointing():
+    """``torch.utils.checkpoint`` (non-reentrant) around each streaming call: the recompute in
+    backward reads the frames before its call's offset and leaves the cache alone, so the
+    gradients equal the un-checkpointed ones exactly (the recompute used to append the frames a
+    second time: CheckpointError on the saved shapes). A cache reset between forward and
+    backward raises a RuntimeError naming the cache; the cache pickles without its offsets."""
+    from torch.utils.checkpoint import checkpoint
+    m = make(qk_norm="rms").double()
+    S = 3
+    xs = [torch.randn(1, n * S, m.dim, dtype=torch.float64, requires_grad=True) for n in (2, 1, 3)]
+
+    def run(ckpt, reset=False):
+        cache = TemporalKVCache()
+        outs = []
+        for x in xs:
+            n = x.shape[1] // S
+            f = lambda x, n=n: m(x, n, S, kv_cache=cache)  # noqa: E731
+            outs.append(checkpoint(f, x, use_reentrant=False) if ckpt else f(x))
+        assert cache.num_frames == 6
+        if reset:
+            cache.reset()
+        loss = sum((o.sin() * (i + 1)).sum() for i, o in enumerate(outs))
+        return torch.autograd.grad(loss, xs + list(m.parameters())), cache
+
+    want, _ = run(False)
+    got, cache = run(True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert cache.num_frames == 6 and len(cache.offsets) == 3
+    assert pickle.loads(pickle.dumps(TemporalKVCache(cache.k.detach(), cache.v.detach(),
+                                                     dict(cache.offsets)))).offsets == {}
+    with pytest.raises(RuntimeError, match="cache no longer holds the frames"):
+        run(True, reset=True)
 
 
 def test_cache_rejects_mismatched_frames():

@@ -39,10 +39,21 @@ class TemporalKVCache:
     reads and extends it. Keys/values are appended with ``torch.cat`` (autograd-safe; a step
     costs one copy of the cache, negligible next to the projections for the frame counts of
     video models).
+
+    Activation checkpointing (``torch.utils.checkpoint``) of calls that read the cache works:
+    each call with autograd on records the frame offset it started at, and the recompute run
+    during backward reads the frames before that offset and leaves the cache as it is
+    (``use_reentrant=False`` gives the gradients of the un-checkpointed calls exactly; the
+    reentrant variant runs the forward without autograd, so no gradient reaches earlier frames
+    through the cache, as for any tensor that is not an argument of the checkpointed function).
+    ``reset()`` forgets the frames and the offsets; use a fresh cache (or ``reset()``) per
+    sequence.
     """
 
     k: Optional[Tensor] = None
     v: Optional[Tensor] = None
+    # (input key) -> frame offset of each call made with autograd on, for checkpoint recomputes
+    offsets: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_frames(self) -> int:
@@ -70,6 +81,10 @@ class TemporalKVCache:
 
     def reset(self) -> None:
         self.k = self.v = None
+        self.offsets.clear()
+
+    def __getstate__(self):  # the offsets name storage addresses of this process only
+        return {"k": self.k, "v": self.v, "offsets": {}}
 
 
 def rope_1d_tables(length: int, head_dim: int, theta: float = 10000.0, device=None
@@ -169,15 +184,38 @@ class CausalTemporalAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, S, 3, H, D).unbind(3)  # [B, T, S, H, D] views
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
-        q_offset = 0
+        q_offset, store = 0, False
         if kv_cache is not None:
-            q_offset = kv_cache.num_frames
-            k, v = kv_cache.extended(k, v)
+            k, v, q_offset, store = self._with_cache(kv_cache, x, k, v, T)
         cos = sin = None
         if self.rope:
             cos, sin = self.rope_tables(q_offset + T, x.device)
         o = temporal_attention(q, k, v, causal=self.causal, cos=cos, sin=sin,
                                interleaved=self.interleaved, q_offset=q_offset)
-        if kv_cache is not None:  # stored once the attention ran: a failed call changes nothing
+        if store:  # stored once the attention ran: a failed call changes nothing
             kv_cache.k, kv_cache.v = k, v
         return self.proj(o.view(B, N, C))
+
+    @staticmethod
+    def _with_cache(cache: TemporalKVCache, x: Tensor, k: Tensor, v: Tensor, T: int):
+        """``(k, v, q_offset, store)``: the cached frames followed by the new ones. A call made
+        during a backward pass is an activation-checkpoint recompute of an earlier call: it
+        reads the frames before that call's recorded offset and stores nothing."""
+        if torch.compiler.is_compiling():
+            return (*cache.extended(k, v), cache.num_frames, True)
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+        if torch._C._current_graph_task_id() != -1:  # inside backward: a recompute
+            off = cache.offsets.get(key)
+            if off is None or cache.num_frames < off + T:
+                raise RuntimeError(
+                    "CausalTemporalAttention: called with a kv_cache during a backward pass (an "
+                    "activation-checkpoint recompute) but the cache no longer holds the frames "
+                    "this call saw (it was reset or replaced after the forward)")
+            if off:
+                k, v = torch.cat([cache.k[:, :off], k], 1), torch.cat([cache.v[:, :off], v], 1)
+            return k, v, off, False
+        off = cache.num_frames
+        k, v = cache.extended(k, v)
+        if torch.is_grad_enabled() or x.requires_grad:  # (reentrant checkpoint: grad off)
+            cache.offsets[key] = off
+        return k, v, off, True
