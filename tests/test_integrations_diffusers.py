@@ -319,6 +319,28 @@ def test_wan_attention_backend_set_after_apply_falls_back():
     close(out, ref)
 
 
+def test_wan_attention_backend_context_falls_back(monkeypatch):
+    """diffusers' ``attention_backend(...)`` context manager (the dispatcher's active backend,
+    not a per-processor setting) makes the patched processors call the original ones inside
+    the block, with a warning; outside it the kernels run again (it used to be ignored)."""
+    from diffusers.models.attention_dispatch import attention_backend
+    model = wan().eval()
+    args, kw = wan_inputs()
+    calls = []
+    orig = vk.rope3d_attention
+    monkeypatch.setattr(vk, "rope3d_attention", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    with torch.no_grad():
+        ref = run(model, args, kw)
+        vkd.apply(model, backend="cpu")
+        with attention_backend("_native_math"):
+            with pytest.warns(UserWarning, match=r"attention_backend\(\.\.\.\) made another"):
+                out = run(model, args, kw)
+        assert not calls
+        close(out, ref)
+        close(run(model, args, kw), ref)
+        assert calls
+
+
 # ----------------------------------------------------------------------------------------------
 # both / general
 # ----------------------------------------------------------------------------------------------

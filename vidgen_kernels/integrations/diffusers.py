@@ -44,7 +44,9 @@ wrapped by something added after ``apply`` (``model.enable_cache(...)``: undo it
 keeps a processor the user set after ``apply``, with a warning. At run time an
 ``attention_mask`` (not supported by the kernels), and for Wan an attention backend or
 context-parallel config set after ``apply`` (``model.set_attention_backend``,
-``enable_parallelism``), make the patched processor call the original one, with a warning.
+``enable_parallelism``) or a ``with diffusers...attention_backend(...)`` block that makes another
+backend active than the one active at ``apply``, make the patched processor call the original
+one, with a warning.
 
 diffusers is imported lazily, only by :func:`apply`.
 """
@@ -73,6 +75,15 @@ def _warn(name: str, reason: str, stacklevel: int = 4):
 # ----------------------------------------------------------------------------------------------
 # attention processors
 # ----------------------------------------------------------------------------------------------
+def _dispatch_registry():
+    """diffusers' attention-dispatch registry class (None on versions without one)."""
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    except ImportError:
+        return None
+    return _AttentionBackendRegistry
+
+
 class _FallbackMixin:
     def _fallback(self, reason: str):
         if not self._warned:
@@ -135,6 +146,10 @@ class WanRoPE3DAttnProcessor(_FallbackMixin):
         self.original = original
         self.backend = backend
         self._warned = False
+        # the backend active in diffusers' dispatcher at apply() (its DIFFUSERS_ATTN_BACKEND
+        # default); a different one later means a `with attention_backend(...)` block
+        self._registry = _dispatch_registry()
+        self._active_at_apply = getattr(self._registry, "_active_backend", None)
 
     def __call__(self, attn, hidden_states: torch.Tensor,
                  encoder_hidden_states: Optional[torch.Tensor] = None,
@@ -150,6 +165,9 @@ class WanRoPE3DAttnProcessor(_FallbackMixin):
             reason = "an attention backend or a context-parallel config was set after apply()"
             self.original._attention_backend = self._attention_backend
             self.original._parallel_config = self._parallel_config
+        elif getattr(self._registry, "_active_backend", None) != self._active_at_apply:
+            reason = ("diffusers' attention_backend(...) made another attention backend active "
+                      "after apply()")
         if reason is not None:
             self._fallback(reason)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
