@@ -154,6 +154,19 @@ def test_bad_inputs():
         CausalVideoVAE(base_channels=8, num_temporal_down=4)
 
 
+def test_any_channel_width():
+    """Widths that 8 does not divide (12, 6, 5) build and run: GroupNorm takes the largest
+    divisor of the width up to 8 (a width of 12 raised GroupNorm's "num_channels (12) must be
+    divisible by num_groups (8)", naming no argument of the VAE); 8 groups where 8 divides it."""
+    from vidgen.models import SmallVideoVAE
+    from vidgen.models.vae import gn_groups
+    assert [gn_groups(c) for c in (12, 6, 5, 16, 3)] == [6, 6, 5, 8, 3]
+    v = tiny_vae(base_channels=6)
+    assert v.decode(v.encode(video(B=1, T=5))[0]).shape == (1, 5, 3, 16, 16)
+    s = SmallVideoVAE(in_channels=1, base_channels=12)
+    assert s.decode(s.encode(torch.randn(1, 1, 1, 8, 8))[0]).shape == (1, 1, 1, 8, 8)
+
+
 # ---------------------------------------------------------------- training, scaling, sampling
 def test_short_training_run_loss_decreases():
     v = tiny_vae(latent_channels=8, channel_mults=(1, 1, 2, 2))

@@ -608,3 +608,86 @@ def test_models_gradient_penalty(model):
     got, lo_g, hi_g = run(m, torch.float32), run(lo, torch.float32), run(hi, torch.float64)
     assert sum(g.abs().sum() for _, g in got if g is not None) > 0
     assert_grads_close_rule(got, lo_g, hi_g)
+
+
+# ------------------------------------------------------------------------------ model hygiene
+@pytest.mark.parametrize("model", ["video_causal_dit", "cogvideox", "image_moe_dit"])
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_models_copy_after_a_training_forward(model, backend):
+    """EMA (``copy.deepcopy``) and ``torch.save(model)`` after a forward with autograd on: the
+    models keep ``aux_loss`` (a tensor of the last forward's graph); copies hold it detached.
+    Both raised "Only Tensors created explicitly by the user ... support the deepcopy protocol"."""
+    import io
+    m, make_inputs = MODEL_CASES[model]
+    m = m()
+    m.backend = backend
+    out = m(*make_inputs())
+    (out.square().mean() + m.aux_loss).backward()
+    ema = EMA(m)
+    assert ema.model.aux_loss.grad_fn is None
+    assert torch.equal(ema.model.aux_loss, m.aux_loss.detach())
+    torch.save(m, io.BytesIO())
+    assert m.aux_loss.grad_fn is not None  # the original keeps its graph
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_cogvideox_router_learns_with_several_experts_per_modality(backend):
+    """With more than one expert per modality the expert output is scaled by its routing
+    probability (Switch top-1), so the router gets a gradient, and ``aux_loss`` (the experts'
+    load-balancing loss) is exposed; the router used to get exactly zero gradient (top-1 with
+    renormalised weights is always 1) and the model had no aux_loss. With one expert per
+    modality the output is unchanged (probability exactly 1)."""
+    m = perturb(tiny_cog(num_text_experts=2, num_video_experts=3, num_layers=1))
+    m.backend = backend
+    x, t, text = inputs(T=2, C=4, H=4, W=6, L=5)
+    m(x, t, text).square().mean().backward()
+    assert m.blocks[0].ff.router.weight.grad.abs().sum() > 0
+    assert m.aux_loss.dim() == 0 and m.aux_loss.requires_grad
+    one = perturb(tiny_cog(num_layers=1))
+    ff = one.blocks[0].ff
+    h = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        want = torch.nn.functional.gelu(h @ ff.w1[1] + ff.b1[1], approximate="tanh") @ ff.w2[1] + ff.b2[1]
+        torch.testing.assert_close(ff(h, 3)[:, 3:], want[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_models_accept_an_empty_batch():
+    """B = 0 gives an empty output on every model (CogVideoX crashed in its expert FFN's
+    reshape)."""
+    for name, (make_m, make_inputs) in MODEL_CASES.items():
+        args = [a[:0] for a in make_inputs()]
+        with torch.no_grad():
+            out = make_m()(*args)
+        assert out.shape[0] == 0, name
+
+
+def test_model_constructors_do_not_change_the_callers_config():
+    """The models fill ``out_channels`` / ``patch_size`` on a copy of the config: a config
+    reused with another ``in_channels`` used to keep the first model's ``out_channels``."""
+    import dataclasses
+    from vidgen.models import ImageMoEDiT, ImageMoEDiTConfig
+    cases = [(LatentVideoDiT, LatentVideoDiTConfig(in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                                                   text_dim=TEXT_DIM)),
+             (ImageMoEDiT, ImageMoEDiTConfig(in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                                             text_dim=TEXT_DIM)),
+             (CogVideoXTransformer, CogVideoXConfig(in_channels=4, hidden_size=32, num_heads=2, num_layers=1,
+                                                    text_hidden_size=TEXT_DIM, patch_size=[1, 2, 2]))]
+    for cls, cfg in cases:
+        before = dataclasses.asdict(cfg)
+        cls(cfg)
+        assert dataclasses.asdict(cfg) == before, cls.__name__
+        assert cls(dataclasses.replace(cfg, in_channels=8)).config.out_channels == 8, cls.__name__
+
+
+def test_model_configs_checked_at_construction():
+    """Configs that cannot run raise a ValueError naming the option when the model is built
+    (they built and failed at the first forward, or, for num_text_experts=0, sent text tokens to
+    a video expert)."""
+    with pytest.raises(ValueError, match="num_text_experts must be an int >= 1, got 0"):
+        tiny_cog(num_text_experts=0)
+    with pytest.raises(ValueError, match="num_video_experts must be an int >= 1, got 0"):
+        tiny_cog(num_video_experts=0)
+    with pytest.raises(ValueError, match="hidden_size / num_heads must be a multiple of 4.*hidden_size=12"):
+        tiny_causal(hidden_size=12, num_heads=2)
+    with pytest.raises(ValueError, match="pos_embed='sincos' needs hidden_size divisible by 8, got 36"):
+        tiny_dit(hidden_size=36, num_heads=3)

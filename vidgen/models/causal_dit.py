@@ -18,6 +18,7 @@ holds the summed load-balancing loss of the blocks.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,8 +28,8 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero, CausalTemporalAttention, RoPE3DAttention
 
-from .layers import (CrossAttention, FinalLayer, PatchEmbed3D, TimestepEmbedder, backend_scope, check_text,
-                     unpatchify)
+from .layers import (CopyableLossesMixin, CrossAttention, FinalLayer, PatchEmbed3D, TimestepEmbedder, backend_scope,
+                     check_text, unpatchify)
 from .moe import make_moe
 
 __all__ = ["VideoCausalDiTConfig", "VideoCausalDiT"]
@@ -77,16 +78,20 @@ class VideoCausalDiTBlock(nn.Module):
         return self.adaln2.residual_out(x, y, p2)
 
 
-class VideoCausalDiT(nn.Module):
+class VideoCausalDiT(CopyableLossesMixin, nn.Module):
     """``forward(x [B, T, C, H, W], t [B] or [B, T] in [0, 1], text [B, L, text_dim])`` ->
     velocity ``[B, T, C, H, W]``; H, W divisible by the patch, 1 <= T <= ``max_frames``."""
 
     def __init__(self, config: Optional[VideoCausalDiTConfig] = None, **kwargs):
         super().__init__()
-        config = config or VideoCausalDiTConfig(**kwargs)
+        config = dataclasses.replace(config) if config is not None else VideoCausalDiTConfig(**kwargs)
         config.patch_size = tuple(config.patch_size)
         if config.patch_size[0] != 1:
             raise ValueError("VideoCausalDiT needs a temporal patch of 1 (frame-causal)")
+        if config.num_heads < 1 or config.hidden_size % config.num_heads \
+                or (config.hidden_size // config.num_heads) % 4:
+            raise ValueError(f"hidden_size / num_heads must be a multiple of 4 (2D RoPE over h and w), got "
+                             f"hidden_size={config.hidden_size}, num_heads={config.num_heads}")
         self.config, self.backend = config, config.backend
         D = config.hidden_size
         self.head_dim = D // config.num_heads

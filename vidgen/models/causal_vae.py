@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .vae import LatentVAE
+from .vae import LatentVAE, gn_groups
 
 __all__ = ["CausalVideoVAE"]
 
@@ -49,7 +49,7 @@ class FrameGroupNorm(nn.GroupNorm):
 
 
 def _gn(ch: int) -> FrameGroupNorm:
-    return FrameGroupNorm(min(8, ch), ch)
+    return FrameGroupNorm(gn_groups(ch), ch)
 
 
 class CausalTimeConv(nn.Conv3d):

@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,7 +28,8 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import LayerNormZero, RoPE3DAttention
 
-from .layers import PatchEmbed3D, TimestepEmbedder, backend_scope, check_text, check_timesteps, unpatchify
+from .layers import (CopyableLossesMixin, PatchEmbed3D, TimestepEmbedder, backend_scope, check_text, check_timesteps,
+                     unpatchify)
 
 __all__ = ["CogVideoXConfig", "CogVideoXTransformer", "cogvideox_2b", "cogvideox_5b", "param_count",
            "recommended_defaults"]
@@ -91,8 +93,16 @@ def param_count(config: CogVideoXConfig) -> int:
     return n
 
 
-class ModalityExpertFFN(nn.Module):
-    """Expert FFN routed by modality, via ``vidgen_kernels.moe_ffn`` (top-1, GELU-tanh)."""
+class ModalityExpertFFN(CopyableLossesMixin, nn.Module):
+    """Expert FFN routed by modality, via ``vidgen_kernels.moe_ffn`` (top-1, GELU-tanh).
+
+    A text token goes to one of the ``num_text_experts`` text experts, a video token to one of
+    the video experts, chosen by a softmax router restricted to its modality; the expert's
+    output is scaled by its routing probability (Switch Transformer's top-1, so the router
+    learns; with one expert per modality, as in CogVideoX, the probability is exactly 1).
+    ``aux_loss`` after a forward: the Switch load-balancing loss of the routing (its gradient
+    balances the experts within each modality).
+    """
 
     def __init__(self, dim: int, ffn_dim: int, num_text_experts: int, num_video_experts: int):
         super().__init__()
@@ -106,6 +116,7 @@ class ModalityExpertFFN(nn.Module):
         nn.init.normal_(self.w1, std=dim ** -0.5)
         nn.init.normal_(self.w2, std=ffn_dim ** -0.5)
         nn.init.normal_(self.router.weight, std=0.02)
+        self.aux_loss = torch.zeros(())
 
     def forward(self, x: Tensor, text_len: int) -> Tensor:
         B, S, C = x.shape
@@ -115,8 +126,11 @@ class ModalityExpertFFN(nn.Module):
         is_text = (torch.arange(S, device=x.device) < text_len).to(torch.int8)        # [S]
         expert_is_text = (torch.arange(self.Et + self.Ev, device=x.device) < self.Et).to(torch.int8)
         allowed = is_text[:, None] == expert_is_text[None, :]                         # [S, E]
-        logits = logits.masked_fill(~allowed, -1e4).reshape(B * S, -1)
-        return vk.moe_ffn(x, logits, self.w1, self.w2, top_k=1, activation="gelu", b1=self.b1, b2=self.b2).out
+        logits = logits.masked_fill(~allowed, -1e4).reshape(B * S, self.Et + self.Ev)
+        res = vk.moe_ffn(x, logits, self.w1, self.w2, top_k=1, activation="gelu", b1=self.b1, b2=self.b2,
+                         normalize_weights=False)
+        self.aux_loss = res.aux_loss
+        return res.out
 
 
 class CogVideoXBlock(nn.Module):
@@ -139,17 +153,27 @@ class CogVideoXBlock(nn.Module):
         return hidden + gate * ff[:, L:], enc + egate * ff[:, :L]
 
 
-class CogVideoXTransformer(nn.Module):
+class CogVideoXTransformer(CopyableLossesMixin, nn.Module):
     """``forward(x [B, T, C, H, W], t [B] in [0, 1], text [B, L, text_hidden_size])`` ->
-    ``[B, T, C_out, H, W]``."""
+    ``[B, T, C_out, H, W]``.
+
+    After a forward, ``aux_loss`` is the sum of the expert FFNs' load-balancing losses (its
+    gradient is zero with one expert per modality). Text and video tokens have FFNs of their own
+    (the modality experts), so a preset has more parameters than the CogVideoX model of the same
+    widths, whose FFN is shared: ``param_count(cogvideox_2b())`` is 2.58e9.
+    """
 
     def __init__(self, config: Optional[CogVideoXConfig] = None, **kwargs):
         super().__init__()
-        c = config or CogVideoXConfig(**kwargs)
+        c = dataclasses.replace(config) if config is not None else CogVideoXConfig(**kwargs)
         c.patch_size = tuple(c.patch_size)
         c.out_channels = c.out_channels or c.in_channels
         if c.hidden_size % c.num_heads or (c.hidden_size // c.num_heads) % 8:
             raise ValueError("hidden_size / num_heads must be a multiple of 8 (RoPE-3D split D/4, 3D/8, 3D/8)")
+        for name in ("num_text_experts", "num_video_experts"):
+            n = getattr(c, name)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {n!r}")
         self.config, self.backend = c, c.backend
         D = c.hidden_size
         self.head_dim = D // c.num_heads
@@ -174,8 +198,11 @@ class CogVideoXTransformer(nn.Module):
             enc = self.text_proj(text)
             temb = self.time_embedding(t)
             rope = vk.rope3d_freqs(T, h, w, self.head_dim, theta=c.rope_theta, device=x.device)
+            aux = 0.0
             for block in self.blocks:
                 hidden, enc = block(hidden, enc, temb, rope)
+                aux = aux + block.ff.aux_loss
+            self.aux_loss = aux
             hidden = self.norm_final(hidden)
             shift, scale = self.norm_out_linear(F.silu(temb)).chunk(2, dim=-1)
             hidden = vk.adaln_modulate(hidden, shift, scale, weight=self.norm_out.weight,

@@ -36,6 +36,7 @@ FFN parameters active per token match a dense ``mlp_ratio`` FFN.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,8 +46,8 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero
 
-from .layers import (CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder, backend_scope, check_text,
-                     check_timesteps, dit_init_, unpatchify)
+from .layers import (CopyableLossesMixin, CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder,
+                     backend_scope, check_text, check_timesteps, dit_init_, unpatchify)
 from .moe import make_moe
 
 __all__ = ["ImageMoEDiTConfig", "ImageMoEDiT"]
@@ -154,7 +155,7 @@ class ImageMoEDiTBlock(nn.Module):
         return x, self.adaln_txt.residual_out(txt, self.txt_ffn(ht), pt)
 
 
-class ImageMoEDiT(nn.Module):
+class ImageMoEDiT(CopyableLossesMixin, nn.Module):
     """Image MoE DiT predicting the flow-matching velocity.
 
     ``forward(x [B, C, H, W], t [B] in [0, 1] (or a scalar), text [B or 1, L, text_dim])`` ->
@@ -165,7 +166,7 @@ class ImageMoEDiT(nn.Module):
 
     def __init__(self, config: Optional[ImageMoEDiTConfig] = None, **kwargs):
         super().__init__()
-        config = config or ImageMoEDiTConfig(**kwargs)
+        config = dataclasses.replace(config) if config is not None else ImageMoEDiTConfig(**kwargs)
         if config.out_channels is None:
             config.out_channels = config.in_channels
         p = config.patch_size

@@ -18,6 +18,7 @@ pure-PyTorch reference kernels.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -90,7 +91,7 @@ class LatentVideoDiT(nn.Module):
 
     def __init__(self, config: Optional[LatentVideoDiTConfig] = None, **kwargs):
         super().__init__()
-        config = config or LatentVideoDiTConfig(**kwargs)
+        config = dataclasses.replace(config) if config is not None else LatentVideoDiTConfig(**kwargs)
         if config.out_channels is None:
             config.out_channels = config.in_channels
         config.patch_size = tuple(config.patch_size)
@@ -104,6 +105,8 @@ class LatentVideoDiT(nn.Module):
             raise ValueError("head_dim must be divisible by 4 (2D RoPE over h and w)")
         if config.pos_embed not in ("sincos", "none"):
             raise ValueError(f"pos_embed must be 'sincos' or 'none', got {config.pos_embed!r}")
+        if config.pos_embed == "sincos" and D % 8:
+            raise ValueError(f"pos_embed='sincos' needs hidden_size divisible by 8, got {D}")
         self.x_embedder = PatchEmbed3D(config.patch_size, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.text_pool = nn.Sequential(nn.Linear(config.text_dim, D), nn.SiLU(), nn.Linear(D, D))

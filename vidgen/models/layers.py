@@ -24,6 +24,18 @@ def backend_scope(backend: Optional[str]):
     return vk.use_backend(backend) if backend is not None else contextlib.nullcontext()
 
 
+class CopyableLossesMixin:
+    """For modules that keep the last forward's losses as plain tensor attributes (``aux_loss``):
+    a copy (``copy.deepcopy`` for an EMA, pickle, ``torch.save(model)``) holds them detached,
+    since tensors attached to an autograd graph cannot be deep-copied. Put it before
+    ``nn.Module`` in the bases."""
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        return {k: (v.detach() if isinstance(v, Tensor) and v.grad_fn is not None else v)
+                for k, v in state.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Input checks shared by the models
 # ---------------------------------------------------------------------------------------------

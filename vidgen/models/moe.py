@@ -16,12 +16,14 @@ from torch import Tensor, nn
 
 import vidgen_kernels as vk
 
+from .layers import CopyableLossesMixin
+
 __all__ = ["ReferenceMoE", "make_moe", "HAS_FUSED_MOE"]
 
 HAS_FUSED_MOE = hasattr(vk.nn, "MoEFFN")
 
 
-class ReferenceMoE(nn.Module):
+class ReferenceMoE(CopyableLossesMixin, nn.Module):
     def __init__(self, hidden: int, intermediate: int, num_experts: int = 4, top_k: int = 2,
                  shared_expert: bool = True, context_router: bool = False):
         super().__init__()

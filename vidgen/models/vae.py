@@ -23,8 +23,14 @@ from torch import Tensor, nn
 __all__ = ["LatentVAE", "SmallVideoVAE"]
 
 
+def gn_groups(ch: int) -> int:
+    """GroupNorm groups for ``ch`` channels: 8, or the largest divisor of ``ch`` below 8 (any
+    channel width works)."""
+    return max(g for g in range(1, min(8, ch) + 1) if ch % g == 0)
+
+
 def _gn(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, ch), ch)
+    return nn.GroupNorm(gn_groups(ch), ch)
 
 
 class LatentVAE(nn.Module):
