@@ -190,6 +190,32 @@ def test_generate_video_cfg_batched_and_seeded():
     assert img.shape == (3, 3, 4, 6)
 
 
+def test_generate_video_inputs_steps_and_empty_batch():
+    """Mismatched null embeddings raise a ValueError naming null_text and both shapes (a batch of
+    2 against 3 conditions blamed "text batch 5", another token length crashed in torch.cat);
+    B = 0 gives an empty result (it raised "range() arg 3 must not be zero"); the scheduler's own
+    step count is used when num_inference_steps is not given (25 overrode it); 0 steps raise."""
+    m = perturb(tiny_dit())
+    calls = []
+    m.register_forward_hook(lambda mod, args, out: calls.append(1))
+    text = torch.randn(3, 2, TEXT_DIM)
+    kw = dict(num_frames=2, height=4, width=4, show_progress=False, seed=0)
+    with pytest.raises(ValueError, match=rf"null_text must be .*\(3, 2, {TEXT_DIM}\), got \(2, 2, {TEXT_DIM}\)"):
+        generate_video(m, text, torch.zeros(2, 2, TEXT_DIM), **kw)
+    with pytest.raises(ValueError, match=rf"null_text must be .*got \(1, 5, {TEXT_DIM}\)"):
+        generate_video(m, text, torch.zeros(1, 5, TEXT_DIM), **kw)
+    with pytest.raises(ValueError, match=rf"text must be a \[B, L, D\] tensor, got \(3, {TEXT_DIM}\)"):
+        generate_video(m, text[:, 0], torch.zeros(1, 2, TEXT_DIM), **kw)
+    with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1, got 0"):
+        generate_video(m, text, torch.zeros(1, 2, TEXT_DIM), num_inference_steps=0, **kw)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        generate_video(m, text, torch.zeros(1, 2, TEXT_DIM), batch_size=0, **kw)
+    empty = generate_video(m, text[:0], torch.zeros(1, 2, TEXT_DIM), num_inference_steps=2, **kw)
+    assert empty.shape == (0, 2, 3, 4, 4) and not calls
+    generate_video(m, text, torch.zeros(1, 2, TEXT_DIM), scheduler=FlowMatchingScheduler(3), **kw)
+    assert len(calls) == 3
+
+
 def test_generate_video_decodes_through_vae():
     m = perturb(tiny_dit(in_channels=4))
     v = SmallVideoVAE(in_channels=1, latent_channels=4, base_channels=8, num_down=2)

@@ -141,3 +141,44 @@ def test_min_snr_weights():
     sv = DDPMScheduler(1000, "linear", prediction_type="v_prediction")
     torch.testing.assert_close(sv.min_snr_weights(t, 5.0), (snr.clamp(max=5) / (snr + 1)).float())
     assert s.min_snr_weights(t)[-1] == 1.0  # low SNR: weight 1 for epsilon
+
+
+def test_ddpm_trailing_spacing_starts_at_the_noisiest_step():
+    """``timestep_spacing="trailing"`` (diffusers' values): every schedule starts at N - 1, so a
+    one-step DDIM starts from pure noise; "leading" (the default) keeps DDIM's 0, r, 2r, ..."""
+    s = DDPMScheduler(1000, "linear", timestep_spacing="trailing")
+    assert s.timesteps(1).tolist() == [999]
+    assert s.timesteps(2).tolist() == [999, 499]
+    assert s.timesteps(3).tolist() == [999, 666, 332]
+    assert s.timesteps(1000).tolist() == list(range(999, -1, -1))
+    assert DDPMScheduler(1000).timesteps(2).tolist() == [500, 0]
+    x0, noise = _video()
+    t = s.timesteps(1)
+    out = s.target(x0, noise, t.expand(3))  # the oracle model output at the first step
+    x = s.ddim_step(out, t.expand(3), torch.tensor(-1).expand(3), s.add_noise(x0, noise, t.expand(3)))
+    torch.testing.assert_close(x, x0)
+    with pytest.raises(ValueError, match="timestep_spacing must be 'leading' or 'trailing'"):
+        DDPMScheduler(timestep_spacing="linspace")
+    with pytest.raises(ValueError, match=r"num_inference_steps must be an int in \[1, 1000\], got 0"):
+        s.timesteps(0)
+
+
+def test_flow_zero_steps_and_dtypes():
+    """``timesteps(0)`` raises (0 used to mean "the default count", and ``generate_video`` then
+    returned the initial noise); ``step`` / ``predict_x0`` keep an fp16 ``x_t``'s dtype for
+    ``[B]`` and per-frame ``[B, T]`` times (they promoted it to fp32; scalars kept it)."""
+    s = FlowMatchingScheduler(4)
+    with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1, got 0"):
+        s.timesteps(0)
+    assert len(s.timesteps()) == 5
+    x = torch.randn(2, 3, 4, 2, 2, dtype=torch.float16)
+    v = torch.randn_like(x)
+    for t, tn in ((torch.tensor(0.9), torch.tensor(0.7)), (torch.tensor([1.0, 0.8]), torch.tensor([0.9, 0.7])),
+                  (torch.rand(2, 3), torch.rand(2, 3))):
+        assert s.step(v, t, tn, x).dtype == torch.float16
+        assert s.predict_x0(v, t, x).dtype == torch.float16
+    # the step size is taken in the times' precision: t = 0.98 -> 0.96 is not rounded to fp16 first
+    t, tn = torch.tensor(0.98), torch.tensor(0.96)
+    x32 = torch.zeros(1, 1, 1, 1, 1)
+    got = s.step(torch.ones(1, 1, 1, 1, 1, dtype=torch.float16), t, tn, x32.half())
+    assert got.item() == torch.tensor(-0.02).half().item()

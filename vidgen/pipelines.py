@@ -19,23 +19,38 @@ __all__ = ["generate_video", "generate_image"]
 @torch.no_grad()
 def generate_video(model: nn.Module, text: Tensor, null_text: Tensor, *, num_frames: int,
                    height: int, width: int, channels: Optional[int] = None,
-                   scheduler: Optional[FlowMatchingScheduler] = None, num_inference_steps: int = 25,
+                   scheduler: Optional[FlowMatchingScheduler] = None,
+                   num_inference_steps: Optional[int] = None,
                    guidance_scale: float = 4.0, generator: Optional[torch.Generator] = None,
                    seed: Optional[int] = None, vae: Optional[nn.Module] = None,
                    show_progress: bool = True, batch_size: Optional[int] = None) -> Tensor:
     """Sample latent videos ``[B, T, C, H, W]`` for the conditions ``text [B, L, D]`` (decoded
     through ``vae.decode_scaled`` (or ``vae.decode``) when ``vae`` is given).
 
-    ``height``/``width``/``num_frames`` are latent sizes. ``seed`` builds a ``torch.Generator``
-    when no ``generator`` is given; ``batch_size`` splits large batches.
+    ``height``/``width``/``num_frames`` are latent sizes. ``null_text`` is ``[1, L, D]`` or
+    ``[B, L, D]`` (the same ``L`` and ``D`` as ``text``). ``num_inference_steps`` defaults to
+    the scheduler's own count (25 without a scheduler). ``seed`` builds a ``torch.Generator``
+    when no ``generator`` is given; ``batch_size`` splits large batches. ``B = 0`` gives an
+    empty result.
     """
+    if num_inference_steps is None:
+        num_inference_steps = scheduler.num_inference_steps if scheduler is not None else 25
     scheduler = scheduler or FlowMatchingScheduler(num_inference_steps)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     channels = channels or model.config.in_channels
     if generator is None and seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
+    for name, emb in (("text", text), ("null_text", null_text)):
+        if not isinstance(emb, Tensor) or emb.dim() != 3:
+            raise ValueError(f"{name} must be a [B, L, D] tensor, got "
+                             f"{tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__}")
     B = text.shape[0]
+    if null_text.shape[0] not in (1, B) or null_text.shape[1:] != text.shape[1:]:
+        raise ValueError(f"null_text must be [1, L, D] or [B, L, D] with text's B, L, D = "
+                         f"{tuple(text.shape)}, got {tuple(null_text.shape)}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
     text = text.to(device, dtype)
     null_text = null_text.to(device, dtype)
     if null_text.shape[0] == 1:
@@ -43,7 +58,9 @@ def generate_video(model: nn.Module, text: Tensor, null_text: Tensor, *, num_fra
     # noise drawn on the CPU generator so that seeds give the same videos on every device
     x = torch.randn((B, num_frames, channels, height, width), generator=generator).to(device, dtype)
     ts = scheduler.timesteps(num_inference_steps, device=device)
-    bs = batch_size or B
+    if B == 0:
+        num_inference_steps = 0
+    bs = batch_size or max(B, 1)
     bar = progress(total=num_inference_steps, desc="sampling", disable=not show_progress)
     for i in range(num_inference_steps):
         t, t_next = ts[i], ts[i + 1]

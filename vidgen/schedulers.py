@@ -26,8 +26,8 @@ __all__ = ["FlowMatchingScheduler", "DDPMScheduler"]
 def _expand(t: Tensor, x: Tensor) -> Tensor:
     """Broadcast ``t`` (scalar, ``[B]`` or per-frame ``[B, T]``) against ``x`` ``[B, ...]``."""
     t = torch.as_tensor(t, device=x.device)
-    if t.dim() == 0:
-        return t.to(x.dtype) if t.is_floating_point() else t
+    if t.is_floating_point():
+        t = t.to(x.dtype)
     return t.reshape(*t.shape, *([1] * (x.dim() - t.dim())))
 
 
@@ -72,16 +72,17 @@ class FlowMatchingScheduler:
 
     def timesteps(self, num_inference_steps: Optional[int] = None, device=None) -> Tensor:
         """``N + 1`` decreasing times from 1 to 0 (shifted): step ``i`` goes ``t[i] -> t[i+1]``."""
-        n = num_inference_steps or self.num_inference_steps
-        if n < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {n}")
+        n = self.num_inference_steps if num_inference_steps is None else num_inference_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_inference_steps must be an int >= 1, got {n!r}")
         return self.shift_t(torch.linspace(1.0, 0.0, n + 1, device=device))
 
     @staticmethod
     def step(velocity: Tensor, t: Tensor, t_next: Tensor, x_t: Tensor) -> Tensor:
-        """One Euler step ``x_{t_next} = x_t + (t_next - t) * v``."""
-        dt = _expand(t_next, x_t) - _expand(t, x_t)
-        return x_t + dt * velocity
+        """One Euler step ``x_{t_next} = x_t + (t_next - t) * v`` (``t_next - t`` taken in the
+        precision of the times, then cast to ``x_t``'s dtype)."""
+        dt = torch.as_tensor(t_next, device=x_t.device) - torch.as_tensor(t, device=x_t.device)
+        return x_t + _expand(dt, x_t) * velocity
 
     @staticmethod
     def predict_x0(velocity: Tensor, t: Tensor, x_t: Tensor) -> Tensor:
@@ -102,12 +103,17 @@ class DDPMScheduler:
         num_train_timesteps: ``N``.
         beta_schedule: ``"linear"`` (``beta_start .. beta_end``) or ``"cosine"`` (squaredcos_cap_v2).
         prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+        timestep_spacing: the sampling steps of :meth:`timesteps` (diffusers' names):
+            ``"leading"`` (default; DDIM's ``0, r, 2r, ...`` with ``r = N // n``, so a few-step
+            schedule starts far from pure noise: 1 step is ``[0]``, 2 are ``[500, 0]``) or
+            ``"trailing"`` (``N-1, N-1-N/n, ...``: every schedule starts at the last, noisiest
+            step; use it for few-step sampling).
     Attributes (float64, length N): ``betas``, ``alphas``, ``alphas_cumprod``.
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
                  beta_start: float = 1e-4, beta_end: float = 0.02,
-                 prediction_type: str = "epsilon"):
+                 prediction_type: str = "epsilon", timestep_spacing: str = "leading"):
         if beta_schedule == "linear":
             betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
         elif beta_schedule == "cosine":
@@ -116,6 +122,9 @@ class DDPMScheduler:
             raise ValueError(f"beta_schedule must be 'linear' or 'cosine', got {beta_schedule!r}")
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        if timestep_spacing not in ("leading", "trailing"):
+            raise ValueError(f"timestep_spacing must be 'leading' or 'trailing', got {timestep_spacing!r}")
+        self.timestep_spacing = timestep_spacing
         self.num_train_timesteps = num_train_timesteps
         self.beta_schedule = beta_schedule
         self.prediction_type = prediction_type
@@ -175,11 +184,15 @@ class DDPMScheduler:
         return x0, eps
 
     def timesteps(self, num_inference_steps: int, device=None) -> Tensor:
-        """Evenly spaced decreasing integer steps (``"leading"`` spacing, ends at 0)."""
-        if not 1 <= num_inference_steps <= self.num_train_timesteps:
-            raise ValueError(f"num_inference_steps must be in [1, {self.num_train_timesteps}]")
-        ratio = self.num_train_timesteps // num_inference_steps
-        return (torch.arange(num_inference_steps, device=device) * ratio).flip(0)
+        """``num_inference_steps`` evenly spaced decreasing integer steps: ``"leading"``
+        spacing ends at 0, ``"trailing"`` starts at ``N - 1`` (:attr:`timestep_spacing`)."""
+        n, N = num_inference_steps, self.num_train_timesteps
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= N:
+            raise ValueError(f"num_inference_steps must be an int in [1, {N}], got {n!r}")
+        if self.timestep_spacing == "trailing":
+            steps = torch.arange(N, 0, -N / n, dtype=torch.float64).round().long() - 1
+            return steps.to(device)
+        return (torch.arange(n, device=device) * (N // n)).flip(0)
 
     def ddim_step(self, model_output: Tensor, t: Tensor, t_prev: Tensor, x_t: Tensor) -> Tensor:
         """Deterministic DDIM (eta 0): ``x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev) eps``;
