@@ -85,6 +85,8 @@ def test_latent_dit_presets():
     m = LatentVideoDiT_S(in_channels=4, text_dim=64)
     assert (m.config.hidden_size, m.config.depth, m.config.num_heads) == (512, 8, 8)
     assert len(m.blocks) == 8
+    m = LatentVideoDiT_S(in_channels=4, text_dim=64, depth=2)  # an override (it raised a TypeError)
+    assert (m.config.hidden_size, m.config.depth, len(m.blocks)) == (512, 2, 2)
 
 
 # ---------------------------------------------------------------------------------------- VAE

@@ -144,9 +144,11 @@ class LatentVideoDiT(nn.Module):
 def _preset(name: str):
     def build(**kwargs) -> LatentVideoDiT:
         hidden, depth, heads = LATENT_VIDEO_DIT_PRESETS[name]
-        return LatentVideoDiT(LatentVideoDiTConfig(hidden_size=hidden, depth=depth, num_heads=heads, **kwargs))
+        return LatentVideoDiT(LatentVideoDiTConfig(**{"hidden_size": hidden, "depth": depth, "num_heads": heads,
+                                                      **kwargs}))
     build.__name__ = f"LatentVideoDiT_{name}"
-    build.__doc__ = f"LatentVideoDiT-{name}: hidden/depth/heads = {LATENT_VIDEO_DIT_PRESETS[name]}."
+    build.__doc__ = (f"LatentVideoDiT-{name}: hidden/depth/heads = {LATENT_VIDEO_DIT_PRESETS[name]}; keyword "
+                     f"arguments override any config field (``depth=2`` for a shallow test model).")
     return build
 
 
