@@ -141,3 +141,55 @@ def test_op_compiles_with_dynamic_shapes(case, device):
     assert counters["stats"]["unique_graphs"] == graphs, (
         f"{case}: a new size recompiled ({counters['stats']['unique_graphs']} graphs, {graphs} "
         "after the first size)")
+
+
+# ---- constants of the graph beside symbolic sizes; torch.export ----------------------------
+def test_constant_widths_beside_symbolic_sizes():
+    """A width built in the graph (a table of 8 columns for D = 16, an in-graph [2, C]
+    modulation for B = 2) is a constant that dynamo compared with ``in (D // 2, D)`` /
+    ``in (1, B)`` over symbolic sizes, and answered False: valid inputs raised "cos must be
+    [L, D/2] ..." / "shift has batch 2 but x has B=2" under dynamic=True only."""
+    def attn(q):
+        c, s = vk.rope3d_freqs(2, 2, 2, 16, axes_dims=(4, 4, 8))
+        return vk.rope3d_attention(q, q, q, c, s)
+
+    def mod(x):
+        return vk.adaln_modulate(x, torch.zeros(2, 16), torch.ones(2, 16))
+
+    def gated(x):
+        p = vk.nn.adaln.AdaLNParams(*torch.ones(6, 2, 16).unbind(0))
+        return vk.nn.AdaLNZero.residual_out(x, x, p)
+
+    for fn, x in ((attn, torch.randn(1, 8, 2, 16)), (mod, torch.randn(2, 6, 16)),
+                  (gated, torch.randn(2, 6, 16))):
+        torch._dynamo.reset()
+        got = torch.compile(fn, fullgraph=True, dynamic=True)(x)
+        torch.testing.assert_close(got, fn(x), rtol=1e-5, atol=1e-6)
+
+
+def test_head_norm_on_a_layout_view_cannot_merge_compiles():
+    """nn.HeadNorm on ``[B, H, S, D]`` transposed to ``[B, S, H, D]`` (the leading dims do not
+    merge into a view) under torch.compile: it tried ``view`` and caught eager's RuntimeError,
+    which compile raises as another type (TorchRuntimeError)."""
+    n = vk.nn.HeadNorm(8, "rms")
+    x = torch.randn(2, 5, 3, 8).transpose(1, 2)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(n, fullgraph=True)(x), n(x))
+
+
+def test_export_keeps_the_sequence_length_dynamic():
+    """``torch.export`` (non-strict, the default) of rope3d_attention with a symbolic S: the
+    checks returned ``int(video_len)``, which pinned S to the example's value ("Constraints
+    violated (S)! ... specialized it to be a constant (12)")."""
+    from torch.export import Dim, export
+
+    class A(torch.nn.Module):
+        def forward(self, q, k, v, c, s):
+            return vk.rope3d_attention(q, k, v, c, s, rope_offset=0)
+
+    S = Dim("S", min=2, max=4096)
+    t = lambda n, seed: torch.randn(1, n, 2, 16, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    ep = export(A(), (t(12, 0), t(12, 1), t(12, 2), *vk.rope3d_freqs(1, 1, 12, 16)),
+                dynamic_shapes=({1: S},) * 3 + ({0: S},) * 2)
+    args = (t(20, 3), t(20, 4), t(20, 5), *vk.rope3d_freqs(1, 1, 20, 16))
+    torch.testing.assert_close(ep.module()(*args), A()(*args), rtol=1e-5, atol=1e-6)

@@ -112,7 +112,7 @@ class VideoCausalDiT(CopyableLossesMixin, nn.Module):
         text = check_text(text, B, self.config.text_dim)
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
         if t.dim() <= 1:
-            t = t.reshape(-1, 1).expand(B, T) if t.numel() in (1, B) else t
+            t = t.reshape(-1, 1).expand(B, T) if (t.numel() == 1 or t.numel() == B) else t
         if t.shape != (B, T):
             raise ValueError(f"t must be a scalar, [B] or per-frame [B, T] = [{B}, {T}], got {tuple(t.shape)}")
         with backend_scope(self.backend):

@@ -44,7 +44,7 @@ def check_text(text: Tensor, B: int, width: int, name: str = "text_dim") -> Tens
     if not isinstance(text, Tensor) or text.dim() != 3 or text.shape[-1] != width:
         shape = tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__
         raise ValueError(f"text embeddings must be [B, L, {name}={width}], got {shape}")
-    if text.shape[0] not in (1, B):
+    if not (text.shape[0] == 1 or text.shape[0] == B):  # (`in` is wrong on symbolic sizes in dynamo)
         raise ValueError(f"text batch {text.shape[0]} does not match the latent batch B={B}")
     if text.shape[1] < 1:
         raise ValueError(f"text must have at least one token, got shape {tuple(text.shape)}")

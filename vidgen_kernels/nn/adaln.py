@@ -107,12 +107,12 @@ def gated_add(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
         raise ValueError(f"{op}: y (the sublayer output) must have x's shape {tuple(x.shape)}, "
                          f"got {tuple(y.shape)}")
     g = gate.view(1, 1, -1) if gate.dim() == 1 else gate.unsqueeze(1) if gate.dim() == 2 else gate
-    if g.dim() != 3 or g.shape[0] not in (1, B) or g.shape[2] != C or g.shape[1] == 0 \
+    if g.dim() != 3 or not (g.shape[0] == 1 or g.shape[0] == B) or g.shape[2] != C or g.shape[1] == 0 \
             or N % g.shape[1]:
         raise ValueError(f"{op}: gate must be [C], [B, C], [B, F, C] with F dividing N, or "
                          f"[B, N, C] (B={B}, N={N}, C={C}), got shape {tuple(gate.shape)}")
     Fg = g.shape[1]
-    if Fg in (1, N):
+    if Fg == 1 or Fg == N:
         out = x + g * y
     else:
         out = (x.reshape(B, Fg, N // Fg, C) + g.unsqueeze(2) * y.reshape(B, Fg, N // Fg, C)
@@ -230,10 +230,9 @@ class HeadNorm(nn.Module):
             if self.kind == "layer":
                 return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
             return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
-        try:  # [rows, H, D] view; only layouts that cannot merge the leading dims are copied
-            x3 = x.view(-1, x.shape[-2], self.dim)
-        except RuntimeError:
-            x3 = x.reshape(-1, x.shape[-2], self.dim)
+        # [rows, H, D]: a view, copied only when the leading dims cannot merge (reshape, not
+        # view in a try: under torch.compile view's error is another exception type)
+        x3 = x.reshape(-1, x.shape[-2], self.dim)
         zero = torch.zeros((), dtype=torch.float32, device=x.device).expand(self.dim)
         out = adaln_modulate(x3, zero, zero, weight=self.weight, bias=self.bias, eps=self.eps,
                              norm=self.kind, backend=self.backend)

@@ -143,7 +143,7 @@ def _canon_param(name: str, p, x: Tensor, op: str) -> Tensor:
     Bp, Fp, Cp = p.shape
     if Cp != C:
         raise ValueError(f"{op}: {name} has {Cp} channels but x has C={C}; expected {expected()}")
-    if Bp not in (1, B):
+    if not (Bp == 1 or Bp == B):  # (not `in`: False on symbolic sizes under dynamic compile)
         raise ValueError(f"{op}: {name} has batch {Bp} but x has B={B} (1 broadcasts); "
                          f"expected {expected()}")
     if Fp == 0 or N % Fp != 0:

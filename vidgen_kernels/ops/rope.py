@@ -41,7 +41,8 @@ def canon_table(name: str, t, D: int, min_len: int, device, op: str, interleaved
         raise TypeError(f"{op}: {name} must be a floating tensor, got dtype {t.dtype}")
     if t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device} but q is on {device}")
-    if t.dim() != 2 or t.shape[1] not in (D // 2, D):
+    # explicit == (not `in`): under torch.compile(dynamic=True) `in` on symbolic sizes is False
+    if t.dim() != 2 or not (t.shape[1] == D // 2 or t.shape[1] == D):
         raise ValueError(f"{op}: {name} must be [L, D/2] = [L, {D // 2}] or [L, D] = [L, {D}], "
                          f"got shape {tuple(t.shape)}")
     if t.shape[0] < min_len:

@@ -171,7 +171,8 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
                              f"length {video_len} (tokens rope_offset .. rope_offset + "
                              f"{'len(cos)' if rope else 'S'} - 1)")
         fc_block = tokens_per_frame * frames_per_block
-    return cos, sin, int(rope_offset), int(video_len), int(fc_block), float(softmax_scale)
+    # video_len stays a symbolic size under torch.export / dynamic shapes (int() would pin it)
+    return cos, sin, rope_offset, video_len, fc_block, float(softmax_scale)
 
 
 # ----------------------------------------------------------------------------------------------
