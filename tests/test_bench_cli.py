@@ -72,6 +72,17 @@ def test_arguments_and_pytest_command():
     assert bench.parse_args([])[0].out == bench.DEFAULT_OUT
 
 
+def test_bad_output_paths_give_a_message_not_a_traceback(tmp_path, capsys):
+    """``--out`` naming a file and ``--json`` naming a folder: exit 2 with a message naming the
+    option (FileExistsError / IsADirectoryError tracebacks before)."""
+    f = tmp_path / "a_file"
+    f.write_text("")
+    assert bench.main(["--out", str(f), "--quick"]) == 2
+    assert f"--out {f} is a file" in capsys.readouterr().err
+    assert bench.main(["--out", str(tmp_path / "o"), "--json", str(tmp_path), "--quick"]) == 2
+    assert f"--json {tmp_path} is a folder" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "setup.py")), reason="not a source tree")
 def test_suite_ships_in_package(tmp_path):
     """setup.py's build_py (what a wheel gets; copies Python files, compiles nothing) puts

@@ -164,3 +164,27 @@ def test_auto_falls_back_beyond_a_kernel_limit(monkeypatch):
             torch.testing.assert_close(f(b), want)
         with pytest.raises(ValueError, match=f"backend 'triton' supports {what}"):
             f("triton")
+
+
+def test_module_level_imports_are_declared_dependencies():
+    """Every third-party package that vidgen / vidgen_kernels import at module level is a declared
+    dependency in pyproject.toml (triton: the optional extra of the triton_kernels subpackage);
+    the installed ``vidgen`` command imported numpy, which was not declared."""
+    import ast
+    import pathlib
+    import re
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    deps = re.search(r"^dependencies = \[(.*?)\]", text, re.M | re.S).group(1)
+    declared = {re.split(r"[<>=!~ \[]", d.strip().strip('"'))[0] for d in deps.split(",") if d.strip()}
+    extras = {"triton": "vidgen_kernels/triton_kernels/"}
+    for pkg in ("vidgen", "vidgen_kernels"):
+        for path in pathlib.Path(ROOT, pkg).rglob("*.py"):
+            for node in ast.parse(path.read_text()).body:  # module level only (not lazy imports)
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in sys.stdlib_module_names or top in ("vidgen", "vidgen_kernels"):
+                        continue
+                    rel = path.relative_to(ROOT).as_posix()
+                    assert top in declared or rel.startswith(extras.get(top, "-")), (rel, top, declared)

@@ -148,9 +148,19 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     out = os.path.abspath(ns.out)
-    os.makedirs(out, exist_ok=True)
     json_path = os.path.abspath(ns.json or os.path.join(out, "bench.json"))
-    os.makedirs(os.path.dirname(json_path), exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        print(f"vidgen_kernels.bench: --out {ns.out} is a file, not a folder", file=sys.stderr)
+        return 2
+    if os.path.isdir(json_path):
+        print(f"vidgen_kernels.bench: --json {ns.json} is a folder; give a file path", file=sys.stderr)
+        return 2
+    try:
+        os.makedirs(out, exist_ok=True)
+        os.makedirs(os.path.dirname(json_path), exist_ok=True)
+    except OSError as e:
+        print(f"vidgen_kernels.bench: cannot create the output folders: {e}", file=sys.stderr)
+        return 2
     if os.path.exists(json_path):
         os.remove(json_path)  # never report a previous run's numbers
 
