@@ -286,3 +286,15 @@ def test_state_dict_names():
     assert set(m.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias",
                                    "norm_q.weight", "norm_q.bias", "norm_k.weight", "norm_k.bias"}
     assert math.isclose(m.rope_theta, 100.0)
+
+
+@pytest.mark.parametrize("theta", [0.0, -1.0, float("nan"), float("inf"), True])
+def test_bad_rope_theta(theta):
+    """A RoPE base that is not a finite number > 0 raises at construction (it gave NaN outputs
+    on every backend), as rope3d_freqs's theta does; rope_1d_tables checks it too."""
+    with pytest.raises(ValueError, match="CausalTemporalAttention: rope_theta must be a finite number > 0"):
+        CausalTemporalAttention(16, 2, rope_theta=theta)
+    CausalTemporalAttention(16, 2, rope=False, rope_theta=theta)  # unused without RoPE
+    from vidgen_kernels.nn.temporal_attention import rope_1d_tables
+    with pytest.raises(ValueError, match="rope_1d_tables: theta must be a finite number > 0"):
+        rope_1d_tables(4, 8, theta)

@@ -740,18 +740,20 @@ def test_bad_input(fn, name, kw, exc, match):
         getattr(vk, fn)(q, k, v, cos, sin, **args)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "torch", "triton"])
 def test_frames_per_block_longer_than_the_video(backend):
     """A block of more frames than the video is one block (the whole video): the same result
     as frames_per_block = frames, without a mask or index sized by tokens x frames_per_block
-    (2**40 frames per block used to ask the reference for terabytes)."""
+    (2**40 frames per block used to ask the reference for terabytes; 2**62 / 2**63 - 1 gave
+    NaN on cpu (an int64 overflow in the C++ kernel's key range) or a raw pybind / Triton error
+    for a block of 2**63 tokens or more)."""
     if kernel_missing(backend):
         pytest.skip(kernel_missing(backend))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 11, 2, 8, generator=g) for _ in range(3))
     kw = dict(rope_offset=3, frame_causal=True, tokens_per_frame=2)
     want = attn(q, k, v, backend, frames_per_block=4, **kw)
-    for fpb in (5, 2 ** 40):
+    for fpb in (5, 2 ** 40, 2 ** 62, 2 ** 63 - 1):
         torch.testing.assert_close(attn(q, k, v, backend, frames_per_block=fpb, **kw), want)
 
 

@@ -69,22 +69,31 @@ def _check_name(name: str, what: str) -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Context manager: ops called inside use backend ``name`` unless a call passes ``backend=``.
 
+    The choice is per thread (each thread has its own), not per asyncio task: tasks of one
+    event loop that enter different backends concurrently see each other's. Contexts exited out
+    of order (a generator finalised late) each remove their own entry.
+
     >>> with vidgen_kernels.use_backend("reference"):
     ...     out = vidgen_kernels.adaln_modulate(x, shift, scale)
     """
     _check_name(name, "use_backend(name)")
-    _stack().append(name)
+    entry = (name,)  # a fresh tuple: this context's own entry, removed by identity on exit
+    _stack().append(entry)
     try:
         yield
     finally:
-        _stack().pop()
+        st = _stack()
+        for i in range(len(st) - 1, -1, -1):  # the top one, unless contexts exit out of order
+            if st[i] is entry:
+                del st[i]
+                break
 
 
 def current_backend() -> str:
     """The backend in force when no ``backend=`` is passed: context, then env var, then ``auto``."""
     st = _stack()
     if st:
-        return st[-1]
+        return st[-1][0]
     env = os.environ.get("VIDGEN_KERNELS_BACKEND", "")
     if env:
         return _check_name(env, "environment variable VIDGEN_KERNELS_BACKEND")

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -184,7 +185,8 @@ class LayerNormZero(nn.Module):
 class HeadNorm(nn.Module):
     """Per-head QK norm: LayerNorm (``kind="layer"``, weight + bias) or RMSNorm (``"rms"``,
     weight) over the last dim ``D`` of ``x [..., H, D]``, a drop-in for ``nn.LayerNorm(D)`` /
-    ``nn.RMSNorm(D)`` (same parameter names and initialisation).
+    ``nn.RMSNorm(D)`` (same parameter names and initialisation; the default ``eps`` is 1e-6, that
+    of CogVideoX's and Wan's QK norms: pass ``eps=1e-5`` for ``nn.LayerNorm``'s default).
 
     Runs on the fused AdaLN kernel (:func:`vidgen_kernels.adaln_modulate` with zero shift and
     scale) over the ``[rows, H, D]`` view of ``x``, read in place (e.g. the q / k slices of a
@@ -205,6 +207,8 @@ class HeadNorm(nn.Module):
         super().__init__()
         if kind not in ("layer", "rms"):
             raise ValueError(f"HeadNorm: kind must be 'layer' or 'rms', got {kind!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+            raise ValueError(f"HeadNorm: eps must be a finite number >= 0, got {eps!r}")
         fk = {"device": device, "dtype": dtype}
         self.dim, self.kind, self.eps, self.backend = dim, kind, float(eps), backend
         self.normalized_shape = (dim,)

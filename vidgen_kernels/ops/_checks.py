@@ -21,7 +21,17 @@ def autocast_dtype(t) -> Optional[torch.dtype]:
     if not isinstance(t, Tensor):
         return None
     dev = t.device.type
+    if dev == "meta":  # autocast has no meta device (is_autocast_enabled raises for it)
+        return None
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def check_flags(op: str, **flags) -> None:
+    """Python bools only: a string such as ``"False"`` is truthy and would silently flip the
+    flag."""
+    for name, val in flags.items():
+        if not isinstance(val, bool):
+            raise TypeError(f"{op}: {name} must be a bool, got {type(val).__name__} {val!r}")
 
 
 def cast_floating(dtype: torch.dtype, *tensors):

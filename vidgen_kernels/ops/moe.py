@@ -100,7 +100,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._checks import autocast_dtype, cast_floating
+from ._checks import autocast_dtype, cast_floating, check_flags
 from ._eager import differentiable_vjp, eager_op, recomputed_vjp
 from ..backends import forward_ad_active, resolve
 
@@ -342,6 +342,7 @@ def moe_ffn_reference(x, router_logits, w1, w2, *, top_k=2, activation="gelu", b
                                      activation=activation, b1=b1, b2=b2,
                                      normalize_weights=normalize_weights,
                                      expert_index=expert_index)
+    check_flags(op, normalize_weights=normalize_weights)
     N, C, E, _ = _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2,
                                expert_index, op)
     if N == 0:
@@ -1140,6 +1141,7 @@ def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, 
             return moe_ffn(x, router_logits, w1, w2, top_k=top_k, activation=activation, b1=b1,
                            b2=b2, normalize_weights=normalize_weights,
                            expert_index=expert_index, backend=backend)
+    check_flags(op, normalize_weights=normalize_weights)
     N, C, E, _ = _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2,
                                expert_index, op)
     if N == 0:

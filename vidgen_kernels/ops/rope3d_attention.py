@@ -100,7 +100,7 @@ from torch import Tensor
 from .. import _ext
 from ._eager import differentiable_vjp, eager_op, recomputed_vjp
 from ..backends import forward_ad_active, may_fall_back, resolve
-from ._checks import autocast_dtype, cast_floating, check_qkv, softmax_scale_or_default
+from ._checks import autocast_dtype, cast_floating, check_flags, check_qkv, softmax_scale_or_default
 from .rope import _rope_kernel, canon_table, check_rope_pair, rotate, table_grads
 
 __all__ = ["rope3d_attention", "rope3d_attention_reference", "frame_causal_mask"]
@@ -123,6 +123,7 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
                   frames_per_block, softmax_scale, op):
     """Validate; return (cos, sin canonicalised to [L, D/2] fp32 or None, fc_start, fc_len,
     fc_block, scale)."""
+    check_flags(op, interleaved=interleaved, frame_causal=frame_causal)
     check_qkv(q, k, v, "[B, S, H, D]", op)
     B, Sq, H, D = q.shape
     if k.shape[0] != B:
@@ -171,6 +172,10 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
                              f"length {video_len} (tokens rope_offset .. rope_offset + "
                              f"{'len(cos)' if rope else 'S'} - 1)")
         fc_block = tokens_per_frame * frames_per_block
+        # a block at least as long as the video is the whole video: clamp, so that the kernels'
+        # index sums cannot overflow (2**63 - 1 frames gave NaN on cpu). Plain ints only: a
+        # min() with a symbolic video_len would add a guard under dynamic shapes.
+        fc_block = min(fc_block, max(video_len, 1) if isinstance(video_len, int) else 2 ** 31 - 1)
     # video_len stays a symbolic size under torch.export / dynamic shapes (int() would pin it)
     return cos, sin, rope_offset, video_len, fc_block, float(softmax_scale)
 

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ._eager import differentiable_vjp, eager_op
 from ..backends import may_fall_back, resolve
-from ._checks import autocast_dtype, cast_floating, check_qkv, softmax_scale_or_default
+from ._checks import autocast_dtype, cast_floating, check_flags, check_qkv, softmax_scale_or_default
 from .rope import canon_table, check_rope_pair, rotate, table_grads, unrotate
 
 __all__ = ["temporal_attention", "temporal_attention_reference"]
@@ -116,6 +116,7 @@ def temporal_attention_reference(q, k, v, *, causal=True, cos=None, sin=None, in
     """The seed design in PyTorch: permute to ``[B, S, H, T, D]``, rotate, masked softmax
     attention (fp32 math), permute back. Returns ``[B, T_q, S, H, D]`` in q's dtype."""
     op = "temporal_attention_reference"
+    check_flags(op, causal=causal, interleaved=interleaved)
     cos, sin, scale = _check_inputs(q, k, v, cos, sin, q_offset, interleaved, softmax_scale, op)
     out, _, _, _ = _attend(_to_seq(q), _to_seq(k), _to_seq(v), cos, sin, causal, interleaved,
                            q_offset, scale)
@@ -290,6 +291,7 @@ def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
             return temporal_attention(q, k, v, causal=causal, cos=cos, sin=sin,
                                       interleaved=interleaved, q_offset=q_offset,
                                       softmax_scale=softmax_scale, backend=backend)
+    check_flags(op, causal=causal, interleaved=interleaved)
     cos, sin, scale = _check_inputs(q, k, v, cos, sin, q_offset, interleaved, softmax_scale, op)
     name = resolve(backend, q.device, q.dtype, SUPPORTED_DTYPES, op, (q, k, v, cos, sin))
     Tk, D = k.shape[1], q.shape[-1]

@@ -1,0 +1,67 @@
+"""Checks shared by every public op: flag types, meta tensors, the backend context."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vidgen_kernels as vk
+
+
+def _ops():
+    q4 = torch.randn(1, 4, 2, 8)
+    t5 = torch.randn(1, 3, 2, 2, 8)
+    moe = (torch.randn(3, 8), torch.randn(3, 4), torch.randn(4, 8, 6), torch.randn(4, 6, 8))
+    return [
+        (lambda **f: vk.rope3d_attention(q4, q4, q4, **f), ("interleaved", "frame_causal")),
+        (lambda **f: vk.rope3d_attention_reference(q4, q4, q4, **f), ("interleaved", "frame_causal")),
+        (lambda **f: vk.temporal_attention(t5, t5, t5, **f), ("causal", "interleaved")),
+        (lambda **f: vk.temporal_attention_reference(t5, t5, t5, **f), ("causal", "interleaved")),
+        (lambda **f: vk.moe_ffn(*moe, **f), ("normalize_weights",)),
+        (lambda **f: vk.moe_ffn_reference(*moe, **f), ("normalize_weights",)),
+    ]
+
+
+@pytest.mark.parametrize("bad", ["False", 1, None])
+def test_flags_must_be_bools(bad):
+    """A flag given as a string ("False" is truthy), an int or None raises a TypeError naming
+    it; ``causal="False"`` used to run causal attention, silently."""
+    for fn, flags in _ops():
+        for name in flags:
+            with pytest.raises(TypeError, match=rf"{name} must be a bool, got {type(bad).__name__}"):
+                fn(**{name: bad})
+
+
+def test_meta_tensors_run_the_reference_or_name_the_device():
+    """Tensors on the meta device (shape inference, deferred init): ``auto`` runs the reference
+    there, and a meta tensor mixed with CPU ones gives the device ValueError; every op raised
+    "unknown device type for autocast" before any check."""
+    m = lambda *s: torch.randn(*s, device="meta")  # noqa: E731
+    assert vk.adaln_modulate(m(2, 4, 8), m(2, 8), m(2, 8)).shape == (2, 4, 8)
+    h, y = vk.gated_residual_adaln(m(2, 4, 8), m(2, 4, 8), m(2, 8), m(2, 8), m(2, 8))
+    assert h.shape == y.shape == (2, 4, 8) and h.device.type == "meta"
+    q = m(1, 6, 2, 8)
+    assert vk.rope3d_attention(q, q, q).shape == (1, 6, 2, 8)
+    t = m(1, 3, 2, 2, 8)
+    assert vk.temporal_attention(t, t, t).device.type == "meta"
+    assert vk.nn.HeadNorm(8, device="meta")(m(3, 2, 8)).shape == (3, 2, 8)
+    with pytest.raises(ValueError, match="shift is on cpu but x is on meta"):
+        vk.adaln_modulate(m(2, 4, 8), torch.randn(2, 8), torch.randn(2, 8))
+
+
+def test_use_backend_contexts_exited_out_of_order():
+    """Each ``use_backend`` context removes its own entry on exit: exiting the outer one first
+    (a generator finalised late) used to pop the inner one's entry and leave the outer's in
+    force."""
+    outer, inner = vk.use_backend("reference"), vk.use_backend("cpu")
+    outer.__enter__()
+    inner.__enter__()
+    assert vk.current_backend() == "cpu"
+    outer.__exit__(None, None, None)
+    assert vk.current_backend() == "cpu"
+    inner.__exit__(None, None, None)
+    assert vk.current_backend() == "auto"
+    with vk.use_backend("reference"):
+        with vk.use_backend("cpu"):
+            assert vk.current_backend() == "cpu"
+        assert vk.current_backend() == "reference"
+    assert vk.current_backend() == "auto"
