@@ -117,3 +117,33 @@ def test_auto_threads_reads_current_cpu_use(monkeypatch):
     assert demo._auto_threads() == 1
     monkeypatch.setattr(demo, "_cpu_busy_fraction", lambda window_s=0.5: 0.1)
     assert demo._auto_threads() == torch.get_num_threads()
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--steps", "-3"], "--steps must be >= 0, got -3"),
+    (["--vae-steps", "-1"], "--vae-steps must be >= 0"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nosuchdevice"],
+     "--device"),
+    (["--set", "hidden"], "--set hidden: expected KEY=VALUE"),
+    (["--set", "foo=1"], "unknown setting 'foo'"),
+    (["--set", "patch=2"], "patch takes a value like (2, 2, 2), got '2'"),
+    (["--set", "start=bogus"], "start must be one of ('random', 'edge'), got 'bogus'"),
+    (["--set", "causal_temporal=maybe"], "causal_temporal takes a value like False, got 'maybe'"),
+    (["--set", "hidden=abc"], "hidden takes a value like 96, got 'abc'"),
+])
+def test_demo_cli_rejects_bad_arguments(tmp_path, capsys, args, msg):
+    """Bad options exit 2 with a message naming the option, before any work (they ran with
+    negative step counts, or ended in tracebacks: CUDA asserts, FileExistsError, KeyError-like
+    setattr errors; --set start=bogus ran as 'edge')."""
+    from vidgen.demo import main
+    with pytest.raises(SystemExit) as e:
+        main(["--tiny", "--out", str(tmp_path / "o")] + args)
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+    f = tmp_path / "a_file"
+    f.write_text("")
+    with pytest.raises(SystemExit):
+        main(["--tiny", "--out", str(f)])
+    assert f"--out {f} is a file, not a folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="start must be 'random' or 'edge'"):
+        moving_object_videos(1, 4, 16, start="bogus")

@@ -1,5 +1,6 @@
 """vidgen models at tiny configs: shapes, fused vs backend="reference", causality, bad inputs,
 training utilities and the CFG pipeline."""
+import json
 import os
 
 import pytest
@@ -165,6 +166,22 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("ext", [".safetensors", ".pt"])
+def test_checkpoint_dataclass_config_and_map_location(tmp_path, ext):
+    """A model's dataclass ``.config`` is stored as its dict (it came back as the repr string);
+    ``map_location=None`` loads a .safetensors file on the CPU like a .pt one (it raised
+    SafetensorError), and a map_location safetensors cannot take raises a TypeError."""
+    import dataclasses
+    m = perturb(tiny_dit())
+    path = save_checkpoint(str(tmp_path / f"m{ext}"), m, config=m.config)
+    sd, cfg = load_checkpoint(path, tiny_dit(), map_location=None)
+    assert cfg == json.loads(json.dumps(dataclasses.asdict(m.config), default=str))
+    assert all(t.device.type == "cpu" for t in sd.values())
+    if path.endswith(".safetensors"):
+        with pytest.raises(TypeError, match="map_location must be None, a str or a torch.device"):
+            load_checkpoint(path, map_location={"cuda:0": "cpu"})
+
+
 def test_generate_video_cfg_batched_and_seeded():
     m = perturb(tiny_dit())
     calls = []
@@ -224,6 +241,9 @@ def test_generate_video_decodes_through_vae():
     out = generate_video(m, torch.randn(2, 1, TEXT_DIM), torch.zeros(1, 1, TEXT_DIM), num_frames=2,
                          height=4, width=4, num_inference_steps=2, vae=v, show_progress=False, seed=0)
     assert out.shape == (2, 2, 1, 16, 16)
+    empty = generate_video(m, torch.randn(0, 1, TEXT_DIM), torch.zeros(1, 1, TEXT_DIM), num_frames=2,  # B = 0
+                           height=4, width=4, num_inference_steps=2, vae=v, show_progress=False, seed=0)
+    assert empty.shape == (0, 2, 1, 16, 16)
 
 
 # ------------------------------------------------------------------------------ VideoCausalDiT

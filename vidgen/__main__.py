@@ -5,7 +5,8 @@ import sys
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: vidgen demo [--steps N] [--vae-steps N] [--seed S] [--out DIR] [--device DEV] [--tiny]")
+        print("usage: vidgen demo [--steps N] [--vae-steps N] [--seed S] [--out DIR] [--device DEV] [--tiny]\n"
+              "                   [--quiet] [--threads N] [--set KEY=VALUE ...]   (vidgen demo --help: details)")
         return 0
     if argv[0] == "demo":
         from .demo import main as demo_main

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import platform
 import time
@@ -43,6 +44,8 @@ def moving_object_videos(n: int, frames: int = 8, size: int = 32, speed: int = 2
     the motion axis, 2 px from the left/top edge (right/down movers start there, left/up movers
     end there); the position across the motion stays random (less diversity to learn).
     Returns ``(videos, directions [n] in 0..3)``."""
+    if start not in ("random", "edge"):
+        raise ValueError(f"start must be 'random' or 'edge', got {start!r}")
     g = generator
     if directions is None:
         directions = torch.randint(0, 4, (n,), generator=g)
@@ -387,6 +390,37 @@ def run_demo(out: str = "out", steps: int = None, seed: int = 0, device: str = N
             "files": ["demo.gif", "frames.png", "loss.png", "report.md"]}
 
 
+_CHOICES = {"start": ("random", "edge")}
+
+
+def _parse_setting(item: str):
+    """``KEY=VALUE`` of ``--set`` -> ``(key, value)`` typed like the DemoConfig field (bools:
+    true/false/1/0/yes/no; ``patch``: ``t,h,w``); ValueError naming what is wrong."""
+    k, eq, v = item.partition("=")
+    if not eq:
+        raise ValueError("expected KEY=VALUE")
+    fields = {f.name: f for f in dataclasses.fields(DemoConfig)}
+    if k not in fields:
+        raise ValueError(f"unknown setting {k!r} (settings: {', '.join(fields)})")
+    default = getattr(DemoConfig, k)
+    try:
+        if isinstance(default, bool):
+            if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            val = v.lower() in ("1", "true", "yes")
+        elif isinstance(default, tuple):
+            val = tuple(int(i) for i in v.split(","))
+            if len(val) != len(default):
+                raise ValueError
+        else:
+            val = type(default)(v)
+    except ValueError:
+        raise ValueError(f"{k} takes a value like {default!r}, got {v!r}") from None
+    if k in _CHOICES and val not in _CHOICES[k]:
+        raise ValueError(f"{k} must be one of {_CHOICES[k]}, got {v!r}")
+    return k, val
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="vidgen demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=None, help="DiT training steps (default 2400)")
@@ -401,13 +435,30 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a DemoConfig field (e.g. --set hidden=64 --set patch=1,2,2)")
     a = p.parse_args(argv)
+    for name in ("steps", "vae_steps", "threads"):
+        if getattr(a, name) is not None and getattr(a, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    if a.device is not None:
+        try:
+            dev = torch.device(a.device)
+        except RuntimeError as e:
+            p.error(f"--device {a.device!r}: {e}")
+        mod = getattr(torch, dev.type, None)
+        if dev.type != "cpu" and not (hasattr(mod, "is_available") and mod.is_available()):
+            p.error(f"--device {a.device}: no {dev.type} device is available here (run on the CPU: "
+                    "leave --device out or pass --device cpu)")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out {a.out} is a file, not a folder")
+    try:
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {a.out}: cannot create the folder ({e})")
     overrides = {}
     for item in a.set:
-        k, _, v = item.partition("=")
-        if k == "patch":
-            v = tuple(int(i) for i in v.split(","))
-        elif k == "causal_temporal":
-            v = v.lower() in ("1", "true", "yes")
+        try:
+            k, v = _parse_setting(item)
+        except ValueError as e:
+            p.error(f"--set {item}: {e}")
         overrides[k] = v
     res = run_demo(out=a.out, steps=a.steps, seed=a.seed, device=a.device, tiny=a.tiny,
                    vae_steps=a.vae_steps, quiet=a.quiet, threads=a.threads,

@@ -78,7 +78,7 @@ def generate_video(model: nn.Module, text: Tensor, null_text: Tensor, *, num_fra
     bar.close()
     if vae is not None:
         decode = getattr(vae, "decode_scaled", vae.decode)
-        x = torch.cat([decode(x[s:s + bs]) for s in range(0, B, bs)])
+        x = torch.cat([decode(x[s:s + bs]) for s in range(0, B, bs)]) if B else decode(x)
     return x
 
 

@@ -4,6 +4,7 @@ installed, else a plain printer)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -87,9 +88,12 @@ class EMA:
 
 
 def save_checkpoint(path: str, model: nn.Module, *, config: Optional[dict] = None) -> str:
-    """Save ``model``'s weights (+ a JSON ``config``): ``.safetensors`` when safetensors is
+    """Save ``model``'s weights (+ a JSON ``config``: a dict, or a dataclass such as a model's
+    ``.config``, stored as its dict): ``.safetensors`` when safetensors is
     installed and ``path`` ends with it, else ``torch.save``. Returns the path written."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):  # a model's .config
+        config = dataclasses.asdict(config)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"config": json.dumps(config or {}, default=str)}
     if path.endswith(".safetensors"):
@@ -108,7 +112,10 @@ def load_checkpoint(path: str, model: Optional[nn.Module] = None, map_location="
     if path.endswith(".safetensors"):
         if _st is None:
             raise RuntimeError("safetensors is not installed; cannot read " + path)
-        sd = _st.load_file(path, device=str(map_location))
+        if map_location is not None and not isinstance(map_location, (str, torch.device)):
+            raise TypeError("load_checkpoint: map_location must be None, a str or a torch.device "
+                            f"for a .safetensors file, got {type(map_location).__name__}")
+        sd = _st.load_file(path, device=str(map_location or "cpu"))
         from safetensors import safe_open
         with safe_open(path, "pt") as f:
             cfg = json.loads((f.metadata() or {}).get("config", "{}"))
