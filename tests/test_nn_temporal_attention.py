@@ -169,6 +169,19 @@ def test_streaming_under_activation_checkpointing():
         run(True, reset=True)
 
 
+def test_cache_offsets_are_bounded():
+    """The offsets recorded for checkpoint recomputes keep at most MAX_OFFSETS calls (the oldest
+    forgotten), so a long grad-enabled stream does not grow the cache's bookkeeping without
+    bound."""
+    m = make()
+    cache = TemporalKVCache()
+    cache.MAX_OFFSETS = 3
+    xs = [torch.randn(1, 2, m.dim, requires_grad=True) for _ in range(5)]
+    for x in xs:
+        m(x, 1, 2, kv_cache=cache)
+    assert len(cache.offsets) == 3 and sorted(cache.offsets.values()) == [2, 3, 4]
+
+
 def test_cache_rejects_mismatched_frames():
     m = make()
     cache = TemporalKVCache()

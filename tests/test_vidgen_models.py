@@ -153,6 +153,12 @@ def test_cfg_dropout():
     dropped = (out.abs().sum((1, 2)) == 0).float().mean().item()
     assert 0.06 < dropped < 0.14
     assert torch.equal(cfg_dropout(text, null, 0.0), text)
+    assert torch.equal(cfg_dropout(text, null, 1.0), null.expand_as(text))
+    for p in (-0.1, 1.5, float("nan"), "0.1"):  # silently "never" / "always" before
+        with pytest.raises(ValueError, match="cfg_dropout: p must be a probability in"):
+            cfg_dropout(text, null, p)
+    meta = cfg_dropout(text.to("meta"), null, 0.5, generator=torch.Generator().manual_seed(0))
+    assert meta.device.type == "meta"  # the CPU generator's draws, moved to text's device
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -36,11 +36,15 @@ HAS_SAFETENSORS = _st is not None
 def cfg_dropout(text: Tensor, null_text: Tensor, p: float = 0.1,
                 generator: Optional[torch.Generator] = None) -> Tensor:
     """Replace each sample's condition ``text [B, L, D]`` by ``null_text`` (``[1 or B, L, D]``)
-    with probability ``p`` (classifier-free guidance training)."""
-    if p <= 0:
+    with probability ``p`` (classifier-free guidance training). The draws are made on
+    ``generator``'s device (a CPU generator gives the same draws on every device)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise ValueError(f"cfg_dropout: p must be a probability in [0, 1], got {p!r}")
+    if p == 0:
         return text
-    drop = torch.rand(text.shape[0], generator=generator, device=text.device) < p
-    return torch.where(drop[:, None, None], null_text.expand_as(text).to(text.dtype), text)
+    gdev = generator.device if generator is not None else text.device
+    drop = (torch.rand(text.shape[0], generator=generator, device=gdev) < p).to(text.device)
+    return torch.where(drop[:, None, None], null_text.to(text.device, text.dtype).expand_as(text), text)
 
 
 def flow_matching_loss(model: nn.Module, x0: Tensor, text: Tensor, scheduler: FlowMatchingScheduler,

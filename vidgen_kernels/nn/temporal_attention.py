@@ -55,6 +55,7 @@ class TemporalKVCache:
     v: Optional[Tensor] = None
     # (input key) -> frame offset of each call made with autograd on, for checkpoint recomputes
     offsets: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    MAX_OFFSETS = 4096  # calls remembered (a recompute of an older one raises)
 
     @property
     def num_frames(self) -> int:
@@ -227,4 +228,6 @@ class CausalTemporalAttention(nn.Module):
         k, v = cache.extended(k, v)
         if torch.is_grad_enabled() or x.requires_grad:  # (reentrant checkpoint: grad off)
             cache.offsets[key] = off
+            if len(cache.offsets) > cache.MAX_OFFSETS:  # bounded: forget the oldest call
+                del cache.offsets[next(iter(cache.offsets))]
         return k, v, off, True
