@@ -169,6 +169,23 @@ def test_streaming_under_activation_checkpointing():
         run(True, reset=True)
 
 
+def test_streaming_under_torch_func_grad():
+    """A streaming call inside ``torch.func.grad`` (its tensors have no storage, so the
+    checkpoint bookkeeping is skipped): the gradient of the new frames' output equals autograd's
+    (the bookkeeping's data_ptr() raised there)."""
+    m = make().double()
+    S = 2
+    x = torch.randn(1, 3 * S, m.dim, dtype=torch.float64)
+    cache = TemporalKVCache()
+    with torch.no_grad():
+        m(x[:, :2 * S], 2, S, kv_cache=cache)
+    got = torch.func.grad(lambda t: m(t, 1, S, kv_cache=TemporalKVCache(cache.k, cache.v)).sum())(
+        x[:, 2 * S:])
+    xt = x[:, 2 * S:].clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(m(xt, 1, S, kv_cache=TemporalKVCache(cache.k, cache.v)).sum(), xt)
+    torch.testing.assert_close(got, want)
+
+
 def test_cache_offsets_are_bounded():
     """The offsets recorded for checkpoint recomputes keep at most MAX_OFFSETS calls (the oldest
     forgotten), so a long grad-enabled stream does not grow the cache's bookkeeping without

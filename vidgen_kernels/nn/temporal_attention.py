@@ -213,7 +213,10 @@ class CausalTemporalAttention(nn.Module):
         reads the frames before that call's recorded offset and stores nothing."""
         if torch.compiler.is_compiling():
             return (*cache.extended(k, v), cache.num_frames, True)
-        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+        try:
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+        except RuntimeError:  # no storage (torch.func's wrappers): no recompute bookkeeping
+            key = None
         if torch._C._current_graph_task_id() != -1:  # inside backward: a recompute
             off = cache.offsets.get(key)
             if off is None or cache.num_frames < off + T:
@@ -226,7 +229,7 @@ class CausalTemporalAttention(nn.Module):
             return k, v, off, False
         off = cache.num_frames
         k, v = cache.extended(k, v)
-        if torch.is_grad_enabled() or x.requires_grad:  # (reentrant checkpoint: grad off)
+        if key is not None and (torch.is_grad_enabled() or x.requires_grad):  # (reentrant: grad off)
             cache.offsets[key] = off
             if len(cache.offsets) > cache.MAX_OFFSETS:  # bounded: forget the oldest call
                 del cache.offsets[next(iter(cache.offsets))]
