@@ -64,7 +64,7 @@ def plot_op(op: str, device: str, panels, path: str) -> bool:
         ref = next((r["median_s"] for r in rows if r["contender"] == summarize.REFERENCE), None)
         names = [r["contender"] for r in rows]
         ms = [r["median_s"] * 1e3 for r in rows]
-        colors = ["tab:green" if c in summarize.KERNEL_BACKENDS else
+        colors = ["tab:green" if c in summarize.OURS else
                   "tab:gray" if c == summarize.COPY else "tab:blue" for c in names]
         ax.barh(range(len(rows)), ms, color=colors)
         ax.set_yticks(range(len(rows)), names)
@@ -99,11 +99,14 @@ def render(json_path: str, out_dir: str) -> str:
               f"* torch {first.get('torch_version', '?')}, triton {first.get('triton_version', '?')}, "
               f"Python {mi.get('python_version', '?')}",
               f"* source: `{os.path.basename(json_path)}` ({sum(len(b) for b in groups.values())} "
-              "cases); medians of many rounds (CPU: perf_counter per call; CUDA: one synchronise "
-              "per timed batch, CUDA events cross-check in the JSON)",
-              "* speedups are the contender's median over ours; `copy` moves the same bytes as the "
-              "op (its time is the bandwidth limit); rows marked ⚠ were measured while other "
-              "processes used the CPU", ""]
+              "cases); per-call medians over the rounds recorded per case in the JSON (`rounds`: "
+              "at least 3; CPU: perf_counter per call; CUDA: one synchronise per timed batch, "
+              "CUDA events cross-check in the JSON)",
+              "* the speedup columns are the named peer's median over this row's median (> 1: this "
+              "row is faster); `copy` is `dst.copy_(src)` of the same bytes, a reference rate, not "
+              "a hard limit (a kernel with streaming stores can beat it); \"best peer\" leaves out "
+              "our own contenders and the bounds (copy, SDPA without RoPE, the dense FFN); rows "
+              "marked ⚠ were measured while other processes used the CPU", ""]
     for (op, device), panels in _by_op(groups).items():
         lines += [f"## {op} ({device})", ""]
         png = f"{_slug(op)}-{_slug(device)}.png"

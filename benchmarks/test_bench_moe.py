@@ -21,7 +21,8 @@ pytest-benchmark group. Contenders:
   weighted sum (PyTorch autograd);
 * ``grouped_mm``: the same pipeline as the kernel backends with the contract's PyTorch kernels
   (``moe_pipeline(..., "torch")``): ``torch._grouped_mm`` for the expert GEMMs where it applies;
-* ``dense``: the ceiling: one dense FFN of the same total work, ``[N*k, C] @ [C, F]`` ->
+* ``dense``: a reference point (not a ceiling: its bias add and tanh-GELU are unfused eager
+  passes): one dense FFN of the same total work, ``[N*k, C] @ [C, F]`` ->
   gelu -> ``@ [F, C]`` (no routing, no permutation), with bias.
 
 The timed unit is the forward, or forward + ``torch.autograd.grad`` of every leaf (x, router
@@ -41,7 +42,7 @@ Work: the forward's two GEMMs plus the tangent's two. Timing: ``common.measure``
 Every non-reference MoE contender is checked against the reference once before timing (the
 reference's results are computed once per group and reused).
 
-Paired speedup: in the kernel backend's case the kernel and the dense FFN (the ceiling) are also
+Paired speedup: in the kernel backend's case the kernel and the dense FFN (the reference point) are also
 timed in interleaved pairs (``common.paired_speedup``; 4 pairs on CPU, 10 on CUDA):
 ``extra_info["paired_vs_dense"]`` = median of ``t_dense / t_kernel`` (the CPU target, "within
 1.2x of the dense GEMM", is this >= 1 / 1.2 = 0.83). Separately timed medians on the shared
@@ -280,7 +281,7 @@ def test_moe(benchmark, case: Case, request):
     steps = [step_fn(case, f, s) for s in sets]
     call = common.rotate(steps)
     common.measure(benchmark, request, call, case.device, pol, case.id, info)
-    if case.contender in KERNEL_BACKENDS[case.device]:  # vs the ceiling, in interleaved pairs
+    if case.contender in KERNEL_BACKENDS[case.device]:  # vs the dense FFN, in interleaved pairs
         dc = dataclasses.replace(case, contender=DENSE)
         dense_step = step_fn(dc, op_fn(dc), make_inputs(dc, 0))
         dense_step()  # warm-up

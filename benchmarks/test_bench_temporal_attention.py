@@ -31,8 +31,8 @@ ratio of two medians timed minutes apart on a shared machine; ``summarize.py`` p
 For fwd+bwd the leaves are the inputs each contender takes (``[B, T, S, H, D]`` or the
 pre-permuted ``[B*S*H, T, D]``) and the timed unit is forward + ``torch.autograd.grad``.
 
-Work model (``extra_info``): ``flops`` = 4 * B*S*H * T^2 * D for the forward (two matmuls), halved
-for causal attention (the masked half is not counted), times 3.5 for fwd+bwd (backward = 2.5x
+Work model (``extra_info``): ``flops`` = 4 * B*S*H * T^2 * D for the forward (two matmuls),
+4 * B*S*H * T(T+1)/2 * D for causal attention (the masked pairs are not counted), times 3.5 for fwd+bwd (backward = 2.5x
 forward, flash-attention's convention); ``gflops`` = flops / median. ``bytes_moved`` (what
 ``summarize.py`` turns into GB/s) is the minimum traffic of a fused kernel, ``A = B*T*S*H*D *
 sizeof(dtype)``: fwd 4A (read q, k, v; write out), fwd+bwd 12A (+ read dout, q, k, v, out;
@@ -132,9 +132,8 @@ def pytest_generate_tests(metafunc):
 # ----------------------------------------------------------------------------------------------
 def flops(case: Case) -> int:
     B, T, S, H, D = case.dims
-    f = 4 * B * S * H * T * T * D
-    if case.causal:
-        f //= 2
+    # causal: the T (T + 1) / 2 (query, key) pairs a frame sees (the diagonal included)
+    f = 4 * B * S * H * D * (T * (T + 1) // 2 if case.causal else T * T)
     return int(f * 3.5) if case.backward else f
 
 

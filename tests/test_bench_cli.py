@@ -180,9 +180,37 @@ def test_paired_speedup_and_summary_line():
                                paired_vs_sdpa=0.9)}
            for n, v in (("cpu", 0.95), ("triton", 1.25))]
     text = summarize.table("moe x", two)
-    assert "cpu vs the dense GEMM **0.95x** [0.95-0.95]" in text, text
-    assert "triton vs the dense GEMM **1.25x**" in text, text
+    assert "cpu vs the dense FFN **0.95x** [0.95-0.95]" in text, text
+    assert "triton vs the dense FFN **1.25x**" in text, text
     assert "cpu vs SDPA alone **0.90x** [0.90-0.90]" in text, text
+
+
+def test_best_peer_leaves_out_ours_and_the_bounds():
+    """"vs best peer" is the fastest peer's median over the row's: our own contenders (kernel
+    backends, the fused model, the patched diffusers model) and the bounds (copy; SDPA without
+    the rotation for rope3d_attention; the dense FFN for the MoE) are not peers (the fused model
+    used to be its own best peer: 1.00x); a paired error string does not crash the summary."""
+    summarize = _suite_module("summarize")
+
+    def rows(op, times):
+        return [{"name": c, "stats": {"median": m},
+                 "extra_info": dict(op=op, contender=c, bytes_moved=None)} for c, m in times]
+
+    def best_peer_cell(text, contender):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| {contender} |"))
+        return line.split("|")[6].strip()
+    text = summarize.table("dit_block x", rows("dit_block", [("fused", 0.2), ("reference", 0.3),
+                                                              ("torch.compile", 0.25)]))
+    assert best_peer_cell(text, "fused") == "1.25x", text
+    text = summarize.table("rope3d_attention x", rows("rope3d_attention", [
+        ("cpu", 0.2), ("sdpa", 0.1), ("rotate+sdpa", 0.22), ("copy", 0.01), ("reference", 0.5)]))
+    assert best_peer_cell(text, "cpu") == "1.10x", text
+    text = summarize.table("moe_ffn x", rows("moe_ffn", [("cpu", 0.2), ("dense", 0.1),
+                                                          ("grouped_mm", 0.3)]))
+    assert best_peer_cell(text, "cpu") == "1.50x", text
+    err = rows("rope3d_attention", [("cpu", 0.2), ("sdpa", 0.1)])
+    err[0]["extra_info"]["paired_vs_sdpa_error"] = "RuntimeError: out of memory"
+    assert "error" not in summarize.table("rope3d_attention x", err)
 
 
 def _bench_json(path, names):
