@@ -1,6 +1,8 @@
 """Checks shared by every public op: flag types, meta tensors, the backend context."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -65,3 +67,28 @@ def test_use_backend_contexts_exited_out_of_order():
             assert vk.current_backend() == "cpu"
         assert vk.current_backend() == "reference"
     assert vk.current_backend() == "auto"
+
+
+def test_first_compiled_call_in_a_fresh_thread_does_not_recompile():
+    """A thread whose first op call is a compiled one: the backend stack was created lazily by
+    ``_stack()`` (``if not hasattr(_local, "stack")``), which dynamo traced as a side effect and
+    a guard, so the second call recompiled (the cause of a flaky recompile in CI's dynamic-shape
+    test). The per-thread stack now exists before any read."""
+    from torch._dynamo.utils import counters
+    result = {}
+
+    def run():
+        try:
+            torch._dynamo.reset()
+            counters.clear()
+            f = torch.compile(lambda x, s: vk.adaln_modulate(x, s, s), fullgraph=True, dynamic=True)
+            for n in (5, 7, 9):
+                f(torch.randn(2, n, 8), torch.randn(2, 8))
+            result["graphs"] = counters["stats"]["unique_graphs"]
+        except Exception as e:  # noqa: BLE001 (reported by the assert below)
+            result["error"] = repr(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert result == {"graphs": 1}, result

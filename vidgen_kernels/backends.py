@@ -50,12 +50,19 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for that cannot run these tensors here (the message says why)."""
 
 
-_local = threading.local()
+class _Local(threading.local):
+    """Per-thread state; ``__init__`` runs in each thread at its first access, so reading the
+    stack never creates it: a lazy ``if not hasattr(...): create`` traced by torch.compile was a
+    side effect and a guard that failed on the next call (one recompile in a fresh thread)."""
+
+    def __init__(self):
+        self.stack: list[tuple[str]] = []
 
 
-def _stack() -> list[str]:
-    if not hasattr(_local, "stack"):
-        _local.stack = []
+_local = _Local()
+
+
+def _stack() -> list[tuple[str]]:
     return _local.stack
 
 
