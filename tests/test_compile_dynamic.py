@@ -120,6 +120,8 @@ CASES = {
 def test_op_compiles_with_dynamic_shapes(case, device):
     torch._dynamo.reset()
     counters.clear()
+    from torch._dynamo.utils import guard_failures
+    guard_failures.clear()
     compiled = None
     for i in range(3):
         fn, args, ints = CASES[case](i, device)
@@ -138,9 +140,11 @@ def test_op_compiles_with_dynamic_shapes(case, device):
         if i == 0:
             graphs = counters["stats"]["unique_graphs"]
     # the first graph is symbolic in the sizes: the second and third sizes reuse it
+    from torch._dynamo.utils import guard_failures  # why: printed when the assert fails
     assert counters["stats"]["unique_graphs"] == graphs, (
         f"{case}: a new size recompiled ({counters['stats']['unique_graphs']} graphs, {graphs} "
-        "after the first size)")
+        f"after the first size); failed guards: "
+        f"{ {c.co_name: [str(r)[:500] for r in v] for c, v in guard_failures.items()} }")
 
 
 # ---- constants of the graph beside symbolic sizes; torch.export ----------------------------
