@@ -755,6 +755,14 @@ def test_frames_per_block_longer_than_the_video(backend):
     want = attn(q, k, v, backend, frames_per_block=4, **kw)
     for fpb in (5, 2 ** 40, 2 ** 62, 2 ** 63 - 1):
         torch.testing.assert_close(attn(q, k, v, backend, frames_per_block=fpb, **kw), want)
+    if backend in ("cpu", "triton"):  # compiled: the custom op's implementation clamps
+        kw1 = dict(rope_offset=3, frame_causal=True, tokens_per_frame=1)
+        want1 = attn(q, k, v, backend, frames_per_block=8, **kw1)
+        torch._dynamo.reset()
+        f = torch.compile(lambda q, k, v: vk.rope3d_attention(q, k, v, backend=backend,
+                                                              frames_per_block=2 ** 63 - 1, **kw1),
+                          fullgraph=True)
+        torch.testing.assert_close(f(q, k, v), want1)
 
 
 def test_cpu_head_dim_limit():

@@ -172,10 +172,13 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
                              f"length {video_len} (tokens rope_offset .. rope_offset + "
                              f"{'len(cos)' if rope else 'S'} - 1)")
         fc_block = tokens_per_frame * frames_per_block
-        # a block at least as long as the video is the whole video: clamp, so that the kernels'
-        # index sums cannot overflow (2**63 - 1 frames gave NaN on cpu). Plain ints only: a
-        # min() with a symbolic video_len would add a guard under dynamic shapes.
-        fc_block = min(fc_block, max(video_len, 1) if isinstance(video_len, int) else 2 ** 31 - 1)
+        # a block at least as long as the video is the whole video: clamped (here in eager
+        # code, on plain ints; the custom ops' implementations clamp again on the concrete
+        # values), so that the kernels' index sums cannot overflow (2**63 - 1 frames gave NaN on
+        # cpu). Not while compiling: min() on symbolic sizes is a guard (`tokens_per_frame >=
+        # L` recompiled the next size in a CI run)
+        if not torch.compiler.is_compiling():
+            fc_block = min(fc_block, max(video_len, 1))
     # video_len stays a symbolic size under torch.export / dynamic shapes (int() would pin it)
     return cos, sin, rope_offset, video_len, fc_block, float(softmax_scale)
 
@@ -411,6 +414,7 @@ def _rope3d_attn_fwd_impl(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor]
         lse = torch.full((B, Sq, H), float("-inf"), dtype=torch.float32, device=q.device)
         return out, lse
     fwd, _ = _kernels(backend)
+    fc_block = min(fc_block, max(fc_len, 1)) if fc_block else 0  # (concrete here: see _check_inputs)
     return fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block, scale)
 
 
@@ -433,6 +437,7 @@ def _rope3d_attn_bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Op
                 torch.zeros(k.shape, dtype=k.dtype, device=k.device),
                 torch.zeros(v.shape, dtype=v.dtype, device=v.device))
     _, bwd = _kernels(backend)
+    fc_block = min(fc_block, max(fc_len, 1)) if fc_block else 0  # (concrete here: see _check_inputs)
     return bwd(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, fc_start, fc_len,
                fc_block, scale)
 
