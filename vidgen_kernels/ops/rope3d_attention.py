@@ -192,12 +192,11 @@ def frame_causal_mask(S: int, fc_start: int, fc_len: int, fc_block: int, device=
     the query rows ``rows`` (``[len(rows), S]``) when given."""
     # block index per token, -1 for text (built without integer division of a tensor, which
     # inductor fails to compile on torch 2.13)
-    fb = max(fc_block, 1)
-    if isinstance(fb, int) and isinstance(fc_len, int):
-        # a block longer than the video is the whole video: no index of fb entries (a huge
-        # frames_per_block asked for terabytes); not for symbolic sizes under torch.compile,
-        # where the comparison would be a guard (a recompile per size)
-        fb = min(fb, max(fc_len, 1))
+    # a block longer than the video is the whole video: no index of fb entries (a huge
+    # frames_per_block asked for terabytes). sym_min / sym_max: plain min / max on ints, and on
+    # symbolic sizes under torch.compile an expression without the guard (a recompile per size)
+    # that a comparison would add (isinstance(size, int) is True for those under dynamo)
+    fb = torch.sym_min(torch.sym_max(fc_block, 1), torch.sym_max(fc_len, 1))
     blk = torch.arange(-(-fc_len // fb), device=device).repeat_interleave(fb)[:fc_len]
     blk = torch.cat([blk.new_full((fc_start,), -1), blk, blk.new_full((S - fc_start - fc_len,), -1)])
     vid = blk >= 0
