@@ -94,8 +94,8 @@ def attn(q, k, v, backend, **kw):
 def op_fwd(q, k, v, backend, *, causal=True, cos=None, sin=None, interleaved=True, q_offset=0,
            softmax_scale=None):
     """The fwd custom op with the tables canonicalised as the public function does."""
-    cos, sin, scale = ta._check_inputs(q, k, v, cos, sin, q_offset, interleaved, softmax_scale,
-                                       "test")
+    cos, sin, scale = ta._check_inputs(q, k, v, cos, sin, q_offset, causal, interleaved,
+                                       softmax_scale, "test")
     return FWD(q, k, v, cos, sin, causal, interleaved, q_offset, scale, backend)
 
 
@@ -286,7 +286,7 @@ def test_lse_matches_contract(backend, device, dtype, case):
     assert lse.is_contiguous()
     # from the dtype-rounded inputs, rotated and scored in float64
     cos, sin, scale = ta._check_inputs(q, k, v, kw.get("cos"), kw.get("sin"), case.q_offset,
-                                       case.interleaved, case.scale, "test")
+                                       case.causal, case.interleaved, case.scale, "test")
     _, want, _, _ = ta._attend(ta._to_seq(q.detach()).double(), ta._to_seq(k.detach()).double(),
                                ta._to_seq(v.detach()).double(), cos, sin, case.causal,
                                case.interleaved, case.q_offset, scale)

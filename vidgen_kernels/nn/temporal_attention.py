@@ -18,13 +18,13 @@ and the past, i.e. block-causal attention).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ._common import qk_norms
+from ..ops.rope import check_theta
 from ..ops.temporal_attention import temporal_attention
 
 __all__ = ["CausalTemporalAttention", "TemporalKVCache", "rope_1d_tables"]
@@ -89,16 +89,11 @@ class TemporalKVCache:
         return {"k": self.k, "v": self.v, "offsets": {}}
 
 
-def _check_theta(theta, owner: str, name: str = "rope_theta") -> None:
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
-        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {theta!r}")
-
-
 def rope_1d_tables(length: int, head_dim: int, theta: float = 10000.0, device=None
                    ) -> tuple[Tensor, Tensor]:
     """cos / sin ``[length, head_dim / 2]`` float32 tables of 1D RoPE over positions
     ``0 .. length-1``: angle ``t * theta ** (-2i / head_dim)`` (computed in float64)."""
-    _check_theta(theta, "rope_1d_tables", "theta")
+    check_theta(theta, "rope_1d_tables")
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
     ang = torch.outer(torch.arange(length, dtype=torch.float64, device=device), inv)
     return ang.cos().float(), ang.sin().float()
@@ -137,7 +132,7 @@ class CausalTemporalAttention(nn.Module):
             raise ValueError(f"CausalTemporalAttention: RoPE needs an even head_dim, got "
                              f"{head_dim} (dim={dim}, num_heads={num_heads})")
         if rope:
-            _check_theta(rope_theta, "CausalTemporalAttention")
+            check_theta(rope_theta, "CausalTemporalAttention", "rope_theta")
         if qk_norm not in (None, "layer", "rms"):
             raise ValueError(f"CausalTemporalAttention: qk_norm must be None, 'layer' or 'rms', "
                              f"got {qk_norm!r}")

@@ -221,7 +221,9 @@ def _act_module_fn(activation: str):
 # ----------------------------------------------------------------------------------------------
 # checks
 # ----------------------------------------------------------------------------------------------
-def _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2, expert_index, op):
+def _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2, expert_index,
+                  normalize_weights, op):
+    check_flags(op, normalize_weights=normalize_weights)
     for name, t in (("x", x), ("w1", w1), ("w2", w2)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -342,9 +344,8 @@ def moe_ffn_reference(x, router_logits, w1, w2, *, top_k=2, activation="gelu", b
                                      activation=activation, b1=b1, b2=b2,
                                      normalize_weights=normalize_weights,
                                      expert_index=expert_index)
-    check_flags(op, normalize_weights=normalize_weights)
     N, C, E, _ = _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2,
-                               expert_index, op)
+                               expert_index, normalize_weights, op)
     if N == 0:
         return _empty_batch(x, router_logits, w1, w2, b1, b2, E)
     xf = x.reshape(N, C)
@@ -1141,9 +1142,8 @@ def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, 
             return moe_ffn(x, router_logits, w1, w2, top_k=top_k, activation=activation, b1=b1,
                            b2=b2, normalize_weights=normalize_weights,
                            expert_index=expert_index, backend=backend)
-    check_flags(op, normalize_weights=normalize_weights)
     N, C, E, _ = _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2,
-                               expert_index, op)
+                               expert_index, normalize_weights, op)
     if N == 0:
         return _empty_batch(x, router_logits, w1, w2, b1, b2, E)
     name = resolve(backend, x.device, x.dtype, SUPPORTED_DTYPES, op,

@@ -19,6 +19,7 @@ Public (issue 3, bottom of this module):
 from __future__ import annotations
 
 import functools as _functools
+import math
 import operator as _operator
 from typing import Optional
 
@@ -139,6 +140,12 @@ def _canon_device(device) -> torch.device:
     return device
 
 
+def check_theta(theta, op: str, name: str = "theta") -> None:
+    """A RoPE base: a finite Python number > 0 (0, negative, NaN or inf give NaN tables)."""
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
+        raise ValueError(f"{op}: {name} must be a finite number > 0, got {theta!r}")
+
+
 def _check_int(name: str, v, op: str, minimum: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {v!r}")
@@ -192,9 +199,7 @@ def rope3d_freqs(frames: int, height: int, width: int, head_dim: int, *, theta: 
     _check_int("head_dim", head_dim, op, 2)
     if head_dim % 2:
         raise ValueError(f"{op}: head_dim must be even, got {head_dim}")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0 \
-            or theta == float("inf"):
-        raise ValueError(f"{op}: theta must be a finite number > 0, got {theta!r}")
+    check_theta(theta, op)
     if axes_dims is None:
         axes = default_axes_dims(head_dim)
         if sum(axes) != head_dim or any(a % 2 for a in axes):

@@ -63,7 +63,8 @@ MAX_D = {"cpu": None, "triton": 256}
 # ----------------------------------------------------------------------------------------------
 # checks
 # ----------------------------------------------------------------------------------------------
-def _check_inputs(q, k, v, cos, sin, q_offset, interleaved, softmax_scale, op):
+def _check_inputs(q, k, v, cos, sin, q_offset, causal, interleaved, softmax_scale, op):
+    check_flags(op, causal=causal, interleaved=interleaved)
     check_qkv(q, k, v, "[B, T, S, H, D]", op)
     B, Tq, S, H, D = q.shape
     if (k.shape[0], k.shape[2], k.shape[3], k.shape[4]) != (B, S, H, D):
@@ -116,8 +117,8 @@ def temporal_attention_reference(q, k, v, *, causal=True, cos=None, sin=None, in
     """The seed design in PyTorch: permute to ``[B, S, H, T, D]``, rotate, masked softmax
     attention (fp32 math), permute back. Returns ``[B, T_q, S, H, D]`` in q's dtype."""
     op = "temporal_attention_reference"
-    check_flags(op, causal=causal, interleaved=interleaved)
-    cos, sin, scale = _check_inputs(q, k, v, cos, sin, q_offset, interleaved, softmax_scale, op)
+    cos, sin, scale = _check_inputs(q, k, v, cos, sin, q_offset, causal, interleaved,
+                                    softmax_scale, op)
     out, _, _, _ = _attend(_to_seq(q), _to_seq(k), _to_seq(v), cos, sin, causal, interleaved,
                            q_offset, scale)
     return out.to(q.dtype).permute(0, 3, 1, 2, 4).contiguous()
@@ -291,8 +292,8 @@ def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
             return temporal_attention(q, k, v, causal=causal, cos=cos, sin=sin,
                                       interleaved=interleaved, q_offset=q_offset,
                                       softmax_scale=softmax_scale, backend=backend)
-    check_flags(op, causal=causal, interleaved=interleaved)
-    cos, sin, scale = _check_inputs(q, k, v, cos, sin, q_offset, interleaved, softmax_scale, op)
+    cos, sin, scale = _check_inputs(q, k, v, cos, sin, q_offset, causal, interleaved,
+                                    softmax_scale, op)
     name = resolve(backend, q.device, q.dtype, SUPPORTED_DTYPES, op, (q, k, v, cos, sin))
     Tk, D = k.shape[1], q.shape[-1]
     for limits, val, what in ((MAX_T, Tk, "T_k"), (MAX_D, D, "head_dim")):
