@@ -244,6 +244,60 @@ def test_strided_biases(backend, device, dtype, activation, layout):
         torch.testing.assert_close(a, p, rtol=1e-6, atol=1e-6, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("backend,device,dtype", moe_backend_params((torch.float16,)))
+def test_weight_offsets_past_int32(backend, device, dtype):
+    """A weight view whose per-expert row stride fits in int32 but whose last row does not
+    (``(C - 1) * stride >= 2**31``, e.g. the experts of one ``[C, E * F]`` projection as
+    ``W.view(C, E, F).permute(1, 0, 2)`` at C=3072, E=64, F=11008): output and dx match the
+    reference. (The Triton grouped GEMM computed ``k * stride`` in int32: silently wrong
+    output and dx, or a read before the buffer.) The storage is lazily committed: ~8.6 GB of
+    address space, a few pages touched; an offset of 2**31 keeps a wrapped int32 read inside
+    it, so a regression shows as wrong values, not a crash."""
+    N, C, E, F, SK, OFF = 16, 64, 2, 32, 2 ** 31 // 63 + 64, 2 ** 31
+    try:
+        buf = torch.empty(OFF + C * SK + 64, dtype=dtype, device=device)
+    except RuntimeError as e:  # no address space for it here
+        pytest.skip(f"cannot reserve the lazily committed storage: {e}")
+    g = torch.Generator().manual_seed(0)
+    w1 = buf.as_strided((E, C, F), (F, SK, 1), OFF)
+    w1.copy_(torch.randn(E, C, F, generator=g) * C ** -0.5)
+    assert (C - 1) * w1.stride(1) >= 2 ** 31 > w1.stride(1)
+    x = torch.randn(N, C, generator=g).to(dtype).to(device).requires_grad_()
+    logits = torch.randn(N, E, generator=g).to(device)
+    w2 = (torch.randn(E, F, C, generator=g) * F ** -0.5).to(dtype).to(device)
+    res = vk.moe_ffn(x, logits, w1, w2, top_k=1, activation="gelu", backend=backend)
+    (dx,) = torch.autograd.grad(res.out, x, torch.ones_like(res.out))
+    xr = x.detach().float().requires_grad_()
+    ref = vk.moe_ffn_reference(xr, logits.float(), w1.float(), w2.float(), top_k=1,
+                               activation="gelu")
+    (dxr,) = torch.autograd.grad(ref.out, xr, torch.ones_like(ref.out))
+    torch.testing.assert_close(res.out.float(), ref.out, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(dx.float(), dxr, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(vk.backends.why_unavailable("triton", "cpu") is not None,
+                    reason="no Triton (interpreter) here")
+def test_triton_grouped_gemms_operand_offsets_past_int32():
+    """The raw Triton grouped GEMMs (``gmm``, ``gmm_wgrad``) take any strides of ``a``: a
+    column stride that fits in int32 with ``(K - 1) * stride >= 2**31`` (a transposed buffer)
+    gives what contiguous rows give. Lazily committed storage, as above."""
+    from vidgen_kernels.triton_kernels import moe as TM
+    P, K, M, E, SA, OFF = 32, 64, 32, 2, 2 ** 31 // 63 + 64, 2 ** 31
+    try:
+        buf = torch.empty(OFF + K * SA + 64, dtype=torch.float16)
+    except RuntimeError as e:
+        pytest.skip(f"cannot reserve the lazily committed storage: {e}")
+    g = torch.Generator().manual_seed(0)
+    a = buf.as_strided((P, K), (1, SA), OFF)
+    a.copy_(torch.randn(P, K, generator=g))
+    w = (torch.randn(E, K, M, generator=g) * K ** -0.5).half()
+    dy = torch.randn(P, M, generator=g).half()
+    offs = torch.tensor([12, P])
+    torch.testing.assert_close(TM.gmm(a, w, offs), TM.gmm(a.contiguous(), w, offs))
+    torch.testing.assert_close(TM.gmm_wgrad(a, dy, offs, E), TM.gmm_wgrad(a.contiguous(), dy, offs, E))
+
+
 # ----------------------------------------------------------------------------------------------
 # edge cases
 # ----------------------------------------------------------------------------------------------

@@ -68,13 +68,16 @@ def _gmm_kernel(A, W, Bias, Pre, Hid, tile_e, tile_row, offs,
         end = tl.load(offs + e).to(tl.int64)
         rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = rows < end
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # offsets in int64: a weight view's (K - 1) * s_wk (e.g. experts side by side in one
+        # [C, E * F] projection) or an operand's column stride can pass 2**31 while each stride
+        # fits the int32 Triton passes it as
+        cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         cmask = cols < NOUT
         wbase = W + e.to(tl.int64) * s_we
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
+            ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
             kmask = ks < K
             a = tl.load(A + rows[:, None] * s_am + ks[None, :] * s_ak,
                         mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -88,10 +91,10 @@ def _gmm_kernel(A, W, Bias, Pre, Hid, tile_e, tile_row, offs,
         out_ty = Pre.dtype.element_ty
         if HAS_BIAS:
             bbase = Bias + e.to(tl.int64) * s_be
-            bias = tl.load(bbase + cols.to(tl.int64) * s_bn, mask=cmask, other=0.0)
+            bias = tl.load(bbase + cols * s_bn, mask=cmask, other=0.0)
             acc += bias.to(tl.float32)[None, :]
             if GATED:
-                bias2 = tl.load(bbase + (cols + NOUT).to(tl.int64) * s_bn, mask=cmask,
+                bias2 = tl.load(bbase + (cols + NOUT) * s_bn, mask=cmask,
                                 other=0.0)
                 acc2 += bias2.to(tl.float32)[None, :]
         omask = rmask[:, None] & cmask[None, :]
@@ -116,8 +119,8 @@ def _wgrad_kernel(A, DY, OUT, offs, K, M, s_am, s_ak, s_dm, s_dn, s_oe, s_ok,
     pid_n = tl.program_id(2)
     end = tl.load(offs + e)
     start = tl.load(offs + e - 1, mask=e > 0, other=0)
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)  # int64 offsets, as in gmm
+    ns = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     kmask = ks < K
     nmask = ns < M
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
