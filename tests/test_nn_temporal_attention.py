@@ -186,6 +186,23 @@ def test_streaming_under_torch_func_grad():
     torch.testing.assert_close(got, want)
 
 
+def test_rope_tables_of_an_inference_call_serve_training():
+    """A first call under ``torch.inference_mode`` (sampling before more training) builds the
+    layer's RoPE tables as ordinary tensors: the next training call saves them for backward
+    (they were cached as inference tensors: "Inference tensors cannot be saved for
+    backward"). Under a fake mode the tables are built there and not cached."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    m = CausalTemporalAttention(32, 2, rope=True)
+    x = torch.randn(1, 3 * 5, 32)
+    with torch.inference_mode():
+        m(x, 3, 5)
+    m(x, 3, 5).sum().backward()
+    assert m.qkv.weight.grad is not None
+    m2 = CausalTemporalAttention(32, 2, rope=True)
+    with FakeTensorMode():
+        assert isinstance(m2.rope_tables(4, "cpu")[0], FakeTensor)
+    assert not m2._rope_cache and not isinstance(m2.rope_tables(4, "cpu")[0], FakeTensor)
+
 def test_cache_offsets_are_bounded():
     """The offsets recorded for checkpoint recomputes keep at most MAX_OFFSETS calls (the oldest
     forgotten), so a long grad-enabled stream does not grow the cache's bookkeeping without

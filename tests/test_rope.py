@@ -118,6 +118,42 @@ def test_rope3d_freqs_cached_and_shared():
     assert c[0] is not a[0]
 
 
+
+def test_rope3d_freqs_cache_survives_inference_and_fake_modes():
+    """Tables first built under ``torch.inference_mode`` (sampling) are ordinary tensors, so a
+    later training call can save them for backward; tables asked for under a dispatch mode
+    (``FakeTensorMode``, ``make_fx``) are built there and not cached, so a later eager call
+    gets real tensors. (Both were cached as built: an inference tensor -> "Inference tensors
+    cannot be saved for backward" in every later training step at that grid; a FakeTensor ->
+    an error in every later eager call.)"""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    grid = (3, 5, 7, 16)  # a grid no other test uses: the first build happens below
+    with torch.inference_mode():
+        cos, sin = vk.rope3d_freqs(*grid)
+    assert not cos.is_inference() and not sin.is_inference()
+    q = torch.randn(1, 105, 2, 16, requires_grad=True)
+    vk.rope3d_attention(q, q, q, *vk.rope3d_freqs(*grid)).sum().backward()
+    assert q.grad is not None
+
+    grid = (2, 3, 5, 16)
+    with FakeTensorMode():
+        fake = vk.rope3d_freqs(*grid)
+    assert isinstance(fake[0], FakeTensor)
+    real = vk.rope3d_freqs(*grid)
+    assert not isinstance(real[0], FakeTensor)
+    torch.testing.assert_close(real[0], vk.ops.rope._rope3d_freqs_cached.__wrapped__(
+        2, 3, 5, (4, 6, 6), 10000.0, torch.device("cpu"))[0])
+
+    def f(x):
+        c, s = vk.rope3d_freqs(2, 2, 3, 16)
+        return vk.rope3d_attention(x, x, x, c, s)
+    make_fx(f, tracing_mode="fake")(torch.randn(1, 12, 2, 16))
+    x = torch.randn(1, 12, 2, 16)
+    tables = vk.ops.rope._rope3d_freqs_cached.__wrapped__(2, 2, 3, (4, 6, 6), 10000.0,
+                                                          torch.device("cpu"))
+    torch.testing.assert_close(f(x), vk.rope3d_attention(x, x, x, *tables))
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(frames=2, height=2, width=2, head_dim=64, axes_dims=(16, 24, 22)), "axes_dims.*head_dim"),
     (dict(frames=2, height=2, width=2, head_dim=64, axes_dims=(15, 25, 24)), "axes_dims"),

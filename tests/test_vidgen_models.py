@@ -684,6 +684,21 @@ def test_models_copy_after_a_training_forward(model, backend):
     assert m.aux_loss.grad_fn is not None  # the original keeps its graph
 
 
+
+@pytest.mark.parametrize("model", list(MODEL_CASES))
+def test_models_train_after_an_inference_mode_forward(model):
+    """Sampling under ``torch.inference_mode`` before more training: the RoPE tables the first
+    (inference) forward builds and caches are ordinary tensors, so the next training step can
+    save them for backward (it raised "Inference tensors cannot be saved for backward")."""
+    import vidgen_kernels as vk
+    vk.ops.rope._rope3d_freqs_cached.cache_clear()  # the inference forward builds the tables
+    m, make_inputs = MODEL_CASES[model]
+    m = m()
+    with torch.inference_mode():
+        m(*make_inputs())
+    m(*make_inputs()).square().mean().backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
 @pytest.mark.parametrize("backend", [None, "reference"])
 def test_cogvideox_router_learns_with_several_experts_per_modality(backend):
     """With more than one expert per modality the expert output is scaled by its routing

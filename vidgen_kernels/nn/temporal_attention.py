@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._common import qk_norms
-from ..ops.rope import check_theta
+from ..ops.rope import check_theta, tables_cacheable
 from ..ops.temporal_attention import temporal_attention
 
 __all__ = ["CausalTemporalAttention", "TemporalKVCache", "rope_1d_tables"]
@@ -156,14 +156,15 @@ class CausalTemporalAttention(nn.Module):
     def rope_tables(self, num_frames: int, device) -> tuple[Tensor, Tensor]:
         """cos / sin ``[num_frames, head_dim / 2]`` float32 on ``device`` (built once, cached)."""
         device = torch.device(device)
-        if torch.compiler.is_compiling():  # no Python-side cache mutation inside a graph
+        if not tables_cacheable():  # traced (graph, fake / proxy mode): built there, not cached
             return rope_1d_tables(num_frames, self.head_dim, self.rope_theta, device)
         key = (device.type, device.index)
         tabs = self._rope_cache.get(key)
         if tabs is None or tabs[0].shape[0] < num_frames:
             # grow geometrically so that streaming one frame at a time rebuilds O(log T) times
             length = max(num_frames, 2 * tabs[0].shape[0] if tabs is not None else num_frames)
-            tabs = rope_1d_tables(length, self.head_dim, self.rope_theta, device)
+            with torch.inference_mode(False):  # not an inference tensor: training reuses it
+                tabs = rope_1d_tables(length, self.head_dim, self.rope_theta, device)
             self._rope_cache[key] = tabs
         return tabs[0][:num_frames], tabs[1][:num_frames]
 

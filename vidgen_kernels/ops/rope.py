@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 from .. import _ext
 from ._eager import eager_op
@@ -152,6 +153,16 @@ def _check_int(name: str, v, op: str, minimum: int) -> int:
     return v
 
 
+def tables_cacheable() -> bool:
+    """Whether RoPE tables built now may be cached for later calls: not while ``torch.compile``
+    / ``torch.export`` traces, nor under a torch dispatch mode (``FakeTensorMode``, ``make_fx``),
+    whose fake or proxy tensors would be handed to every later eager call. Build cached tables
+    under ``torch.inference_mode(False)``: a table first built inside ``inference_mode``
+    (sampling) must not be an inference tensor, which a later training call could not save for
+    backward."""
+    return not (torch.compiler.is_compiling() or _python_dispatch.is_in_torch_dispatch_mode())
+
+
 @_functools.lru_cache(maxsize=64)
 def _rope3d_freqs_cached(frames: int, height: int, width: int, axes: tuple[int, int, int],
                          theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -190,8 +201,10 @@ def rope3d_freqs(frames: int, height: int, width: int, head_dim: int, *, theta: 
         ``repeat_interleave(2, -1)`` (interleaved pairs).
 
     The tables are cached per ``(grid, dims, theta, device)``: repeated calls return the SAME
-    tensors. Do not modify them in place (``.clone()`` first if you need to). Under
-    ``torch.compile`` / ``torch.export`` they are computed in the graph, not cached.
+    tensors (ordinary tensors, also when first built under ``torch.inference_mode``). Do not
+    modify them in place (``.clone()`` first if you need to). Under ``torch.compile`` /
+    ``torch.export`` or a dispatch mode (``FakeTensorMode``, ``make_fx``) they are computed
+    there, not cached.
     """
     op = "rope3d_freqs"
     for name, v in (("frames", frames), ("height", height), ("width", width)):
@@ -217,12 +230,10 @@ def rope3d_freqs(frames: int, height: int, width: int, head_dim: int, *, theta: 
             raise ValueError(f"{op}: axes_dims must be 3 even ints >= 0 summing to "
                              f"head_dim={head_dim}, got {tuple(axes_dims)}")
     args = (frames, height, width, axes, float(theta), _canon_device(device))
-    if torch.compiler.is_compiling():
-        # torch.compile / torch.export trace with fake tensors: computed inside the graph, and
-        # never cached (a table cached while exporting would be a FakeTensor for every later
-        # eager call)
+    if not tables_cacheable():  # traced: computed inside the graph / the mode, never cached
         return _rope3d_freqs_cached.__wrapped__(*args)
-    return _rope3d_freqs_cached(*args)
+    with torch.inference_mode(False):
+        return _rope3d_freqs_cached(*args)
 
 
 # ----------------------------------------------------------------------------------------------
