@@ -569,16 +569,50 @@ def test_no_host_sync_cuda(backend):
         pytest.skip(why)
     d = make(64, 32, 64, 8, "swiglu", torch.bfloat16, device="cuda")
     ins = {k: (v.requires_grad_() if v is not None else v) for k, v in d.items()}
-    vk.moe_ffn(**ins, top_k=2, activation="swiglu", backend=backend)  # warm-up / JIT
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    # modality routing too (CogVideoX): its index range check is a device-side assert
+    ei = torch.arange(64, device="cuda") % 8
+    by_index = dict(ins, router_logits=None, expert_index=ei)
+
+    def step():
         res = vk.moe_ffn(**ins, top_k=2, activation="swiglu", backend=backend)
         torch.autograd.grad(res.out.float().sum() + res.aux_loss + res.z_loss,
                             [ins["x"], ins["w1"], ins["w2"], ins["router_logits"]])
+        res = vk.moe_ffn(**by_index, activation="swiglu", backend=backend)
+        torch.autograd.grad(res.out.float().sum(), [ins["x"], ins["w1"], ins["w2"]])
+    step()  # warm-up / JIT
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
+
+
+@pytest.mark.parametrize("routing", ["router", "expert_index"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_meta_tensors(routing, activation):
+    """On the meta device (model init / shape inference) ``moe_ffn`` gives every output's and
+    gradient's shape, as the other ops do: ``auto`` runs the custom ops' fake implementations,
+    since the reference loop needs the routing's values (it raised "Tensor.item() cannot be
+    called on meta tensors"), and the ``expert_index`` range check is skipped there."""
+    d = make(10, 16, 32, 4, activation, torch.float32)
+    d = {k: v.to("meta").requires_grad_() for k, v in d.items()}
+    kw = dict(top_k=2, activation=activation)
+    if routing == "expert_index":
+        d["router_logits"] = None
+        kw = dict(activation=activation, expert_index=torch.zeros(10, dtype=torch.long,
+                                                                  device="meta"))
+    res = vk.moe_ffn(**d, **kw)
+    assert res.out.shape == (10, 16) and res.out.is_meta
+    assert res.tokens_per_expert.shape == (4,) and res.tokens_per_expert.dtype == torch.int64
+    assert res.aux_loss.shape == () and res.z_loss.shape == ()
+    (res.out.sum() + res.aux_loss + res.z_loss).backward()
+    for k, v in d.items():
+        if v is not None:
+            assert v.grad is not None and v.grad.shape == v.shape, k
+    m = vk.nn.MoEFFN(16, 32, 4, device="meta")
+    assert m(torch.randn(2, 5, 16, device="meta")).shape == (2, 5, 16)
 
 # ----------------------------------------------------------------------------------------------
 # custom ops: opcheck, torch.compile

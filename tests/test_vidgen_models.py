@@ -699,6 +699,20 @@ def test_models_train_after_an_inference_mode_forward(model):
     m(*make_inputs()).square().mean().backward()
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
 
+
+@pytest.mark.parametrize("model", list(MODEL_CASES))
+def test_models_run_on_the_meta_device(model):
+    """``model.to("meta")`` forward and backward give the output's and every gradient's shape
+    (the MoE models raised "Tensor.item() cannot be called on meta tensors")."""
+    m, make_inputs = MODEL_CASES[model]
+    m = m()
+    want = m(*make_inputs()).shape
+    m = m.to("meta")
+    out = m(*[a.to("meta") for a in make_inputs()])
+    assert out.is_meta and out.shape == want
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.is_meta for p in m.parameters() if p.requires_grad)
+
 @pytest.mark.parametrize("backend", [None, "reference"])
 def test_cogvideox_router_learns_with_several_experts_per_modality(backend):
     """With more than one expert per modality the expert output is scaled by its routing

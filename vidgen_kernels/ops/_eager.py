@@ -36,9 +36,10 @@ def _plain_eager(args) -> bool:
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or \
             torch._C._is_torch_function_mode_enabled():
         return False
-    # ordinary tensors only: no subclass (FakeTensor, FunctionalTensor, ...) and nothing wrapped
-    # by a torch.func transform (grad / vmap levels, which autograd.Functions do not join)
-    return all(type(a) in _PLAIN and not _functorch_wrapped(a) for a in args
+    # ordinary tensors only: no subclass (FakeTensor, FunctionalTensor, ...), nothing wrapped
+    # by a torch.func transform (grad / vmap levels, which autograd.Functions do not join), and
+    # no meta tensor (the op dispatches those to its fake implementation)
+    return all(type(a) in _PLAIN and not _functorch_wrapped(a) and not a.is_meta for a in args
                if isinstance(a, Tensor))
 
 

@@ -102,7 +102,7 @@ from torch import Tensor
 
 from ._checks import autocast_dtype, cast_floating, check_flags
 from ._eager import differentiable_vjp, eager_op, recomputed_vjp
-from ..backends import forward_ad_active, resolve
+from ..backends import current_backend, forward_ad_active, resolve
 
 __all__ = ["MoEOutput", "moe_ffn", "moe_ffn_reference", "ACTIVATIONS"]
 
@@ -296,12 +296,19 @@ def _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2, expert_in
                              f"shape {tuple(expert_index.shape)}")
         if expert_index.device != x.device:
             raise ValueError(f"{op}: expert_index is on {expert_index.device} but x is on {x.device}")
-        # value check: needs the values (one host sync; skipped while compiling)
-        if not torch.compiler.is_compiling() and N > 0:
-            lo, hi = int(expert_index.min()), int(expert_index.max())
-            if lo < 0 or hi >= E:
-                raise ValueError(f"{op}: expert_index values must be in [0, E={E}), got range "
-                                 f"[{lo}, {hi}]")
+        # value check (skipped while compiling, and on meta tensors, which have no values): on
+        # the host a ValueError; on a GPU a device-side assert instead of a host sync in the
+        # forward (it fails at a later launch and, like torch's own index checks, ends the
+        # CUDA context; the kernels never read out of bounds)
+        if not torch.compiler.is_compiling() and N > 0 and not expert_index.is_meta:
+            if expert_index.device.type == "cuda":
+                torch._assert_async(((expert_index >= 0) & (expert_index < E)).all(),
+                                    f"{op}: expert_index values must be in [0, E={E})")
+            else:
+                lo, hi = int(expert_index.min()), int(expert_index.max())
+                if lo < 0 or hi >= E:
+                    raise ValueError(f"{op}: expert_index values must be in [0, E={E}), got "
+                                     f"range [{lo}, {hi}]")
     return N, C, E, F_
 
 
@@ -1148,6 +1155,10 @@ def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, 
         return _empty_batch(x, router_logits, w1, w2, b1, b2, E)
     name = resolve(backend, x.device, x.dtype, SUPPORTED_DTYPES, op,
                    (x, router_logits, w1, w2, b1, b2), forward_ad=True)
+    if name == "reference" and x.is_meta and (backend or current_backend()) == "auto":
+        # shapes only (model init / shape inference on the meta device): the reference loop
+        # needs the routing's values; the custom ops' fake implementations do not
+        name = "cpu"
     if name == "reference":
         return moe_ffn_reference(x, router_logits, w1, w2, top_k=top_k, activation=activation,
                                  b1=b1, b2=b2, normalize_weights=normalize_weights,
