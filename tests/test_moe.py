@@ -839,6 +839,53 @@ def test_moeffn_deepcopy_and_pickle_after_a_step(activation):
     assert m.aux_loss is not None and m.last_output is not None
 
 
+def test_moeffn_deepcopy_with_parametrized_experts():
+    """``copy.deepcopy`` after a forward also with a parametrization on the module's own expert
+    weights (``weight_norm``, LoRA): torch re-classes such a module and its ``__deepcopy__``
+    copied ``__dict__`` as it was, graph-attached ``aux_loss`` included ("Only Tensors created
+    explicitly by the user ... support the deepcopy protocol"). The copy computes what the
+    original does and keeps its own parametrization."""
+    from torch.nn.utils.parametrizations import weight_norm
+    torch.manual_seed(0)
+    m = vk.nn.MoEFFN(8, 6, 3, 2, shared_expert=False)
+    weight_norm(m, "w1", dim=0)
+    x = torch.randn(2, 5, 8)
+    (m(x).sum() + m.aux_loss).backward()
+    c = copy.deepcopy(m)
+    assert c.aux_loss is None and c.last_output is None
+    assert c.parametrizations.w1.original0 is not m.parametrizations.w1.original0
+    torch.testing.assert_close(c(x), m(x), rtol=0, atol=0)
+    with torch.no_grad():
+        c.parametrizations.w1.original0.mul_(2)  # the magnitude g
+    assert not torch.equal(c.w1, m.w1)
+
+
+def test_copyable_losses_mixin_deepcopy_with_a_parametrization():
+    """The models' mixin: the same with a parametrization on a model's own parameter."""
+    from torch.nn.utils import parametrize
+    from vidgen.models.layers import CopyableLossesMixin
+
+    class Tiny(CopyableLossesMixin, torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3, 3))
+
+        def forward(self, x):
+            y = x @ self.w
+            self.aux_loss = y.square().mean()
+            return y
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+    m = Tiny()
+    parametrize.register_parametrization(m, "w", Double())
+    x = torch.randn(2, 3)
+    m(x).sum().backward()
+    c = copy.deepcopy(m)
+    assert c.aux_loss.grad_fn is None and torch.equal(c.aux_loss, m.aux_loss.detach())
+    torch.testing.assert_close(c(x), m(x), rtol=0, atol=0)
+
 def test_moeffn_factory_kwargs_and_context_errors():
     """nn.MoEFFN takes device= / dtype= like the other modules (it raised a TypeError), and a
     context of the wrong width or one that does not broadcast to x raises a ValueError naming

@@ -9,6 +9,7 @@ pure-PyTorch path of the same model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from typing import Optional
 
@@ -30,10 +31,21 @@ class CopyableLossesMixin:
     since tensors attached to an autograd graph cannot be deep-copied. Put it before
     ``nn.Module`` in the bases."""
 
-    def __getstate__(self):
-        state = super().__getstate__()
+    def _state(self) -> dict:
         return {k: (v.detach() if isinstance(v, Tensor) and v.grad_fn is not None else v)
-                for k, v in state.items()}
+                for k, v in self.__dict__.items()}
+
+    def __getstate__(self):
+        return self._state()
+
+    def __deepcopy__(self, memo):
+        # a copy of _state() also for a parametrized module (torch re-classes it: its
+        # __getstate__ raises, and its __deepcopy__ copies __dict__ as it is unless the class
+        # defines one)
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self._state(), memo))
+        return new
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 temporal MoE (router input plus a projection of a temporal context), on ``moe_ffn``."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -87,15 +88,28 @@ class MoEFFN(nn.Module):
     # the last call's results: left out of copies and pickles (see the class docstring)
     _STEP_RESULTS = ("aux_loss", "z_loss", "tokens_per_expert", "last_output")
 
-    def __getstate__(self):
-        """``nn.Module``'s state with the last call's ``aux_loss``, ``z_loss``,
+    def _state(self) -> dict:
+        """``__dict__`` (``nn.Module``'s state) with the last call's ``aux_loss``, ``z_loss``,
         ``tokens_per_expert``, ``last_output`` set to None: non-leaf tensors attached to the
         autograd graph cannot be deep-copied, and are not worth saving."""
-        state = super().__getstate__()
+        state = self.__dict__.copy()
         for name in self._STEP_RESULTS:
             if name in state:
                 state[name] = None
         return state
+
+    def __getstate__(self):
+        return self._state()
+
+    def __deepcopy__(self, memo):
+        """``copy.deepcopy`` of :meth:`_state`, also when a parametrization (``weight_norm``,
+        LoRA, ...) is registered on this module's own weights: torch then re-classes the module
+        (its ``__getstate__`` raises) and copies ``__dict__`` as it is, unless the class
+        defines ``__deepcopy__``."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self._state(), memo))
+        return new
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         if not isinstance(x, Tensor):
