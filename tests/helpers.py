@@ -56,6 +56,15 @@ def backend_params(dtypes_filter=None):
     return out
 
 
+def scaled_tables(ang):
+    """RoPE tables ``(cos, sin)`` of angles ``ang [L, D/2]`` times a per-position scale from 0.5
+    to 1.5: not a pure rotation (``cos^2 + sin^2 != 1``), as learned tables become after an
+    optimizer step or xPos-style tables are. (Table gradients were exact only for unit tables:
+    off by ``cos^2 + sin^2``.)"""
+    sc = torch.linspace(0.5, 1.5, ang.shape[0], dtype=ang.dtype, device=ang.device)[:, None]
+    return ang.cos() * sc, ang.sin() * sc
+
+
 def assert_close_rule(got, ref_hi, ref_lo, name, floor=1e-5, factor=2.0):
     """flash-attention's rule: |got - ref_hi| <= factor * |ref_lo - ref_hi| + floor * scale
     (``factor`` 2 unless a test says why its paths round in different places).

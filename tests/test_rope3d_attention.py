@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 import vidgen_kernels as vk
 import vidgen_kernels.ops.rope3d_attention as ra
-from helpers import assert_autocast_casts_qkv, assert_close_rule, backend_params, interp_fixes_skip
+from helpers import (assert_autocast_casts_qkv, assert_close_rule, backend_params, interp_fixes_skip,
+                     scaled_tables)
 from vidgen_kernels.backends import why_unavailable
 
 FWD = torch.ops.vidgen_kernels.rope3d_attn_fwd
@@ -921,7 +922,7 @@ def _table_grads(backend, device, dtype, tdtype, leaves, interleaved, fc, full, 
     """Gradients (q, cos, sin) of ``<dout, attn(q, k, v, cos, sin)>`` with the tables as leaves
     that require grad (``full``: diffusers' ``[L, D]`` repeated layout)."""
     q64, k64, v64, ang, dout = leaves
-    cos, sin = ang.cos(), ang.sin()
+    cos, sin = scaled_tables(ang)
     if full:
         cos, sin = repeat_table(cos, interleaved), repeat_table(sin, interleaved)
     cos, sin = (t.to(device, tdtype).requires_grad_() for t in (cos, sin))
@@ -949,7 +950,8 @@ def _table_leaves(S=15, L=10, H=2, D=16):
 def test_table_gradients_match_reference(backend, device, dtype, interleaved, fc, full,
                                          create_graph):
     """cos / sin that require grad get the reference's gradient on every backend (the kernel
-    backends used to return None for them without a word), in both table layouts, also under
+    backends used to return None for them without a word; then, for tables that are not a pure
+    rotation, ``cos^2 + sin^2`` times it), in both table layouts, also under
     ``create_graph=True``."""
     leaves = _table_leaves()
     hi = _table_grads("reference", device, torch.float64, torch.float64, leaves, interleaved, fc,

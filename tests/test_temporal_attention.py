@@ -25,7 +25,7 @@ from torch import nn
 
 import vidgen_kernels as vk
 import vidgen_kernels.ops.temporal_attention as ta
-from helpers import HAS_CUDA, assert_autocast_casts_qkv, assert_close_rule, backend_params
+from helpers import HAS_CUDA, assert_autocast_casts_qkv, assert_close_rule, backend_params, scaled_tables
 from vidgen_kernels import _ext
 from vidgen_kernels.backends import why_unavailable
 
@@ -601,7 +601,7 @@ def _table_grads(backend, device, dtype, tdtype, leaves, interleaved, q_offset,
     """Gradients (k, cos, sin) of ``<dout, attn(q, k, v)>`` with RoPE tables as leaves that
     require grad."""
     q64, k64, v64, ang, dout = leaves
-    cos, sin = (t.to(device, tdtype).requires_grad_() for t in (ang.cos(), ang.sin()))
+    cos, sin = (t.to(device, tdtype).requires_grad_() for t in scaled_tables(ang))
     q, v = q64[:, q_offset:].to(device, dtype), v64.to(device, dtype)
     k = k64.to(device, dtype).requires_grad_()
 
@@ -627,7 +627,8 @@ def _table_leaves(B=2, T=6, S=3, H=2, D=8):
 def test_table_gradients_match_reference(backend, device, dtype, interleaved, q_offset,
                                          create_graph):
     """cos / sin that require grad get the reference's gradient on every backend (the kernel
-    backends used to return None for them without a word): k's frames use rows 0 .., q's rows
+    backends used to return None for them without a word; then, for tables that are not a pure
+    rotation, ``cos^2 + sin^2`` times it): k's frames use rows 0 .., q's rows
     q_offset ..; also under ``create_graph=True``."""
     leaves = _table_leaves()
     hi = _table_grads("reference", device, torch.float64, torch.float64, leaves, interleaved,

@@ -76,22 +76,27 @@ def table_grads(x: Tensor, gx: Tensor, cos: Tensor, sin: Tensor, interleaved: bo
     """Gradients ``(dcos, dsin)`` ``[L, D/2]`` (fp32, fp64 for fp64 x) of a loss w.r.t. the
     tables that rotated ``x``'s positions ``offset .. offset + L - 1`` along ``dim`` (the last
     dim is D), given ``gx``, the loss's gradient w.r.t. the *unrotated* ``x`` (what the attention
-    kernels' backward returns). The gradient w.r.t. the rotated values is ``rotate(gx)`` (the
-    rotation is orthogonal); then, per pair ``(a, b) -> (a c - b s, b c + a s)``,
+    kernels' backward returns, ``R^T g`` per pair for ``R = [[c, -s], [s, c]]``). The gradient
+    w.r.t. the rotated values is ``g = R gx / (c^2 + s^2)``: tables need not be a pure rotation
+    (learned tables after an optimizer step, xPos-style scales), only ``c^2 + s^2 > 0`` (a pair
+    with ``c = s = 0`` erases its input, ``gx`` holds nothing of ``g`` there, and its table
+    gradient is returned as 0). Then, per pair ``(a, b) -> (a c - b s, b c + a s)``,
     ``dc = ga a + gb b`` and ``ds = gb a - ga b``, summed over every dim but ``dim`` and D.
     Plain PyTorch over x-sized fp32 temporaries: run only when a table requires grad."""
     L = cos.shape[0]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c, s = cos.to(acc), sin.to(acc)
     xs = x.narrow(dim, offset, L).movedim(dim, -2).to(acc)
-    gr = rotate(gx.narrow(dim, offset, L).movedim(dim, -2).to(acc), cos.to(acc), sin.to(acc),
-                interleaved)
+    gr = rotate(gx.narrow(dim, offset, L).movedim(dim, -2).to(acc), c, s, interleaved)
+    n = c * c + s * s
+    inv = torch.where(n > 0, 1 / n, torch.zeros_like(n))  # [L, D/2]
     if interleaved:
         a, b, ga, gb = xs[..., 0::2], xs[..., 1::2], gr[..., 0::2], gr[..., 1::2]
     else:
         h = x.shape[-1] // 2
         a, b, ga, gb = xs[..., :h], xs[..., h:], gr[..., :h], gr[..., h:]
     lead = tuple(range(xs.dim() - 2))
-    return (ga * a + gb * b).sum(lead), (gb * a - ga * b).sum(lead)
+    return (ga * a + gb * b).sum(lead) * inv, (gb * a - ga * b).sum(lead) * inv
 
 
 def check_rope_pair(cos, sin, op: str) -> Optional[tuple]:
