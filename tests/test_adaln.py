@@ -179,6 +179,29 @@ def test_partial_grads_only(backend, device, dtype):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=f"grad {k}")
 
 
+
+@pytest.mark.parametrize("backend,device,dtype", backend_params((torch.float32,)))
+def test_gated_loss_on_h_only_leaves_modulation_grads_none(backend, device, dtype):
+    """``gated_residual_adaln`` with a loss on ``h = x + gate * y`` only: x, y and gate get
+    their gradients, shift / scale / weight / bias get None as on the reference, where the
+    kernels gave zero tensors (AdamW then decays and moves a parameter the loss never
+    reached); and ``h`` does not require grad when none of x, y, gate does. (Eager: a compiled
+    graph's backward gets a zero tangent for every output, on the reference too.)"""
+    g = torch.Generator().manual_seed(0)
+    B, N, C = 2, 4, 5
+    base = [torch.randn(s, generator=g) for s in ((B, N, C), (B, N, C), (B, C), (B, C), (B, C),
+                                                  (C,), (C,))]
+    fn = vk.gated_residual_adaln
+    x, y, gate, shift, scale, w, b = [t.to(device, dtype).clone().requires_grad_() for t in base]
+    h, out = fn(x, y, gate, shift, scale, weight=w, bias=b, backend=backend)
+    h.sum().backward()
+    assert all(t.grad is None for t in (shift, scale, w, b))
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
+    torch.testing.assert_close(gate.grad, y.detach().sum(1))
+    plain = [t.to(device, dtype).clone() for t in base]
+    h, out = fn(*plain[:3], plain[3].requires_grad_(), plain[4], backend=backend)
+    assert not h.requires_grad and out.requires_grad
+
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 def test_gradcheck_cpu_float64(norm):
     if "cpu" not in vk.available_backends("cpu"):

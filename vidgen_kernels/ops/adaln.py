@@ -524,6 +524,8 @@ def _setup_context(ctx, inputs, output):
     ctx.eps = eps
     ctx.backend = backend
     ctx.set_materialize_grads(False)
+    if ctx.gated and not any(ctx.needs_input_grad[:3]):
+        ctx.mark_non_differentiable(h)  # h = x + gate * y depends on none of the others
 
 
 def _double_backward(ctx, dout, dh, hx, y, gate, scale, weight, bias):
@@ -559,8 +561,9 @@ def _double_backward(ctx, dout, dh, hx, y, gate, scale, weight, bias):
 
 def _backward(ctx, dout, dh, _dmean, _drstd):
     hx, y, gate, scale, weight, bias, mean, rstd = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(hx)
+    if dout is None:  # only h reaches the loss: x, y and gate get a gradient, the rest none
+        grads = _backward(ctx, torch.zeros_like(hx), dh, _dmean, _drstd)
+        return grads[:3] + (None,) * (len(grads) - 3)
     if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
         return _double_backward(ctx, dout, dh, hx, y, gate, scale, weight, bias)
     nig = ctx.needs_input_grad
