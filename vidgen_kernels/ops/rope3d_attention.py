@@ -38,20 +38,20 @@ Backends
   applied to q / k tiles on load, backward kernels that re-rotate on load and un-rotate dq / dk
   on store, frame-causal tile skipping. CUDA (CPU under ``TRITON_INTERPRET=1``), fp16 / bf16 /
   fp32, ``D <= 256``.
-* ``cpu``: without a mask, rotate q / k out of place with the C++ RoPE kernel (``apply_rope``'s),
-  writing ``[B, H, S, D]`` buffers (the layout the next kernel reads fastest), then ATen's
-  flash-attention CPU kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``, which returns
-  out and logsumexp); the backward re-rotates, calls ``..._for_cpu_backward`` and un-rotates dq /
-  dk. Rotated copies live only inside each call (never saved); every layout with a unit last
-  stride is read in place. With ``frame_causal``, or an input with a non-unit last stride
-  (which the ATen kernel reads wrongly, and which would otherwise need a copy): the C++ kernel
-  of ``csrc/attention_cpu.cpp`` (q / k rotated as they are gathered, any strides read in place,
-  exact softmax over whole key rows one block of queries at a time, every product a BLAS call),
-  which computes only the key ranges a query block can see: no ``S x S`` mask is made and fully
-  masked key ranges cost nothing (ATen's kernel takes only a dense mask and skips nothing; the
-  C++ kernel is 1.5-2.6x faster forward and backward with blocks of one or two frames at
-  4x16x16 / 8x16x16, ``benchmarks/results/cpu-2026-12-01-frame-causal``). Without a mask the
-  C++ kernel measures 0.9-1.1x ATen's (2-core Zen VM, S = 256 .. 2064), so ATen's stays there.
+* ``cpu``: the C++ kernel of ``csrc/attention_cpu.cpp`` (q / k rotated as they are gathered,
+  any strides read in place, exact softmax over whole key rows one block of queries at a time,
+  every product a BLAS call), which computes only the key ranges a query block can see: no
+  ``S x S`` mask is made and fully masked key ranges cost nothing (ATen's kernel takes only a
+  dense mask and skips nothing; the C++ kernel is 1.5-2.6x faster forward and backward with
+  blocks of one or two frames at 4x16x16 / 8x16x16,
+  ``benchmarks/results/cpu-2026-12-01-frame-causal``). Unmasked, its forward + backward costs
+  what ATen's flash kernel's does (2-core Zen VM, S = 256 .. 2064) and stays within the 2x rule
+  where ATen's does not (fp32 gradients at 3-8x the fp32 reference's error at head_dim 80 ..
+  160 with peaked softmaxes: ATen's forward lse is a few ulp of the scores' magnitude off).
+  Inference (nothing requires grad), unmasked, fp32, unit last stride: q / k rotated out of place
+  by the C++ RoPE kernel into ``[B, H, S, D]`` buffers, then ATen's flash forward
+  (``aten::_scaled_dot_product_flash_attention_for_cpu``), 6-9 % faster; not in fp16 / bf16,
+  where ATen's kernel turns a row with an inf score into zeros instead of NaN.
 
 Forward-mode AD (``torch.func.jvp`` alone, or a ``torch.autograd.forward_ad`` dual level; eager):
 the kernels run, through ``_Rope3dAttnForwardAD`` (the kernels' forward and backward plus a
@@ -361,7 +361,22 @@ def _cpp_bwd(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, fc_sta
 
 
 def kernel_fwd_cpu(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block, scale):
-    if fc_block or _strided_last(q, k, v):
+    """Training forward (and every masked, strided or fp16 / bf16 one): the C++ kernel, whose
+    out and lse the backward needs exactly. (With ATen's flash forward, lse is a few ulp of
+    the scores' magnitude off, and with peaked softmaxes at head_dim 80 .. 160 the gradients
+    come out at 3-8x the fp32 reference's error.) fwd + bwd costs what ATen's does."""
+    return _cpp_fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block,
+                    scale)
+
+
+def kernel_fwd_cpu_infer(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len,
+                         fc_block, scale):
+    """Inference forward (no input requires grad): rotation by the C++ RoPE kernel, then
+    ATen's CPU flash forward, 6-9 % faster than the C++ kernel at S = 1040 and within the 2x
+    rule for out; the C++ kernel for a mask, a non-unit last stride (which ATen reads wrongly)
+    and fp16 / bf16 (ATen's reduced-precision kernel turns a row with an inf score into zeros
+    instead of NaN, hiding an overflow)."""
+    if fc_block or q.dtype != torch.float32 or _strided_last(q, k, v):
         return _cpp_fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block,
                         scale)
     qr = _rope_cpu(q, cos, sin, rope_offset, interleaved, heads_major=True)
@@ -374,19 +389,10 @@ def kernel_fwd_cpu(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len
 
 def kernel_bwd_cpu(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, fc_start, fc_len,
                    fc_block, scale):
-    if fc_block or _strided_last(dout, q, k, v, out):
-        return _cpp_bwd(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, fc_start,
-                        fc_len, fc_block, scale)
-    qr = _rope_cpu(q, cos, sin, rope_offset, interleaved, heads_major=True)
-    kr = _rope_cpu(k, cos, sin, rope_offset, interleaved, heads_major=True)
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout.transpose(1, 2), qr, kr, v.transpose(1, 2), out.transpose(1, 2),
-        lse.transpose(1, 2), 0.0, False, scale=scale)
-    dq, dk, dv = (t.transpose(1, 2) for t in (dq, dk, dv))
-    if cos is not None:  # un-rotate (rotation by the negative angle) straight into [B, S, H, D]
-        dq = _rope_cpu(dq, cos, sin, rope_offset, interleaved, conj=True)
-        dk = _rope_cpu(dk, cos, sin, rope_offset, interleaved, conj=True)
-    return tuple(t.contiguous() for t in (dq, dk, dv))
+    """The C++ kernel (0.9-1.0x the time of ATen's CPU flash backward at S = 1040 .. 2064, D = 64
+    / 128, and within the 2x rule where ATen's is not)."""
+    return _cpp_bwd(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, fc_start, fc_len,
+                    fc_block, scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,6 +401,8 @@ def kernel_bwd_cpu(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, 
 def _kernels(backend: str):
     if backend == "cpu":
         return kernel_fwd_cpu, kernel_bwd_cpu
+    if backend == "cpu_infer":  # the cpu backend's forward when nothing requires grad
+        return kernel_fwd_cpu_infer, kernel_bwd_cpu
     if backend == "triton":
         from ..triton_kernels import rope3d_attention as tk
         return tk.rope3d_attn_fwd, tk.rope3d_attn_bwd
@@ -616,8 +624,12 @@ def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = No
     if name == "reference":
         out, _, _, _ = _attend(q, k, v, cos, sin, off, interleaved, off, fl, fb, scale)
         return out.to(q.dtype).contiguous()
-    args = (q, k, v, cos, sin, off, bool(interleaved), off, fl, fb, scale, name)
     if forward_ad_active():  # (resolve let the kernels run: jvp / forward_ad alone)
+        args = (q, k, v, cos, sin, off, bool(interleaved), off, fl, fb, scale, name)
         return _Rope3dAttnForwardAD.apply(*args)[0]
-    out, _ = _rope3d_attn_fwd_call(*args)
+    if name == "cpu" and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, cos, sin))):
+        name = "cpu_infer"  # no backward will run: ATen's flash forward where it applies
+    out, _ = _rope3d_attn_fwd_call(q, k, v, cos, sin, off, bool(interleaved), off, fl, fb, scale,
+                                   name)
     return out
