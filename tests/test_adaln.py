@@ -217,6 +217,21 @@ def test_gradcheck_cpu_float64(norm):
     assert torch.autograd.gradcheck(f, vals, eps=1e-6, atol=1e-4, rtol=1e-3)
 
 
+def test_backward_chunks_follow_the_current_thread_count():
+    """The CPU backward's chunking follows torch.get_num_threads() at each call (it was cached
+    at the first backward: after a first call with 1 thread, 8 threads got 4 tasks)."""
+    from vidgen_kernels.ops import adaln as A
+    dev = torch.device("cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = A._rows_per_chunk(4, 4096, dev, [])
+        torch.set_num_threads(4)
+        four = A._rows_per_chunk(4, 4096, dev, [])
+    finally:
+        torch.set_num_threads(before)
+    assert (one, four) == (4096, 1024)
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_op_plumbing_large_chunks(backend):
     """The custom ops with the PyTorch contract oracle (``torch``) and the C++ kernel, where the

@@ -365,10 +365,16 @@ def _kernels(backend: str):
 
 
 @functools.lru_cache(maxsize=None)
+def _cuda_slots(index: Optional[int]) -> int:
+    return 4 * torch.cuda.get_device_properties(index if index is not None else 0).multi_processor_count
+
+
 def _parallel_slots(device_type: str, index: Optional[int]) -> int:
-    """How many programs a backward launch should aim for on this device."""
+    """How many programs a backward launch should aim for on this device (CPU: the current
+    thread count, read per call: a cached one kept the first backward's, e.g. 4 tasks for 8
+    threads after a first call under set_num_threads(1))."""
     if device_type == "cuda":
-        return 4 * torch.cuda.get_device_properties(index if index is not None else 0).multi_processor_count
+        return _cuda_slots(index)
     return 4 * torch.get_num_threads()
 
 
