@@ -310,3 +310,15 @@ def test_head_norm_drop_in_and_errors():
     for eps in (float("nan"), -1e-6, float("inf"), "1e-6"):  # NaN gave all-NaN outputs
         with pytest.raises(ValueError, match="HeadNorm: eps must be a finite number >= 0"):
             vk.nn.HeadNorm(8, eps=eps)
+
+
+def test_module_reprs_show_their_configuration():
+    """repr() says what each module computes: LayerNormZero's norm_type (its ``norm`` child is
+    an nn.LayerNorm holding the parameters, also for RMSNorm), AdaLNZero's norm / eps /
+    affine, HeadNorm's and MoEFFN's backend and MoEFFN's normalize_weights."""
+    assert "norm_type='rms'" in repr(vk.nn.LayerNormZero(8, 16, norm="rms"))
+    assert "norm='rms', eps=0.001, elementwise_affine=True" in repr(
+        vk.nn.AdaLNZero(16, norm="rms", eps=1e-3, elementwise_affine=True))
+    assert "backend=cpu" in repr(vk.nn.HeadNorm(8, backend="cpu"))
+    r = repr(vk.nn.MoEFFN(8, 16, 4, normalize_weights=False, backend="reference"))
+    assert "normalize_weights=False" in r and "backend=reference" in r

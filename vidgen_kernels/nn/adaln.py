@@ -70,6 +70,10 @@ class AdaLNZero(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
+    def extra_repr(self) -> str:
+        return (f"{self.dim}, norm={self.norm!r}, eps={self.eps}, "
+                f"elementwise_affine={self.weight is not None}")
+
     def forward(self, c: Tensor) -> AdaLNParams:
         """``c`` ``[B, cond_dim]`` or ``[B, F, cond_dim]`` -> the six ``[B, (F,) dim]`` views."""
         return AdaLNParams(*self.linear(self.act(c)).chunk(6, dim=-1))
@@ -146,6 +150,9 @@ class LayerNormZero(nn.Module):
         self.norm = nn.LayerNorm(embedding_dim, eps=eps, elementwise_affine=elementwise_affine, **fk)
         self.norm_type = norm
 
+    def extra_repr(self) -> str:  # (``norm`` holds the parameters; norm_type says which norm runs)
+        return f"norm_type={self.norm_type!r}"
+
     def _kw(self):
         return {"weight": self.norm.weight, "bias": self.norm.bias, "eps": self.norm.eps,
                 "norm": self.norm_type}
@@ -219,7 +226,7 @@ class HeadNorm(nn.Module):
             self.register_parameter("bias", None)
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, kind={self.kind!r}, eps={self.eps}"
+        return f"{self.dim}, kind={self.kind!r}, eps={self.eps}, backend={self.backend}"
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [..., D]`` (any strides) -> normalised ``[..., D]`` (contiguous, x's dtype)."""

@@ -155,4 +155,5 @@ class MoEFFN(nn.Module):
         return (f"hidden={self.hidden}, intermediate={self.intermediate}, "
                 f"num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"activation={self.activation!r}, shared_expert={self.shared_fc1 is not None}, "
-                f"context_router={self.context_proj is not None}")
+                f"context_router={self.context_proj is not None}, "
+                f"normalize_weights={self.normalize_weights}, backend={self.backend}")
