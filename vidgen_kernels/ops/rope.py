@@ -25,7 +25,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.utils import _python_dispatch
 
 from .. import _ext
 from ._eager import eager_op
@@ -160,12 +159,15 @@ def _check_int(name: str, v, op: str, minimum: int) -> int:
 
 def tables_cacheable() -> bool:
     """Whether RoPE tables built now may be cached for later calls: not while ``torch.compile``
-    / ``torch.export`` traces, nor under a torch dispatch mode (``FakeTensorMode``, ``make_fx``),
-    whose fake or proxy tensors would be handed to every later eager call. Build cached tables
+    / ``torch.export`` traces, nor under a fake or proxy dispatch mode (``FakeTensorMode``,
+    ``make_fx``), whose tensors would be handed to every later eager call. Build cached tables
     under ``torch.inference_mode(False)``: a table first built inside ``inference_mode``
     (sampling) must not be an inference tensor, which a later training call could not save for
     backward."""
-    return not (torch.compiler.is_compiling() or _python_dispatch.is_in_torch_dispatch_mode())
+    if torch.compiler.is_compiling():
+        return False
+    get, key = torch._C._get_dispatch_mode, torch._C._TorchDispatchModeKey
+    return get(key.FAKE) is None and get(key.PROXY) is None  # (a user's logging mode is fine)
 
 
 @_functools.lru_cache(maxsize=64)
