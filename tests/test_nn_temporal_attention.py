@@ -169,6 +169,43 @@ def test_streaming_under_activation_checkpointing():
         run(True, reset=True)
 
 
+
+def test_streaming_checkpoint_of_a_block_with_context_fn():
+    """The usual block layout, ``x + attn(norm(x), ...)`` under checkpoint: the attention's
+    input is made inside the checkpointed function, so a recompute cannot find its call by that
+    input. Without help it raises, naming the remedy; with
+    ``context_fn=TemporalKVCache.checkpoint_contexts`` the recompute replays the forward's
+    offsets and the gradients equal the un-checkpointed ones exactly (two layers, each with its
+    own cache, in one checkpointed function)."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    m1, m2 = make(qk_norm="rms").double(), make().double()
+    norm = torch.nn.LayerNorm(m1.dim).double()
+    S = 3
+    xs = [torch.randn(1, n * S, m1.dim, dtype=torch.float64, requires_grad=True)
+          for n in (2, 1, 3)]
+
+    def run(ckpt, **kw):
+        c1, c2 = TemporalKVCache(), TemporalKVCache()
+        outs = []
+        for x in xs:
+            n = x.shape[1] // S
+
+            def f(x, n=n):
+                h = x + m1(norm(x), n, S, kv_cache=c1)
+                return h + m2(norm(h), n, S, kv_cache=c2)
+            outs.append(checkpoint(f, x, use_reentrant=False, **kw) if ckpt else f(x))
+        loss = sum((o.sin() * (i + 1)).sum() for i, o in enumerate(outs))
+        params = xs + list(m1.parameters()) + list(m2.parameters()) + list(norm.parameters())
+        return torch.autograd.grad(loss, params)
+
+    want = run(False)
+    got = run(True, context_fn=TemporalKVCache.checkpoint_contexts)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="context_fn=TemporalKVCache.checkpoint_contexts"):
+        run(True)
+
 def test_streaming_under_torch_func_grad():
     """A streaming call inside ``torch.func.grad`` (its tensors have no storage, so the
     checkpoint bookkeeping is skipped): the gradient of the new frames' output equals autograd's

@@ -18,6 +18,7 @@ and the past, i.e. block-causal attention).
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Optional
 
 import torch
@@ -47,8 +48,11 @@ class TemporalKVCache:
     (``use_reentrant=False`` gives the gradients of the un-checkpointed calls exactly; the
     reentrant variant runs the forward without autograd, so no gradient reaches earlier frames
     through the cache, as for any tensor that is not an argument of the checkpointed function).
-    ``reset()`` forgets the frames and the offsets; use a fresh cache (or ``reset()``) per
-    sequence.
+    A recompute finds its call by the attention input's storage, which works when that input
+    is the checkpointed function's own input; when ``fn`` computes it (``x + attn(norm(x))``),
+    pass ``context_fn=TemporalKVCache.checkpoint_contexts``, which records the offsets in order
+    and replays them. ``reset()`` forgets the frames and the offsets; use a fresh cache (or
+    ``reset()``) per sequence.
     """
 
     k: Optional[Tensor] = None
@@ -87,6 +91,53 @@ class TemporalKVCache:
 
     def __getstate__(self):  # the offsets name storage addresses of this process only
         return {"k": self.k, "v": self.v, "offsets": {}}
+
+    @staticmethod
+    def checkpoint_contexts():
+        """``context_fn`` for ``torch.utils.checkpoint(fn, ..., use_reentrant=False,
+        context_fn=TemporalKVCache.checkpoint_contexts)``: the forward records the frame offset
+        of every call that reads a cache inside ``fn``, in order, and the recompute replays
+        them, whatever ``fn`` computes the attention's input from. Needed when that input is
+        not the checkpointed function's own input (``x + attn(norm(x), ...)``, as in a DiT
+        block); without it a recompute finds its call by the input's storage only."""
+        calls: list = []
+        return _CacheCalls(calls, record=True), _CacheCalls(calls, record=False)
+
+
+class _CacheCalls:
+    """One checkpointed call's cache offsets: recorded by its forward, replayed in order by its
+    recompute (a per-thread stack: the recompute runs in the thread running backward)."""
+
+    _active = threading.local()
+
+    def __init__(self, calls: list, record: bool):
+        self.calls, self.record, self.pos = calls, record, 0
+
+    @classmethod
+    def current(cls) -> Optional["_CacheCalls"]:
+        stack = getattr(cls._active, "stack", None)
+        return stack[-1] if stack else None
+
+    def __enter__(self):
+        if not hasattr(self._active, "stack"):
+            self._active.stack = []
+        self._active.stack.append(self)
+        self.pos = 0
+        return self
+
+    def __exit__(self, *exc):
+        self._active.stack.remove(self)
+        return False
+
+    def replay(self, cache: TemporalKVCache) -> int:
+        if self.pos >= len(self.calls) or self.calls[self.pos][0] is not cache:
+            raise RuntimeError(
+                "CausalTemporalAttention: the checkpoint recompute reads its kv_caches in another "
+                "order than its forward did (checkpoint_contexts replays the forward's calls in "
+                "order)")
+        off = self.calls[self.pos][1]
+        self.pos += 1
+        return off
 
 
 def rope_1d_tables(length: int, head_dim: int, theta: float = 10000.0, device=None
@@ -213,18 +264,24 @@ class CausalTemporalAttention(nn.Module):
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
         except RuntimeError:  # no storage (torch.func's wrappers): no recompute bookkeeping
             key = None
+        calls = _CacheCalls.current()
         if torch._C._current_graph_task_id() != -1:  # inside backward: a recompute
-            off = cache.offsets.get(key)
+            off = calls.replay(cache) if calls is not None and not calls.record \
+                else cache.offsets.get(key)
             if off is None or cache.num_frames < off + T:
                 raise RuntimeError(
                     "CausalTemporalAttention: called with a kv_cache during a backward pass (an "
                     "activation-checkpoint recompute) but the cache no longer holds the frames "
-                    "this call saw (it was reset or replaced after the forward)")
+                    "this call saw: it was reset or replaced after the forward, or the "
+                    "attention's input is computed inside the checkpointed function (pass "
+                    "context_fn=TemporalKVCache.checkpoint_contexts to torch.utils.checkpoint)")
             if off:
                 k, v = torch.cat([cache.k[:, :off], k], 1), torch.cat([cache.v[:, :off], v], 1)
             return k, v, off, False
         off = cache.num_frames
         k, v = cache.extended(k, v)
+        if calls is not None and calls.record:
+            calls.calls.append((cache, off))
         if key is not None and (torch.is_grad_enabled() or x.requires_grad):  # (reentrant: grad off)
             cache.offsets[key] = off
             if len(cache.offsets) > cache.MAX_OFFSETS:  # bounded: forget the oldest call
