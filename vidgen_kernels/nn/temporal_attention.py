@@ -108,19 +108,21 @@ class _CacheCalls:
     """One checkpointed call's cache offsets: recorded by its forward, replayed in order by its
     recompute (a per-thread stack: the recompute runs in the thread running backward)."""
 
-    _active = threading.local()
+    class _Stack(threading.local):
+        def __init__(self):
+            self.stack: list = []
+
+    _active = _Stack()
 
     def __init__(self, calls: list, record: bool):
         self.calls, self.record, self.pos = calls, record, 0
 
     @classmethod
     def current(cls) -> Optional["_CacheCalls"]:
-        stack = getattr(cls._active, "stack", None)
+        stack = cls._active.stack
         return stack[-1] if stack else None
 
     def __enter__(self):
-        if not hasattr(self._active, "stack"):
-            self._active.stack = []
         self._active.stack.append(self)
         self.pos = 0
         return self
