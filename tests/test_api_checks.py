@@ -92,3 +92,42 @@ def test_first_compiled_call_in_a_fresh_thread_does_not_recompile():
     t.start()
     t.join()
     assert result == {"graphs": 1}, result
+
+
+def test_module_flags_and_sizes_are_checked():
+    """The nn modules take flags as Python bools (a string "False" is truthy: it switched the
+    feature ON) and sizes as ints >= 1 (a negative size failed deep in torch)."""
+    nn_ = vk.nn
+    for make in (lambda: nn_.CausalTemporalAttention(16, 2, causal="False"),
+                 lambda: nn_.CausalTemporalAttention(16, 2, rope="False"),
+                 lambda: nn_.RoPE3DAttention(16, 2, interleaved="False"),
+                 lambda: nn_.MoEFFN(8, 16, 4, shared_expert="False"),
+                 lambda: nn_.MoEFFN(8, 16, 4, context_router="False"),
+                 lambda: nn_.AdaLNZero(16, elementwise_affine="False"),
+                 lambda: nn_.LayerNormZero(8, 16, elementwise_affine=1)):
+        with pytest.raises(TypeError, match="must be a bool"):
+            make()
+    for make, name in ((lambda: nn_.AdaLNZero(-4), "dim"), (lambda: nn_.HeadNorm(-4), "dim"),
+                       (lambda: nn_.RoPE3DAttention(-8, 2), "dim"),
+                       (lambda: nn_.RoPE3DAttention(32, 2.0), "num_heads"),
+                       (lambda: nn_.CausalTemporalAttention(-8, 2), "dim"),
+                       (lambda: nn_.LayerNormZero(-1, 8), "conditioning_dim"),
+                       (lambda: nn_.MoEFFN(8, 16, 4, context_dim=-3), "context_dim")):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+            make()
+    with pytest.raises(ValueError, match="T and S must be >= 1"):
+        nn_.CausalTemporalAttention(16, 2)(torch.randn(1, 4, 16), -2, -2)
+
+
+def test_gated_add_checks_dtype_and_device():
+    """AdaLNZero.residual_out (gated_add) rejects integer / complex tensors and mixed devices
+    as gated_residual_adaln does (int inputs were truncated to zeros, a complex y lost its
+    imaginary part)."""
+    from vidgen_kernels.nn.adaln import gated_add
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        gated_add(x.long(), x.long(), torch.full((8,), 0.6))
+    with pytest.raises(TypeError, match="y must be a floating tensor"):
+        gated_add(x, x.to(torch.complex64), torch.ones(8))
+    with pytest.raises(ValueError, match="y is on meta"):
+        gated_add(x, torch.empty(1, 4, 8, device="meta"), torch.ones(8))

@@ -774,3 +774,39 @@ def test_model_configs_checked_at_construction():
         tiny_causal(hidden_size=12, num_heads=2)
     with pytest.raises(ValueError, match="pos_embed='sincos' needs hidden_size divisible by 8, got 36"):
         tiny_dit(hidden_size=36, num_heads=3)
+
+
+def test_training_utilities_and_configs_reject_bad_arguments():
+    """Clear errors instead of silent results or errors deep inside torch: cfg_dropout's text /
+    null_text shapes (a 2-D text broadcast to [B, B, D]), EMA's decay range (decay -1 gave an
+    update weight of 2), fit_scaling_factor on an empty batch (NaN scaling from then on),
+    num_heads=0 (ZeroDivisionError) and depth < 1 in the model configs, generate_video's
+    scheduler / guidance / seed / latent sizes."""
+    from vidgen.schedulers import DDPMScheduler
+    text, null = torch.randn(3, 4, 8), torch.zeros(1, 4, 8)
+    with pytest.raises(ValueError, match="text must be"):
+        cfg_dropout(torch.randn(3, 8), torch.zeros(1, 8), p=0.5)
+    with pytest.raises(ValueError, match="null_text must be"):
+        cfg_dropout(text, torch.zeros(1, 5, 8), p=0.0)
+    assert cfg_dropout(text, null, p=1.0).abs().sum() == 0
+    with pytest.raises(ValueError, match="decay"):
+        EMA(torch.nn.Linear(2, 2), decay=-1)
+    vae = SmallVideoVAE(in_channels=2, latent_channels=2, base_channels=8)
+    with pytest.raises(ValueError, match="fit_scaling_factor"):
+        vae.fit_scaling_factor(torch.randn(0, 2, 2, 8, 8))
+    for make in (lambda: LatentVideoDiT(LatentVideoDiTConfig(hidden_size=32, num_heads=0)),
+                 lambda: LatentVideoDiT(LatentVideoDiTConfig(hidden_size=32, num_heads=2, depth=-1)),
+                 lambda: CogVideoXTransformer(CogVideoXConfig(hidden_size=64, num_heads=0))):
+        with pytest.raises(ValueError, match="must be an int >= 1"):
+            make()
+    m = tiny_dit()
+    kw = dict(num_frames=2, height=4, width=4, num_inference_steps=1, show_progress=False)
+    c = torch.randn(1, 3, TEXT_DIM)
+    with pytest.raises(TypeError, match="FlowMatchingScheduler"):
+        generate_video(m, c, c, scheduler=DDPMScheduler(), **kw)
+    with pytest.raises(TypeError, match="guidance_scale"):
+        generate_video(m, c, c, guidance_scale="4", **kw)
+    with pytest.raises(TypeError, match="seed"):
+        generate_video(m, c, c, seed="a", **kw)
+    with pytest.raises(ValueError, match="height must be"):
+        generate_video(m, c, c, **dict(kw, height=-4))

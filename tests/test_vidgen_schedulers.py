@@ -182,3 +182,43 @@ def test_flow_zero_steps_and_dtypes():
     x32 = torch.zeros(1, 1, 1, 1, 1)
     got = s.step(torch.ones(1, 1, 1, 1, 1, dtype=torch.float16), t, tn, x32.half())
     assert got.item() == torch.tensor(-0.02).half().item()
+
+
+def test_ddpm_trailing_spacing_has_n_steps_for_every_n():
+    """``timesteps(n)`` with trailing spacing returns exactly n distinct decreasing steps from
+    N - 1 down to >= 0 for every n (a float arange gave n + 1 ending at -1 for 62 values of n,
+    e.g. n = 61)."""
+    s = DDPMScheduler(1000, "linear", timestep_spacing="trailing")
+    for n in range(1, 1001):
+        ts = s.timesteps(n)
+        assert ts.numel() == n and ts[0] == 999 and ts[-1] >= 0, n
+        assert (ts[:-1] > ts[1:]).all(), n
+
+
+def test_ddpm_rejects_non_integer_or_out_of_range_steps():
+    """DDPM timesteps are integer steps: a float t was truncated (0.9 -> 0), NaN read as the
+    clean sample, -1 wrapped to step 999 in snr(), t >= N gave an IndexError."""
+    s = DDPMScheduler(1000)
+    x = torch.randn(2, 3)
+    for bad in (torch.tensor([0.9, 1.0]), torch.tensor([float("nan"), 1.0]), torch.tensor([True, False])):
+        with pytest.raises(TypeError, match="integer steps"):
+            s.add_noise(x, x, bad)
+    with pytest.raises(ValueError, match=r"\[-1, 999\]"):
+        s.add_noise(x, x, torch.tensor([5, 1000]))
+    with pytest.raises(ValueError, match=r"\[0, 999\]"):
+        s.snr(torch.tensor([-1]))
+    torch.testing.assert_close(s.add_noise(x, torch.zeros_like(x), torch.tensor([-1, -1])), x)
+
+
+def test_flow_matching_t_must_match_the_batch_and_shift_be_finite():
+    """A ``t`` whose length matches no leading dim of x raises naming t (it broadcast into a
+    [3, 3, ...] result at B = 1); shift NaN / inf raise (every timestep was NaN)."""
+    s = FlowMatchingScheduler()
+    x = torch.randn(1, 3, 2, 4, 4)
+    with pytest.raises(ValueError, match="t must be"):
+        s.add_noise(x, x, torch.rand(3))
+    assert s.add_noise(x, x, torch.rand(1, 3)).shape == x.shape  # per-frame [B, T]
+    assert s.add_noise(x, x, torch.rand(1)).shape == x.shape
+    for bad in (float("nan"), float("inf"), 0.0, True):
+        with pytest.raises(ValueError, match="shift"):
+            FlowMatchingScheduler(shift=bad)

@@ -33,6 +33,16 @@ def generate_video(model: nn.Module, text: Tensor, null_text: Tensor, *, num_fra
     when no ``generator`` is given; ``batch_size`` splits large batches. ``B = 0`` gives an
     empty result.
     """
+    if scheduler is not None and not isinstance(scheduler, FlowMatchingScheduler):
+        raise TypeError(f"generate_video: scheduler must be a FlowMatchingScheduler (the models "
+                        f"predict flow-matching velocities), got {type(scheduler).__name__}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise TypeError(f"generate_video: guidance_scale must be a number, got {guidance_scale!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"generate_video: seed must be an int, got {seed!r}")
+    for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"generate_video: {name} must be an int >= 1 (latent size), got {v!r}")
     if num_inference_steps is None:
         num_inference_steps = scheduler.num_inference_steps if scheduler is not None else 25
     scheduler = scheduler or FlowMatchingScheduler(num_inference_steps)

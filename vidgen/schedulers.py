@@ -24,8 +24,13 @@ __all__ = ["FlowMatchingScheduler", "DDPMScheduler"]
 
 
 def _expand(t: Tensor, x: Tensor) -> Tensor:
-    """Broadcast ``t`` (scalar, ``[B]`` or per-frame ``[B, T]``) against ``x`` ``[B, ...]``."""
+    """Broadcast ``t`` (scalar, ``[B]`` or per-frame ``[B, T]``, each dim 1 or x's) against
+    ``x`` ``[B, ...]``."""
     t = torch.as_tensor(t, device=x.device)
+    if t.dim() > x.dim() or any(not (t.shape[i] == 1 or t.shape[i] == x.shape[i])
+                                for i in range(t.dim())):
+        raise ValueError(f"t must be a scalar, [B] or per-frame [B, T] matching x's leading dims "
+                         f"{tuple(x.shape[:2])} (or 1), got shape {tuple(t.shape)}")
     if t.is_floating_point():
         t = t.to(x.dtype)
     return t.reshape(*t.shape, *([1] * (x.dim() - t.dim())))
@@ -41,8 +46,9 @@ class FlowMatchingScheduler:
     """
 
     def __init__(self, num_inference_steps: int = 50, shift: float = 1.0):
-        if shift <= 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or \
+                not 0 < shift < math.inf:
+            raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
         self.num_inference_steps = num_inference_steps
         self.shift = float(shift)
 
@@ -133,15 +139,29 @@ class DDPMScheduler:
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)
 
     # -- helpers -------------------------------------------------------------------------------
+    def _steps(self, t, lowest: int) -> Tensor:
+        """``t`` as integer steps in ``[lowest, N - 1]`` on the tables' device: an integer tensor
+        or number (a float step was truncated, NaN read as 'clean'); the range is checked where
+        it costs no device sync (CPU tensors, Python numbers)."""
+        src = t
+        t = torch.as_tensor(t)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"DDPMScheduler: t must be integer steps, got dtype {t.dtype}")
+        if t.device.type == "cpu" and t.numel() and (int(t.min()) < lowest or
+                                                     int(t.max()) >= self.num_train_timesteps):
+            raise ValueError(f"DDPMScheduler: t must be steps in [{lowest}, "
+                             f"{self.num_train_timesteps - 1}], got {src!r}")
+        return t.to(self.alphas_cumprod.device).long()
+
     def _abar(self, t: Tensor, like: Tensor) -> Tensor:
-        """``abar_t`` broadcast to ``like``; ``t < 0`` means ``abar = 1`` (the clean sample)."""
-        t = torch.as_tensor(t, device=self.alphas_cumprod.device).long()
+        """``abar_t`` broadcast to ``like``; ``t = -1`` means ``abar = 1`` (the clean sample)."""
+        t = self._steps(t, -1)
         ab = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones((), dtype=torch.float64))
         return _expand(ab.to(device=like.device, dtype=like.dtype), like)
 
     def snr(self, t: Tensor) -> Tensor:
-        """Signal-to-noise ratio ``abar / (1 - abar)`` at integer steps ``t``."""
-        ab = self.alphas_cumprod[torch.as_tensor(t).long()]
+        """Signal-to-noise ratio ``abar / (1 - abar)`` at integer steps ``t`` in ``[0, N)``."""
+        ab = self.alphas_cumprod[self._steps(t, 0)]
         return ab / (1 - ab)
 
     # -- training ------------------------------------------------------------------------------
@@ -190,7 +210,8 @@ class DDPMScheduler:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= N:
             raise ValueError(f"num_inference_steps must be an int in [1, {N}], got {n!r}")
         if self.timestep_spacing == "trailing":
-            steps = torch.arange(N, 0, -N / n, dtype=torch.float64).round().long() - 1
+            # N - i N / n for i < n (an arange with a fractional step can yield n + 1 values)
+            steps = (N - torch.arange(n, dtype=torch.float64) * (N / n)).round().long() - 1
             return steps.to(device)
         return (torch.arange(n, device=device) * (N // n)).flip(0)
 

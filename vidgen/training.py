@@ -40,6 +40,15 @@ def cfg_dropout(text: Tensor, null_text: Tensor, p: float = 0.1,
     ``generator``'s device (a CPU generator gives the same draws on every device)."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
         raise ValueError(f"cfg_dropout: p must be a probability in [0, 1], got {p!r}")
+    if not isinstance(text, Tensor) or text.dim() != 3:
+        raise ValueError(f"cfg_dropout: text must be [B, L, D], got "
+                         f"{tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__}")
+    if not isinstance(null_text, Tensor) or null_text.dim() != 3 or \
+            not (null_text.shape[0] == 1 or null_text.shape[0] == text.shape[0]) or \
+            null_text.shape[1:] != text.shape[1:]:
+        raise ValueError(f"cfg_dropout: null_text must be [1 or B, L, D] = [1 or "
+                         f"{text.shape[0]}, {text.shape[1]}, {text.shape[2]}], got "
+                         f"{tuple(null_text.shape) if isinstance(null_text, Tensor) else type(null_text).__name__}")
     if p == 0:
         return text
     gdev = generator.device if generator is not None else text.device
@@ -70,6 +79,8 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
+            raise ValueError(f"EMA: decay must be a number in [0, 1], got {decay!r}")
         self.decay = decay
         self.num_updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)

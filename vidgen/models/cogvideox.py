@@ -168,6 +168,10 @@ class CogVideoXTransformer(CopyableLossesMixin, nn.Module):
         c = dataclasses.replace(config) if config is not None else CogVideoXConfig(**kwargs)
         c.patch_size = tuple(c.patch_size)
         c.out_channels = c.out_channels or c.in_channels
+        for name in ("hidden_size", "num_heads", "num_layers"):  # (0 heads: ZeroDivisionError)
+            v = getattr(c, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if c.hidden_size % c.num_heads or (c.hidden_size // c.num_heads) % 8:
             raise ValueError("hidden_size / num_heads must be a multiple of 8 (RoPE-3D split D/4, 3D/8, 3D/8)")
         for name in ("num_text_experts", "num_video_experts"):

@@ -172,6 +172,12 @@ class ImageMoEDiT(CopyableLossesMixin, nn.Module):
         p = config.patch_size
         if isinstance(p, bool) or not isinstance(p, int) or p < 1:
             raise ValueError(f"patch_size must be an int >= 1, got {p!r}")
+        for name in ("hidden_size", "num_heads"):  # (0 heads: a ZeroDivisionError)
+            v = getattr(config, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not isinstance(config.shared_expert, bool):
+            raise TypeError(f"shared_expert must be a bool, got {config.shared_expert!r}")
         if config.hidden_size % config.num_heads:
             raise ValueError(f"hidden_size {config.hidden_size} must be divisible by num_heads {config.num_heads}")
         if config.depth < 1:

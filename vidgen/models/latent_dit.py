@@ -95,6 +95,10 @@ class LatentVideoDiT(nn.Module):
         if config.out_channels is None:
             config.out_channels = config.in_channels
         config.patch_size = tuple(config.patch_size)
+        for name in ("hidden_size", "num_heads", "depth"):  # (0 heads: a ZeroDivisionError)
+            v = getattr(config, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if config.hidden_size % config.num_heads:
             raise ValueError("hidden_size must be divisible by num_heads")
         self.config = config

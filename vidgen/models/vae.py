@@ -66,6 +66,9 @@ class LatentVAE(nn.Module):
         """Fit the latent normalisation on videos ``x``: ``latents_mean`` = per-channel mean of the
         encoder means (zeros if not ``center``), ``scaling_factor = 1 / std(mean - latents_mean)``."""
         mean, _ = self.encode(x)
+        if mean.numel() < 2:  # (an empty batch gave NaN statistics, and NaN decodes from then on)
+            raise ValueError(f"fit_scaling_factor: needs at least one video with two latent "
+                             f"values, got x of shape {tuple(x.shape)}")
         mu = mean.mean(dim=(0, 1, 3, 4)) if center else torch.zeros_like(self.latents_mean)
         self.latents_mean.copy_(mu)
         self.scaling_factor.fill_(1.0 / (mean - self._channel(mu)).std().clamp(min=1e-6).item())

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends import current_backend
-from ..ops._checks import autocast_dtype
+from ..ops._checks import autocast_dtype, check_flags, check_sizes
 from ..ops.adaln import adaln_modulate, gated_residual_adaln
 
 
@@ -57,6 +57,8 @@ class AdaLNZero(nn.Module):
     def __init__(self, dim: int, cond_dim: Optional[int] = None, *, norm: str = "layer",
                  eps: float = 1e-6, elementwise_affine: bool = False, device=None, dtype=None):
         super().__init__()
+        check_sizes("AdaLNZero", dim=dim, **({} if cond_dim is None else {"cond_dim": cond_dim}))
+        check_flags("AdaLNZero", elementwise_affine=elementwise_affine)
         fk = {"device": device, "dtype": dtype}
         self.dim, self.norm, self.eps = dim, norm, eps
         self.act = nn.SiLU()
@@ -107,6 +109,11 @@ def gated_add(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be [B, N, C], got shape {tuple(x.shape)}")
+    for name, t in (("x", x), ("y", y), ("gate", gate)):  # as gated_residual_adaln checks them
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating tensor, got dtype {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
     B, N, C = x.shape
     if y.shape != x.shape:
         raise ValueError(f"{op}: y (the sublayer output) must have x's shape {tuple(x.shape)}, "
@@ -144,6 +151,9 @@ class LayerNormZero(nn.Module):
                  eps: float = 1e-5, bias: bool = True, *, norm: str = "layer", device=None,
                  dtype=None):
         super().__init__()
+        check_sizes("LayerNormZero", conditioning_dim=conditioning_dim,
+                    embedding_dim=embedding_dim)
+        check_flags("LayerNormZero", elementwise_affine=elementwise_affine, bias=bias)
         fk = {"device": device, "dtype": dtype}
         self.silu = nn.SiLU()
         self.linear = nn.Linear(conditioning_dim, 6 * embedding_dim, bias=bias, **fk)
@@ -212,6 +222,7 @@ class HeadNorm(nn.Module):
     def __init__(self, dim: int, kind: str = "rms", eps: float = 1e-6, *,
                  backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
+        check_sizes("HeadNorm", dim=dim)
         if kind not in ("layer", "rms"):
             raise ValueError(f"HeadNorm: kind must be 'layer' or 'rms', got {kind!r}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:

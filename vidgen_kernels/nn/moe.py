@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..ops._checks import check_flags, check_sizes
 from ..ops.moe import ACTIVATIONS, GATED, _act_module_fn, moe_ffn
 
 __all__ = ["MoEFFN"]
@@ -53,6 +54,10 @@ class MoEFFN(nn.Module):
                  backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
+        check_flags("MoEFFN", shared_expert=shared_expert, context_router=context_router,
+                    bias=bias, normalize_weights=normalize_weights)
+        if context_dim is not None:
+            check_sizes("MoEFFN", context_dim=context_dim)
         if activation not in ACTIVATIONS:
             raise ValueError(f"MoEFFN: activation must be one of {ACTIVATIONS}, got {activation!r}")
         for name, v in (("hidden", hidden), ("intermediate", intermediate),

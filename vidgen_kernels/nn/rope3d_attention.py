@@ -20,6 +20,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ._common import qk_norms
+from ..ops._checks import check_flags, check_sizes
 from ..ops.rope3d_attention import rope3d_attention
 
 __all__ = ["RoPE3DAttention"]
@@ -47,6 +48,8 @@ class RoPE3DAttention(nn.Module):
                  bias: bool = True, interleaved: bool = True, eps: float = 1e-6,
                  backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
+        check_sizes("RoPE3DAttention", dim=dim, num_heads=num_heads)
+        check_flags("RoPE3DAttention", bias=bias, interleaved=interleaved)
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"RoPE3DAttention: dim={dim} must be a multiple of num_heads={num_heads}")
         head_dim = dim // num_heads

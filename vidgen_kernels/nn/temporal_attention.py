@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._common import qk_norms
+from ..ops._checks import check_flags, check_sizes
 from ..ops.rope import check_theta, tables_cacheable
 from ..ops.temporal_attention import temporal_attention
 
@@ -177,6 +178,9 @@ class CausalTemporalAttention(nn.Module):
                  bias: bool = True, interleaved: bool = True, eps: float = 1e-6, device=None,
                  dtype=None):
         super().__init__()
+        check_sizes("CausalTemporalAttention", dim=dim, num_heads=num_heads)
+        check_flags("CausalTemporalAttention", rope=rope, causal=causal, bias=bias,
+                    interleaved=interleaved)
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"CausalTemporalAttention: dim={dim} must be a multiple of "
                              f"num_heads={num_heads}")
@@ -236,7 +240,9 @@ class CausalTemporalAttention(nn.Module):
             if isinstance(val, bool) or not isinstance(val, (int, torch.SymInt)):
                 raise TypeError(f"CausalTemporalAttention: {name} must be an int, got "
                                 f"{type(val).__name__} {val!r}")
-        if T < 1 or S < 1 or N != T * S:
+        if T < 1 or S < 1:
+            raise ValueError(f"CausalTemporalAttention: T and S must be >= 1, got T={T}, S={S}")
+        if N != T * S:
             raise ValueError(f"CausalTemporalAttention: x has {N} tokens but T*S = {T}*{S} = "
                              f"{T * S}")
         H, D = self.num_heads, self.head_dim

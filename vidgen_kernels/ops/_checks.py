@@ -34,6 +34,13 @@ def check_flags(op: str, **flags) -> None:
             raise TypeError(f"{op}: {name} must be a bool, got {type(val).__name__} {val!r}")
 
 
+def check_sizes(op: str, **sizes) -> None:
+    """Module sizes: Python ints >= 1 (a negative or float size failed deep inside torch)."""
+    for name, val in sizes.items():
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{op}: {name} must be an int >= 1, got {val!r}")
+
+
 def cast_floating(dtype: torch.dtype, *tensors):
     """The floating tensors among ``tensors`` cast to ``dtype`` as autocast casts an op's
     operands: float64 ones stay float64 (autocast leaves them alone too); anything else
