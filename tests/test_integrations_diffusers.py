@@ -546,3 +546,197 @@ def test_remove_keeps_a_processor_set_after_apply():
         vkd.remove(model)
     assert model.transformer_blocks[0].attn1.processor is mine
     assert type(model.transformer_blocks[1].attn1.processor) is CogVideoXAttnProcessor2_0
+
+
+def test_cogvideox_hooked_norm_out_at_apply_left_unpatched():
+    """A hook on ``norm_out`` registered before apply() (it used to be silently dropped: the
+    FusedAdaLayerNorm put in its place did not carry it): left unpatched with a warning, as the
+    block norms are."""
+    args, kw = cog_inputs("int")
+    ref, model = cogvideox().eval(), cogvideox().eval()
+    for m in (ref, model):
+        m.norm_out.register_forward_hook(_double)
+    with pytest.warns(UserWarning, match=r"left norm_out unpatched: it carries a hook"):
+        vkd.apply(model)
+    assert type(model.norm_out) is not FusedAdaLayerNorm
+    with torch.no_grad():
+        close(run(model, args, kw), run(ref, args, kw))
+
+
+# ----------------------------------------------------------------------------------------------
+# changes made after apply() to the fused norms, and remove()
+# ----------------------------------------------------------------------------------------------
+class _LoRALinear(torch.nn.Module):
+    """A stand-in for peft's ``lora.Linear``: wraps the base layer, set on the parent by setattr."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, 2, bias=False)
+        self.lora_B = torch.nn.Linear(2, base.out_features, bias=False)
+        torch.nn.init.normal_(self.lora_B.weight, std=0.5)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+class _HalfLayerNorm(torch.nn.LayerNorm):
+    """A LayerNorm subclass with its own forward (the fused paths must call it, not read it)."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def _swap_norm(parent, name="norm", cls=_HalfLayerNorm):
+    old = getattr(parent, name)
+    new = cls(old.normalized_shape, eps=old.eps, elementwise_affine=old.elementwise_affine)
+    new.load_state_dict(old.state_dict())
+    setattr(parent, name, new)
+
+
+def _change_cogvideox(model, change):
+    b = model.transformer_blocks[0]
+    if change == "lora":  # peft-style injection on every norm1.linear
+        for blk in model.transformer_blocks:
+            torch.manual_seed(3)
+            blk.norm1.linear = _LoRALinear(blk.norm1.linear)
+    elif change == "hook":
+        return [b.norm2.register_forward_hook(_double)]
+    elif change == "backward-hook":  # on a fused norm, and on a LayerNorm the fused paths read
+        return [n.register_full_backward_hook(lambda m, gi, go: tuple(
+            None if g is None else g * 3 for g in gi)) for n in (b.norm1, b.norm2.norm)]
+    elif change == "swap-layernorm":  # the LayerNorm the fused paths read, replaced
+        for parent in (b.norm1, b.norm2, model.norm_out):
+            _swap_norm(parent)
+    return []
+
+
+@pytest.mark.parametrize("change", ["lora", "hook", "backward-hook", "swap-layernorm"])
+def test_cogvideox_changes_to_fused_norms_after_apply(change):
+    """Changes made after apply() inside the fused norms: a LoRA wrapper set on
+    ``norm1.linear``, a forward or full backward hook on a fused norm, a LayerNorm replaced by a
+    subclass with its own forward. The patched model computes as the unpatched one with the same
+    change (the replaced LayerNorm used to be read, not called: 9e-2 off); remove() carries the
+    change over to the original norms, silently, and restores the output and gradients exactly
+    (it used to put back the original norms as they were: the LoRA or the hook lost); the hooks'
+    handles still remove them."""
+    args, kw = cog_inputs("int")
+    ref, model = cogvideox().train(), cogvideox().train()
+    vkd.apply(model)
+    h_ref, h = _change_cogvideox(ref, change), _change_cogvideox(model, change)
+    want, want_g = train_step(ref, args, kw)
+    out, g = train_step(model, args, kw)
+    close(out, want)
+    for n in want_g:
+        close(g[n], want_g[n], rtol=1e-4)
+    no_warnings(vkd.remove, model)
+    assert not any(isinstance(m, (FusedCogVideoXLayerNormZero, FusedAdaLayerNorm))
+                   for m in model.modules())
+    out, g = train_step(model, args, kw)
+    assert torch.equal(out, want)
+    assert g.keys() == want_g.keys() and all(torch.equal(g[n], want_g[n]) for n in g)
+    if change == "hook":  # the handle removes the hook from the restored norm
+        h[0].remove()
+        h_ref[0].remove()
+        with torch.no_grad():
+            assert torch.equal(run(model, args, kw), run(ref, args, kw))
+
+
+def test_cogvideox_fused_norm_replaced_after_apply_is_kept_by_remove():
+    """A fused norm replaced wholesale after apply() (by the user's own CogVideoXLayerNormZero):
+    the fused block forward calls it (it used to call its missing ``forward_residual``), and
+    remove() keeps it, with a warning naming it, instead of putting the original back."""
+    from diffusers.models.normalization import CogVideoXLayerNormZero
+    args, kw = cog_inputs("int")
+    ref, model = cogvideox().eval(), cogvideox().eval()
+    vkd.apply(model)
+    for m in (ref, model):
+        torch.manual_seed(4)
+        m.transformer_blocks[0].norm2 = mine = CogVideoXLayerNormZero(8, 32)
+    with torch.no_grad():
+        want = run(ref, args, kw)
+        close(run(model, args, kw), want)
+        with pytest.warns(UserWarning, match=r"transformer_blocks\.0\.norm2: it was replaced "
+                          r"after apply\(\) by CogVideoXLayerNormZero"):
+            vkd.remove(model)
+        assert model.transformer_blocks[0].norm2 is mine
+        assert torch.equal(run(model, args, kw), want)
+
+
+def test_cogvideox_fused_norm_wrapped_after_apply_left_in_place_by_remove():
+    """A fused norm whose forward was wrapped after apply() (as accelerate's add_hook_to_module
+    does): remove() cannot carry the wrapper over, so it leaves that fused norm in place (it
+    computes as the original), with a warning naming it; it used to drop the wrapper silently."""
+    args, kw = cog_inputs("int")
+    ref, model = cogvideox().eval(), cogvideox().eval()
+    vkd.apply(model)
+    for m in (ref, model):
+        norm = m.transformer_blocks[1].norm1
+        norm.forward = lambda *a, f=norm.forward, **k: tuple(o * 2 for o in f(*a, **k))
+    with torch.no_grad():
+        want = run(ref, args, kw)
+        with pytest.warns(UserWarning, match=r"transformer_blocks\.1\.norm1: its forward was "
+                          r"wrapped after apply\(\).*left in place"):
+            vkd.remove(model)
+        assert type(model.transformer_blocks[1].norm1) is FusedCogVideoXLayerNormZero
+        assert type(model.transformer_blocks[0].norm1) is not FusedCogVideoXLayerNormZero
+        close(run(model, args, kw), want)
+
+
+def test_wan_norm_replaced_after_apply_is_called():
+    """Wan's ``norm1`` / ``norm3`` replaced after apply() by an FP32LayerNorm subclass with its
+    own forward: the fused modulation calls it (it used to read its weight: wrong output)."""
+    from diffusers.models.normalization import FP32LayerNorm
+
+    class HalfFP32LayerNorm(FP32LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+    args, kw = wan_inputs()
+    ref, model = wan().eval(), wan().eval()
+    vkd.apply(model)
+    for m in (ref, model):
+        _swap_norm(m.blocks[0], "norm1", HalfFP32LayerNorm)
+        _swap_norm(m.blocks[1], "norm3", HalfFP32LayerNorm)
+    with torch.no_grad():
+        close(run(model, args, kw), run(ref, args, kw))
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs, saving
+# ----------------------------------------------------------------------------------------------
+def test_cogvideox_short_rotary_table_raises():
+    """An ``image_rotary_emb`` for fewer frames than the latents (32 rows, 48 video tokens):
+    diffusers raises a size mismatch; the patched processor used to rotate the first 32 tokens
+    only, silently. It raises a ValueError naming the table and both lengths."""
+    model = cogvideox().eval()
+    args, _ = cog_inputs(None)
+    kw = {"image_rotary_emb": get_3d_rotary_pos_embed(HEAD_DIM, ((0, 0), (4, 4)), (4, 4), 2)}
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):
+            run(model, args, kw)
+        vkd.apply(model)
+        with pytest.raises(ValueError, match=r"image_rotary_emb has 32 rows .* 48 video tokens"):
+            run(model, args, kw)
+
+
+@pytest.mark.parametrize("which", ["cogvideox", "wan"])
+def test_torch_save_and_load_of_patched_model(which):
+    """``torch.save(model)`` of a patched model, then ``torch.load``: it used to fail to load (the
+    bound block forward pickled as ``getattr(block, '_cogvideox_block_forward')``). The loaded
+    model is patched, computes what the saved one does, and remove() restores the original."""
+    import io
+    make, inputs = (cogvideox, cog_inputs) if which == "cogvideox" else (wan, wan_inputs)
+    args, kw = inputs("int") if which == "cogvideox" else inputs()
+    model = make().eval()
+    with torch.no_grad():
+        before = run(model, args, kw)
+        vkd.apply(model)
+        patched = run(model, args, kw)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert vkd.is_patched(loaded)
+        assert torch.equal(run(loaded, args, kw), patched)
+        no_warnings(vkd.remove, loaded)
+        assert torch.equal(run(loaded, args, kw), before)

@@ -37,12 +37,16 @@ class (fused-QKV, user-chosen ones), Wan processors with an attention backend or
 config set, Wan image-to-video cross-attention (``add_k_proj``), blocks whose ``forward`` already
 carries a hook, norms that carry a hook or whose configuration differs from the ones above.
 A norm hooked after ``apply`` (a user's hook, accelerate's sequential CPU offload, which keeps
-the weights on ``meta`` until the module is called) is called instead of read: the fused paths
-check for hooks on every call and run diffusers' formula around the hooked module then.
+the weights on ``meta`` until the module is called) or replaced (by another class than the
+LayerNorm seen at ``apply``) is called instead of read: the fused paths check for that on every
+call (type and attribute checks) and run diffusers' formula around the module then.
 :func:`remove` refuses (``RuntimeError``, nothing changed) while a patched block forward is
 wrapped by something added after ``apply`` (``model.enable_cache(...)``: undo it first), and
-keeps a processor the user set after ``apply``, with a warning. At run time an
-``attention_mask`` (not supported by the kernels), and for Wan an attention backend or
+keeps a processor or norm the user set after ``apply``, with a warning; submodules replaced in
+a fused norm after ``apply`` (a LoRA wrapper on ``norm1.linear``) and torch hooks registered on
+it are carried over to the original norm it puts back. The patched model pickles
+(``torch.save(model)`` / ``torch.load``), and :func:`remove` works on the loaded copy. At run
+time an ``attention_mask`` (not supported by the kernels), and for Wan an attention backend or
 context-parallel config set after ``apply`` (``model.set_attention_backend``,
 ``enable_parallelism``) or a ``with diffusers...attention_backend(...)`` block that makes another
 backend active than the one active at ``apply``, make the patched processor call the original
@@ -52,7 +56,7 @@ diffusers is imported lazily, only by :func:`apply`.
 """
 from __future__ import annotations
 
-import types
+import functools
 import warnings
 from typing import Optional
 
@@ -108,6 +112,12 @@ class CogVideoXRoPE3DAttnProcessor(_FallbackMixin):
             return self.original(attn, hidden_states, encoder_hidden_states,
                                  attention_mask=attention_mask, image_rotary_emb=image_rotary_emb)
         text_len = encoder_hidden_states.size(1)
+        if image_rotary_emb is not None and image_rotary_emb[0].shape[0] != hidden_states.size(1):
+            # diffusers raises a size mismatch; rope3d_attention would rotate only the first rows
+            raise ValueError(f"{type(self).__name__}: image_rotary_emb has "
+                             f"{image_rotary_emb[0].shape[0]} rows but there "
+                             f"are {hidden_states.size(1)} video tokens (CogVideoX needs one row "
+                             "per video token)")
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         b = hidden_states.shape[0]
         query = attn.to_q(hidden_states)
@@ -207,12 +217,20 @@ class WanRoPE3DAttnProcessor(_FallbackMixin):
 # ----------------------------------------------------------------------------------------------
 def _hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` would run more than its own forward: forward (pre-)hooks,
-    an accelerate hook (``_hf_hook``: sequential CPU offload keeps the weights on ``meta`` until
-    the module is called), a diffusers hook, or a replaced ``forward``. The fused paths read a
-    LayerNorm's weight instead of calling it, so they check this on every call and call the
-    module instead when it is hooked (a few attribute lookups)."""
+    backward hooks, an accelerate hook (``_hf_hook``: sequential CPU offload keeps the weights on
+    ``meta`` until the module is called), a diffusers hook, or a replaced ``forward``. The fused
+    paths read a LayerNorm's weight instead of calling it, so they check this on every call and
+    call the module instead when it is hooked (a few attribute lookups)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or _forward_hooked(module)
+                or module._backward_hooks or module._backward_pre_hooks
                 or getattr(module, "_hf_hook", None) is not None)
+
+
+def _call_norm(norm: nn.Module, cls=nn.LayerNorm) -> bool:
+    """Whether a fused path must call ``norm`` instead of reading its weight / bias / eps: it
+    is hooked, or it is no longer a plain ``cls`` (replaced after apply(), e.g. by a subclass
+    with its own forward). Type and attribute checks only."""
+    return type(norm) is not cls or len(norm.normalized_shape) != 1 or _hooked(norm)
 
 
 def _eager_modulate(norm: nn.Module, x, shift, scale):
@@ -242,7 +260,7 @@ class FusedCogVideoXLayerNormZero(nn.Module):
         return self.linear(self.silu(temb)).chunk(6, dim=1)
 
     def _modulate(self, x, shift, scale):
-        if _hooked(self.norm):
+        if _call_norm(self.norm):
             return _eager_modulate(self.norm, x, shift, scale)
         return vk.adaln_modulate(x, shift, scale, **self._kw())
 
@@ -257,7 +275,7 @@ class FusedCogVideoXLayerNormZero(nn.Module):
         """``h = h + gate * attn`` (both streams) fused with this norm; returns
         ``(h, enc_h, norm_h, norm_enc_h, gate2, enc_gate2)``."""
         shift, scale, gate2, e_shift, e_scale, e_gate2 = self.chunks(temb)
-        if _hooked(self.norm):  # unfused, calling the (hooked) LayerNorm
+        if _call_norm(self.norm):  # unfused, calling the (hooked or replaced) norm
             h = hidden_states + gate * attn_hidden_states
             e = encoder_hidden_states + enc_gate * attn_encoder_hidden_states
             return (h, e, self._modulate(h, shift, scale), self._modulate(e, e_shift, e_scale),
@@ -283,16 +301,19 @@ class FusedAdaLayerNorm(nn.Module):
         self.backend = backend
 
     def forward(self, x, timestep=None, temb=None):
+        if self.emb is not None:  # None at apply(); as diffusers if one was set since
+            temb = self.emb(timestep)
         temb = self.linear(self.silu(temb))
         shift, scale = temb.chunk(2, dim=1)
-        if _hooked(self.norm):
+        if _call_norm(self.norm):
             return _eager_modulate(self.norm, x, shift, scale)
         return vk.adaln_modulate(x, shift, scale, weight=self.norm.weight, bias=self.norm.bias,
                                  eps=self.norm.eps, norm="layer", backend=self.backend)
 
 
 # ----------------------------------------------------------------------------------------------
-# block forwards (bound per instance; removed by deleting the instance attribute)
+# block forwards (set per instance as functools.partial(fn, block), which pickles with
+# torch.save(model), unlike a bound method; removed by deleting the instance attribute)
 # ----------------------------------------------------------------------------------------------
 def _cogvideox_block_forward(self, hidden_states, encoder_hidden_states, temb,
                              image_rotary_emb=None, attention_kwargs=None):
@@ -304,7 +325,8 @@ def _cogvideox_block_forward(self, hidden_states, encoder_hidden_states, temb,
     attn_hidden_states, attn_encoder_hidden_states = self.attn1(
         hidden_states=norm_hidden_states, encoder_hidden_states=norm_encoder_hidden_states,
         image_rotary_emb=image_rotary_emb, **attention_kwargs)
-    if _hooked(self.norm2):  # a hook on norm2 (added after apply): call it, residual unfused
+    if type(self.norm2) is not FusedCogVideoXLayerNormZero or _hooked(self.norm2):
+        # norm2 hooked or replaced after apply(): call it, residual unfused
         hidden_states = hidden_states + gate_msa * attn_hidden_states
         encoder_hidden_states = encoder_hidden_states + enc_gate_msa * attn_encoder_hidden_states
         norm_hidden_states, norm_encoder_hidden_states, gate_ff, enc_gate_ff = self.norm2(
@@ -330,9 +352,10 @@ def _wan_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_
         mods = (self.scale_shift_table + temb.float()).chunk(6, dim=1)
     shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mods
     backend = self._vidgen_kernels_backend
+    from diffusers.models.normalization import FP32LayerNorm  # loaded: apply() or torch.load did
 
     def modulate(norm, x, shift, scale):
-        if _hooked(norm):  # diffusers' formula, calling the (hooked) norm
+        if _call_norm(norm, FP32LayerNorm):  # diffusers' formula, calling the (hooked) norm
             return (norm(x.float()) * (1 + scale) + shift).type_as(x)
         w = norm.weight.float() if norm.weight is not None else None
         b = norm.bias.float() if norm.bias is not None else None
@@ -371,7 +394,7 @@ class _Patch:
         self.entries.append((parent, "child", name, old))
 
     def set_forward(self, module, fn, **attrs):
-        module.forward = types.MethodType(fn, module)
+        module.forward = functools.partial(fn, module)
         for k, v in attrs.items():
             setattr(module, k, v)
         self.entries.append((module, "forward", tuple(attrs), fn))
@@ -379,6 +402,13 @@ class _Patch:
 
 def _forward_hooked(module) -> bool:
     return "forward" in module.__dict__ or getattr(module, "_diffusers_hook", None) is not None
+
+
+def _is_patched_forward(module, fn) -> bool:
+    """Whether ``module.forward`` is still the ``functools.partial(fn, module)`` apply() set."""
+    f = module.__dict__.get("forward")
+    return (isinstance(f, functools.partial) and f.func is fn and len(f.args) == 1
+            and f.args[0] is module)
 
 
 def _layernorm_ok(norm) -> bool:
@@ -433,11 +463,13 @@ def _apply_cogvideox(model, patch: _Patch, backend):
 
     norm_out = getattr(model, "norm_out", None)
     if norm_out is not None:
-        if (type(norm_out) is AdaLayerNorm and norm_out.chunk_dim == 1 and norm_out.emb is None
-                and _layernorm_ok(norm_out.norm)):
-            patch.set_child(model, "norm_out", FusedAdaLayerNorm(norm_out, backend))
-        else:
+        if not (type(norm_out) is AdaLayerNorm and norm_out.chunk_dim == 1
+                and norm_out.emb is None and _layernorm_ok(norm_out.norm)):
             _warn("norm_out", "not an AdaLayerNorm(chunk_dim=1) without embedding table")
+        elif _hooked(norm_out):
+            _warn("norm_out", "it carries a hook (replacing it would drop the hook)")
+        else:
+            patch.set_child(model, "norm_out", FusedAdaLayerNorm(norm_out, backend))
 
 
 def _apply_wan(model, patch: _Patch, backend):
@@ -513,9 +545,51 @@ def apply(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
     return model
 
 
+# the attributes in which nn.Module keeps its hooks (dicts, and a flag)
+_HOOK_ATTRS = tuple(k for k in vars(nn.Module()) if "hook" in k)
+
+
+def _warn_remove(name: str, msg: str):
+    warnings.warn(f"vidgen_kernels.integrations.diffusers.remove: {name}: {msg}", stacklevel=4)
+
+
+def _restore_child(parent, name, old, label):
+    """Put the original norm ``old`` back in place of the fused one, carrying over what was
+    changed on the fused module after apply() (same outputs as before remove()): replaced
+    submodules (a LoRA wrapper on ``linear``, another ``norm``) are set on ``old``, its torch
+    hooks move to ``old`` (their handles keep working), and its train/eval mode. A fused module
+    replaced after apply() is kept; one whose forward was wrapped (accelerate, diffusers hooks)
+    is left in place; both with a warning."""
+    new = getattr(parent, name)
+    if not isinstance(new, (FusedCogVideoXLayerNormZero, FusedAdaLayerNorm)):
+        _warn_remove(label, f"it was replaced after apply() by {type(new).__name__}; left as it is")
+        return
+    hooks = any(getattr(new, k, None) for k in _HOOK_ATTRS)
+    reason = None
+    if _forward_hooked(new) or getattr(new, "_hf_hook", None) is not None:
+        reason = "its forward was wrapped after apply() (an accelerate or diffusers hook)"
+    elif hooks and any(getattr(old, k, None) for k in _HOOK_ATTRS):
+        reason = "both it and the original module got hooks after apply()"
+    if reason:
+        _warn_remove(label, f"{reason}; the fused module (which computes as the original) is "
+                     "left in place")
+        return
+    for cname, child in new._modules.items():
+        if old._modules.get(cname, getattr(old, cname, None)) is not child:
+            setattr(old, cname, child)
+    if hooks:
+        for k in _HOOK_ATTRS:
+            if k in new.__dict__:
+                old.__dict__[k] = new.__dict__[k]
+    old.training = new.training
+    setattr(parent, name, old)
+
+
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply`: the original processors, modules and forwards are put back (the same
-    objects), so outputs are bit-identical to the unpatched model. No-op on an unpatched model."""
+    objects), so outputs are bit-identical to the unpatched model. Submodules replaced and hooks
+    registered on the fused norms after apply() are carried over to the original norms.
+    No-op on an unpatched model."""
     patch = getattr(model, _STATE, None)
     if patch is None:
         return model
@@ -523,7 +597,7 @@ def remove(model: nn.Module) -> nn.Module:
     for module, kind, name, fn in patch.entries:
         # a forward wrapped after apply() (model.enable_cache(...), an accelerate hook) would
         # lose its wrapper, and the wrapper would later call the removed forward: refuse first
-        if kind == "forward" and getattr(module.__dict__.get("forward"), "__func__", None) is not fn:
+        if kind == "forward" and not _is_patched_forward(module, fn):
             raise RuntimeError(
                 f"vidgen_kernels.integrations.diffusers.remove: the forward of "
                 f"{names.get(id(module), type(module).__name__)} was wrapped after apply() (e.g. "
@@ -539,7 +613,8 @@ def remove(model: nn.Module) -> nn.Module:
                       f"its processor was replaced after apply() by "
                       f"{type(module.processor).__name__}; left as it is", stacklevel=3)
         elif kind == "child":
-            setattr(module, name, old)
+            parent = names.get(id(module), "")
+            _restore_child(module, name, old, f"{parent}.{name}" if parent else name)
         else:
             del module.forward
             for k in name:
