@@ -1113,3 +1113,25 @@ def test_autocast_casts_qkv_like_sdpa(backend):
     kw = dict(rope_offset=text, backend=backend)
     assert_autocast_casts_qkv(lambda q_, k_, v_, **kw_: vk.rope3d_attention(q_, k_, v_, cos, sin, **kw_),
                               q, k, v, **kw)
+
+
+def test_float64_inputs_keep_float64_tables():
+    """fp64 q / k / v with fp64 tables compute in fp64 throughout, as the docs say (the tables
+    were rounded to fp32: ~1e-7 relative error, about 1e9 fp64 ulps, e.g. in a patched fp64 Wan
+    model); temporal_attention likewise."""
+    from vidgen_kernels.ops.rope import rotate
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 20, 2, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    ang = torch.rand(20, 8, generator=g, dtype=torch.float64) * 50
+    c, s = ang.cos(), ang.sin()
+    heads = lambda t: t.transpose(1, 2)  # noqa: E731
+    want = F.scaled_dot_product_attention(rotate(heads(q), c, s, True), rotate(heads(k), c, s, True),
+                                          heads(v)).transpose(1, 2)
+    torch.testing.assert_close(vk.rope3d_attention(q, k, v, c, s), want, rtol=1e-12, atol=1e-12)
+    q5, k5, v5 = (torch.randn(1, 6, 3, 2, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    per_seq = lambda t: t.permute(0, 2, 3, 1, 4)  # noqa: E731  [B, S, H, T, D]
+    want = F.scaled_dot_product_attention(rotate(per_seq(q5), c[:6], s[:6], True),
+                                          rotate(per_seq(k5), c[:6], s[:6], True), per_seq(v5),
+                                          is_causal=True).permute(0, 3, 1, 2, 4)
+    torch.testing.assert_close(vk.temporal_attention(q5, k5, v5, cos=c[:6], sin=s[:6]), want,
+                               rtol=1e-12, atol=1e-12)

@@ -31,8 +31,11 @@ from ._eager import eager_op
 from ..backends import may_fall_back, resolve as _resolve_backend
 
 
-def canon_table(name: str, t, D: int, min_len: int, device, op: str, interleaved: bool) -> Tensor:
-    """``[L, D/2]`` or ``[L, D]`` table -> ``[L, D/2]`` float32 contiguous on ``device``.
+def canon_table(name: str, t, D: int, min_len: int, device, op: str, interleaved: bool,
+                keep_fp64: bool = False) -> Tensor:
+    """``[L, D/2]`` or ``[L, D]`` table -> ``[L, D/2]`` float32 contiguous on ``device``
+    (float64 for a float64 table when ``keep_fp64``: fp64 inputs, whose backends compute in
+    fp64).
 
     The tables are tiny (L * D/2 values); converting them is not a copy of activations.
     """
@@ -50,7 +53,8 @@ def canon_table(name: str, t, D: int, min_len: int, device, op: str, interleaved
         raise ValueError(f"{op}: {name} has {t.shape[0]} positions but {min_len} are needed")
     if t.shape[1] == D:
         t = t[:, ::2] if interleaved else t[:, : D // 2]
-    return t[:min_len].to(torch.float32).contiguous()
+    dtype = torch.float64 if keep_fp64 and t.dtype == torch.float64 else torch.float32
+    return t[:min_len].to(dtype).contiguous()
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:

@@ -152,8 +152,9 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
         if L > Sq - rope_offset:
             raise ValueError(f"{op}: the RoPE table has {L} positions but only S - rope_offset = "
                              f"{Sq} - {rope_offset} = {Sq - rope_offset} tokens follow rope_offset")
-        cos = canon_table("cos", cos, D, L, q.device, op, interleaved)
-        sin = canon_table("sin", sin, D, L, q.device, op, interleaved)
+        fp64 = q.dtype == torch.float64  # (only reference runs fp64: it keeps fp64 tables)
+        cos = canon_table("cos", cos, D, L, q.device, op, interleaved, fp64)
+        sin = canon_table("sin", sin, D, L, q.device, op, interleaved, fp64)
         video_len = L
     else:
         cos = sin = None

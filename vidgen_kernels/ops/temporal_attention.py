@@ -82,8 +82,9 @@ def _check_inputs(q, k, v, cos, sin, q_offset, causal, interleaved, softmax_scal
     if check_rope_pair(cos, sin, op) is not None:
         if D % 2:
             raise ValueError(f"{op}: RoPE needs an even head_dim, got D={D}")
-        cos = canon_table("cos", cos, D, Tk, q.device, op, interleaved)
-        sin = canon_table("sin", sin, D, Tk, q.device, op, interleaved)
+        fp64 = q.dtype == torch.float64  # (only reference runs fp64: it keeps fp64 tables)
+        cos = canon_table("cos", cos, D, Tk, q.device, op, interleaved, fp64)
+        sin = canon_table("sin", sin, D, Tk, q.device, op, interleaved, fp64)
     return cos, sin, float(softmax_scale)
 
 
