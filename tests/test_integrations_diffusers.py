@@ -514,6 +514,12 @@ def test_cogvideox_hooked_norm_at_apply_left_unpatched():
     assert "forward" not in model.transformer_blocks[1].__dict__
 
 
+def _eval_model_and_inputs(which):
+    """A tiny model of ``which`` in eval mode and its inputs (CogVideoX: integer-grid tables)."""
+    if which == "cogvideox":
+        return (cogvideox().eval(), *cog_inputs("int"))
+    return (wan().eval(), *wan_inputs())
+
 @pytest.mark.parametrize("which", ["cogvideox", "wan"])
 def test_remove_refuses_a_forward_wrapped_after_apply(which):
     """remove() after model.enable_cache(...) would delete the cache wrapper of every block (the
@@ -521,9 +527,7 @@ def test_remove_refuses_a_forward_wrapped_after_apply(which):
     it raises, naming the block, and changes nothing; after disable_cache() it restores the
     original exactly."""
     from diffusers.hooks import FirstBlockCacheConfig
-    make, inputs = (cogvideox, cog_inputs) if which == "cogvideox" else (wan, wan_inputs)
-    args, kw = inputs("int") if which == "cogvideox" else inputs()
-    model = make().eval()
+    model, args, kw = _eval_model_and_inputs(which)
     with torch.no_grad():
         before = run(model, args, kw)
         vkd.apply(model)
@@ -725,9 +729,7 @@ def test_torch_save_and_load_of_patched_model(which):
     bound block forward pickled as ``getattr(block, '_cogvideox_block_forward')``). The loaded
     model is patched, computes what the saved one does, and remove() restores the original."""
     import io
-    make, inputs = (cogvideox, cog_inputs) if which == "cogvideox" else (wan, wan_inputs)
-    args, kw = inputs("int") if which == "cogvideox" else inputs()
-    model = make().eval()
+    model, args, kw = _eval_model_and_inputs(which)
     with torch.no_grad():
         before = run(model, args, kw)
         vkd.apply(model)
