@@ -28,8 +28,8 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import LayerNormZero, RoPE3DAttention
 
-from .layers import (CopyableLossesMixin, PatchEmbed3D, TimestepEmbedder, backend_scope, check_text, check_timesteps,
-                     unpatchify)
+from .layers import (CopyableLossesMixin, PatchEmbed3D, TimestepEmbedder, backend_scope, check_config_sizes,
+                     check_text, check_timesteps, unpatchify)
 
 __all__ = ["CogVideoXConfig", "CogVideoXTransformer", "cogvideox_2b", "cogvideox_5b", "param_count",
            "recommended_defaults"]
@@ -168,10 +168,7 @@ class CogVideoXTransformer(CopyableLossesMixin, nn.Module):
         c = dataclasses.replace(config) if config is not None else CogVideoXConfig(**kwargs)
         c.patch_size = tuple(c.patch_size)
         c.out_channels = c.out_channels or c.in_channels
-        for name in ("hidden_size", "num_heads", "num_layers"):  # (0 heads: ZeroDivisionError)
-            v = getattr(c, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        check_config_sizes(c, "hidden_size", "num_heads", "num_layers")
         if c.hidden_size % c.num_heads or (c.hidden_size // c.num_heads) % 8:
             raise ValueError("hidden_size / num_heads must be a multiple of 8 (RoPE-3D split D/4, 3D/8, 3D/8)")
         for name in ("num_text_experts", "num_video_experts"):

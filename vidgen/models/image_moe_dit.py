@@ -47,7 +47,7 @@ import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero
 
 from .layers import (CopyableLossesMixin, CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder,
-                     backend_scope, check_text, check_timesteps, dit_init_, unpatchify)
+                     backend_scope, check_config_sizes, check_text, check_timesteps, dit_init_, unpatchify)
 from .moe import make_moe
 
 __all__ = ["ImageMoEDiTConfig", "ImageMoEDiT"]
@@ -172,10 +172,7 @@ class ImageMoEDiT(CopyableLossesMixin, nn.Module):
         p = config.patch_size
         if isinstance(p, bool) or not isinstance(p, int) or p < 1:
             raise ValueError(f"patch_size must be an int >= 1, got {p!r}")
-        for name in ("hidden_size", "num_heads"):  # (0 heads: a ZeroDivisionError)
-            v = getattr(config, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        check_config_sizes(config, "hidden_size", "num_heads")
         if not isinstance(config.shared_expert, bool):
             raise TypeError(f"shared_expert must be a bool, got {config.shared_expert!r}")
         if config.hidden_size % config.num_heads:

@@ -28,7 +28,7 @@ import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero, CausalTemporalAttention, RoPE3DAttention
 
 from .layers import (CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder, backend_scope, dit_init_,
-                     check_text, check_timesteps, sincos_pos_embed_3d, unpatchify)
+                     check_config_sizes, check_text, check_timesteps, sincos_pos_embed_3d, unpatchify)
 
 __all__ = ["LatentVideoDiTConfig", "LatentVideoDiT", "LatentVideoDiT_S", "LatentVideoDiT_M",
            "LatentVideoDiT_L", "LatentVideoDiT_XL", "LATENT_VIDEO_DIT_PRESETS"]
@@ -95,10 +95,7 @@ class LatentVideoDiT(nn.Module):
         if config.out_channels is None:
             config.out_channels = config.in_channels
         config.patch_size = tuple(config.patch_size)
-        for name in ("hidden_size", "num_heads", "depth"):  # (0 heads: a ZeroDivisionError)
-            v = getattr(config, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        check_config_sizes(config, "hidden_size", "num_heads", "depth")
         if config.hidden_size % config.num_heads:
             raise ValueError("hidden_size must be divisible by num_heads")
         self.config = config

@@ -51,6 +51,14 @@ class CopyableLossesMixin:
 # ---------------------------------------------------------------------------------------------
 # Input checks shared by the models
 # ---------------------------------------------------------------------------------------------
+def check_config_sizes(config, *names: str) -> None:
+    """Config fields that are sizes: ints >= 1 (0 heads was a ZeroDivisionError)."""
+    for name in names:
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+
+
 def check_text(text: Tensor, B: int, width: int, name: str = "text_dim") -> Tensor:
     """Validate condition embeddings ``text [1 or B, L >= 1, width]`` and expand them to ``B``."""
     if not isinstance(text, Tensor) or text.dim() != 3 or text.shape[-1] != width:

@@ -230,7 +230,7 @@ def _call_norm(norm: nn.Module, cls=nn.LayerNorm) -> bool:
     """Whether a fused path must call ``norm`` instead of reading its weight / bias / eps: it
     is hooked, or it is no longer a plain ``cls`` (replaced after apply(), e.g. by a subclass
     with its own forward). Type and attribute checks only."""
-    return type(norm) is not cls or len(norm.normalized_shape) != 1 or _hooked(norm)
+    return not _layernorm_ok(norm, cls) or _hooked(norm)
 
 
 def _eager_modulate(norm: nn.Module, x, shift, scale):
@@ -411,8 +411,8 @@ def _is_patched_forward(module, fn) -> bool:
             and f.args[0] is module)
 
 
-def _layernorm_ok(norm) -> bool:
-    return type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1
+def _layernorm_ok(norm, cls=nn.LayerNorm) -> bool:
+    return type(norm) is cls and len(norm.normalized_shape) == 1
 
 
 def _apply_cogvideox(model, patch: _Patch, backend):

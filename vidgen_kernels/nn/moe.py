@@ -60,10 +60,7 @@ class MoEFFN(nn.Module):
             check_sizes("MoEFFN", context_dim=context_dim)
         if activation not in ACTIVATIONS:
             raise ValueError(f"MoEFFN: activation must be one of {ACTIVATIONS}, got {activation!r}")
-        for name, v in (("hidden", hidden), ("intermediate", intermediate),
-                        ("num_experts", num_experts)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"MoEFFN: {name} must be an int >= 1, got {v!r}")
+        check_sizes("MoEFFN", hidden=hidden, intermediate=intermediate, num_experts=num_experts)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"MoEFFN: top_k must be an int in [1, num_experts={num_experts}], "
                              f"got {top_k!r}")

@@ -50,7 +50,7 @@ class RoPE3DAttention(nn.Module):
         super().__init__()
         check_sizes("RoPE3DAttention", dim=dim, num_heads=num_heads)
         check_flags("RoPE3DAttention", bias=bias, interleaved=interleaved)
-        if num_heads < 1 or dim % num_heads:
+        if dim % num_heads:
             raise ValueError(f"RoPE3DAttention: dim={dim} must be a multiple of num_heads={num_heads}")
         head_dim = dim // num_heads
         if head_dim % 2:

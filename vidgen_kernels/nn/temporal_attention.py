@@ -181,7 +181,7 @@ class CausalTemporalAttention(nn.Module):
         check_sizes("CausalTemporalAttention", dim=dim, num_heads=num_heads)
         check_flags("CausalTemporalAttention", rope=rope, causal=causal, bias=bias,
                     interleaved=interleaved)
-        if num_heads < 1 or dim % num_heads:
+        if dim % num_heads:
             raise ValueError(f"CausalTemporalAttention: dim={dim} must be a multiple of "
                              f"num_heads={num_heads}")
         head_dim = dim // num_heads

@@ -34,11 +34,11 @@ def check_flags(op: str, **flags) -> None:
             raise TypeError(f"{op}: {name} must be a bool, got {type(val).__name__} {val!r}")
 
 
-def check_sizes(op: str, **sizes) -> None:
-    """Module sizes: Python ints >= 1 (a negative or float size failed deep inside torch)."""
+def check_sizes(op: str, minimum: int = 1, **sizes) -> None:
+    """Sizes: Python ints >= ``minimum`` (a negative or float size failed deep inside torch)."""
     for name, val in sizes.items():
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{op}: {name} must be an int >= 1, got {val!r}")
+        if isinstance(val, bool) or not isinstance(val, int) or val < minimum:
+            raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {val!r}")
 
 
 def cast_floating(dtype: torch.dtype, *tensors):

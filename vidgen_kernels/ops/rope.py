@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from ._checks import check_sizes
 from ._eager import eager_op
 from ..backends import may_fall_back, resolve as _resolve_backend
 
@@ -155,12 +156,6 @@ def check_theta(theta, op: str, name: str = "theta") -> None:
         raise ValueError(f"{op}: {name} must be a finite number > 0, got {theta!r}")
 
 
-def _check_int(name: str, v, op: str, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {v!r}")
-    return v
-
-
 def tables_cacheable() -> bool:
     """Whether RoPE tables built now may be cached for later calls: not while ``torch.compile``
     / ``torch.export`` traces, nor under a fake or proxy dispatch mode (``FakeTensorMode``,
@@ -218,9 +213,8 @@ def rope3d_freqs(frames: int, height: int, width: int, head_dim: int, *, theta: 
     there, not cached.
     """
     op = "rope3d_freqs"
-    for name, v in (("frames", frames), ("height", height), ("width", width)):
-        _check_int(name, v, op, 1)
-    _check_int("head_dim", head_dim, op, 2)
+    check_sizes(op, frames=frames, height=height, width=width)
+    check_sizes(op, minimum=2, head_dim=head_dim)
     if head_dim % 2:
         raise ValueError(f"{op}: head_dim must be even, got {head_dim}")
     check_theta(theta, op)
