@@ -523,9 +523,10 @@ at::Tensor moe_gather_cuda(const at::Tensor& src, const at::Tensor& rows, uint64
   TORCH_CHECK(rows.dim() == 1, op, ": rows must be [P], got ", rows.sizes());
   const vm::DType dt = moe_dtype(op, src.scalar_type());
   at::Tensor out = at::empty({rows.size(0), src.size(1)}, src.options());
-  moe_check_launch(op, vm::gather_launch(dt, src.data_ptr(), src.size(1), src.stride(0),
-                                         src.stride(1), rows.data_ptr<int64_t>(), rows.size(0),
-                                         out.data_ptr(), reinterpret_cast<cudaStream_t>(stream)));
+  moe_check_launch(op, vm::gather_launch(dt, src.data_ptr(), src.size(0), src.size(1),
+                                         src.stride(0), src.stride(1), rows.data_ptr<int64_t>(),
+                                         rows.size(0), out.data_ptr(),
+                                         reinterpret_cast<cudaStream_t>(stream)));
   return out;
 }
 
@@ -549,9 +550,9 @@ at::Tensor moe_combine_cuda(const at::Tensor& y_, const at::Tensor& pos,
     wp = w.data_ptr<float>();
   }
   at::Tensor out = at::empty({pos.size(0), y.size(1)}, y.options());
-  moe_check_launch(op, vm::combine_launch(dt, y.data_ptr(), y.size(1), pos.data_ptr<int64_t>(),
-                                          wp, pos.size(0), pos.size(1), out.data_ptr(),
-                                          reinterpret_cast<cudaStream_t>(stream)));
+  moe_check_launch(op, vm::combine_launch(dt, y.data_ptr(), y.size(0), y.size(1),
+                                          pos.data_ptr<int64_t>(), wp, pos.size(0), pos.size(1),
+                                          out.data_ptr(), reinterpret_cast<cudaStream_t>(stream)));
   return out;
 }
 

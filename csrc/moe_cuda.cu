@@ -7,6 +7,9 @@
 // * gather: one block per row (grid-stride over rows), threads over the C columns.
 // * combine: one block per token, threads over C; the k slots are summed in slot order in
 //   fp32: deterministic, no atomics.
+// * gather / combine check every index against the rows of their source on the device: an
+//   index outside [0, rows) prints it and traps (a device-side abort, as torch's own index
+//   kernels do), never an out-of-bounds read. One compare per row, no host sync.
 #include "moe_cuda.h"
 
 #include <cuda_bf16.h>
@@ -16,6 +19,7 @@
 #include "cuda_common.cuh"
 
 #include <cstdint>
+#include <cstdio>
 
 namespace vidgen {
 namespace moe {
@@ -68,21 +72,36 @@ __global__ void route_kernel(const float* __restrict__ logits, int64_t N, int64_
   }
 }
 
+// device-side bounds check of a gathered row index (see the header comment)
+__device__ __forceinline__ void check_row(const char* op, int64_t r, int64_t rows) {
+  if (r < 0 || r >= rows) {
+    if (threadIdx.x == 0) {
+      printf("%s: index %lld outside [0, %lld)\n", op, static_cast<long long>(r),
+             static_cast<long long>(rows));
+    }
+    __trap();
+  }
+}
+
 template <typename T>
-__global__ void gather_kernel(const T* __restrict__ src, int64_t C, int64_t s0, int64_t s1,
-                              const int64_t* __restrict__ rows, int64_t P, T* __restrict__ out) {
+__global__ void gather_kernel(const T* __restrict__ src, int64_t M, int64_t C, int64_t s0,
+                              int64_t s1, const int64_t* __restrict__ rows, int64_t P,
+                              T* __restrict__ out) {
   for (int64_t p = blockIdx.x; p < P; p += gridDim.x) {
-    const T* s = src + rows[p] * s0;
+    const int64_t r = rows[p];
+    check_row("moe gather", r, M);
+    const T* s = src + r * s0;
     T* d = out + p * C;
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) d[c] = s[c * s1];
   }
 }
 
 template <typename T>
-__global__ void combine_kernel(const T* __restrict__ y, int64_t C, const int64_t* __restrict__ pos,
-                               const float* __restrict__ w, int64_t N, int64_t k,
-                               T* __restrict__ out) {
+__global__ void combine_kernel(const T* __restrict__ y, int64_t Py, int64_t C,
+                               const int64_t* __restrict__ pos, const float* __restrict__ w,
+                               int64_t N, int64_t k, T* __restrict__ out) {
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+    for (int64_t j = 0; j < k; ++j) check_row("moe combine", pos[n * k + j], Py);
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
       float acc = 0.f;
       for (int64_t j = 0; j < k; ++j) {
@@ -119,24 +138,25 @@ cudaError_t route_launch(const float* logits, int64_t N, int64_t E, int64_t k, b
   return cudaGetLastError();
 }
 
-cudaError_t gather_launch(DType dtype, const void* src, int64_t C, int64_t s0, int64_t s1,
-                          const int64_t* rows, int64_t P, void* out, cudaStream_t stream) {
-  if (C < 0 || P < 0) return cudaErrorInvalidValue;
+cudaError_t gather_launch(DType dtype, const void* src, int64_t M, int64_t C, int64_t s0,
+                          int64_t s1, const int64_t* rows, int64_t P, void* out,
+                          cudaStream_t stream) {
+  if (M < 0 || C < 0 || P < 0) return cudaErrorInvalidValue;
   if (C == 0 || P == 0) return cudaSuccess;
   if (src == nullptr || rows == nullptr || out == nullptr) return cudaErrorInvalidValue;
   const int g = grid_for(P), t = threads_for(C);
   switch (dtype) {
     case DType::kFloat32:
-      gather_kernel<float><<<g, t, 0, stream>>>(static_cast<const float*>(src), C, s0, s1, rows,
+      gather_kernel<float><<<g, t, 0, stream>>>(static_cast<const float*>(src), M, C, s0, s1, rows,
                                                 P, static_cast<float*>(out));
       break;
     case DType::kFloat16:
-      gather_kernel<__half><<<g, t, 0, stream>>>(static_cast<const __half*>(src), C, s0, s1,
+      gather_kernel<__half><<<g, t, 0, stream>>>(static_cast<const __half*>(src), M, C, s0, s1,
                                                  rows, P, static_cast<__half*>(out));
       break;
     case DType::kBFloat16:
       gather_kernel<__nv_bfloat16><<<g, t, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(src), C, s0, s1, rows, P,
+          static_cast<const __nv_bfloat16*>(src), M, C, s0, s1, rows, P,
           static_cast<__nv_bfloat16*>(out));
       break;
     default:
@@ -145,24 +165,24 @@ cudaError_t gather_launch(DType dtype, const void* src, int64_t C, int64_t s0, i
   return cudaGetLastError();
 }
 
-cudaError_t combine_launch(DType dtype, const void* y, int64_t C, const int64_t* pos,
+cudaError_t combine_launch(DType dtype, const void* y, int64_t Py, int64_t C, const int64_t* pos,
                            const float* w, int64_t N, int64_t k, void* out, cudaStream_t stream) {
-  if (C < 0 || N < 0 || k < 1) return cudaErrorInvalidValue;
+  if (Py < 0 || C < 0 || N < 0 || k < 1) return cudaErrorInvalidValue;
   if (C == 0 || N == 0) return cudaSuccess;
   if (y == nullptr || pos == nullptr || out == nullptr) return cudaErrorInvalidValue;
   const int g = grid_for(N), t = threads_for(C);
   switch (dtype) {
     case DType::kFloat32:
-      combine_kernel<float><<<g, t, 0, stream>>>(static_cast<const float*>(y), C, pos, w, N, k,
+      combine_kernel<float><<<g, t, 0, stream>>>(static_cast<const float*>(y), Py, C, pos, w, N, k,
                                                  static_cast<float*>(out));
       break;
     case DType::kFloat16:
-      combine_kernel<__half><<<g, t, 0, stream>>>(static_cast<const __half*>(y), C, pos, w, N,
+      combine_kernel<__half><<<g, t, 0, stream>>>(static_cast<const __half*>(y), Py, C, pos, w, N,
                                                   k, static_cast<__half*>(out));
       break;
     case DType::kBFloat16:
       combine_kernel<__nv_bfloat16><<<g, t, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(y), C, pos, w, N, k,
+          static_cast<const __nv_bfloat16*>(y), Py, C, pos, w, N, k,
           static_cast<__nv_bfloat16*>(out));
       break;
     default:

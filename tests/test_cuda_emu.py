@@ -378,6 +378,22 @@ def test_moe_gather_combine_strided(emu, ran):
                                    y.float()[pos].sum(1).to(dt).float(), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("bad", [-1, 40])
+def test_moe_gather_combine_trap_on_out_of_range_index(emu, bad):
+    # the bindings are reachable by anyone (vidgen_kernels._C); an index outside the source's
+    # rows must abort the kernel (a GPU's device-side trap), never read out of bounds
+    src = torch.randn(40, 8)
+    rows = torch.tensor([0, 39, bad, 1])
+    with pytest.raises(RuntimeError, match="__trap"):
+        emu.moe_gather_cuda(src, rows, 0)
+    pos = torch.tensor([[0, 1], [bad, 2]])
+    with pytest.raises(RuntimeError, match="__trap"):
+        emu.moe_combine_cuda(src, pos, None, 0)
+    emu.reset()
+    # in range, right at the edges: no trap
+    torch.testing.assert_close(emu.moe_gather_cuda(src, torch.tensor([0, 39]), 0), src[[0, 39]])
+
+
 # ----------------------------------------------------------------------------------------------
 # the emulator itself: it must catch what a GPU would
 # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -374,6 +375,9 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   wait(St::kWarpWait);  // every lane has read before any overwrites its slot
   return r;
 }
+
+// a device-side abort: the launch fails (the emulator raises), as CUDA ends the kernel
+[[noreturn]] inline void __trap() { ::vidgen_emu::fail("__trap() (device-side abort)"); }
 
 template <typename T>
 inline T __ldg(const T* p) {
