@@ -146,6 +146,12 @@ def test_bad_inputs():
         v.encode(torch.randn(5, 3, 16, 16))
     with pytest.raises(ValueError, match=r"z must be .*\(1, 2, 16, 2, 2\).*16 channels, expected 4"):
         v.decode(torch.randn(1, 2, 16, 2, 2))
+    with pytest.raises(ValueError, match=r"x must be .*\(1, 5, 3, 0, 16\).*both must be >= 1"):
+        v.encode(torch.zeros(1, 5, 3, 0, 16))  # was a conv error on the padded size
+    with pytest.raises(ValueError, match=r"z must be .*\(1, 2, 4, 2, 0\).*both must be >= 1"):
+        v.decode(torch.zeros(1, 2, 4, 2, 0))
+    with pytest.raises(ValueError, match=r"T=0 frames is not of the form 1 \+ k \(at least"):
+        v.decode(torch.zeros(1, 0, 4, 2, 2))
     with pytest.raises(ValueError, match=r"z must be 5-D"):
         v.decode(torch.randn(2, 4, 2, 2))
     with pytest.raises(ValueError, match="channel_mults"):
@@ -165,6 +171,9 @@ def test_any_channel_width():
     assert v.decode(v.encode(video(B=1, T=5))[0]).shape == (1, 5, 3, 16, 16)
     s = SmallVideoVAE(in_channels=1, base_channels=12)
     assert s.decode(s.encode(torch.randn(1, 1, 1, 8, 8))[0]).shape == (1, 1, 1, 8, 8)
+    for bad in ((1, 1, 1, 0, 8), (1, 0, 1, 8, 8)):  # was a conv error on the padded size
+        with pytest.raises(ValueError, match=r"video H, W = .* must be >= 1 .*T >= 1"):
+            s.encode(torch.randn(*bad))
 
 
 # ---------------------------------------------------------------- training, scaling, sampling

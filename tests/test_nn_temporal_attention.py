@@ -363,6 +363,10 @@ def test_bad_construction_and_input():
         m(torch.randn(1, 12, m.dim), 12, True)
     with pytest.raises(ValueError, match="x must be \\[B, T\\*S, C\\] with C=64"):
         m(torch.randn(1, 12, 32), 4, 3)
+    for bad in (5, {}, (torch.zeros(1), torch.zeros(1))):  # was an AttributeError on num_frames
+        with pytest.raises(TypeError, match="kv_cache must be a vidgen_kernels.nn.TemporalKVCache "
+                                            f"or None, got {type(bad).__name__}"):
+            m(torch.randn(1, 12, m.dim), 4, 3, kv_cache=bad)
 
 
 def test_state_dict_names():

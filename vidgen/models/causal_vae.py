@@ -167,8 +167,12 @@ class CausalVideoVAE(LatentVAE):
             raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)} "
                              f"({t.shape[2]} channels, expected {channels})")
         if t.shape[1] < 1 or (video and (t.shape[1] - 1) % f):
+            form = f"1 + {f}k" if video else "1 + k (at least one frame)"
             raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)} "
-                             f"(T={t.shape[1]} frames is not of the form 1 + {f}k)")
+                             f"(T={t.shape[1]} frames is not of the form {form})")
+        if t.shape[-1] < 1 or t.shape[-2] < 1:
+            raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)} "
+                             f"(H, W = {tuple(t.shape[-2:])}: both must be >= 1)")
         if video and (t.shape[-1] % s or t.shape[-2] % s):
             raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)} "
                              f"(H, W = {tuple(t.shape[-2:])} not divisible by {s})")

@@ -115,8 +115,10 @@ class SmallVideoVAE(LatentVAE):
     def _check(self, x: Tensor, channels: int, what: str, multiple: int = 1):
         if x.dim() != 5 or x.shape[2] != channels:
             raise ValueError(f"{what} must be [B, T, {channels}, H, W], got shape {tuple(x.shape)}")
-        if x.shape[-1] % multiple or x.shape[-2] % multiple:
-            raise ValueError(f"{what} H, W = {tuple(x.shape[-2:])} must be divisible by {multiple}")
+        if x.shape[-1] % multiple or x.shape[-2] % multiple or min(x.shape[-2:]) < 1 \
+                or x.shape[1] < 1:
+            raise ValueError(f"{what} H, W = {tuple(x.shape[-2:])} must be >= 1 and divisible by "
+                             f"{multiple}, with T >= 1 frames (got shape {tuple(x.shape)})")
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x [B, T, C, H, W]`` in [-1, 1] -> ``(mean, logvar)`` each ``[B, T, z, H/f, W/f]``."""

@@ -245,6 +245,10 @@ class CausalTemporalAttention(nn.Module):
         if N != T * S:
             raise ValueError(f"CausalTemporalAttention: x has {N} tokens but T*S = {T}*{S} = "
                              f"{T * S}")
+        if kv_cache is not None and not isinstance(kv_cache, TemporalKVCache):
+            raise TypeError("CausalTemporalAttention: kv_cache must be a "
+                            f"vidgen_kernels.nn.TemporalKVCache or None, got "
+                            f"{type(kv_cache).__name__}")
         H, D = self.num_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, T, S, 3, H, D).unbind(3)  # [B, T, S, H, D] views
         if self.norm_q is not None:
