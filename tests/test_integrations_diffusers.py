@@ -188,6 +188,27 @@ def test_cogvideox_remove_restores_exactly():
     vkd.remove(model)  # no-op when unpatched
 
 
+def test_remove_after_fused_qkv_then_unfuse_restores_the_original_processors():
+    """apply -> fuse_qkv_projections -> remove -> unfuse_qkv_projections: unfuse puts back the
+    processors fuse saved, which were ours; it brought the patch back on an unpatched model
+    (outputs still close, so only a processor count shows it). remove() now swaps the originals
+    into that saved dict."""
+    model = cogvideox().eval()
+    args, kw = cog_inputs("int")
+    procs = dict(model.attn_processors)
+    with torch.no_grad():
+        before = run(model, args, kw)
+        vkd.apply(model, backend="cpu")
+        model.fuse_qkv_projections()
+        with pytest.warns(UserWarning, match="replaced after apply"):
+            vkd.remove(model)
+        model.unfuse_qkv_projections()
+        after = run(model, args, kw)
+    assert count(model, CogVideoXRoPE3DAttnProcessor) == 0
+    assert all(model.attn_processors[n] is p for n, p in procs.items())
+    assert torch.equal(before, after)
+
+
 def test_cogvideox_parameters_dtype_device_unchanged():
     model = cogvideox()
     before = {k: (v.data_ptr(), v.dtype, v.device, v.shape) for k, v in model.state_dict().items()}

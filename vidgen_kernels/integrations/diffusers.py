@@ -619,8 +619,25 @@ def remove(model: nn.Module) -> nn.Module:
             del module.forward
             for k in name:
                 delattr(module, k)
+    _restore_saved_processors(model, patch, names)
     object.__delattr__(model, _STATE)
     return model
+
+
+def _restore_saved_processors(model: nn.Module, patch: "_Patch", names: dict):
+    """diffusers' ``fuse_qkv_projections()`` saves the processors it replaces in
+    ``model.original_attn_processors`` and ``unfuse_qkv_projections()`` puts them back: after
+    apply -> fuse -> remove, those saved ones are ours, and unfuse would bring the patch back
+    on an unpatched model. Put the originals in their place in that dict."""
+    saved = getattr(model, "original_attn_processors", None)
+    if not isinstance(saved, dict):
+        return
+    originals = {f"{names[id(m)]}.processor": old for m, kind, _, old in patch.entries
+                 if kind == "processor" and id(m) in names}
+    for key, proc in saved.items():
+        if isinstance(proc, (CogVideoXRoPE3DAttnProcessor, WanRoPE3DAttnProcessor)) \
+                and key in originals:
+            saved[key] = originals[key]
 
 
 def is_patched(model: nn.Module) -> bool:
