@@ -7,7 +7,8 @@
  *   rope_cpu(x, cos, sin, out, offset, interleaved, conj)
  *
  * - x [B, S, H, D] any strides (read in place, never copied), dtype T in {float32, float16,
- *   bfloat16, float64}; cos / sin [L, D/2] float32 contiguous; out [B, S, H, D] T, dense and
+ *   bfloat16, float64}; cos / sin [L, D/2] float32 contiguous (float64 x: float32 or float64,
+ *   math in double either way); out [B, S, H, D] T, dense and
  *   non-overlapping with a unit last stride (contiguous, or e.g. a [B, H, S, D] buffer transposed).
  * - Token (b, s) with offset <= s < offset + L: each head row's pairs (x[2i], x[2i+1])
  *   (interleaved) or (x[i], x[i + D/2]) are rotated by the angle of table row s - offset
@@ -32,9 +33,13 @@ using at::Tensor;
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// table element type: double for double x (fp64 tables kept exact), float otherwise
+template <typename T>
+using tab_t = acc_t<T>;
+
 template <typename T, bool INTER, bool CONJ, bool UNIT>
 inline void rotate_row(const T* __restrict x, int64_t sd, T* __restrict o,
-                       const float* __restrict c, const float* __restrict s, int64_t P) {
+                       const tab_t<T>* __restrict c, const tab_t<T>* __restrict s, int64_t P) {
   using A = acc_t<T>;
   for (int64_t i = 0; i < P; ++i) {
     const int64_t ia = INTER ? 2 * i : i;
@@ -58,7 +63,7 @@ inline void copy_row(const T* x, int64_t sd, T* o, int64_t D) {
 }
 
 template <typename T, bool INTER, bool CONJ>
-void rope_impl(const Tensor& x, const float* cos, const float* sin, T* out,
+void rope_impl(const Tensor& x, const tab_t<T>* cos, const tab_t<T>* sin, T* out,
                at::IntArrayRef out_strides, int64_t L, int64_t offset) {
   const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3);
   const int64_t sb = x.stride(0), ss = x.stride(1), sh = x.stride(2), sd = x.stride(3);
@@ -76,8 +81,8 @@ void rope_impl(const Tensor& x, const float* cos, const float* sin, T* out,
         for (int64_t h = 0; h < H; ++h) copy_row(xr + h * sh, sd, orow + h * oh, D);
         continue;
       }
-      const float* c = cos + j * P;
-      const float* sn = sin + j * P;
+      const tab_t<T>* c = cos + j * P;
+      const tab_t<T>* sn = sin + j * P;
       for (int64_t h = 0; h < H; ++h) {
         if (sd == 1)
           rotate_row<T, INTER, CONJ, true>(xr + h * sh, 1, orow + h * oh, c, sn, P);
@@ -92,8 +97,10 @@ void check_table(const char* name, const Tensor& t, const Tensor& x) {
   const int64_t P = x.size(3) / 2;
   TORCH_CHECK(t.device() == x.device(), "rope_cpu: ", name, " is on ", t.device(),
               " but x is on ", x.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "rope_cpu: ", name, " must be float32, got ",
-              t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat ||
+                  (t.scalar_type() == at::kDouble && x.scalar_type() == at::kDouble),
+              "rope_cpu: ", name, " must be float32 (or float64 with float64 x), got ",
+              t.scalar_type(), " with x ", x.scalar_type());
   TORCH_CHECK(t.dim() == 2 && t.size(1) == P, "rope_cpu: ", name, " must be [L, D/2] = [L, ", P,
               "], got shape ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), "rope_cpu: ", name, " must be contiguous");
@@ -124,9 +131,13 @@ void rope_cpu(const Tensor& x, const Tensor& cos, const Tensor& sin, const Tenso
               " strides ", out.strides());
   at::assert_no_overlap(out, x);
   if (x.numel() == 0) return;
-  const float* c = cos.data_ptr<float>();
-  const float* s = sin.data_ptr<float>();
+  // float64 x rotates with double tables (a float32 table is widened: L x D/2 values)
+  const at::ScalarType tt = st == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor ct = cos.to(tt), stab = sin.to(tt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "rope_cpu", [&] {
+    using TT = tab_t<scalar_t>;
+    const TT* c = static_cast<const TT*>(ct.data_ptr());
+    const TT* s = static_cast<const TT*>(stab.data_ptr());
     scalar_t* o = static_cast<scalar_t*>(out.data_ptr());
     const at::IntArrayRef os_ = out.strides();
     if (interleaved) {

@@ -630,13 +630,15 @@ def test_autocast_promotes_as_eager(backend):
             vk.adaln_modulate(x, s64, s64.float(), backend=backend)
 
 
+@pytest.mark.parametrize("fp32_param", ["shift", "scale", "gate"])
 @pytest.mark.parametrize("backend", FP64_BACKENDS[1:])
-def test_float64_mixed_param_dtypes(backend):
-    """A float64 x with an fp32 shift and float64 scale / gate: the kernels take the three in
-    float64 (not float32), so the result and gradients are the reference's to double precision,
-    the fp32 shift's gradient in fp32."""
+def test_float64_mixed_param_dtypes(backend, fp32_param):
+    """A float64 x with one fp32 parameter and the others float64: the kernels and the
+    reference take all three in float64 (not float32), so the result and gradients agree to
+    double precision, the fp32 parameter's gradient in fp32. (The reference formed
+    ``1 + scale`` of an fp32 scale in fp32: 1e-7 off.)"""
     lv = _fp64_large_mean_leaves("F3", gated=True, affine=True, seed=3)
-    lv["shift"] = lv["shift"].detach().float().requires_grad_()
+    lv[fp32_param] = lv[fp32_param].detach().float().requires_grad_()
     f, ref = _fp64_call(backend, "layer", True), _fp64_call("reference", "layer", True)
     outs, outs_r = f(*lv.values()), ref(*lv.values())
     g = torch.Generator().manual_seed(4)
@@ -646,7 +648,7 @@ def test_float64_mixed_param_dtypes(backend):
     for a, b in zip(outs + got, outs_r + want):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * b.abs().max().item())
-    assert got[list(lv).index("shift")].dtype == torch.float32
+    assert got[list(lv).index(fp32_param)].dtype == torch.float32
 
 
 def test_cpu_kernel_checks_statistics_dtype():

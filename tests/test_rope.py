@@ -319,6 +319,31 @@ def test_diffusers_formula(backend, interleaved):
     torch.testing.assert_close(got_half, want, atol=1e-4, rtol=0)  # fp64 vs fp32 angles
 
 
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("backend", ["reference"] + CPU_KERNELS)
+def test_float64_tables_kept_exact(backend, interleaved):
+    """fp64 x with fp64 tables rotates at fp64 precision (the tables were rounded to fp32:
+    ~5e-8 error, a million times fp64's) and the backward rotates back exactly; fp32 tables
+    with fp64 x keep their fp32 values."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 7, 3, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    ang = torch.rand(5, 5, generator=g, dtype=torch.float64) * 30
+
+    def full(t):  # [L, D/2] -> diffusers' [L, D] layout of the convention
+        return t.repeat_interleave(2, -1) if interleaved else torch.cat([t, t], -1)
+
+    for c, s in ((ang.cos(), ang.sin()), (ang.cos().float(), ang.sin().float())):
+        want = diffusers_apply(x[:, 2:].detach(), full(c.double()), full(s.double()), interleaved)
+        got = vk.apply_rope(x, c, s, interleaved=interleaved, offset=2, backend=backend)
+        assert got.dtype == torch.float64
+        assert (got[:, 2:] - want).abs().max().item() < 1e-14, c.dtype
+        assert torch.equal(got[:, :2], x[:, :2].detach())
+        x.grad = None
+        got.backward(got.detach())  # R^T R x = x (c^2 + s^2 = 1 to the tables' precision)
+        tol = 1e-14 if c.dtype == torch.float64 else 1e-6
+        assert (x.grad - x.detach()).abs().max().item() < tol, c.dtype
+
+
 @pytest.mark.parametrize("backend", ["reference"] + CPU_KERNELS)
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_gradcheck_float64(backend, interleaved):

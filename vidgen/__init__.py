@@ -13,7 +13,8 @@ Modules:
 * ``vidgen.models``: ``SmallVideoVAE`` (per-frame 2D conv VAE), ``LatentVideoDiT`` (+ presets
   ``LatentVideoDiT_S/M/L/XL``), ``VideoCausalDiT`` (frame-causal, per-frame timesteps, MoE FFN).
   The MoE FFN is ``vidgen_kernels.nn.MoEFFN`` when ``hasattr(vidgen_kernels.nn, "MoEFFN")``, else
-  the pure-PyTorch ``vidgen.models.ReferenceMoE`` with the same interface.
+  the pure-PyTorch ``vidgen.models.ReferenceMoE`` with the same ``forward(x, context)`` and
+  ``aux_loss`` (not its parameter names, ``z_loss`` or ``tokens_per_expert``).
 * ``vidgen.pipelines``: ``generate_video`` / ``generate_image`` (CFG with cond + null batched in
   one forward, seeds / ``torch.Generator``, VAE decoding).
 * ``vidgen.training``: ``EMA``, ``cfg_dropout``, ``flow_matching_loss``, ``make_optimizer``,

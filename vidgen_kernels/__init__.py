@@ -54,6 +54,7 @@ __all__ = [
     "apply_rope_reference",
     "available_backends",
     "current_backend",
+    "extension_status",
     "gated_residual_adaln",
     "gated_residual_adaln_reference",
     "moe_ffn",

@@ -2,9 +2,11 @@
 
 :func:`make_moe` returns ``vidgen_kernels.nn.MoEFFN`` (the fused ``moe_ffn`` op) when the installed
 ``vidgen_kernels`` has it (``hasattr(vidgen_kernels.nn, "MoEFFN")``), else :class:`ReferenceMoE`,
-a small pure-PyTorch stand-in with the same interface: softmax top-k router (optionally seeing
-``x + context_proj(context)``), a loop over experts, an always-on shared expert, and the Switch
-load-balancing loss in ``aux_loss`` after each call.
+a small pure-PyTorch stand-in with the same ``forward(x, context=None)`` and ``aux_loss``:
+softmax top-k router (optionally seeing ``x + context_proj(context)``), a loop over experts, an
+always-on shared expert, and the Switch load-balancing loss in ``aux_loss`` after each call. Not
+the same parameter names (``fc1`` / ``fc2`` lists, a biased ``context_proj``: checkpoints do not
+transfer between the two) and no ``z_loss`` / ``tokens_per_expert``.
 """
 from __future__ import annotations
 

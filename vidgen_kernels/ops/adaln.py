@@ -211,8 +211,9 @@ def _ref_norm(h32: Tensor, weight, bias, eps: float, is_rms: bool) -> Tensor:
 
 def _ref_modulate(x: Tensor, shift3: Tensor, scale3: Tensor, weight, bias, eps, is_rms) -> Tensor:
     n = _ref_norm(_acc(x), weight, bias, eps, is_rms)
-    n = _rows(scale3, n, lambda t, s: t * (1 + _acc(s)))
-    n = _rows(shift3, n, lambda t, s: t + _acc(s))
+    # in n's dtype (fp32, fp64 for fp64 x: an fp32 scale is widened before 1 + scale)
+    n = _rows(scale3, n, lambda t, s: t * (1 + s.to(t.dtype)))
+    n = _rows(shift3, n, lambda t, s: t + s.to(t.dtype))
     return n.to(x.dtype)
 
 

@@ -120,7 +120,9 @@ def check_rope_pair(cos, sin, op: str) -> Optional[tuple]:
 #
 # * ``x``: ``[B, S, H, D]``, any strides (0 and non-unit last strides included), dtype ``T``
 #   (cpu: fp32/fp16/bf16/fp64; cuda, triton: fp32/fp16/bf16); ``D`` even.
-# * ``cos``, ``sin``: ``[L, D/2]`` float32 contiguous, ``0 <= offset``, ``offset + L <= S``.
+# * ``cos``, ``sin``: ``[L, D/2]`` float32 contiguous (float64 when ``x`` is float64 and the
+#   user's tables are: cpu and the oracle rotate with them exactly), ``0 <= offset``,
+#   ``offset + L <= S``.
 # * ``out``: ``[B, S, H, D]`` contiguous ``T``, not overlapping ``x``; every element is written.
 # * ``out[b, s, h] = rot(x[b, s, h], s - offset)`` for ``offset <= s < offset + L``, else an exact
 #   copy of ``x[b, s, h]`` (bit-identical). ``rot`` rotates each pair ``(a, b)`` (``(x[2i],
@@ -245,7 +247,8 @@ def rope3d_freqs(frames: int, height: int, width: int, head_dim: int, *, theta: 
 # apply_rope: checks, reference, kernel contract oracle, custom op
 # ----------------------------------------------------------------------------------------------
 def _check_apply_args(x, cos, sin, interleaved, offset, op: str):
-    """Validate; returns ``(cos, sin)`` canonical ``[L, D/2]`` float32 contiguous (detached)."""
+    """Validate; returns ``(cos, sin)`` canonical ``[L, D/2]`` float32 contiguous (detached;
+    float64 for float64 tables with a float64 x)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -274,8 +277,9 @@ def _check_apply_args(x, cos, sin, interleaved, offset, op: str):
     if cos.dim() == 2 and L > S - offset:
         raise ValueError(f"{op}: the tables have {L} positions but x has only S - offset = {S} - "
                          f"{offset} = {S - offset} positions from offset on (x shape {tuple(x.shape)})")
-    c = canon_table("cos", cos.detach(), D, L, x.device, op, interleaved)
-    s = canon_table("sin", sin.detach(), D, L, x.device, op, interleaved)
+    fp64 = x.dtype == torch.float64  # fp64 x computes in fp64: keep fp64 tables exact
+    c = canon_table("cos", cos.detach(), D, L, x.device, op, interleaved, fp64)
+    s = canon_table("sin", sin.detach(), D, L, x.device, op, interleaved, fp64)
     return c, s
 
 
