@@ -84,7 +84,7 @@ def _extensions():
             "vidgen_kernels._C",
             sources,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:

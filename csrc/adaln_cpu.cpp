@@ -200,6 +200,22 @@ const A* view_row(const void* src, ScalarType st, int64_t stride, int64_t n, A* 
 }
 
 // Rounds a row of A to T's precision in place (the gated h is normalised after rounding).
+// o[c] = x[c] + g[c] * y[c] with the product and the sum each rounded (no FMA contraction, which
+// GCC applies by default): the gated h equals eager PyTorch's x + gate * y bit for bit. o may
+// alias x. Not inlined (the attribute differs from the caller's); one call per row.
+template <typename A>
+#if defined(__clang__)
+void add_product_row(A* o, const A* x, const A* g, const A* y, int64_t C) {
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+__attribute__((optimize("fp-contract=off"))) void add_product_row(A* o, const A* x, const A* g,
+                                                                   const A* y, int64_t C) {
+#else
+void add_product_row(A* o, const A* x, const A* g, const A* y, int64_t C) {
+#endif
+  for (int64_t c = 0; c < C; ++c) o[c] = x[c] + g[c] * y[c];
+}
+
 template <typename T, typename A>
 void round_to(A* v, int64_t n) {
   if constexpr (!std::is_same<T, A>::value && !std::is_same<T, float>::value) {
@@ -437,7 +453,7 @@ void fwd_impl(const FwdArgs& a) {
         const A* yv = view_typed<A>(a.y.row<const T>(b, n), a.y.s2, C, ybuf.data());
         gate.fetch(b, n);
         const A* g = gate.row;
-        for (int64_t c = 0; c < C; ++c) hb[c] = hx[c] + g[c] * yv[c];
+        add_product_row<A>(hb, hx, g, yv, C);
         round_to<T, A>(hb, C);
         write_row<T, A>(a.h.row<T>(b, n), C, stream, [&](A* o, int64_t c0, int64_t len) {
           std::copy(hb + c0, hb + c0 + len, o);

@@ -91,7 +91,7 @@ if [[ -f csrc/cuda_bindings.cpp ]] &&
 fi
 
 # ---- nvcc: every .cu for every arch (in parallel, logs kept apart)
-nvcc_flags=(-std=c++17 -O3 --use_fast_math -lineinfo -Xcompiler -Wall "${werror[@]}")
+nvcc_flags=(-std=c++17 -O3 -lineinfo -Xcompiler -Wall "${werror[@]}")
 names=()
 logs=()
 running=0

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -556,10 +557,23 @@ at::Tensor moe_combine_cuda(const at::Tensor& y_, const at::Tensor& pos,
   return out;
 }
 
+// "" when this build's CUDA kernels can run on CUDA device `index`, else why (the CUDA error)
+std::string cuda_kernel_image_error(int64_t index) {
+#ifndef VIDGEN_CUDA_EMU
+  const c10::DeviceGuard guard(c10::Device(c10::DeviceType::CUDA, static_cast<int8_t>(index)));
+#endif
+  const cudaError_t err = vm::kernel_image_check();
+  if (err == cudaSuccess) return "";
+  return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+}
+
 }  // namespace
 
 void register_moe_cuda(pybind11::module_& m) {
   namespace py = pybind11;
+  m.def("cuda_kernel_image_error", &cuda_kernel_image_error,
+        "'' if the CUDA kernels of this build run on CUDA device `index`, else the CUDA error "
+        "(e.g. no kernel image for the device's architecture)", py::arg("index"));
   m.def("moe_route_cuda", &moe_route_cuda, "MoE fused softmax/top-k/renormalise (CUDA)",
         py::arg("logits"), py::arg("top_k"), py::arg("normalize"), py::arg("stream"));
   m.def("moe_gather_cuda", &moe_gather_cuda, "MoE permutation: rows of src (CUDA)",

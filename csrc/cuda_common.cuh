@@ -5,6 +5,26 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+// VIDGEN_DEVICE_ASSERT(cond, msg): a device-side assert that stays on in release builds (as
+// torch's CUDA_KERNEL_ASSERT): the kernel stops, CUDA prints msg with the file, line, block and
+// thread, and the host sees "device-side assert triggered". The CPU emulation of the kernels
+// (tests/cuda_emu.py) turns it into a failed launch.
+#if defined(VIDGEN_CUDA_EMU)
+#define VIDGEN_DEVICE_ASSERT(cond, msg) \
+  do {                                  \
+    if (!(cond)) __trap();              \
+  } while (0)
+#else
+extern "C" {
+[[noreturn]] __host__ __device__ void __assert_fail(const char* assertion, const char* file,
+                                                   unsigned int line, const char* function) noexcept;
+}
+#define VIDGEN_DEVICE_ASSERT(cond, msg)                                              \
+  do {                                                                              \
+    if (!(cond)) __assert_fail(msg, __FILE__, static_cast<unsigned int>(__LINE__), __func__); \
+  } while (0)
+#endif
+
 namespace vidgen {
 
 // Conv<T>::to_f / from_f: a storage type <-> float (round to nearest even on the way back).

@@ -27,17 +27,22 @@ cudaError_t route_launch(const float* logits, int64_t N, int64_t E, int64_t k, b
                          float* weights, int64_t* idx, cudaStream_t stream);
 
 // out[p, c] = src[rows[p], c]: src [M, C] with element strides (s0, s1), out [P, C]
-// contiguous. A rows[p] outside [0, M) traps on the device (no out-of-bounds read).
+// contiguous. A rows[p] outside [0, M) is a device-side assert (no out-of-bounds read).
 cudaError_t gather_launch(DType dtype, const void* src, int64_t M, int64_t C, int64_t s0,
                           int64_t s1, const int64_t* rows, int64_t P, void* out,
                           cudaStream_t stream);
 
 // out[n, c] = sum_{j < k} w[n, j] * y[pos[n, j], c] (fp32 accumulation in slot order, one
-// rounding): y [Py, C] contiguous, pos [N, k] int64 contiguous (a pos outside [0, Py) traps on
-// the device), w [N, k] float32 contiguous or nullptr (all ones), out [N, C] contiguous, not
+// rounding): y [Py, C] contiguous, pos [N, k] int64 contiguous (a pos outside [0, Py) is a
+// device-side assert), w [N, k] float32 contiguous or nullptr (all ones), out [N, C] contiguous, not
 // overlapping y.
 cudaError_t combine_launch(DType dtype, const void* y, int64_t Py, int64_t C, const int64_t* pos,
                            const float* w, int64_t N, int64_t k, void* out, cudaStream_t stream);
+
+// cudaSuccess when this build has a kernel image (SASS for the device's architecture, or PTX it
+// can JIT) for the current device; cudaErrorNoKernelImageForDevice (or another error) when not,
+// e.g. an sm_80/sm_90 build on a V100 or T4. Launches nothing.
+cudaError_t kernel_image_check();
 
 }  // namespace moe
 }  // namespace vidgen

@@ -26,6 +26,15 @@
 #include <cstring>
 #include <type_traits>
 
+// The contract's math: each product and the sum rounded (a c - b s as torch computes it), bit for
+// bit on every backend; GCC would contract them into FMAs (1 ulp apart in fp32). RoPE is
+// memory-bound: the FMA saved nothing. (After the includes: torch's own code keeps its flags.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
 namespace {
 
 using at::Tensor;

@@ -66,8 +66,10 @@ __global__ void rope_kernel(const T* __restrict__ x, T* __restrict__ out,
         const float sn = CONJ ? -__ldg(srow + i) : __ldg(srow + i);
         const float fa = Conv<T>::to_f(va);
         const float fb = Conv<T>::to_f(vb);
-        va = Conv<T>::from_f(fa * c - fb * sn);
-        vb = Conv<T>::from_f(fb * c + fa * sn);
+        // each product and the sum rounded (no FMA contraction): the contract's fp32 math,
+        // bit for bit with torch's a * c - b * s
+        va = Conv<T>::from_f(__fsub_rn(__fmul_rn(fa, c), __fmul_rn(fb, sn)));
+        vb = Conv<T>::from_f(__fadd_rn(__fmul_rn(fb, c), __fmul_rn(fa, sn)));
       }
       if (PAIRVEC) {
         Pair<T> pr;

@@ -378,6 +378,11 @@ def test_moe_gather_combine_strided(emu, ran):
                                    y.float()[pos].sum(1).to(dt).float(), atol=1e-2, rtol=1e-2)
 
 
+def test_kernel_image_check_binding(emu):
+    # the binding behind backends.why_unavailable("cuda") on a GPU: "" = the kernels can run
+    assert emu.cuda_kernel_image_error(0) == ""
+
+
 @pytest.mark.parametrize("bad", [-1, 40])
 def test_moe_gather_combine_trap_on_out_of_range_index(emu, bad):
     # the bindings are reachable by anyone (vidgen_kernels._C); an index outside the source's

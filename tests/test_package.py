@@ -188,3 +188,36 @@ def test_module_level_imports_are_declared_dependencies():
                         continue
                     rel = path.relative_to(ROOT).as_posix()
                     assert top in declared or rel.startswith(extras.get(top, "-")), (rel, top, declared)
+
+
+def test_cuda_backend_unavailable_without_a_kernel_image(monkeypatch):
+    """A build for sm_80 / sm_90 (+PTX) has no code a V100 / T4 (sm_70 / sm_75) can load: the
+    ``cuda`` backend says so (``auto`` then takes Triton) instead of every launch failing with
+    cudaErrorNoKernelImageForDevice. The query runs once per device. Emulated: a fake extension
+    and a fake GPU, on CPU."""
+    import torch
+    from vidgen_kernels import _ext, backends
+
+    calls = []
+
+    class FakeC:
+        with_cuda = True
+
+        @staticmethod
+        def cuda_kernel_image_error(index):
+            calls.append(index)
+            return "" if index == 1 else ("cudaErrorNoKernelImageForDevice: no kernel image is "
+                                          "available for execution on the device")
+
+    monkeypatch.setattr(_ext, "C", FakeC)
+    monkeypatch.setattr(backends, "_CUDA_IMAGE_ERRORS", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Tesla T4")
+    why = backends.why_unavailable("cuda", "cuda:0")
+    assert why is not None and "Tesla T4 (sm_75)" in why and "NoKernelImage" in why \
+        and "TORCH_CUDA_ARCH_LIST including 7.5" in why, why
+    assert "cuda" not in backends.available_backends("cuda:0")
+    assert backends.why_unavailable("cuda", "cuda:1") is None
+    backends.why_unavailable("cuda", "cuda:0")
+    assert calls == [0, 1]  # cached per device

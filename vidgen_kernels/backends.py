@@ -139,7 +139,35 @@ def why_unavailable(name: str, device: torch.device | str | None = None) -> str 
             return "no CUDA GPU is visible"
         if dev_type not in (None, "cuda"):
             return f"backend 'cuda' runs CUDA tensors, got tensors on {device}"
-        return None
+        return _cuda_image_error(device)
+    return _why_unavailable_triton(name, dev_type, device)
+
+
+_CUDA_IMAGE_ERRORS: dict[int, str | None] = {}
+
+
+def _cuda_image_error(device: torch.device | None) -> str | None:
+    """Why this build's CUDA kernels cannot run on ``device`` (None: they can), once per device:
+    a build for sm_80 / sm_90 (+PTX) has no code a V100 or T4 can load, and its launches would
+    fail with cudaErrorNoKernelImageForDevice; ``auto`` then takes the next backend."""
+    known = device.index if device is not None else None
+    if torch.compiler.is_compiling():  # no CUDA query while tracing (a graph break)
+        return _CUDA_IMAGE_ERRORS.get(known)
+    index = known if known is not None else torch.cuda.current_device()
+    if index not in _CUDA_IMAGE_ERRORS:
+        check = getattr(_ext.C, "cuda_kernel_image_error", None)
+        err = check(index) if check is not None else ""
+        why = None
+        if err:
+            major, minor = torch.cuda.get_device_capability(index)
+            why = (f"the extension's CUDA kernels cannot run on {torch.cuda.get_device_name(index)} "
+                   f"(sm_{major}{minor}): {err}; rebuild with TORCH_CUDA_ARCH_LIST including "
+                   f"{major}.{minor}")
+        _CUDA_IMAGE_ERRORS[index] = why
+    return _CUDA_IMAGE_ERRORS[index]
+
+
+def _why_unavailable_triton(name: str, dev_type, device) -> str | None:
     if name == "triton":
         if not HAS_TRITON:
             return "triton is not installed (pip install triton)"

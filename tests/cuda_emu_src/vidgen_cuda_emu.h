@@ -393,6 +393,10 @@ inline float __fadd_rn(float a, float b) {
   volatile float r = a + b;  // no contraction into an fma
   return r;
 }
+inline float __fsub_rn(float a, float b) {
+  volatile float r = a - b;
+  return r;
+}
 inline float __fmul_rn(float a, float b) {
   volatile float r = a * b;
   return r;

@@ -26,7 +26,9 @@ Kernel contract (what ``cpu``, ``cuda`` and ``triton`` implement, same argument 
 * ``out``: ``[B, N, C]`` contiguous, dtype ``T``; ``h``: ``None`` or ``[B, N, C]`` contiguous ``T``.
 * ``mean``, ``rstd``: ``[B, N]`` contiguous of the accumulation dtype ``A``: float32, float64 when
   ``T`` is float64 (only the ``cpu`` backend takes float64); ``mean`` is written as 0 for rms.
-* Math in ``A``: ``h = round_T(x + gate * y)`` (gated; the rounded ``h`` is what is normalised),
+* Math in ``A``: ``h = round_T(x + gate * y)`` (gated; the product and the sum each rounded in
+  ``A``, no FMA, so fp32 ``h`` is eager ``x + gate * y`` bit for bit; the rounded ``h`` is what is
+  normalised),
   layer: ``mu = mean_c(h)``, ``rstd = 1/sqrt(mean_c((h - mu)^2) + eps)``; rms: ``mu = 0``,
   ``rstd = 1/sqrt(mean_c(h^2) + eps)``; ``xhat = (h - mu) * rstd``; ``nrm = xhat * w + b``
   (w = 1, b = 0 when absent); ``out = nrm * (1 + scale) + shift``.

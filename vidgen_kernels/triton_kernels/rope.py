@@ -87,4 +87,5 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tenso
             x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             D=D, INTERLEAVED=bool(interleaved), CONJ=bool(conj), BLOCK_H=block_h,
             BLOCK_P=block_p, num_warps=4 if block_h * block_p >= 1024 else 2,
+            enable_fp_fusion=False,  # a c - b s with each product rounded, as the contract
         )
