@@ -592,17 +592,22 @@ def paired_speedup(ours: Callable[[], object], peer: Callable[[], object], devic
     ``extra_info`` entries ``{key: median, key + "_min": ..., key + "_max": ...,
     "paired_pairs": n}`` (None values when ``pairs`` is 0); ``summarize.py`` prints every
     ``paired_vs_<peer>`` key under the group's table (``summarize.PAIRED_PEERS`` names the
-    peers)."""
+    peers).
+
+    On CUDA each side of a pair is a batch of calls timed with CUDA events and one sync (enough
+    calls for ~2 ms of GPU time, the same count for both sides): a per-call sync would add its
+    launch + sync latency (15-30 us) to every call and understate the speedup of short kernels.
+    On the CPU a side is one call (perf_counter)."""
+    reps = 1
+    if device == "cuda" and pairs:  # calibrate the batch once, from one call of the faster side
+        reps = max(1, min(200, int(2e-3 / max(1e-6, min(_time_batch(ours, device, 1),
+                                                          _time_batch(peer, device, 1))))))
     ratios = []
     for i in range(pairs):
         t = {}
         for name, fn in ((("ours", ours), ("peer", peer)) if i % 2 == 0 else
                          (("peer", peer), ("ours", ours))):
-            synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            t[name] = time.perf_counter() - t0
+            t[name] = _time_batch(fn, device, reps)
         ratios.append(t["peer"] / t["ours"])
     ratios.sort()
     n = len(ratios)
@@ -610,7 +615,25 @@ def paired_speedup(ours: Callable[[], object], peer: Callable[[], object], devic
     if n:
         median = ratios[n // 2] if n % 2 else 0.5 * (ratios[n // 2 - 1] + ratios[n // 2])
     return {key: median, f"{key}_min": ratios[0] if n else None,
-            f"{key}_max": ratios[-1] if n else None, "paired_pairs": n}
+            f"{key}_max": ratios[-1] if n else None, "paired_pairs": n, "paired_reps": reps}
+
+
+def _time_batch(fn: Callable[[], object], device: str, reps: int) -> float:
+    """Seconds per call of ``reps`` back-to-back calls of ``fn`` (CUDA events on CUDA, one
+    synchronisation at the end; perf_counter elsewhere)."""
+    synchronize(device)
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e-3 / reps
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
 
 
 def per_second(amount: Optional[float], info: dict, scale: float = 1e9) -> tuple[Optional[float], Optional[float]]:

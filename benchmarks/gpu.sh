@@ -15,10 +15,14 @@
 #                     limit). Each stage runs under `timeout` with a share of what is left (30 s
 #                     are kept for the summary and the pack); a stage that runs out is stopped
 #                     with SIGINT, so pytest still writes its junit XML / benchmark JSON of what
-#                     ran. Tests: the CUDA-marked tests first, then the rest in what is left of
-#                     the test share. Benchmarks: one pytest run per op family, CUDA cases only,
-#                     most wanted first (RoPE-3D attention, temporal attention, MoE, DiT block,
-#                     diffusers, AdaLN, RoPE), torch.compile contenders last.
+#                     ran. Tests: the CUDA-marked tests (the rest are CPU tests CI already runs;
+#                     --all-tests adds them after). Benchmarks: one pytest run per op family,
+#                     CUDA cases only, most wanted first (RoPE-3D attention, temporal attention,
+#                     MoE, DiT block, diffusers, AdaLN, RoPE), torch.compile contenders last;
+#                     each family gets its weighted share of what is left of the stage (time a
+#                     family does not use goes to the next), so one slow family cannot starve
+#                     the rest.
+#   --all-tests       the test stage also runs the tests not marked cuda
 #   --pack FILE       at the end (also after a failed or cut-off stage) tar + gzip the folder
 #                     into FILE (one file: the device tool returns at most 8).
 #   --wheels DIR      first pip-install the wheels in DIR (no index, no deps) into a temporary
@@ -27,22 +31,29 @@
 #   --python PY       the Python that has CUDA torch (default: python3)
 #   --allow-cpu       run without a GPU (rehearses the script; CUDA cases skip, bench runs CPU)
 #   --dry-run         print the plan (stages, caps, commands) and exit
-# Environment: GPU_SH_TEST_PATHS replaces the test stage's paths (default: tests).
+# Environment: GPU_SH_TEST_PATHS replaces the test stage's paths (default: tests); GPU_SH_COMMIT
+# names the commit in env.txt where the checkout has no .git (the device tool's copy).
 # Installs nothing from the network. Exit status: non-zero if a stage failed or was cut off (the
 # others still run and are logged).
 #
-# With the device tool (one H200, 15 min of device time per session, 10 min per command, at most
-# 8 files back from $OUT), from the repo root of this machine:
+# With the device tool (one H100 or H200, 15 min of device time per session including the
+# machine's start, 10 min per command, at most 8 files back from $OUT), from the repo root of
+# this machine:
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 importlib_metadata
 #   (pure-Python wheels, 6.4 MB; .whl/ is git-ignored, so it travels only as carried)
-#   run(command="bash benchmarks/gpu.sh --budget 540 --wheels .whl --out benchmarks/results/R
-#                --pack $OUT/gpu-record.tgz build test bench", carry=[".whl"], timeout_s=600)
-#   with R = <gpu>-<UTC date>, e.g. NVIDIA-H200-2026-12-01; then at once, while the machine is
-#   still warm (it keeps the build), if 3+ minutes of device time are left:
-#   run(command="bash benchmarks/gpu.sh --budget 170 --out benchmarks/results/R/demo-run
-#                --pack $OUT/gpu-demo.tgz demo", timeout_s=200)
+#   run(command="GPU_SH_COMMIT=<git rev-parse --short HEAD> bash benchmarks/gpu.sh --budget 540
+#                --wheels .whl --out benchmarks/results/R --pack $OUT/gpu-record.tgz build bench",
+#       carry=[".whl"], timeout_s=600)
+#   with R = <gpu>-<UTC date>, e.g. NVIDIA-H100-80GB-HBM3-2026-12-06 (the performance record
+#   first: build ~1.5-2 min, then the benchmark families); then at once, while the machine is
+#   still warm (it keeps the build), with what is left (3+ minutes):
+#   run(command="GPU_SH_COMMIT=... bash benchmarks/gpu.sh --budget <left - 30> --wheels .whl
+#                --out benchmarks/results/R --pack $OUT/gpu-tests.tgz test demo",
+#       carry=[".whl"], timeout_s=<left>)
+#   (the second call adds tests.log / tests-cuda.xml / demo to the same folder; stages.txt and
+#   env.txt keep both calls)
 #   mkdir -p benchmarks/results && tar xzf <files_at>/gpu-record.tgz -C benchmarks/results
-#   tar xzf <files_at>/gpu-demo.tgz -C benchmarks/results/R      (after the second call)
+#   tar xzf <files_at>/gpu-tests.tgz -C benchmarks/results      (after the second call)
 # then commit benchmarks/results/R/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +65,7 @@ BUDGET=0
 PACK=""
 WHEELS=""
 ALLOW_CPU=0
+ALL_TESTS=0
 DRY=0
 STAGES=()
 while [ $# -gt 0 ]; do
@@ -65,9 +77,10 @@ while [ $# -gt 0 ]; do
     --pack) PACK="$2"; shift 2 ;;
     --wheels) WHEELS="$2"; shift 2 ;;
     --allow-cpu) ALLOW_CPU=1; shift ;;
+    --all-tests) ALL_TESTS=1; shift ;;
     --dry-run) DRY=1; shift ;;
     build|test|bench|demo) STAGES+=("$1"); shift ;;
-    -h|--help) sed -n '2,49p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,58p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -78,17 +91,19 @@ RESERVE=30
 # Share of what is left that each stage may use when it starts (the last stage gets the rest).
 declare -A WEIGHT=([build]=3 [test]=3 [bench]=5 [demo]=2)
 SPENT=0  # --dry-run: seconds the stages before this one are assumed to use (their caps)
-# Benchmark families, most wanted first: "name file -k-expression".
+# Benchmark families, most wanted first: "name weight file -k-expression". The weight is the
+# family's share of the stage's time (an H100 estimate of its timed work + start-up, 2026-12-06).
 BENCH_PLAN=(
-  "rope3d_attention test_bench_rope3d_attention.py not torch.compile"
-  "temporal_attention test_bench_temporal_attention.py not torch.compile"
-  "moe test_bench_moe.py not torch.compile"
-  "block test_bench_block.py not torch.compile"
-  "diffusers test_bench_diffusers.py not torch.compile"
-  "adaln test_bench_adaln.py not torch.compile"
-  "rope test_bench_rope.py not torch.compile"
-  "compile . torch.compile"
+  "rope3d_attention 9 test_bench_rope3d_attention.py not torch.compile"
+  "temporal_attention 2 test_bench_temporal_attention.py not torch.compile"
+  "moe 5 test_bench_moe.py not torch.compile"
+  "block 7 test_bench_block.py not torch.compile"
+  "diffusers 7 test_bench_diffusers.py not torch.compile"
+  "adaln 3 test_bench_adaln.py not torch.compile"
+  "rope 1 test_bench_rope.py not torch.compile"
+  "compile 6 . torch.compile"
 )
+TEST_SELECTIONS=("cuda")
 
 if [ -n "$WHEELS" ] && [ "$DRY" = 0 ]; then
   site=$(mktemp -d /tmp/gpu-sh-site.XXXXXX)
@@ -145,16 +160,36 @@ capped() {
   fi
 }
 
+[ "$ALL_TESTS" = 1 ] && TEST_SELECTIONS+=("not cuda")
+# the deadline of bench family $1 (weight $2): its weighted share of what is left of the stage
+family_deadline() {
+  [ "$DEADLINE" -gt 0 ] || { echo 0; return; }
+  local left=$(( DEADLINE - $(date +%s) )) total=0 seen=0 f n w rest
+  for f in "${BENCH_PLAN[@]}"; do
+    read -r n w rest <<< "$f"
+    [ "$n" = "$1" ] && seen=1
+    [ "$seen" = 1 ] && total=$(( total + w ))
+  done
+  echo $(( $(date +%s) + left * $2 / (total > 0 ? total : 1) ))
+}
+has_stage() { local s; for s in "${STAGES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+
 if [ "$DRY" = 1 ]; then
   echo "gpu.sh plan: out=$OUT gpu=$GPU arch=${ARCH:-none} budget=${BUDGET}s stages=${STAGES[*]}"
   for s in "${STAGES[@]}"; do
     c=$(cap_for "$s"); echo "  $s: cap $c s if the stages before use their whole caps"; SPENT=$(( SPENT + c ))
   done
-  echo "  tests: pytest ${GPU_SH_TEST_PATHS:-tests} -m cuda $XDIST, then -m 'not cuda'"
-  for f in "${BENCH_PLAN[@]}"; do
-    read -r name file kexpr <<< "$f"
-    echo "  bench $name: pytest benchmarks/${file#.} -k '$kexpr' --bench-device $BENCH_DEVICE $QUICK"
-  done
+  if has_stage test; then
+    for sel in "${TEST_SELECTIONS[@]}"; do
+      echo "  tests: pytest ${GPU_SH_TEST_PATHS:-tests} -m '$sel' $XDIST"
+    done
+  fi
+  if has_stage bench; then
+    for f in "${BENCH_PLAN[@]}"; do
+      read -r name w file kexpr <<< "$f"
+      echo "  bench $name (weight $w): pytest benchmarks/${file#.} -k '$kexpr' --bench-device $BENCH_DEVICE $QUICK"
+    done
+  fi
   [ -n "$PACK" ] && echo "  pack: $PACK"
   exit 0
 fi
@@ -162,13 +197,18 @@ fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
-: > "$OUT/stages.txt"
+echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) gpu.sh ${STAGES[*]} (budget ${BUDGET}s)" >> "$OUT/stages.txt"
 log_stage() { echo "$1: $2 in $3 s" | tee -a "$OUT/stages.txt"; }
 
 {
+  echo "# gpu.sh ${STAGES[*]}"
   echo "gpu: $GPU"
   echo "date (UTC): $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
+  if [ -n "${GPU_SH_COMMIT:-}" ]; then
+    echo "git: $GPU_SH_COMMIT (given by GPU_SH_COMMIT)"
+  else
+    echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
+  fi
   echo "budget: ${BUDGET}s, stages: ${STAGES[*]}, xdist: ${XDIST:-none}"
   "$PY" - <<'EOF'
 import platform, torch
@@ -185,7 +225,8 @@ if torch.cuda.is_available():
           f"sm_{p.major}{p.minor}")
 EOF
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem,power.limit --format=csv 2>/dev/null || true
-} > "$OUT/env.txt" 2>&1
+} > "$OUT/env.new" 2>&1
+cat "$OUT/env.new" >> "$OUT/env.txt" && rm -f "$OUT/env.new"  # a second call appends
 cat "$OUT/env.txt"
 
 pack() {
@@ -220,7 +261,7 @@ for stage in "${STAGES[@]}"; do
     test)
       # -v: one line per test as it ends, so a run the budget cuts off still shows what passed
       : > "$OUT/tests.log"
-      for sel in "cuda" "not cuda"; do
+      for sel in "${TEST_SELECTIONS[@]}"; do
         name=${sel// /-}
         capped "$PY" -m pytest ${GPU_SH_TEST_PATHS:-tests} -v -rs -p no:cacheprovider $XDIST -m "$sel" \
           --junitxml="$OUT/tests-$name.xml" >> "$OUT/tests.log" 2>&1 || rc=$?
@@ -231,9 +272,11 @@ for stage in "${STAGES[@]}"; do
       done ;;
     bench)
       : > "$OUT/bench.log"
+      stage_deadline=$DEADLINE
       for f in "${BENCH_PLAN[@]}"; do
-        read -r name file kexpr <<< "$f"
-        echo "gpu.sh: bench $name" | tee -a "$OUT/bench.log"
+        read -r name w file kexpr <<< "$f"
+        DEADLINE=$(family_deadline "$name" "$w")
+        echo "gpu.sh: bench $name (until $(date -u -d "@$DEADLINE" +%H:%M:%S 2>/dev/null || echo -))" | tee -a "$OUT/bench.log"
         r=0
         capped "$PY" -m pytest "benchmarks/${file#.}" -q -p no:cacheprovider -p no:xdist $QUICK -k "$kexpr" \
           --bench-device "$BENCH_DEVICE" --benchmark-json="$OUT/bench-$name.json" \
@@ -241,7 +284,9 @@ for stage in "${STAGES[@]}"; do
         [ "$r" = 5 ] && r=0
         tail -1 "$OUT/bench.log"
         [ "$r" != 0 ] && rc=$r
-        [ "$r" = 124 ] && break
+        DEADLINE=$stage_deadline
+        # a family cut off by its own share: go on with the next; the stage's end stops all
+        [ "$DEADLINE" -gt 0 ] && [ $(( DEADLINE - $(date +%s) )) -lt 5 ] && break
       done
       if ls "$OUT"/bench-*.json > /dev/null 2>&1; then
         "$PY" benchmarks/merge_json.py "$OUT"/bench-*.json --out "$OUT/bench.json" || rc=1

@@ -41,7 +41,7 @@ def _rows(benches: list[dict]) -> list[dict]:
     for b in benches:
         ei = b.get("extra_info") or {}
         m = summarize._median_s(b)
-        if not m:
+        if not m or not ei.get("contender"):  # no time, or no metadata (summarize lists those)
             continue
         rows.append({"contender": ei.get("contender") or b.get("name", "?"), "median_s": m,
                      "bytes": ei.get("bytes_moved"), "flops": ei.get("flops")})

@@ -78,10 +78,14 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
     rows = []
     for b in benches:
         ei = b.get("extra_info") or {}
-        rows.append({"contender": ei.get("contender") or b.get("name", "?"),
+        # a case that failed (or was cut off) after its timing has no metadata: it is listed,
+        # marked incomplete, and never counted as a peer (it would be compared with itself)
+        incomplete = not ei.get("contender")
+        rows.append({"contender": ei.get("contender") or
+                     f"{b.get('name', '?')} (incomplete: no metadata)",
                      "median_s": _median_s(b), "bytes": ei.get("bytes_moved"),
-                     "flops": ei.get("flops"), "ei": ei})
-    by = {r["contender"]: r["median_s"] for r in rows}
+                     "flops": ei.get("flops"), "ei": ei, "incomplete": incomplete})
+    by = {r["contender"]: r["median_s"] for r in rows if not r["incomplete"]}
     ref, comp, copy = by.get(REFERENCE), by.get(COMPILE), by.get(COPY)
     op = next((b.get("extra_info", {}).get("op") for b in benches), None)
     bounds = (COPY,) + BOUNDS.get(op, ())
@@ -92,7 +96,7 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
     with_act = any(v for v in acts.values())
     ref_act = acts.get(REFERENCE)
 
-    first = rows[0]["ei"] if rows else {}
+    first = next((r["ei"] for r in rows if not r["incomplete"]), {})
     meta = ", ".join(str(x) for x in (first.get("device_name"), first.get("torch_version") and
                                       f"torch {first.get('torch_version')}",
                                       first.get("triton_version") and

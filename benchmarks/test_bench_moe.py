@@ -66,7 +66,7 @@ GROUPED = "grouped_mm"
 DENSE = "dense"
 TOP_K = 2
 ACT = "gelu"
-KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton",)}
+KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}  # cuda: what auto picks on a GPU
 FULL_SHAPES = {
     "cpu": ((4, 512, 2048, 4096), (8, 512, 2048, 4096), (32, 256, 512, 2048),
             (64, 256, 512, 2048), (32, 256, 512, 8192), (64, 256, 512, 8192)),

@@ -17,9 +17,11 @@ dtype, device) is one pytest-benchmark group. Contenders:
   attends with a materialised masked softmax in fp32 and permutes back: the permutes are timed;
 * ``torch.compile``: ``torch.compile(temporal_attention_reference, dynamic=False)`` (compiled and
   warmed up per case, outside the timed region; permutes included, as inductor sees them);
-* ``sdpa``: ``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` on ``[B*S*H, T, D]``
+* ``sdpa``: ``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` on ``[B*S, H, T, D]``
   inputs permuted and made contiguous *before* timing (what the seed design would need
-  upstream is not charged to it);
+  upstream is not charged to it). 4-D, so SDPA may pick its fused kernels (flash / memory-
+  efficient / cuDNN on a GPU, flash on the CPU): up to 2026-12-06 the peer got 3-D
+  ``[B*S*H, T, D]`` inputs, which every fused SDPA kernel refuses, so it ran the math backend;
 * ``matmul-softmax``: ``softmax((q @ k^T) * scale masked) @ v`` on the same pre-permuted inputs;
 * ``copy``: a tensor copy moving ``bytes_moved`` bytes (the bandwidth limit of a fused kernel).
 
@@ -29,7 +31,7 @@ interleaved pairs on the same inputs (``common.paired_speedup``; 6 pairs on CPU,
 ratio of two medians timed minutes apart on a shared machine; ``summarize.py`` prints it.
 
 For fwd+bwd the leaves are the inputs each contender takes (``[B, T, S, H, D]`` or the
-pre-permuted ``[B*S*H, T, D]``) and the timed unit is forward + ``torch.autograd.grad``.
+pre-permuted ``[B*S, H, T, D]``) and the timed unit is forward + ``torch.autograd.grad``.
 
 Work model (``extra_info``): ``flops`` = 4 * B*S*H * T^2 * D for the forward (two matmuls),
 4 * B*S*H * T(T+1)/2 * D for causal attention (the masked pairs are not counted), times 3.5 for fwd+bwd (backward = 2.5x
@@ -71,7 +73,7 @@ KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton",)}
 # (B, T, (Sh, Sw), H, D)
 FULL_SHAPES = ((2, 16, (32, 32), 16, 64), (1, 13, (30, 45), 30, 64), (1, 32, (16, 16), 8, 64))
 QUICK_SHAPES = ((1, 8, (8, 8), 4, 64),)
-PERMUTED = (SDPA, MATMUL)  # contenders fed pre-permuted [B*S*H, T, D] inputs
+PERMUTED = (SDPA, MATMUL)  # contenders fed pre-permuted [B*S, H, T, D] inputs
 
 
 def contenders(device_type: str) -> tuple[str, ...]:
@@ -158,9 +160,11 @@ def set_bytes(case: Case) -> int:
 # inputs and contenders
 # ----------------------------------------------------------------------------------------------
 def _to_seq(t: torch.Tensor) -> torch.Tensor:
-    """[B, T, S, H, D] -> contiguous [B*S*H, T, D]."""
+    """[B, T, S, H, D] -> contiguous [B*S, H, T, D]: 4-D, the layout SDPA's fused kernels take
+    (flash, memory-efficient and cuDNN refuse 3-D [B*S*H, T, D] inputs, which silently ran the
+    math backend: a handicapped peer)."""
     B, T, S, H, D = t.shape
-    return t.permute(0, 2, 3, 1, 4).reshape(B * S * H, T, D).contiguous()
+    return t.permute(0, 2, 3, 1, 4).reshape(B * S, H, T, D).contiguous()
 
 
 def _from_seq(t: torch.Tensor, dims) -> torch.Tensor:
@@ -170,7 +174,7 @@ def _from_seq(t: torch.Tensor, dims) -> torch.Tensor:
 
 def make_inputs(case: Case, seed: int) -> dict:
     """q, k, v (and dout) ``[B, T, S, H, D]`` contiguous; permuted contenders get their
-    ``[B*S*H, T, D]`` copies instead (made here, outside the timed region)."""
+    ``[B*S, H, T, D]`` copies instead (made here, outside the timed region)."""
     B, T, S, H, D = case.dims
     g = torch.Generator(device=case.device).manual_seed(4321 + seed)
     kw = dict(device=case.device, dtype=case.dtype, generator=g)
@@ -314,7 +318,7 @@ def test_temporal_attention(benchmark, case: Case, request):
         contender=case.contender,
         backend=(case.contender if case.contender not in (COMPILE, SDPA, MATMUL, COPY) else
                  f"{REFERENCE} (torch.compile)" if case.contender == COMPILE else None),
-        inputs=("[B*S*H, T, D] contiguous, permuted before timing" if case.contender in PERMUTED
+        inputs=("[B*S, H, T, D] contiguous, permuted before timing" if case.contender in PERMUTED
                 else "[B, T, S, H, D] contiguous"),
         causal=case.causal,
         dtype=common.dtype_name(case.dtype),

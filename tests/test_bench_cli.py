@@ -211,6 +211,28 @@ def test_best_peer_leaves_out_ours_and_the_bounds():
     err = rows("rope3d_attention", [("cpu", 0.2), ("sdpa", 0.1)])
     err[0]["extra_info"]["paired_vs_sdpa_error"] = "RuntimeError: out of memory"
     assert "error" not in summarize.table("rope3d_attention x", err)
+    # a case that failed after its timing (no metadata) is listed as incomplete, not a peer:
+    # it was the best "peer" of the kernel's row (1.00x, compared with itself)
+    text = summarize.table("dit_block x", rows("dit_block", [("fused", 0.2), ("reference", 0.3)])
+                           + [{"name": "test_block[fused-x]", "stats": {"median": 0.2}}])
+    assert best_peer_cell(text, "fused") == "1.50x", text
+    assert "| test_block[fused-x] (incomplete: no metadata) |" in text, text
+
+
+def test_paired_batches_time_every_call_of_the_batch():
+    """The batch timer behind the CUDA pairs (several calls per side, one sync): per-call time
+    of a batch, on the CPU path here."""
+    import time
+    common = _suite_module("common")
+    calls = []
+
+    def f():
+        calls.append(1)
+        time.sleep(0.002)
+    t = common._time_batch(f, "cpu", 5)
+    assert len(calls) == 5 and 0.0018 < t < 0.02, t
+    r = common.paired_speedup(f, f, "cpu", 2, "k")
+    assert r["paired_reps"] == 1 and r["paired_pairs"] == 2
 
 
 def _bench_json(path, names):
@@ -258,10 +280,16 @@ def test_gpu_sh_plan_covers_every_benchmark_and_fits_the_budget():
             if ": cap " in line]
     assert len(caps) == 3 and all(c > 0 for c in caps) and sum(caps) <= 540 - 30, r.stdout
     files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "benchmarks", "test_bench_*.py")))
-    planned = r.stdout.split("bench rope3d_attention:")[1]
+    planned = r.stdout.split("bench rope3d_attention (weight")[1]
     for f in files:
         assert f"benchmarks/{f} -k 'not torch.compile'" in planned, (f, r.stdout)
     assert "benchmarks/ -k 'torch.compile'" in planned  # the compile contenders come last
+    # CUDA-marked tests only (the others are CPU tests CI runs); --all-tests adds them
+    assert "-m 'cuda'" in r.stdout and "not cuda" not in r.stdout, r.stdout
+    r = _gpu_sh("--dry-run", "--python", sys.executable, "--all-tests", "test")
+    assert "-m 'cuda'" in r.stdout and "-m 'not cuda'" in r.stdout, r.stdout
+    r = _gpu_sh("--dry-run", "--python", sys.executable, "demo")  # only the stages asked for
+    assert "tests:" not in r.stdout and "bench " not in r.stdout, r.stdout
     assert _gpu_sh("--budget", "soon").returncode == 2
     assert _gpu_sh("--no-such-option").returncode == 2
 
@@ -271,12 +299,20 @@ def test_gpu_sh_rehearsal_writes_and_packs(tmp_path):
     of each selection, stages.txt, and one packed archive holding the folder."""
     import tarfile
     out, pack = tmp_path / "rec", tmp_path / "back" / "rec.tgz"
-    r = _gpu_sh("--allow-cpu", "--python", sys.executable, "--out", str(out), "--pack", str(pack),
-                "test", env={"GPU_SH_TEST_PATHS": "tests/test_package.py"}, timeout=300)
+    r = _gpu_sh("--allow-cpu", "--all-tests", "--python", sys.executable, "--out", str(out),
+                "--pack", str(pack), "test", env={"GPU_SH_TEST_PATHS": "tests/test_package.py",
+                                                  "GPU_SH_COMMIT": "abc1234"}, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "test: ok" in (out / "stages.txt").read_text()
     assert (out / "tests-not-cuda.xml").is_file() and (out / "env.txt").is_file()
     assert "PASSED" in (out / "tests.log").read_text()
+    assert "git: abc1234 (given by GPU_SH_COMMIT)" in (out / "env.txt").read_text()
     with tarfile.open(pack) as t:
         names = t.getnames()
     assert {"rec/stages.txt", "rec/tests.log", "rec/env.txt"} <= set(names), names
+    # a second call into the same folder (the recipe's second command) keeps the first's record
+    r = _gpu_sh("--allow-cpu", "--python", sys.executable, "--out", str(out), "test",
+                env={"GPU_SH_TEST_PATHS": "tests/test_package.py"}, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (out / "stages.txt").read_text().count("test: ok") == 2
+    assert (out / "env.txt").read_text().count("# gpu.sh test") == 2
