@@ -646,6 +646,40 @@ def per_second(amount: Optional[float], info: dict, scale: float = 1e9) -> tuple
             amount / (ev * 1e-3) / scale if ev else None)
 
 
+GiB = 1 << 30
+MEM_HEADROOM = 2 * GiB  # workspaces, parameter gradients, outputs, allocator rounding
+
+
+def free_bytes(device: str) -> Optional[int]:
+    """What a new allocation can get on ``device``: CUDA's free memory once the caching
+    allocator has returned its unused blocks; None on the CPU (its sizes are small: not
+    checked)."""
+    if device != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()[0]
+
+
+def no_room(what: str, need: int, device: str, estimate: str) -> Optional[str]:
+    """Why ``what`` (estimated to need ``need`` bytes, ``estimate`` saying from what) cannot run
+    on ``device`` now (a skip reason), or None: run it. Used before the calls that materialise
+    ``S x S`` attention matrices at GPU sizes (a reference, SDPA's math backend)."""
+    free = free_bytes(device)
+    if free is None or need + MEM_HEADROOM <= free:
+        return None
+    return (f"{what} needs ~{need / GiB:.3g} GiB (estimate from the shapes: {estimate}) + "
+            f"{MEM_HEADROOM / GiB:.3g} GiB headroom, {free / GiB:.3g} GiB free on {device}")
+
+
+def free_after_oom(device: str) -> None:
+    """Return what a failed (out-of-memory) call left cached, so the next step has it (call it
+    after the ``except`` clause: until it ends, the traceback keeps the failed call's tensors)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def release(device: str, compiled: bool) -> None:
     """Frees what a case held (compiled graphs, cached GPU memory) before the next one."""
     if compiled:

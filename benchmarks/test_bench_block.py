@@ -35,12 +35,29 @@ steadier one, and ``summarize.py`` prints it under the table.
 ``extra_info``: ``activation_bytes`` = the activation memory kept for backward by one training
 forward (``saved_tensors_hooks``: each distinct storage a saved tensor lives in, once, without
 the parameters; the issue's "activation memory"), ``saved_bytes`` = the same saves counted per
-tensor and per save (parameters included) and, on CUDA,
-``peak_mem_bytes`` (``torch.cuda.max_memory_allocated`` during one training step).
+tensor and per save (parameters included) and, on CUDA, for every contender and direction,
+``peak_mem_bytes`` (``torch.cuda.max_memory_allocated`` during one step, model and inputs
+included). The case's labels (model, direction, contender, sizes, dtype, device) are written
+before the correctness check and the paired timing, so a row whose later step fails or skips
+stays labelled.
+
+Memory (CUDA): ``backend="reference"`` runs the pure-PyTorch attention
+(``vidgen_kernels/ops/rope3d_attention.py`` ``_attend``): fp32 ``[B, heads, S, S]`` score
+matrices. CogVideoX attends over all ``S = 226 + 13 * 30 * 45 = 17,776`` tokens at once: one
+matrix is 35 GiB at hidden 1920 (30 heads) and 56.5 GiB at 3072 (48 heads), so the reference
+does not fit an 80 GB card there. Before the reference (or ``torch.compile`` of it) runs on
+CUDA, :func:`reference_peak_bytes` estimates its peak from the shapes (``REF_INFER_MATS`` /
+``REF_TRAIN_MATS`` matrices of the largest / every attention layer, plus the other
+activations) and the contender is skipped with the estimate and the free memory when it does
+not fit. The ``fused`` rows then check their output against the reference at fewer frames
+(same widths; ``check_latent`` in ``extra_info``; ``check_skipped`` when not even one frame
+fits) and record ``paired_vs_reference_skipped`` instead of timing a peer that cannot run; a
+peer that runs out of memory anyway leaves ``paired_vs_..._error``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 import torch
@@ -59,6 +76,17 @@ SIZES = {
                       (3072, 48, (1, 13, 16, 60, 90), 226, 4096)),
     ("cuda", True): ((256, 4, (1, 4, 16, 32, 32), 16, 256),),
 }
+PATCH = (1, 2, 2)  # both models' default patch (build() keeps it): tokens = T * H/2 * W/2
+GiB = common.GiB
+# backend="reference" peak, in fp32 [B, heads, Sq, Sk] score matrices (conservative): inference
+# holds z and one temporary (logsumexp) or the probabilities at once, 3 counted; a training step
+# keeps the probabilities of every attention layer for backward and the backward makes 2-3 more
+# of the largest, 5 counted per layer.
+REF_INFER_MATS, REF_TRAIN_MATS = 3, 5
+# the other activations, in [B, tokens, hidden] tensors of the case's dtype: the CPU runs'
+# saved_tensors_hooks count ~21 (cogvideox) / ~36 (video_causal_dit) for a training forward
+# (fused), a no-grad forward keeps a few alive at once (the FFN's 4x-wide hidden among them)
+ACT_INFER, ACT_TRAIN = 8, 40
 
 
 @dataclass(frozen=True)
@@ -96,6 +124,53 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("case", cases, ids=[c.id for c in cases])
 
 
+def _latent(case: Case, frames: Optional[int] = None) -> tuple:
+    lat = case.size[2]
+    return lat if frames is None else (lat[0], frames, *lat[2:])
+
+
+def attention_matrix_bytes(case: Case, frames: Optional[int] = None) -> list[int]:
+    """Bytes of one fp32 score matrix of each attention layer of the model under
+    ``backend="reference"`` (at ``frames`` latent frames instead of the case's, if given)."""
+    hid, heads, _, L, tw = case.size
+    B, T, _, H, W = _latent(case, frames)
+    hw = (H // PATCH[1]) * (W // PATCH[2])
+    if case.model == "cogvideox":  # one joint attention over text + all video tokens
+        return [B * heads * (L + T * hw) ** 2 * 4]
+    # video_causal_dit: spatial attention within each frame, causal temporal attention across
+    # the frames at each position, cross-attention of the video tokens to the text
+    return [B * T * heads * hw * hw * 4, B * hw * heads * T * T * 4, B * heads * T * hw * L * 4]
+
+
+def reference_peak_bytes(case: Case, frames: Optional[int] = None,
+                         direction: Optional[str] = None) -> int:
+    """Conservative estimate of the memory one step of the ``backend="reference"`` model (or of
+    its ``torch.compile``, which still materialises the score matrices) allocates beyond the
+    model and the inputs: see ``REF_INFER_MATS`` / ``REF_TRAIN_MATS`` / ``ACT_*``."""
+    hid, heads, _, L, tw = case.size
+    B, T, _, H, W = _latent(case, frames)
+    tokens = B * (T * (H // PATCH[1]) * (W // PATCH[2]) + L)
+    esz = torch.empty((), dtype=case.dtype).element_size()
+    mats = attention_matrix_bytes(case, frames)
+    if (direction or case.direction) == "infer":
+        return REF_INFER_MATS * max(mats) + ACT_INFER * tokens * hid * esz
+    return REF_TRAIN_MATS * sum(mats) + ACT_TRAIN * tokens * hid * esz
+
+
+def no_room(what: str, need: int, device: str):
+    """:func:`common.no_room` with this file's memory estimate named."""
+    return common.no_room(what, need, device, "fp32 S x S score matrices + activations")
+
+
+def peak_memory(step) -> int:
+    """``torch.cuda.max_memory_allocated`` during one call of ``step`` (CUDA)."""
+    common.synchronize("cuda")
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    common.synchronize("cuda")
+    return torch.cuda.max_memory_allocated()
+
+
 def build(case: Case) -> torch.nn.Module:
     from vidgen.models import CogVideoXTransformer, VideoCausalDiT
     hid, heads, lat, L, tw = case.size
@@ -116,8 +191,10 @@ def build(case: Case) -> torch.nn.Module:
     return m.to(case.device, case.dtype)
 
 
-def make_inputs(case: Case) -> dict:
-    hid, heads, lat, L, tw = case.size
+def make_inputs(case: Case, frames: Optional[int] = None) -> dict:
+    """Inputs of the case (at ``frames`` latent frames instead of the case's, if given)."""
+    hid, heads, _, L, tw = case.size
+    lat = _latent(case, frames)
     g = torch.Generator(device=case.device).manual_seed(1)
     kw = dict(device=case.device, dtype=case.dtype, generator=g)
     return {"x": torch.randn(*lat, **kw), "t": torch.rand(lat[0], device=case.device),
@@ -163,6 +240,52 @@ def paired(case: Case, model, run_model, inp: dict, quick: bool) -> dict:
         model.backend = None if case.contender == FUSED else "reference"
 
 
+def check_frames(case: Case) -> tuple[Optional[int], Optional[str]]:
+    """(latent frames the reference check runs at, None) or (None, why not even one fits): the
+    case's frame count, else half, a quarter ... of it, the first whose reference forward fits
+    the free memory (always the case's on the CPU)."""
+    frames = case.size[2][1]
+    while True:
+        why = no_room(f"the reference check at {frames} frame(s)",
+                      reference_peak_bytes(case, frames, "infer"), case.device)
+        if why is None:
+            return frames, None
+        if frames == 1:
+            return None, why
+        frames //= 2
+
+
+def check_vs_reference(case: Case, model) -> dict:
+    """The fused model's output vs the reference's (the same module and weights with
+    ``backend="reference"``), one forward under ``torch.no_grad``. On CUDA the reference runs at
+    the case's frame count when it fits the free memory, else at half, a quarter ... of the
+    frames (same widths, heads and text: the same kernels at a shorter sequence;
+    ``check_latent``), and the check is skipped with a note (``check_skipped``) when not even
+    one frame fits or the reference runs out of memory anyway. Returns the ``extra_info``
+    entries (``max_rel_err_vs_reference``: max |fused - reference| / max |reference|)."""
+    T = case.size[2][1]
+    frames, why = check_frames(case)
+    if frames is None:
+        return {"check_skipped": why}
+    inp = make_inputs(case, None if frames == T else frames)
+    out = {} if frames == T else {"check_latent": list(_latent(case, frames))}
+    oom = None
+    try:
+        with torch.no_grad():
+            a = model(inp["x"], inp["t"], inp["text"]).float()
+            model.backend = "reference"
+            b = model(inp["x"], inp["t"], inp["text"]).float()
+    except torch.OutOfMemoryError as e:  # the estimate was short: a missing check, not a failure
+        oom = f"{type(e).__name__}: {str(e)[:200]}"
+    finally:
+        model.backend = None
+    if oom is not None:
+        common.free_after_oom(case.device)
+        return {**out, "check_skipped": f"the reference ran out of memory: {oom}"}
+    out["max_rel_err_vs_reference"] = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+    return out
+
+
 def test_dit_block(benchmark, case: Case, request):
     benchmark.group = case.group
     if case.device == "cuda" and not torch.cuda.is_available():
@@ -175,7 +298,22 @@ def test_dit_block(benchmark, case: Case, request):
     model = build(case)
     model.backend = None if case.contender == FUSED else "reference"
     inp = make_inputs(case)
-    info = {}
+    if case.contender != FUSED:  # the eager reference, or torch.compile of it
+        why = no_room(f"backend='reference' ({case.contender}, {case.direction})",
+                      reference_peak_bytes(case), case.device)
+        if why is not None:
+            del model, inp
+            common.release(case.device, False)
+            pytest.skip(why)
+    hid, heads, lat, L, tw = case.size
+    # the labels first: a step after the timing that fails (the check, the paired timing)
+    # still leaves a labelled row
+    info = benchmark.extra_info
+    info.update(op=OP, model=case.model, direction=case.direction, contender=case.contender,
+                hidden=hid, heads=heads, latent=list(lat), text_tokens=L,
+                dtype=common.dtype_name(case.dtype), device=case.device,
+                device_name=common.device_name(case.device),
+                backend=None if case.contender == FUSED else REFERENCE)
     run_model = model
     if case.contender == COMPILE:
         run_model, info["compile_s"] = common.compile_contender(
@@ -185,29 +323,31 @@ def test_dit_block(benchmark, case: Case, request):
         # torch.compile row would show the eager reference's figure, so it is left blank)
         info.update(common.count_saved_bytes(lambda: model(inp["x"], inp["t"], inp["text"]),
                                              exclude=list(model.parameters())))
-        if case.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            step_fn(case, run_model, inp)()
-            info["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
-    if case.contender == FUSED:  # the fused model must compute what the reference computes
-        with torch.no_grad():
-            a = model(inp["x"], inp["t"], inp["text"]).float()
-            model.backend = "reference"
-            b = model(inp["x"], inp["t"], inp["text"]).float()
-            model.backend = None
-        info["max_rel_err_vs_reference"] = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-        tol = 1e-3 if case.dtype == torch.float32 else 5e-2
-        assert info["max_rel_err_vs_reference"] <= tol, info["max_rel_err_vs_reference"]
+    if case.device == "cuda":
+        info["peak_mem_bytes"] = peak_memory(step_fn(case, run_model, inp))
     call = step_fn(case, run_model, inp)
     common.measure(benchmark, request, call, case.device, pol, case.id, info)
+    err_tol = None
+    if case.contender == FUSED:  # the fused model must compute what the reference computes
+        # (after the timing, asserted last: a failing check still records the timed row)
+        info.update(check_vs_reference(case, model))
+        err_tol = 1e-3 if case.dtype == torch.float32 else 5e-2
     if case.contender in (FUSED, COMPILE):
-        info.update(paired(case, model, run_model, inp, quick))
-    hid, heads, lat, L, tw = case.size
-    info.update(op=OP, model=case.model, direction=case.direction, contender=case.contender,
-                hidden=hid, heads=heads, latent=list(lat), text_tokens=L,
-                dtype=common.dtype_name(case.dtype), device=case.device,
-                device_name=common.device_name(case.device),
-                backend=None if case.contender == FUSED else REFERENCE)
-    benchmark.extra_info.update(info)
+        key = "paired_vs_reference" if case.contender == FUSED else "paired_vs_compile"
+        # the eager reference peer runs at the case's size (the compiled one passed the memory
+        # gate at the top of this test)
+        why = (no_room("the eager reference peer", reference_peak_bytes(case), case.device)
+               if case.contender == FUSED else None)
+        if why is not None:
+            info[key + "_skipped"] = why
+        else:
+            try:
+                info.update(paired(case, model, run_model, inp, quick))
+            except torch.OutOfMemoryError as e:  # the peer could not run: the row stays
+                info[key + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            if key + "_error" in info:
+                common.free_after_oom(case.device)
     del call, run_model
     common.release(case.device, case.contender == COMPILE)
+    if err_tol is not None and "max_rel_err_vs_reference" in info:
+        assert info["max_rel_err_vs_reference"] <= err_tol, info["max_rel_err_vs_reference"]

@@ -62,6 +62,18 @@ separately timed medians of the same call drift by up to 30 %; a pair sees one m
 
 Each contender is checked once before timing against ``rotate+sdpa`` in the case's dtype
 (outputs, and q/k/v gradients for fwd+bwd). Unavailable contenders are skipped with the reason.
+
+Memory (CUDA, direction ``jvp``): SDPA's math backend computes in fp32 and, under forward AD,
+keeps the scores, the probabilities, their tangents and a temporary of the softmax jvp:
+``MATH_JVP_MATS`` fp32 ``[B, H, S, S]`` matrices (about 280 GiB at CogVideoX-5B, 240 GiB at
+Wan-1.3B). So on CUDA the kernel's jvp is checked on ``CHECK_HEADS`` heads (1 if those do not
+fit) of the same sequence, kernel and baseline alike (heads are independent: the same kernel
+code, mask and sequence length; ``check_heads`` in ``extra_info``); the ``rotate+sdpa`` jvp
+contender and the kernel's ``paired_vs_rotate_sdpa`` peer are skipped with the estimate and the
+free memory when they do not fit (``paired_vs_rotate_sdpa_skipped``). A baseline that cannot run
+leaves ``check_skipped`` on a contender that can, never a skip that blames the contender. The
+case's labels are written before the check and the paired timing, so a row whose later step
+fails stays labelled.
 """
 from __future__ import annotations
 
@@ -69,6 +81,7 @@ import importlib.util
 import math
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 import torch
@@ -87,6 +100,11 @@ COMPILE, COPY = common.COMPILE, common.COPY
 KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton",)}
 JVP = "jvp"
 DIRECTIONS = (*common.DIRECTIONS, JVP)
+GiB = common.GiB
+# fp32 S x S matrices per head that rotate+sdpa's jvp (SDPA's math backend under forward AD)
+# holds at its peak: scores + tangent, probabilities + tangent, a softmax-jvp temporary
+MATH_JVP_MATS = 5
+CHECK_HEADS = 2  # heads of the jvp correctness check where memory is limited (CUDA)
 # (B, text, (F, Hh, Ww), H, D, label[, frames per block of a frame-causal mask])
 SHAPES = {
     ("cpu", False): ((1, 16, (4, 16, 16), 4, 64, "4x16x16"), (1, 16, (8, 16, 16), 4, 64, "8x16x16"),
@@ -318,6 +336,20 @@ def saved_bytes(f, inp) -> dict:
     return common.count_saved_bytes(lambda: f(dict(inp, qkv=leaf)))
 
 
+def math_jvp_bytes(case: Case, heads: Optional[int] = None) -> int:
+    """Estimate of what ``rotate+sdpa``'s jvp (math backend) allocates on ``heads`` heads (all
+    of the case's by default): ``MATH_JVP_MATS`` fp32 S x S matrices per head, plus the boolean
+    mask and its fp32 additive form where the case is frame-causal."""
+    B, text, L, H, D = case.dims
+    h = H if heads is None else heads
+    return MATH_JVP_MATS * B * h * case.S ** 2 * 4 + (5 * case.S ** 2 if case.fpb else 0)
+
+
+def no_room(what: str, need: int, device: str):
+    """:func:`common.no_room` with this file's memory estimate named."""
+    return common.no_room(what, need, device, f"{MATH_JVP_MATS} fp32 S x S matrices per head")
+
+
 def _unavailable(case: Case):
     if case.device == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU is visible"
@@ -334,15 +366,60 @@ def _unavailable(case: Case):
 _BASELINE: dict = {}
 
 
-def check(case: Case, f, inp):
+class BaselineUnavailable(Exception):
+    """The check's ``rotate+sdpa`` baseline cannot run (its memory estimate exceeds the free
+    memory, or it raised: out of memory, ...): the contender is not at fault; its row is timed
+    with ``check_skipped`` instead of being skipped."""
+
+
+def _with_heads(case: Case, heads: int) -> Case:
+    B, text, fhw, H, D, *rest = case.shape
+    return dataclasses.replace(case, shape=(B, text, fhw, heads, D, *rest))
+
+
+def check_case(case: Case) -> Case:
+    """The case the correctness check runs: the case itself, except in the jvp direction where
+    memory is limited (CUDA): the same sequence, mask and head size on ``CHECK_HEADS`` heads (1
+    if those do not fit), since the math-backend baseline does not fit at the full head count.
+    The heads of attention are independent, so this checks the same kernel code on the same
+    sequence. Raises :class:`BaselineUnavailable` when not even one head fits."""
+    if case.direction != JVP or common.free_bytes(case.device) is None:
+        return case
+    why = None
+    for h in dict.fromkeys((min(CHECK_HEADS, case.dims[3]), 1)):
+        why = no_room(f"the rotate+sdpa jvp baseline on {h} head(s)",
+                      math_jvp_bytes(case, h), case.device)
+        if why is None:
+            return _with_heads(case, h)
+    raise BaselineUnavailable(why)
+
+
+def check(case: Case, f, inp, info: dict):
+    """Max relative error of the contender ``f`` against ``rotate+sdpa`` (on
+    :func:`check_case`'s case: ``check_heads`` goes into ``info`` when that is a slice of the
+    heads). A failure of the baseline raises :class:`BaselineUnavailable` (remembered for the
+    group's other contenders: not retried), a failure of the contender its own exception."""
     if case.contender in (ROT_SDPA, COPY):
         return 0.0
-    key = case.group
+    sub = check_case(case)
+    if sub is not case:
+        info["check_heads"] = sub.dims[3]
+        inp = make_inputs(sub, 0)  # (the baseline's inputs: same seed, same shape)
+    key = sub.group
     if key not in _BASELINE:
         _BASELINE.clear()
-        base = Case(case.direction, case.shape, case.device, case.dtype, ROT_SDPA)
-        _BASELINE[key] = _results(base, op_fn(base), make_inputs(base, 0))
+        base = dataclasses.replace(sub, contender=ROT_SDPA)
+        failed = None
+        try:
+            _BASELINE[key] = _results(base, op_fn(base), make_inputs(base, 0))
+        except RuntimeError as e:  # (torch.OutOfMemoryError included)
+            failed = f"the rotate+sdpa baseline failed: {type(e).__name__}: {str(e)[:200]}"
+        if failed is not None:
+            common.free_after_oom(case.device)
+            _BASELINE[key] = BaselineUnavailable(failed)
     want = _BASELINE[key]
+    if isinstance(want, BaselineUnavailable):
+        raise want
     if case.contender == SDPA:  # no RoPE: a different function, nothing to compare
         return None
     err = common.max_rel_err(_results(case, f, inp), want)
@@ -354,18 +431,32 @@ def check(case: Case, f, inp):
 PAIR_PEERS = {"paired_vs_sdpa": SDPA, "paired_vs_rotate_sdpa": ROT_SDPA}
 
 
-def _pair_peers(case: Case, sets: list) -> dict:
-    """``{extra_info key: peer call}`` for the kernel backends' interleaved-pair speedups, on the
-    same input sets: vs SDPA alone (the CPU target: forward within 1.1x of it) and vs rotation +
-    SDPA (the GPU targets), where the direction has that contender."""
-    out = {}
+def _pair_peers(case: Case, sets: list) -> tuple[dict, dict]:
+    """``({extra_info key: peer call}, notes)`` for the kernel backends' interleaved-pair
+    speedups, on the same input sets: vs SDPA alone (the CPU target: forward within 1.1x of it)
+    and vs rotation + SDPA (the GPU targets), where the direction has that contender. A peer
+    that does not fit the free memory (the jvp's math backend on CUDA) or fails its warm-up is
+    left out with a note (``<key>_skipped`` / ``<key>_error``)."""
+    out, notes = {}, {}
     for key, peer in PAIR_PEERS.items():
         pc = dataclasses.replace(case, contender=peer)
         if peer in contenders(case.device, case.direction) and _unavailable(pc) is None:
+            if case.direction == JVP:
+                why = no_room("the rotate+sdpa jvp peer", math_jvp_bytes(pc), case.device)
+                if why is not None:
+                    notes[key + "_skipped"] = why
+                    continue
             f = op_fn(pc)
-            out[key] = common.rotate([step_fn(pc, f, s) for s in sets])
-            out[key]()  # warm-up
-    return out
+            call = common.rotate([step_fn(pc, f, s) for s in sets])
+            try:
+                call()  # warm-up
+                out[key] = call
+            except RuntimeError as e:  # (torch.OutOfMemoryError included)
+                notes[key + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            if key + "_error" in notes:
+                del call, f
+                common.free_after_oom(case.device)
+    return out, notes
 
 
 def test_rope3d_attention(benchmark, case: Case, request):
@@ -379,44 +470,9 @@ def test_rope3d_attention(benchmark, case: Case, request):
     pol = common.heavy_policy(quick, case.device)
     B, text, L, H, D = case.dims
     nbytes = bytes_moved(case)
-    info, peers = {}, {}
-    if case.contender == COPY:
-        n_sets = common.rotation_sets(nbytes, case.device)
-        steps = [common.copy_bytes_step(nbytes, case.dtype, case.device, i) for i in range(n_sets)]
-    else:
-        esz = torch.empty((), dtype=case.dtype).element_size()
-        set_bytes = (5 if case.backward else 6 if case.direction == JVP else 3) * B * case.S * H * D * esz
-        sets = [make_inputs(case, i) for i in range(common.rotation_sets(set_bytes, case.device))]
-        n_sets = len(sets)
-        compiled = None
-        if case.contender == COMPILE:
-            compiled, info["compile_s"] = common.compile_contender(
-                op_fn(case), lambda c: step_fn(case, c, sets[0])(), case.device)
-        f = op_fn(case, compiled)
-        try:
-            info["max_rel_err_vs_rotate_sdpa"] = check(case, f, sets[0])
-        except RuntimeError as e:  # e.g. a forced SDPA backend that cannot run this shape / GPU
-            pytest.skip(f"{case.contender} cannot run this case: {type(e).__name__}: {str(e)[:200]}")
-        if case.direction != JVP:
-            info.update(saved_bytes(f, sets[0]))
-            qkvo = 4 * B * case.S * H * D * esz
-            info["saved_bytes_vs_qkvo"] = info["saved_bytes"] / qkvo
-            info["activation_bytes_vs_qkvo"] = info["activation_bytes"] / qkvo
-        steps = [step_fn(case, f, s) for s in sets]
-        if case.contender in KERNEL_BACKENDS[case.device]:
-            peers = _pair_peers(case, sets)
-        del sets
-    call = common.rotate(steps)
-    common.measure(benchmark, request, call, case.device, pol, case.id, info)
-    for key, peer_call in peers.items():
-        pairs = 1 if quick else (10 if case.device == "cuda" else 6)
-        try:
-            info.update(common.paired_speedup(call, peer_call, case.device, pairs, key))
-        except RuntimeError as e:  # a peer that cannot run this shape: the kernel's row stays
-            info[key + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    del peers
     fl = None if case.contender == COPY else flops(case)
-    info["tflops"] = common.per_second(fl, info, 1e12)[0]
+    # the labels first: a later step that fails still leaves a labelled row
+    info, peers = benchmark.extra_info, {}
     info.update(
         op=OP, direction=case.direction, contender=case.contender, shape_label=case.shape[5],
         shape=dict(B=B, text=text, video=L, S=case.S, H=H, D=D), dtype=common.dtype_name(case.dtype),
@@ -426,9 +482,61 @@ def test_rope3d_attention(benchmark, case: Case, request):
                                  "4*B*H*S^2*D") + (" * 3.5 (fwd+bwd)" if case.backward else
                                                  " * 3 (jvp: primal + tangent)"
                                                  if case.direction == JVP else ""),
-        bytes_moved=nbytes, input_sets=n_sets,
+        bytes_moved=nbytes,
     )
-    benchmark.extra_info.update(info)
+    if case.contender == COPY:
+        n_sets = common.rotation_sets(nbytes, case.device)
+        steps = [common.copy_bytes_step(nbytes, case.dtype, case.device, i) for i in range(n_sets)]
+    else:
+        esz = torch.empty((), dtype=case.dtype).element_size()
+        set_bytes = (5 if case.backward else 6 if case.direction == JVP else 3) * B * case.S * H * D * esz
+        sets = [make_inputs(case, i) for i in range(common.rotation_sets(set_bytes, case.device))]
+        n_sets = len(sets)
+        if case.direction == JVP and case.contender == ROT_SDPA:
+            why = no_room("rotate+sdpa jvp (SDPA's math backend, fp32)", math_jvp_bytes(case),
+                          case.device)
+            if why is not None:
+                del sets
+                pytest.skip(why)
+        compiled = None
+        if case.contender == COMPILE:
+            compiled, info["compile_s"] = common.compile_contender(
+                op_fn(case), lambda c: step_fn(case, c, sets[0])(), case.device)
+        f = op_fn(case, compiled)
+        why = None
+        try:
+            info["max_rel_err_vs_rotate_sdpa"] = check(case, f, sets[0], info)
+        except BaselineUnavailable as e:  # the baseline's failure: the contender still runs
+            info["check_skipped"] = str(e)
+        except RuntimeError as e:  # e.g. a forced SDPA backend that cannot run this shape / GPU
+            why = f"{case.contender} cannot run this case: {type(e).__name__}: {str(e)[:200]}"
+        if why is not None:  # (outside the except: its traceback keeps the failed call's tensors)
+            del sets, f, compiled
+            common.release(case.device, case.contender == COMPILE)
+            pytest.skip(why)
+        if case.direction != JVP:
+            info.update(saved_bytes(f, sets[0]))
+            qkvo = 4 * B * case.S * H * D * esz
+            info["saved_bytes_vs_qkvo"] = info["saved_bytes"] / qkvo
+            info["activation_bytes_vs_qkvo"] = info["activation_bytes"] / qkvo
+        steps = [step_fn(case, f, s) for s in sets]
+        if case.contender in KERNEL_BACKENDS[case.device]:
+            peers, notes = _pair_peers(case, sets)
+            info.update(notes)
+        del sets
+    info["input_sets"] = n_sets
+    call = common.rotate(steps)
+    common.measure(benchmark, request, call, case.device, pol, case.id, info)
+    info["tflops"] = common.per_second(fl, info, 1e12)[0]
+    for key, peer_call in peers.items():
+        pairs = 1 if quick else (10 if case.device == "cuda" else 6)
+        try:
+            info.update(common.paired_speedup(call, peer_call, case.device, pairs, key))
+        except RuntimeError as e:  # a peer that cannot run this shape: the kernel's row stays
+            info[key + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        if key + "_error" in info:  # (torch.OutOfMemoryError is a RuntimeError)
+            common.free_after_oom(case.device)
+    del peers
     del call, steps
     common.release(case.device, case.contender == COMPILE)
 
