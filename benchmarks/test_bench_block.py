@@ -197,7 +197,8 @@ def make_inputs(case: Case, frames: Optional[int] = None) -> dict:
     lat = _latent(case, frames)
     g = torch.Generator(device=case.device).manual_seed(1)
     kw = dict(device=case.device, dtype=case.dtype, generator=g)
-    return {"x": torch.randn(*lat, **kw), "t": torch.rand(lat[0], device=case.device),
+    # t from the same generator (it drew from the global RNG: every call got other timesteps)
+    return {"x": torch.randn(*lat, **kw), "t": torch.rand(lat[0], device=case.device, generator=g),
             "text": torch.randn(lat[0], L, tw, **kw), "target": torch.randn(*lat, **kw)}
 
 
