@@ -5,7 +5,7 @@ Public API::
     adaln_modulate(x, shift, scale, *, weight=None, bias=None, eps=1e-6, norm="layer")
     gated_residual_adaln(x, y, gate, shift, scale, *, ...) -> (h, out)
     use_backend(name)            # context manager
-    available_backends(device=None)
+    available_backends(device=None), current_backend(), extension_status()
     temporal_attention(q, k, v, *, causal=True, cos=None, sin=None, interleaved=True,
                        q_offset=0, softmax_scale=None)   # [B, T, S, H, D], along T
     rope3d_freqs(frames, height, width, head_dim, *, theta=10000.0, axes_dims=None,
