@@ -615,7 +615,7 @@ def paired_speedup(ours: Callable[[], object], peer: Callable[[], object], devic
     if n:
         median = ratios[n // 2] if n % 2 else 0.5 * (ratios[n // 2 - 1] + ratios[n // 2])
     return {key: median, f"{key}_min": ratios[0] if n else None,
-            f"{key}_max": ratios[-1] if n else None, "paired_pairs": n, "paired_reps": reps}
+            f"{key}_max": ratios[-1] if n else None, "paired_pairs": n, f"{key}_reps": reps}
 
 
 def _time_batch(fn: Callable[[], object], device: str, reps: int) -> float:

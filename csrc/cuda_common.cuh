@@ -16,8 +16,9 @@
   } while (0)
 #else
 extern "C" {
-[[noreturn]] __host__ __device__ void __assert_fail(const char* assertion, const char* file,
-                                                   unsigned int line, const char* function) noexcept;
+__host__ __device__ void __assert_fail(const char* assertion, const char* file,
+                                       unsigned int line, const char* function) noexcept
+    __attribute__((__noreturn__));
 }
 #define VIDGEN_DEVICE_ASSERT(cond, msg)                                              \
   do {                                                                              \

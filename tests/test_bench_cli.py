@@ -232,7 +232,7 @@ def test_paired_batches_time_every_call_of_the_batch():
     t = common._time_batch(f, "cpu", 5)
     assert len(calls) == 5 and 0.0018 < t < 0.02, t
     r = common.paired_speedup(f, f, "cpu", 2, "k")
-    assert r["paired_reps"] == 1 and r["paired_pairs"] == 2
+    assert r["k_reps"] == 1 and r["paired_pairs"] == 2
 
 
 def _bench_json(path, names):
