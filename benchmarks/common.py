@@ -464,16 +464,7 @@ def estimate_call_s(fn: Callable[[], object], device: str, warmup: int, calls: i
 
 def cuda_event_per_call_ms(fn: Callable[[], object], k: int, reps: int) -> float:
     """Median over ``reps`` batches of (CUDA-event time of k back-to-back calls) / k, in ms."""
-    per = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(k):
-            fn()
-        end.record()
-        end.synchronize()
-        per.append(start.elapsed_time(end) / k)
-    per.sort()
+    per = sorted(_time_batch(fn, "cuda", k) * 1e3 for _ in range(reps))
     return per[len(per) // 2]
 
 
