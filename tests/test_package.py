@@ -221,3 +221,33 @@ def test_cuda_backend_unavailable_without_a_kernel_image(monkeypatch):
     assert backends.why_unavailable("cuda", "cuda:1") is None
     backends.why_unavailable("cuda", "cuda:0")
     assert calls == [0, 1]  # cached per device
+
+
+def test_cuda_image_check_runs_when_the_first_call_is_compiled(monkeypatch):
+    """A model whose first call is ``torch.compile``d (fullgraph) must still learn that this
+    build's CUDA kernels cannot run on the GPU: the check is folded into the graph as a constant
+    (it used to read an empty cache while tracing and answer "available")."""
+    import torch
+    from vidgen_kernels import _ext, backends
+
+    class FakeC:
+        with_cuda = True
+
+        @staticmethod
+        def cuda_kernel_image_error(index):
+            return "cudaErrorNoKernelImageForDevice"
+
+    monkeypatch.setattr(_ext, "C", FakeC)
+    monkeypatch.setattr(backends, "_CUDA_IMAGE_ERRORS", {})
+    # torch.cuda.is_available stays False: dynamo consults it itself (CUDA RNG state)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Tesla V100")
+    torch._dynamo.reset()
+
+    def pick(x):
+        return x + (1.0 if backends._cuda_image_error(torch.device("cuda", 0)) is None else 2.0)
+
+    out = torch.compile(pick, fullgraph=True, backend="eager")(torch.zeros(3))
+    assert torch.equal(out, torch.full((3,), 2.0))
+    assert backends._CUDA_IMAGE_ERRORS[0] is not None
+    torch._dynamo.reset()

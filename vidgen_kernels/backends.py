@@ -150,9 +150,14 @@ def _cuda_image_error(device: torch.device | None) -> str | None:
     """Why this build's CUDA kernels cannot run on ``device`` (None: they can), once per device:
     a build for sm_80 / sm_90 (+PTX) has no code a V100 or T4 can load, and its launches would
     fail with cudaErrorNoKernelImageForDevice; ``auto`` then takes the next backend."""
-    known = device.index if device is not None else None
-    if torch.compiler.is_compiling():  # no CUDA query while tracing (a graph break)
-        return _CUDA_IMAGE_ERRORS.get(known)
+    return _cuda_image_error_at(device.index if device is not None else None)
+
+
+# A constant to torch.compile: dynamo runs it once while tracing and folds the answer into the
+# graph (no graph break under fullgraph=True), so a model whose first call is compiled still
+# learns that a T4 / V100 cannot run this build's kernels.
+@torch.compiler.assume_constant_result
+def _cuda_image_error_at(known: int | None) -> str | None:
     index = known if known is not None else torch.cuda.current_device()
     if index not in _CUDA_IMAGE_ERRORS:
         check = getattr(_ext.C, "cuda_kernel_image_error", None)
