@@ -316,3 +316,170 @@ def test_gpu_sh_rehearsal_writes_and_packs(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert (out / "stages.txt").read_text().count("test: ok") == 2
     assert (out / "env.txt").read_text().count("# gpu.sh test") == 2
+
+
+def test_gpu_sh_help_prints_the_header(tmp_path):
+    """-h / --help print the header comment (line 2 up to the first line not starting with '#',
+    without the '# ') and exit 0, also when called by a relative path from another folder."""
+    with open(os.path.join(ROOT, "benchmarks", "gpu.sh")) as f:
+        lines = f.read().splitlines()[1:]
+    header = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        header.append(line[2:] if line.startswith("# ") else line[1:])
+    assert "Usage: bash benchmarks/gpu.sh [options] [STAGE ...]" in header and len(header) > 20
+    for args, cwd in ((["benchmarks/gpu.sh", "--help"], ROOT),
+                      (["gpu.sh", "--out", "x", "-h"], os.path.join(ROOT, "benchmarks"))):
+        r = subprocess.run(["bash", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.splitlines() == header, r.stdout[-500:] + r.stderr
+        assert "set -uo" not in r.stdout
+
+
+# Stands in for `python -m pytest benchmarks/[test_bench_<family>.py] ... --benchmark-json=J` in
+# gpu.sh rehearsals: FAKE_BENCH="family=mode,..."; mode ok (default: 4 cases), fail (4 cases,
+# exit 1), hang (2 cases, then waits for SIGINT; runs through when given --deselect: a second
+# pass), stuck (1 case, then waits). Writes pytest-benchmark-like JSON of the cases it ran, also
+# when interrupted (exit 2, as pytest).
+_FAKE_BENCH = r'''
+import json, os, sys, time
+
+args = sys.argv[1:]
+fam = os.path.basename(args[0])[len("test_bench_"):-len(".py")] or "all"  # benchmarks/: all
+mode = dict(x.split("=") for x in os.environ.get("FAKE_BENCH", "").split(",") if x).get(fam, "ok")
+out = next(a.split("=", 1)[1] for a in args if a.startswith("--benchmark-json="))
+skip = {args[i + 1] for i, a in enumerate(args) if a == "--deselect"}
+done = []
+
+
+def write():
+    with open(out, "w") as f:
+        json.dump({"machine_info": {"node": "fake"}, "commit_info": {}, "version": "5.1.0",
+                   "datetime": "2026-01-01T00:00:00", "benchmarks": [
+                       {"group": f"{fam} fwd", "name": c.split("::")[1], "fullname": c,
+                        "stats": {"median": 0.001, "min": 0.001, "max": 0.001, "mean": 0.001},
+                        "extra_info": {"op": fam, "direction": "fwd", "contender": "cpu",
+                                       "device": "cpu", "device_name": "fake", "bytes_moved": None}}
+                       for c in done]}, f)
+
+
+try:
+    for i in range(4):
+        case = f"{args[0]}::test_{fam}[case{i}]"
+        if case in skip:
+            continue
+        if (mode == "stuck" and i == 1) or (mode == "hang" and i == 2 and not skip):
+            time.sleep(600)
+        done.append(case)
+    write()
+    print(f"{len(done)} passed, {len(skip)} deselected")
+    sys.exit(1 if mode == "fail" else 0)
+except KeyboardInterrupt:
+    write()
+    print(f"{len(done)} passed, interrupted")
+    sys.exit(2)
+'''
+
+
+def _fake_python(tmp_path):
+    """A --python for gpu.sh: the benchmark pytest runs go to _FAKE_BENCH, the rest (torch
+    checks, env.txt, merge_json / summarize / report) to this Python."""
+    fake = tmp_path / "fake_bench.py"
+    fake.write_text(_FAKE_BENCH)
+    py = tmp_path / "python"
+    py.write_text(f'''#!/bin/bash
+if [ "$1" = -m ] && [ "$2" = pytest ] && [[ "$3" == benchmarks/* ]]; then
+  exec "{sys.executable}" "{fake}" "${{@:3}}"
+fi
+exec "{sys.executable}" "$@"
+''')
+    py.chmod(0o755)
+    return str(py)
+
+
+def _bench_rehearsal(tmp_path, plan, fake, *args):
+    out = tmp_path / "rec"
+    r = _gpu_sh("--allow-cpu", "--python", _fake_python(tmp_path), "--out", str(out), *args,
+                "bench", env={"GPU_SH_BENCH_PLAN": "; ".join(f"{n} {w} test_bench_{n}.py x"
+                                                             for n, w in plan),
+                              "FAKE_BENCH": fake, "OMP_NUM_THREADS": "1"}, timeout=120)
+    stages = (out / "stages.txt").read_text()
+    return r, out, stages, r.stdout + r.stderr + stages
+
+
+def test_gpu_sh_bench_family_lines_without_budget(tmp_path):
+    """No --budget: one stages.txt line per family, then the stage's counts; a failing family
+    makes the exit status 1; no message shows a deadline (it printed 'until 00:00:00')."""
+    r, out, stages, log = _bench_rehearsal(tmp_path, [("good", 1), ("bad", 1)], "bad=fail")
+    assert r.returncode == 1, log
+    lines = [ln for ln in stages.splitlines() if ln.startswith("bench")]
+    assert len(lines) == 3, log
+    assert lines[0].startswith("bench/good: ok in "), log
+    assert lines[1].startswith("bench/bad: FAILED (rc 1) in "), log
+    assert lines[2].startswith("bench: 1 ok, 0 cut off, 1 failed, 0 skipped in "), log
+    assert "(no budget)" in stages.splitlines()[0], log
+    everything = log + (out / "bench.log").read_text() + (out / "env.txt").read_text()
+    assert "00:00:00" not in everything and "gpu.sh: bench/good (no budget)" in everything, log
+    assert len(json.loads((out / "bench.json").read_text())["benchmarks"]) == 8
+    r = _gpu_sh("--dry-run", "--python", sys.executable, "test", "bench")
+    assert r.stdout.count(": no cap (no budget)") == 2 and "cap 0 s" not in r.stdout, r.stdout
+
+
+def test_gpu_sh_bench_cut_off_family_completed_by_second_pass(tmp_path):
+    """A family stopped at its share does not mark the stage cut off: the next family runs, the
+    time it leaves goes to a second pass over the cases the first JSON lacks, and the record is
+    complete: exit 0, each case once in bench.json."""
+    r, out, stages, log = _bench_rehearsal(tmp_path, [("slow", 1), ("quick", 1)], "slow=hang",
+                                           "--budget", "52")
+    lines = [ln for ln in stages.splitlines() if ln.startswith("bench")]
+    assert len(lines) == 4, log
+    assert lines[0].startswith("bench/slow: CUT OFF at its share ("), log
+    assert lines[1].startswith("bench/quick: ok in "), log
+    assert lines[2].startswith("bench/slow, second pass (without the 2 cases recorded): ok in "), log
+    assert lines[3].startswith("bench: 2 ok, 0 cut off, 0 failed, 0 skipped in "), log
+    assert "CUT OFF by the budget" not in stages and r.returncode == 0, log
+    names = [b["name"] for b in json.loads((out / "bench.json").read_text())["benchmarks"]]
+    assert sorted(names) == sorted([f"test_slow[case{i}]" for i in range(4)]
+                                   + [f"test_quick[case{i}]" for i in range(4)]), names
+    assert (out / "bench-slow.rest.json").is_file() and (out / "SUMMARY.md").is_file()
+
+
+def test_gpu_sh_bench_family_left_cut_off_is_a_partial_record(tmp_path):
+    """A family still cut off at the end, and one left no time: exit 3 (a partial record, not a
+    failure), their lines in stages.txt, what the cut-off family ran merged into bench.json."""
+    # weight 0: the stuck family's share is the whole stage, the last one is left nothing
+    r, out, stages, log = _bench_rehearsal(tmp_path, [("stuck", 1), ("late", 0)], "stuck=stuck",
+                                           "--budget", "46")
+    assert r.returncode == 3, log
+    lines = [ln for ln in stages.splitlines() if ln.startswith("bench")]
+    assert len(lines) == 3, log
+    assert lines[0].startswith("bench/stuck: CUT OFF at its share ("), log
+    assert lines[1] == "bench/late: skipped (no time left)", log
+    assert lines[2].startswith("bench: 0 ok, 1 cut off, 0 failed, 1 skipped in "), log
+    assert "gpu.sh: results in" in r.stdout and "(exit 3)" in r.stdout, log
+    assert [b["name"] for b in json.loads((out / "bench.json").read_text())["benchmarks"]] == [
+        "test_stuck[case0]"]
+
+
+def test_interrupted_run_still_writes_the_json_of_the_finished_cases(tmp_path):
+    """A run stopped inside a case's timing (gpu.sh's budget sends SIGINT) leaves that case with
+    no round; the suite's conftest drops it so pytest-benchmark still writes the JSON of every case
+    that finished (it used to fail on ``min()`` of the empty case and write nothing)."""
+    (tmp_path / "test_cut.py").write_text(
+        "import time\n"
+        "def test_done(benchmark):\n"
+        "    benchmark(time.sleep, 0.0001)\n"
+        "def test_cut(benchmark):\n"
+        "    def f():\n"
+        "        raise KeyboardInterrupt\n"
+        "    benchmark.pedantic(f, rounds=5, iterations=1)\n")
+    out = tmp_path / "out.json"
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "benchmarks"), env["PYTHONPATH"]])
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "test_cut.py", "-q",
+                        "-p", "no:cacheprovider", "--system-malloc", f"--benchmark-json={out}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert "KeyboardInterrupt" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert out.exists(), r.stdout + r.stderr
+    assert [b["name"] for b in json.loads(out.read_text())["benchmarks"]] == ["test_done"]
