@@ -71,7 +71,9 @@ def _extensions():
 
     cpu_flag = os.environ.get("VIDGEN_KERNELS_CPU_FLAGS", "-march=native").split()
     debug = bool(_env_flag("VIDGEN_KERNELS_DEBUG"))
-    cxx = ["-O3", "-fopenmp", "-std=c++17", *cpu_flag, *([] if debug else ["-g0"])]
+    # no -std=: torch's BuildExtension adds the standard its headers want (C++20 for torch 2.13;
+    # torch >= 2.14's headers refuse C++17 with an #error)
+    cxx = ["-O3", "-fopenmp", *cpu_flag, *([] if debug else ["-g0"])]
     sources = ["csrc/bindings.cpp", "csrc/adaln_cpu.cpp", "csrc/temporal_attention_cpu.cpp",
                "csrc/rope_cpu.cpp", "csrc/moe_cpu.cpp", "csrc/attention_cpu.cpp"]
     define_macros = []
@@ -84,7 +86,7 @@ def _extensions():
             "vidgen_kernels._C",
             sources,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -142,14 +142,17 @@ EOF
     cxx_werror=()
     [[ "${CHECK_CUDA_WERROR:-0}" == 1 ]] && cxx_werror=(-Werror)
     log="$tmp/cuda_bindings.log"
-    if "$cxx" -std=c++17 -fsyntax-only -Wall -Wextra "${cxx_werror[@]}" "${inc_flags[@]}" \
+    # the standard torch's BuildExtension passes (C++20 from torch 2.13, whose successors'
+    # headers refuse C++17)
+    cxx_std=$("$py" -c 'import torch; v = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]); print("c++20" if v >= (2, 13) else "c++17")' 2>/dev/null || echo c++17)
+    if "$cxx" -std="$cxx_std" -fsyntax-only -Wall -Wextra "${cxx_werror[@]}" "${inc_flags[@]}" \
          -isystem "$cuda_inc" -I csrc -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \
          -DVIDGEN_WITH_CUDA csrc/cuda_bindings.cpp >"$log" 2>&1; then
       if [[ -s "$log" ]]; then
-        note "OK (with output)  $cxx -fsyntax-only csrc/cuda_bindings.cpp"
+        note "OK (with output)  $cxx -std=$cxx_std -fsyntax-only csrc/cuda_bindings.cpp"
         sed 's/^/    /' "$log"
       else
-        note "OK    $cxx -fsyntax-only csrc/cuda_bindings.cpp"
+        note "OK    $cxx -std=$cxx_std -fsyntax-only csrc/cuda_bindings.cpp"
       fi
     else
       err "$cxx -fsyntax-only csrc/cuda_bindings.cpp failed:"
