@@ -33,6 +33,9 @@ def test_rope_kernels_compile_for_sm90(tmp_path):
     assert all(k["arch"] == 90 and k["regs"] and k["shared"] <= 232448 for k in ks), ks
     assert any("CONJ=True" in k["config"] for k in ks) and any("*bf16" in k["config"] for k in ks)
     assert "sm90  _rope_kernel" in r.stdout
+    # bit-exact contract (each product and the difference rounded apart, as eager PyTorch): no
+    # fused multiply-add in the PTX (the interpreter never fuses: only this check can see it)
+    assert all(k["fma_f32"] == 0 for k in ks), [(k["config"], k["fma_f32"]) for k in ks]
 
 
 def test_refuses_under_the_interpreter_and_unknown_families():
@@ -54,6 +57,8 @@ def test_temporal_attention_falls_back_to_fewer_stages_when_shared_memory_runs_o
     for name in ("_temporal_attn_fwd_kernel", "_temporal_attn_bwd_kernel"):
         builds = {("num_stages=2" in k["config"], k["over_shared"]) for k in ks if k["kernel"] == name}
         assert builds == {(True, True), (False, False)}, (name, ks)
+        # the FMA count the bit-exact check reads is live: attention kernels do fuse
+        assert all(k["fma_f32"] > 0 for k in ks if k["kernel"] == name), (name, ks)
     r = _run("--quick", "--arch", "90", "--only", "temporal_attention",
              "--case", "D=64 T=16 S=1024.*bfloat16", "--shared-limit", "6000")
     assert r.returncode == 1 and "OutOfResources" in r.stderr  # 1 stage does not fit either

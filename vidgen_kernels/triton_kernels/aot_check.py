@@ -15,6 +15,11 @@ memory; a kernel whose shared memory exceeds the target's per-block limit raises
 ``OutOfResources`` as a real launch would (launchers with a fallback, such as the temporal
 attention's fewer pipeline stages, then take it and are checked with it).
 
+Kernels whose contract is bit-exact with eager PyTorch (``BIT_EXACT``: the RoPE rotation, the
+AdaLN forward's gated residual; launched with ``enable_fp_fusion=False``) must compile without a
+fused fp32 multiply-add: a ``fma.rn.f32`` in their PTX is a failure (the interpreter cannot show
+this: it never fuses).
+
 Exit status: 0 when every case compiled within the limits, 1 otherwise (each failure printed).
 Must run in a process where ``TRITON_INTERPRET`` is unset (it refuses otherwise). Spills are
 reported, not failed: some D = 256 configurations are known to spill (see the kernels' notes).
@@ -36,6 +41,9 @@ from typing import Callable
 # per-block shared memory limits (opt-in maximum) by compute capability
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 FAMILIES = ("adaln", "rope", "rope3d_attention", "temporal_attention", "moe")
+# kernels that round every fp32 product and sum apart, as eager PyTorch does: no FMA in their PTX
+BIT_EXACT = ("_rope_kernel", "_adaln_fwd_kernel")
+_FMA_F32 = re.compile(r"\bfma\.rn(?:\.ftz)?(?:\.sat)?\.f32\b")
 
 
 @dataclasses.dataclass
@@ -48,6 +56,7 @@ class Compiled:
     shared: int
     seconds: float
     over_shared: bool
+    fma_f32: int = 0  # fused fp32 multiply-adds in the PTX
 
 
 class _TargetDriver:
@@ -131,7 +140,7 @@ class Recorder:
                              if isinstance(v, (bool, int, str)) and (n.isupper() or n.startswith("num_"))]
                             + ["/".join(ptrs)])
             self.seen[h] = Compiled(fn.__name__, self.arch, cfg, regs, stack, md.shared, seconds,
-                                    md.shared > limit)
+                                    md.shared > limit, len(_FMA_F32.findall(k.asm["ptx"])))
         if md.shared > limit:
             raise OutOfResources(md.shared, limit, "shared memory")
 
@@ -321,11 +330,16 @@ def main(argv=None) -> int:
                 failures.append((arch, family, name, f"{type(e).__name__}: {str(e).strip()[:2000]}"))
 
     rows = sorted(rec.seen.values(), key=lambda c: (c.arch, c.kernel, c.config))
-    print(f"{'arch':>4}  {'kernel':<28} {'regs':>4} {'stack B':>7} {'shared B':>8} {'s':>5}  config")
+    for c in rows:
+        if c.kernel in BIT_EXACT and c.fma_f32:
+            failures.append((c.arch, "bit-exact", c.config,
+                             f"{c.kernel} has {c.fma_f32} fma.rn.f32 in its PTX: its contract rounds "
+                             f"each product and sum apart (launch it with enable_fp_fusion=False)"))
+    print(f"{'arch':>4}  {'kernel':<28} {'regs':>4} {'stack B':>7} {'shared B':>8} {'fma':>4} {'s':>5}  config")
     for c in rows:
         flag = "  OVER the shared-memory limit" if c.over_shared else ""
         print(f"sm{c.arch:<2}  {c.kernel:<28} {c.regs if c.regs is not None else '?':>4} "
-              f"{c.stack_bytes if c.stack_bytes is not None else '?':>7} {c.shared:>8} "
+              f"{c.stack_bytes if c.stack_bytes is not None else '?':>7} {c.shared:>8} {c.fma_f32:>4} "
               f"{c.seconds:>5.1f}  {c.config}{flag}")
     spills = [c for c in rows if c.stack_bytes]
     print(f"aot_check: {len(cases)} cases x {len(a.arch)} targets, {len(rows)} distinct kernels "
