@@ -56,15 +56,28 @@ def pytest_configure(config):
         common.enable_malloc_reuse()
 
 
+_RUNNING: list = [None]  # node id of the benchmark in progress (None between tests)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    _RUNNING[0] = item.nodeid
+    outcome = yield
+    if outcome.excinfo is None:  # an interrupted (or failed) case leaves its id set
+        _RUNNING[0] = None
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
-    """Drop the benchmarks that recorded no round before pytest-benchmark writes its JSON: a run
-    stopped inside a case's timing (SIGINT from ``gpu.sh``'s budget, Ctrl-C) left one with empty
-    stats, and pytest-benchmark's JSON writer then failed (``min()`` of an empty sequence), losing
-    the whole file with every case that did finish."""
+    """Before pytest-benchmark writes its JSON, drop what an interrupted run (SIGINT from
+    ``gpu.sh``'s budget, Ctrl-C) left half-measured: the case the stop landed in (fewer rounds
+    than asked; ``gpu.sh``'s second pass re-runs the cases the JSON lacks) and any case with no
+    round at all (pytest-benchmark's JSON writer failed on those, ``min()`` of an empty sequence,
+    and wrote no file)."""
     bs = getattr(session.config, "_benchmarksession", None)
     if bs is not None:
-        bs.benchmarks[:] = [b for b in bs.benchmarks if b]
+        cut = _RUNNING[0] if exitstatus == pytest.ExitCode.INTERRUPTED else None
+        bs.benchmarks[:] = [b for b in bs.benchmarks if b and b.fullname != cut]
     yield
 
 

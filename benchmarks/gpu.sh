@@ -46,10 +46,13 @@
 #   0  complete: every stage ran to its end, every benchmark family too (a family cut off at its
 #      share and completed by the second pass counts as complete)
 #   1  something failed: a stage or a benchmark family exited non-zero (not the budget's stop),
-#      or merging / summarizing the benchmarks failed; or no CUDA GPU without --allow-cpu
+#      a run the budget stopped had failed tests before the stop (its junit XML; a failure
+#      outranks a cut), or merging / summarizing the benchmarks failed; or no CUDA GPU without
+#      --allow-cpu
 #   2  bad arguments
-#   3  partial record, nothing failed: the budget stopped a stage at its cap, or a benchmark
-#      family stayed cut off at its share or skipped for lack of time (what ran is recorded)
+#   3  partial record, nothing failed: the budget stopped a stage at its cap (a run still alive
+#      20 s after the SIGINT is killed: stopped all the same), or a benchmark family stayed cut
+#      off at its share or skipped for lack of time (what ran is recorded)
 #
 # With the device tool (one H100 or H200, 15 min of device time per session including the
 # machine's start, 10 min per command, at most 8 files back from $OUT), from the repo root of
@@ -86,14 +89,15 @@ ALLOW_CPU=0
 ALL_TESTS=0
 DRY=0
 STAGES=()
+need_value() { [ $# -ge 2 ] || { echo "gpu.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out) OUT="$2"; shift 2 ;;
+    --out) need_value "$@"; OUT="$2"; shift 2 ;;
     --quick) QUICK="--quick"; shift ;;
-    --python) PY="$2"; shift 2 ;;
-    --budget) BUDGET="$2"; shift 2 ;;
-    --pack) PACK="$2"; shift 2 ;;
-    --wheels) WHEELS="$2"; shift 2 ;;
+    --python) need_value "$@"; PY="$2"; shift 2 ;;
+    --budget) need_value "$@"; BUDGET="$2"; shift 2 ;;
+    --pack) need_value "$@"; PACK="$2"; shift 2 ;;
+    --wheels) need_value "$@"; WHEELS="$2"; shift 2 ;;
     --allow-cpu) ALLOW_CPU=1; shift ;;
     --all-tests) ALL_TESTS=1; shift ;;
     --dry-run) DRY=1; shift ;;
@@ -174,7 +178,11 @@ capped() {
   if [ "$DEADLINE" -gt 0 ]; then
     local left=$(( DEADLINE - $(date +%s) ))
     [ "$left" -ge 5 ] || return 124
-    timeout -s INT -k 20 "$left" "$@"
+    local r=0
+    timeout -s INT -k 20 "$left" "$@" || r=$?
+    # 137: still running 20 s after the SIGINT and killed: stopped by the budget all the same
+    [ "$r" = 137 ] && [ "$(date +%s)" -ge "$DEADLINE" ] && r=124
+    return $r
   else
     "$@"
   fi
@@ -262,7 +270,23 @@ pack() {
   mkdir -p "$(dirname "$PACK")"
   tar czf "$PACK" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "gpu.sh: packed $OUT into $PACK"
 }
-trap pack EXIT
+JUNIT_TMP=$(mktemp -d)  # the benchmark families' junit XML (not part of the record)
+trap 'pack; rm -rf "$JUNIT_TMP"' EXIT
+# failures + errors recorded in junit XML $1 (0 if unreadable): a run stopped by the budget
+# (rc 124) may have failed tests before the stop, and a failure outranks a cut
+junit_failed() {
+  "$PY" - "$1" <<'EOF' 2>/dev/null || echo 0
+import sys
+import xml.etree.ElementTree as ET
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except Exception:
+    print(0)
+    raise SystemExit
+suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+print(sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites))
+EOF
+}
 
 # one pytest run of bench family $name (file $file, -k $kexpr) until $fam_deadline into JSON $1;
 # further arguments go to pytest. Logs one stages.txt line under $2 and sets FATE[$name].
@@ -273,15 +297,22 @@ run_family() {
   echo "gpu.sh: $label ($(until_text "$fam_deadline"))" | tee -a "$OUT/bench.log"
   DEADLINE=$fam_deadline
   capped "$PY" -m pytest "benchmarks/${file#.}" -q -p no:cacheprovider -p no:xdist $QUICK -k "$kexpr" \
-    --bench-device "$BENCH_DEVICE" --benchmark-json="$json" "$@" >> "$OUT/bench.log" 2>&1 || r=$?
+    --bench-device "$BENCH_DEVICE" --benchmark-json="$json" --junitxml="$JUNIT_TMP/$name.xml" "$@" \
+    >> "$OUT/bench.log" 2>&1 || r=$?
   DEADLINE=$STAGE_DEADLINE
   [ "$r" = 5 ] && r=0  # nothing collected / everything deselected
+  local nfail
+  if [ "$r" = 124 ]; then
+    nfail=$(junit_failed "$JUNIT_TMP/$name.xml")
+    [ "$nfail" -gt 0 ] && r="124+$nfail"
+  fi
   tail -1 "$OUT/bench.log"
   case "$r" in
     0) FATE[$name]="ok"; what=ok ;;
     124) FATE[$name]="cut"; what="CUT OFF at its share ($(( fam_deadline - t1 )) s)"
          # pytest-benchmark writes none when the stop lands in a case's timing (empty stats)
          [ -s "$json" ] || what+=", no JSON written" ;;
+    124+*) FATE[$name]="failed"; what="FAILED (${r#124+} failed before the budget's stop at its share)" ;;
     *) FATE[$name]="failed"; what="FAILED (rc $r)" ;;
   esac
   log_stage "$label" "$what" $(( $(date +%s) - t1 ))
@@ -337,9 +368,13 @@ for stage in "${STAGES[@]}"; do
           --junitxml="$OUT/tests-$name.xml" >> "$OUT/tests.log" 2>&1 || r=$?
         # pytest: 5 = nothing collected (no test of that selection)
         [ "$r" = 5 ] && r=0
-        [ "$r" != 0 ] && rc=$r
+        cut=0; [ "$r" = 124 ] && cut=1
+        # tests that failed before the budget's stop: a failure, not only a cut
+        [ "$cut" = 1 ] && [ "$(junit_failed "$OUT/tests-$name.xml")" -gt 0 ] && r=1
+        # the worst outcome wins: a failure over a cut over ok
+        if [ "$r" = 124 ]; then [ "$rc" = 0 ] && rc=124; elif [ "$r" != 0 ]; then rc=$r; fi
         tail -2 "$OUT/tests.log"
-        [ "$r" = 124 ] && break
+        [ "$cut" = 1 ] && break
       done ;;
     bench)
       : > "$OUT/bench.log"

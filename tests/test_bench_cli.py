@@ -292,6 +292,8 @@ def test_gpu_sh_plan_covers_every_benchmark_and_fits_the_budget():
     assert "tests:" not in r.stdout and "bench " not in r.stdout, r.stdout
     assert _gpu_sh("--budget", "soon").returncode == 2
     assert _gpu_sh("--no-such-option").returncode == 2
+    r = _gpu_sh("--dry-run", "--out")  # an option without its value: bad arguments, named
+    assert r.returncode == 2 and "--out needs a value" in r.stderr, r.stdout + r.stderr
 
 
 def test_gpu_sh_rehearsal_writes_and_packs(tmp_path):
@@ -316,6 +318,31 @@ def test_gpu_sh_rehearsal_writes_and_packs(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert (out / "stages.txt").read_text().count("test: ok") == 2
     assert (out / "env.txt").read_text().count("# gpu.sh test") == 2
+
+
+def test_gpu_sh_tests_failed_before_the_budget_stop_are_a_failure(tmp_path):
+    """A test selection that failed a test, then a selection the budget stopped: exit 1 (a
+    failure outranks a cut; the cut used to overwrite it, exit 3 "partial, nothing failed"), and
+    a cut selection's failures before the stop count too (its junit XML has them)."""
+    tests = tmp_path / "t"
+    tests.mkdir()
+    (tests / "test_x.py").write_text(
+        "import time\nimport pytest\n"
+        "@pytest.mark.cuda\ndef test_gpu_fails():\n    assert False\n"
+        "def test_cpu_fails():\n    assert False\n"
+        "def test_cpu_slow():\n    time.sleep(120)\n")
+    out = tmp_path / "rec"
+    r = _gpu_sh("--allow-cpu", "--all-tests", "--python", sys.executable, "--out", str(out),
+                "--budget", "50", "test", env={"GPU_SH_TEST_PATHS": str(tests)}, timeout=180)
+    stages = (out / "stages.txt").read_text()
+    assert r.returncode == 1 and "test: FAILED (rc 1)" in stages, r.stdout + r.stderr + stages
+    # only the cut selection, with a failure before the stop
+    out2 = tmp_path / "rec2"
+    r = _gpu_sh("--allow-cpu", "--all-tests", "--python", sys.executable, "--out", str(out2),
+                "--budget", "50", "test",
+                env={"GPU_SH_TEST_PATHS": str(tests / "test_x.py") + " -k cpu"}, timeout=180)
+    stages = (out2 / "stages.txt").read_text()
+    assert r.returncode == 1 and "test: FAILED (rc 1)" in stages, r.stdout + r.stderr + stages
 
 
 def test_gpu_sh_help_prints_the_header(tmp_path):
@@ -464,8 +491,9 @@ def test_gpu_sh_bench_family_left_cut_off_is_a_partial_record(tmp_path):
 
 def test_interrupted_run_still_writes_the_json_of_the_finished_cases(tmp_path):
     """A run stopped inside a case's timing (gpu.sh's budget sends SIGINT) leaves that case with
-    no round; the suite's conftest drops it so pytest-benchmark still writes the JSON of every case
-    that finished (it used to fail on ``min()`` of the empty case and write nothing)."""
+    no round or only some; the suite's conftest drops it so pytest-benchmark still writes the JSON
+    of every case that finished (it used to fail on ``min()`` of an empty case and write nothing,
+    and kept a half-measured one)."""
     (tmp_path / "test_cut.py").write_text(
         "import time\n"
         "def test_done(benchmark):\n"
@@ -473,6 +501,17 @@ def test_interrupted_run_still_writes_the_json_of_the_finished_cases(tmp_path):
         "def test_cut(benchmark):\n"
         "    def f():\n"
         "        raise KeyboardInterrupt\n"
+        "    benchmark.pedantic(f, rounds=5, iterations=1)\n")
+    (tmp_path / "test_half.py").write_text(
+        "import time\n"
+        "def test_done(benchmark):\n"
+        "    benchmark.pedantic(time.sleep, args=(0.0001,), rounds=3, iterations=1)\n"
+        "calls = [0]\n"
+        "def test_half(benchmark):\n"
+        "    def f():\n"
+        "        calls[0] += 1\n"
+        "        if calls[0] > 2:\n"
+        "            raise KeyboardInterrupt\n"
         "    benchmark.pedantic(f, rounds=5, iterations=1)\n")
     out = tmp_path / "out.json"
     env = _env()
@@ -483,3 +522,9 @@ def test_interrupted_run_still_writes_the_json_of_the_finished_cases(tmp_path):
     assert "KeyboardInterrupt" in r.stdout + r.stderr, r.stdout + r.stderr
     assert out.exists(), r.stdout + r.stderr
     assert [b["name"] for b in json.loads(out.read_text())["benchmarks"]] == ["test_done"]
+    # stopped after 2 of 5 rounds: left out too (gpu.sh's second pass re-runs what is missing)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "test_half.py", "-q",
+                        "-p", "no:cacheprovider", "--system-malloc", f"--benchmark-json={out}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    got = json.loads(out.read_text())["benchmarks"]
+    assert [(b["name"], b["stats"]["rounds"]) for b in got] == [("test_done", 3)], r.stdout

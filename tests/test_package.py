@@ -215,12 +215,19 @@ def test_cuda_backend_unavailable_without_a_kernel_image(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Tesla T4")
     why = backends.why_unavailable("cuda", "cuda:0")
-    assert why is not None and "Tesla T4 (sm_75)" in why and "NoKernelImage" in why \
+    assert why is not None and "Tesla T4 (cuda:0, sm_75)" in why and "NoKernelImage" in why \
         and "TORCH_CUDA_ARCH_LIST including 7.5" in why, why
     assert "cuda" not in backends.available_backends("cuda:0")
     assert backends.why_unavailable("cuda", "cuda:1") is None
     backends.why_unavailable("cuda", "cuda:0")
     assert calls == [0, 1]  # cached per device
+    # no index ("cuda"): every visible GPU must run the kernels, whichever is current (the answer
+    # is folded into compiled graphs without a guard on the current device)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    why = backends.why_unavailable("cuda", "cuda")
+    assert why is not None and "cuda:0" in why, why
+    assert calls == [0, 1]
 
 
 def test_cuda_image_check_runs_when_the_first_call_is_compiled(monkeypatch):

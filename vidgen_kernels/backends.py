@@ -155,10 +155,18 @@ def _cuda_image_error(device: torch.device | None) -> str | None:
 
 # A constant to torch.compile: dynamo runs it once while tracing and folds the answer into the
 # graph (no graph break under fullgraph=True), so a model whose first call is compiled still
-# learns that a T4 / V100 cannot run this build's kernels.
+# learns that a T4 / V100 cannot run this build's kernels. Dynamo guards nothing here, so the
+# answer may depend only on the argument: for no device index (``"cuda"``) it is that of every
+# visible GPU (the first that cannot run the kernels), never the current device at trace time.
 @torch.compiler.assume_constant_result
 def _cuda_image_error_at(known: int | None) -> str | None:
-    index = known if known is not None else torch.cuda.current_device()
+    if known is None:
+        return next((why for why in map(_cuda_image_error_on, range(torch.cuda.device_count()))
+                     if why is not None), None)
+    return _cuda_image_error_on(known)
+
+
+def _cuda_image_error_on(index: int) -> str | None:
     if index not in _CUDA_IMAGE_ERRORS:
         check = getattr(_ext.C, "cuda_kernel_image_error", None)
         err = check(index) if check is not None else ""
@@ -166,8 +174,8 @@ def _cuda_image_error_at(known: int | None) -> str | None:
         if err:
             major, minor = torch.cuda.get_device_capability(index)
             why = (f"the extension's CUDA kernels cannot run on {torch.cuda.get_device_name(index)} "
-                   f"(sm_{major}{minor}): {err}; rebuild with TORCH_CUDA_ARCH_LIST including "
-                   f"{major}.{minor}")
+                   f"(cuda:{index}, sm_{major}{minor}): {err}; rebuild with TORCH_CUDA_ARCH_LIST "
+                   f"including {major}.{minor}")
         _CUDA_IMAGE_ERRORS[index] = why
     return _CUDA_IMAGE_ERRORS[index]
 

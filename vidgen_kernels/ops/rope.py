@@ -129,7 +129,8 @@ def check_rope_pair(cos, sin, op: str) -> Optional[tuple]:
 #   x[2i+1])`` interleaved, ``(x[i], x[i + D/2])`` half-split) by angle ``t`` with ``c = cos[., i]``,
 #   ``s = sin[., i]`` (``s = -sin`` when ``conj``): ``(a c - b s, b c + a s)``, fp32 math (fp64 for
 #   fp64 ``x``) with each product and the sum rounded (no FMA contraction), then rounded once to
-#   ``T``: every backend equals the ``torch`` oracle bit for bit.
+#   ``T``: every backend equals the ``torch`` oracle bit for bit (NaN results aside: a NaN is a
+#   NaN, its sign and payload bits may differ, as they do between torch's own CPU kernels).
 #
 # The backward of the op is the same kernel with ``conj`` flipped (rotation by the negative angle;
 # untouched positions pass the gradient through).

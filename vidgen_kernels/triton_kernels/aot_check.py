@@ -43,7 +43,7 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 FAMILIES = ("adaln", "rope", "rope3d_attention", "temporal_attention", "moe")
 # kernels that round every fp32 product and sum apart, as eager PyTorch does: no FMA in their PTX
 BIT_EXACT = ("_rope_kernel", "_adaln_fwd_kernel")
-_FMA_F32 = re.compile(r"\bfma\.rn(?:\.ftz)?(?:\.sat)?\.f32\b")
+_FMA_F32 = re.compile(r"\bfma\.rn(?:\.ftz)?(?:\.sat)?\.f32(?:x2)?\b")  # x2: sm_100 packed
 
 
 @dataclasses.dataclass
