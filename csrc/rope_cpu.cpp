@@ -146,6 +146,22 @@ struct Avx2 {
   }
 };
 
+// float64 rows (float64 tables): 4 pairs a step
+struct Avx2d {
+  using F = __m256d;
+  static constexpr int W = 4;
+  static inline F load(const double* p) { return _mm256_loadu_pd(p); }
+  static inline void store(double* p, F v) { _mm256_storeu_pd(p, v); }
+  static inline F mul(F a, F b) { return _mm256_mul_pd(a, b); }
+  static inline F add(F a, F b) { return _mm256_add_pd(a, b); }
+  static inline F sub(F a, F b) { return _mm256_sub_pd(a, b); }
+  static inline F neg(F a) { return _mm256_xor_pd(a, _mm256_set1_pd(-0.0)); }
+  static inline F addsub(F a, F b) { return _mm256_addsub_pd(a, b); }  // even a - b, odd a + b
+  static inline F swap_pairs(F a) { return _mm256_permute_pd(a, 0x5); }
+  static inline F dup_lo(F c) { return _mm256_permute4x64_pd(c, 0x50); }  // c0 c0 c1 c1
+  static inline F dup_hi(F c) { return _mm256_permute4x64_pd(c, 0xFA); }  // c2 c2 c3 c3
+};
+
 #ifdef __AVX512F__
 #define VIDGEN_ROPE_AVX512 1
 #if defined(__GNUC__) && !defined(__clang__)
@@ -199,17 +215,13 @@ struct Avx512 {
 };
 #endif
 
-template <typename T>
-constexpr bool kVec8 = std::is_same_v<T, float> || std::is_same_v<T, c10::Half> ||
-                       std::is_same_v<T, c10::BFloat16>;
-
 // Pairs i, i+1, ... of a unit-stride head row, W per step while W remain; returns the next pair.
-// Per pair the same roundings as rotate_row: a*c and b*s each rounded to float, then the sum or
+// Per pair the same roundings as rotate_row: a*c and b*s each rounded to acc_t, then the sum or
 // difference (separate mul / add / sub / addsub: nothing fused, and the pragma keeps the compiler
 // from fusing), then one rounding to T.
 template <typename I, typename T, bool INTER, bool CONJ>
-inline int64_t rotate_steps(const T* __restrict x, T* __restrict o, const float* __restrict c,
-                            const float* __restrict s, int64_t P, int64_t i) {
+inline int64_t rotate_steps(const T* __restrict x, T* __restrict o, const tab_t<T>* __restrict c,
+                            const tab_t<T>* __restrict s, int64_t P, int64_t i) {
   using F = typename I::F;
   constexpr int W = I::W;
   for (; i + W <= P; i += W) {
@@ -239,52 +251,26 @@ inline int64_t rotate_steps(const T* __restrict x, T* __restrict o, const float*
   return i;
 }
 
-// A unit-stride head row: 16 pairs a step with AVX-512 (16-bit types), then 8, then the scalar
-// loop.
+// A unit-stride head row: 16 pairs a step with AVX-512 (16-bit types), then 8 (4 for float64),
+// then the scalar loop.
 template <typename T, bool INTER, bool CONJ>
-inline void rotate_row_vec(const T* __restrict x, T* __restrict o, const float* __restrict c,
-                           const float* __restrict s, int64_t P) {
+inline void rotate_row_vec(const T* __restrict x, T* __restrict o, const tab_t<T>* __restrict c,
+                           const tab_t<T>* __restrict s, int64_t P) {
   int64_t i = 0;
+  if constexpr (std::is_same_v<T, double>) {
+    i = rotate_steps<Avx2d, T, INTER, CONJ>(x, o, c, s, P, i);
+  } else {
 #ifdef VIDGEN_ROPE_AVX512
-  // 512-bit steps where the 16-bit conversions are the work (measured on a Zen 4: bfloat16 10-25 %
-  // faster than 256-bit; float32 rows and interleaved float16 rows, whose pairs take shuffles,
-  // no faster or slower)
-  if constexpr (std::is_same_v<T, c10::BFloat16> || (!INTER && std::is_same_v<T, c10::Half>))
-    i = rotate_steps<Avx512, T, INTER, CONJ>(x, o, c, s, P, i);
+    // 512-bit steps where the 16-bit conversions are the work (measured on a Zen 4: bfloat16
+    // 10-25 % faster than 256-bit; float32 rows and interleaved float16 rows, whose pairs take
+    // shuffles, no faster or slower)
+    if constexpr (std::is_same_v<T, c10::BFloat16> || (!INTER && std::is_same_v<T, c10::Half>))
+      i = rotate_steps<Avx512, T, INTER, CONJ>(x, o, c, s, P, i);
 #endif
-  i = rotate_steps<Avx2, T, INTER, CONJ>(x, o, c, s, P, i);
+    i = rotate_steps<Avx2, T, INTER, CONJ>(x, o, c, s, P, i);
+  }
   if (i < P) rotate_row<T, INTER, CONJ, true>(x, 1, o, c, s, P, i);
 }
-
-// The same for double (double tables), 4 pairs per step.
-template <bool INTER, bool CONJ>
-inline void rotate_row_vec_f64(const double* __restrict x, double* __restrict o,
-                               const double* __restrict c, const double* __restrict s, int64_t P) {
-  const __m256d sign = _mm256_set1_pd(-0.0);
-  int64_t i = 0;
-  for (; i + 4 <= P; i += 4) {
-    const __m256d cc = _mm256_loadu_pd(c + i);
-    __m256d ss = _mm256_loadu_pd(s + i);
-    if (CONJ) ss = _mm256_xor_pd(ss, sign);
-    if (INTER) {
-      const __m256d x0 = _mm256_loadu_pd(x + 2 * i), x1 = _mm256_loadu_pd(x + 2 * i + 4);
-      const __m256d c0 = _mm256_permute4x64_pd(cc, 0x50), c1 = _mm256_permute4x64_pd(cc, 0xFA);
-      const __m256d s0 = _mm256_permute4x64_pd(ss, 0x50), s1 = _mm256_permute4x64_pd(ss, 0xFA);
-      const __m256d w0 = _mm256_permute_pd(x0, 0x5), w1 = _mm256_permute_pd(x1, 0x5);
-      _mm256_storeu_pd(o + 2 * i, _mm256_addsub_pd(_mm256_mul_pd(x0, c0), _mm256_mul_pd(w0, s0)));
-      _mm256_storeu_pd(o + 2 * i + 4,
-                       _mm256_addsub_pd(_mm256_mul_pd(x1, c1), _mm256_mul_pd(w1, s1)));
-    } else {
-      const __m256d a = _mm256_loadu_pd(x + i), b = _mm256_loadu_pd(x + i + P);
-      _mm256_storeu_pd(o + i, _mm256_sub_pd(_mm256_mul_pd(a, cc), _mm256_mul_pd(b, ss)));
-      _mm256_storeu_pd(o + i + P, _mm256_add_pd(_mm256_mul_pd(b, cc), _mm256_mul_pd(a, ss)));
-    }
-  }
-  if (i < P) rotate_row<double, INTER, CONJ, true>(x, 1, o, c, s, P, i);
-}
-#else
-template <typename T>
-constexpr bool kVec8 = false;
 #endif
 
 template <typename T>
@@ -320,15 +306,10 @@ void rope_impl(const Tensor& x, const tab_t<T>* cos, const tab_t<T>* sin, T* out
       for (int64_t h = 0; h < H; ++h) {
         if (sd == 1) {
 #ifdef VIDGEN_ROPE_AVX2
-          if constexpr (kVec8<T>) {
-            rotate_row_vec<T, INTER, CONJ>(xr + h * sh, orow + h * oh, c, sn, P);
-            continue;
-          } else if constexpr (std::is_same_v<T, double>) {
-            rotate_row_vec_f64<INTER, CONJ>(xr + h * sh, orow + h * oh, c, sn, P);
-            continue;
-          }
-#endif
+          rotate_row_vec<T, INTER, CONJ>(xr + h * sh, orow + h * oh, c, sn, P);
+#else
           rotate_row<T, INTER, CONJ, true>(xr + h * sh, 1, orow + h * oh, c, sn, P);
+#endif
         } else
           rotate_row<T, INTER, CONJ, false>(xr + h * sh, sd, orow + h * oh, c, sn, P);
       }
