@@ -310,7 +310,8 @@ run_family() {
   case "$r" in
     0) FATE[$name]="ok"; what=ok ;;
     124) FATE[$name]="cut"; what="CUT OFF at its share ($(( fam_deadline - t1 )) s)"
-         # pytest-benchmark writes none when the stop lands in a case's timing (empty stats)
+         # the suite's conftest drops the case the stop landed in, so a JSON is written; should
+         # one still be missing, say so
          [ -s "$json" ] || what+=", no JSON written" ;;
     124+*) FATE[$name]="failed"; what="FAILED (${r#124+} failed before the budget's stop at its share)" ;;
     *) FATE[$name]="failed"; what="FAILED (rc $r)" ;;

@@ -516,15 +516,18 @@ def test_interrupted_run_still_writes_the_json_of_the_finished_cases(tmp_path):
     out = tmp_path / "out.json"
     env = _env()
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "benchmarks"), env["PYTHONPATH"]])
-    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "test_cut.py", "-q",
-                        "-p", "no:cacheprovider", "--system-malloc", f"--benchmark-json={out}"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    def run(test_file):
+        return subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", test_file, "-q",
+                               "-p", "no:cacheprovider", "--system-malloc",
+                               f"--benchmark-json={out}"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    r = run("test_cut.py")
     assert "KeyboardInterrupt" in r.stdout + r.stderr, r.stdout + r.stderr
     assert out.exists(), r.stdout + r.stderr
     assert [b["name"] for b in json.loads(out.read_text())["benchmarks"]] == ["test_done"]
     # stopped after 2 of 5 rounds: left out too (gpu.sh's second pass re-runs what is missing)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "test_half.py", "-q",
-                        "-p", "no:cacheprovider", "--system-malloc", f"--benchmark-json={out}"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    r = run("test_half.py")
     got = json.loads(out.read_text())["benchmarks"]
     assert [(b["name"], b["stats"]["rounds"]) for b in got] == [("test_done", 3)], r.stdout
