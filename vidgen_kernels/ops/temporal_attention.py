@@ -282,8 +282,8 @@ def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         device, q, k and v are first cast to the autocast dtype, as SDPA's are.
 
     Gradients reach q, k, v and, where they require grad, the tables. A NaN / inf stays in its
-    own (b, s, h) sequence on ``reference`` and ``cpu``; Triton packs several sequences with
-    ``T_k <= 8`` into one tile, where a non-finite value can reach the tile's other sequences.
+    own (b, s, h) sequence on every backend (in Triton's packed tiles, ``T_k <= 8``, the
+    backward then sets all of that sequence's gradients to NaN).
     """
     op = "temporal_attention"
     ac = autocast_dtype(q)

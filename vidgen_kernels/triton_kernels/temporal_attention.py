@@ -49,6 +49,15 @@ Design
   (``exp2`` with ``log2(e)`` folded into the scale). For fp16 / bf16 the probabilities ``p`` and
   ``ds`` are rounded to the input dtype for the tensor-core dots (as flash-attention does); fp32
   inputs use ``input_precision="ieee"`` dots (no TF32), matching the fp32 contract to ~1e-6.
+* **Non-finite values in packed tiles**: the products that sum over rows (``p v``; ``p^T do``,
+  ``ds k``, ``ds^T q``) see the other sequences' rows through exact zeros, and ``0 * inf`` is
+  NaN. So with ``P > 1`` their row operands are cleaned (inf / NaN -> 0), ``ds`` is masked to
+  the diagonal blocks, and the damage is put back per sequence: the forward sets column ``c`` of
+  a sequence's output rows to NaN where its ``v[:, c]`` has an inf / NaN (what an unpacked tile
+  gives), the backward sets all gradients of a sequence with an inf / NaN anywhere in its q, k,
+  v or dout rows to NaN (per row flags, then a ``[P, TP]`` max). Only packed builds carry this
+  code (``P`` is a constexpr); sm_90 builds of it do not spill, sm_80 bf16 ``D = 128`` RoPE
+  backward spills ~300 B (aot_check).
 * Sequence numbers and all row offsets are int64 (``b * stride_b`` etc. can exceed 2^31); the
   column offsets are int64 too (a transposed layout can have a huge last-dim stride); they are
   hoisted out of the loops. Nothing is allocated per call; no host synchronisation.
@@ -113,6 +122,35 @@ def _rotate(a, b, c, s):
     a = a.to(tl.float32)
     b = b.to(tl.float32)
     return a * c - b * s, b * c + a * s
+
+
+@triton.jit
+def _seq_any(bad, TP: tl.constexpr):
+    """Packed tiles: ``bad`` (int32, rows ``[P * TP, ...]``, sequence ``r // TP`` at row ``r``) ->
+    for every row, whether any row of its sequence is set (per column for 2-D ``bad``)."""
+    R: tl.constexpr = bad.shape[0]
+    P: tl.constexpr = R // TP
+    if len(bad.shape) == 1:
+        any_ = tl.max(tl.reshape(bad, [P, TP]), axis=1)
+        return tl.reshape(tl.broadcast_to(any_[:, None], [P, TP]), [R]) != 0
+    else:
+        N: tl.constexpr = bad.shape[1]
+        any_ = tl.max(tl.reshape(bad, [P, TP, N]), axis=1)
+        return tl.reshape(tl.broadcast_to(any_[:, None, :], [P, TP, N]), [R, N]) != 0
+
+
+@triton.jit
+def _finite(x):
+    """``(x with its inf / NaN entries set to 0, int32 mask of those entries)``."""
+    bad = ~(tl.abs(x.to(tl.float32)) < float("inf"))  # NaN compares false
+    return tl.where(bad, 0.0, x).to(x.dtype), bad.to(tl.int32)
+
+
+@triton.jit
+def _finite_rows(x, bad_rows):
+    """:func:`_finite` reduced to rows: ``(x cleaned, bad_rows | row of x has an inf / NaN)``."""
+    x, bad = _finite(x)
+    return x, tl.maximum(bad_rows, tl.max(bad, axis=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +234,14 @@ def _temporal_attn_fwd_kernel(
             m = tl.max(z, axis=1)  # finite: key 0 of the row's own sequence is always visible
             p = tl.exp2(z - m[:, None])
             l_sum = tl.sum(p, axis=1)
-            acc = tl.dot(p.to(dt), v, input_precision=DOT_PREC)
+            if P > 1:
+                # packed tiles: a non-finite v[j, c] must reach column c of its own sequence's
+                # rows only (as 0 * inf does in an unpacked tile), not through the zero blocks
+                v_clean, v_bad = _finite(v)
+                acc = tl.dot(p.to(dt), v_clean, input_precision=DOT_PREC)
+                acc = tl.where(_seq_any(v_bad, TP), float("nan"), acc)
+            else:
+                acc = tl.dot(p.to(dt), v, input_precision=DOT_PREC)
             o = acc / l_sum[:, None]
             tl.store(OUT + o_off[:, None] + d_full[None, :] * so_d, o.to(dt),
                      mask=q_ok[:, None] & (d_full[None, :] < D))
@@ -252,6 +297,16 @@ def _temporal_attn_bwd_kernel(
             kb = rb.to(dt)
         v = tl.load(V + v_off[:, None] + d_full[None, :] * sv_d,
                     mask=k_ok[:, None] & (d_full[None, :] < D), other=0.0)
+        # Packed tiles (P > 1): the dots that sum over rows (p^T do, ds k, ds^T q) would carry an
+        # inf / NaN of one sequence into the tile's others (0 * inf in the zero blocks). Their
+        # operands are cleaned, and all gradients of a sequence with a non-finite q, k, v or
+        # dout row are set to NaN instead ("bad": per row, then per sequence).
+        bad = tl.zeros([BLOCK_T], dtype=tl.int32)
+        if P > 1:
+            ka, bad = _finite_rows(ka, bad)
+            if ROPE:
+                kb, bad = _finite_rows(kb, bad)
+            v, bad = _finite_rows(v, bad)
         if ROPE:
             dka = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
             dkb = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
@@ -284,6 +339,12 @@ def _temporal_attn_bwd_kernel(
             o = tl.load(OUT + o_off[:, None] + d_full[None, :] * so_d, mask=dmask, other=0.0)
             lse = tl.load(LSE + l_off, mask=q_ok, other=0.0)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+            if P > 1:  # (NQB == 1: these are the tile's rows)
+                qa, bad = _finite_rows(qa, bad)
+                if ROPE:
+                    qb, bad = _finite_rows(qb, bad)
+                do, bad = _finite_rows(do, bad)
+                bad = _seq_any(bad, TP).to(tl.int32)
 
             z = pair_scores(qa, qb, ka, kb, ROPE, DOT_PREC) * qk_scale2
             visible = q_ok[:, None] & (kt[None, :] < Tk)
@@ -295,7 +356,10 @@ def _temporal_attn_bwd_kernel(
             pd = p.to(dt)
             dv += tl.dot(tl.trans(pd), do, input_precision=DOT_PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = (p * (dp - delta[:, None])).to(dt)
+            ds = p * (dp - delta[:, None])
+            if P > 1:  # 0 * NaN in the zero blocks (a non-finite out / lse of another sequence)
+                ds = tl.where(qseq[:, None] == kseq[None, :], ds, 0.0)
+            ds = ds.to(dt)
             # dq of this block is complete: every key of its sequence is in this program
             dqa = tl.dot(ds, ka, input_precision=DOT_PREC) * scale
             dsT = tl.trans(ds)
@@ -307,9 +371,14 @@ def _temporal_attn_bwd_kernel(
                 cq, sq = _load_table(COS, SIN, q_offset + qt, q_ok, d_half, sc_t, sc_d, ss_t,
                                      ss_d, HALF)
                 dqa, dqb = _rotate(dqa, dqb, cq, -sq)
+                if P > 1:
+                    dqa = tl.where(bad[:, None] != 0, float("nan"), dqa)
+                    dqb = tl.where(bad[:, None] != 0, float("nan"), dqb)
                 store_pair(DQ, dq_off, q_ok, d_full, d_half, sdq_d, D, HALF,
                             dqa.to(dt), dqb.to(dt), ROPE, INTERLEAVED, BLOCK_D)
             else:
+                if P > 1:
+                    dqa = tl.where(bad[:, None] != 0, float("nan"), dqa)
                 store_pair(DQ, dq_off, q_ok, d_full, d_half, sdq_d, D, HALF,
                             dqa.to(dt), dqa.to(dt), ROPE, INTERLEAVED, BLOCK_D)
 
@@ -321,6 +390,10 @@ def _temporal_attn_bwd_kernel(
             dkb = dkb * scale
             ck, sk = _load_table(COS, SIN, kt, k_ok, d_half, sc_t, sc_d, ss_t, ss_d, HALF)
             dka, dkb = _rotate(dka, dkb, ck, -sk)
+        if P > 1:
+            dka = tl.where(bad[:, None] != 0, float("nan"), dka)
+            dkb = tl.where(bad[:, None] != 0, float("nan"), dkb)
+            dv = tl.where(bad[:, None] != 0, float("nan"), dv)
         store_pair(DK, dk_off, k_ok, d_full, d_half, sdk_d, D, HALF, dka.to(dt), dkb.to(dt),
                     ROPE, INTERLEAVED, BLOCK_D)
         tl.store(DV + dv_off[:, None] + d_full[None, :] * sdv_d, dv.to(dt),
