@@ -368,6 +368,34 @@ def test_frame_causality_forward_and_backward(backend, device, dtype):
     assert not dq[:, start:].any() and not dq[:, :pre].any()
 
 
+@pytest.mark.parametrize("backend,device,dtype", semantic_params()[1:])
+def test_frame_causal_nan_reaches_no_masked_key(backend, device, dtype):
+    """A NaN in the dout of a text query or of frame block 0 reaches no gradient of a key those
+    queries cannot see (masked entries send no gradient, as the reference's masked softmax
+    does): the Triton backward used to form ds = p * (dp - delta), 0 * NaN at masked entries."""
+    pre, L, suf, tpf, D = 3, 16, 2, 4, 16  # 4 frames of 4 tokens, one frame per block
+    S = pre + L + suf
+    g = torch.Generator().manual_seed(2)
+    q, k, v, dout = (torch.randn(1, S, 2, D, generator=g).to(device, dtype) for _ in range(4))
+    ang = torch.randn(L, D // 2, generator=g)
+    cs = (ang.cos().to(device), ang.sin().to(device))
+    kw = dict(rope_offset=pre, frame_causal=True, tokens_per_frame=tpf)
+    for row in (1, pre + 2):  # a text query; a query of frame 0
+        d = dout.clone()
+        d[0, row, 1, 5] = float("nan")
+        grads = {}
+        for b in ("reference", backend):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = attn(*leaves, b, *cs, **kw)
+            grads[b] = torch.autograd.grad(out, leaves, d)
+        for name, got, want in zip("qk", grads[backend], grads["reference"]):
+            assert want.isnan().any() and not want.isnan().all()
+            assert torch.equal(got.isnan(), want.isnan()), f"d{name}: NaN pattern (row {row})"
+        # keys of frames 1.. (and, for the text query, all video keys) stay finite
+        first_hidden = pre if row < pre else pre + tpf
+        assert grads[backend][1][0, first_hidden:pre + L, 1].isfinite().all()
+
+
 @pytest.mark.triton
 def test_triton_skips_fully_masked_tiles():
     """NaNs in keys/values of the last frame block poison every tile that reads them (0 * NaN);

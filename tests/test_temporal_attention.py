@@ -685,6 +685,28 @@ def test_nan_stays_in_its_sequence(backend, device, dtype, T):
     assert not out.isnan().any()
 
 
+@pytest.mark.parametrize("T", [5, 12])
+@pytest.mark.parametrize("backend,device,dtype", NAN_PARAMS[1:])
+def test_causal_nan_reaches_no_later_frame(backend, device, dtype, T):
+    """A NaN in frame t's dout reaches no gradient of a later frame's key (masked entries send
+    no gradient, as in the reference): the Triton backward used to form ds = p * (dp - delta),
+    0 * NaN at the masked entries, and gave NaN dk at every frame."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v, dout = (torch.randn(1, T, 3, 2, 16, generator=g).to(device, dtype) for _ in range(4))
+    dout[0, 1, 2, 1, 3] = float("nan")
+    grads = {}
+    for b in ("reference", backend):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = vk.temporal_attention(*leaves, backend=b)
+        grads[b] = torch.autograd.grad(out, leaves, dout)
+    dk_ref = grads["reference"][1]
+    assert dk_ref[0, :2, 2, 1].isnan().any() and dk_ref[0, 2:].isfinite().all()
+    if backend == "triton" and T <= 8:  # packed tiles: the whole sequence's gradients are NaN
+        return
+    for name, got, want in zip("qk", grads[backend], grads["reference"]):
+        assert torch.equal(got.isnan(), want.isnan()), f"d{name}: NaN pattern"
+
+
 @pytest.mark.parametrize("where", ["q", "k", "v", "dout"])
 @pytest.mark.parametrize("T,causal,rope", [(1, True, "interleaved"), (3, True, "half"),
                                            (4, False, "none"), (8, True, "interleaved")])

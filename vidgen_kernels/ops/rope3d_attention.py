@@ -263,12 +263,15 @@ def kernel_bwd_torch(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved
     do, o = dout.float().transpose(1, 2), out.float().transpose(1, 2)
     z = torch.matmul(qh, kh.transpose(-1, -2)) * scale
     p = torch.exp(z - lse.transpose(1, 2)[..., None])
+    allowed = None
     if fc_block:
         allowed = frame_causal_mask(q.shape[1], fc_start, fc_len, fc_block, q.device)
         p = p.masked_fill(~allowed, 0.0)
     delta = (do * o).sum(-1, keepdim=True)
     dv = torch.matmul(p.transpose(-1, -2), do)
     ds = p * (torch.matmul(do, vh.transpose(-1, -2)) - delta)
+    if allowed is not None:  # masked entries send no gradient, even a NaN one
+        ds = ds.masked_fill(~allowed, 0.0)
     dq = (torch.matmul(ds, kh) * scale).transpose(1, 2)
     dk = (torch.matmul(ds.transpose(-1, -2), qh) * scale).transpose(1, 2)
     if cos is not None:

@@ -152,6 +152,8 @@ def kernel_bwd_torch(dout, q, k, v, cos, sin, out, lse, dq, dk, dv, causal, inte
     delta = (do * o).sum(-1, keepdim=True)
     dvv = torch.matmul(p.transpose(-1, -2), do)
     ds = p * (torch.matmul(do, vf.transpose(-1, -2)) - delta)
+    if causal:  # masked entries send no gradient, even a NaN one
+        ds = ds.masked_fill(j > i, 0.0)
     dqr = torch.matmul(ds, kf) * scale
     dkr = torch.matmul(ds.transpose(-1, -2), qf) * scale
     if cos is not None:

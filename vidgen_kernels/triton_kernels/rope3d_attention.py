@@ -323,7 +323,8 @@ def _bwd_dkdv_kernel(
             p = tl.where(valid, tl.exp2(z - (lse * 1.4426950408889634)[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(dt)), do, input_precision=DOT_PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            dsT = tl.trans((p * (dp - delta[:, None])).to(dt))
+            # where, not p * ...: a NaN dp / delta must not reach keys the query cannot see
+            dsT = tl.trans(tl.where(valid, p * (dp - delta[:, None]), 0.0).to(dt))
             dka += tl.dot(dsT, qa, input_precision=DOT_PREC)
             if ROPE:
                 dkb += tl.dot(dsT, qb, input_precision=DOT_PREC)
@@ -408,7 +409,7 @@ def _bwd_dq_kernel(
                 valid = valid & _allowed(rm, rn, fc_start, fc_end, fc_block)
             p = tl.where(valid, tl.exp2(z - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = (p * (dp - delta[:, None])).to(dt)
+            ds = tl.where(valid, p * (dp - delta[:, None]), 0.0).to(dt)  # (see the dk / dv kernel)
             dqa += tl.dot(ds, ka, input_precision=DOT_PREC)
             if ROPE:
                 dqb += tl.dot(ds, kb, input_precision=DOT_PREC)

@@ -52,9 +52,11 @@ Design
 * **Non-finite values in packed tiles**: the products that sum over rows (``p v``; ``p^T do``,
   ``ds k``, ``ds^T q``) see the other sequences' rows through exact zeros, and ``0 * inf`` is
   NaN. So with ``P > 1`` their row operands are cleaned (inf / NaN -> 0), ``ds`` is masked to
-  the diagonal blocks, and the damage is put back per sequence: the forward sets column ``c`` of
-  a sequence's output rows to NaN where its ``v[:, c]`` has an inf / NaN (what an unpacked tile
-  gives), the backward sets all gradients of a sequence with an inf / NaN anywhere in its q, k,
+  the diagonal blocks (it is masked to the visible entries in every tile: ``where``, not
+  ``p * ...``, so a NaN ``dp`` / ``delta`` reaches no key its query cannot see, as in the
+  reference), and the damage is put back per sequence: the forward sets column ``c`` of a
+  sequence's output rows to NaN where its ``v[:, c]`` has an inf / NaN (an unpacked tile makes
+  the same entries non-finite, some of them +-inf rather than NaN), the backward sets all gradients of a sequence with an inf / NaN anywhere in its q, k,
   v or dout rows to NaN (per row flags, then a ``[P, TP]`` max). Only packed builds carry this
   code (``P`` is a constexpr); sm_90 builds of it do not spill, sm_80 bf16 ``D = 128`` RoPE
   backward spills ~300 B (aot_check).
@@ -356,10 +358,9 @@ def _temporal_attn_bwd_kernel(
             pd = p.to(dt)
             dv += tl.dot(tl.trans(pd), do, input_precision=DOT_PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            if P > 1:  # 0 * NaN in the zero blocks (a non-finite out / lse of another sequence)
-                ds = tl.where(qseq[:, None] == kseq[None, :], ds, 0.0)
-            ds = ds.to(dt)
+            # where, not p * ...: a NaN dp / delta must not reach keys the query cannot see
+            # (a later frame; in a packed tile, another sequence)
+            ds = tl.where(visible, p * (dp - delta[:, None]), 0.0).to(dt)
             # dq of this block is complete: every key of its sequence is in this program
             dqa = tl.dot(ds, ka, input_precision=DOT_PREC) * scale
             dsT = tl.trans(ds)
