@@ -302,10 +302,11 @@ def _fill_partial(buf: Tensor, v: Tensor, tpr: int, R: int):
     NC = buf.shape[1]
     n = torch.arange(N, device=v.device)
     c = n // R
-    hi = ((n // tpr) != ((c * R) // tpr)).to(v.dtype)[None, :, None]
+    hi = ((n // tpr) != ((c * R) // tpr))[None, :, None]
     buf.zero_()
-    buf[:, :, 0].index_add_(1, c, v * (1 - hi))
-    buf[:, :, 1].index_add_(1, c, v * hi)
+    # where, not v * hi: a NaN / inf of v must land in its own slot only, as in the kernels
+    buf[:, :, 0].index_add_(1, c, torch.where(hi, 0, v))
+    buf[:, :, 1].index_add_(1, c, torch.where(hi, v, 0))
     assert NC == (N + R - 1) // R
 
 
