@@ -701,10 +701,11 @@ def test_causal_nan_reaches_no_later_frame(backend, device, dtype, T):
         grads[b] = torch.autograd.grad(out, leaves, dout)
     dk_ref = grads["reference"][1]
     assert dk_ref[0, :2, 2, 1].isnan().any() and dk_ref[0, 2:].isfinite().all()
-    if backend == "triton" and T <= 8:  # packed tiles: the whole sequence's gradients are NaN
-        return
     for name, got, want in zip("qk", grads[backend], grads["reference"]):
-        assert torch.equal(got.isnan(), want.isnan()), f"d{name}: NaN pattern"
+        want_nan = want.isnan()
+        if backend == "triton" and T <= 8:  # packed tiles: the whole sequence's gradients NaN
+            want_nan[:, :, 2, 1] = True
+        assert torch.equal(got.isnan(), want_nan), f"d{name}: NaN pattern"
 
 
 @pytest.mark.parametrize("where", ["q", "k", "v", "dout"])

@@ -49,17 +49,18 @@ Design
   (``exp2`` with ``log2(e)`` folded into the scale). For fp16 / bf16 the probabilities ``p`` and
   ``ds`` are rounded to the input dtype for the tensor-core dots (as flash-attention does); fp32
   inputs use ``input_precision="ieee"`` dots (no TF32), matching the fp32 contract to ~1e-6.
+* **Masked entries send no gradient**: ``ds = where(visible, p (dp - delta), 0)``, not
+  ``p (dp - delta)``: a NaN ``dp`` / ``delta`` (a NaN in a query's dout) reaches no key the
+  query cannot see (a later frame; in a packed tile, another sequence), as in the reference.
 * **Non-finite values in packed tiles**: the products that sum over rows (``p v``; ``p^T do``,
   ``ds k``, ``ds^T q``) see the other sequences' rows through exact zeros, and ``0 * inf`` is
-  NaN. So with ``P > 1`` their row operands are cleaned (inf / NaN -> 0), ``ds`` is masked to
-  the diagonal blocks (it is masked to the visible entries in every tile: ``where``, not
-  ``p * ...``, so a NaN ``dp`` / ``delta`` reaches no key its query cannot see, as in the
-  reference), and the damage is put back per sequence: the forward sets column ``c`` of a
-  sequence's output rows to NaN where its ``v[:, c]`` has an inf / NaN (an unpacked tile makes
-  the same entries non-finite, some of them +-inf rather than NaN), the backward sets all gradients of a sequence with an inf / NaN anywhere in its q, k,
-  v or dout rows to NaN (per row flags, then a ``[P, TP]`` max). Only packed builds carry this
-  code (``P`` is a constexpr); sm_90 builds of it do not spill, sm_80 bf16 ``D = 128`` RoPE
-  backward spills ~300 B (aot_check).
+  NaN. So with ``P > 1`` their row operands are cleaned (inf / NaN -> 0) and the damage is put
+  back per sequence: the forward sets column ``c`` of a sequence's output rows to NaN where its
+  ``v[:, c]`` has an inf / NaN (an unpacked tile makes the same entries non-finite, some of
+  them +-inf rather than NaN); the backward sets all gradients of a sequence with an inf / NaN
+  anywhere in its q, k, v or dout rows to NaN (per-row flags, then a ``[P, TP]`` max). Only
+  packed builds carry this code (``P`` is a constexpr); its sm_90 builds do not spill, the
+  sm_80 bf16 ``D = 128`` RoPE backward spills ~300 B (aot_check).
 * Sequence numbers and all row offsets are int64 (``b * stride_b`` etc. can exceed 2^31); the
   column offsets are int64 too (a transposed layout can have a huge last-dim stride); they are
   hoisted out of the loops. Nothing is allocated per call; no host synchronisation.
