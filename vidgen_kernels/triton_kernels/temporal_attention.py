@@ -208,6 +208,11 @@ def _temporal_attn_fwd_kernel(
             kb = rb.to(dt)
         v = tl.load(V + v_off[:, None] + d_full[None, :] * sv_d,
                     mask=k_ok[:, None] & (d_full[None, :] < D), other=0.0)
+        if P > 1:
+            # packed tiles: a non-finite v[j, c] must reach column c of its own sequence's rows
+            # only (as 0 * inf does in an unpacked tile), not the others' through the zero blocks
+            v, v_bad = _finite(v)
+            v_poison = _seq_any(v_bad, TP)
 
         for qi in tl.static_range(NQB):  # unrolled: the sequence loop stays innermost
             qt = qi * BLOCK_M + qt0
@@ -237,14 +242,9 @@ def _temporal_attn_fwd_kernel(
             m = tl.max(z, axis=1)  # finite: key 0 of the row's own sequence is always visible
             p = tl.exp2(z - m[:, None])
             l_sum = tl.sum(p, axis=1)
-            if P > 1:
-                # packed tiles: a non-finite v[j, c] must reach column c of its own sequence's
-                # rows only (as 0 * inf does in an unpacked tile), not through the zero blocks
-                v_clean, v_bad = _finite(v)
-                acc = tl.dot(p.to(dt), v_clean, input_precision=DOT_PREC)
-                acc = tl.where(_seq_any(v_bad, TP), float("nan"), acc)
-            else:
-                acc = tl.dot(p.to(dt), v, input_precision=DOT_PREC)
+            acc = tl.dot(p.to(dt), v, input_precision=DOT_PREC)
+            if P > 1:  # (NQB == 1: the tile's rows)
+                acc = tl.where(v_poison, float("nan"), acc)
             o = acc / l_sum[:, None]
             tl.store(OUT + o_off[:, None] + d_full[None, :] * so_d, o.to(dt),
                      mask=q_ok[:, None] & (d_full[None, :] < D))
