@@ -131,3 +131,41 @@ def test_gated_add_checks_dtype_and_device():
         gated_add(x, x.to(torch.complex64), torch.ones(8))
     with pytest.raises(ValueError, match="y is on meta"):
         gated_add(x, torch.empty(1, 4, 8, device="meta"), torch.ones(8))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_repeated_table_in_the_other_layout_is_refused(backend, interleaved):
+    """An ``[L, D]`` table repeated in the layout of the OTHER pairing (``cat([f, f])`` with
+    ``interleaved=True``, ``repeat_interleave(2)`` with ``interleaved=False``) raises a ValueError
+    naming the table and both layouts, in each op that takes tables; it used to be read as the
+    flag said: every pair rotated by another pair's angle, silently. The matching layout runs
+    and equals the ``[L, D/2]`` table's result; a table whose two copies are both NaN at an
+    entry is not refused (NaN != NaN)."""
+    if backend == "cpu" and "cpu" not in vk.available_backends("cpu"):
+        pytest.skip("C++ CPU extension not built")
+    D = 16
+    cos, sin = vk.rope3d_freqs(2, 2, 3, D)  # [12, D/2], distinct angles per pair
+    rep = (lambda t: t.repeat_interleave(2, -1)) if interleaved else (lambda t: torch.cat([t, t], -1))
+    other = (lambda t: torch.cat([t, t], -1)) if interleaved else (lambda t: t.repeat_interleave(2, -1))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 12, 2, D, generator=g)
+    t5 = torch.randn(1, 12, 1, 2, D, generator=g)
+    calls = {
+        "apply_rope": lambda c, s: vk.apply_rope(x, c, s, interleaved=interleaved),
+        "rope3d_attention": lambda c, s: vk.rope3d_attention(x, x, x, c, s, interleaved=interleaved),
+        "temporal_attention": lambda c, s: vk.temporal_attention(t5, t5, t5, cos=c, sin=s,
+                                                                 interleaved=interleaved),
+    }
+    with vk.use_backend(backend):
+        for name, call in calls.items():
+            torch.testing.assert_close(call(rep(cos), rep(sin)), call(cos, sin), rtol=0, atol=0,
+                                       msg=name)
+            with pytest.raises(ValueError, match=rf"{name}: cos is \[L, D\] = \(12, 16\) but not "
+                                                 rf"the repeated layout of interleaved={interleaved}"):
+                call(other(cos), other(sin))
+            with pytest.raises(ValueError, match=rf"{name}: sin is \[L, D\]"):
+                call(rep(cos), other(sin))
+            c = rep(cos).clone()
+            c[3, :] = float("nan")  # both copies NaN: accepted (the output is the caller's business)
+            assert torch.isnan(call(c, rep(sin))).any(), name

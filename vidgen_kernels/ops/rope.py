@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import _ext
 from ._checks import check_sizes
-from ._eager import eager_op
+from ._eager import _plain_eager, eager_op
 from ..backends import may_fall_back, resolve as _resolve_backend
 
 
@@ -53,9 +53,35 @@ def canon_table(name: str, t, D: int, min_len: int, device, op: str, interleaved
     if t.shape[0] < min_len:
         raise ValueError(f"{op}: {name} has {t.shape[0]} positions but {min_len} are needed")
     if t.shape[1] == D:
+        check_repeated_layout(name, t[:min_len], D, interleaved, op)
         t = t[:, ::2] if interleaved else t[:, : D // 2]
     dtype = torch.float64 if keep_fp64 and t.dtype == torch.float64 else torch.float32
     return t[:min_len].to(dtype).contiguous()
+
+
+def check_repeated_layout(name: str, t: Tensor, D: int, interleaved: bool, op: str) -> None:
+    """Raise ``ValueError`` when the ``[L, D]`` table ``t`` is not the repeated layout that
+    ``interleaved`` names: ``t[:, 2i] == t[:, 2i+1]`` (``repeat_interleave(2)``) when interleaved,
+    ``t[:, i] == t[:, i + D/2]`` (``cat([f, f])``) otherwise. Without it the other layout is
+    read silently (wrong angles: every pair rotated by some other pair's angle).
+
+    Checked on plain eager CPU tensors only, where reading the table is cheap and synchronous.
+    On CUDA it would cost a host sync (or extra launches) per call, and under ``torch.compile``
+    / ``torch.func`` / fake modes the values are not there: those calls trust the flag.
+    NaN in both copies of an angle counts as equal (a NaN table stays the caller's business)."""
+    if t.device.type != "cpu" or t.numel() == 0 or not _plain_eager((t,)):
+        return
+    a, b = (t[:, 0::2], t[:, 1::2]) if interleaved else (t[:, : D // 2], t[:, D // 2:])
+    ne = a != b  # (the NaN-aware test only when something differs: one pass in the common case)
+    if bool(ne.any()) and bool((ne & ~(a.isnan() & b.isnan())).any()):
+        want, other = ((f"interleaved=True ({name}[:, 2i] == {name}[:, 2i+1], repeat_interleave(2))",
+                        "a cat([f, f]) table is the half-split layout, interleaved=False")
+                       if interleaved else
+                       (f"interleaved=False ({name}[:, i] == {name}[:, i + D/2], cat([f, f]))",
+                        "a repeat_interleave(2) table is the interleaved layout, interleaved=True"))
+        raise ValueError(f"{op}: {name} is [L, D] = {tuple(t.shape)} but not the repeated layout "
+                         f"of {want}; {other}. Pass the interleaved flag that matches the "
+                         f"table, or the [L, D/2] table (one angle per rotation pair)")
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
