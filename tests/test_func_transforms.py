@@ -323,6 +323,52 @@ def test_double_backward_vs_reference(kind, backend, device):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def _like(t, *shape, seed):
+    return _rnd(*shape, seed=seed).to(t.device)
+
+
+_ALIASED = {  # (fn(t, backend), shape of t): one tensor passed to several inputs of the op
+    "rope3d_q=k=v": (lambda t, be: vk.rope3d_attention(
+        t, t, t, *vk.rope3d_freqs(1, 2, 3, 16, device=t.device), backend=be), (1, 6, 2, 16)),
+    "rope3d_k=v": (lambda t, be: vk.rope3d_attention(t.flip(1), t, t, backend=be), (1, 6, 2, 8)),
+    "temporal_q=k=v": (lambda t, be: vk.temporal_attention(t, t, t, backend=be), (1, 3, 2, 2, 8)),
+    "moe_w1=w2": (lambda t, be: vk.moe_ffn(_like(t, 5, 6, seed=1), _like(t, 5, 3, seed=2), t, t,
+                                           backend=be).out, (3, 6, 6)),
+    "adaln_weight=bias": (lambda t, be: vk.adaln_modulate(
+        _like(t, 2, 5, 6, seed=1), t * 0.1, t * 0.2, weight=t, bias=t, backend=be), (6,)),
+    "gated_gate=y": (lambda t, be: vk.gated_residual_adaln(
+        _like(t, 2, 5, 6, seed=1), t, t, _like(t, 2, 6, seed=2), _like(t, 2, 6, seed=3),
+        backend=be)[1], (2, 5, 6)),
+}
+
+
+@pytest.mark.parametrize("backend,device", _DD_BACKENDS)
+@pytest.mark.parametrize("case", list(_ALIASED))
+def test_double_backward_of_aliased_inputs(case, backend, device):
+    """The same tensor passed to several inputs (self-attention on one tensor, k = v = the text
+    context, w1 is w2, weight is bias) under create_graph=True: the first-order gradient equals
+    the reference's (each slot's own part, summed once by autograd; it came out 2-3x too large:
+    every slot got the tensor's total gradient) and so does the gradient of a penalty on it."""
+    why = vk.backends.why_unavailable(backend, device)
+    if why is not None:
+        pytest.skip(why)
+    if backend == "cuda" and not case.startswith(("moe", "adaln", "gated")):
+        pytest.skip("the cuda backend has no attention (Triton serves CUDA)")
+    f, shape = _ALIASED[case]
+    t0 = _rnd(*shape, seed=4)
+    res = {}
+    for be in (backend, "reference"):
+        with torch.device(device):
+            t = t0.to(device).requires_grad_()
+            out = f(t, be)
+            w = torch.randn(out.shape, generator=_g(9)).to(device)
+            (g,) = torch.autograd.grad((out * w).sum(), t, create_graph=True)
+            res[be] = (g.detach(), torch.autograd.grad(g.square().sum(), t)[0])
+    for got, want in zip(res[backend], res["reference"]):
+        assert want.abs().max() > 1e-3
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_first_order_backward_stays_on_the_kernels(monkeypatch):
     """Only create_graph=True takes the recomputation: ordinary backward (eager and compiled)
     never calls it."""

@@ -113,6 +113,10 @@ def recomputed_vjp(forward: Callable, inputs: Sequence[Optional[Tensor]],
 
 def _vjp(forward, inputs, needs, grad_outputs, create_graph: bool) -> tuple:
     with torch.enable_grad():
+        # one alias per slot: a tensor passed to several inputs (q = k = v, w1 is w2) must get
+        # each slot's own gradient here, which the caller's autograd then sums; differentiated
+        # directly, every slot got the tensor's total gradient (2-3x too large)
+        inputs = [t.view_as(t) if n and isinstance(t, Tensor) else t for t, n in zip(inputs, needs)]
         outs = forward(*inputs)
         outs = outs if isinstance(outs, tuple) else (outs,)
         pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
