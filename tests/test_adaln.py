@@ -400,16 +400,23 @@ def test_mixed_devices_raise_meta():
         vk.adaln_modulate(x, torch.randn(2, 8), torch.randn(2, 8, device="meta"))
 
 
-def test_empty_tokens():
+@pytest.mark.parametrize("form", [(2, 8), (2, 3, 8), (2, 0, 8)])
+def test_empty_tokens(form):
+    """N = 0 tokens: empty outputs and zero parameter gradients for every modulation form,
+    per-token ``[B, N, C] = [2, 0, 8]`` included (it raised "0 rows along the token axis, which
+    does not divide N=0", and its backward divided by zero)."""
     for backend in vk.available_backends("cpu"):
-        if backend == "triton":
-            continue
         x = torch.randn(2, 0, 8, requires_grad=True)
-        s = torch.randn(2, 8, requires_grad=True)
+        s = torch.randn(*form, requires_grad=True)
         out = vk.adaln_modulate(x, s, s, backend=backend)
         assert out.shape == (2, 0, 8)
         out.sum().backward()
         assert torch.equal(s.grad, torch.zeros_like(s))
+        g = torch.randn(*form, requires_grad=True)
+        h, m = vk.gated_residual_adaln(x, torch.randn(2, 0, 8), g, s, s, backend=backend)
+        assert h.shape == m.shape == (2, 0, 8)
+        dg, ds = torch.autograd.grad((h.sum() + m.sum()), (g, s))
+        assert torch.equal(dg, torch.zeros_like(g)) and torch.equal(ds, torch.zeros_like(s))
 
 
 # ----------------------------------------------------------------------------------------------

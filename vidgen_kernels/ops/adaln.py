@@ -148,7 +148,7 @@ def _canon_param(name: str, p, x: Tensor, op: str) -> Tensor:
     if not (Bp == 1 or Bp == B):  # (not `in`: False on symbolic sizes under dynamic compile)
         raise ValueError(f"{op}: {name} has batch {Bp} but x has B={B} (1 broadcasts); "
                          f"expected {expected()}")
-    if Fp == 0 or N % Fp != 0:
+    if Fp != N and (Fp == 0 or N % Fp != 0):  # (Fp == N: per token, also for N = 0)
         raise ValueError(f"{op}: {name} has {Fp} rows along the token axis, which does not divide "
                          f"N={N}; expected {expected()}")
     return p
@@ -265,7 +265,8 @@ def _check_y(y, x: Tensor, op: str):
 def _expand_rows(p: Optional[Tensor], B: int, N: int, dtype=torch.float32) -> Optional[Tensor]:
     if p is None:
         return None
-    return p.to(dtype).repeat_interleave(N // p.shape[1], dim=1).expand(B, N, p.shape[2])
+    tpr = 1 if p.shape[1] == N else N // p.shape[1]  # (per token, N = 0 included: 1)
+    return p.to(dtype).repeat_interleave(tpr, dim=1).expand(B, N, p.shape[2])
 
 
 def kernel_fwd_torch(x, y, gate, shift, scale, weight, bias, out, h, mean, rstd, eps, is_rms):
@@ -481,7 +482,7 @@ def _adaln_bwd_impl(dout: Tensor, dh: Optional[Tensor], hx: Tensor, y: Optional[
     dy = torch.empty((B, N, C), dtype=hx.dtype, device=dev) if need_y else None
     dwp = torch.empty((B, NC, C), dtype=acc, device=dev) if need_w else None
     dbp = torch.empty((B, NC, C), dtype=acc, device=dev) if need_b else None
-    tpr = {k: (N // s[1] if s is not None else 1) for k, s in params.items()}
+    tpr = {k: (N // s[1] if s is not None and s[1] != N else 1) for k, s in params.items()}
     if B * N > 0:
         _, bwd = _kernels(backend)
         bwd(dout, dh, hx, y, gate, scale, weight, bias, mean, rstd, dx, dy, bufs["gate"],
