@@ -774,6 +774,22 @@ def test_model_configs_checked_at_construction():
         tiny_causal(hidden_size=12, num_heads=2)
     with pytest.raises(ValueError, match="pos_embed='sincos' needs hidden_size divisible by 8, got 36"):
         tiny_dit(hidden_size=36, num_heads=3)
+    # VideoCausalDiT checked none of its sizes: depth=0 built a model without blocks
+    for name, bad in (("depth", 0), ("depth", -1), ("num_experts", 0), ("top_k", 0), ("max_frames", 0),
+                      ("in_channels", 0), ("text_dim", 0), ("hidden_size", 0)):
+        with pytest.raises(ValueError, match=rf"{name} must be an int >= 1, got {bad}"):
+            tiny_causal(**{name: bad})
+    # a 0 in patch_size: ZeroDivisionError at the first forward; mlp_ratio 0: at construction
+    for make in (tiny_causal, tiny_cog, tiny_dit):
+        with pytest.raises(ValueError, match=r"patch_size must be 3 ints >= 1 .*got \(1, 0, 2\)"):
+            make(patch_size=(1, 0, 2))
+        with pytest.raises(ValueError, match="backend must be None or one of .*got 'tritno'"):
+            make(backend="tritno")
+        with pytest.raises(ValueError, match=r"width int\(.*\) = 0 from (hidden_size|dim)=32, mlp_ratio=0"):
+            make(mlp_ratio=0)
+    from vidgen.models import ImageMoEDiT, ImageMoEDiTConfig
+    with pytest.raises(ValueError, match="backend must be None or one of"):
+        ImageMoEDiT(ImageMoEDiTConfig(backend="gpu"))
 
 
 def test_training_utilities_and_configs_reject_bad_arguments():

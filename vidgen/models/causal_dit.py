@@ -28,8 +28,9 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero, CausalTemporalAttention, RoPE3DAttention
 
-from .layers import (CopyableLossesMixin, CrossAttention, FinalLayer, PatchEmbed3D, TimestepEmbedder, backend_scope,
-                     check_text, unpatchify)
+from .layers import (CopyableLossesMixin, CrossAttention, FinalLayer, PatchEmbed3D,
+                     TimestepEmbedder, backend_scope, check_config_backend, check_config_sizes,
+                     check_ffn_width, check_patch_size, check_text, unpatchify)
 from .moe import make_moe
 
 __all__ = ["VideoCausalDiTConfig", "VideoCausalDiT"]
@@ -85,13 +86,19 @@ class VideoCausalDiT(CopyableLossesMixin, nn.Module):
     def __init__(self, config: Optional[VideoCausalDiTConfig] = None, **kwargs):
         super().__init__()
         config = dataclasses.replace(config) if config is not None else VideoCausalDiTConfig(**kwargs)
-        config.patch_size = tuple(config.patch_size)
+        config.patch_size = check_patch_size(config.patch_size)
+        check_config_sizes(config, "in_channels", "hidden_size", "depth", "num_heads", "num_experts",
+                           "top_k", "text_dim", "max_frames")
+        check_ffn_width("the expert width int(hidden_size * mlp_ratio / 2)",
+                        int(config.hidden_size * config.mlp_ratio / 2), hidden_size=config.hidden_size,
+                        mlp_ratio=config.mlp_ratio)
         if config.patch_size[0] != 1:
             raise ValueError("VideoCausalDiT needs a temporal patch of 1 (frame-causal)")
         if config.num_heads < 1 or config.hidden_size % config.num_heads \
                 or (config.hidden_size // config.num_heads) % 4:
             raise ValueError(f"hidden_size / num_heads must be a multiple of 4 (2D RoPE over h and w), got "
                              f"hidden_size={config.hidden_size}, num_heads={config.num_heads}")
+        check_config_backend(config)
         self.config, self.backend = config, config.backend
         D = config.hidden_size
         self.head_dim = D // config.num_heads

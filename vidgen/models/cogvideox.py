@@ -28,7 +28,8 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import LayerNormZero, RoPE3DAttention
 
-from .layers import (CopyableLossesMixin, PatchEmbed3D, TimestepEmbedder, backend_scope, check_config_sizes,
+from .layers import (CopyableLossesMixin, PatchEmbed3D, TimestepEmbedder, backend_scope,
+                     check_config_backend, check_config_sizes, check_ffn_width, check_patch_size,
                      check_text, check_timesteps, unpatchify)
 
 __all__ = ["CogVideoXConfig", "CogVideoXTransformer", "cogvideox_2b", "cogvideox_5b", "param_count",
@@ -166,15 +167,18 @@ class CogVideoXTransformer(CopyableLossesMixin, nn.Module):
     def __init__(self, config: Optional[CogVideoXConfig] = None, **kwargs):
         super().__init__()
         c = dataclasses.replace(config) if config is not None else CogVideoXConfig(**kwargs)
-        c.patch_size = tuple(c.patch_size)
+        c.patch_size = check_patch_size(c.patch_size)
         c.out_channels = c.out_channels or c.in_channels
         check_config_sizes(c, "hidden_size", "num_heads", "num_layers")
+        check_ffn_width("the expert width int(hidden_size * mlp_ratio)", int(c.hidden_size * c.mlp_ratio),
+                        hidden_size=c.hidden_size, mlp_ratio=c.mlp_ratio)
         if c.hidden_size % c.num_heads or (c.hidden_size // c.num_heads) % 8:
             raise ValueError("hidden_size / num_heads must be a multiple of 8 (RoPE-3D split D/4, 3D/8, 3D/8)")
         for name in ("num_text_experts", "num_video_experts"):
             n = getattr(c, name)
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {n!r}")
+        check_config_backend(c)
         self.config, self.backend = c, c.backend
         D = c.hidden_size
         self.head_dim = D // c.num_heads

@@ -46,8 +46,9 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero
 
-from .layers import (CopyableLossesMixin, CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder,
-                     backend_scope, check_config_sizes, check_text, check_timesteps, dit_init_, unpatchify)
+from .layers import (CopyableLossesMixin, CrossAttention, FinalLayer, GEGLU, PatchEmbed3D,
+                     TimestepEmbedder, backend_scope, check_config_backend, check_config_sizes,
+                     check_text, check_timesteps, dit_init_, unpatchify)
 from .moe import make_moe
 
 __all__ = ["ImageMoEDiTConfig", "ImageMoEDiT"]
@@ -182,6 +183,7 @@ class ImageMoEDiT(CopyableLossesMixin, nn.Module):
         if not 1 <= config.top_k <= config.num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={config.num_experts}], got {config.top_k}")
         self.config = config
+        check_config_backend(config)
         self.backend = config.backend
         D = config.hidden_size
         self.head_dim = D // config.num_heads

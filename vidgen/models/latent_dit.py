@@ -27,8 +27,9 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero, CausalTemporalAttention, RoPE3DAttention
 
-from .layers import (CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder, backend_scope, dit_init_,
-                     check_config_sizes, check_text, check_timesteps, sincos_pos_embed_3d, unpatchify)
+from .layers import (CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder,
+                     backend_scope, dit_init_, check_config_backend, check_config_sizes,
+                     check_patch_size, check_text, check_timesteps, sincos_pos_embed_3d, unpatchify)
 
 __all__ = ["LatentVideoDiTConfig", "LatentVideoDiT", "LatentVideoDiT_S", "LatentVideoDiT_M",
            "LatentVideoDiT_L", "LatentVideoDiT_XL", "LATENT_VIDEO_DIT_PRESETS"]
@@ -94,11 +95,12 @@ class LatentVideoDiT(nn.Module):
         config = dataclasses.replace(config) if config is not None else LatentVideoDiTConfig(**kwargs)
         if config.out_channels is None:
             config.out_channels = config.in_channels
-        config.patch_size = tuple(config.patch_size)
+        config.patch_size = check_patch_size(config.patch_size)
         check_config_sizes(config, "hidden_size", "num_heads", "depth")
         if config.hidden_size % config.num_heads:
             raise ValueError("hidden_size must be divisible by num_heads")
         self.config = config
+        check_config_backend(config)
         self.backend = config.backend
         D = config.hidden_size
         self.head_dim = D // config.num_heads

@@ -59,6 +59,31 @@ def check_config_sizes(config, *names: str) -> None:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
 
 
+def check_config_backend(config) -> None:
+    """``config.backend``: None (the package's selection) or a backend name, checked when the
+    model is built rather than at its first forward."""
+    choices = ("auto",) + tuple(vk.BACKENDS)
+    b = config.backend
+    if b is not None and (not isinstance(b, str) or b not in choices):
+        raise ValueError(f"backend must be None or one of {choices}, got {b!r}")
+
+
+def check_patch_size(patch_size, n: int = 3) -> tuple:
+    """``patch_size``: ``n`` ints >= 1 (a 0 was a ZeroDivisionError at the first forward)."""
+    p = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (patch_size,)
+    if len(p) != n or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in p):
+        raise ValueError(f"patch_size must be {n} ints >= 1 (frames, height, width), got {patch_size!r}")
+    return p
+
+
+def check_ffn_width(name: str, width, **given) -> None:
+    """An FFN width derived from the config (``int(hidden_size * mlp_ratio)`` and the like) must be
+    >= 1; ``given``: the options it came from, for the message."""
+    if not isinstance(width, int) or width < 1:
+        opts = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise ValueError(f"{name} = {width!r} from {opts}; it must be >= 1 (raise mlp_ratio)")
+
+
 def check_text(text: Tensor, B: int, width: int, name: str = "text_dim") -> Tensor:
     """Validate condition embeddings ``text [1 or B, L >= 1, width]`` and expand them to ``B``."""
     if not isinstance(text, Tensor) or text.dim() != 3 or text.shape[-1] != width:
@@ -155,7 +180,7 @@ class PatchEmbed3D(nn.Module):
 
     def __init__(self, patch_size=(1, 2, 2), in_channels: int = 4, hidden_size: int = 512):
         super().__init__()
-        self.patch_size = tuple(patch_size)
+        self.patch_size = check_patch_size(patch_size)
         self.in_channels = in_channels
         self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=self.patch_size, stride=self.patch_size)
 
@@ -235,6 +260,8 @@ class GEGLU(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         hidden = int(dim * mlp_ratio * 2 / 3)  # keep the parameter count of a 4x MLP
+        check_ffn_width("GEGLU hidden width int(dim * mlp_ratio * 2 / 3)", hidden, dim=dim,
+                        mlp_ratio=mlp_ratio)
         self.fc1 = nn.Linear(dim, 2 * hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
