@@ -117,6 +117,27 @@ def test_module_flags_and_sizes_are_checked():
             make()
     with pytest.raises(ValueError, match="T and S must be >= 1"):
         nn_.CausalTemporalAttention(16, 2)(torch.randn(1, 4, 16), -2, -2)
+    # norm kind, eps and backend name checked when the module is built, naming the module (they
+    # built and failed at the first forward, naming the op; RoPE3DAttention's eps named HeadNorm)
+    for make, msg in ((lambda: nn_.AdaLNZero(16, norm="batch"), "AdaLNZero: norm must be 'layer' or 'rms'"),
+                      (lambda: nn_.AdaLNZero(16, eps=-1.0), "AdaLNZero: eps must be a finite number"),
+                      (lambda: nn_.AdaLNZero(16, eps=float("nan")), "AdaLNZero: eps must be a finite"),
+                      (lambda: nn_.LayerNormZero(8, 16, norm="batch"), "LayerNormZero: norm must be"),
+                      (lambda: nn_.LayerNormZero(8, 16, eps=-1.0), "LayerNormZero: eps must be"),
+                      (lambda: nn_.RoPE3DAttention(16, 2, qk_norm="rms", eps=-1.0), "RoPE3DAttention: eps"),
+                      (lambda: nn_.CausalTemporalAttention(16, 2, eps=float("inf")),
+                       "CausalTemporalAttention: eps"),
+                      (lambda: nn_.HeadNorm(8, kind="batch"), "HeadNorm: kind must be 'layer' or 'rms'"),
+                      (lambda: nn_.RoPE3DAttention(16, 2, backend="tritno"), "RoPE3DAttention: backend must be"),
+                      (lambda: nn_.MoEFFN(8, 16, 4, backend="gpu"), "MoEFFN: backend must be None or one of"),
+                      (lambda: nn_.HeadNorm(8, backend="CPU"), "HeadNorm: backend must be"),
+                      (lambda: nn_.MoEFFN(8, 16, 4, context_dim=5),
+                       "context_dim=5 is the width of the router's context and needs context_router=True")):
+        with pytest.raises(ValueError, match=msg):
+            make()
+    m = nn_.MoEFFN(8, 16, 4, context_router=True, context_dim=5)
+    assert m.context_dim == 5 and "context_router=True, context_dim=5" in repr(m)
+    assert nn_.MoEFFN(8, 16, 4).context_dim is None
 
 
 def test_gated_add_checks_dtype_and_device():

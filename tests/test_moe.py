@@ -902,3 +902,28 @@ def test_moeffn_factory_kwargs_and_context_errors():
         m(x, torch.randn(4, 1, 6, dtype=torch.float64))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         m([1.0])
+
+
+def test_moeffn_reset_parameters_after_meta_init():
+    """Build on meta, ``to_empty``, ``reset_parameters()`` on every module (parents first): the
+    expert weights get the construction-time init (std 1/sqrt(fan_in), zero biases; they had no
+    reset and stayed uninitialised) and ``context_proj`` stays zero (a plain Linear child was
+    re-randomised after the parent's reset)."""
+    make = lambda d: vk.nn.MoEFFN(64, 96, 4, 2, activation="swiglu", context_router=True,  # noqa: E731
+                                  context_dim=32, device=d)
+    m = make("meta").to_empty(device="cpu")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float("nan"))
+    for sub in m.modules():
+        if hasattr(sub, "reset_parameters"):
+            sub.reset_parameters()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert m.context_proj.weight.abs().sum() == 0 and m.b1.abs().sum() == 0 and m.b2.abs().sum() == 0
+    fresh = make("cpu")
+    assert set(dict(m.named_parameters())) == set(dict(fresh.named_parameters()))
+    for name in ("w1", "w2"):  # std 1/sqrt(fan_in) within sampling error (12k / 9k samples)
+        got, want = getattr(m, name).std().item(), getattr(fresh, name).std().item()
+        assert abs(got / want - 1) < 0.05, (name, got, want)
+    x = torch.randn(5, 64)
+    assert torch.isfinite(m(x, torch.randn(5, 32))).all()

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -17,8 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends import current_backend
-from ..ops._checks import autocast_dtype, check_flags, check_sizes
+from ..ops._checks import (autocast_dtype, check_backend_arg, check_eps, check_flags,
+                           check_norm_kind, check_sizes)
 from ..ops.adaln import adaln_modulate, gated_residual_adaln
+from ._init import ZeroLinear
 
 
 class AdaLNParams(NamedTuple):
@@ -59,18 +60,25 @@ class AdaLNZero(nn.Module):
         super().__init__()
         check_sizes("AdaLNZero", dim=dim, **({} if cond_dim is None else {"cond_dim": cond_dim}))
         check_flags("AdaLNZero", elementwise_affine=elementwise_affine)
+        check_norm_kind("AdaLNZero", norm)
+        eps = check_eps("AdaLNZero", eps)
         fk = {"device": device, "dtype": dtype}
         self.dim, self.norm, self.eps = dim, norm, eps
         self.act = nn.SiLU()
-        self.linear = nn.Linear(cond_dim or dim, 6 * dim, **fk)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
+        self.linear = ZeroLinear(cond_dim or dim, 6 * dim, **fk)  # zeros, also after a reset
         if elementwise_affine:
             self.weight = nn.Parameter(torch.ones(dim, **fk))
             self.bias = nn.Parameter(torch.zeros(dim, **fk))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        """The construction-time values: norm weight ones and bias zeros (``linear``, a
+        :class:`ZeroLinear`, resets itself to zeros)."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, norm={self.norm!r}, eps={self.eps}, "
@@ -154,6 +162,8 @@ class LayerNormZero(nn.Module):
         check_sizes("LayerNormZero", conditioning_dim=conditioning_dim,
                     embedding_dim=embedding_dim)
         check_flags("LayerNormZero", elementwise_affine=elementwise_affine, bias=bias)
+        check_norm_kind("LayerNormZero", norm)
+        eps = check_eps("LayerNormZero", eps)
         fk = {"device": device, "dtype": dtype}
         self.silu = nn.SiLU()
         self.linear = nn.Linear(conditioning_dim, 6 * embedding_dim, bias=bias, **fk)
@@ -223,18 +233,23 @@ class HeadNorm(nn.Module):
                  backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         check_sizes("HeadNorm", dim=dim)
-        if kind not in ("layer", "rms"):
-            raise ValueError(f"HeadNorm: kind must be 'layer' or 'rms', got {kind!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-            raise ValueError(f"HeadNorm: eps must be a finite number >= 0, got {eps!r}")
+        check_norm_kind("HeadNorm", kind, "kind")
+        eps = check_eps("HeadNorm", eps)
+        check_backend_arg("HeadNorm", backend)
         fk = {"device": device, "dtype": dtype}
-        self.dim, self.kind, self.eps, self.backend = dim, kind, float(eps), backend
+        self.dim, self.kind, self.eps, self.backend = dim, kind, eps, backend
         self.normalized_shape = (dim,)
         self.weight = nn.Parameter(torch.ones(dim, **fk))
         if kind == "layer":
             self.bias = nn.Parameter(torch.zeros(dim, **fk))
         else:
             self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        """Weight ones, bias zeros (as ``nn.LayerNorm`` / ``nn.RMSNorm``)."""
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, kind={self.kind!r}, eps={self.eps}, backend={self.backend}"

@@ -9,8 +9,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops._checks import check_flags, check_sizes
+from ..ops._checks import check_backend_arg, check_flags, check_sizes
 from ..ops.moe import ACTIVATIONS, GATED, _act_module_fn, moe_ffn
+from ._init import ZeroLinear
 
 __all__ = ["MoEFFN"]
 
@@ -58,6 +59,10 @@ class MoEFFN(nn.Module):
                     bias=bias, normalize_weights=normalize_weights)
         if context_dim is not None:
             check_sizes("MoEFFN", context_dim=context_dim)
+            if not context_router:
+                raise ValueError(f"MoEFFN: context_dim={context_dim} is the width of the router's "
+                                 f"context and needs context_router=True")
+        check_backend_arg("MoEFFN", backend)
         if activation not in ACTIVATIONS:
             raise ValueError(f"MoEFFN: activation must be one of {ACTIVATIONS}, got {activation!r}")
         check_sizes("MoEFFN", hidden=hidden, intermediate=intermediate, num_experts=num_experts)
@@ -77,15 +82,25 @@ class MoEFFN(nn.Module):
         self.shared_fc1 = nn.Linear(C, g * F, **fk) if shared_expert else None
         self.shared_fc2 = nn.Linear(F, C, **fk) if shared_expert else None
         self.context_proj = None
-        self.context_dim = context_dim or C
-        if context_router:
-            self.context_proj = nn.Linear(self.context_dim, C, bias=False, **fk)
-            nn.init.zeros_(self.context_proj.weight)
+        self.context_dim = (context_dim or C) if context_router else None
+        if context_router:  # zeros, also after a reset (a ZeroLinear)
+            self.context_proj = ZeroLinear(self.context_dim, C, bias=False, **fk)
         self._act = _act_module_fn(activation)  # (module-level function / partial: picklable)
         self.aux_loss: Optional[Tensor] = None
         self.z_loss: Optional[Tensor] = None
         self.tokens_per_expert: Optional[Tensor] = None
         self.last_output = None
+
+    def reset_parameters(self) -> None:
+        """The construction-time initialisation of the expert weights: ``w1``, ``w2`` normal with
+        std ``1 / sqrt(fan_in)``, biases zero (``router``, ``shared_fc1/2`` and ``context_proj``
+        reset themselves)."""
+        with torch.no_grad():
+            self.w1.normal_(0.0, 1.0 / math.sqrt(self.w1.shape[1]))
+            self.w2.normal_(0.0, 1.0 / math.sqrt(self.w2.shape[1]))
+            for b in (self.b1, self.b2):
+                if b is not None:
+                    b.zero_()
 
     # the last call's results: left out of copies and pickles (see the class docstring)
     _STEP_RESULTS = ("aux_loss", "z_loss", "tokens_per_expert", "last_output")
@@ -157,5 +172,6 @@ class MoEFFN(nn.Module):
         return (f"hidden={self.hidden}, intermediate={self.intermediate}, "
                 f"num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"activation={self.activation!r}, shared_expert={self.shared_fc1 is not None}, "
-                f"context_router={self.context_proj is not None}, "
+                f"context_router={self.context_proj is not None}"
+                f"{f', context_dim={self.context_dim}' if self.context_proj is not None else ''}, "
                 f"normalize_weights={self.normalize_weights}, backend={self.backend}")

@@ -20,7 +20,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ._common import qk_norms
-from ..ops._checks import check_flags, check_sizes
+from ..ops._checks import check_backend_arg, check_eps, check_flags, check_sizes
 from ..ops.rope3d_attention import rope3d_attention
 
 __all__ = ["RoPE3DAttention"]
@@ -58,6 +58,8 @@ class RoPE3DAttention(nn.Module):
                              f"(dim={dim}, num_heads={num_heads})")
         if qk_norm not in (None, "layer", "rms"):
             raise ValueError(f"RoPE3DAttention: qk_norm must be None, 'layer' or 'rms', got {qk_norm!r}")
+        eps = check_eps("RoPE3DAttention", eps)
+        check_backend_arg("RoPE3DAttention", backend)
         fk = {"device": device, "dtype": dtype}
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.qk_norm, self.interleaved, self.backend = qk_norm, bool(interleaved), backend

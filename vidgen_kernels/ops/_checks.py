@@ -41,6 +41,28 @@ def check_sizes(op: str, minimum: int = 1, **sizes) -> None:
             raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {val!r}")
 
 
+def check_eps(owner: str, eps, name: str = "eps") -> float:
+    """A norm epsilon: a finite real number >= 0 (checked where a module is built, so that the
+    error names the module, not the op of its first forward)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
+def check_norm_kind(owner: str, norm, name: str = "norm") -> str:
+    if norm not in ("layer", "rms"):
+        raise ValueError(f"{owner}: {name} must be 'layer' or 'rms', got {norm!r}")
+    return norm
+
+
+def check_backend_arg(owner: str, backend) -> None:
+    """A module's ``backend=``: None (the package's selection) or one of the backend names,
+    checked when the module is built rather than at its first forward."""
+    from ..backends import CHOICES
+    if backend is not None and (not isinstance(backend, str) or backend not in CHOICES):
+        raise ValueError(f"{owner}: backend must be None or one of {CHOICES}, got {backend!r}")
+
+
 def cast_floating(dtype: torch.dtype, *tensors):
     """The floating tensors among ``tensors`` cast to ``dtype`` as autocast casts an op's
     operands: float64 ones stay float64 (autocast leaves them alone too); anything else
