@@ -240,6 +240,38 @@ def test_rope_tables_of_an_inference_call_serve_training():
         assert isinstance(m2.rope_tables(4, "cpu")[0], FakeTensor)
     assert not m2._rope_cache and not isinstance(m2.rope_tables(4, "cpu")[0], FakeTensor)
 
+def test_checkpoint_of_one_input_passed_to_two_calls():
+    """The same input tensor passed to two checkpointed calls that read one cache (a repeated
+    conditioning frame): the recompute cannot tell the calls apart by the input's storage. It
+    raises the module's RuntimeError pointing to ``context_fn`` (it used to read the other
+    call's frames: torch's CheckpointError on mismatched shapes); with ``context_fn`` the
+    gradients equal the un-checkpointed ones exactly. An input whose tensor was freed and its
+    storage reused by a later call is not ambiguous (its entry is replaced)."""
+    from torch.utils.checkpoint import checkpoint
+    m = make(qk_norm="rms").double()
+    x = torch.randn(1, 2 * 3, m.dim, dtype=torch.float64, requires_grad=True)
+
+    def run(ckpt, **kw):
+        cache = TemporalKVCache()
+        f = lambda x: m(x, 2, 3, kv_cache=cache)  # noqa: E731
+        outs = [checkpoint(f, x, use_reentrant=False, **kw) if ckpt else f(x) for _ in range(2)]
+        loss = (outs[0].sin() + 2 * outs[1].cos()).sum()
+        return torch.autograd.grad(loss, [x] + list(m.parameters()))
+
+    with pytest.raises(RuntimeError, match="cannot tell which of several calls.*context_fn"):
+        run(True)
+    want = run(False)
+    for a, b in zip(run(True, context_fn=TemporalKVCache.checkpoint_contexts), want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    cache = TemporalKVCache()
+    y = torch.randn(1, 3, m.dim, dtype=torch.float64, requires_grad=True)
+    key = (y.data_ptr(), tuple(y.shape), tuple(y.stride()), y.dtype, y.device)
+    for _ in range(3):  # a dead owner: the entry is replaced, not marked ambiguous
+        m(y, 1, 3, kv_cache=cache)
+        cache.owners[key] = lambda: None  # as if y had been freed and its storage reused
+    assert cache.offsets == {key: 2}
+
+
 def test_cache_offsets_are_bounded():
     """The offsets recorded for checkpoint recomputes keep at most MAX_OFFSETS calls (the oldest
     forgotten), so a long grad-enabled stream does not grow the cache's bookkeeping without

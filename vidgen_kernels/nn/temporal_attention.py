@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ._common import qk_norms
-from ..ops._checks import check_flags, check_sizes
+from ..ops._checks import check_eps, check_flags, check_sizes
 from ..ops.rope import check_theta, tables_cacheable
 from ..ops.temporal_attention import temporal_attention
 
@@ -52,15 +53,20 @@ class TemporalKVCache:
     A recompute finds its call by the attention input's storage, which works when that input
     is the checkpointed function's own input; when ``fn`` computes it (``x + attn(norm(x))``),
     pass ``context_fn=TemporalKVCache.checkpoint_contexts``, which records the offsets in order
-    and replays them. ``reset()`` forgets the frames and the offsets; use a fresh cache (or
+    and replays them (also needed when one input tensor is passed to several calls: without it
+    their recomputes raise, as they cannot be told apart). ``reset()`` forgets the frames and the offsets; use a fresh cache (or
     ``reset()``) per sequence.
     """
 
     k: Optional[Tensor] = None
     v: Optional[Tensor] = None
     # (input key) -> frame offset of each call made with autograd on, for checkpoint recomputes
+    # (AMBIGUOUS: two live calls read the same input tensor at different offsets)
     offsets: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    # (input key) -> weak reference to the input tensor of the call that recorded the offset
+    owners: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     MAX_OFFSETS = 4096  # calls remembered (a recompute of an older one raises)
+    AMBIGUOUS = -1
 
     @property
     def num_frames(self) -> int:
@@ -89,9 +95,28 @@ class TemporalKVCache:
     def reset(self) -> None:
         self.k = self.v = None
         self.offsets.clear()
+        self.owners.clear()
 
     def __getstate__(self):  # the offsets name storage addresses of this process only
-        return {"k": self.k, "v": self.v, "offsets": {}}
+        return {"k": self.k, "v": self.v, "offsets": {}, "owners": {}}
+
+    def _record(self, key, x: Tensor, off: int) -> None:
+        """Remember ``off`` for the call whose attention input is ``x``. The same input read
+        again at another offset while the first call's input is still alive (one tensor passed
+        to two calls) makes the key ambiguous: a recompute of either raises instead of reading
+        the other's frames. A dead owner is an earlier call whose storage was freed and reused:
+        its entry is replaced."""
+        prev = self.offsets.get(key)
+        owner = self.owners.get(key)
+        if prev is not None and prev != off and owner is not None and owner() is not None:
+            off = self.AMBIGUOUS
+        self.offsets.pop(key, None)  # (re-inserted last: the bound below drops the oldest)
+        self.offsets[key] = off
+        self.owners[key] = weakref.ref(x)
+        while len(self.offsets) > self.MAX_OFFSETS:  # bounded: forget the oldest call
+            old = next(iter(self.offsets))
+            del self.offsets[old]
+            self.owners.pop(old, None)
 
     @staticmethod
     def checkpoint_contexts():
@@ -193,6 +218,7 @@ class CausalTemporalAttention(nn.Module):
         if qk_norm not in (None, "layer", "rms"):
             raise ValueError(f"CausalTemporalAttention: qk_norm must be None, 'layer' or 'rms', "
                              f"got {qk_norm!r}")
+        eps = check_eps("CausalTemporalAttention", eps)
         fk = {"device": device, "dtype": dtype}
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.qk_norm, self.rope, self.rope_theta = qk_norm, bool(rope), float(rope_theta)
@@ -280,6 +306,13 @@ class CausalTemporalAttention(nn.Module):
         if torch._C._current_graph_task_id() != -1:  # inside backward: a recompute
             off = calls.replay(cache) if calls is not None and not calls.record \
                 else cache.offsets.get(key)
+            if off == cache.AMBIGUOUS:
+                raise RuntimeError(
+                    "CausalTemporalAttention: an activation-checkpoint recompute cannot tell which "
+                    "of several calls it repeats: the same input tensor was passed to more than "
+                    "one call reading this kv_cache. Pass "
+                    "context_fn=TemporalKVCache.checkpoint_contexts to torch.utils.checkpoint "
+                    "(it replays the calls in order), or give each call its own input tensor")
             if off is None or cache.num_frames < off + T:
                 raise RuntimeError(
                     "CausalTemporalAttention: called with a kv_cache during a backward pass (an "
@@ -295,7 +328,5 @@ class CausalTemporalAttention(nn.Module):
         if calls is not None and calls.record:
             calls.calls.append((cache, off))
         if key is not None and (torch.is_grad_enabled() or x.requires_grad):  # (reentrant: grad off)
-            cache.offsets[key] = off
-            if len(cache.offsets) > cache.MAX_OFFSETS:  # bounded: forget the oldest call
-                del cache.offsets[next(iter(cache.offsets))]
+            cache._record(key, x, off)
         return k, v, off, True
