@@ -214,3 +214,18 @@ def bias_layout(t, layout: str):
     if layout == "expand-rows":
         return t[:1].expand(E, M)
     raise ValueError(f"bias_layout: unknown layout {layout!r}")
+
+
+def meta_init(module_fn):
+    """The large-model init workflow (FSDP2 / torchtitan): ``module_fn("meta")``, ``to_empty``
+    on the CPU, then ``reset_parameters()`` on every module that has one, parents first
+    (``modules()`` order). ``to_empty`` leaves garbage: it is filled with NaN first, so that a
+    parameter nobody resets shows."""
+    m = module_fn("meta").to_empty(device="cpu")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float("nan"))
+    for sub in m.modules():
+        if hasattr(sub, "reset_parameters"):
+            sub.reset_parameters()
+    return m

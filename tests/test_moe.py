@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vidgen_kernels as vk
 from vidgen_kernels.ops import moe as M
-from helpers import BIAS_LAYOUTS, HAS_CUDA, assert_close_rule, backend_params, bias_layout
+from helpers import BIAS_LAYOUTS, HAS_CUDA, assert_close_rule, backend_params, bias_layout, meta_init
 
 ALL_ACTS = M.ACTIVATIONS
 
@@ -911,13 +911,7 @@ def test_moeffn_reset_parameters_after_meta_init():
     re-randomised after the parent's reset)."""
     make = lambda d: vk.nn.MoEFFN(64, 96, 4, 2, activation="swiglu", context_router=True,  # noqa: E731
                                   context_dim=32, device=d)
-    m = make("meta").to_empty(device="cpu")
-    with torch.no_grad():
-        for p in m.parameters():
-            p.fill_(float("nan"))
-    for sub in m.modules():
-        if hasattr(sub, "reset_parameters"):
-            sub.reset_parameters()
+    m = meta_init(make)
     assert all(torch.isfinite(p).all() for p in m.parameters())
     assert m.context_proj.weight.abs().sum() == 0 and m.b1.abs().sum() == 0 and m.b2.abs().sum() == 0
     fresh = make("cpu")

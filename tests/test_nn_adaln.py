@@ -7,7 +7,7 @@ import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero, LayerNormZero
 from vidgen_kernels.nn.adaln import AdaLNParams
 
-from helpers import assert_close_rule, backend_params
+from helpers import assert_close_rule, backend_params, meta_init
 
 BACKENDS = [b for b in ("reference", "cpu") if b in vk.available_backends("cpu")]
 
@@ -324,21 +324,7 @@ def test_module_reprs_show_their_configuration():
     assert "normalize_weights=False" in r and "backend=reference" in r
 
 
-def _meta_init(module_fn):
-    """The large-model init workflow (FSDP2 / torchtitan): build on meta, ``to_empty``, then
-    ``reset_parameters()`` on every module that has one, parents first (``modules()`` order).
-    ``to_empty`` leaves garbage: fill it with NaN so that a parameter nobody resets shows."""
-    m = module_fn("meta").to_empty(device="cpu")
-    with torch.no_grad():
-        for p in m.parameters():
-            p.fill_(float("nan"))
-    for sub in m.modules():
-        if hasattr(sub, "reset_parameters"):
-            sub.reset_parameters()
-    return m
-
-
-def test_reset_parameters_after_meta_init():
+def test_reset_parameters_aftermeta_init():
     """AdaLNZero keeps its zero modulation projection (a plain Linear child re-randomised it
     after the parent's reset: the block no longer started as the identity), HeadNorm resets to
     ones / zeros (it had no reset_parameters: left uninitialised), LayerNormZero's children
@@ -347,14 +333,14 @@ def test_reset_parameters_after_meta_init():
                  lambda d: vk.nn.HeadNorm(8, "layer", device=d),
                  lambda d: vk.nn.HeadNorm(8, "rms", device=d),
                  lambda d: vk.nn.RoPE3DAttention(16, 2, qk_norm="layer", device=d)):
-        m, fresh = _meta_init(make), make("cpu")
+        m, fresh = meta_init(make), make("cpu")
         for (name, p), q in zip(m.named_parameters(), fresh.parameters()):
             assert torch.isfinite(p).all(), name
             if (q == q.flatten()[0]).all():  # a constant init (ones / zeros): the same values
                 torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
-    m = _meta_init(lambda d: AdaLNZero(16, cond_dim=8, device=d))
+    m = meta_init(lambda d: AdaLNZero(16, cond_dim=8, device=d))
     assert type(m.linear).__mro__[1] is torch.nn.Linear and m.linear.weight.abs().sum() == 0
     assert set(m.state_dict()) == {"linear.weight", "linear.bias"}
-    m = _meta_init(lambda d: LayerNormZero(8, 16, device=d))
+    m = meta_init(lambda d: LayerNormZero(8, 16, device=d))
     assert all(torch.isfinite(p).all() for p in m.parameters())
     assert m.linear.weight.std() > 0 and (m.norm.weight == 1).all()
