@@ -1,6 +1,7 @@
 """vidgen_kernels.integrations.diffusers: patched diffusers CogVideoX / Wan transformers match the
 originals (outputs and gradients, fp32), remove() restores them bit for bit, torch.compile runs,
 unsupported configurations are left unpatched with a warning."""
+import functools
 import subprocess
 import sys
 import warnings
@@ -763,3 +764,50 @@ def test_torch_save_and_load_of_patched_model(which):
         assert torch.equal(run(loaded, args, kw), patched)
         no_warnings(vkd.remove, loaded)
         assert torch.equal(run(loaded, args, kw), before)
+
+
+def test_wan_text_of_batch_one_broadcasts_over_the_latents():
+    """Text of batch 1 for latents of batch 2: diffusers' SDPA broadcasts it, and so does the
+    patched cross-attention now (it raised 'k/v batch 1 != q batch 2'); outputs and gradients
+    match."""
+    (x, t, e), kw = wan_inputs()
+    args = (x, t, e[:1])
+    ref_model = wan()
+    want = train_step(ref_model, args, kw)
+    model = vkd.apply(wan())
+    got = train_step(model, args, kw)
+    close(got[0], want[0])
+    for n, g in want[1].items():
+        close(got[1][n], g, rtol=1e-4)
+
+
+def test_apply_checks_the_backend_name():
+    """A backend name that does not exist raises at apply() (it patched and failed at the first
+    forward, naming a kernel); one that cannot run on the model's device warns (the model may
+    move) and patches."""
+    model = wan()
+    with pytest.raises(ValueError, match="apply: backend must be None or one of .*got 'cpp'"):
+        vkd.apply(model, backend="cpp")
+    assert not vkd.is_patched(model)
+    with pytest.warns(UserWarning, match="backend 'cuda' cannot run on cpu"):
+        vkd.apply(model, backend="cuda")
+    assert vkd.is_patched(model)
+
+
+@pytest.mark.parametrize("which", ["cogvideox", "wan"])
+def test_cache_enabled_and_disabled_before_apply_is_no_hook(which):
+    """enable_cache() then disable_cache() leaves an empty hook registry and the class's forward
+    bound on each block: apply() fuses those blocks without a warning (it warned "its forward
+    carries a hook" and left every block unfused), with the unpatched outputs."""
+    from diffusers.hooks import FirstBlockCacheConfig
+    model, args, kw = _eval_model_and_inputs(which)
+    with torch.no_grad():
+        want = run(model, args, kw)
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+        model.disable_cache()
+        no_warnings(vkd.apply, model)
+        blocks = model.transformer_blocks if which == "cogvideox" else model.blocks
+        assert all(isinstance(b.__dict__.get("forward"), functools.partial) for b in blocks)
+        close(run(model, args, kw), want)
+        vkd.remove(model)
+        assert torch.equal(run(model, args, kw), want)

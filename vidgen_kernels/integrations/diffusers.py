@@ -198,6 +198,9 @@ class WanRoPE3DAttnProcessor(_FallbackMixin):
         query = query.unflatten(2, (attn.heads, -1))  # [B, S, H, D]
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
+        if key.shape[0] == 1 and query.shape[0] != 1:  # text of batch 1 for a batch of latents:
+            # broadcast as diffusers' SDPA does (a stride-0 view: the kernel reads it in place)
+            key, value = key.expand(query.shape[0], -1, -1, -1), value.expand(query.shape[0], -1, -1, -1)
         cos = sin = None
         if rotary_emb is not None:
             freqs_cos, freqs_sin = rotary_emb  # [1, S, 1, D] each, repeated layout
@@ -401,7 +404,18 @@ class _Patch:
 
 
 def _forward_hooked(module) -> bool:
-    return "forward" in module.__dict__ or getattr(module, "_diffusers_hook", None) is not None
+    """Whether something wraps the block's forward: a diffusers hook registry holding hooks, or a
+    forward set on the instance other than the class's own forward bound to it. An emptied
+    registry (``enable_cache()`` then ``disable_cache()``) leaves exactly that plain bound
+    forward behind: not a hook (it kept the block unfused, with a warning about a hook)."""
+    reg = getattr(module, "_diffusers_hook", None)
+    if reg is not None and getattr(reg, "hooks", True):  # (a registry we do not know: hooked)
+        return True
+    f = module.__dict__.get("forward")
+    if f is None:
+        return False
+    return not (getattr(f, "__self__", None) is module
+                and getattr(f, "__func__", None) is type(module).forward)
 
 
 def _is_patched_forward(module, fn) -> bool:
@@ -530,6 +544,18 @@ def apply(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
     import diffusers  # noqa: F401  (lazy: the core package never imports diffusers)
     from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
 
+    if backend is not None:  # a typo failed only at the first forward, naming a kernel
+        choices = ("auto",) + vk.BACKENDS
+        if not isinstance(backend, str) or backend not in choices:
+            raise ValueError(f"vidgen_kernels.integrations.diffusers.apply: backend must be None "
+                             f"or one of {choices}, got {backend!r}")
+        dev = next((p.device for p in model.parameters()), None)
+        why = vk.backends.why_unavailable(backend, dev) if dev is not None and backend != "auto" \
+            else None
+        if why is not None:  # (a warning: the model may move to a device where it runs)
+            warnings.warn(f"vidgen_kernels.integrations.diffusers.apply: backend {backend!r} "
+                          f"cannot run on {dev} ({why}); the patched calls raise there until "
+                          f"the model moves to a device it runs on", stacklevel=2)
     if getattr(model, _STATE, None) is not None:
         return model
     patch = _Patch()
