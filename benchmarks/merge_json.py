@@ -7,7 +7,11 @@ The ``benchmarks`` lists are concatenated in the order given; ``machine_info``, 
 and ``version`` come from the first readable file, ``datetime`` from the last. The merged file
 lists its sources under ``merged_from``. A file that is missing, empty or not valid JSON (a run
 killed before pytest-benchmark wrote it) is skipped with a warning on stderr; exit status 1 if
-no file could be read. Standard library only (no torch import).
+no file could be read. Files from different machines (``machine_info`` node / CPU, or the cases'
+device names) are refused with exit status 2: their rows would land in the same tables and
+their speedups compare one machine with the other. ``--allow-mixed`` merges them anyway (with a
+warning; ``summarize.py`` then splits every group by device). Standard library only (no torch
+import).
 """
 from __future__ import annotations
 
@@ -16,7 +20,25 @@ import json
 import sys
 
 
-def merge(paths: list[str]) -> dict | None:
+def machine(data: dict) -> tuple:
+    """What identifies the machine a file was measured on: (node, CPU, device names); None
+    where the file does not say."""
+    mi = data.get("machine_info") or {}
+    devs = sorted({(b.get("extra_info") or {}).get("device_name") for b in data["benchmarks"]
+                   if isinstance(b, dict)} - {None})
+    return (mi.get("node"), (mi.get("cpu") or {}).get("brand_raw"), tuple(devs) or None)
+
+
+def mixed(machines: list[tuple]) -> bool:
+    """True when two files disagree on a field both state."""
+    for i in range(3):
+        seen = {m[i] for m in machines if m[i] is not None}
+        if len(seen) > 1:
+            return True
+    return False
+
+
+def merge(paths: list[str], machines: list | None = None) -> dict | None:
     out = None
     for path in paths:
         try:
@@ -31,6 +53,8 @@ def merge(paths: list[str]) -> dict | None:
             out["benchmarks"], out["merged_from"] = [], []
         out["benchmarks"].extend(benches)
         out["merged_from"].append(path)
+        if machines is not None:
+            machines.append(machine(data))
         if "datetime" in data:
             out["datetime"] = data["datetime"]
     return out
@@ -40,11 +64,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="+", help="files written by pytest --benchmark-json")
     ap.add_argument("--out", required=True, help="the merged file")
+    ap.add_argument("--allow-mixed", action="store_true",
+                    help="merge files measured on different machines / devices (warns)")
     a = ap.parse_args(argv)
-    merged = merge(a.json)
+    machines: list = []
+    merged = merge(a.json, machines)
     if merged is None:
         print("merge_json: no readable benchmark JSON among the inputs", file=sys.stderr)
         return 1
+    if mixed(machines):
+        desc = "; ".join(f"{p}: node {m[0]}, cpu {m[1]}, devices {', '.join(m[2] or ('?',))}"
+                         for p, m in zip(merged["merged_from"], machines))
+        if not a.allow_mixed:
+            print(f"merge_json: the files come from different machines ({desc}); their rows would "
+                  f"share tables. Pass --allow-mixed to merge them anyway", file=sys.stderr)
+            return 2
+        print(f"merge_json: warning: merging different machines ({desc})", file=sys.stderr)
     with open(a.out, "w") as f:
         json.dump(merged, f, indent=2)
     print(f"merge_json: {len(merged['benchmarks'])} benchmarks from {len(merged['merged_from'])} "

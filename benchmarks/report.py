@@ -30,8 +30,8 @@ def _slug(s: str) -> str:
 def _by_op(groups) -> "OrderedDict[tuple[str, str], list[tuple[str, list[dict]]]]":
     ops: OrderedDict = OrderedDict()
     for g, benches in groups.items():
-        ei = (benches[0].get("extra_info") or {}) if benches else {}
-        key = (ei.get("op") or g.split()[0], ei.get("device") or "?")
+        ei = next((b.get("extra_info") for b in benches if (b.get("extra_info") or {}).get("op")), {})
+        key = (ei.get("op") or g.split()[0], ei.get("device") or "device unknown")
         ops.setdefault(key, []).append((g, benches))
     return ops
 
@@ -64,8 +64,10 @@ def plot_op(op: str, device: str, panels, path: str) -> bool:
         ref = next((r["median_s"] for r in rows if r["contender"] == summarize.REFERENCE), None)
         names = [r["contender"] for r in rows]
         ms = [r["median_s"] * 1e3 for r in rows]
-        colors = ["tab:green" if c in summarize.OURS else
-                  "tab:gray" if c == summarize.COPY else "tab:blue" for c in names]
+        ei = next((b.get("extra_info") for b in benches if (b.get("extra_info") or {}).get("op")), {})
+        bounds = (summarize.COPY,) + summarize.BOUNDS.get(ei.get("op"), ())
+        colors = ["tab:green" if c in summarize.OURS else  # ours, the bounds, the peers
+                  "tab:gray" if c in bounds else "tab:blue" for c in names]
         ax.barh(range(len(rows)), ms, color=colors)
         ax.set_yticks(range(len(rows)), names)
         ax.invert_yaxis()
@@ -76,7 +78,8 @@ def plot_op(op: str, device: str, panels, path: str) -> bool:
             if ref:
                 label.append(f"{ref / r['median_s']:.2f}x ref")
             if r["flops"]:
-                label.append(f"{r['flops'] / r['median_s'] / 1e9:.0f} GFLOP/s")
+                gf = r["flops"] / r["median_s"] / 1e9
+                label.append(f"{gf:.{0 if gf >= 10 else 2}f} GFLOP/s")
             elif r["bytes"]:
                 label.append(f"{r['bytes'] / r['median_s'] / 1e9:.1f} GB/s")
             ax.text(ms[i], i, "  " + ", ".join(label), va="center", fontsize=8)
@@ -93,9 +96,17 @@ def render(json_path: str, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     mi = data.get("machine_info") or {}
     lines = ["# vidgen-kernels performance report", ""]
-    first = next((b.get("extra_info") or {} for bs in groups.values() for b in bs), {})
+    infos = [b.get("extra_info") or {} for bs in groups.values() for b in bs]
+    complete = [ei for ei in infos if ei.get("contender")]  # (a failed case has no metadata)
+    first = complete[0] if complete else {}
+
+    def values(key):  # the distinct values of a metadata field over the complete cases
+        return ", ".join(sorted({str(ei[key]) for ei in complete if ei.get(key) is not None})) or "?"
+    if not infos:
+        lines += ["(no benchmarks in the file)", ""]
     lines += [f"* run: {data.get('datetime', '?')} on `{mi.get('node', '?')}`",
-              f"* devices: {', '.join(sorted({(b.get('extra_info') or {}).get('device_name', '?') for bs in groups.values() for b in bs}))}",
+              f"* devices: {values('device_name')}",
+              f"* dtypes: {values('dtype')}; torch threads: {values('torch_threads')}",
               f"* torch {first.get('torch_version', '?')}, triton {first.get('triton_version', '?')}, "
               f"Python {mi.get('python_version', '?')}",
               f"* source: `{os.path.basename(json_path)}` ({sum(len(b) for b in groups.values())} "

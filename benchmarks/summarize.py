@@ -12,7 +12,7 @@ hard limit), and the speedup vs the best peer (the fastest contender that is nei
 kernel backends, the fused model, the patched diffusers model) nor a bound (the copy; SDPA
 without the rotation for RoPE-3D attention; the dense FFN of the same FLOPs for the MoE): eager
 reference, torch.compile, rotate+SDPA, matmul-softmax, grouped_mm, ...). A GFLOP/s column (``extra_info["flops"]`` /
-median) appears when the group's cases count FLOPs, and an activation-memory column (MB kept for
+median) appears when the group's cases count FLOPs, and an activation-memory column (MiB kept for
 backward, ``extra_info["activation_bytes"]``, and its ratio to the eager reference's) when they
 record it. Where cases record interleaved-pair speedups (``extra_info["paired_vs_<peer>"]``:
 ``reference`` and ``compile`` in the DiT block and temporal attention benchmarks, ``sdpa`` and
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import OrderedDict
 
@@ -38,6 +39,8 @@ BOUNDS = {"rope3d_attention": ("sdpa",), "moe_ffn": ("dense",)}
 NOISY_SHARE = 0.10  # as benchmarks/common.py: rows measured while others used > 10 % of the CPU
 _LAST = (COMPILE, REFERENCE, COPY)  # kernel backends first, then these, in this order
 _PAIRED = "paired_vs_"
+_PAIRED_QUALIFIERS = ("_min", "_max", "_reps")
+_PAIRED_NOTES = ("_skipped", "_error")
 # extra_info["paired_vs_<key>"] (interleaved-pair speedups, common.paired_speedup): the peer's name
 PAIRED_PEERS = {"reference": "eager reference", "compile": "torch.compile", "sdpa": "SDPA alone",
                 "rotate_sdpa": "rotate+sdpa", "dense": "the dense FFN",
@@ -52,11 +55,28 @@ def _median_s(bench: dict) -> float | None:
 
 
 def load(path: str) -> tuple[dict, "OrderedDict[str, list[dict]]"]:
-    with open(path) as f:
-        data = json.load(f)
+    """``(data, groups)``: the file and its benchmarks by group. A file that cannot be read or
+    is not a pytest-benchmark JSON object exits with a one-line message. When the file holds
+    several devices (merged with ``merge_json.py --allow-mixed``), each group is split by
+    device, so that no table compares one machine's row with another's."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'summarize'}: cannot read {path}: "
+                         f"{type(e).__name__}: {e}")
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks", []), list):
+        raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'summarize'}: {path} is not a "
+                         f"pytest-benchmark JSON (an object with a 'benchmarks' list)")
+    benches = [b for b in data.get("benchmarks", []) if isinstance(b, dict)]
+    devices = {(b.get("extra_info") or {}).get("device_name") for b in benches} - {None}
     groups: OrderedDict[str, list[dict]] = OrderedDict()
-    for b in data.get("benchmarks", []):
-        groups.setdefault(b.get("group") or "(no group)", []).append(b)
+    for b in benches:
+        g = b.get("group") or "(no group)"
+        dev = (b.get("extra_info") or {}).get("device_name")
+        if len(devices) > 1 and dev:
+            g = f"{g} [{dev}]"
+        groups.setdefault(g, []).append(b)
     return data, groups
 
 
@@ -105,7 +125,7 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
     if meta:
         out += [f"_{meta}_", ""]
     fl_head, fl_rule = (" GFLOP/s |", "---:|") if with_flops else ("", "")
-    act_head, act_rule = (" activation MB (vs ref) |", "---:|") if with_act else ("", "")
+    act_head, act_rule = (" activation MiB (vs ref) |", "---:|") if with_act else ("", "")
     out += [f"| contender | median ms | GB/s |{fl_head} vs eager ref | vs torch.compile | "
             f"vs best peer | of copy BW |{act_head}",
             f"|---|---:|---:|{fl_rule}---:|---:|---:|---:|{act_rule}"]
@@ -135,22 +155,38 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
                    f"{_fmt(frac and frac * 100, '.0f', '%')} |{act_cell}")
     if noisy:
         out += ["", "⚠N%: other processes used N% of the CPU time while this row was measured."]
-    found = [(r, key, v) for r in rows for key, v in r["ei"].items()  # (an *_error is a str)
-             if key.startswith(_PAIRED) and not key.endswith(("_min", "_max"))
-             and isinstance(v, (int, float)) and not isinstance(v, bool) and v]
-    keys = [key for _, key, _ in found]
-    paired = []
-    for r, key, v in found:
-        peer = PAIRED_PEERS.get(key[len(_PAIRED):], key[len(_PAIRED):])
-        # several rows paired against the same peer (two kernel backends): name the row
-        ours = f"{r['contender']} " if keys.count(key) > 1 else ""
-        paired.append(f"{ours}vs {peer} **{v:.2f}x** [{r['ei'].get(key + '_min', v):.2f}-"
-                      f"{r['ei'].get(key + '_max', v):.2f}]")
+    # paired_vs_<peer> is the speedup; its _min / _max / _reps (the calls per timed batch: a
+    # count, not a ratio) qualify it, and _skipped / _error (strings) say why there is none
+    found, missing = [], []
+    for r in rows:
+        for key, v in r["ei"].items():
+            if not key.startswith(_PAIRED):
+                continue
+            if key.endswith(_PAIRED_NOTES) and isinstance(v, str) and v:
+                base, _, kind = key.rpartition("_")
+                missing.append((r, base, kind, v))
+            elif not key.endswith(_PAIRED_QUALIFIERS + _PAIRED_NOTES) and \
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v:
+                found.append((r, key, v))
+    keys = [key for _, key, _ in found] + [key for _, key, _, _ in missing]
+
+    def who(r, key):  # several rows paired against the same peer (two kernel backends): name it
+        return f"{r['contender']} " if keys.count(key) > 1 else ""
+
+    def peer(key):
+        return PAIRED_PEERS.get(key[len(_PAIRED):], key[len(_PAIRED):])
+    paired = [f"{who(r, key)}vs {peer(key)} **{v:.2f}x** [{r['ei'].get(key + '_min', v):.2f}-"
+              f"{r['ei'].get(key + '_max', v):.2f}]" for r, key, v in found]
     if paired:
         n = next((r["ei"].get("paired_pairs") for r in rows if r["ei"].get("paired_pairs")), "?")
         out += ["", f"Speedup timed in interleaved pairs in one process (median [min-max] of "
                     f"t_peer / t_ours over {n} pair{'' if n == 1 else 's'}): "
                     + ", ".join(paired) + "."]
+    notes = [f"{who(r, key)}vs {peer(key)}: {kind} ({why})" for r, key, kind, why in missing]
+    notes += [f"{r['contender']}: output check skipped ({r['ei']['check_skipped']})"
+              for r in rows if isinstance(r["ei"].get("check_skipped"), str)]
+    if notes:
+        out += ["", "Not measured: " + "; ".join(notes) + "."]
     return "\n".join(out)
 
 

@@ -109,6 +109,9 @@ def test_suite_ships_in_package(tmp_path):
 
 def test_cli_quick_run(tmp_path):
     out = tmp_path / "out"
+    out.mkdir()
+    for stale in ("REPORT.md", "summary.md", "old-op-cpu.png"):  # a previous run's report
+        (out / stale).write_text("previous run")
     # one small file, without torch.compile contenders and backward (well under a minute on CPU)
     r = subprocess.run([sys.executable, "-m", "vidgen_kernels.bench", "--quick", "--out", str(out),
                         "-k", "adaln and not compile and not bwd", "--bench-device", "cpu"],
@@ -132,8 +135,16 @@ def test_cli_quick_run(tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "adaln-modulate-cpu.png").is_file()
         assert "](adaln-modulate-cpu.png)" in report
+    assert "* dtypes: float32; torch threads: " in report, report[:800]
+    assert not (out / "old-op-cpu.png").exists()  # a previous run's plot is not left beside it
     # nothing but the output folder was written (pytest-benchmark's storage folder included)
     assert sorted(os.listdir(tmp_path)) == ["out"]
+    # a run that writes no JSON leaves no report: the previous one's was still there
+    r = subprocess.run([sys.executable, "-m", "vidgen_kernels.bench", "--quick", "--out", str(out),
+                        "-k", "no_benchmark_is_named_like_this", "--bench-device", "cpu"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env=_env())
+    assert r.returncode != 0 and "no report" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr
+    assert not any(f.endswith((".md", ".png", ".json")) for f in os.listdir(out)), os.listdir(out)
 
 
 def _suite_module(name):
@@ -183,6 +194,16 @@ def test_paired_speedup_and_summary_line():
     assert "cpu vs the dense FFN **0.95x** [0.95-0.95]" in text, text
     assert "triton vs the dense FFN **1.25x**" in text, text
     assert "cpu vs SDPA alone **0.90x** [0.90-0.90]" in text, text
+    # the calls per timed batch (paired_vs_<peer>_reps, 1..200 on CUDA) are a count, not a
+    # speedup: it was printed as "vs reference_reps **37.00x**"; a peer that could not run and
+    # a skipped output check leave their reasons
+    ei = dict(ei, paired_vs_reference_reps=37, paired_vs_compile_skipped="needs 35.2 GiB, 20.1 free",
+              check_skipped="not even one frame fits")
+    text = summarize.table("dit_block x train", [dict(benches[0], extra_info=ei)] + benches[1:])
+    assert "reps" not in text and "37" not in text, text
+    assert "vs eager reference **1.50x** [1.40-1.60]." in text, text
+    assert ("Not measured: vs torch.compile: skipped (needs 35.2 GiB, 20.1 free); fused: output "
+            "check skipped (not even one frame fits).") in text, text
 
 
 def test_best_peer_leaves_out_ours_and_the_bounds():
@@ -210,7 +231,9 @@ def test_best_peer_leaves_out_ours_and_the_bounds():
     assert best_peer_cell(text, "cpu") == "1.50x", text
     err = rows("rope3d_attention", [("cpu", 0.2), ("sdpa", 0.1)])
     err[0]["extra_info"]["paired_vs_sdpa_error"] = "RuntimeError: out of memory"
-    assert "error" not in summarize.table("rope3d_attention x", err)
+    text = summarize.table("rope3d_attention x", err)  # the reason is said, not a speedup
+    assert "Not measured: vs SDPA alone: error (RuntimeError: out of memory)." in text, text
+    assert "interleaved pairs" not in text, text
     # a case that failed after its timing (no metadata) is listed as incomplete, not a peer:
     # it was the best "peer" of the kernel's row (1.00x, compared with itself)
     text = summarize.table("dit_block x", rows("dit_block", [("fused", 0.2), ("reference", 0.3)])
@@ -262,6 +285,43 @@ def test_merge_json(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "skipping" in err and "broken.json" in err and "missing.json" in err
     assert merge_json.main([str(broken), "--out", str(tmp_path / "none.json")]) == 1
+
+
+def test_merge_and_summary_keep_machines_apart(tmp_path, capsys):
+    """Files from different machines are refused by merge_json (exit 2 naming them) unless
+    --allow-mixed; then summarize splits each group by device (machine B's rows landed in machine
+    A's tables, and the speedups compared one machine with the other: 4.25x read 8.50x).
+    Unreadable files give a one-line exit, not a traceback."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import merge_json
+    finally:
+        sys.path.pop(0)
+    summarize = _suite_module("summarize")
+
+    def run(path, node, dev, t_cpu, t_ref):
+        rows = [{"name": c, "group": "adaln x", "stats": {"median": m},
+                 "extra_info": dict(op="adaln", contender=c, bytes_moved=None, device_name=dev)}
+                for c, m in (("cpu", t_cpu), ("reference", t_ref))]
+        path.write_text(json.dumps({"machine_info": {"node": node}, "benchmarks": rows}))
+        return str(path)
+    a = run(tmp_path / "a.json", "vm", "EPYC", 1.0, 4.25)
+    b = run(tmp_path / "b.json", "box", "Xeon", 2.0, 8.5)
+    out = str(tmp_path / "m.json")
+    assert merge_json.main([a, b, "--out", out]) == 2
+    assert "different machines" in capsys.readouterr().err and not os.path.exists(out)
+    assert merge_json.main([a, a, "--out", out]) == 0  # the same machine twice: fine
+    assert merge_json.main([a, b, "--out", out, "--allow-mixed"]) == 0
+    assert "warning" in capsys.readouterr().err
+    text = summarize.summarize(out)
+    assert "### adaln x [EPYC]" in text and "### adaln x [Xeon]" in text, text
+    assert text.count("| cpu | 1000.000 | – | 4.25x |") == 1, text  # each machine against itself
+    assert text.count("| cpu | 2000.000 | – | 4.25x |") == 1 and "8.50x" not in text, text
+    (tmp_path / "zero.json").write_text("")
+    (tmp_path / "list.json").write_text("[]")
+    for bad, msg in (("zero.json", "cannot read"), ("list.json", "is not a pytest-benchmark JSON")):
+        with pytest.raises(SystemExit, match=msg):
+            summarize.load(str(tmp_path / bad))
 
 
 def _gpu_sh(*args, env=None, timeout=120):

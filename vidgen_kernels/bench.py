@@ -161,8 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"vidgen_kernels.bench: cannot create the output folders: {e}", file=sys.stderr)
         return 2
-    if os.path.exists(json_path):
-        os.remove(json_path)  # never report a previous run's numbers
+    # never report a previous run's numbers: its JSON, tables and plots go before the run
+    stale = [json_path] + [os.path.join(out, f) for f in ("REPORT.md", "summary.md")]
+    stale += [os.path.join(out, f) for f in os.listdir(out) if f.endswith(".png")]
+    for path in stale:
+        if os.path.isfile(path):
+            os.remove(path)
 
     cmd = pytest_command(suite, json_path, ns, extra, out)
     print(f"vidgen_kernels.bench: suite {suite}", flush=True)
