@@ -7,10 +7,10 @@ The ``benchmarks`` lists are concatenated in the order given; ``machine_info``, 
 and ``version`` come from the first readable file, ``datetime`` from the last. The merged file
 lists its sources under ``merged_from``. A file that is missing, empty or not valid JSON (a run
 killed before pytest-benchmark wrote it) is skipped with a warning on stderr; exit status 1 if
-no file could be read. Files from different machines (``machine_info`` node / CPU, or the cases'
-device names) are refused with exit status 2: their rows would land in the same tables and
-their speedups compare one machine with the other. ``--allow-mixed`` merges them anyway (with a
-warning; ``summarize.py`` then splits every group by device). Standard library only (no torch
+no file could be read. Files from different machines (``machine_info`` node or CPU) are refused
+with exit status 2: their rows would land in the same tables and their speedups compare one
+machine with the other. ``--allow-mixed`` merges them anyway (with a warning; ``summarize.py``
+then splits a group measured on several devices by device). Standard library only (no torch
 import).
 """
 from __future__ import annotations
@@ -21,8 +21,9 @@ import sys
 
 
 def machine(data: dict) -> tuple:
-    """What identifies the machine a file was measured on: (node, CPU, device names); None
-    where the file does not say."""
+    """What identifies the machine a file was measured on: (node, CPU), None where the file
+    does not say; and, for the message, the device names of its cases (one machine's files may
+    hold different devices: its GPU cases in one, its CPU cases in another)."""
     mi = data.get("machine_info") or {}
     devs = sorted({(b.get("extra_info") or {}).get("device_name") for b in data["benchmarks"]
                    if isinstance(b, dict)} - {None})
@@ -30,8 +31,8 @@ def machine(data: dict) -> tuple:
 
 
 def mixed(machines: list[tuple]) -> bool:
-    """True when two files disagree on a field both state."""
-    for i in range(3):
+    """True when two files disagree on the node or the CPU, where both state it."""
+    for i in range(2):
         seen = {m[i] for m in machines if m[i] is not None}
         if len(seen) > 1:
             return True

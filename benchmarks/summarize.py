@@ -56,9 +56,9 @@ def _median_s(bench: dict) -> float | None:
 
 def load(path: str) -> tuple[dict, "OrderedDict[str, list[dict]]"]:
     """``(data, groups)``: the file and its benchmarks by group. A file that cannot be read or
-    is not a pytest-benchmark JSON object exits with a one-line message. When the file holds
-    several devices (merged with ``merge_json.py --allow-mixed``), each group is split by
-    device, so that no table compares one machine's row with another's."""
+    is not a pytest-benchmark JSON object exits with a one-line message. A group measured on
+    several devices (files merged with ``merge_json.py --allow-mixed``) is split by device, so
+    that no table compares one machine's row with another's."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -69,14 +69,19 @@ def load(path: str) -> tuple[dict, "OrderedDict[str, list[dict]]"]:
         raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'summarize'}: {path} is not a "
                          f"pytest-benchmark JSON (an object with a 'benchmarks' list)")
     benches = [b for b in data.get("benchmarks", []) if isinstance(b, dict)]
-    devices = {(b.get("extra_info") or {}).get("device_name") for b in benches} - {None}
-    groups: OrderedDict[str, list[dict]] = OrderedDict()
+
+    def dev(b):
+        return (b.get("extra_info") or {}).get("device_name")
+    by_name: OrderedDict[str, list[dict]] = OrderedDict()
     for b in benches:
-        g = b.get("group") or "(no group)"
-        dev = (b.get("extra_info") or {}).get("device_name")
-        if len(devices) > 1 and dev:
-            g = f"{g} [{dev}]"
-        groups.setdefault(g, []).append(b)
+        by_name.setdefault(b.get("group") or "(no group)", []).append(b)
+    groups: OrderedDict[str, list[dict]] = OrderedDict()
+    for g, bs in by_name.items():
+        if len({dev(b) for b in bs} - {None}) > 1:  # one group measured on several devices
+            for b in bs:
+                groups.setdefault(f"{g} [{dev(b) or '?'}]", []).append(b)
+        else:
+            groups[g] = bs
     return data, groups
 
 

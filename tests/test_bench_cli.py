@@ -299,11 +299,12 @@ def test_merge_and_summary_keep_machines_apart(tmp_path, capsys):
         sys.path.pop(0)
     summarize = _suite_module("summarize")
 
-    def run(path, node, dev, t_cpu, t_ref):
+    def run(path, node, dev, t_cpu, t_ref, cpu="EPYC"):
         rows = [{"name": c, "group": "adaln x", "stats": {"median": m},
                  "extra_info": dict(op="adaln", contender=c, bytes_moved=None, device_name=dev)}
                 for c, m in (("cpu", t_cpu), ("reference", t_ref))]
-        path.write_text(json.dumps({"machine_info": {"node": node}, "benchmarks": rows}))
+        path.write_text(json.dumps({"machine_info": {"node": node, "cpu": {"brand_raw": cpu}},
+                                    "benchmarks": rows}))
         return str(path)
     a = run(tmp_path / "a.json", "vm", "EPYC", 1.0, 4.25)
     b = run(tmp_path / "b.json", "box", "Xeon", 2.0, 8.5)
@@ -311,6 +312,10 @@ def test_merge_and_summary_keep_machines_apart(tmp_path, capsys):
     assert merge_json.main([a, b, "--out", out]) == 2
     assert "different machines" in capsys.readouterr().err and not os.path.exists(out)
     assert merge_json.main([a, a, "--out", out]) == 0  # the same machine twice: fine
+    g = run(tmp_path / "g.json", "vm", "H100", 1.0, 2.0)  # its GPU's cases: the same machine
+    assert merge_json.main([a, g, "--out", out]) == 0
+    assert merge_json.main([a, run(tmp_path / "c.json", "vm", "EPYC", 1.0, 2.0, cpu="Xeon"),
+                            "--out", out]) == 2  # same node name, another CPU
     assert merge_json.main([a, b, "--out", out, "--allow-mixed"]) == 0
     assert "warning" in capsys.readouterr().err
     text = summarize.summarize(out)
