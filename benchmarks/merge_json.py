@@ -4,13 +4,14 @@
     python benchmarks/merge_json.py a.json b.json ... --out merged.json
 
 The ``benchmarks`` lists are concatenated in the order given; ``machine_info``, ``commit_info``
-and ``version`` come from the first readable file, ``datetime`` from the last. The merged file
-lists its sources under ``merged_from``. A file that is missing, empty or not valid JSON (a run
+and ``version`` come from the first readable file, ``datetime`` from the last; each case's
+``extra_info`` gets ``machine_node`` (its file's node). The merged file lists its sources under
+``merged_from``. A file that is missing, empty or not valid JSON (a run
 killed before pytest-benchmark wrote it) is skipped with a warning on stderr; exit status 1 if
 no file could be read. Files from different machines (``machine_info`` node or CPU) are refused
 with exit status 2: their rows would land in the same tables and their speedups compare one
 machine with the other. ``--allow-mixed`` merges them anyway (with a warning; ``summarize.py``
-then splits a group measured on several devices by device). Standard library only (no torch
+then splits a group measured on several machines or devices by both). Standard library only (no torch
 import).
 """
 from __future__ import annotations
@@ -52,6 +53,10 @@ def merge(paths: list[str], machines: list | None = None) -> dict | None:
         if out is None:
             out = {k: v for k, v in data.items() if k != "benchmarks"}
             out["benchmarks"], out["merged_from"] = [], []
+        node = (data.get("machine_info") or {}).get("node")
+        for b in benches:  # each case keeps its machine (machine_info is the first file's)
+            if isinstance(b, dict) and isinstance(b.get("extra_info"), dict) and node:
+                b["extra_info"].setdefault("machine_node", node)
         out["benchmarks"].extend(benches)
         out["merged_from"].append(path)
         if machines is not None:

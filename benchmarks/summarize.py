@@ -57,8 +57,8 @@ def _median_s(bench: dict) -> float | None:
 def load(path: str) -> tuple[dict, "OrderedDict[str, list[dict]]"]:
     """``(data, groups)``: the file and its benchmarks by group. A file that cannot be read or
     is not a pytest-benchmark JSON object exits with a one-line message. A group measured on
-    several devices (files merged with ``merge_json.py --allow-mixed``) is split by device, so
-    that no table compares one machine's row with another's."""
+    several machines or devices (files merged with ``merge_json.py --allow-mixed``) is split by
+    both, so that no table compares one machine's row with another's."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -70,16 +70,17 @@ def load(path: str) -> tuple[dict, "OrderedDict[str, list[dict]]"]:
                          f"pytest-benchmark JSON (an object with a 'benchmarks' list)")
     benches = [b for b in data.get("benchmarks", []) if isinstance(b, dict)]
 
-    def dev(b):
-        return (b.get("extra_info") or {}).get("device_name")
+    def where(b):  # the machine (merge_json's machine_node) and device of a case
+        ei = b.get("extra_info") or {}
+        return " on ".join(str(v) for v in (ei.get("device_name"), ei.get("machine_node")) if v)
     by_name: OrderedDict[str, list[dict]] = OrderedDict()
     for b in benches:
         by_name.setdefault(b.get("group") or "(no group)", []).append(b)
     groups: OrderedDict[str, list[dict]] = OrderedDict()
     for g, bs in by_name.items():
-        if len({dev(b) for b in bs} - {None}) > 1:  # one group measured on several devices
+        if len({where(b) for b in bs} - {""}) > 1:  # one group measured on several machines
             for b in bs:
-                groups.setdefault(f"{g} [{dev(b) or '?'}]", []).append(b)
+                groups.setdefault(f"{g} [{where(b) or '?'}]", []).append(b)
         else:
             groups[g] = bs
     return data, groups

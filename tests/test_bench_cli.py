@@ -110,8 +110,10 @@ def test_suite_ships_in_package(tmp_path):
 def test_cli_quick_run(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    for stale in ("REPORT.md", "summary.md", "old-op-cpu.png"):  # a previous run's report
-        (out / stale).write_text("previous run")
+    # a previous run's report (its title, a plot it links, its summary) and a user's own image
+    (out / "REPORT.md").write_text("# vidgen-kernels performance report\n\n![x](old-op-cpu.png)\n")
+    for name in ("summary.md", "old-op-cpu.png", "my-figure.png"):
+        (out / name).write_text("previous run")
     # one small file, without torch.compile contenders and backward (well under a minute on CPU)
     r = subprocess.run([sys.executable, "-m", "vidgen_kernels.bench", "--quick", "--out", str(out),
                         "-k", "adaln and not compile and not bwd", "--bench-device", "cpu"],
@@ -137,6 +139,8 @@ def test_cli_quick_run(tmp_path):
         assert "](adaln-modulate-cpu.png)" in report
     assert "* dtypes: float32; torch threads: " in report, report[:800]
     assert not (out / "old-op-cpu.png").exists()  # a previous run's plot is not left beside it
+    assert (out / "my-figure.png").read_text() == "previous run"  # a file the report never wrote
+    (out / "my-figure.png").unlink()
     # nothing but the output folder was written (pytest-benchmark's storage folder included)
     assert sorted(os.listdir(tmp_path)) == ["out"]
     # a run that writes no JSON leaves no report: the previous one's was still there
@@ -145,6 +149,10 @@ def test_cli_quick_run(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode != 0 and "no report" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr
     assert not any(f.endswith((".md", ".png", ".json")) for f in os.listdir(out)), os.listdir(out)
+    # a REPORT.md that is not ours (no report title) is left with everything beside it
+    (out / "REPORT.md").write_text("# my notes\n![a](a.png)\n")
+    (out / "a.png").write_text("mine")
+    assert bench.previous_report(str(out)) == []
 
 
 def _suite_module(name):
@@ -319,9 +327,15 @@ def test_merge_and_summary_keep_machines_apart(tmp_path, capsys):
     assert merge_json.main([a, b, "--out", out, "--allow-mixed"]) == 0
     assert "warning" in capsys.readouterr().err
     text = summarize.summarize(out)
-    assert "### adaln x [EPYC]" in text and "### adaln x [Xeon]" in text, text
+    assert "### adaln x [EPYC on vm]" in text and "### adaln x [Xeon on box]" in text, text
     assert text.count("| cpu | 1000.000 | – | 4.25x |") == 1, text  # each machine against itself
     assert text.count("| cpu | 2000.000 | – | 4.25x |") == 1 and "8.50x" not in text, text
+    # the same device name on two machines (two VMs of one type) is split by machine too
+    b2 = run(tmp_path / "b2.json", "vm-2", "EPYC", 2.0, 8.5)
+    assert merge_json.main([a, b2, "--out", out, "--allow-mixed"]) == 0
+    text = summarize.summarize(out)
+    assert "### adaln x [EPYC on vm]" in text and "### adaln x [EPYC on vm-2]" in text, text
+    assert "8.50x" not in text, text
     (tmp_path / "zero.json").write_text("")
     (tmp_path / "list.json").write_text("[]")
     for bad, msg in (("zero.json", "cannot read"), ("list.json", "is not a pytest-benchmark JSON")):

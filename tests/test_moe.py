@@ -916,7 +916,7 @@ def test_moeffn_reset_parameters_after_meta_init():
     assert m.context_proj.weight.abs().sum() == 0 and m.b1.abs().sum() == 0 and m.b2.abs().sum() == 0
     fresh = make("cpu")
     assert set(dict(m.named_parameters())) == set(dict(fresh.named_parameters()))
-    for name in ("w1", "w2"):  # std 1/sqrt(fan_in) within sampling error (12k / 9k samples)
+    for name in ("w1", "w2"):  # std 1/sqrt(fan_in) within sampling error (49k / 25k samples)
         got, want = getattr(m, name).std().item(), getattr(fresh, name).std().item()
         assert abs(got / want - 1) < 0.05, (name, got, want)
     x = torch.randn(5, 64)

@@ -324,7 +324,7 @@ def test_module_reprs_show_their_configuration():
     assert "normalize_weights=False" in r and "backend=reference" in r
 
 
-def test_reset_parameters_aftermeta_init():
+def test_reset_parameters_after_meta_init():
     """AdaLNZero keeps its zero modulation projection (a plain Linear child re-randomised it
     after the parent's reset: the block no longer started as the identity), HeadNorm resets to
     ones / zeros (it had no reset_parameters: left uninitialised), LayerNormZero's children

@@ -240,6 +240,7 @@ def test_rope_tables_of_an_inference_call_serve_training():
         assert isinstance(m2.rope_tables(4, "cpu")[0], FakeTensor)
     assert not m2._rope_cache and not isinstance(m2.rope_tables(4, "cpu")[0], FakeTensor)
 
+
 def test_checkpoint_of_one_input_passed_to_two_calls():
     """The same input tensor passed to two checkpointed calls that read one cache (a repeated
     conditioning frame): the recompute cannot tell the calls apart by the input's storage. It
@@ -260,6 +261,14 @@ def test_checkpoint_of_one_input_passed_to_two_calls():
 
     with pytest.raises(RuntimeError, match="cannot tell which of several calls.*context_fn"):
         run(True)
+    # the attention's input a view made inside the checkpointed function: the view dies after
+    # the forward but its base lives on, so the calls are still told to be ambiguous
+    cache = TemporalKVCache()
+    x4 = x.detach().view(1, 2, 3, m.dim).requires_grad_()
+    f4 = lambda x4: m(x4.flatten(1, 2), 2, 3, kv_cache=cache)  # noqa: E731
+    outs = [checkpoint(f4, x4, use_reentrant=False) for _ in range(2)]
+    with pytest.raises(RuntimeError, match="cannot tell which of several calls"):
+        torch.autograd.grad((outs[0].sin() + 2 * outs[1].cos()).sum(), x4)
     want = run(False)
     for a, b in zip(run(True, context_fn=TemporalKVCache.checkpoint_contexts), want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -787,6 +787,9 @@ def test_model_configs_checked_at_construction():
             make(backend="tritno")
         with pytest.raises(ValueError, match=r"width int\(.*\) = 0 from (hidden_size|dim)=32, mlp_ratio=0"):
             make(mlp_ratio=0)
+    import numpy as np  # any integer sequence is a patch size (a Hydra / OmegaConf list, numpy)
+    for make in (tiny_causal, tiny_cog, tiny_dit):
+        assert make(patch_size=np.array([1, 2, 2])).config.patch_size == (1, 2, 2)
     from vidgen.models import ImageMoEDiT, ImageMoEDiTConfig
     with pytest.raises(ValueError, match="backend must be None or one of"):
         ImageMoEDiT(ImageMoEDiTConfig(backend="gpu"))

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -135,6 +136,26 @@ def pytest_command(suite: str, json_path: str, ns: argparse.Namespace, extra: li
     return cmd + extra
 
 
+REPORT_TITLE = "# vidgen-kernels performance report"  # report.py's first line
+
+
+def previous_report(out: str) -> list[str]:
+    """The files a previous run's report left in ``out``: its ``REPORT.md`` (recognised by its
+    title), the plots it links and the ``summary.md`` beside it; nothing when ``out`` holds no
+    such report (a folder of the user's own files keeps them)."""
+    report = os.path.join(out, "REPORT.md")
+    try:
+        with open(report) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return []
+    if not text.startswith(REPORT_TITLE):
+        return []
+    names = set(re.findall(r"\]\(([A-Za-z0-9_.-]+\.png)\)", text)) | {"summary.md"}
+    return [report] + [os.path.join(out, n) for n in sorted(names)
+                       if os.path.isfile(os.path.join(out, n))]
+
+
 def main(argv: list[str] | None = None) -> int:
     ns, extra = parse_args(argv)
     missing = [m for m in ("pytest", "pytest_benchmark") if importlib.util.find_spec(m) is None]
@@ -161,10 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"vidgen_kernels.bench: cannot create the output folders: {e}", file=sys.stderr)
         return 2
-    # never report a previous run's numbers: its JSON, tables and plots go before the run
-    stale = [json_path] + [os.path.join(out, f) for f in ("REPORT.md", "summary.md")]
-    stale += [os.path.join(out, f) for f in os.listdir(out) if f.endswith(".png")]
-    for path in stale:
+    for path in [json_path] + previous_report(out):  # never report a previous run's numbers
         if os.path.isfile(path):
             os.remove(path)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -69,9 +70,15 @@ def check_config_backend(config) -> None:
 
 
 def check_patch_size(patch_size, n: int = 3) -> tuple:
-    """``patch_size``: ``n`` ints >= 1 (a 0 was a ZeroDivisionError at the first forward)."""
-    p = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (patch_size,)
-    if len(p) != n or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in p):
+    """``patch_size``: ``n`` integers >= 1 in any sequence (tuple, list, an OmegaConf list, a
+    numpy array), returned as a tuple of Python ints (a 0 was a ZeroDivisionError at the first
+    forward)."""
+    try:
+        p = tuple(operator.index(v) for v in patch_size if not isinstance(v, bool))
+        ok = not isinstance(patch_size, str) and len(p) == len(patch_size) == n and min(p) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
         raise ValueError(f"patch_size must be {n} ints >= 1 (frames, height, width), got {patch_size!r}")
     return p
 

@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 import vidgen_kernels as vk
+from vidgen_kernels.ops._checks import check_backend_arg
 
 __all__ = ["apply", "remove", "is_patched", "FusedCogVideoXLayerNormZero", "FusedAdaLayerNorm"]
 
@@ -536,7 +537,9 @@ def apply(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
     Args:
         model: the transformer (e.g. ``pipe.transformer``).
         backend: passed to every kernel call (``None``: the current default, see
-            ``vidgen_kernels.backends``; ``"cpu"``, ``"reference"``, ``"triton"``, ...).
+            ``vidgen_kernels.backends``; ``"cpu"``, ``"reference"``, ``"triton"``, ...). An
+            unknown name raises here; a backend that cannot run on the model's current device
+            warns (``apply`` then ``.to("cuda")`` is fine) and raises at a call made there.
     Returns:
         ``model``. Applying twice is a no-op (the first patch is kept). Unsupported modules are
         left as they are with a warning naming them.
@@ -545,10 +548,7 @@ def apply(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
     from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
 
     if backend is not None:  # a typo failed only at the first forward, naming a kernel
-        choices = ("auto",) + vk.BACKENDS
-        if not isinstance(backend, str) or backend not in choices:
-            raise ValueError(f"vidgen_kernels.integrations.diffusers.apply: backend must be None "
-                             f"or one of {choices}, got {backend!r}")
+        check_backend_arg("vidgen_kernels.integrations.diffusers.apply", backend)
         dev = next((p.device for p in model.parameters()), None)
         why = vk.backends.why_unavailable(backend, dev) if dev is not None and backend != "auto" \
             else None

@@ -53,8 +53,9 @@ class TemporalKVCache:
     A recompute finds its call by the attention input's storage, which works when that input
     is the checkpointed function's own input; when ``fn`` computes it (``x + attn(norm(x))``),
     pass ``context_fn=TemporalKVCache.checkpoint_contexts``, which records the offsets in order
-    and replays them (also needed when one input tensor is passed to several calls: without it
-    their recomputes raise, as they cannot be told apart). ``reset()`` forgets the frames and the offsets; use a fresh cache (or
+    and replays them. It is also needed when one input tensor (or views of it) is read by
+    several calls on a cache, one of them checkpointed: a recompute then cannot tell the calls
+    apart and raises, rather than read another call's frames. ``reset()`` forgets the frames and the offsets; use a fresh cache (or
     ``reset()``) per sequence.
     """
 
@@ -112,7 +113,9 @@ class TemporalKVCache:
             off = self.AMBIGUOUS
         self.offsets.pop(key, None)  # (re-inserted last: the bound below drops the oldest)
         self.offsets[key] = off
-        self.owners[key] = weakref.ref(x)
+        # the owner of the storage: a view made inside the checkpointed function (x.flatten())
+        # dies after the forward while its base (the checkpoint's input) lives on
+        self.owners[key] = weakref.ref(x if x._base is None else x._base)
         while len(self.offsets) > self.MAX_OFFSETS:  # bounded: forget the oldest call
             old = next(iter(self.offsets))
             del self.offsets[old]
