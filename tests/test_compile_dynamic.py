@@ -213,3 +213,34 @@ def test_export_keeps_the_sequence_length_dynamic():
                 dynamic_shapes=({1: S},) * 3 + ({0: S},) * 2)
     args = (t(20, 3), t(20, 4), t(20, 5), *vk.rope3d_freqs(1, 1, 20, 16))
     torch.testing.assert_close(ep.module()(*args), A()(*args), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["temporal_q_offset", "apply_rope_table", "rope3d_table"])
+def test_size_errors_keep_their_message_under_dynamic_compile(which):
+    """A size the checks reject, on a later call of a fullgraph dynamic compile: the op's own
+    message (with its numbers) reaches the user. Messages that formatted symbolic sizes failed
+    in dynamo instead ("BUILD_STRING type error"), hiding what was wrong."""
+    from vidgen_kernels.nn.temporal_attention import rope_1d_tables
+    r = torch.randn
+    cases = {
+        "temporal_q_offset": (lambda q, k, o: vk.temporal_attention(q, k, k, q_offset=o),
+                              (r(1, 3, 3, 2, 16), r(1, 5, 3, 2, 16), 2),
+                              (r(1, 4, 3, 2, 16), r(1, 7, 3, 2, 16), 2),
+                              "got q_offset=2, T_q=4, T_k=7"),
+        "apply_rope_table": (lambda x, c, s, o: vk.apply_rope(x, c, s, offset=o),
+                             (r(1, 10, 2, 16), *rope_1d_tables(7, 16), 3),
+                             (r(1, 12, 2, 16), *rope_1d_tables(11, 16), 3),
+                             "the tables have 11 positions but x has only S - offset = 12 - 3 = 9"),
+        "rope3d_table": (lambda q, c, s, o: vk.rope3d_attention(q, q, q, c, s, rope_offset=o),
+                         (r(1, 12, 2, 16), *rope_1d_tables(7, 16), 5),
+                         (r(1, 14, 2, 16), *rope_1d_tables(11, 16), 5),
+                         "the RoPE table has 11 positions but only S - rope_offset = 14 - 5 = 9"),
+    }
+    fn, good, bad, msg = cases[which]
+    torch._dynamo.reset()
+    cf = torch.compile(fn, fullgraph=True, dynamic=True, backend="eager")
+    cf(*good)
+    with pytest.raises(Exception) as info:
+        cf(*bad)
+    assert msg in str(info.value), str(info.value)[:2000]
+    torch._dynamo.reset()

@@ -427,3 +427,14 @@ def test_bad_rope_theta(theta):
     from vidgen_kernels.nn.temporal_attention import rope_1d_tables
     with pytest.raises(ValueError, match="rope_1d_tables: theta must be a finite number > 0"):
         rope_1d_tables(4, 8, theta)
+
+
+def test_cache_holds_only_its_frames():
+    """After the first call the cache's keys and values are their own contiguous tensors: they
+    were views into the fused qkv output, keeping q alive too (1.5x the bytes) and giving the
+    next call other strides (an extra recompile under torch.compile)."""
+    m = make()
+    cache = TemporalKVCache()
+    m(torch.randn(1, 4 * 3, m.dim), 4, 3, kv_cache=cache)
+    for t in (cache.k, cache.v):
+        assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()

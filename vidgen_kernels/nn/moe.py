@@ -23,7 +23,9 @@ class MoEFFN(nn.Module):
     the module exposes ``aux_loss`` (Switch load-balancing loss), ``z_loss`` (router z-loss) and
     ``tokens_per_expert`` (``[E]`` int64) of that call, and ``last_output`` (the full
     ``MoEOutput`` of the routed part). Add ``aux_loss`` / ``z_loss`` (scaled) to the training loss.
-    These four are the last call's results, not module state: ``copy.deepcopy``, pickle and
+    These four are the last call's results (of any thread: a module called from several
+    threads at once needs one copy per thread, or ``moe_ffn``'s returned ``MoEOutput``), not
+    module state: ``copy.deepcopy``, pickle and
     ``torch.save(module)`` leave them out (the copy has them None until its own first call), so
     a module can be copied (an EMA copy) or saved right after a forward / backward, while they
     still hold the autograd graph.

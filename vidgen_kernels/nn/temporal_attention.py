@@ -291,7 +291,11 @@ class CausalTemporalAttention(nn.Module):
         o = temporal_attention(q, k, v, causal=self.causal, cos=cos, sin=sin,
                                interleaved=self.interleaved, q_offset=q_offset)
         if store:  # stored once the attention ran: a failed call changes nothing
-            kv_cache.k, kv_cache.v = k, v
+            # contiguous: the first call's k / v are views into the fused qkv output, which
+            # would keep q alive in the cache (1.5x the bytes) and change the strides the
+            # next call's compiled graph guards on (a copy of these frames only; later calls
+            # store torch.cat's result, already contiguous: no copy)
+            kv_cache.k, kv_cache.v = k.contiguous(), v.contiguous()
         return self.proj(o.view(B, N, C))
 
     @staticmethod

@@ -237,7 +237,8 @@ def rope3d_freqs(frames: int, height: int, width: int, head_dim: int, *, theta: 
         ``repeat_interleave(2, -1)`` (interleaved pairs).
 
     The tables are cached per ``(grid, dims, theta, device)``: repeated calls return the SAME
-    tensors (ordinary tensors, also when first built under ``torch.inference_mode``). Do not
+    tensors (ordinary tensors, also when first built under ``torch.inference_mode``; threads
+    racing on a key's first call may each get their own equal copy). Do not
     modify them in place (``.clone()`` first if you need to). Under ``torch.compile`` /
     ``torch.export`` or a dispatch mode (``FakeTensorMode``, ``make_fx``) they are computed
     there, not cached.
@@ -303,8 +304,10 @@ def _check_apply_args(x, cos, sin, interleaved, offset, op: str):
                          f"sin {tuple(sin.shape)}")
     L = cos.shape[0] if cos.dim() >= 1 else 0
     if cos.dim() == 2 and L > S - offset:
-        raise ValueError(f"{op}: the tables have {L} positions but x has only S - offset = {S} - "
-                         f"{offset} = {S - offset} positions from offset on (x shape {tuple(x.shape)})")
+        # (ints: a symbolic size in an f-string hid this message under torch.compile(dynamic))
+        raise ValueError(f"{op}: the tables have {int(L)} positions but x has only S - offset = "
+                         f"{int(S)} - {int(offset)} = {int(S - offset)} positions from offset on "
+                         f"(x shape {tuple(int(d) for d in x.shape)})")
     fp64 = x.dtype == torch.float64  # fp64 x computes in fp64: keep fp64 tables exact
     c = canon_table("cos", cos.detach(), D, L, x.device, op, interleaved, fp64)
     s = canon_table("sin", sin.detach(), D, L, x.device, op, interleaved, fp64)

@@ -150,8 +150,9 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
                 and sin.shape[0] != L:
             raise ValueError(f"{op}: cos has {L} positions but sin has {sin.shape[0]}")
         if L > Sq - rope_offset:
-            raise ValueError(f"{op}: the RoPE table has {L} positions but only S - rope_offset = "
-                             f"{Sq} - {rope_offset} = {Sq - rope_offset} tokens follow rope_offset")
+            raise ValueError(f"{op}: the RoPE table has {int(L)} positions but only S - rope_offset "
+                             f"= {int(Sq)} - {int(rope_offset)} = {int(Sq - rope_offset)} tokens "
+                             f"follow rope_offset")
         fp64 = q.dtype == torch.float64  # (only reference runs fp64: it keeps fp64 tables)
         cos = canon_table("cos", cos, D, L, q.device, op, interleaved, fp64)
         sin = canon_table("sin", sin, D, L, q.device, op, interleaved, fp64)
@@ -159,7 +160,8 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
     else:
         cos = sin = None
         if rope_offset > Sq:
-            raise ValueError(f"{op}: rope_offset={rope_offset} is beyond the sequence (S={Sq})")
+            raise ValueError(f"{op}: rope_offset={int(rope_offset)} is beyond the sequence "
+                             f"(S={int(Sq)})")
         video_len = Sq - rope_offset
     fc_block = 0
     if frame_causal:

@@ -77,7 +77,8 @@ def _check_inputs(q, k, v, cos, sin, q_offset, causal, interleaved, softmax_scal
     Tk = k.shape[1]
     if q_offset + Tq != Tk:
         raise ValueError(f"{op}: q_offset + T_q must equal T_k (q holds the newest frames of the "
-                         f"k/v sequence), got q_offset={q_offset}, T_q={Tq}, T_k={Tk}")
+                         f"k/v sequence), got q_offset={int(q_offset)}, T_q={int(Tq)}, "
+                         f"T_k={int(Tk)}")
     softmax_scale = softmax_scale_or_default(softmax_scale, D, op)
     if check_rope_pair(cos, sin, op) is not None:
         if D % 2:
