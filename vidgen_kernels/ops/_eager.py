@@ -115,7 +115,9 @@ def _vjp(forward, inputs, needs, grad_outputs, create_graph: bool) -> tuple:
     with torch.enable_grad():
         # one alias per slot: a tensor passed to several inputs (q = k = v, w1 is w2) must get
         # each slot's own gradient here, which the caller's autograd then sums; differentiated
-        # directly, every slot got the tensor's total gradient (2-3x too large)
+        # directly, every slot got the tensor's total gradient (2-3x too large). The aliases
+        # also keep the gradient to the direct path: an input that reaches the outputs again
+        # through a saved output of the op (gated AdaLN's h) would rerun the op's backward
         inputs = [t.view_as(t) if n and isinstance(t, Tensor) else t for t, n in zip(inputs, needs)]
         outs = forward(*inputs)
         outs = outs if isinstance(outs, tuple) else (outs,)

@@ -548,11 +548,8 @@ def _double_backward(ctx, dout, dh, hx, y, gate, scale, weight, bias):
     shift = torch.zeros(ctx.shift_shape, dtype=ctx.shift_dtype, device=hx.device,
                         requires_grad=nig[3])
     need_h = nig[0] or (ctx.gated and (nig[1] or nig[2]))
-    if ctx.gated:
-        # aliases: differentiating w.r.t. scale / weight / bias themselves would make autograd
-        # run this op's backward (a path to them through h), recursively
-        scale, weight, bias = (t.view_as(t) if t is not None and t.requires_grad else t
-                               for t in (scale, weight, bias))
+    # (gated: differentiating w.r.t. scale / weight / bias themselves would run this op's
+    # backward again through h, recursively; differentiable_vjp differentiates per-slot aliases)
     dhx, dshift, dscale, dw, db = differentiable_vjp(
         lambda hx, shift, scale, weight, bias: _ref_modulate(hx, shift, scale, weight, bias,
                                                              ctx.eps, ctx.is_rms),
