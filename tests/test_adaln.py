@@ -7,6 +7,7 @@ reference run in the tested dtype (``ref_lo``) as the yardstick.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -319,6 +320,28 @@ def test_unavailable_backend_says_why():
     with pytest.raises(ValueError, match="use_backend"):
         with vk.use_backend("nope"):
             pass
+
+
+def test_backend_names_have_one_check_and_one_message():
+    """Ops, use_backend, modules and model configs all reject a bad name with the same words."""
+    from vidgen import models
+    x, s = torch.randn(1, 4, 8), torch.randn(1, 8)
+    tail = re.escape(f"one of {vk.backends.CHOICES}, got 'tpu'")
+    cases = [
+        (lambda: vk.adaln_modulate(x, s, s, backend="tpu"), r"adaln_modulate\(backend=\) must be " + tail),
+        (lambda: vk.use_backend("tpu").__enter__(), r"use_backend\(name\) must be " + tail),
+        (lambda: vk.nn.MoEFFN(8, 16, 4, backend="tpu"), "MoEFFN: backend must be None or " + tail),
+        (lambda: models.VideoCausalDiT(models.VideoCausalDiTConfig(backend="tpu")),
+         "^backend must be None or " + tail),
+        (lambda: vk.backends.why_unavailable("tpu"), r"why_unavailable\(name\) must be " + tail),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            fn()
+    assert vk.backends.why_unavailable("auto") is None  # auto always runs (reference fallback)
+    assert vk.backends.check_backend_name(None, allow_none=True) is None
+    with pytest.raises(ValueError, match="backend must be one of"):
+        vk.backends.check_backend_name(None)
 
 
 @pytest.mark.triton

@@ -66,9 +66,16 @@ def _stack() -> list[tuple[str]]:
     return _local.stack
 
 
-def _check_name(name: str, what: str) -> str:
+def check_backend_name(name, what: str = "backend", *, allow_none: bool = False):
+    """``name`` if it is one of :data:`CHOICES` (or ``None`` with ``allow_none``), else a
+    ``ValueError`` that starts with ``what`` (the argument, or the module that takes it). The one
+    check of backend names: ops, ``use_backend``, the environment variable, modules and model
+    configs all call it."""
+    if name is None and allow_none:
+        return None
     if not isinstance(name, str) or name not in CHOICES:
-        raise ValueError(f"{what}: expected one of {CHOICES}, got {name!r}")
+        either = "None or " if allow_none else ""
+        raise ValueError(f"{what} must be {either}one of {CHOICES}, got {name!r}")
     return name
 
 
@@ -83,7 +90,7 @@ def use_backend(name: str) -> Iterator[None]:
     >>> with vidgen_kernels.use_backend("reference"):
     ...     out = vidgen_kernels.adaln_modulate(x, shift, scale)
     """
-    _check_name(name, "use_backend(name)")
+    check_backend_name(name, "use_backend(name)")
     entry = (name,)  # a fresh tuple: this context's own entry, removed by identity on exit
     _stack().append(entry)
     try:
@@ -103,7 +110,7 @@ def current_backend() -> str:
         return st[-1][0]
     env = os.environ.get("VIDGEN_KERNELS_BACKEND", "")
     if env:
-        return _check_name(env, "environment variable VIDGEN_KERNELS_BACKEND")
+        return check_backend_name(env, "environment variable VIDGEN_KERNELS_BACKEND")
     return "auto"
 
 
@@ -118,7 +125,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def why_unavailable(name: str, device: torch.device | str | None = None) -> str | None:
-    """``None`` if backend ``name`` can run on ``device`` here, else the reason in words."""
+    """``None`` if backend ``name`` can run on ``device`` here, else the reason in words
+    (``"auto"`` always can: it falls back to ``reference``)."""
     device = torch.device(device) if device is not None else None
     dev_type = device.type if device is not None else None
     if name == "reference":
@@ -194,7 +202,8 @@ def _why_unavailable_triton(name: str, dev_type, device) -> str | None:
         if not torch.cuda.is_available():
             return "no CUDA GPU is visible"
         return None
-    raise ValueError(f"backend: expected one of {CHOICES}, got {name!r}")
+    check_backend_name(name, "why_unavailable(name)")
+    return None  # "auto": always runs (it falls back to "reference")
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -287,7 +296,7 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype,
     its own forward-mode derivative, see there).
     Raises ``BackendUnavailableError`` when an explicitly requested backend cannot run.
     """
-    name = current_backend() if backend is None else _check_name(backend, f"{op}(backend=)")
+    name = current_backend() if backend is None else check_backend_name(backend, f"{op}(backend=)")
     transform = autodiff_transform(tensors, forward_ad) if name != "reference" else None
     if transform is not None:
         if name == "auto":

@@ -63,9 +63,7 @@ def check_config_sizes(config, *names: str) -> None:
 def check_config_backend(config) -> None:
     """``config.backend``: None (the package's selection) or a backend name, checked when the
     model is built rather than at its first forward."""
-    b = config.backend
-    if b is not None and (not isinstance(b, str) or b not in vk.backends.CHOICES):
-        raise ValueError(f"backend must be None or one of {vk.backends.CHOICES}, got {b!r}")
+    vk.backends.check_backend_name(config.backend, "backend", allow_none=True)
 
 
 def check_patch_size(patch_size, n: int = 3) -> tuple:

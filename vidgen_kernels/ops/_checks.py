@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backends import CHOICES
+from ..backends import check_backend_name
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -60,8 +60,7 @@ def check_norm_kind(owner: str, norm, name: str = "norm") -> str:
 def check_backend_arg(owner: str, backend) -> None:
     """A module's ``backend=``: None (the package's selection) or one of the backend names,
     checked when the module is built rather than at its first forward."""
-    if backend is not None and (not isinstance(backend, str) or backend not in CHOICES):
-        raise ValueError(f"{owner}: backend must be None or one of {CHOICES}, got {backend!r}")
+    check_backend_name(backend, f"{owner}: backend", allow_none=True)
 
 
 def cast_floating(dtype: torch.dtype, *tensors):
