@@ -119,15 +119,15 @@ def test_module_flags_and_sizes_are_checked():
         nn_.CausalTemporalAttention(16, 2)(torch.randn(1, 4, 16), -2, -2)
     # norm kind, eps and backend name checked when the module is built, naming the module (they
     # built and failed at the first forward, naming the op; RoPE3DAttention's eps named HeadNorm)
-    for make, msg in ((lambda: nn_.AdaLNZero(16, norm="batch"), "AdaLNZero: norm must be 'layer' or 'rms'"),
-                      (lambda: nn_.AdaLNZero(16, eps=-1.0), "AdaLNZero: eps must be a finite number"),
+    for make, msg in ((lambda: nn_.AdaLNZero(16, norm="batch"), "AdaLNZero: norm must be one of \\('layer', 'rms'\\), got 'batch'"),
+                      (lambda: nn_.AdaLNZero(16, eps=-1.0), "AdaLNZero: eps must be a finite Python float / int >= 0, got -1.0 \\(float\\)"),
                       (lambda: nn_.AdaLNZero(16, eps=float("nan")), "AdaLNZero: eps must be a finite"),
                       (lambda: nn_.LayerNormZero(8, 16, norm="batch"), "LayerNormZero: norm must be"),
                       (lambda: nn_.LayerNormZero(8, 16, eps=-1.0), "LayerNormZero: eps must be"),
                       (lambda: nn_.RoPE3DAttention(16, 2, qk_norm="rms", eps=-1.0), "RoPE3DAttention: eps"),
                       (lambda: nn_.CausalTemporalAttention(16, 2, eps=float("inf")),
                        "CausalTemporalAttention: eps"),
-                      (lambda: nn_.HeadNorm(8, kind="batch"), "HeadNorm: kind must be 'layer' or 'rms'"),
+                      (lambda: nn_.HeadNorm(8, kind="batch"), "HeadNorm: kind must be one of \\('layer', 'rms'\\)"),
                       (lambda: nn_.RoPE3DAttention(16, 2, backend="tritno"), "RoPE3DAttention: backend must be"),
                       (lambda: nn_.MoEFFN(8, 16, 4, backend="gpu"), "MoEFFN: backend must be None or one of"),
                       (lambda: nn_.HeadNorm(8, backend="CPU"), "HeadNorm: backend must be"),

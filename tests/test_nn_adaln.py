@@ -305,10 +305,10 @@ def test_head_norm_drop_in_and_errors():
         m(torch.ones(3, 8, dtype=torch.int8))
     with pytest.raises(TypeError, match="HeadNorm: x must be a torch.Tensor, got list"):
         m([1.0] * 8)
-    with pytest.raises(ValueError, match="kind must be 'layer' or 'rms'"):
+    with pytest.raises(ValueError, match="kind must be one of \\('layer', 'rms'\\)"):
         vk.nn.HeadNorm(8, "batch")
     for eps in (float("nan"), -1e-6, float("inf"), "1e-6"):  # NaN gave all-NaN outputs
-        with pytest.raises(ValueError, match="HeadNorm: eps must be a finite number >= 0"):
+        with pytest.raises(ValueError, match="HeadNorm: eps must be a finite Python float / int >= 0"):
             vk.nn.HeadNorm(8, eps=eps)
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ._common import qk_norms
+from ._common import check_qk_norm, qk_norms
 from ..ops._checks import check_backend_arg, check_eps, check_flags, check_sizes
 from ..ops.rope3d_attention import rope3d_attention
 
@@ -56,8 +56,7 @@ class RoPE3DAttention(nn.Module):
         if head_dim % 2:
             raise ValueError(f"RoPE3DAttention: RoPE needs an even head_dim, got {head_dim} "
                              f"(dim={dim}, num_heads={num_heads})")
-        if qk_norm not in (None, "layer", "rms"):
-            raise ValueError(f"RoPE3DAttention: qk_norm must be None, 'layer' or 'rms', got {qk_norm!r}")
+        check_qk_norm("RoPE3DAttention", qk_norm)
         eps = check_eps("RoPE3DAttention", eps)
         check_backend_arg("RoPE3DAttention", backend)
         fk = {"device": device, "dtype": dtype}

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import qk_norms
+from ._common import check_qk_norm, qk_norms
 from ..ops._checks import check_eps, check_flags, check_sizes
 from ..ops.rope import check_theta, tables_cacheable
 from ..ops.temporal_attention import temporal_attention
@@ -218,9 +218,7 @@ class CausalTemporalAttention(nn.Module):
                              f"{head_dim} (dim={dim}, num_heads={num_heads})")
         if rope:
             check_theta(rope_theta, "CausalTemporalAttention", "rope_theta")
-        if qk_norm not in (None, "layer", "rms"):
-            raise ValueError(f"CausalTemporalAttention: qk_norm must be None, 'layer' or 'rms', "
-                             f"got {qk_norm!r}")
+        check_qk_norm("CausalTemporalAttention", qk_norm)
         eps = check_eps("CausalTemporalAttention", eps)
         fk = {"device": device, "dtype": dtype}
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim

@@ -43,17 +43,23 @@ def check_sizes(op: str, minimum: int = 1, **sizes) -> None:
             raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {val!r}")
 
 
+NORMS = ("layer", "rms")
+
+
 def check_eps(owner: str, eps, name: str = "eps") -> float:
-    """A norm epsilon: a finite real number >= 0 (checked where a module is built, so that the
-    error names the module, not the op of its first forward)."""
+    """A norm epsilon: a finite Python float / int >= 0 (a numpy or tensor scalar would be a
+    guard torch.compile cannot trace). Modules check it where they are built, so that the error
+    names the module, not the op of its first forward; the ops check it at each call."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {eps!r}")
+        raise ValueError(f"{owner}: {name} must be a finite Python float / int >= 0, got {eps!r} "
+                         f"({type(eps).__name__})")
     return float(eps)
 
 
 def check_norm_kind(owner: str, norm, name: str = "norm") -> str:
-    if norm not in ("layer", "rms"):
-        raise ValueError(f"{owner}: {name} must be 'layer' or 'rms', got {norm!r}")
+    """A normalisation kind: one of :data:`NORMS` (``"layer"`` or ``"rms"``)."""
+    if not isinstance(norm, str) or norm not in NORMS:
+        raise ValueError(f"{owner}: {name} must be one of {NORMS}, got {norm!r}")
     return norm
 
 

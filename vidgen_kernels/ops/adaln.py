@@ -72,7 +72,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..backends import may_fall_back, resolve
-from ._checks import autocast_dtype
+from ._checks import NORMS, autocast_dtype, check_eps, check_norm_kind
 from ._eager import differentiable_vjp, eager_op
 
 __all__ = [
@@ -83,7 +83,6 @@ __all__ = [
     "NORMS",
 ]
 
-NORMS = ("layer", "rms")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Kernel backends and the input dtypes they take (checked before dispatch).
 SUPPORTED_DTYPES = {
@@ -164,12 +163,9 @@ def _check_affine(name: str, w, x: Tensor, op: str) -> Optional[Tensor]:
 
 
 def _check_norm(norm, eps, op: str) -> bool:
-    if norm not in NORMS:
-        raise ValueError(f"{op}: norm must be one of {NORMS}, got {norm!r}")
-    # Python numbers only (a numpy scalar too would be a guard torch.compile cannot trace)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-        raise ValueError(f"{op}: eps must be a finite Python float / int >= 0, got {eps!r} "
-                         f"({type(eps).__name__})")
+    """``norm`` and ``eps`` checked as the modules check them; True for RMSNorm."""
+    check_norm_kind(op, norm)
+    check_eps(op, eps)
     return norm == "rms"
 
 
