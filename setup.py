@@ -7,6 +7,9 @@
 * ``TORCH_CUDA_ARCH_LIST`` is honoured; when unset we pick "8.0;9.0+PTX" ourselves so the build
   never queries a GPU (torch's default would).
 * ``VIDGEN_KERNELS_CPU_FLAGS`` replaces the default CPU code-generation flag (``-march=native``).
+  The CPU features those flags let the compiler use are recorded next to the library
+  (``vidgen_kernels/_C.cpu_features``); on a CPU without one of them ``import vidgen_kernels``
+  leaves the extension unloaded and says which (instead of a SIGILL at the first kernel call).
 * ``VIDGEN_KERNELS_NO_EXT=1`` builds nothing (pure-PyTorch and Triton paths only).
 * No debug information (``-g0`` after Python's own ``-g``: the library is 1.3 MB instead of
   38 MB); ``VIDGEN_KERNELS_DEBUG=1`` keeps it.
@@ -49,6 +52,38 @@ def _fix_cuda_home():
     if not os.path.exists(os.path.join(guess, header)) and \
             os.path.exists(os.path.join("/usr/local/cuda", header)):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+# Compiler macros of x86 instruction-set extensions -> the name Linux gives the feature in the
+# ``flags`` line of /proc/cpuinfo (vidgen_kernels/_ext.py compares the two at import).
+_ISA_MACROS = {
+    "SSE3": "pni", "SSSE3": "ssse3", "SSE4_1": "sse4_1", "SSE4_2": "sse4_2", "POPCNT": "popcnt",
+    "AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "BMI": "bmi1", "BMI2": "bmi2",
+    "LZCNT": "abm", "MOVBE": "movbe", "AVXVNNI": "avx_vnni", "GFNI": "gfni", "VAES": "vaes",
+    "VPCLMULQDQ": "vpclmulqdq", "AVX512F": "avx512f", "AVX512CD": "avx512cd",
+    "AVX512DQ": "avx512dq", "AVX512BW": "avx512bw", "AVX512VL": "avx512vl",
+    "AVX512IFMA": "avx512ifma", "AVX512VBMI": "avx512vbmi", "AVX512VBMI2": "avx512_vbmi2",
+    "AVX512VNNI": "avx512_vnni", "AVX512BITALG": "avx512_bitalg",
+    "AVX512VPOPCNTDQ": "avx512_vpopcntdq", "AVX512BF16": "avx512_bf16",
+    "AVX512FP16": "avx512_fp16", "AMX_TILE": "amx_tile", "AMX_BF16": "amx_bf16",
+    "AMX_INT8": "amx_int8",
+}
+
+
+FEATURES_FILE = "_C.cpu_features"
+
+
+def _cpu_features(compiler: list, flags: list) -> list:
+    """The /proc/cpuinfo names of the x86 features ``flags`` let ``compiler`` use (its predefined
+    ``__AVX2__``-style macros); [] where it cannot tell (another compiler, not x86)."""
+    import subprocess
+    try:
+        out = subprocess.run([*compiler, *flags, "-dM", "-E", "-x", "c++", os.devnull],
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    macros = {line.split()[1] for line in out.splitlines() if line.startswith("#define ")}
+    return sorted(name for m, name in _ISA_MACROS.items() if f"__{m}__" in macros)
 
 
 def _extensions():
@@ -97,7 +132,30 @@ def _extensions():
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))}
+    base = BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))
+
+    class build_ext(base):
+        """Also writes ``_C.cpu_features`` beside the library (in the build folder, and in the
+        source tree for ``--inplace`` / editable installs): the CPU features the code may use."""
+
+        def build_extension(self, extension):
+            super().build_extension(extension)
+            compiler = getattr(self.compiler, "compiler_so", None) or ["c++"]
+            features = _cpu_features(list(compiler[:1]), cpu_flag)
+            path = os.path.join(os.path.dirname(self.get_ext_fullpath(extension.name)),
+                                FEATURES_FILE)
+            with open(path, "w") as f:
+                f.write(f"# CPU features vidgen_kernels._C was compiled to use "
+                        f"({' '.join(cpu_flag)})\n{' '.join(features)}\n")
+
+        def copy_extensions_to_source(self):
+            super().copy_extensions_to_source()
+            src = os.path.join(self.build_lib, "vidgen_kernels", FEATURES_FILE)
+            dst_dir = self.get_finalized_command("build_py").get_package_dir("vidgen_kernels")
+            if os.path.exists(src):
+                self.copy_file(src, os.path.join(dst_dir, FEATURES_FILE), level=self.verbose)
+
+    return [ext], {"build_ext": build_ext}
 
 
 # The benchmark suite ships inside the package (see vidgen_kernels/bench.py). benchmarks/ has no

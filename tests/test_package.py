@@ -42,6 +42,58 @@ def test_import_without_extension():
     assert "not built" in r.stdout or "failed to load" in r.stdout
 
 
+_LACKING_CPU = r"""
+import builtins, sys
+real_open = builtins.open
+def fake_open(file, *a, **k):  # a CPU whose flags lack avx2 (and everything after it)
+    if file == "/proc/cpuinfo":
+        file = sys.argv[1]
+    return real_open(file, *a, **k)
+builtins.open = fake_open
+import torch, vidgen_kernels as vk
+builtins.open = real_open
+assert vk._ext.C is None and "vidgen_kernels._C" not in sys.modules, "must not even load it"
+assert "cpu" not in vk.available_backends("cpu")
+x, s = torch.randn(2, 4, 8), torch.randn(2, 8)
+torch.testing.assert_close(vk.adaln_modulate(x, s, s), vk.adaln_modulate_reference(x, s, s))
+try:
+    vk.adaln_modulate(x, s, s, backend="cpu")
+except vk.BackendUnavailableError as e:
+    print(e)
+else:
+    raise AssertionError("backend='cpu' must raise")
+"""
+
+
+def test_extension_compiled_for_missing_cpu_features_is_not_loaded(tmp_path):
+    """An extension built with -march=native elsewhere is left unloaded, with the reason, on a
+    CPU that lacks a feature the build recorded (loading it could already SIGILL)."""
+    from vidgen_kernels._ext import missing_cpu_features
+    record, cpuinfo = tmp_path / "record", tmp_path / "cpuinfo"
+    record.write_text("# comment avx512f\nsse4_2 avx2 avx512f\n")
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx2\n\nprocessor\t: 1\n")
+    assert missing_cpu_features(str(record), str(cpuinfo)) == ["avx512f"]
+    cpuinfo.write_text("flags\t: sse4_2 avx2 avx512f avx512bw\n")
+    assert missing_cpu_features(str(record), str(cpuinfo)) == []
+    assert missing_cpu_features(str(tmp_path / "none"), str(cpuinfo)) == []  # older build
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd\n")  # no x86 flags line
+    assert missing_cpu_features(str(record), str(cpuinfo)) == []
+    if vk._ext.C is None:
+        return
+    # the build recorded what it compiled for, and this CPU has it all (else C would be None)
+    here = os.path.join(os.path.dirname(vk._ext.C.__file__), "_C.cpu_features")
+    assert os.path.exists(here), "the build must write _C.cpu_features beside the library"
+    assert missing_cpu_features(here) == []
+    need = [w for line in open(here) if not line.startswith("#") for w in line.split()]
+    cpuinfo.write_text("flags\t: fpu sse sse2 pni ssse3 sse4_1 sse4_2 popcnt\n")
+    if set(need) - {"pni", "ssse3", "sse4_1", "sse4_2", "popcnt"}:  # built beyond that CPU
+        r = subprocess.run([sys.executable, "-c", _LACKING_CPU, str(cpuinfo)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "compiled for CPU features this CPU lacks" in r.stdout, r.stdout
+        assert "VIDGEN_KERNELS_CPU_FLAGS" in r.stdout, r.stdout
+
+
 def test_cli_lists_backends():
     r = subprocess.run([sys.executable, "-m", "vidgen_kernels"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)

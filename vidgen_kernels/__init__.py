@@ -72,5 +72,5 @@ __all__ = [
 def extension_status() -> str:
     """One line on the compiled extension: built (with or without CUDA) or why not."""
     if _ext.C is None:
-        return f"compiled extension not built ({_ext.IMPORT_ERROR}); pure-PyTorch and Triton paths only"
+        return f"compiled extension not loaded ({_ext.IMPORT_ERROR}); pure-PyTorch and Triton paths only"
     return "compiled extension built: cpu kernels" + (" + cuda kernels" if _ext.has_cuda() else "")

@@ -133,13 +133,13 @@ def why_unavailable(name: str, device: torch.device | str | None = None) -> str 
         return None
     if name == "cpu":
         if not _ext.has_cpu():
-            return f"the compiled extension vidgen_kernels._C is not built ({_ext.IMPORT_ERROR})"
+            return f"the compiled extension vidgen_kernels._C is not loaded ({_ext.IMPORT_ERROR})"
         if dev_type not in (None, "cpu"):
             return f"backend 'cpu' runs CPU tensors, got tensors on {device}"
         return None
     if name == "cuda":
         if not _ext.has_cpu():
-            return f"the compiled extension vidgen_kernels._C is not built ({_ext.IMPORT_ERROR})"
+            return f"the compiled extension vidgen_kernels._C is not loaded ({_ext.IMPORT_ERROR})"
         if not _ext.has_cuda():
             return ("the extension was built without CUDA kernels (torch without CUDA, no nvcc, "
                     "or VIDGEN_KERNELS_BUILD_CUDA=0)")
