@@ -222,3 +222,55 @@ def test_flow_matching_t_must_match_the_batch_and_shift_be_finite():
     for bad in (float("nan"), float("inf"), 0.0, True):
         with pytest.raises(ValueError, match="shift"):
             FlowMatchingScheduler(shift=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_ddpm_low_precision_steps_near_zero_stay_finite_and_accurate(dtype, pred, monkeypatch):
+    """Coefficients come from abar in float64 and meet x only at the end: abar rounded to
+    fp16 / bf16 first is 1 near t = 0, which made ``ddpm_step`` 0 / 0 (an ancestral sampling loop
+    ended all NaN), ``add_noise`` add no noise and ``ddim_step`` lose its accuracy."""
+    s = DDPMScheduler(1000, "linear", prediction_type=pred)
+    x0, noise = _video()
+    out_model = torch.randn_like(x0)
+    z = torch.randn(x0.shape, dtype=torch.float64)  # the step's noise, the same in every dtype
+    monkeypatch.setattr(torch, "randn", lambda shape, generator=None, device=None, dtype=None:
+                        z.to(dtype).reshape(shape))
+    for step in (0, 1, 3, 5, 10):
+        t = torch.full((3,), step)
+        xt64 = s.add_noise(x0.double(), noise.double(), t)
+        xt = xt64.to(dtype)
+        for name, fn in (("ddpm", lambda x, m: s.ddpm_step(m, t, x)),
+                         ("ddim", lambda x, m: s.ddim_step(m, t, t - 1, x))):
+            want = fn(xt.double(), out_model.to(dtype).double())
+            got = fn(xt, out_model.to(dtype))
+            assert got.dtype == dtype and torch.isfinite(got).all(), (name, step)
+            # vs the fp64 step from the same rounded inputs: the error of one rounding of the
+            # result (measured <= 1.25 eps of the largest value) plus that of the coefficients, not O(1)
+            err = (got.double() - want).abs().max().item()
+            assert err <= 4 * torch.finfo(dtype).eps * want.abs().max().item(), (name, step, err)
+    # add_noise at t = 0 adds sqrt(1 - abar_0) = 1e-2 of noise also in bf16 / fp16
+    t0 = torch.zeros(3, dtype=torch.long)
+    diff = s.add_noise(x0.to(dtype), noise.to(dtype), t0).double() - x0.to(dtype).double()
+    assert diff.abs().max() > 1e-3
+
+
+def test_schedulers_check_their_arguments_where_they_are_built():
+    for kwargs, msg in (({"num_train_timesteps": 0}, "num_train_timesteps must be an int >= 1, got 0"),
+                        ({"num_train_timesteps": 2.5}, "num_train_timesteps must be an int >= 1"),
+                        ({"beta_end": 1.5}, r"beta_end must be a number in \(0, 1\), got 1.5"),
+                        ({"beta_start": -1e-4}, "beta_start must be a number in"),
+                        ({"beta_start": 0.1, "beta_end": 0.01}, "beta_start must be <= beta_end")):
+        with pytest.raises(ValueError, match=msg):
+            DDPMScheduler(**kwargs)
+    DDPMScheduler(10, "cosine", beta_end=5.0)  # the cosine schedule takes no betas
+    for n in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1"):
+            FlowMatchingScheduler(num_inference_steps=n)
+    s = DDPMScheduler(1000)
+    x = torch.randn(1, 4)
+    with pytest.raises(ValueError, match=r"t must be steps in \[0, 999\], got tensor\(-1\)"):
+        s.ddpm_step(x, -1, x)
+    for step in (s.ddpm_step, lambda m, t, x, t_prev: s.ddim_step(m, t, t_prev, x)):
+        with pytest.raises(ValueError, match=r"t_prev must be < t .*t=\[5\] and t_prev=\[7\]"):
+            step(x, torch.tensor([5]), x, torch.tensor([7]))

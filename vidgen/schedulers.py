@@ -23,17 +23,29 @@ from torch import Tensor
 __all__ = ["FlowMatchingScheduler", "DDPMScheduler"]
 
 
-def _expand(t: Tensor, x: Tensor) -> Tensor:
+def _expand(t: Tensor, x: Tensor, cast: bool = True) -> Tensor:
     """Broadcast ``t`` (scalar, ``[B]`` or per-frame ``[B, T]``, each dim 1 or x's) against
-    ``x`` ``[B, ...]``."""
+    ``x`` ``[B, ...]`` (a floating ``t`` cast to x's dtype unless ``cast=False``)."""
     t = torch.as_tensor(t, device=x.device)
     if t.dim() > x.dim() or any(not (t.shape[i] == 1 or t.shape[i] == x.shape[i])
                                 for i in range(t.dim())):
         raise ValueError(f"t must be a scalar, [B] or per-frame [B, T] matching x's leading dims "
                          f"{tuple(x.shape[:2])} (or 1), got shape {tuple(t.shape)}")
-    if t.is_floating_point():
+    if cast and t.is_floating_point():
         t = t.to(x.dtype)
     return t.reshape(*t.shape, *([1] * (x.dim() - t.dim())))
+
+
+def _check_steps(n, name: str = "num_inference_steps") -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {n!r}")
+
+
+def _hi(x: Tensor) -> torch.dtype:
+    """The dtype schedule coefficients are computed in before they meet ``x``: float64 (float32
+    on MPS, which has no float64). ``1 - abar`` near ``t = 0`` is lost when abar is first rounded
+    to fp16 / bf16 (abar rounds to 1: zero noise, 0/0 in the DDPM posterior)."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
 
 
 class FlowMatchingScheduler:
@@ -49,6 +61,7 @@ class FlowMatchingScheduler:
         if isinstance(shift, bool) or not isinstance(shift, (int, float)) or \
                 not 0 < shift < math.inf:
             raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+        _check_steps(num_inference_steps)
         self.num_inference_steps = num_inference_steps
         self.shift = float(shift)
 
@@ -79,8 +92,7 @@ class FlowMatchingScheduler:
     def timesteps(self, num_inference_steps: Optional[int] = None, device=None) -> Tensor:
         """``N + 1`` decreasing times from 1 to 0 (shifted): step ``i`` goes ``t[i] -> t[i+1]``."""
         n = self.num_inference_steps if num_inference_steps is None else num_inference_steps
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"num_inference_steps must be an int >= 1, got {n!r}")
+        _check_steps(n)
         return self.shift_t(torch.linspace(1.0, 0.0, n + 1, device=device))
 
     @staticmethod
@@ -94,6 +106,15 @@ class FlowMatchingScheduler:
     def predict_x0(velocity: Tensor, t: Tensor, x_t: Tensor) -> Tensor:
         """``x_0 = x_t - t * v``."""
         return x_t - _expand(t, x_t) * velocity
+
+
+def _check_order(t, t_prev) -> None:
+    """``t_prev < t`` elementwise where it costs no device sync (CPU tensors, numbers)."""
+    t, t_prev = torch.as_tensor(t), torch.as_tensor(t_prev)
+    if t.device.type == "cpu" and t_prev.device.type == "cpu" and t.numel() and t_prev.numel() \
+            and bool((t_prev >= t).any()):
+        raise ValueError(f"DDPMScheduler: t_prev must be < t (a step goes towards 0), got "
+                         f"t={t.tolist()} and t_prev={t_prev.tolist()}")
 
 
 def _cosine_betas(n: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -120,7 +141,13 @@ class DDPMScheduler:
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
                  beta_start: float = 1e-4, beta_end: float = 0.02,
                  prediction_type: str = "epsilon", timestep_spacing: str = "leading"):
+        _check_steps(num_train_timesteps, "num_train_timesteps")
         if beta_schedule == "linear":
+            for name, b in (("beta_start", beta_start), ("beta_end", beta_end)):
+                if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1:
+                    raise ValueError(f"{name} must be a number in (0, 1), got {b!r}")
+            if beta_start > beta_end:
+                raise ValueError(f"beta_start must be <= beta_end, got {beta_start!r} > {beta_end!r}")
             betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
         elif beta_schedule == "cosine":
             betas = _cosine_betas(num_train_timesteps)
@@ -153,11 +180,17 @@ class DDPMScheduler:
                              f"{self.num_train_timesteps - 1}], got {src!r}")
         return t.to(self.alphas_cumprod.device).long()
 
-    def _abar(self, t: Tensor, like: Tensor) -> Tensor:
-        """``abar_t`` broadcast to ``like``; ``t = -1`` means ``abar = 1`` (the clean sample)."""
-        t = self._steps(t, -1)
+    def _abar(self, t: Tensor, like: Tensor, lowest: int = -1) -> Tensor:
+        """``abar_t`` broadcast to ``like``, in float64 (:func:`_hi`: the coefficients built from
+        it are cast to ``like``'s dtype only at the end); ``t = -1`` means ``abar = 1`` (the
+        clean sample)."""
+        t = self._steps(t, lowest)
         ab = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones((), dtype=torch.float64))
-        return _expand(ab.to(device=like.device, dtype=like.dtype), like)
+        return _expand(ab.to(device=like.device, dtype=_hi(like)), like, cast=False)
+
+    def _coef(self, like: Tensor, *coefs: Tensor):
+        """``coefs`` (float64) cast to ``like``'s dtype."""
+        return tuple(c.to(like.dtype) for c in coefs)
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio ``abar / (1 - abar)`` at integer steps ``t`` in ``[0, N)``."""
@@ -168,12 +201,14 @@ class DDPMScheduler:
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """``sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise``."""
         ab = self._abar(t, x0)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        a, s = self._coef(x0, ab.sqrt(), (1 - ab).sqrt())
+        return a * x0 + s * noise
 
     def get_velocity(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """``v = sqrt(abar) noise - sqrt(1 - abar) x_0``."""
         ab = self._abar(t, x0)
-        return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+        a, s = self._coef(x0, ab.sqrt(), (1 - ab).sqrt())
+        return a * noise - s * x0
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """The regression target for :attr:`prediction_type`."""
@@ -194,7 +229,7 @@ class DDPMScheduler:
     def pred_x0_eps(self, model_output: Tensor, t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
         """``(x_0, eps)`` implied by the model output at step ``t``."""
         ab = self._abar(t, x_t)
-        a, s = ab.sqrt(), (1 - ab).sqrt()
+        a, s = self._coef(x_t, ab.sqrt(), (1 - ab).sqrt())
         if self.prediction_type == "epsilon":
             eps = model_output
             x0 = (x_t - s * eps) / a
@@ -218,9 +253,11 @@ class DDPMScheduler:
     def ddim_step(self, model_output: Tensor, t: Tensor, t_prev: Tensor, x_t: Tensor) -> Tensor:
         """Deterministic DDIM (eta 0): ``x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev) eps``;
         ``t_prev = -1`` returns ``x_0``."""
+        _check_order(t, t_prev)
         x0, eps = self.pred_x0_eps(model_output, t, x_t)
         ab_prev = self._abar(t_prev, x_t)
-        return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+        a, s = self._coef(x_t, ab_prev.sqrt(), (1 - ab_prev).sqrt())
+        return a * x0 + s * eps
 
     def ddpm_step(self, model_output: Tensor, t: Tensor, x_t: Tensor, t_prev: Optional[Tensor] = None,
                   *, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -229,14 +266,16 @@ class DDPMScheduler:
         ``(1 - abar_prev) / (1 - abar_t) * beta``, with ``beta = 1 - abar_t / abar_prev``.
         No noise is added when ``t_prev < 0``."""
         t = torch.as_tensor(t, device=x_t.device)
+        self._steps(t, 0)  # checked as given (t = -1 was reported as its t_prev, -2)
         t_prev = t - 1 if t_prev is None else torch.as_tensor(t_prev, device=x_t.device)
+        _check_order(t, t_prev)
         x0, _ = self.pred_x0_eps(model_output, t, x_t)
-        ab, ab_prev = self._abar(t, x_t), self._abar(t_prev, x_t)
+        ab, ab_prev = self._abar(t, x_t, lowest=0), self._abar(t_prev, x_t)
         beta = 1 - ab / ab_prev
         c0 = ab_prev.sqrt() * beta / (1 - ab)
         ct = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
-        mean = c0 * x0 + ct * x_t
         var = (1 - ab_prev) / (1 - ab) * beta
+        sd = var.clamp(min=1e-20).sqrt() * _expand(t_prev >= 0, x_t)  # no noise into x_0
+        c0, ct, sd = self._coef(x_t, c0, ct, sd)
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        nonzero = _expand((t_prev >= 0).to(x_t.dtype), x_t)
-        return mean + nonzero * var.clamp(min=1e-20).sqrt() * noise
+        return c0 * x0 + ct * x_t + sd * noise
