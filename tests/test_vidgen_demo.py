@@ -130,12 +130,32 @@ def test_auto_threads_reads_current_cpu_use(monkeypatch):
     (["--set", "start=bogus"], "start must be one of ('random', 'edge'), got 'bogus'"),
     (["--set", "causal_temporal=maybe"], "causal_temporal takes a value like False, got 'maybe'"),
     (["--set", "hidden=abc"], "hidden takes a value like 96, got 'abc'"),
+    # range checks before any training (these failed minutes in, or ran to the end wrong)
+    (["--set", "grad_clip=-1"], "setting grad_clip must be > 0, got -1.0"),
+    (["--set", "grad_clip=0"], "setting grad_clip must be > 0, got 0.0"),
+    (["--set", "guidance=nan"], "setting guidance must be finite, got nan"),
+    (["--set", "sample_steps=0"], "setting sample_steps must be >= 1, got 0"),
+    (["--set", "samples_per_direction=0"], "setting samples_per_direction must be >= 1"),
+    (["--set", "steps=-5"], "setting steps must be >= 0, got -5"),
+    (["--set", "timing_rounds=0"], "setting timing_rounds must be >= 1"),
+    (["--set", "batch=0"], "setting batch must be >= 1"),
+    (["--set", "text_dim=0"], "setting text_dim must be >= 1"),
+    (["--set", "shift=0"], "setting shift must be > 0"),
+    (["--set", "lr=nan"], "setting lr must be > 0, got nan"),
+    (["--set", "cfg_drop=1.5"], "setting cfg_drop must be in [0, 1], got 1.5"),
+    (["--set", "ema_decay=2"], "setting ema_decay must be in [0, 1], got 2.0"),
+    (["--set", "size=10"], "setting size must be >= 14 for 4 frames"),
+    (["--set", "size=18"], "setting size must be a multiple of 4"),
+    (["--set", "frames=3", "--set", "patch=2,2,2"], "setting frames must be a multiple of the patch's t = 2"),
+    (["--set", "heads=3"], "setting hidden_size must be divisible by num_heads"),
 ])
-def test_demo_cli_rejects_bad_arguments(tmp_path, capsys, args, msg):
+def test_demo_cli_rejects_bad_arguments(tmp_path, capsys, args, msg, monkeypatch):
     """Bad options exit 2 with a message naming the option, before any work (they ran with
     negative step counts, or ended in tracebacks: CUDA asserts, FileExistsError, KeyError-like
     setattr errors; --set start=bogus ran as 'edge')."""
+    from vidgen import demo
     from vidgen.demo import main
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: pytest.fail("ran the demo"))
     with pytest.raises(SystemExit) as e:
         main(["--tiny", "--out", str(tmp_path / "o")] + args)
     assert e.value.code == 2
@@ -147,3 +167,16 @@ def test_demo_cli_rejects_bad_arguments(tmp_path, capsys, args, msg):
     assert f"--out {f} is a file, not a folder" in capsys.readouterr().err
     with pytest.raises(ValueError, match="start must be 'random' or 'edge'"):
         moving_object_videos(1, 4, 16, start="bogus")
+
+
+def test_image_writers_refuse_silent_casts(tmp_path):
+    """Float images (0.9 was cast to 0) and integers beyond [0, 255] (wrapped) are a TypeError
+    that says how to scale; integer images in range are taken as they are."""
+    for img, fn, name in ((np.full((4, 5), 0.9), write_png, "write_png: img"),
+                          (np.full((2, 4, 5), 0.9, np.float32), write_gif, "write_gif: frames"),
+                          (np.full((4, 5), 300), write_png, "write_png: img"),
+                          (np.full((2, 4, 5), -1), write_gif, "write_gif: frames")):
+        with pytest.raises(TypeError, match=f"{name} must be uint8 .*got (float|int)"):
+            fn(str(tmp_path / "x"), img)
+    write_png(str(tmp_path / "ok.png"), np.full((4, 5), 200, np.int64))
+    write_gif(str(tmp_path / "ok.gif"), np.full((2, 4, 5), 7, np.int32))

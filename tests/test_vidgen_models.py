@@ -2,6 +2,7 @@
 training utilities and the CFG pipeline."""
 import json
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -829,3 +830,40 @@ def test_training_utilities_and_configs_reject_bad_arguments():
         generate_video(m, c, c, seed="a", **kw)
     with pytest.raises(ValueError, match="height must be"):
         generate_video(m, c, c, **dict(kw, height=-4))
+    for g in (float("nan"), float("inf")):  # gave all-NaN videos without an error
+        with pytest.raises(ValueError, match="guidance_scale must be finite"):
+            generate_video(m, c, c, guidance_scale=g, **kw)
+    for bs in (1.5, "2", True):
+        with pytest.raises(TypeError, match="batch_size must be an int or None"):
+            generate_video(m, c, c, batch_size=bs, **kw)
+    # EMA.update of another architecture: was a silent partial update (zip stops early)
+    ema = EMA(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2)))
+    for other, why in ((torch.nn.Sequential(torch.nn.Linear(2, 3)), "2 vs 4"),
+                       (torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 4)),
+                        r"1.weight \(2, 3\) vs 1.weight \(4, 3\)")):
+        with pytest.raises(ValueError, match=f"EMA.update: model's parameters differ .*{why}"):
+            ema.update(other)
+    assert ema.num_updates == 0
+
+
+def test_generate_video_draws_noise_on_the_generators_device():
+    """A generator on another device than the CPU (diffusers' habit: a CUDA generator) draws the
+    initial noise there; it raised 'Expected a cpu device type for generator'. Seen here with a
+    meta generator stand-in: torch.randn is called with the generator's device."""
+    m = tiny_dit()
+    c = torch.randn(1, 3, TEXT_DIM)
+    kw = dict(num_frames=2, height=4, width=4, num_inference_steps=1, show_progress=False)
+    seen = []
+    real = torch.randn
+
+    def spy(*a, **k):
+        seen.append(k.get("device"))
+        return real(*a, **k)
+    g = torch.Generator().manual_seed(0)
+    with mock.patch("torch.randn", spy):
+        a = generate_video(m, c, c, generator=g, **kw)
+    assert seen[0] == g.device
+    torch.testing.assert_close(a, generate_video(m, c, c, seed=0, **kw))  # seeds: CPU noise
+    if torch.cuda.is_available():
+        gc = torch.Generator("cuda").manual_seed(0)
+        assert generate_video(m, c, c, generator=gc, **kw).shape == a.shape

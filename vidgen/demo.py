@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import os
 import platform
 import time
@@ -129,6 +130,50 @@ TINY = dict(patch=(1, 2, 2), steps=6, vae_steps=4, batch=4, vae_batch=2, vae_cha
             samples_per_direction=1, sample_steps=2, timing_rounds=1)
 
 
+_AT_LEAST_1 = ("batch", "vae_batch", "vae_channels", "frames", "size", "hidden", "depth", "heads",
+               "text_dim", "samples_per_direction", "sample_steps", "timing_rounds")
+_POSITIVE = ("shift", "lr", "vae_lr", "grad_clip")  # > 0 (grad_clip <= 0 flipped or zeroed grads)
+_UNIT = ("ema_decay", "cfg_drop")  # in [0, 1]
+
+
+def check_config(cfg: DemoConfig) -> None:
+    """Every setting in range before any work (a bad one used to fail after minutes of training,
+    or to run to the end wrong: grad_clip=-1 trained by gradient ascent); ValueError naming it."""
+    def bad(name, want):
+        raise ValueError(f"{name} must be {want}, got {getattr(cfg, name)!r}")
+    for name in ("steps", "vae_steps"):
+        if getattr(cfg, name) < 0:
+            bad(name, ">= 0")
+    for name in _AT_LEAST_1:
+        if getattr(cfg, name) < 1:
+            bad(name, ">= 1")
+    for name in _POSITIVE:
+        if not 0 < getattr(cfg, name) <= math.inf:
+            bad(name, "> 0")
+    for name in _UNIT:
+        if not 0 <= getattr(cfg, name) <= 1:
+            bad(name, "in [0, 1]")
+    if not math.isfinite(cfg.guidance):
+        bad("guidance", "finite")
+    if len(cfg.patch) != 3 or any(p < 1 for p in cfg.patch):
+        bad("patch", "three ints >= 1 (t,h,w)")
+    if cfg.start not in _CHOICES["start"]:
+        bad("start", f"one of {_CHOICES['start']}")
+    fit = 8 + 2 * (cfg.frames - 1)  # the largest square (8 px) and its path (2 px per frame)
+    if cfg.size < fit:
+        bad("size", f">= {fit} for {cfg.frames} frames (an 8-px square moving 2 px per frame)")
+    down = 4  # SmallVideoVAE(num_down=2)
+    if cfg.size % down or (cfg.size // down) % cfg.patch[1] or (cfg.size // down) % cfg.patch[2]:
+        bad("size", f"a multiple of {down} (the VAE) whose latent size size/{down} the patch's "
+                    f"h, w = {cfg.patch[1:]} divide")
+    if cfg.frames % cfg.patch[0]:
+        bad("frames", f"a multiple of the patch's t = {cfg.patch[0]}")
+    with torch.device("meta"):  # the model's own checks (hidden / heads, head_dim, ...), no memory
+        LatentVideoDiT(LatentVideoDiTConfig(in_channels=4, patch_size=cfg.patch, hidden_size=cfg.hidden,
+                                            depth=cfg.depth, num_heads=cfg.heads, text_dim=cfg.text_dim,
+                                            causal_temporal=cfg.causal_temporal))
+
+
 def _to_uint8(v: torch.Tensor) -> np.ndarray:
     return ((v.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
@@ -231,6 +276,7 @@ def run_demo(out: str = "out", steps: int = None, seed: int = 0, device: str = N
         if not hasattr(cfg, k):
             raise ValueError(f"unknown demo setting {k!r}")
         setattr(cfg, k, type(getattr(cfg, k))(v) if not isinstance(getattr(cfg, k), (tuple, bool)) else v)
+    check_config(cfg)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(seed)
@@ -460,6 +506,14 @@ def main(argv=None):
         except ValueError as e:
             p.error(f"--set {item}: {e}")
         overrides[k] = v
+    cfg = DemoConfig(**(TINY if a.tiny else {}))
+    for k, v in dict(overrides, **{k: getattr(a, k) for k in ("steps", "vae_steps")
+                                   if getattr(a, k) is not None}).items():
+        setattr(cfg, k, v)
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        p.error(f"setting {e}")
     res = run_demo(out=a.out, steps=a.steps, seed=a.seed, device=a.device, tiny=a.tiny,
                    vae_steps=a.vae_steps, quiet=a.quiet, threads=a.threads,
                    overrides=overrides)

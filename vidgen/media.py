@@ -13,8 +13,21 @@ import numpy as np
 __all__ = ["write_png", "write_gif", "plot_lines"]
 
 
+def _as_u8(a, what: str) -> np.ndarray:
+    """``a`` as uint8 without a silent cast: integer values must already lie in [0, 255] (a float
+    image in [0, 1] was cast to all zeros)."""
+    a = np.asarray(a)
+    if a.dtype != np.uint8:
+        if not np.issubdtype(a.dtype, np.integer) or (a.size and (a.min() < 0 or a.max() > 255)):
+            raise TypeError(f"{what} must be uint8 (or integers in [0, 255]), got {a.dtype}"
+                            f"{'' if not a.size else f' in [{a.min()}, {a.max()}]'}; scale float "
+                            f"images with (x * 255).round().clip(0, 255).astype(np.uint8)")
+    return np.ascontiguousarray(a, dtype=np.uint8)
+
+
 def write_png(path: str, img: np.ndarray) -> None:
-    img = np.ascontiguousarray(img, dtype=np.uint8)
+    """``img [H, W]`` grey or ``[H, W, 3]`` RGB, uint8 -> PNG."""
+    img = _as_u8(img, "write_png: img")
     if img.ndim == 2:
         color = 0
     elif img.ndim == 3 and img.shape[2] == 3:
@@ -61,7 +74,7 @@ def _lzw_gray(pixels: bytes) -> bytes:
 
 def write_gif(path: str, frames: np.ndarray, duration_ms: int = 150) -> None:
     """``frames [N, H, W]`` uint8 greyscale -> looping animated GIF."""
-    frames = np.asarray(frames, dtype=np.uint8)
+    frames = _as_u8(frames, "write_gif: frames")
     if frames.ndim != 3:
         raise ValueError(f"expected [N, H, W] uint8 frames, got {frames.shape}")
     N, H, W = frames.shape

@@ -5,6 +5,7 @@ The conditional and null embeddings go through ONE forward per step (batched ``[
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -38,6 +39,10 @@ def generate_video(model: nn.Module, text: Tensor, null_text: Tensor, *, num_fra
                         f"predict flow-matching velocities), got {type(scheduler).__name__}")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
         raise TypeError(f"generate_video: guidance_scale must be a number, got {guidance_scale!r}")
+    if not math.isfinite(guidance_scale):  # nan / inf gave all-NaN videos without a word
+        raise ValueError(f"generate_video: guidance_scale must be finite, got {guidance_scale!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)):
+        raise TypeError(f"generate_video: batch_size must be an int or None, got {batch_size!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"generate_video: seed must be an int, got {seed!r}")
     for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
@@ -60,13 +65,15 @@ def generate_video(model: nn.Module, text: Tensor, null_text: Tensor, *, num_fra
         raise ValueError(f"null_text must be [1, L, D] or [B, L, D] with text's B, L, D = "
                          f"{tuple(text.shape)}, got {tuple(null_text.shape)}")
     if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        raise ValueError(f"generate_video: batch_size must be >= 1 or None, got {batch_size}")
     text = text.to(device, dtype)
     null_text = null_text.to(device, dtype)
     if null_text.shape[0] == 1:
         null_text = null_text.expand(B, -1, -1)
-    # noise drawn on the CPU generator so that seeds give the same videos on every device
-    x = torch.randn((B, num_frames, channels, height, width), generator=generator).to(device, dtype)
+    # noise drawn on the generator's device (a seed: a CPU generator, so that seeds give the
+    # same videos on every device; a CUDA generator draws on its GPU)
+    x = torch.randn((B, num_frames, channels, height, width), generator=generator,
+                    device=generator.device if generator is not None else "cpu").to(device, dtype)
     ts = scheduler.timesteps(num_inference_steps, device=device)
     if B == 0:
         num_inference_steps = 0

@@ -71,6 +71,14 @@ def make_optimizer(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
 
 
+def _first_difference(a, b) -> str:
+    for (na, x), (nb, y) in zip(a, b):
+        if x.shape != y.shape:
+            return f"{na} {tuple(x.shape)} vs {nb} {tuple(y.shape)}"
+    longer = a if len(a) > len(b) else b
+    return longer[min(len(a), len(b))][0]
+
+
 class EMA:
     """Exponential moving average of a model's parameters (buffers copied).
 
@@ -87,11 +95,20 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module):
+        """Move the average towards ``model`` (the model it was built from, or one of the same
+        architecture: same parameters and buffers in the same order and shapes)."""
+        ours, theirs = list(self.model.named_parameters()), list(model.named_parameters())
+        ours_b, theirs_b = list(self.model.named_buffers()), list(model.named_buffers())
+        for what, a, b in (("parameters", ours, theirs), ("buffers", ours_b, theirs_b)):
+            if len(a) != len(b) or any(x.shape != y.shape for (_, x), (_, y) in zip(a, b)):
+                raise ValueError(f"EMA.update: model's {what} differ from the averaged model's "
+                                 f"({len(b)} vs {len(a)}; first differing: "
+                                 f"{_first_difference(a, b)}): pass the model the EMA was built from")
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for pe, p in zip(self.model.parameters(), model.parameters()):
+        for (_, pe), (_, p) in zip(ours, theirs):
             pe.lerp_(p.detach(), 1 - d)
-        for be, b in zip(self.model.buffers(), model.buffers()):
+        for (_, be), (_, b) in zip(ours_b, theirs_b):
             be.copy_(b)
 
     def state_dict(self):
