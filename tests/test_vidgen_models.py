@@ -174,6 +174,21 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("ext", [".safetensors", ".pt"])
+def test_checkpoint_of_tied_weights(tmp_path, ext):
+    """Tied weights (one tensor under two names) save as .safetensors too (safetensors refused
+    the shared memory; .pt worked) and load back into a tied model."""
+    def make():
+        m = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
+        m[1].weight = m[0].weight
+        return m
+    m = make()
+    path = save_checkpoint(str(tmp_path / f"m{ext}"), m)
+    m2 = make()
+    load_checkpoint(path, m2)
+    assert torch.equal(m2[0].weight, m[0].weight) and m2[1].weight is m2[0].weight
+
+
+@pytest.mark.parametrize("ext", [".safetensors", ".pt"])
 def test_checkpoint_dataclass_config_and_map_location(tmp_path, ext):
     """A model's dataclass ``.config`` is stored as its dict (it came back as the repr string);
     ``map_location=None`` loads a .safetensors file on the CPU like a .pt one (it raised

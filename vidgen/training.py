@@ -126,7 +126,14 @@ def save_checkpoint(path: str, model: nn.Module, *, config: Optional[dict] = Non
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if dataclasses.is_dataclass(config) and not isinstance(config, type):  # a model's .config
         config = dataclasses.asdict(config)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd, seen = {}, set()
+    for k, v in model.state_dict().items():
+        v = v.detach().contiguous().cpu()
+        key = v.untyped_storage().data_ptr() if v.numel() else None
+        # tied weights (one tensor under two names) or views of one storage: safetensors refuses
+        # shared memory, so each later one is saved as a copy
+        sd[k] = v.clone() if key in seen else v
+        seen.add(key)
     meta = {"config": json.dumps(config or {}, default=str)}
     if path.endswith(".safetensors"):
         if _st is None:
