@@ -535,6 +535,38 @@ def test_triton_head_dim_limit():
                                    vk.temporal_attention_reference(q, q, q))
 
 
+@pytest.mark.triton
+def test_triton_fp32_tile_limit():
+    """float32 key tiles beyond MAX_TILE_FP32 elements do not fit a GPU's shared memory (an
+    OutOfResources at launch on sm_80 / sm_90, seen in AOT builds): a named triton backend raises
+    a ValueError naming the limit, the default choice falls back to the reference; fp16 takes
+    them. The op's rule and the kernel module's agree."""
+    if why_unavailable("triton", "cpu"):
+        pytest.skip(why_unavailable("triton", "cpu"))
+    from vidgen_kernels.triton_kernels import temporal_attention as tk
+    for T in (1, 16, 17, 32, 33, 64, 65, 128):
+        for D in (8, 32, 33, 64, 65, 128, 129, 256):
+            op_says = ta._fp32_tile_error("triton", T, D, torch.float32)
+            assert (op_says is None) == (tk.fp32_tile_error(T, D, torch.float32) is None), (T, D)
+            assert ta._fp32_tile_error("triton", T, D, torch.float16) is None
+            if (T, D) in ((128, 64), (64, 128), (32, 256)):
+                assert op_says is None, (T, D)
+            if (T, D) in ((65, 128), (33, 256), (128, 65)):
+                assert op_says is not None, (T, D)
+    T, D = 33, 256
+    q, k, v = (torch.randn(1, T, 1, 1, D) for _ in range(3))
+    q = q[:, -2:]
+    with pytest.raises(ValueError, match=r"backend 'triton' supports float32 T_k x head_dim .*"
+                                         r"<= 8192 .*got T_k=33, head_dim=256"):
+        vk.temporal_attention(q, k, v, q_offset=T - 2, backend="triton")
+    with pytest.raises(ValueError, match="the triton kernels support float32 T_k x head_dim"):
+        tk.temporal_attn_fwd(q, k, v, None, None, torch.empty_like(q),
+                             torch.empty(1, 1, 1, 2), True, True, T - 2, 0.1)
+    with vk.use_backend("triton"):
+        torch.testing.assert_close(vk.temporal_attention(q, k, v, q_offset=T - 2),
+                                   vk.temporal_attention_reference(q, k, v, q_offset=T - 2))
+
+
 def test_backend_choice():
     q = torch.randn(1, 3, 2, 1, 8)
     with pytest.raises(vk.BackendUnavailableError, match="no implementation of this op"):

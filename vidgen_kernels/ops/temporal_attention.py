@@ -58,6 +58,24 @@ SUPPORTED_DTYPES = {
 # raise (explicit backend).
 MAX_T = {"cpu": None, "triton": 128}
 MAX_D = {"cpu": None, "triton": 256}
+# float32: key tiles (T_k x head_dim, each padded to a power of two, >= 16 x 32) of at most this
+# many elements; larger fp32 tiles do not fit the GPU's shared memory (see
+# triton_kernels/temporal_attention.py, which checks the same rule as its contract).
+MAX_TILE_FP32 = {"cpu": None, "triton": 8192}
+
+
+def _fp32_tile_error(name: str, Tk: int, D: int, dtype) -> Optional[str]:
+    """Why backend ``name`` cannot hold float32 tiles of ``Tk`` keys x ``D``, or None."""
+    lim = MAX_TILE_FP32.get(name)
+    if lim is None or dtype != torch.float32:
+        return None
+    pow2 = lambda n: 1 << max(int(n) - 1, 0).bit_length()  # noqa: E731
+    if max(pow2(Tk), 16) * max(pow2(D), 32) <= lim:
+        return None
+    return (f"float32 T_k x head_dim (each padded to a power of two) <= {lim} (T_k <= 32 at "
+            f"head_dim 256, <= 64 at 128, <= 128 at 64: the tiles' shared memory; fp16 / bf16 "
+            f"take T_k <= {MAX_T[name]}, head_dim <= {MAX_D[name]}), got T_k={int(Tk)}, "
+            f"head_dim={int(D)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,6 +325,11 @@ def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                 name = "reference"
             else:
                 raise ValueError(f"{op}: backend {name!r} supports {what} <= {lim}, got {val}")
+    why = _fp32_tile_error(name, Tk, D, q.dtype)
+    if why is not None:
+        if not may_fall_back(backend):
+            raise ValueError(f"{op}: backend {name!r} supports {why}")
+        name = "reference"
     if name == "reference":
         out, _, _, _ = _attend(_to_seq(q), _to_seq(k), _to_seq(v), cos, sin, causal, interleaved,
                                q_offset, scale)

@@ -257,6 +257,19 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], None]]]:
                 add("temporal_attention", f"D={D} T={T} S={S}{' rope' if rope else ''}"
                     f"{f' q_offset={q_off}' if q_off else ''} {str(dt)[6:]}", f)
 
+    # temporal attention at the float32 tile limit (MAX_TILE_FP32: padded T_k x D = 8192) and
+    # 16-bit at the longest sequences: the shared memory of the largest builds
+    if not quick:
+        for dt, D, T in ((torch.float32, 64, 128), (torch.float32, 128, 64), (torch.float32, 256, 32),
+                         (torch.bfloat16, 64, 49), (torch.bfloat16, 128, 128), (torch.bfloat16, 256, 128)):
+            def f(dt=dt, D=D, T=T):
+                B, S, H = 1, 256, 4  # one sequence per program at these tiles, as at any S
+                q, k, v = (leaf(B, T, S, H, D, dtype=dt) for _ in range(3))
+                cos, sin = vk.rope3d_freqs(T, 1, 1, D, axes_dims=(D, 0, 0))
+                o = vk.temporal_attention(q, k, v, cos=cos, sin=sin, backend="triton")
+                backward((o,), (q, k, v))
+            add("temporal_attention", f"D={D} T={T} S=256 rope {str(dt)[6:]} (largest tiles)", f)
+
     # MoE: plain and gated activations, bias, widths that are not tile multiples
     for dt in dtypes:
         for act, bias in (("gelu", True), ("swiglu", False)) if quick else \

@@ -69,14 +69,16 @@ Design
   timing was available): with 4 warps the 32 x 128 and 64 x 64 forward already spill; 16 warps
   do not reduce the backward's spills at ``T_k = 128``.
 * Shared memory: if a pipelined build does not fit the device (``OutOfResources``), the launch is
-  retried with fewer stages, once per configuration (:func:`._launch.launch`). Unpipelined builds for
-  sm_90 need at most ~208 KiB (backward, ``T_k = 128``, ``D = 256``); on GPUs with less shared
-  memory per block the largest configurations raise ``OutOfResources``.
+  retried with fewer stages, once per configuration (:func:`._launch.launch`). Unpipelined 16-bit
+  builds need at most ~208 KiB on sm_90 and ~160 KiB on sm_80 (backward, ``T_k = 128``,
+  ``D = 256``); float32 tiles are capped by :data:`MAX_TILE_FP32` so that they fit both.
 * Tuning knobs (keyword-only, for benchmarks): ``seqs_per_program``, ``num_warps``, ``block_m``,
   ``num_stages``.
 
-Limits: ``T_k <= 128`` (:data:`MAX_T`) and ``D <= 256`` (:data:`MAX_D`) raise ``ValueError``
-otherwise; any ``D >= 1`` below that works (small D are padded to 32 columns).
+Limits: ``T_k <= 128`` (:data:`MAX_T`) and ``D <= 256`` (:data:`MAX_D`), and in float32 a padded
+key tile of at most :data:`MAX_TILE_FP32` elements (T_k <= 32 at D = 256, <= 64 at 128, <= 128 at
+64: larger fp32 tiles do not fit the shared memory); beyond them a ``ValueError``. Any ``D >= 1``
+below that works (small D are padded to 32 columns).
 """
 from __future__ import annotations
 
@@ -87,11 +89,30 @@ import triton.language as tl
 from ._launch import device_ctx, launch
 from .rope_tiles import load_pair, pair_scores, store_pair
 
-__all__ = ["temporal_attn_fwd", "temporal_attn_bwd", "MAX_T", "MAX_D"]
+__all__ = ["temporal_attn_fwd", "temporal_attn_bwd", "MAX_T", "MAX_D", "MAX_TILE_FP32",
+           "fp32_tile_error"]
 
 MAX_T = 128
 MAX_D = 256
 _MIN_ROWS = 16  # tl.dot needs M, N, K >= 16
+# float32 key tiles (rows x columns, padded to powers of two) at most this many elements: fp32
+# dots (DOT_PREC="ieee") stage their operands through shared memory, and larger tiles do not fit
+# (aot_check, triton 3.6 / 3.9: T_k 128 x D 128 needs 224 KiB in the backward, over sm_80's
+# 163 KiB; 64 x 256 and 128 x 256 exceed sm_90's 227 KiB). 16-bit tiles fit up to MAX_T x MAX_D.
+MAX_TILE_FP32 = 8192
+
+
+def fp32_tile_error(Tk: int, D: int, dtype) -> str | None:
+    """Why a ``dtype`` sequence of ``Tk`` keys of head_dim ``D`` is over the float32 tile limit
+    (T_k <= 32 at D 256, <= 64 at D 128, <= 128 at D 64), or None."""
+    if dtype != torch.float32:
+        return None
+    rows, cols = max(triton.next_power_of_2(Tk), _MIN_ROWS), max(triton.next_power_of_2(D), 2 * _MIN_ROWS)
+    if rows * cols <= MAX_TILE_FP32:
+        return None
+    return (f"float32 T_k x head_dim (each padded to a power of two) <= {MAX_TILE_FP32} "
+            f"(T_k <= 32 at head_dim 256, <= 64 at 128, <= 128 at 64: the tiles' shared memory; "
+            f"fp16 / bf16 take T_k <= {MAX_T}, head_dim <= {MAX_D}), got T_k={Tk}, head_dim={D}")
 _MIN_PROGRAMS = 1024  # below this many programs, SEQ_GROUPS is reduced
 _ROWS_PER_PROGRAM = 128
 _LOG2E = 1.4426950408889634
@@ -438,6 +459,9 @@ def _config(op: str, q, k, v, cos, sin, q_offset: int, seqs_per_program, num_war
                          f"T_k <= {MAX_T} frames, got T_k={Tk}")
     if D > MAX_D:
         raise ValueError(f"{op}: the triton kernels support head_dim D <= {MAX_D}, got D={D}")
+    why = fp32_tile_error(Tk, D, q.dtype)
+    if why is not None:
+        raise ValueError(f"{op}: the triton kernels support {why}")
     rope = cos is not None
     if rope != (sin is not None):
         raise ValueError(f"{op}: cos and sin must be given together")
