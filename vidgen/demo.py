@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 
@@ -133,6 +134,7 @@ TINY = dict(patch=(1, 2, 2), steps=6, vae_steps=4, batch=4, vae_batch=2, vae_cha
 _AT_LEAST_1 = ("batch", "vae_batch", "vae_channels", "frames", "size", "hidden", "depth", "heads",
                "text_dim", "samples_per_direction", "sample_steps", "timing_rounds")
 _POSITIVE = ("shift", "lr", "vae_lr", "grad_clip")  # > 0 (grad_clip <= 0 flipped or zeroed grads)
+_MAY_BE_INF = ("grad_clip",)  # inf: no clipping
 _UNIT = ("ema_decay", "cfg_drop")  # in [0, 1]
 
 
@@ -148,8 +150,8 @@ def check_config(cfg: DemoConfig) -> None:
         if getattr(cfg, name) < 1:
             bad(name, ">= 1")
     for name in _POSITIVE:
-        if not 0 < getattr(cfg, name) <= math.inf:
-            bad(name, "> 0")
+        if not 0 < getattr(cfg, name) <= (math.inf if name in _MAY_BE_INF else sys.float_info.max):
+            bad(name, "> 0" + ("" if name in _MAY_BE_INF else " and finite"))
     for name in _UNIT:
         if not 0 <= getattr(cfg, name) <= 1:
             bad(name, "in [0, 1]")
