@@ -149,6 +149,7 @@ def test_auto_threads_reads_current_cpu_use(monkeypatch):
     (["--set", "size=18"], "setting size must be a multiple of 4"),
     (["--set", "frames=3", "--set", "patch=2,2,2"], "setting frames must be a multiple of the patch's t = 2"),
     (["--set", "heads=3"], "setting hidden_size must be divisible by num_heads"),
+    (["--steps", "3", "--set", "steps=-1"], "setting steps must be >= 0, got -1"),  # --set wins
 ])
 def test_demo_cli_rejects_bad_arguments(tmp_path, capsys, args, msg, monkeypatch):
     """Bad options exit 2 with a message naming the option, before any work (they ran with

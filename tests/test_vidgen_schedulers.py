@@ -274,3 +274,24 @@ def test_schedulers_check_their_arguments_where_they_are_built():
     for step in (s.ddpm_step, lambda m, t, x, t_prev: s.ddim_step(m, t, t_prev, x)):
         with pytest.raises(ValueError, match=r"t_prev must be < t .*t=\[5\] and t_prev=\[7\]"):
             step(x, torch.tensor([5]), x, torch.tensor([7]))
+
+
+def test_ddpm_steps_mix_per_video_and_per_frame_times():
+    """A per-video ``t [B]`` with a per-frame ``t_prev [B, T]`` lines up on the leading dims (the
+    order check once broadcast them on the trailing dims: a crash, or wrong pairs when B == T);
+    numpy scalars are sizes and betas as Python numbers are."""
+    import numpy as np
+    s = DDPMScheduler(100)
+    x = torch.randn(2, 2, 3, 4, 4)
+    t, t_prev = torch.tensor([10, 20]), torch.tensor([[9, 9], [19, 19]])
+    assert s.ddim_step(torch.randn_like(x), t, t_prev, x).shape == x.shape
+    for i in range(2):  # each video: its own t, its frames' own t_prev
+        mo = torch.ones_like(x[i:i + 1])
+        torch.testing.assert_close(s.ddim_step(torch.ones_like(x), t, t_prev, x)[i:i + 1],
+                                   s.ddim_step(mo, t[i:i + 1], t_prev[i:i + 1], x[i:i + 1]))
+    assert s.ddpm_step(torch.randn_like(x), t, x, t_prev).shape == x.shape
+    with pytest.raises(ValueError, match="t_prev must be < t"):
+        s.ddim_step(x, t, torch.tensor([[9, 10], [19, 19]]), x)
+    s2 = DDPMScheduler(np.int64(1000), beta_start=np.float32(1e-4), beta_end=torch.tensor(0.02))
+    torch.testing.assert_close(s2.alphas_cumprod, DDPMScheduler(1000).alphas_cumprod)
+    assert FlowMatchingScheduler(np.int64(3)).timesteps().shape == (4,)

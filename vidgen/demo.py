@@ -176,6 +176,23 @@ def check_config(cfg: DemoConfig) -> None:
                                             causal_temporal=cfg.causal_temporal))
 
 
+def make_config(tiny: bool = False, steps: int = None, vae_steps: int = None,
+                overrides: dict = None) -> DemoConfig:
+    """The demo's settings: defaults (or ``TINY``), then ``steps`` / ``vae_steps``, then
+    ``overrides`` (``--set``, which win), checked by :func:`check_config`."""
+    cfg = DemoConfig(**(TINY if tiny else {}))
+    if steps is not None:
+        cfg.steps = steps
+    if vae_steps is not None:
+        cfg.vae_steps = vae_steps
+    for k, v in (overrides or {}).items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"unknown demo setting {k!r}")
+        setattr(cfg, k, type(getattr(cfg, k))(v) if not isinstance(getattr(cfg, k), (tuple, bool)) else v)
+    check_config(cfg)
+    return cfg
+
+
 def _to_uint8(v: torch.Tensor) -> np.ndarray:
     return ((v.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
@@ -269,16 +286,7 @@ def run_demo(out: str = "out", steps: int = None, seed: int = 0, device: str = N
              vae_steps: int = None, quiet: bool = False, threads: int = 0, overrides: dict = None) -> dict:
     t_start = time.perf_counter()
     torch.set_num_threads(threads if threads and threads > 0 else _auto_threads())
-    cfg = DemoConfig(**(TINY if tiny else {}))
-    if steps is not None:
-        cfg.steps = steps
-    if vae_steps is not None:
-        cfg.vae_steps = vae_steps
-    for k, v in (overrides or {}).items():
-        if not hasattr(cfg, k):
-            raise ValueError(f"unknown demo setting {k!r}")
-        setattr(cfg, k, type(getattr(cfg, k))(v) if not isinstance(getattr(cfg, k), (tuple, bool)) else v)
-    check_config(cfg)
+    cfg = make_config(tiny, steps, vae_steps, overrides)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(seed)
@@ -508,12 +516,8 @@ def main(argv=None):
         except ValueError as e:
             p.error(f"--set {item}: {e}")
         overrides[k] = v
-    cfg = DemoConfig(**(TINY if a.tiny else {}))
-    for k, v in dict(overrides, **{k: getattr(a, k) for k in ("steps", "vae_steps")
-                                   if getattr(a, k) is not None}).items():
-        setattr(cfg, k, v)
     try:
-        check_config(cfg)
+        make_config(a.tiny, a.steps, a.vae_steps, overrides)  # what run_demo will run
     except ValueError as e:
         p.error(f"setting {e}")
     res = run_demo(out=a.out, steps=a.steps, seed=a.seed, device=a.device, tiny=a.tiny,

@@ -6,6 +6,7 @@ The conditional and null embeddings go through ONE forward per step (batched ``[
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -41,8 +42,10 @@ def generate_video(model: nn.Module, text: Tensor, null_text: Tensor, *, num_fra
         raise TypeError(f"generate_video: guidance_scale must be a number, got {guidance_scale!r}")
     if not math.isfinite(guidance_scale):  # nan / inf gave all-NaN videos without a word
         raise ValueError(f"generate_video: guidance_scale must be finite, got {guidance_scale!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)):
-        raise TypeError(f"generate_video: batch_size must be an int or None, got {batch_size!r}")
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+            raise TypeError(f"generate_video: batch_size must be an int or None, got {batch_size!r}")
+        batch_size = int(batch_size)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"generate_video: seed must be an int, got {seed!r}")
     for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):

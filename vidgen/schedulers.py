@@ -15,6 +15,7 @@ or ``[B, T]`` per-frame timesteps for video tensors ``[B, T, C, H, W]``):
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -36,9 +37,19 @@ def _expand(t: Tensor, x: Tensor, cast: bool = True) -> Tensor:
     return t.reshape(*t.shape, *([1] * (x.dim() - t.dim())))
 
 
-def _check_steps(n, name: str = "num_inference_steps") -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+def _check_steps(n, name: str = "num_inference_steps") -> int:
+    """``n`` as a Python int >= 1 (numpy integers too; not bools or floats)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"{name} must be an int >= 1, got {n!r}")
+    return int(n)
+
+
+def _real(v, name: str) -> float:
+    """``v`` as a Python float: a real number (numpy scalars, 0-d tensors), not a bool."""
+    if isinstance(v, bool) or not (isinstance(v, numbers.Real) or
+                                   (isinstance(v, Tensor) and v.dim() == 0 and v.is_floating_point())):
+        raise ValueError(f"{name} must be a real number, got {v!r}")
+    return float(v)
 
 
 def _hi(x: Tensor) -> torch.dtype:
@@ -61,8 +72,7 @@ class FlowMatchingScheduler:
         if isinstance(shift, bool) or not isinstance(shift, (int, float)) or \
                 not 0 < shift < math.inf:
             raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
-        _check_steps(num_inference_steps)
-        self.num_inference_steps = num_inference_steps
+        self.num_inference_steps = _check_steps(num_inference_steps)
         self.shift = float(shift)
 
     def shift_t(self, t: Tensor) -> Tensor:
@@ -91,8 +101,8 @@ class FlowMatchingScheduler:
 
     def timesteps(self, num_inference_steps: Optional[int] = None, device=None) -> Tensor:
         """``N + 1`` decreasing times from 1 to 0 (shifted): step ``i`` goes ``t[i] -> t[i+1]``."""
-        n = self.num_inference_steps if num_inference_steps is None else num_inference_steps
-        _check_steps(n)
+        n = _check_steps(self.num_inference_steps if num_inference_steps is None
+                         else num_inference_steps)
         return self.shift_t(torch.linspace(1.0, 0.0, n + 1, device=device))
 
     @staticmethod
@@ -109,10 +119,20 @@ class FlowMatchingScheduler:
 
 
 def _check_order(t, t_prev) -> None:
-    """``t_prev < t`` elementwise where it costs no device sync (CPU tensors, numbers)."""
+    """``t_prev < t`` elementwise where it costs no device sync (CPU tensors, numbers); the two
+    are lined up on their leading dims, as :func:`_expand` lines them up with x (a per-video
+    ``t [B]`` with a per-frame ``t_prev [B, T]``)."""
     t, t_prev = torch.as_tensor(t), torch.as_tensor(t_prev)
-    if t.device.type == "cpu" and t_prev.device.type == "cpu" and t.numel() and t_prev.numel() \
-            and bool((t_prev >= t).any()):
+    if t.device.type != "cpu" or t_prev.device.type != "cpu" or not t.numel() or not t_prev.numel():
+        return
+    n = max(t.dim(), t_prev.dim())
+    a = t.reshape(*t.shape, *([1] * (n - t.dim())))
+    b = t_prev.reshape(*t_prev.shape, *([1] * (n - t_prev.dim())))
+    try:
+        bad = bool((b >= a).any())
+    except RuntimeError:  # shapes that do not line up: _expand names them
+        return
+    if bad:
         raise ValueError(f"DDPMScheduler: t_prev must be < t (a step goes towards 0), got "
                          f"t={t.tolist()} and t_prev={t_prev.tolist()}")
 
@@ -141,10 +161,11 @@ class DDPMScheduler:
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
                  beta_start: float = 1e-4, beta_end: float = 0.02,
                  prediction_type: str = "epsilon", timestep_spacing: str = "leading"):
-        _check_steps(num_train_timesteps, "num_train_timesteps")
+        num_train_timesteps = _check_steps(num_train_timesteps, "num_train_timesteps")
         if beta_schedule == "linear":
+            beta_start, beta_end = _real(beta_start, "beta_start"), _real(beta_end, "beta_end")
             for name, b in (("beta_start", beta_start), ("beta_end", beta_end)):
-                if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1:
+                if not 0 < b < 1:
                     raise ValueError(f"{name} must be a number in (0, 1), got {b!r}")
             if beta_start > beta_end:
                 raise ValueError(f"beta_start must be <= beta_end, got {beta_start!r} > {beta_end!r}")

@@ -119,6 +119,17 @@ class EMA:
         self.model.load_state_dict(sd["model"])
 
 
+def _unshared(sd: dict) -> dict:
+    """``sd`` with a copy of each tensor whose storage an earlier one uses (tied weights, views
+    of one buffer): safetensors refuses shared memory (torch.save keeps it shared)."""
+    out, seen = {}, set()
+    for k, v in sd.items():
+        key = v.untyped_storage().data_ptr() if v.numel() else None
+        out[k] = v.clone() if key in seen else v
+        seen.add(key)
+    return out
+
+
 def save_checkpoint(path: str, model: nn.Module, *, config: Optional[dict] = None) -> str:
     """Save ``model``'s weights (+ a JSON ``config``: a dict, or a dataclass such as a model's
     ``.config``, stored as its dict): ``.safetensors`` when safetensors is
@@ -126,20 +137,13 @@ def save_checkpoint(path: str, model: nn.Module, *, config: Optional[dict] = Non
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if dataclasses.is_dataclass(config) and not isinstance(config, type):  # a model's .config
         config = dataclasses.asdict(config)
-    sd, seen = {}, set()
-    for k, v in model.state_dict().items():
-        v = v.detach().contiguous().cpu()
-        key = v.untyped_storage().data_ptr() if v.numel() else None
-        # tied weights (one tensor under two names) or views of one storage: safetensors refuses
-        # shared memory, so each later one is saved as a copy
-        sd[k] = v.clone() if key in seen else v
-        seen.add(key)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"config": json.dumps(config or {}, default=str)}
     if path.endswith(".safetensors"):
         if _st is None:
             path = path[: -len(".safetensors")] + ".pt"
         else:
-            _st.save_file(sd, path, metadata=meta)
+            _st.save_file(_unshared(sd), path, metadata=meta)
             return path
     torch.save({"state_dict": sd, **meta}, path)
     return path
