@@ -244,3 +244,22 @@ def test_size_errors_keep_their_message_under_dynamic_compile(which):
         cf(*bad)
     assert msg in str(info.value), str(info.value)[:2000]
     torch._dynamo.reset()
+
+
+@pytest.mark.triton
+def test_triton_temporal_fp32_limit_keeps_frames_symbolic():
+    """The fp32 tile limit of the triton temporal kernels is checked with comparisons: a growing
+    KV cache (T_k 3, 4, 5, 7, 9) reuses one graph (int() / bit_length() specialised T_k: a graph
+    per frame until dynamo's recompile limit)."""
+    from vidgen_kernels.backends import why_unavailable
+    if why_unavailable("triton", "cpu"):
+        pytest.skip(why_unavailable("triton", "cpu"))
+    torch._dynamo.reset()
+    counters.clear()
+    f = torch.compile(lambda q, k, v, o: vk.temporal_attention(q, k, v, q_offset=o, backend="triton"),
+                      fullgraph=True, dynamic=True, backend="eager")
+    for T in (3, 4, 5, 7, 9):
+        q, k, v = (torch.randn(1, T, 2, 1, 16) for _ in range(3))
+        torch.testing.assert_close(f(q[:, -1:], k, v, T - 1),
+                                   vk.temporal_attention_reference(q[:, -1:], k, v, q_offset=T - 1))
+    assert counters["stats"]["unique_graphs"] <= 2, counters["stats"]["unique_graphs"]

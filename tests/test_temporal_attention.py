@@ -567,6 +567,26 @@ def test_triton_fp32_tile_limit():
                                    vk.temporal_attention_reference(q, k, v, q_offset=T - 2))
 
 
+@pytest.mark.triton
+def test_triton_build_over_the_gpus_shared_memory_is_a_clear_error(monkeypatch):
+    """A build that does not fit the GPU's shared memory even unpipelined (float32 tiles within
+    MAX_TILE_FP32 on a ~99 KiB sm_86 / sm_89 GPU) raises a ValueError saying what it needs and
+    what to do, not Triton's OutOfResources (simulated: the launch raises what Triton would)."""
+    if why_unavailable("triton", "cpu"):
+        pytest.skip(why_unavailable("triton", "cpu"))
+    from triton.runtime.errors import OutOfResources
+    from vidgen_kernels.triton_kernels import temporal_attention as tk
+
+    def too_big(kernel, grid, args, meta, device):
+        raise OutOfResources(135168, 101376, "shared memory")
+    monkeypatch.setattr(tk, "launch", too_big)
+    q = torch.randn(1, 32, 2, 1, 128, requires_grad=True)
+    with pytest.raises(ValueError, match=r"temporal_attn_fwd: T_k=32 x head_dim=128 in torch.float32 "
+                                         r"needs 135168 B of shared memory per block, this GPU "
+                                         r"allows 101376 B .*fp16 / bf16"):
+        vk.temporal_attention(q, q, q, backend="triton")
+
+
 def test_backend_choice():
     q = torch.randn(1, 3, 2, 1, 8)
     with pytest.raises(vk.BackendUnavailableError, match="no implementation of this op"):

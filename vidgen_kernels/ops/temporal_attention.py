@@ -69,8 +69,11 @@ def _fp32_tile_error(name: str, Tk: int, D: int, dtype) -> Optional[str]:
     lim = MAX_TILE_FP32.get(name)
     if lim is None or dtype != torch.float32:
         return None
-    pow2 = lambda n: 1 << max(int(n) - 1, 0).bit_length()  # noqa: E731
-    if max(pow2(Tk), 16) * max(pow2(D), 32) <= lim:
+    # next_pow2(T_k) * cols <= lim  <=>  T_k <= lim // cols (a power of two >= 16), written
+    # with comparisons only: under torch.compile(dynamic=True) they are range guards on a
+    # symbolic T_k, where int() / bit_length() specialised it (a recompile per cache length)
+    cols = 32 if D <= 32 else 64 if D <= 64 else 128 if D <= 128 else 256 if D <= 256 else 512
+    if Tk <= lim // cols:
         return None
     return (f"float32 T_k x head_dim (each padded to a power of two) <= {lim} (T_k <= 32 at "
             f"head_dim 256, <= 64 at 128, <= 128 at 64: the tiles' shared memory; fp16 / bf16 "

@@ -71,7 +71,10 @@ Design
 * Shared memory: if a pipelined build does not fit the device (``OutOfResources``), the launch is
   retried with fewer stages, once per configuration (:func:`._launch.launch`). Unpipelined 16-bit
   builds need at most ~208 KiB on sm_90 and ~160 KiB on sm_80 (backward, ``T_k = 128``,
-  ``D = 256``); float32 tiles are capped by :data:`MAX_TILE_FP32` so that they fit both.
+  ``D = 256``); float32 tiles are capped by :data:`MAX_TILE_FP32` so that they fit both. GPUs
+  with ~99 KiB per block (sm_86 / sm_89 / sm_120) fit less (float32 up to 4096 elements in the
+  2026-12-01 sm_86 builds; the largest 16-bit tiles need more than 99 KiB on sm_90): a build
+  that does not fit with one stage is a ValueError that says so (:func:`_launch_or_explain`).
 * Tuning knobs (keyword-only, for benchmarks): ``seqs_per_program``, ``num_warps``, ``block_m``,
   ``num_stages``.
 
@@ -86,6 +89,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
 from ._launch import device_ctx, launch
 from .rope_tiles import load_pair, pair_scores, store_pair
 
@@ -519,6 +524,21 @@ def _config(op: str, q, k, v, cos, sin, q_offset: int, seqs_per_program, num_war
     )
 
 
+def _launch_or_explain(kernel, cfg, args, meta, q, op: str) -> None:
+    """:func:`._launch.launch`; a build that does not fit this GPU's shared memory even with one
+    stage becomes a ValueError that says so and what to do (float32 tiles up to
+    MAX_TILE_FP32 fit sm_80 / sm_90 / sm_100, not the ~99 KiB per block of sm_86 / sm_89 /
+    sm_120, where float32 takes T_k x head_dim <= 4096, padded)."""
+    try:
+        launch(kernel, cfg["grid"], args, meta, q.device)
+    except OutOfResources as e:
+        raise ValueError(
+            f"{op}: T_k={cfg['Tk']} x head_dim={cfg['D']} in {q.dtype} needs {e.required} B of "
+            f"shared memory per block, this GPU allows {e.limit} B (GPUs with ~99 KiB per block, "
+            f"sm_86 / sm_89 / sm_120, take float32 only up to T_k x head_dim = 4096, each padded "
+            f"to a power of two); use fp16 / bf16 (torch.autocast) or backend='reference'") from e
+
+
 def _default_stages(groups: int, tile_bytes: int) -> int:
     """Software-pipelining depth of the sequence loop (loads of the next tiles are issued while
     the current one computes; each extra stage buffers them in shared memory)."""
@@ -562,7 +582,7 @@ def temporal_attn_fwd(q, k, v, cos, sin, out, lse, causal: bool, interleaved: bo
     )
     meta = dict(cfg["meta"], CAUSAL=bool(causal), ROPE=cfg["rope"], INTERLEAVED=bool(interleaved))
     with device_ctx(q):
-        launch(_temporal_attn_fwd_kernel, cfg["grid"], args, meta, q.device)
+        _launch_or_explain(_temporal_attn_fwd_kernel, cfg, args, meta, q, op)
 
 
 def temporal_attn_bwd(dout, q, k, v, cos, sin, out, lse, dq, dk, dv, causal: bool,
@@ -592,4 +612,4 @@ def temporal_attn_bwd(dout, q, k, v, cos, sin, out, lse, dq, dk, dv, causal: boo
     )
     meta = dict(cfg["meta"], CAUSAL=bool(causal), ROPE=cfg["rope"], INTERLEAVED=bool(interleaved))
     with device_ctx(q):
-        launch(_temporal_attn_bwd_kernel, cfg["grid"], args, meta, q.device)
+        _launch_or_explain(_temporal_attn_bwd_kernel, cfg, args, meta, q, op)
