@@ -36,4 +36,4 @@ check-triton: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) -m vidgen_kernels.triton_kernels.aot_check $(TRITON_AOT_ARGS)
 
 clean:
-	rm -rf build $(VENV) vidgen_kernels/_C*.so *.egg-info
+	rm -rf build $(VENV) vidgen_kernels/_C*.so vidgen_kernels/_C.cpu_features *.egg-info

@@ -22,6 +22,7 @@ without a checkout. ``benchmarks/`` stays the only copy in the source tree.
 Install with ``pip install --no-build-isolation .`` (or ``-e .``).
 """
 import os
+import platform
 import shutil
 
 from setuptools import find_packages, setup
@@ -71,6 +72,15 @@ _ISA_MACROS = {
 
 
 FEATURES_FILE = "_C.cpu_features"
+
+
+def _cxx_compiler() -> list:
+    """The C++ compiler torch's extension build runs (``CXX`` or ``c++``), as an argument list
+    (``CXX="ccache g++"`` included)."""
+    import shlex
+    from torch.utils import cpp_extension
+    get = getattr(cpp_extension, "get_cxx_compiler", None)
+    return shlex.split(get() if get is not None else os.environ.get("CXX", "c++"))
 
 
 def _cpu_features(compiler: list, flags: list) -> list:
@@ -139,11 +149,19 @@ def _extensions():
         source tree for ``--inplace`` / editable installs): the CPU features the code may use."""
 
         def build_extension(self, extension):
+            lib = self.get_ext_fullpath(extension.name)
+            before = os.stat(lib).st_mtime_ns if os.path.exists(lib) else None
             super().build_extension(extension)
-            compiler = getattr(self.compiler, "compiler_so", None) or ["c++"]
-            features = _cpu_features(list(compiler[:1]), cpu_flag)
-            path = os.path.join(os.path.dirname(self.get_ext_fullpath(extension.name)),
-                                FEATURES_FILE)
+            path = os.path.join(os.path.dirname(lib), FEATURES_FILE)
+            after = os.stat(lib).st_mtime_ns if os.path.exists(lib) else None
+            if after is None or after == before:
+                # not rebuilt (distutils found it up to date: without ninja a change of
+                # VIDGEN_KERNELS_CPU_FLAGS alone rebuilds nothing): its record stands
+                return
+            features = _cpu_features(_cxx_compiler(), cpu_flag)
+            if not features and platform.machine().lower() in ("x86_64", "amd64"):
+                print(f"warning: could not list the CPU features of {' '.join(cpu_flag)} "
+                      f"(compiler {' '.join(_cxx_compiler())}); the import-time CPU check is off")
             with open(path, "w") as f:
                 f.write(f"# CPU features vidgen_kernels._C was compiled to use "
                         f"({' '.join(cpu_flag)})\n{' '.join(features)}\n")

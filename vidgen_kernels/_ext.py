@@ -32,14 +32,16 @@ def missing_cpu_features(record: str, cpuinfo: str = "/proc/cpuinfo") -> list[st
 _spec = importlib.util.find_spec(f"{__package__}._C")
 _record = os.path.join(os.path.dirname(_spec.origin), "_C.cpu_features") \
     if _spec is not None and _spec.origin else None
-_missing = missing_cpu_features(_record) if _record else []
+_skip = os.environ.get("VIDGEN_KERNELS_SKIP_CPU_CHECK", "") not in ("", "0")
+_missing = missing_cpu_features(_record) if _record and not _skip else []
 if _spec is None:
     IMPORT_ERROR = "vidgen_kernels._C was not built (pip install --no-build-isolation . builds it)"
 elif _missing:  # loading it could already execute them (a SIGILL kills the process)
     IMPORT_ERROR = (f"vidgen_kernels._C was compiled for CPU features this CPU lacks "
                     f"({', '.join(_missing)}; the build's flags are in {_record}): rebuild it on "
                     f"this machine, or build a portable one, e.g. with "
-                    f"VIDGEN_KERNELS_CPU_FLAGS=-march=x86-64-v3")
+                    f"VIDGEN_KERNELS_CPU_FLAGS=-march=x86-64-v3 (VIDGEN_KERNELS_SKIP_CPU_CHECK=1 "
+                    f"loads it anyway)")
 else:
     try:
         C = importlib.import_module(f"{__package__}._C")

@@ -63,7 +63,6 @@ broadcast-parameter reductions happen in registers, and only ``B * NC`` partial 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
