@@ -532,11 +532,13 @@ def _launch_or_explain(kernel, cfg, args, meta, q, op: str) -> None:
     try:
         launch(kernel, cfg["grid"], args, meta, q.device)
     except OutOfResources as e:
+        hint = ("fp16 / bf16 (torch.autocast) fit more: GPUs with ~99 KiB per block (sm_86 / "
+                "sm_89 / sm_120) take float32 only up to T_k x head_dim = 4096, each padded to a "
+                "power of two" if q.dtype == torch.float32 else "fewer frames or a smaller head_dim fit")
         raise ValueError(
             f"{op}: T_k={cfg['Tk']} x head_dim={cfg['D']} in {q.dtype} needs {e.required} B of "
-            f"shared memory per block, this GPU allows {e.limit} B (GPUs with ~99 KiB per block, "
-            f"sm_86 / sm_89 / sm_120, take float32 only up to T_k x head_dim = 4096, each padded "
-            f"to a power of two); use fp16 / bf16 (torch.autocast) or backend='reference'") from e
+            f"shared memory per block, this GPU allows {e.limit} B (Triton OutOfResources); "
+            f"{hint}; or use backend='reference'") from e
 
 
 def _default_stages(groups: int, tile_bytes: int) -> int:
