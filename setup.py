@@ -158,10 +158,11 @@ def _extensions():
                 # not rebuilt (distutils found it up to date: without ninja a change of
                 # VIDGEN_KERNELS_CPU_FLAGS alone rebuilds nothing): its record stands
                 return
-            features = _cpu_features(_cxx_compiler(), cpu_flag)
+            compiler = _cxx_compiler()
+            features = _cpu_features(compiler, cpu_flag)
             if not features and platform.machine().lower() in ("x86_64", "amd64"):
                 print(f"warning: could not list the CPU features of {' '.join(cpu_flag)} "
-                      f"(compiler {' '.join(_cxx_compiler())}); the import-time CPU check is off")
+                      f"(compiler {' '.join(compiler)}); the import-time CPU check is off")
             with open(path, "w") as f:
                 f.write(f"# CPU features vidgen_kernels._C was compiled to use "
                         f"({' '.join(cpu_flag)})\n{' '.join(features)}\n")

@@ -201,11 +201,11 @@ class DDPMScheduler:
                              f"{self.num_train_timesteps - 1}], got {src!r}")
         return t.to(self.alphas_cumprod.device).long()
 
-    def _abar(self, t: Tensor, like: Tensor, lowest: int = -1) -> Tensor:
+    def _abar(self, t: Tensor, like: Tensor) -> Tensor:
         """``abar_t`` broadcast to ``like``, in float64 (:func:`_hi`: the coefficients built from
         it are cast to ``like``'s dtype only at the end); ``t = -1`` means ``abar = 1`` (the
         clean sample)."""
-        t = self._steps(t, lowest)
+        t = self._steps(t, -1)
         ab = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones((), dtype=torch.float64))
         return _expand(ab.to(device=like.device, dtype=_hi(like)), like, cast=False)
 
@@ -291,7 +291,7 @@ class DDPMScheduler:
         t_prev = t - 1 if t_prev is None else torch.as_tensor(t_prev, device=x_t.device)
         _check_order(t, t_prev)
         x0, _ = self.pred_x0_eps(model_output, t, x_t)
-        ab, ab_prev = self._abar(t, x_t, lowest=0), self._abar(t_prev, x_t)
+        ab, ab_prev = self._abar(t, x_t), self._abar(t_prev, x_t)
         beta = 1 - ab / ab_prev
         c0 = ab_prev.sqrt() * beta / (1 - ab)
         ct = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)

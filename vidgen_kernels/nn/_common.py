@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..ops._checks import NORMS
 from .adaln import HeadNorm
 
 
 def check_qk_norm(owner: str, kind) -> Optional[str]:
     """``qk_norm``: None, ``"layer"`` or ``"rms"`` (checked before the module builds anything)."""
-    if kind is not None and (not isinstance(kind, str) or kind not in ("layer", "rms")):
+    if kind is not None and (not isinstance(kind, str) or kind not in NORMS):
         raise ValueError(f"{owner}: qk_norm must be None, 'layer' or 'rms', got {kind!r}")
     return kind
 
