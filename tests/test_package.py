@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import vidgen_kernels as vk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,7 +253,7 @@ def test_module_level_imports_are_declared_dependencies():
 
 def test_cuda_backend_unavailable_without_a_kernel_image(monkeypatch):
     """A build for sm_80 / sm_90 (+PTX) has no code a V100 / T4 (sm_70 / sm_75) can load: the
-    ``cuda`` backend says so (``auto`` then takes Triton) instead of every launch failing with
+    ``cuda`` backend says so (``auto`` then takes the next backend) instead of every launch failing with
     cudaErrorNoKernelImageForDevice. The query runs once per device. Emulated: a fake extension
     and a fake GPU, on CPU."""
     import torch
@@ -317,3 +319,93 @@ def test_cuda_image_check_runs_when_the_first_call_is_compiled(monkeypatch):
     assert torch.equal(out, torch.full((3,), 2.0))
     assert backends._CUDA_IMAGE_ERRORS[0] is not None
     torch._dynamo.reset()
+
+
+def _fake_gpus(monkeypatch, backends, gpus):
+    """Pretend the visible GPUs are ``gpus``: (name, (major, minor), opt-in shared bytes) each."""
+    import types
+
+    import torch
+    monkeypatch.setattr(backends, "_TRITON_ARCH_ERRORS", {})
+    monkeypatch.setattr(backends, "_SHARED_MEMORY", {})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: gpus[i][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: gpus[i][1])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=None: types.SimpleNamespace(
+        shared_memory_per_block=49152, shared_memory_per_block_optin=gpus[i][2]))
+
+
+def test_triton_needs_compute_capability_8(monkeypatch):
+    """Triton supports compute capability 8.0+ (it compiles tl.dot without tensor cores on a T4 /
+    V100, and its attention tiles need more shared memory than these have: sm_75 builds of the
+    RoPE-3D attention need 72-96 KiB, a T4 has 64): the ``triton`` backend is unavailable there,
+    with the reason, and ``auto`` takes the next backend. Emulated GPUs, on CPU."""
+    import torch
+    from vidgen_kernels import backends
+    if not backends.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    _fake_gpus(monkeypatch, backends, [("Tesla T4", (7, 5), 65536),
+                                       ("NVIDIA GeForce RTX 4090", (8, 9), 101376)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    why = backends.why_unavailable("triton", "cuda:0")
+    assert why is not None and "compute capability >= 8.0" in why and "Tesla T4 (cuda:0)" in why \
+        and "sm_75" in why, why
+    assert backends.why_unavailable("triton", "cuda:1") is None
+    assert backends.why_unavailable("triton", "cuda") == why  # no index: every visible GPU
+    assert "triton" not in backends.available_backends("cuda:0")
+    supported = {"triton": (torch.float32,)}
+    assert backends.resolve(None, torch.device("cuda", 0), torch.float32, supported, "op") == "reference"
+    assert backends.resolve(None, torch.device("cuda", 1), torch.float32, supported, "op") == "triton"
+    with pytest.raises(backends.BackendUnavailableError, match=r"op: backend 'triton' cannot run "
+                                                               r"here: Triton supports compute"):
+        backends.resolve("triton", torch.device("cuda", 0), torch.float32, supported, "op")
+
+
+def test_device_facts_are_constants_in_compiled_code(monkeypatch):
+    """The GPU facts the backend choice and the tile limits read (Triton's capability check, the
+    shared memory per block) are folded into compiled graphs as constants, per device index, the
+    least over the visible GPUs without one, each queried once per device."""
+    import torch
+    from vidgen_kernels import backends
+    _fake_gpus(monkeypatch, backends, [("NVIDIA H100", (9, 0), 232448),
+                                       ("NVIDIA GeForce RTX 3090", (8, 6), 101376)])
+    assert backends.shared_memory_per_block(torch.device("cuda", 0)) == 232448
+    assert backends.shared_memory_per_block(torch.device("cuda", 1)) == 101376
+    assert backends.shared_memory_per_block(torch.device("cuda")) == 101376
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=None: 1 / 0)
+    assert backends.shared_memory_per_block(torch.device("cuda", 0)) == 232448  # cached
+    monkeypatch.setattr(backends, "_SHARED_MEMORY", {})
+    _fake_gpus(monkeypatch, backends, [("Tesla V100", (7, 0), 98304)])
+    torch._dynamo.reset()
+
+    def pick(x):
+        dev = torch.device("cuda", 0)
+        return x + backends.shared_memory_per_block(dev) + (
+            1.0 if backends._triton_arch_error(dev) is None else 2.0)
+    out = torch.compile(pick, fullgraph=True, backend="eager")(torch.zeros(3))
+    assert torch.equal(out, torch.full((3,), 98306.0))
+    assert backends._SHARED_MEMORY == {0: 98304} and backends._TRITON_ARCH_ERRORS[0] is not None
+    torch._dynamo.reset()
+
+
+def test_main_lists_each_gpu(monkeypatch, capsys):
+    """``python -m vidgen_kernels`` prints every visible GPU with its architecture and shared
+    memory per block, and each backend's availability there (Triton: not on sm_75). Emulated
+    GPUs, on CPU."""
+    import runpy
+
+    import torch
+    from vidgen_kernels import backends
+    _fake_gpus(monkeypatch, backends, [("NVIDIA GeForce RTX 4090", (8, 9), 101376),
+                                       ("Tesla T4", (7, 5), 65536)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "_CUDA_IMAGE_ERRORS", {0: None, 1: None})
+    runpy.run_module("vidgen_kernels.__main__", run_name="__main__")
+    out = capsys.readouterr().out
+    assert "cuda:0: NVIDIA GeForce RTX 4090, sm_89, 99 KiB shared memory per block" in out, out
+    assert "cuda:1: Tesla T4, sm_75, 64 KiB shared memory per block" in out, out
+    lines = {tuple(line.split()[:2]): line for line in out.splitlines() if line.startswith("  ")}
+    assert lines[("cpu", "reference")].endswith("yes")
+    if backends.HAS_TRITON:
+        assert lines[("cuda:0", "triton")].endswith("yes"), out
+        assert "no: Triton supports compute capability >= 8.0" in lines[("cuda:1", "triton")], out

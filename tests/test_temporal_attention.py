@@ -535,24 +535,41 @@ def test_triton_head_dim_limit():
                                    vk.temporal_attention_reference(q, q, q))
 
 
+SMALL = 101376  # shared memory per block of sm_86 / sm_89 / sm_120 GPUs (RTX 3090 / 4090 / L4 ...)
+
+
 @pytest.mark.triton
-def test_triton_fp32_tile_limit():
-    """float32 key tiles beyond MAX_TILE_FP32 elements do not fit a GPU's shared memory (an
-    OutOfResources at launch on sm_80 / sm_90, seen in AOT builds): a named triton backend raises
-    a ValueError naming the limit, the default choice falls back to the reference; fp16 takes
-    them. The op's rule and the kernel module's agree."""
+def test_triton_tile_limits():
+    """Tiles beyond the shared memory of the GPU do not fit (an OutOfResources at launch, seen
+    in AOT builds: float32 beyond MAX_TILE_FP32 elements on sm_80 / sm_90; on ~99 KiB GPUs
+    float32 beyond 4096 elements and fp16 / bf16 T_k > 32 at head_dim 256): a named triton
+    backend raises a ValueError naming the limit, the default choice falls back to the
+    reference; fp16 takes the float32 limits' tiles. The op's rule and the kernel module's agree."""
     if why_unavailable("triton", "cpu"):
         pytest.skip(why_unavailable("triton", "cpu"))
     from vidgen_kernels.triton_kernels import temporal_attention as tk
-    for T in (1, 16, 17, 32, 33, 64, 65, 128):
-        for D in (8, 32, 33, 64, 65, 128, 129, 256):
-            op_says = ta._fp32_tile_error("triton", T, D, torch.float32)
-            assert (op_says is None) == (tk.fp32_tile_error(T, D, torch.float32) is None), (T, D)
-            assert ta._fp32_tile_error("triton", T, D, torch.float16) is None
-            if (T, D) in ((128, 64), (64, 128), (32, 256)):
-                assert op_says is None, (T, D)
-            if (T, D) in ((65, 128), (33, 256), (128, 65)):
-                assert op_says is not None, (T, D)
+    assert (tk.MAX_TILE_FP32, tk.FULL_SHARED, tk.SMALL_TILE_FP32, tk.SMALL_T_WIDE) == (
+        ta.MAX_TILE_FP32["triton"], ta.FULL_SHARED, ta.SMALL_TILE_FP32, ta.SMALL_T_WIDE)
+    for shared in (None, 232448, 166912, SMALL, 65536):
+        for dt in (torch.float32, torch.float16):
+            for T in (1, 16, 17, 32, 33, 64, 65, 128):
+                for D in (8, 32, 33, 64, 65, 128, 129, 256):
+                    op_says = ta._tile_error("triton", T, D, dt, shared)
+                    assert (op_says is None) == (tk.tile_error(T, D, dt, shared) is None), \
+                        (shared, dt, T, D)
+                    small = shared is not None and shared < 166912
+                    fits = {(torch.float32, False): ((128, 64), (64, 128), (32, 256)),
+                            (torch.float32, True): ((128, 32), (64, 64), (32, 128), (16, 256)),
+                            (torch.float16, False): ((128, 256),),
+                            (torch.float16, True): ((128, 128), (32, 256))}[(dt, small)]
+                    over = {(torch.float32, False): ((65, 128), (33, 256), (128, 65)),
+                            (torch.float32, True): ((128, 33), (65, 64), (33, 128), (17, 256)),
+                            (torch.float16, False): (),
+                            (torch.float16, True): ((33, 129), (128, 256))}[(dt, small)]
+                    if (T, D) in fits:
+                        assert op_says is None, (shared, dt, T, D)
+                    if (T, D) in over:
+                        assert op_says is not None and f"got T_k={T}, head_dim={D}" in op_says
     T, D = 33, 256
     q, k, v = (torch.randn(1, T, 1, 1, D) for _ in range(3))
     q = q[:, -2:]
@@ -565,6 +582,48 @@ def test_triton_fp32_tile_limit():
     with vk.use_backend("triton"):
         torch.testing.assert_close(vk.temporal_attention(q, k, v, q_offset=T - 2),
                                    vk.temporal_attention_reference(q, k, v, q_offset=T - 2))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype,T,D", [(torch.float32, 64, 128), (torch.float32, 17, 256),
+                                       (torch.float16, 33, 256)])
+def test_triton_tiles_follow_the_gpus_shared_memory(monkeypatch, dtype, T, D):
+    """On a GPU with ~99 KiB of shared memory per block (RTX 3090 / 4090, L4, L40, RTX 5090:
+    sm_86 / sm_89 / sm_120) the tiles that fit an A100 / H100 but not it are refused before the
+    backend is chosen: the default choice runs the reference, a named triton backend raises a
+    ValueError that names the GPU's shared memory; the kernel module refuses them too. The
+    device's shared memory is simulated (the op asks ``_shared_memory``, the launcher its
+    driver); at the full size the same shapes run the kernels."""
+    if why_unavailable("triton", "cpu"):
+        pytest.skip(why_unavailable("triton", "cpu"))
+    from vidgen_kernels.triton_kernels import _launch
+    from vidgen_kernels.triton_kernels import temporal_attention as tk
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, T, 2, 1, D, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    ref = vk.temporal_attention_reference(q, k, v)
+    launches = []
+    real = tk.launch
+    monkeypatch.setattr(tk, "launch", lambda *a: (launches.append(a[0]), real(*a)))
+    if dtype == torch.float32:  # (the interpreter's fp16 dots at D = 256 take minutes)
+        with vk.use_backend("triton"):  # the full size: the kernels run
+            out = vk.temporal_attention(q, k, v)
+        assert launches
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    launches.clear()
+    monkeypatch.setattr(ta, "_shared_memory", lambda device: SMALL)
+    with pytest.raises(ValueError, match=rf"backend 'triton' supports .* on this GPU \({SMALL} B of "
+                                         rf"shared memory per block.*got T_k={T}, head_dim={D}"):
+        vk.temporal_attention(q, k, v, backend="triton")
+    with vk.use_backend("triton"):
+        out = vk.temporal_attention(q, k, v)
+        out.float().sum().backward()
+    assert not launches  # the reference ran, forward and backward
+    assert torch.equal(out, ref)
+    monkeypatch.setattr(_launch, "target_shared_memory", lambda t: SMALL)
+    monkeypatch.setattr(tk, "target_shared_memory", lambda t: SMALL)
+    out, lse = torch.empty_like(q), torch.empty(1, 2, 1, T)
+    with pytest.raises(ValueError, match=rf"the triton kernels support .* on a GPU with {SMALL} B"):
+        tk.temporal_attn_fwd(q, k, v, None, None, out, lse, True, True, 0, 0.1)
 
 
 @pytest.mark.triton

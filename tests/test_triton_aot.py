@@ -66,18 +66,21 @@ def test_temporal_attention_falls_back_to_fewer_stages_when_shared_memory_runs_o
 
 
 def test_rope3d_attention_ampere_tiles_and_shared_memory_fallback(tmp_path):
-    """bf16 RoPE-3D attention for sm_80 / sm_86 with the Ampere tile table of the launcher: the
-    frame-causal D = 64 builds spill at most a few hundred bytes (the sm_90 tiles spilled
-    3.5-4.3 KB there). On sm_86 (99 KiB of shared memory per block) the D = 256 forward's
-    2-stage build is over the limit and the launcher falls back to one stage: the check passes."""
+    """bf16 RoPE-3D attention for sm_80 / sm_86 / sm_120 (the mma.sync GPUs) with the Ampere tile
+    table of the launcher: the frame-causal D = 64 builds spill at most a few hundred bytes (the
+    sm_90 tiles spilled 3.5-4.3 KB on sm_80, 1.2 KB on sm_120). On sm_86 and sm_120 (99 KiB of
+    shared memory per block) the D = 256 forward's 2-stage build is over the limit and the
+    launcher falls back to one stage: the check passes."""
     out = tmp_path / "aot.json"
-    r = _run("--arch", "80", "86", "--only", "rope3d_attention",
+    r = _run("--arch", "80", "86", "120", "--only", "rope3d_attention",
              "--case", "D=(64 frame_causal|256 interleaved) bfloat16", "--json", str(out))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ks = json.loads(out.read_text())["kernels"]
     d64 = [k for k in ks if "BLOCK_D=64," in k["config"] and "ROPE=True" in k["config"]]
     assert {k["kernel"] for k in d64} >= {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
     assert all(k["stack_bytes"] is not None and k["stack_bytes"] <= 512 for k in d64), d64
-    fwd256 = {("num_stages=2" in k["config"], k["over_shared"]) for k in ks
-              if k["arch"] == 86 and k["kernel"] == "_fwd_kernel" and "BLOCK_D=256," in k["config"]}
-    assert fwd256 == {(True, True), (False, False)}, fwd256
+    assert {k["arch"] for k in d64} == {80, 86, 120}
+    for arch in (86, 120):
+        fwd256 = {("num_stages=2" in k["config"], k["over_shared"]) for k in ks
+                  if k["arch"] == arch and k["kernel"] == "_fwd_kernel" and "BLOCK_D=256," in k["config"]}
+        assert fwd256 == {(True, True), (False, False)}, (arch, fwd256)

@@ -1,12 +1,19 @@
-"""``python -m vidgen_kernels``: what this install can run."""
+"""``python -m vidgen_kernels``: what this install can run, per device (each visible GPU with its
+architecture and shared memory per block, which the Triton tile limits depend on)."""
 import torch
 
 import vidgen_kernels as vk
-from vidgen_kernels.backends import BACKENDS, why_unavailable
+from vidgen_kernels.backends import BACKENDS, shared_memory_per_block, why_unavailable
 
 print(f"vidgen-kernels {vk.__version__}, torch {torch.__version__}")
 print(vk.extension_status())
-for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+gpus = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] \
+    if torch.cuda.is_available() else []
+for dev in [torch.device("cpu")] + gpus:
+    if dev.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(dev.index)
+        print(f"{dev}: {torch.cuda.get_device_name(dev.index)}, sm_{major}{minor}, "
+              f"{shared_memory_per_block(dev) // 1024} KiB shared memory per block")
     for b in BACKENDS:
         why = why_unavailable(b, dev)
-        print(f"  {dev:5s} {b:10s} {'yes' if why is None else 'no: ' + why}")
+        print(f"  {str(dev):6s} {b:10s} {'yes' if why is None else 'no: ' + why}")

@@ -168,10 +168,15 @@ def _cuda_image_error(device: torch.device | None) -> str | None:
 # visible GPU (the first that cannot run the kernels), never the current device at trace time.
 @torch.compiler.assume_constant_result
 def _cuda_image_error_at(known: int | None) -> str | None:
+    return _first_gpu_error(_cuda_image_error_on, known)
+
+
+def _first_gpu_error(check, known: int | None) -> str | None:
+    """``check(known)``; for no index, the first visible GPU's non-None answer."""
     if known is None:
-        return next((why for why in map(_cuda_image_error_on, range(torch.cuda.device_count()))
-                     if why is not None), None)
-    return _cuda_image_error_on(known)
+        return next((why for why in map(check, range(torch.cuda.device_count())) if why is not None),
+                    None)
+    return check(known)
 
 
 def _cuda_image_error_on(index: int) -> str | None:
@@ -188,6 +193,62 @@ def _cuda_image_error_on(index: int) -> str | None:
     return _CUDA_IMAGE_ERRORS[index]
 
 
+# Triton (>= 3.3) supports NVIDIA GPUs of compute capability 8.0 and newer. On older ones (T4,
+# V100) it compiles tl.dot without tensor cores, and their 64-96 KiB of shared memory per block
+# do not hold the attention kernels' tiles (ahead-of-time sm_75 builds: the RoPE-3D attention
+# needs 72-96 KiB already at head_dim 64 in 16 bits, one pipeline stage).
+TRITON_MIN_CAPABILITY = (8, 0)
+
+
+def _triton_arch_error(device: torch.device | None) -> str | None:
+    """Why the Triton kernels do not run on ``device``'s GPU (None: they do)."""
+    return _triton_arch_error_at(device.index if device is not None else None)
+
+
+@torch.compiler.assume_constant_result  # folded into compiled graphs, as _cuda_image_error_at
+def _triton_arch_error_at(known: int | None) -> str | None:
+    return _first_gpu_error(_triton_arch_error_on, known)
+
+
+_TRITON_ARCH_ERRORS: dict[int, str | None] = {}
+
+
+def _triton_arch_error_on(index: int) -> str | None:
+    if index not in _TRITON_ARCH_ERRORS:
+        cap = tuple(torch.cuda.get_device_capability(index))
+        _TRITON_ARCH_ERRORS[index] = None if cap >= TRITON_MIN_CAPABILITY else (
+            f"Triton supports compute capability >= {TRITON_MIN_CAPABILITY[0]}."
+            f"{TRITON_MIN_CAPABILITY[1]}, {torch.cuda.get_device_name(index)} (cuda:{index}) is "
+            f"sm_{cap[0]}{cap[1]}: no tensor cores for tl.dot there and too little shared memory "
+            f"per block for the attention tiles")
+    return _TRITON_ARCH_ERRORS[index]
+
+
+def shared_memory_per_block(device: torch.device | None) -> int:
+    """The most shared memory one thread block may use (opt-in) on ``device``'s GPU, in bytes;
+    with no device index, the least over the visible GPUs. What Triton's launch checks a build
+    against (``OutOfResources``); launchers whose tiles are sized by it ask here, outside their
+    custom op, so that the answer is a constant in compiled graphs."""
+    return _shared_memory_at(device.index if device is not None else None)
+
+
+@torch.compiler.assume_constant_result
+def _shared_memory_at(known: int | None) -> int:
+    return min(map(_shared_memory_on, range(torch.cuda.device_count()) if known is None else (known,)),
+               default=0)
+
+
+_SHARED_MEMORY: dict[int, int] = {}
+
+
+def _shared_memory_on(index: int) -> int:
+    if index not in _SHARED_MEMORY:
+        props = torch.cuda.get_device_properties(index)
+        _SHARED_MEMORY[index] = int(getattr(props, "shared_memory_per_block_optin",
+                                            props.shared_memory_per_block))
+    return _SHARED_MEMORY[index]
+
+
 def _why_unavailable_triton(name: str, dev_type, device) -> str | None:
     if name == "triton":
         if not HAS_TRITON:
@@ -201,7 +262,7 @@ def _why_unavailable_triton(name: str, dev_type, device) -> str | None:
             return f"backend 'triton' runs CUDA tensors, got tensors on {device}"
         if not torch.cuda.is_available():
             return "no CUDA GPU is visible"
-        return None
+        return _triton_arch_error(device)
     check_backend_name(name, "why_unavailable(name)")
     return None  # "auto": always runs (it falls back to "reference")
 

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from ._eager import differentiable_vjp, eager_op
-from ..backends import may_fall_back, resolve
+from ..backends import may_fall_back, resolve, shared_memory_per_block
 from ._checks import autocast_dtype, cast_floating, check_flags, check_qkv, softmax_scale_or_default
 from .rope import canon_table, check_rope_pair, rotate, table_grads, unrotate
 
@@ -58,27 +58,44 @@ SUPPORTED_DTYPES = {
 # raise (explicit backend).
 MAX_T = {"cpu": None, "triton": 128}
 MAX_D = {"cpu": None, "triton": 256}
-# float32: key tiles (T_k x head_dim, each padded to a power of two, >= 16 x 32) of at most this
-# many elements; larger fp32 tiles do not fit the GPU's shared memory (see
-# triton_kernels/temporal_attention.py, which checks the same rule as its contract).
+# Shared memory of the tiles (the kernel module's tile_error is the same rule, its contract): on
+# GPUs with at least FULL_SHARED bytes per block (sm_80: 163 KiB, sm_90: 227 KiB), float32 key
+# tiles (T_k x head_dim, each padded to a power of two, >= 16 x 32) of at most MAX_TILE_FP32
+# elements; on GPUs with less (~99 KiB: sm_86 / sm_89 / sm_120), float32 tiles of at most
+# SMALL_TILE_FP32 elements and, at head_dim > 128, fp16 / bf16 T_k <= SMALL_T_WIDE.
 MAX_TILE_FP32 = {"cpu": None, "triton": 8192}
+FULL_SHARED, SMALL_TILE_FP32, SMALL_T_WIDE = 166912, 4096, 32
 
 
-def _fp32_tile_error(name: str, Tk: int, D: int, dtype) -> Optional[str]:
-    """Why backend ``name`` cannot hold float32 tiles of ``Tk`` keys x ``D``, or None."""
+def _shared_memory(device: torch.device) -> Optional[int]:
+    """Shared memory per block of the GPU the kernels run on; None off CUDA (the interpreter)."""
+    return shared_memory_per_block(device) if device.type == "cuda" else None
+
+
+def _tile_error(name: str, Tk: int, D: int, dtype, shared: Optional[int] = None) -> Optional[str]:
+    """Why backend ``name`` cannot hold ``dtype`` tiles of ``Tk`` keys x ``D`` on a GPU with
+    ``shared`` bytes of shared memory per block (None: enough for the full limits), or None."""
     lim = MAX_TILE_FP32.get(name)
-    if lim is None or dtype != torch.float32:
+    if lim is None:
         return None
+    small = shared is not None and shared < FULL_SHARED
     # next_pow2(T_k) * cols <= lim  <=>  T_k <= lim // cols (a power of two >= 16), written
     # with comparisons only: under torch.compile(dynamic=True) they are range guards on a
     # symbolic T_k, where int() / bit_length() specialised it (a recompile per cache length)
     cols = 32 if D <= 32 else 64 if D <= 64 else 128 if D <= 128 else 256 if D <= 256 else 512
-    if Tk <= lim // cols:
+    if dtype == torch.float32:
+        lim = SMALL_TILE_FP32 if small else lim
+        if Tk <= lim // cols:
+            return None
+        what = (f"float32 T_k x head_dim (each padded to a power of two) <= {lim} (T_k <= "
+                f"{lim // 256} at head_dim 256, <= {lim // 128} at 128, <= {lim // 64} at 64)")
+    elif small and cols > 128 and Tk > SMALL_T_WIDE:
+        what = f"fp16 / bf16 T_k <= {SMALL_T_WIDE} at head_dim > 128"
+    else:
         return None
-    return (f"float32 T_k x head_dim (each padded to a power of two) <= {lim} (T_k <= 32 at "
-            f"head_dim 256, <= 64 at 128, <= 128 at 64: the tiles' shared memory; fp16 / bf16 "
-            f"take T_k <= {MAX_T[name]}, head_dim <= {MAX_D[name]}), got T_k={int(Tk)}, "
-            f"head_dim={int(D)}")
+    where = (f" on this GPU ({shared} B of shared memory per block, under {FULL_SHARED})" if small
+             else f" (fp16 / bf16 take T_k <= {MAX_T[name]}, head_dim <= {MAX_D[name]})")
+    return f"{what}{where}: the tiles' shared memory; got T_k={int(Tk)}, head_dim={int(D)}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,7 +345,7 @@ def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                 name = "reference"
             else:
                 raise ValueError(f"{op}: backend {name!r} supports {what} <= {lim}, got {val}")
-    why = _fp32_tile_error(name, Tk, D, q.dtype)
+    why = _tile_error(name, Tk, D, q.dtype, _shared_memory(q.device) if name == "triton" else None)
     if why is not None:
         if not may_fall_back(backend):
             raise ValueError(f"{op}: backend {name!r} supports {why}")

@@ -42,6 +42,27 @@ def target_arch(t: torch.Tensor) -> int:
         return 90
 
 
+def mma_sync_arch(arch: int) -> bool:
+    """Whether Triton's dots on ``arch`` (``10 * major + minor``) are Ampere-style ``mma.sync``
+    (sm_80 - sm_89 and the consumer Blackwell sm_120 / sm_121), not Hopper's wgmma (sm_90) or
+    datacenter Blackwell's tcgen05 (sm_100 / sm_103): tiles tuned for one spill on the other."""
+    return arch < 90 or arch >= 120
+
+
+def target_shared_memory(t: torch.Tensor) -> int | None:
+    """Shared memory per block (opt-in maximum, bytes) of ``t``'s GPU, what Triton checks a build
+    against. For a tensor not on a CUDA device: the ``shared_memory`` the active driver reports
+    (``aot_check``'s stand-in for a target), else None (the interpreter: no limit)."""
+    if t.is_cuda:
+        from ..backends import shared_memory_per_block
+        return shared_memory_per_block(t.device)
+    try:
+        from triton.runtime import driver
+        return getattr(driver.active, "shared_memory", None)
+    except Exception:  # noqa: BLE001 - no driver (CPU-only triton)
+        return None
+
+
 # num_stages that failed with OutOfResources (shared memory) for a kernel config, per device
 _STAGES_FALLBACK: dict = {}
 

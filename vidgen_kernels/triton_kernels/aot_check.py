@@ -39,7 +39,8 @@ import time
 from typing import Callable
 
 # per-block shared memory limits (opt-in maximum) by compute capability
-SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+SHARED_LIMIT = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448,
+                120: 101376}
 FAMILIES = ("adaln", "rope", "rope3d_attention", "temporal_attention", "moe")
 # kernels that round every fp32 product and sum apart, as eager PyTorch does: no FMA in their PTX
 BIT_EXACT = ("_rope_kernel", "_adaln_fwd_kernel")
@@ -63,8 +64,9 @@ class _TargetDriver:
     """Stands in for Triton's CUDA driver: reports ``target``; device 0, stream 0. Nothing is
     loaded or launched through it (the check compiles with ``warmup=True``)."""
 
-    def __init__(self, target):
+    def __init__(self, target, shared_memory: int):
         self.target = target
+        self.shared_memory = shared_memory  # per block: what launchers size their tiles by
 
     def get_current_device(self):
         return 0
@@ -257,18 +259,28 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], None]]]:
                 add("temporal_attention", f"D={D} T={T} S={S}{' rope' if rope else ''}"
                     f"{f' q_offset={q_off}' if q_off else ''} {str(dt)[6:]}", f)
 
-    # temporal attention at the float32 tile limit (MAX_TILE_FP32: padded T_k x D = 8192) and
-    # 16-bit at the longest sequences: the shared memory of the largest builds
+    # temporal attention at the largest tiles its shared-memory rule lets through on the target
+    # (tile_error: float32 padded T_k x D = 8192 on sm_80 / sm_90, 4096 on ~99 KiB GPUs; 16-bit
+    # T_k = 128, at D = 256 on ~99 KiB GPUs 32), and bf16 T = 49 at D = 64 (sm_80 spills)
     if not quick:
-        for dt, D, T in ((torch.float32, 64, 128), (torch.float32, 128, 64), (torch.float32, 256, 32),
-                         (torch.bfloat16, 64, 49), (torch.bfloat16, 128, 128), (torch.bfloat16, 256, 128)):
+        from . import temporal_attention as tk
+
+        def longest(dt, D):
+            from triton.runtime import driver
+            shared = getattr(driver.active, "shared_memory", None)
+            return next(T for T in (128, 64, 32, 16) if tk.tile_error(T, D, dt, shared) is None)
+        for dt, D, T in ((torch.float32, 64, None), (torch.float32, 128, None),
+                         (torch.float32, 256, None), (torch.bfloat16, 64, 49),
+                         (torch.bfloat16, 128, None), (torch.bfloat16, 256, None)):
             def f(dt=dt, D=D, T=T):
+                T = T or longest(dt, D)
                 B, S, H = 1, 256, 4  # one sequence per program at these tiles, as at any S
                 q, k, v = (leaf(B, T, S, H, D, dtype=dt) for _ in range(3))
                 cos, sin = vk.rope3d_freqs(T, 1, 1, D, axes_dims=(D, 0, 0))
                 o = vk.temporal_attention(q, k, v, cos=cos, sin=sin, backend="triton")
                 backward((o,), (q, k, v))
-            add("temporal_attention", f"D={D} T={T} S=256 rope {str(dt)[6:]} (largest tiles)", f)
+            add("temporal_attention", f"D={D} T={T or 'longest'} S=256 rope {str(dt)[6:]} "
+                f"(largest tiles)", f)
 
     # MoE: plain and gated activations, bias, widths that are not tile multiples
     for dt in dtypes:
@@ -324,6 +336,9 @@ def main(argv=None) -> int:
     why = backends.why_unavailable
     backends.why_unavailable = lambda name, device=None: (
         None if name == "triton" else why(name, device))
+    # ops that size their tiles by the GPU's shared memory ask the target's (CPU tensors here)
+    import vidgen_kernels.ops.temporal_attention as temporal_op
+    temporal_op._shared_memory = lambda device: driver.active.shared_memory
     rec = Recorder(a.shared_limit)
     rec.install()
     torch.manual_seed(0)
@@ -337,7 +352,8 @@ def main(argv=None) -> int:
     from vidgen_kernels.triton_kernels import _launch
     for arch in a.arch:
         rec.arch = arch
-        driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
+        driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32),
+                                        a.shared_limit or SHARED_LIMIT.get(arch, 101376)))
         _launch._STAGES_FALLBACK.clear()  # the launchers' shared-memory fallbacks are per target
         for family, name, fn in cases:
             try:

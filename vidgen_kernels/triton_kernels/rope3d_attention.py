@@ -37,8 +37,9 @@ Design (FlashAttention-2)
   halves BLOCK_M; 32 x 32 under the interpreter (tests). Chosen from ahead-of-time sm_90a builds
   (``aot_check``: ``triton.compile`` for a ``GPUTarget``, ``ptxas -v``), bf16 with RoPE +
   frame-causal: no spills in the forward (12 bytes at D = 256), none in the backward at D = 64,
-  88 bytes (dk/dv) / 0 (dq) at D = 128, ~850 bytes (dk/dv) at D = 256. On sm_80 - sm_89 with
-  RoPE those tiles spill 0.2-4.4 KB per thread, so there the launchers take the per-kernel table
+  88 bytes (dk/dv) / 0 (dq) at D = 128, ~850 bytes (dk/dv) at D = 256. On sm_80 - sm_89 and
+  sm_120 / sm_121 (``mma.sync`` GPUs, :func:`._launch.mma_sync_arch`) with RoPE those tiles
+  spill 0.2-4.4 KB per thread, so there the launchers take the per-kernel table
   ``_SM80_ROPE_TILES`` (dk/dv and dq tiles differ); without RoPE the sm_90 tiles spill at most
   8 bytes there and are kept. A forward build over the GPU's shared memory (D = 256 with two stages
   on sm_86 / sm_89) is retried with one stage (:func:`._launch.launch`).
@@ -54,7 +55,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpret
-from ._launch import device_ctx, launch, target_arch
+from ._launch import device_ctx, launch, mma_sync_arch, target_arch
 from .rope_tiles import load_pair, pair_scores, store_pair
 
 __all__ = ["rope3d_attn_fwd", "rope3d_attn_bwd", "rope3d_attn_jvp", "MAX_D"]
@@ -457,13 +458,15 @@ def _check(op, q, k, v, cos, sin, rope_offset, fc_start, fc_len, fc_block):
         raise ValueError(f"{op}: frame_causal needs S_q == S_k")
 
 
-# Ampere / Ada (sm_80 - sm_89: mma.sync, no wgmma) with RoPE: (BLOCK_M, BLOCK_N, warps) for
-# fp16 / bf16 by kernel and head-dim bucket. From sm_80 builds (``ptxas -v`` through aot_check,
-# interleaved RoPE + frame-causal, the most registers): the sm_90 tiles spill 0.2-4.4 KB per
-# thread there (the rotated halves and their gradients stay live in registers), these at most
-# 16 B in the forward / dq and 144 B (D = 64) / 0 (D = 128) / 344 B (D = 256) in dk/dv (triton
-# 3.9; 3.6: at most 312 B). Without RoPE the sm_90 tiles spill at most 8 B on sm_80 and are
-# kept. Not timed on a GPU.
+# Ampere / Ada / consumer Blackwell (sm_80 - sm_89, sm_120 / sm_121: mma.sync, no wgmma) with
+# RoPE: (BLOCK_M, BLOCK_N, warps) for fp16 / bf16 by kernel and head-dim bucket. From sm_80
+# builds (``ptxas -v`` through aot_check, interleaved RoPE + frame-causal, the most registers):
+# the sm_90 tiles spill 0.2-4.4 KB per thread there (the rotated halves and their gradients stay
+# live in registers), these at most 16 B in the forward / dq and 144 B (D = 64) / 0 (D = 128) /
+# 344 B (D = 256) in dk/dv (triton 3.9; 3.6: at most 312 B). sm_120 builds (triton 3.9, bf16):
+# the sm_90 tiles spill in 28 of 29 RoPE builds (dk/dv up to 1,240 B, dq 1,064 B, forward
+# 840 B), these in 15 (dk/dv 584 B at D = 256, dq 144 B, forward 56 B). Without RoPE the sm_90
+# tiles spill at most 8 B on sm_80 (48 B on sm_120) and are kept. Not timed on a GPU.
 _SM80_ROPE_TILES = {
     "fwd": {64: (128, 32, 8), 128: (64, 64, 8), 256: (64, 32, 8)},
     # dk/dv: BLOCK_N keys per program, BLOCK_M queries per loop step; dq the other way round
@@ -492,7 +495,7 @@ def _tiles(kernel, q, rope, block_m=None, block_n=None, num_warps=None):
         if dtype == torch.float32:
             bm = max(16, bm // 2)
     else:
-        if rope and target_arch(q) < 90:
+        if rope and mma_sync_arch(target_arch(q)):
             bm, bn, warps = _SM80_ROPE_TILES[kernel][max(block_d, 64)]
         else:  # sm_90: fewest spills in sm_90a builds (ptxas -v), see the module docstring
             warps = None

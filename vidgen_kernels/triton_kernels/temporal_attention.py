@@ -72,15 +72,19 @@ Design
   retried with fewer stages, once per configuration (:func:`._launch.launch`). Unpipelined 16-bit
   builds need at most ~208 KiB on sm_90 and ~160 KiB on sm_80 (backward, ``T_k = 128``,
   ``D = 256``); float32 tiles are capped by :data:`MAX_TILE_FP32` so that they fit both. GPUs
-  with ~99 KiB per block (sm_86 / sm_89 / sm_120) fit less (float32 up to 4096 elements in the
-  2026-12-01 sm_86 builds; the largest 16-bit tiles need more than 99 KiB on sm_90): a build
-  that does not fit with one stage is a ValueError that says so (:func:`_launch_or_explain`).
+  with less than :data:`FULL_SHARED` per block (~99 KiB: sm_86 / sm_89 / sm_120) take float32
+  tiles of at most :data:`SMALL_TILE_FP32` elements and, at ``D > 128``, 16-bit
+  ``T_k <= SMALL_T_WIDE`` (:func:`tile_error`, from sm_86 and sm_120 builds); the op layer asks
+  the device's shared memory before it picks this backend, so ``auto`` takes the reference
+  beyond them. A build that still does not fit with one stage is a ValueError that says so
+  (:func:`_launch_or_explain`).
 * Tuning knobs (keyword-only, for benchmarks): ``seqs_per_program``, ``num_warps``, ``block_m``,
   ``num_stages``.
 
 Limits: ``T_k <= 128`` (:data:`MAX_T`) and ``D <= 256`` (:data:`MAX_D`), and in float32 a padded
 key tile of at most :data:`MAX_TILE_FP32` elements (T_k <= 32 at D = 256, <= 64 at 128, <= 128 at
-64: larger fp32 tiles do not fit the shared memory); beyond them a ``ValueError``. Any ``D >= 1``
+64: larger fp32 tiles do not fit the shared memory; less on ~99 KiB GPUs, :func:`tile_error`);
+beyond them a ``ValueError``. Any ``D >= 1``
 below that works (small D are padded to 32 columns).
 """
 from __future__ import annotations
@@ -91,11 +95,11 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ._launch import device_ctx, launch
+from ._launch import device_ctx, launch, target_shared_memory
 from .rope_tiles import load_pair, pair_scores, store_pair
 
 __all__ = ["temporal_attn_fwd", "temporal_attn_bwd", "MAX_T", "MAX_D", "MAX_TILE_FP32",
-           "fp32_tile_error"]
+           "FULL_SHARED", "SMALL_TILE_FP32", "SMALL_T_WIDE", "tile_error"]
 
 MAX_T = 128
 MAX_D = 256
@@ -105,19 +109,38 @@ _MIN_ROWS = 16  # tl.dot needs M, N, K >= 16
 # (aot_check, triton 3.6 / 3.9: T_k 128 x D 128 needs 224 KiB in the backward, over sm_80's
 # 163 KiB; 64 x 256 and 128 x 256 exceed sm_90's 227 KiB). 16-bit tiles fit up to MAX_T x MAX_D.
 MAX_TILE_FP32 = 8192
+# Those limits need FULL_SHARED bytes of shared memory per block (sm_80 / sm_87: 163 KiB; sm_90 /
+# sm_100: 227 KiB). GPUs with less (~99 KiB: sm_86 / sm_89 / sm_120 / sm_121, the RTX and L4 / L40
+# cards) take float32 tiles of at most SMALL_TILE_FP32 elements and, at head_dim > 128, 16-bit
+# sequences of at most SMALL_T_WIDE frames: sm_86 and sm_120 builds, unpipelined (aot_check,
+# triton 3.9): float32 128 x 64 needs 128 KiB in the backward, 64 x 128 144 KiB, 32 x 256 132 KiB;
+# 16-bit 64 x 256 104 KiB (without RoPE); everything within these limits fits 99 KiB.
+FULL_SHARED = 166912
+SMALL_TILE_FP32 = 4096
+SMALL_T_WIDE = 32
 
 
-def fp32_tile_error(Tk: int, D: int, dtype) -> str | None:
-    """Why a ``dtype`` sequence of ``Tk`` keys of head_dim ``D`` is over the float32 tile limit
-    (T_k <= 32 at D 256, <= 64 at D 128, <= 128 at D 64), or None."""
-    if dtype != torch.float32:
-        return None
+def tile_error(Tk: int, D: int, dtype, shared: int | None = None) -> str | None:
+    """Why a ``dtype`` sequence of ``Tk`` keys of head_dim ``D`` does not fit the shared memory of
+    a GPU with ``shared`` bytes per block (None: one with FULL_SHARED or more), or None. The op
+    layer's twin (``ops.temporal_attention._tile_error``) writes the same rule with comparisons
+    only, for symbolic sizes under torch.compile; a test checks that they agree."""
+    small = shared is not None and shared < FULL_SHARED
     rows, cols = max(triton.next_power_of_2(Tk), _MIN_ROWS), max(triton.next_power_of_2(D), 2 * _MIN_ROWS)
-    if rows * cols <= MAX_TILE_FP32:
+    if dtype == torch.float32:
+        lim = SMALL_TILE_FP32 if small else MAX_TILE_FP32
+        if rows * cols <= lim:
+            return None
+        what = f"float32 T_k x head_dim (each padded to a power of two) <= {lim}"
+    elif small and cols > 128 and Tk > SMALL_T_WIDE:
+        what = f"fp16 / bf16 T_k <= {SMALL_T_WIDE} at head_dim > 128"
+    else:
         return None
-    return (f"float32 T_k x head_dim (each padded to a power of two) <= {MAX_TILE_FP32} "
-            f"(T_k <= 32 at head_dim 256, <= 64 at 128, <= 128 at 64: the tiles' shared memory; "
-            f"fp16 / bf16 take T_k <= {MAX_T}, head_dim <= {MAX_D}), got T_k={Tk}, head_dim={D}")
+    where = (f" on a GPU with {shared} B of shared memory per block (< {FULL_SHARED})" if small
+             else "")
+    return f"{what}{where} (the tiles' shared memory), got T_k={Tk}, head_dim={D}"
+
+
 _MIN_PROGRAMS = 1024  # below this many programs, SEQ_GROUPS is reduced
 _ROWS_PER_PROGRAM = 128
 _LOG2E = 1.4426950408889634
@@ -464,7 +487,7 @@ def _config(op: str, q, k, v, cos, sin, q_offset: int, seqs_per_program, num_war
                          f"T_k <= {MAX_T} frames, got T_k={Tk}")
     if D > MAX_D:
         raise ValueError(f"{op}: the triton kernels support head_dim D <= {MAX_D}, got D={D}")
-    why = fp32_tile_error(Tk, D, q.dtype)
+    why = tile_error(Tk, D, q.dtype, target_shared_memory(q))
     if why is not None:
         raise ValueError(f"{op}: the triton kernels support {why}")
     rope = cos is not None
@@ -526,15 +549,13 @@ def _config(op: str, q, k, v, cos, sin, q_offset: int, seqs_per_program, num_war
 
 def _launch_or_explain(kernel, cfg, args, meta, q, op: str) -> None:
     """:func:`._launch.launch`; a build that does not fit this GPU's shared memory even with one
-    stage becomes a ValueError that says so and what to do (float32 tiles up to
-    MAX_TILE_FP32 fit sm_80 / sm_90 / sm_100, not the ~99 KiB per block of sm_86 / sm_89 /
-    sm_120, where float32 takes T_k x head_dim <= 4096, padded)."""
+    stage (:func:`tile_error` lets none through on the GPUs it was measured on) becomes a
+    ValueError that says so and what to do, not Triton's OutOfResources."""
     try:
         launch(kernel, cfg["grid"], args, meta, q.device)
     except OutOfResources as e:
-        hint = ("fp16 / bf16 (torch.autocast) fit more: GPUs with ~99 KiB per block (sm_86 / "
-                "sm_89 / sm_120) take float32 only up to T_k x head_dim = 4096, each padded to a "
-                "power of two" if q.dtype == torch.float32 else "fewer frames or a smaller head_dim fit")
+        hint = ("fp16 / bf16 (torch.autocast) fit more" if q.dtype == torch.float32
+                else "fewer frames or a smaller head_dim fit")
         raise ValueError(
             f"{op}: T_k={cfg['Tk']} x head_dim={cfg['D']} in {q.dtype} needs {e.required} B of "
             f"shared memory per block, this GPU allows {e.limit} B (Triton OutOfResources); "
