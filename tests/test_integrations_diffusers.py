@@ -363,6 +363,60 @@ def test_wan_attention_backend_context_falls_back(monkeypatch):
         assert calls
 
 
+def test_no_attention_kernel_on_the_gpu(monkeypatch):
+    """Under the default choice on a GPU where no rope3d_attention kernel runs (a T4: the Triton
+    kernels need compute capability 8.0), the patched processors are told to call the original
+    ones (diffusers' SDPA) instead of the op's reference, which materialises the attention matrix;
+    not for a backend named at apply() or in force, not on an sm_80+ GPU, not on the CPU.
+    Emulated GPUs, on CPU."""
+    from vidgen_kernels import backends
+    if not backends.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    gpus = {0: ("Tesla T4", (7, 5)), 1: ("NVIDIA H100 80GB HBM3", (9, 0))}
+    monkeypatch.setattr(backends, "_TRITON_ARCH_ERRORS", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: gpus[i][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: gpus[i][1])
+    t4, h100 = torch.device("cuda", 0), torch.device("cuda", 1)
+    why = vkd._no_attention_kernel(t4, None)
+    assert why is not None and "compute capability >= 8.0" in why and "Tesla T4" in why, why
+    assert vkd._no_attention_kernel(t4, "auto") == why
+    for backend in ("reference", "triton", "cpu"):  # named: the user's choice stands
+        assert vkd._no_attention_kernel(t4, backend) is None
+    with vk.use_backend("reference"):
+        assert vkd._no_attention_kernel(t4, None) is None
+    assert vkd._no_attention_kernel(h100, None) is None
+    assert vkd._no_attention_kernel(torch.device("cpu"), None) is None
+
+
+@pytest.mark.parametrize("which", ["cogvideox", "wan"])
+def test_no_attention_kernel_falls_back_to_original(monkeypatch, which):
+    """Where no rope3d_attention kernel runs (simulated here), each patched processor returns
+    exactly what the original returns, with one warning that says why; the fused norms stay."""
+    model = (cogvideox() if which == "cogvideox" else wan()).eval()
+    args, kw = cog_inputs("int") if which == "cogvideox" else wan_inputs()
+    vkd.apply(model)
+    monkeypatch.setattr(vkd, "_no_attention_kernel", lambda device, backend: "a T4 (sm_75)")
+    calls = []
+    monkeypatch.setattr(vk, "rope3d_attention", lambda *a, **k: calls.append(1))
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=r"falls back to the original .*: no rope3d_attention "
+                                             r"kernel runs on cpu \(a T4 \(sm_75\)\)"):
+            out = run(model, args, kw)
+        assert not calls
+        blocks = model.transformer_blocks if which == "cogvideox" else model.blocks
+        attn = blocks[0].attn1
+        h = torch.randn(1, 6, attn.heads * HEAD_DIM)
+        if which == "cogvideox":
+            e = torch.randn(1, 3, attn.heads * HEAD_DIM)
+            got, want = attn.processor(attn, h, e), attn.processor.original(attn, h, e)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        else:
+            assert torch.equal(attn.processor(attn, h), attn.processor.original(attn, h))
+    assert torch.isfinite(out).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # both / general
 # ----------------------------------------------------------------------------------------------

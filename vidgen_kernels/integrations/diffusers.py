@@ -50,7 +50,9 @@ time an ``attention_mask`` (not supported by the kernels), and for Wan an attent
 context-parallel config set after ``apply`` (``model.set_attention_backend``,
 ``enable_parallelism``) or a ``with diffusers...attention_backend(...)`` block that makes another
 backend active than the one active at ``apply``, make the patched processor call the original
-one, with a warning.
+one, with a warning; so does a GPU on which no ``rope3d_attention`` kernel runs under the default
+backend choice (a T4 / V100: the Triton kernels need compute capability 8.0), where the op's
+reference would materialise the attention matrix.
 
 diffusers is imported lazily, only by :func:`apply`.
 """
@@ -89,7 +91,25 @@ def _dispatch_registry():
     return _AttentionBackendRegistry
 
 
+def _no_attention_kernel(device: torch.device, backend: Optional[str]) -> Optional[str]:
+    """Why no ``rope3d_attention`` kernel runs on the GPU ``device`` under the default choice
+    (``backend`` None or ``"auto"`` with ``auto`` in force), else None. On such a GPU (a T4 / V100:
+    the Triton kernels need compute capability 8.0, and CUDA tensors have no other kernel) the op
+    would run its reference, which materialises the fp32 [B, H, S, S] score matrix (35 GiB at
+    CogVideoX-2B's 17,776 tokens): the original processor (diffusers' SDPA) runs instead."""
+    if device.type != "cuda" or (backend if backend is not None else vk.current_backend()) != "auto":
+        return None
+    return vk.backends.why_unavailable("triton", device)
+
+
 class _FallbackMixin:
+    def _kernel_missing(self, x: torch.Tensor) -> bool:
+        why = _no_attention_kernel(x.device, self.backend)
+        if why is not None:
+            self._fallback(f"no rope3d_attention kernel runs on {x.device} ({why}); its "
+                           "reference would materialise the attention matrix")
+        return why is not None
+
     def _fallback(self, reason: str):
         if not self._warned:
             warnings.warn(f"vidgen_kernels.integrations.diffusers: {type(self).__name__} falls back "
@@ -108,8 +128,9 @@ class CogVideoXRoPE3DAttnProcessor(_FallbackMixin):
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: Optional[torch.Tensor] = None,
                  image_rotary_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if attention_mask is not None:
-            self._fallback("attention_mask is not supported by rope3d_attention")
+        if attention_mask is not None or self._kernel_missing(hidden_states):
+            if attention_mask is not None:
+                self._fallback("attention_mask is not supported by rope3d_attention")
             return self.original(attn, hidden_states, encoder_hidden_states,
                                  attention_mask=attention_mask, image_rotary_emb=image_rotary_emb)
         text_len = encoder_hidden_states.size(1)
@@ -165,8 +186,9 @@ class WanRoPE3DAttnProcessor(_FallbackMixin):
     def __call__(self, attn, hidden_states: torch.Tensor,
                  encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, rotary_emb=None) -> torch.Tensor:
-        if attention_mask is not None:
-            self._fallback("attention_mask is not supported by rope3d_attention")
+        if attention_mask is not None or self._kernel_missing(hidden_states):
+            if attention_mask is not None:
+                self._fallback("attention_mask is not supported by rope3d_attention")
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
                                  rotary_emb)
         reason = None
