@@ -478,7 +478,10 @@ _SM80_ROPE_TILES = {
 # The forward kernel with JVP (forward-mode AD: q and its tangent, two accumulators live) for
 # fp16 / bf16 by architecture and head-dim bucket, from bf16 frame-causal RoPE builds (``ptxas
 # -v`` through aot_check's recorder, triton 3.9): sm_90 spills 0 / 216 / 496 bytes per thread at
-# D = 64 / 128 / 256 (the forward's tiles: 80 / 712 / 4560), sm_80 248 / 696 / 504. Not timed.
+# D = 64 / 128 / 256 (the forward's tiles: 80 / 712 / 4560), sm_80 248 / 696 / 504. The sm_80
+# entry serves every mma.sync GPU (sm_80 - sm_89, sm_120 / sm_121): on sm_120 the sm_90 entry
+# crashed triton 3.9's LLVM (an SLPVectorizer assertion, the process aborts) at float32 D = 256.
+# Not timed.
 _JVP_TILES = {90: {64: (128, 32, 8), 128: (64, 32, 8), 256: (16, 16, 4)},
               80: {64: (128, 32, 8), 128: (32, 64, 4), 256: (16, 32, 4)}}
 
@@ -491,7 +494,7 @@ def _tiles(kernel, q, rope, block_m=None, block_n=None, num_warps=None):
     if triton_interpret():
         bm, bn, warps = 32, 32, 4
     elif kernel == "jvp":
-        bm, bn, warps = _JVP_TILES[90 if target_arch(q) >= 90 else 80][max(block_d, 64)]
+        bm, bn, warps = _JVP_TILES[80 if mma_sync_arch(target_arch(q)) else 90][max(block_d, 64)]
         if dtype == torch.float32:
             bm = max(16, bm // 2)
     else:
