@@ -86,10 +86,11 @@ def test_rope3d_attention_ampere_tiles_and_shared_memory_fallback(tmp_path):
         assert fwd256 == {(True, True), (False, False)}, (arch, fwd256)
 
 
-def test_rope3d_attention_jvp_float32_builds_for_sm120():
-    """The forward-mode (JVP) kernel in float32 at D = 256 for sm_120 (RTX 5090): with the sm_90
-    tiles triton 3.9's LLVM aborted the process (an SLPVectorizer assertion); the mma.sync
-    GPUs take the sm_80 JVP tiles, which build."""
-    r = _run("--arch", "120", "--only", "rope3d_attention", "--case", "D=256 jvp float32")
+def test_rope3d_attention_jvp_float32_builds():
+    """The forward-mode (JVP) kernel in float32 at D = 256 for sm_90 (H100) and sm_120 (RTX 5090):
+    with a 16 x 16 tile (the sm_90 JVP tiles, BLOCK_M halved for float32) triton 3.9's LLVM
+    aborted the process (an SLPVectorizer assertion); float32 now takes BLOCK_N >= 32 and the
+    mma.sync GPUs the sm_80 JVP tiles, and both build."""
+    r = _run("--arch", "90", "120", "--only", "rope3d_attention", "--case", "D=256 jvp float32")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "0 failed" in r.stdout, r.stdout[-3000:]

@@ -479,9 +479,10 @@ _SM80_ROPE_TILES = {
 # fp16 / bf16 by architecture and head-dim bucket, from bf16 frame-causal RoPE builds (``ptxas
 # -v`` through aot_check's recorder, triton 3.9): sm_90 spills 0 / 216 / 496 bytes per thread at
 # D = 64 / 128 / 256 (the forward's tiles: 80 / 712 / 4560), sm_80 248 / 696 / 504. The sm_80
-# entry serves every mma.sync GPU (sm_80 - sm_89, sm_120 / sm_121): on sm_120 the sm_90 entry
-# crashed triton 3.9's LLVM (an SLPVectorizer assertion, the process aborts) at float32 D = 256.
-# Not timed.
+# entry serves every mma.sync GPU (sm_80 - sm_89, sm_120 / sm_121). float32 takes BLOCK_N >= 32:
+# the float32 D = 256 build with the sm_90 entry's 16 x 16 tile (BLOCK_M halved to its floor)
+# crashed triton 3.9's LLVM on sm_90, sm_100 and sm_120 (an SLPVectorizer assertion: the process
+# aborts); 16 x 32 builds (sm_90: 13,872 B of stack, a test path). Not timed.
 _JVP_TILES = {90: {64: (128, 32, 8), 128: (64, 32, 8), 256: (16, 16, 4)},
               80: {64: (128, 32, 8), 128: (32, 64, 4), 256: (16, 32, 4)}}
 
@@ -495,8 +496,8 @@ def _tiles(kernel, q, rope, block_m=None, block_n=None, num_warps=None):
         bm, bn, warps = 32, 32, 4
     elif kernel == "jvp":
         bm, bn, warps = _JVP_TILES[80 if mma_sync_arch(target_arch(q)) else 90][max(block_d, 64)]
-        if dtype == torch.float32:
-            bm = max(16, bm // 2)
+        if dtype == torch.float32:  # (BLOCK_N 16 at D = 256 aborts triton 3.9's LLVM, see above)
+            bm, bn = max(16, bm // 2), max(bn, 32)
     else:
         if rope and mma_sync_arch(target_arch(q)):
             bm, bn, warps = _SM80_ROPE_TILES[kernel][max(block_d, 64)]
