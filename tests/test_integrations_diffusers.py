@@ -865,3 +865,25 @@ def test_cache_enabled_and_disabled_before_apply_is_no_hook(which):
         close(run(model, args, kw), want)
         vkd.remove(model)
         assert torch.equal(run(model, args, kw), want)
+
+
+@pytest.mark.parametrize("why", ["mask", "no_kernel"])
+def test_wan_fallback_keeps_the_attention_backend_set_after_apply(monkeypatch, why):
+    """Whatever makes a patched Wan processor fall back (an attention mask, a GPU without a
+    rope3d_attention kernel), the original runs with the attention backend diffusers set on the
+    processor after apply() (those fallbacks returned before handing it over)."""
+    model = wan().eval()
+    vkd.apply(model, backend=None)
+    model.set_attention_backend("native")
+    if why == "no_kernel":
+        monkeypatch.setattr(vkd, "_no_attention_kernel", lambda device, backend: "a T4 (sm_75)")
+    attn = model.blocks[0].attn1
+    proc = attn.processor
+    assert proc._attention_backend is not None and proc.original._attention_backend is None
+    h = torch.randn(1, 6, attn.heads * HEAD_DIM)
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool) if why == "mask" else None
+    with torch.no_grad(), pytest.warns(UserWarning, match="falls back to the original"):
+        got = proc(attn, h, attention_mask=mask)
+    assert proc.original._attention_backend == proc._attention_backend
+    with torch.no_grad():
+        assert torch.equal(got, proc.original(attn, h, attention_mask=mask))

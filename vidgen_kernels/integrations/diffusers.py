@@ -103,12 +103,10 @@ def _no_attention_kernel(device: torch.device, backend: Optional[str]) -> Option
 
 
 class _FallbackMixin:
-    def _kernel_missing(self, x: torch.Tensor) -> bool:
+    def _no_kernel_reason(self, x: torch.Tensor) -> Optional[str]:
         why = _no_attention_kernel(x.device, self.backend)
-        if why is not None:
-            self._fallback(f"no rope3d_attention kernel runs on {x.device} ({why}); its "
-                           "reference would materialise the attention matrix")
-        return why is not None
+        return None if why is None else (f"no rope3d_attention kernel runs on {x.device} ({why}); "
+                                         "its reference would materialise the attention matrix")
 
     def _fallback(self, reason: str):
         if not self._warned:
@@ -128,9 +126,10 @@ class CogVideoXRoPE3DAttnProcessor(_FallbackMixin):
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: Optional[torch.Tensor] = None,
                  image_rotary_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if attention_mask is not None or self._kernel_missing(hidden_states):
-            if attention_mask is not None:
-                self._fallback("attention_mask is not supported by rope3d_attention")
+        reason = ("attention_mask is not supported by rope3d_attention"
+                  if attention_mask is not None else self._no_kernel_reason(hidden_states))
+        if reason is not None:
+            self._fallback(reason)
             return self.original(attn, hidden_states, encoder_hidden_states,
                                  attention_mask=attention_mask, image_rotary_emb=image_rotary_emb)
         text_len = encoder_hidden_states.size(1)
@@ -186,23 +185,23 @@ class WanRoPE3DAttnProcessor(_FallbackMixin):
     def __call__(self, attn, hidden_states: torch.Tensor,
                  encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, rotary_emb=None) -> torch.Tensor:
-        if attention_mask is not None or self._kernel_missing(hidden_states):
-            if attention_mask is not None:
-                self._fallback("attention_mask is not supported by rope3d_attention")
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
-                                 rotary_emb)
-        reason = None
-        if attn.add_k_proj is not None:  # not patched by apply(); guard for set_processor misuse
+        if attention_mask is not None:
+            reason = "attention_mask is not supported by rope3d_attention"
+        elif attn.add_k_proj is not None:  # not patched by apply(); guard for set_processor misuse
             reason = "image-to-video added key/value branch"
         elif self._attention_backend is not None or self._parallel_config is not None:
             reason = "an attention backend or a context-parallel config was set after apply()"
-            self.original._attention_backend = self._attention_backend
-            self.original._parallel_config = self._parallel_config
         elif getattr(self._registry, "_active_backend", None) != self._active_at_apply:
             reason = ("diffusers' attention_backend(...) made another attention backend active "
                       "after apply()")
+        else:
+            reason = self._no_kernel_reason(hidden_states)
         if reason is not None:
             self._fallback(reason)
+            if self._attention_backend is not None or self._parallel_config is not None:
+                # the original honours what diffusers set on this processor after apply()
+                self.original._attention_backend = self._attention_backend
+                self.original._parallel_config = self._parallel_config
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
                                  rotary_emb)
         kv_in = hidden_states if encoder_hidden_states is None else encoder_hidden_states
