@@ -34,7 +34,12 @@ def _expand(t: Tensor, x: Tensor, cast: bool = True) -> Tensor:
                          f"{tuple(x.shape[:2])} (or 1), got shape {tuple(t.shape)}")
     if cast and t.is_floating_point():
         t = t.to(x.dtype)
-    return t.reshape(*t.shape, *([1] * (x.dim() - t.dim())))
+    return _pad_dims(t, x.dim())
+
+
+def _pad_dims(t: Tensor, n: int) -> Tensor:
+    """``t`` with trailing size-1 dims up to ``n`` dims (lined up on its leading dims)."""
+    return t.reshape(*t.shape, *([1] * (n - t.dim())))
 
 
 def _check_steps(n, name: str = "num_inference_steps") -> int:
@@ -126,10 +131,8 @@ def _check_order(t, t_prev) -> None:
     if t.device.type != "cpu" or t_prev.device.type != "cpu" or not t.numel() or not t_prev.numel():
         return
     n = max(t.dim(), t_prev.dim())
-    a = t.reshape(*t.shape, *([1] * (n - t.dim())))
-    b = t_prev.reshape(*t_prev.shape, *([1] * (n - t_prev.dim())))
     try:
-        bad = bool((b >= a).any())
+        bad = bool((_pad_dims(t_prev, n) >= _pad_dims(t, n)).any())
     except RuntimeError:  # shapes that do not line up: _expand names them
         return
     if bad:
