@@ -229,3 +229,18 @@ def meta_init(module_fn):
         if hasattr(sub, "reset_parameters"):
             sub.reset_parameters()
     return m
+
+
+def fake_gpus(monkeypatch, gpus):
+    """Pretend (on CPU) that the visible GPUs are ``gpus``: (name, (major, minor), opt-in shared
+    memory bytes per block) each, with the backend module's per-device caches emptied."""
+    import types
+
+    from vidgen_kernels import backends
+    monkeypatch.setattr(backends, "_TRITON_ARCH_ERRORS", {})
+    monkeypatch.setattr(backends, "_SHARED_MEMORY", {})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: gpus[i][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: gpus[i][1])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=None: types.SimpleNamespace(
+        shared_memory_per_block=49152, shared_memory_per_block_optin=gpus[i][2]))

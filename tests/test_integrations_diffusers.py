@@ -17,7 +17,7 @@ from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel  # noqa
 from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
 
 import vidgen_kernels as vk  # noqa: E402
-from helpers import CUDA_MARKS  # noqa: E402
+from helpers import CUDA_MARKS, fake_gpus  # noqa: E402
 from vidgen_kernels.integrations import diffusers as vkd  # noqa: E402
 from vidgen_kernels.integrations.diffusers import (  # noqa: E402
     CogVideoXRoPE3DAttnProcessor, FusedAdaLayerNorm, FusedCogVideoXLayerNormZero,
@@ -372,12 +372,8 @@ def test_no_attention_kernel_on_the_gpu(monkeypatch):
     from vidgen_kernels import backends
     if not backends.HAS_TRITON:
         pytest.skip("triton is not installed")
-    gpus = {0: ("Tesla T4", (7, 5)), 1: ("NVIDIA H100 80GB HBM3", (9, 0))}
-    monkeypatch.setattr(backends, "_TRITON_ARCH_ERRORS", {})
+    fake_gpus(monkeypatch, [("Tesla T4", (7, 5), 65536), ("NVIDIA H100 80GB HBM3", (9, 0), 232448)])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: gpus[i][0])
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: gpus[i][1])
     t4, h100 = torch.device("cuda", 0), torch.device("cuda", 1)
     why = vkd._no_attention_kernel(t4, None)
     assert why is not None and "compute capability >= 8.0" in why and "Tesla T4" in why, why

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 import vidgen_kernels as vk
+from helpers import fake_gpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -321,20 +322,6 @@ def test_cuda_image_check_runs_when_the_first_call_is_compiled(monkeypatch):
     torch._dynamo.reset()
 
 
-def _fake_gpus(monkeypatch, backends, gpus):
-    """Pretend the visible GPUs are ``gpus``: (name, (major, minor), opt-in shared bytes) each."""
-    import types
-
-    import torch
-    monkeypatch.setattr(backends, "_TRITON_ARCH_ERRORS", {})
-    monkeypatch.setattr(backends, "_SHARED_MEMORY", {})
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: gpus[i][0])
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: gpus[i][1])
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=None: types.SimpleNamespace(
-        shared_memory_per_block=49152, shared_memory_per_block_optin=gpus[i][2]))
-
-
 def test_triton_needs_compute_capability_8(monkeypatch):
     """Triton supports compute capability 8.0+ (it compiles tl.dot without tensor cores on a T4 /
     V100, and its attention tiles need more shared memory than these have: sm_75 builds of the
@@ -344,7 +331,7 @@ def test_triton_needs_compute_capability_8(monkeypatch):
     from vidgen_kernels import backends
     if not backends.HAS_TRITON:
         pytest.skip("triton is not installed")
-    _fake_gpus(monkeypatch, backends, [("Tesla T4", (7, 5), 65536),
+    fake_gpus(monkeypatch, [("Tesla T4", (7, 5), 65536),
                                        ("NVIDIA GeForce RTX 4090", (8, 9), 101376)])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     why = backends.why_unavailable("triton", "cuda:0")
@@ -367,7 +354,7 @@ def test_device_facts_are_constants_in_compiled_code(monkeypatch):
     least over the visible GPUs without one, each queried once per device."""
     import torch
     from vidgen_kernels import backends
-    _fake_gpus(monkeypatch, backends, [("NVIDIA H100", (9, 0), 232448),
+    fake_gpus(monkeypatch, [("NVIDIA H100", (9, 0), 232448),
                                        ("NVIDIA GeForce RTX 3090", (8, 6), 101376)])
     assert backends.shared_memory_per_block(torch.device("cuda", 0)) == 232448
     assert backends.shared_memory_per_block(torch.device("cuda", 1)) == 101376
@@ -375,7 +362,7 @@ def test_device_facts_are_constants_in_compiled_code(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=None: 1 / 0)
     assert backends.shared_memory_per_block(torch.device("cuda", 0)) == 232448  # cached
     monkeypatch.setattr(backends, "_SHARED_MEMORY", {})
-    _fake_gpus(monkeypatch, backends, [("Tesla V100", (7, 0), 98304)])
+    fake_gpus(monkeypatch, [("Tesla V100", (7, 0), 98304)])
     torch._dynamo.reset()
 
     def pick(x):
@@ -396,7 +383,7 @@ def test_main_lists_each_gpu(monkeypatch, capsys):
 
     import torch
     from vidgen_kernels import backends
-    _fake_gpus(monkeypatch, backends, [("NVIDIA GeForce RTX 4090", (8, 9), 101376),
+    fake_gpus(monkeypatch, [("NVIDIA GeForce RTX 4090", (8, 9), 101376),
                                        ("Tesla T4", (7, 5), 65536)])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(backends, "_CUDA_IMAGE_ERRORS", {0: None, 1: None})
