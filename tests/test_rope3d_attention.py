@@ -58,9 +58,15 @@ def kernel_params(dtypes=None, oracle=True):
     return out
 
 
+def sdpa_params(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+    """``rope3d_attention_sdpa`` (apply_rope + SDPA: auto's path where no kernel takes a call),
+    tested as one more backend."""
+    return [pytest.param("sdpa", "cpu", dt, id=f"sdpa-cpu-{str(dt)[6:]}") for dt in dtypes]
+
+
 def semantic_params():
     return [pytest.param("reference", "cpu", torch.float32, id="reference-cpu-float32")] + \
-        kernel_params((torch.float32,))
+        kernel_params((torch.float32,)) + sdpa_params((torch.float32,))
 
 
 def interp(backend, device):
@@ -70,6 +76,8 @@ def interp(backend, device):
 def attn(q, k, v, backend, cos=None, sin=None, **kw):
     if backend == "torch":
         return op_fwd(q, k, v, "torch", cos, sin, **kw)[0]
+    if backend == "sdpa":
+        return vk.rope3d_attention_sdpa(q, k, v, cos, sin, **kw)
     return vk.rope3d_attention(q, k, v, cos, sin, backend=backend, **kw)
 
 
@@ -198,7 +206,7 @@ def yardstick(hi, *los):
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("backend,device,dtype", kernel_params())
+@pytest.mark.parametrize("backend,device,dtype", kernel_params() + sdpa_params())
 def test_matches_reference(backend, device, dtype, case):
     i = CASES.index(case)
     if interp(backend, device) and dtype == torch.float16 and i % 2:
@@ -368,11 +376,12 @@ def test_frame_causality_forward_and_backward(backend, device, dtype):
     assert not dq[:, start:].any() and not dq[:, :pre].any()
 
 
-@pytest.mark.parametrize("backend,device,dtype", semantic_params()[1:])
+@pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32,)))
 def test_frame_causal_nan_reaches_no_masked_key(backend, device, dtype):
     """A NaN in the dout of a text query or of frame block 0 reaches no gradient of a key those
     queries cannot see (masked entries send no gradient, as the reference's masked softmax
-    does): the Triton backward used to form ds = p * (dp - delta), 0 * NaN at masked entries."""
+    does): the Triton backward used to form ds = p * (dp - delta), 0 * NaN at masked entries.
+    (Not ``rope3d_attention_sdpa``: SDPA's backward does just that, as its docstring says.)"""
     pre, L, suf, tpf, D = 3, 16, 2, 4, 16  # 4 frames of 4 tokens, one frame per block
     S = pre + L + suf
     g = torch.Generator().manual_seed(2)
@@ -859,7 +868,7 @@ def test_frames_per_block_longer_than_the_video(backend):
 def test_cpu_head_dim_limit():
     """The cpu backend's C++ kernel (frame_causal / strided inputs) takes head_dim < 4096: a
     named cpu backend says so with a ValueError (it raised a RuntimeError from C++), auto runs
-    the reference."""
+    rotation + SDPA (``rope3d_attention_sdpa``)."""
     if kernel_missing("cpu"):
         pytest.skip(kernel_missing("cpu"))
     q = torch.randn(1, 4, 1, 4096)
@@ -868,6 +877,48 @@ def test_cpu_head_dim_limit():
         vk.rope3d_attention(q, q, q, backend="cpu", **kw)
     torch.testing.assert_close(vk.rope3d_attention(q, q, q, **kw),
                                vk.rope3d_attention_reference(q, q, q, **kw))
+    assert torch.equal(vk.rope3d_attention(q, q, q, **kw), vk.rope3d_attention_sdpa(q, q, q, **kw))
+
+
+def test_auto_without_a_kernel_runs_rotation_plus_sdpa(monkeypatch):
+    """Where ``auto`` finds no kernel for a call (here a CPU without the compiled extension; on a
+    GPU a T4 / V100, where the Triton kernels do not run), ``rope3d_attention`` runs
+    ``rope3d_attention_sdpa``: it saves no ``S x S`` matrix per head for backward, where the
+    reference saves several. Asked for by name or context, in fp64 and under ``torch.func``
+    transforms it is still the reference."""
+    monkeypatch.setattr(vk._ext, "has_cpu", lambda: False)
+    calls = []
+    real = ra._rotate_sdpa
+    monkeypatch.setattr(ra, "_rotate_sdpa", lambda *a: calls.append(a) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    B, pre, grid, H, D = 1, 4, (2, 4, 8), 4, 16
+    cos, sin = vk.rope3d_freqs(*grid, D)
+    S = pre + cos.shape[0]
+    q, k, v = (torch.randn(B, S, H, D, generator=g).requires_grad_() for _ in range(3))
+    for kw in (dict(rope_offset=pre), dict(rope_offset=pre, frame_causal=True, tokens_per_frame=32)):
+        out, nbytes = saved_bytes(lambda: vk.rope3d_attention(q, k, v, cos, sin, **kw))
+        assert len(calls) == 1
+        torch.testing.assert_close(out, vk.rope3d_attention_sdpa(q, k, v, cos, sin, **kw),
+                                   rtol=0, atol=0)
+        calls.clear()
+        want, ref_bytes = saved_bytes(lambda: vk.rope3d_attention(q, k, v, cos, sin,
+                                                                  backend="reference", **kw))
+        assert not calls
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), (q, k, v)),
+                                   torch.autograd.grad(want.sum(), (q, k, v)))
+        # rotated q / k, v, out, lse, the tables (counted once per use: PyTorch's rotation of
+        # q and k saves each twice); the mask (fp32 [S, S], no B x H) when causal
+        bound = 4 * q.numel() * 4 + B * S * H * 4 + 8 * cos.numel() * 4 + \
+            (S * S * 4 if kw.get("frame_causal") else 0)
+        assert 0 < nbytes <= bound < ref_bytes / 2, (nbytes, bound, ref_bytes)
+    with vk.use_backend("reference"):
+        vk.rope3d_attention(q, k, v, cos, sin, rope_offset=pre)
+    qd = q.detach().double()
+    vk.rope3d_attention(qd, qd, qd, cos, sin, rope_offset=pre)
+    torch.func.grad(lambda q_: vk.rope3d_attention(q_, k, v, cos, sin, rope_offset=pre).sum())(q)
+    torch.func.jvp(lambda q_: vk.rope3d_attention(q_, k, v, cos, sin, rope_offset=pre), (q,), (q,))
+    assert not calls
 
 
 def test_backend_choice():
@@ -892,8 +943,9 @@ def test_triton_head_dim_limit():
     q = torch.randn(1, 3, 1, 272)
     with pytest.raises(ValueError, match="supports head_dim <= 256, got 272"):
         vk.rope3d_attention(q, q, q, backend="triton")
-    with vk.use_backend("triton"):  # default choice: falls back to the reference
+    with vk.use_backend("triton"):  # default choice: falls back to rotation + SDPA
         torch.testing.assert_close(vk.rope3d_attention(q, q, q), vk.rope3d_attention_reference(q, q, q))
+        assert torch.equal(vk.rope3d_attention(q, q, q), vk.rope3d_attention_sdpa(q, q, q))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -976,15 +1028,28 @@ def test_triton_reads_strided_inputs_in_place(rope):
 
 
 def _compile_backends():
-    out = [pytest.param("reference")]
+    out = [pytest.param("reference"), pytest.param("auto-without-kernels")]
     for b in ("cpu", "triton"):
         why = kernel_missing(b)
         out.append(pytest.param(b, marks=[pytest.mark.skip(reason=why)] if why else []))
     return out
 
 
+def _no_kernels(backend, monkeypatch, calls):
+    """``auto-without-kernels``: no kernel runs (no compiled extension), so ``auto`` runs rotation
+    + SDPA, whose calls go to ``calls``; returns the backend name to pass."""
+    if backend != "auto-without-kernels":
+        return backend
+    monkeypatch.setattr(vk._ext, "has_cpu", lambda: False)
+    real = ra._rotate_sdpa
+    monkeypatch.setattr(ra, "_rotate_sdpa", lambda *a: calls.append(1) or real(*a))
+    return "auto"
+
+
 @pytest.mark.parametrize("backend", _compile_backends())
-def test_compile_fullgraph_matches_eager(backend):
+def test_compile_fullgraph_matches_eager(backend, monkeypatch):
+    calls = []
+    backend = _no_kernels(backend, monkeypatch, calls)
     torch.manual_seed(0)
     C, H, pre, grid = 64, 2, 3, (2, 2, 3)
     L = grid[0] * grid[1] * grid[2]
@@ -1002,6 +1067,7 @@ def test_compile_fullgraph_matches_eager(backend):
     ge = torch.autograd.grad(eager.square().sum(), [x, m.qkv.weight])
     comp = compiled(x)
     gc = torch.autograd.grad(comp.square().sum(), [x, m.qkv.weight])
+    assert bool(calls) == (backend == "auto")  # (eager, then traced)
     torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -1036,7 +1102,8 @@ def _table_leaves(S=15, L=10, H=2, D=16):
 @pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
 @pytest.mark.parametrize("interleaved,fc,full", [(True, False, False), (False, True, True)],
                          ids=["interleaved", "half-frame_causal-full_table"])
-@pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32, torch.float16)))
+@pytest.mark.parametrize("backend,device,dtype",
+                         kernel_params((torch.float32, torch.float16)) + sdpa_params())
 def test_table_gradients_match_reference(backend, device, dtype, interleaved, fc, full,
                                          create_graph):
     """cos / sin that require grad get the reference's gradient on every backend (the kernel
@@ -1055,15 +1122,18 @@ def test_table_gradients_match_reference(backend, device, dtype, interleaved, fc
 
 
 @pytest.mark.parametrize("backend", _compile_backends()[1:])
-def test_table_gradients_compiled(backend):
+def test_table_gradients_compiled(backend, monkeypatch):
     """The custom op's registered autograd (the path torch.compile takes) gives the tables their
-    gradient too."""
+    gradient too; so does rotation + SDPA compiled."""
+    calls = []
+    backend = _no_kernels(backend, monkeypatch, calls)
     leaves = _table_leaves(S=9, L=6, D=8)
     torch._dynamo.reset()
     compile_ = lambda f: torch.compile(f, fullgraph=True)  # noqa: E731
     got = _table_grads(backend, "cpu", torch.float32, torch.float32, leaves, True, True, False,
                        wrap=compile_)
     want = _table_grads("reference", "cpu", torch.float64, torch.float64, leaves, True, True, False)
+    assert bool(calls) == (backend == "auto")
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 

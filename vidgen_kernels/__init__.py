@@ -14,6 +14,7 @@ Public API::
     rope3d_attention(q, k, v, cos=None, sin=None, *, rope_offset=0, interleaved=True,
                      frame_causal=False, tokens_per_frame=None, frames_per_block=1,
                      softmax_scale=None)   # [B, S, H, D], RoPE fused into flash attention
+    rope3d_attention_sdpa(...)   # same, unfused: apply_rope + SDPA (auto's no-kernel fallback)
     moe_ffn(x, router_logits, w1, w2, *, top_k=2, activation="gelu", b1=None, b2=None,
             normalize_weights=True, expert_index=None) -> MoEOutput(out, aux_loss, z_loss,
             tokens_per_expert)     # dropless grouped-GEMM Mixture-of-Experts FFN
@@ -38,7 +39,8 @@ from .ops.adaln import (
 )
 from .ops.temporal_attention import temporal_attention, temporal_attention_reference
 from .ops.rope import apply_rope, apply_rope_reference, rope3d_freqs
-from .ops.rope3d_attention import rope3d_attention, rope3d_attention_reference
+from .ops.rope3d_attention import (rope3d_attention, rope3d_attention_reference,
+                                   rope3d_attention_sdpa)
 from .ops.moe import MoEOutput, moe_ffn, moe_ffn_reference
 from . import nn  # noqa: E402  (modules use the functions above)
 
@@ -62,6 +64,7 @@ __all__ = [
     "nn",
     "rope3d_attention",
     "rope3d_attention_reference",
+    "rope3d_attention_sdpa",
     "rope3d_freqs",
     "temporal_attention",
     "temporal_attention_reference",

@@ -276,8 +276,8 @@ def rope3d_freqs(frames: int, height: int, width: int, head_dim: int, *, theta: 
 # apply_rope: checks, reference, kernel contract oracle, custom op
 # ----------------------------------------------------------------------------------------------
 def _check_apply_args(x, cos, sin, interleaved, offset, op: str):
-    """Validate; returns ``(cos, sin)`` canonical ``[L, D/2]`` float32 contiguous (detached;
-    float64 for float64 tables with a float64 x)."""
+    """Validate; returns ``(cos, sin)`` canonical ``[L, D/2]`` float32 contiguous (float64 for
+    float64 tables with a float64 x; differentiable views / copies of the given tables)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -309,8 +309,8 @@ def _check_apply_args(x, cos, sin, interleaved, offset, op: str):
                          f"{int(S)} - {int(offset)} = {int(S - offset)} positions from offset on "
                          f"(x shape {tuple(int(d) for d in x.shape)})")
     fp64 = x.dtype == torch.float64  # fp64 x computes in fp64: keep fp64 tables exact
-    c = canon_table("cos", cos.detach(), D, L, x.device, op, interleaved, fp64)
-    s = canon_table("sin", sin.detach(), D, L, x.device, op, interleaved, fp64)
+    c = canon_table("cos", cos, D, L, x.device, op, interleaved, fp64)
+    s = canon_table("sin", sin, D, L, x.device, op, interleaved, fp64)
     return c, s
 
 
@@ -409,18 +409,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = True,
             ``[B, S, 3, H, D]`` projection or ``[B, H, S, D]`` transposed). ``D`` even.
         cos, sin: ``[L, D/2]`` (one angle per pair, e.g. :func:`rope3d_freqs`) or diffusers'
             ``[L, D]`` repeated layout; same shape, dtype and device as each other, ``x``'s
-            device; ``L <= S - offset``. Treated as constants (no gradient flows to them).
+            device; ``L <= S - offset``. Tables that require grad (learned frequencies) get
+            their gradient: such calls run the PyTorch reference (the kernels take the tables
+            as constants).
         interleaved: pairs ``(x[2i], x[2i+1])`` (CogVideoX / Wan / HunyuanVideo) if True, else
             ``(x[i], x[i + D/2])`` (rotate_half).
         offset: first rotated position (e.g. the text length when text comes first); positions
             outside ``offset .. offset + L - 1`` (a text prefix or suffix) are copied unchanged.
         backend: ``None`` (current default) or a backend name (see ``vidgen_kernels.backends``).
     Returns:
-        ``[B, S, H, D]`` contiguous, dtype of ``x``; differentiable w.r.t. ``x``.
+        ``[B, S, H, D]`` contiguous, dtype of ``x``; differentiable w.r.t. ``x`` (and the tables
+        where they require grad).
     """
     op = "apply_rope"
     c, s = _check_apply_args(x, cos, sin, interleaved, offset, op)
     name = _resolve_rope(backend, x, op, (x, c, s))
-    if name == "reference":
+    if name == "reference" or (torch.is_grad_enabled() and (c.requires_grad or s.requires_grad)):
         return _ref_apply(x, c, s, interleaved, offset)
     return _rope_apply_call(x, c, s, offset, interleaved, False, name)

@@ -34,6 +34,10 @@ Backends
 * ``reference``: eager rotation + materialised softmax attention with the explicit boolean mask
   (fp32 math; fp64 for fp64 inputs). Any device and float dtype; autograd through PyTorch ops
   (saves the ``S x S`` probabilities: for tests and small shapes).
+  Where ``auto`` finds no kernel for a call (a GPU below sm_80 such as a T4 / V100, a head_dim
+  beyond a kernel's limit, a CPU without the compiled extension), it runs
+  :func:`rope3d_attention_sdpa` instead: rotation + ``scaled_dot_product_attention``, memory
+  linear in S (the reference runs only when asked for, for fp64, and under autodiff transforms).
 * ``triton`` (``vidgen_kernels/triton_kernels/rope3d_attention.py``): FA2 forward with the rotation
   applied to q / k tiles on load, backward kernels that re-rotate on load and un-rotate dq / dk
   on store, frame-causal tile skipping. CUDA (CPU under ``TRITON_INTERPRET=1``), fp16 / bf16 /
@@ -95,15 +99,18 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext
 from ._eager import differentiable_vjp, eager_op, recomputed_vjp
-from ..backends import forward_ad_active, may_fall_back, resolve
+from ..backends import (autodiff_transform, current_backend, forward_ad_active, may_fall_back,
+                        resolve)
 from ._checks import autocast_dtype, cast_floating, check_flags, check_qkv, softmax_scale_or_default
-from .rope import _rope_kernel, canon_table, check_rope_pair, rotate, table_grads
+from .rope import _rope_kernel, apply_rope, canon_table, check_rope_pair, rotate, table_grads
 
-__all__ = ["rope3d_attention", "rope3d_attention_reference", "frame_causal_mask"]
+__all__ = ["rope3d_attention", "rope3d_attention_reference", "rope3d_attention_sdpa",
+           "frame_causal_mask"]
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float16, torch.bfloat16),
@@ -246,6 +253,63 @@ def rope3d_attention_reference(q, k, v, cos=None, sin=None, *, rope_offset=0, in
                                                  softmax_scale, op)
     out, _, _, _ = _attend(q, k, v, cos, sin, off, interleaved, off, fl, fb, scale)
     return out.to(q.dtype).contiguous()
+
+
+def _no_kernel_fallback(backend: Optional[str], q: Tensor, tensors) -> bool:
+    """Whether ``reference`` was picked because no kernel takes this call (``auto`` on a GPU
+    without the Triton kernels, such as a T4 / V100; no compiled extension on CPU; a head_dim
+    beyond the kernel's limit), not because it was asked for or because an autodiff transform
+    needs it (then the reference, which every transform follows exactly): such calls run
+    :func:`rope3d_attention_sdpa` instead of materialising the fp32 ``[B, H, S, S]`` scores.
+    fp64 keeps the reference (fp64 math)."""
+    requested = current_backend() if backend is None else backend
+    return (requested != "reference" and q.dtype != torch.float64 and not forward_ad_active()
+            and autodiff_transform(tensors) is None)
+
+
+def _rotate_sdpa(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block, scale):
+    """:func:`rope3d_attention_sdpa` on checked arguments (canonical ``[L, D/2]`` tables)."""
+    if cos is not None and (cos.requires_grad or sin.requires_grad):
+        qr = _rope_torch(q, cos, sin, rope_offset, interleaved)  # differentiable in the tables
+        kr = _rope_torch(k, cos, sin, rope_offset, interleaved)
+    elif cos is not None:  # the RoPE kernel of this device (apply_rope's own auto choice)
+        qr = apply_rope(q, cos, sin, interleaved=interleaved, offset=rope_offset, backend="auto")
+        kr = apply_rope(k, cos, sin, interleaved=interleaved, offset=rope_offset, backend="auto")
+    else:
+        qr, kr = q, k
+    mask = None
+    if fc_block:
+        mask = frame_causal_mask(q.shape[1], fc_start, fc_len, fc_block, q.device)
+    out = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).contiguous()  # (flash / memory-efficient: already [B, S, H, D])
+
+
+def rope3d_attention_sdpa(q, k, v, cos=None, sin=None, *, rope_offset=0, interleaved=True,
+                          frame_causal=False, tokens_per_frame=None, frames_per_block=1,
+                          softmax_scale=None):
+    """Unfused RoPE-3D attention: q / k rotated by :func:`~vidgen_kernels.apply_rope` (its
+    kernel for the device), then ``torch.nn.functional.scaled_dot_product_attention`` with the
+    frame-causal rule as a boolean ``[S, S]`` ``attn_mask``. Same signature and result as
+    :func:`rope3d_attention` (the diffusers way of computing it).
+
+    This is what ``rope3d_attention`` runs under ``auto`` where no kernel takes the call (a GPU
+    below compute capability 8.0 such as a T4 / V100, a head_dim beyond the kernels' limit, a CPU
+    without the compiled extension): SDPA's flash / memory-efficient kernels keep memory linear in
+    S (plus the ``S x S`` boolean mask with ``frame_causal``), where the reference materialises
+    the fp32 scores (35 GiB at CogVideoX-2B's 17,776 tokens). It costs two rotated copies of q / k
+    and SDPA's backward (which saves them); on CPU, ATen's flash kernel (fp32 gradients somewhat
+    less accurate than the ``cpu`` kernel's with peaked softmaxes, see the module docstring).
+    Tables that require grad are rotated in PyTorch, so their gradients flow. With
+    ``frame_causal``, a NaN in the incoming gradient of a query also reaches the keys it cannot
+    see (SDPA's backward multiplies their zero probabilities by it; the kernels and the
+    reference send nothing there).
+    """
+    op = "rope3d_attention_sdpa"
+    cos, sin, off, fl, fb, scale = _check_inputs(q, k, v, cos, sin, rope_offset, interleaved,
+                                                 frame_causal, tokens_per_frame, frames_per_block,
+                                                 softmax_scale, op)
+    return _rotate_sdpa(q, k, v, cos, sin, off, bool(interleaved), off, fl, fb, scale)
 
 
 def kernel_fwd_torch(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block,
@@ -599,7 +663,8 @@ def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = No
             tokens see all text and their own and earlier blocks; text sees text only).
         tokens_per_frame, frames_per_block: the frame / block structure for ``frame_causal``.
         softmax_scale: default ``1 / sqrt(D)``.
-        backend: ``None`` (current default), ``"reference"``, ``"cpu"``, ``"triton"``.
+        backend: ``None`` (current default), ``"reference"``, ``"cpu"``, ``"triton"``. Where
+            ``auto`` finds no kernel for the call, it runs :func:`rope3d_attention_sdpa`.
     Returns:
         ``[B, S_q, H, D]`` contiguous, q's dtype. Under ``torch.autocast`` for q's device, q, k
         and v are first cast to the autocast dtype, as SDPA's are (so q / k from an fp32 norm
@@ -628,6 +693,9 @@ def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = No
         else:
             raise ValueError(f"{op}: backend {name!r} supports head_dim <= {lim}, got {q.shape[-1]}")
     if name == "reference":
+        if _no_kernel_fallback(backend, q, (q, k, v, cos, sin)):
+            return _rotate_sdpa(q, k, v, cos, sin, off, bool(interleaved), off, fl, fb,
+                                scale)
         out, _, _, _ = _attend(q, k, v, cos, sin, off, interleaved, off, fl, fb, scale)
         return out.to(q.dtype).contiguous()
     if forward_ad_active():  # (resolve let the kernels run: jvp / forward_ad alone)
