@@ -253,18 +253,41 @@ def test_cogvideox_attention_mask_falls_back_to_original():
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("per_token", [False, True], ids=["wan2.1", "wan2.2-per-token"])
-def test_wan_forward_and_grads_match(backend, device, per_token):
+def test_wan_forward_and_grads_match(backend, device, per_token, monkeypatch):
+    """Each block's two inner sublayer boundaries (self-attention's gated residual + norm2,
+    cross-attention's residual + norm3's modulation) run on gated_residual_adaln."""
     model = wan().to(device).train()
     args, kw = to_device(*wan_inputs(per_token), device)
     ref_out, ref_grads = train_step(model, args, kw)
     no_warnings(vkd.apply, model, backend=backend)
     assert count(model, WanRoPE3DAttnProcessor) == 4  # attn1 (RoPE) + attn2 (text) per block
     assert all("forward" in b.__dict__ for b in model.blocks)  # fused modulation
+    calls = []
+    orig = vk.gated_residual_adaln
+    monkeypatch.setattr(vk, "gated_residual_adaln", lambda *a, **k: calls.append(1) or orig(*a, **k))
     out, g = train_step(model, args, kw)
+    assert len(calls) == 2 * len(model.blocks)
     close(out, ref_out, rtol=RTOL[device])
     assert g.keys() == ref_grads.keys()
     for n in g:
         close(g[n], ref_grads[n], rtol=RTOL[device])
+
+
+def test_wan_without_cross_attention_norm(monkeypatch):
+    """``cross_attn_norm=False`` (norm2 is an nn.Identity): the self-attention residual stays
+    eager, the cross-attention boundary is fused; outputs and gradients as unpatched."""
+    model = wan(cross_attn_norm=False).train()
+    args, kw = wan_inputs()
+    ref_out, ref_grads = train_step(model, args, kw)
+    no_warnings(vkd.apply, model)
+    calls = []
+    orig = vk.gated_residual_adaln
+    monkeypatch.setattr(vk, "gated_residual_adaln", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    out, g = train_step(model, args, kw)
+    assert len(calls) == len(model.blocks)
+    close(out, ref_out, rtol=RTOL["cpu"])
+    for n in g:
+        close(g[n], ref_grads[n], rtol=RTOL["cpu"])
 
 
 def test_wan_rotation_matches_diffusers_exactly_on_attn1():
@@ -366,7 +389,7 @@ def test_wan_attention_backend_context_falls_back(monkeypatch):
 def test_no_attention_kernel_on_the_gpu(monkeypatch):
     """Under the default choice on a GPU where no rope3d_attention kernel runs (a T4: the Triton
     kernels need compute capability 8.0), the patched processors are told to call the original
-    ones (diffusers' SDPA) instead of the op's reference, which materialises the attention matrix;
+    ones (diffusers' own rotation + SDPA, what the op's no-kernel path computes);
     not for a backend named at apply() or in force, not on an sm_80+ GPU, not on the CPU.
     Emulated GPUs, on CPU."""
     from vidgen_kernels import backends

@@ -20,7 +20,8 @@ shared with, not copied from, the original modules):
       (same ``silu`` / ``linear`` / ``norm`` submodules), modulation by
       :func:`vidgen_kernels.adaln_modulate`.
     * the block forward: the attention residual ``h + gate * attn`` and ``norm2`` fused into
-      :func:`vidgen_kernels.gated_residual_adaln` (text and video streams).
+      :func:`vidgen_kernels.gated_residual_adaln` (text and video streams). The block's last
+      residual (``h + gate_ff * ff``) stays eager: the norm after it is the next block's.
     * ``norm_out`` (``AdaLayerNorm`` with ``chunk_dim=1``): modulation by ``adaln_modulate``.
 
 ``WanTransformer3DModel``
@@ -29,8 +30,12 @@ shared with, not copied from, the original modules):
       exactly the angles Wan's own rotation reads), interleaved pairs, ``rope_offset=0``.
     * ``attn2`` (text cross-attention, text-to-video models): ``rope3d_attention`` with
       ``cos=None`` (k/v have the text length).
-    * the block forward: the two AdaLN modulations (``norm1`` / ``norm3``, FP32LayerNorm + fp32
-      shift/scale, per-sample or Wan 2.2 per-token) by ``adaln_modulate``; residuals as diffusers.
+    * the block forward (FP32LayerNorms, fp32 shift / scale / gate, per-sample or Wan 2.2
+      per-token): ``norm1``'s modulation by ``adaln_modulate``; the self-attention's gated
+      residual with ``norm2`` (the cross-attention norm, ``cross_attn_norm=True``: modulation by
+      zeros) and the cross-attention's residual with ``norm3``'s modulation (gate 1) each by one
+      ``gated_residual_adaln``. The block's last residual (``h + c_gate * ffn``) stays eager: the
+      norm after it is the next block's.
 
 Left unpatched, with a ``warnings.warn`` naming the module and the reason: processors of another
 class (fused-QKV, user-chosen ones), Wan processors with an attention backend or a context-parallel
@@ -51,8 +56,8 @@ context-parallel config set after ``apply`` (``model.set_attention_backend``,
 ``enable_parallelism``) or a ``with diffusers...attention_backend(...)`` block that makes another
 backend active than the one active at ``apply``, make the patched processor call the original
 one, with a warning; so does a GPU on which no ``rope3d_attention`` kernel runs under the default
-backend choice (a T4 / V100: the Triton kernels need compute capability 8.0), where the op's
-reference would materialise the attention matrix.
+backend choice (a T4 / V100: the Triton kernels need compute capability 8.0), where the op would
+run rotation + SDPA (``rope3d_attention_sdpa``), which is what the original processor computes.
 
 diffusers is imported lazily, only by :func:`apply`.
 """
@@ -95,8 +100,8 @@ def _no_attention_kernel(device: torch.device, backend: Optional[str]) -> Option
     """Why no ``rope3d_attention`` kernel runs on the GPU ``device`` under the default choice
     (``backend`` None or ``"auto"`` with ``auto`` in force), else None. On such a GPU (a T4 / V100:
     the Triton kernels need compute capability 8.0, and CUDA tensors have no other kernel) the op
-    would run its reference, which materialises the fp32 [B, H, S, S] score matrix (35 GiB at
-    CogVideoX-2B's 17,776 tokens): the original processor (diffusers' SDPA) runs instead."""
+    would run rotation + SDPA (``rope3d_attention_sdpa``): the original processor (diffusers'
+    own rotation + SDPA, the same computation) runs instead."""
     if device.type != "cuda" or (backend if backend is not None else vk.current_backend()) != "auto":
         return None
     return vk.backends.why_unavailable("triton", device)
@@ -105,8 +110,7 @@ def _no_attention_kernel(device: torch.device, backend: Optional[str]) -> Option
 class _FallbackMixin:
     def _no_kernel_reason(self, x: torch.Tensor) -> Optional[str]:
         why = _no_attention_kernel(x.device, self.backend)
-        return None if why is None else (f"no rope3d_attention kernel runs on {x.device} ({why}); "
-                                         "its reference would materialise the attention matrix")
+        return None if why is None else f"no rope3d_attention kernel runs on {x.device} ({why})"
 
     def _fallback(self, reason: str):
         if not self._warned:
@@ -369,7 +373,10 @@ def _cogvideox_block_forward(self, hidden_states, encoder_hidden_states, temb,
 
 
 def _wan_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
-    # diffusers WanTransformerBlock.forward with the two modulations on adaln_modulate
+    # diffusers WanTransformerBlock.forward with the norm1 modulation on adaln_modulate and the
+    # two sublayer boundaries inside the block (self-attention's gated residual + norm2,
+    # cross-attention's residual + the norm3 modulation) each on one gated_residual_adaln; the
+    # block's last residual (+ c_gate * ffn) stays eager: the norm after it is the next block's
     if temb.ndim == 4:  # [B, S, 6, C] (Wan 2.2 TI2V): per-token modulation
         mods = (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
         mods = [m.squeeze(2) for m in mods]
@@ -379,21 +386,33 @@ def _wan_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_
     backend = self._vidgen_kernels_backend
     from diffusers.models.normalization import FP32LayerNorm  # loaded: apply() or torch.load did
 
+    def affine(norm):
+        return dict(weight=norm.weight.float() if norm.weight is not None else None,
+                    bias=norm.bias.float() if norm.bias is not None else None, eps=norm.eps,
+                    norm="layer", backend=backend)
+
     def modulate(norm, x, shift, scale):
         if _call_norm(norm, FP32LayerNorm):  # diffusers' formula, calling the (hooked) norm
             return (norm(x.float()) * (1 + scale) + shift).type_as(x)
-        w = norm.weight.float() if norm.weight is not None else None
-        b = norm.bias.float() if norm.bias is not None else None
-        return vk.adaln_modulate(x, shift, scale, weight=w, bias=b, eps=norm.eps, norm="layer",
-                                 backend=backend)
+        return vk.adaln_modulate(x, shift, scale, **affine(norm))
 
     norm_hidden_states = modulate(self.norm1, hidden_states, shift_msa, scale_msa)
     attn_output = self.attn1(norm_hidden_states, None, None, rotary_emb)
-    hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
-    norm_hidden_states = self.norm2(hidden_states.float()).type_as(hidden_states)
+    if _call_norm(self.norm2, FP32LayerNorm):  # nn.Identity (cross_attn_norm=False), or hooked
+        hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
+        norm_hidden_states = self.norm2(hidden_states.float()).type_as(hidden_states)
+    else:  # norm2 is a plain LayerNorm: modulation by shift = scale = 0 (exact)
+        zero = gate_msa.new_zeros(gate_msa.shape[-1])
+        hidden_states, norm_hidden_states = vk.gated_residual_adaln(
+            hidden_states, attn_output, gate_msa, zero, zero, **affine(self.norm2))
     attn_output = self.attn2(norm_hidden_states, encoder_hidden_states, None, None)
-    hidden_states = hidden_states + attn_output
-    norm_hidden_states = modulate(self.norm3, hidden_states, c_shift_msa, c_scale_msa)
+    if _call_norm(self.norm3, FP32LayerNorm):
+        hidden_states = hidden_states + attn_output
+        norm_hidden_states = modulate(self.norm3, hidden_states, c_shift_msa, c_scale_msa)
+    else:  # an ungated residual: gate 1 (x + 1 * y rounds once, as the eager sum does)
+        one = c_shift_msa.new_ones(c_shift_msa.shape[-1])
+        hidden_states, norm_hidden_states = vk.gated_residual_adaln(
+            hidden_states, attn_output, one, c_shift_msa, c_scale_msa, **affine(self.norm3))
     ff_output = self.ffn(norm_hidden_states)
     hidden_states = (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
     return hidden_states
