@@ -637,6 +637,32 @@ def per_second(amount: Optional[float], info: dict, scale: float = 1e9) -> tuple
             amount / (ev * 1e-3) / scale if ev else None)
 
 
+_MATMUL_PEAK: dict = {}
+
+
+def matmul_peak_flops(device: str, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul (``torch.mm`` of two ``n x n`` matrices in ``dtype`` on
+    ``device``), measured: the practical GEMM peak that attention and GEMM rows are set against
+    (``extra_info["matmul_peak_flops"]``).
+    Once per (device, dtype) per process: ``n`` doubles from 256 until one call takes >= 20 ms
+    on CPU / 2 ms on CUDA (at most 8192), then the best of 5 batches of 3 calls."""
+    key = (device, dtype)
+    if key not in _MATMUL_PEAK:
+        target = 2e-3 if device == "cuda" else 2e-2
+        n = 256
+        while True:
+            a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+            step = functools.partial(torch.mm, a, b)
+            step()  # warm-up (library selection, page faults)
+            if _time_batch(step, device, 1) >= target or n >= 8192:
+                break
+            n *= 2
+        best = min(_time_batch(step, device, 3) for _ in range(5))
+        _MATMUL_PEAK[key] = 2 * n ** 3 / best
+        del a, b
+    return _MATMUL_PEAK[key]
+
+
 GiB = 1 << 30
 MEM_HEADROOM = 2 * GiB  # workspaces, parameter gradients, outputs, allocator rounding
 

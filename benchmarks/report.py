@@ -6,7 +6,8 @@
 For every op (``extra_info["op"]``) and device, one figure with a panel per (direction, shape)
 group: horizontal bars of the median time per contender, each labelled with its speedup vs the
 eager reference and, where the group counts them, its throughput: GB/s (memory-bound ops; the
-``copy`` contender's bar is the bandwidth limit of the same bytes) or GFLOP/s (attention, GEMMs).
+``copy`` contender's bar is the bandwidth limit of the same bytes) or FLOP/s (attention, GEMMs:
+TFLOP/s on CUDA, GFLOP/s elsewhere, with the fraction of the matmul peak measured in the run).
 ``REPORT.md`` states the machine, versions and dtypes, embeds the plots and repeats every number
 as the tables of ``summarize.py``. Needs matplotlib for the plots (the tables are written
 without it).
@@ -44,7 +45,8 @@ def _rows(benches: list[dict]) -> list[dict]:
         if not m or not ei.get("contender"):  # no time, or no metadata (summarize lists those)
             continue
         rows.append({"contender": ei.get("contender") or b.get("name", "?"), "median_s": m,
-                     "bytes": ei.get("bytes_moved"), "flops": ei.get("flops")})
+                     "bytes": ei.get("bytes_moved"), "flops": ei.get("flops"),
+                     "peak": ei.get("matmul_peak_flops")})
     return summarize._row_order(rows, "order")
 
 
@@ -78,8 +80,10 @@ def plot_op(op: str, device: str, panels, path: str) -> bool:
             if ref:
                 label.append(f"{ref / r['median_s']:.2f}x ref")
             if r["flops"]:
-                gf = r["flops"] / r["median_s"] / 1e9
-                label.append(f"{gf:.{0 if gf >= 10 else 2}f} GFLOP/s")
+                rate = r["flops"] / r["median_s"]
+                unit, scale = ("TFLOP/s", 1e12) if device == "cuda" else ("GFLOP/s", 1e9)
+                label.append(f"{rate / scale:.{0 if rate / scale >= 10 else 2}f} {unit}"
+                             + (f" ({rate / r['peak']:.0%} of matmul peak)" if r["peak"] else ""))
             elif r["bytes"]:
                 label.append(f"{r['bytes'] / r['median_s'] / 1e9:.1f} GB/s")
             ax.text(ms[i], i, "  " + ", ".join(label), va="center", fontsize=8)
@@ -117,7 +121,18 @@ def render(json_path: str, out_dir: str) -> str:
               "row is faster); `copy` is `dst.copy_(src)` of the same bytes, a reference rate, not "
               "a hard limit (a kernel with streaming stores can beat it); \"best peer\" leaves out "
               "our own contenders and the bounds (copy, SDPA without RoPE, the dense FFN); rows "
-              "marked ⚠ were measured while other processes used the CPU", ""]
+              "marked ⚠ were measured while other processes used the CPU"]
+    peaks: dict = {}  # (device name, dtype) -> the values measured (once per pytest process)
+    for ei in complete:
+        if ei.get("matmul_peak_flops"):
+            peaks.setdefault((str(ei.get("device_name")), str(ei.get("dtype"))), set()).add(
+                ei["matmul_peak_flops"])
+    if peaks:
+        lines.append("* matmul peak (a large square `torch.mm`, measured in this run; the FLOP-rate "
+                     "rows are set against it): " + "; ".join(
+                         f"{name} {dt} " + "-".join(f"{p / 1e12:.3g}" for p in sorted({min(v), max(v)}))
+                         + " TFLOP/s" for (name, dt), v in sorted(peaks.items())))
+    lines.append("")
     for (op, device), panels in _by_op(groups).items():
         lines += [f"## {op} ({device})", ""]
         png = f"{_slug(op)}-{_slug(device)}.png"

@@ -11,10 +11,14 @@ bandwidth (copy median / this median, the copy moving the same bytes: a referenc
 hard limit), and the speedup vs the best peer (the fastest contender that is neither ours (the
 kernel backends, the fused model, the patched diffusers model) nor a bound (the copy; SDPA
 without the rotation for RoPE-3D attention; the dense FFN of the same FLOPs for the MoE): eager
-reference, torch.compile, rotate+SDPA, matmul-softmax, grouped_mm, ...). A GFLOP/s column (``extra_info["flops"]`` /
-median) appears when the group's cases count FLOPs, and an activation-memory column (MiB kept for
-backward, ``extra_info["activation_bytes"]``, and its ratio to the eager reference's) when they
-record it. Where cases record interleaved-pair speedups (``extra_info["paired_vs_<peer>"]``:
+reference, torch.compile, rotate+SDPA, matmul-softmax, grouped_mm, ...). A FLOP-rate column
+(``extra_info["flops"]`` / median; TFLOP/s on CUDA, GFLOP/s elsewhere) appears when the group's
+cases count FLOPs, followed by the fraction of the device's matmul peak (``extra_info
+["matmul_peak_flops"]``: a large square matmul of the same dtype measured in the same run,
+``benchmarks/common.py``); an activation-memory column (MiB kept for backward,
+``extra_info["activation_bytes"]``, and its ratio to the eager reference's) and a peak-memory
+column (``extra_info["peak_mem_bytes"]``: CUDA max allocated during one step) when they record
+them. Where cases record interleaved-pair speedups (``extra_info["paired_vs_<peer>"]``:
 ``reference`` and ``compile`` in the DiT block and temporal attention benchmarks, ``sdpa`` and
 ``rotate_sdpa`` in RoPE-3D attention, ``dense`` in the MoE, ``diffusers`` in the diffusers
 drop-in) a line under the table gives them. Works on
@@ -118,9 +122,13 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
     peers = [m for c, m in by.items() if m and c not in OURS and c not in bounds]
     best_peer = min(peers) if peers else None
     with_flops = any(r["flops"] for r in rows)
+    with_peak = with_flops and any(r["ei"].get("matmul_peak_flops") for r in rows)
     acts = {r["contender"]: r["ei"].get("activation_bytes") for r in rows}
     with_act = any(v for v in acts.values())
     ref_act = acts.get(REFERENCE)
+    peaks = {r["contender"]: r["ei"].get("peak_mem_bytes") for r in rows}
+    with_peak_mem = any(v for v in peaks.values())
+    ref_peak_mem = peaks.get(REFERENCE)
 
     first = next((r["ei"] for r in rows if not r["incomplete"]), {})
     meta = ", ".join(str(x) for x in (first.get("device_name"), first.get("torch_version") and
@@ -130,8 +138,15 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
     out = [f"### {group}", ""]
     if meta:
         out += [f"_{meta}_", ""]
-    fl_head, fl_rule = (" GFLOP/s |", "---:|") if with_flops else ("", "")
+    # FLOP rates in TFLOP/s on GPUs, GFLOP/s elsewhere; "of matmul peak": the rate over the
+    # measured rate of a large square matmul of the same dtype on the same device
+    fl_unit, fl_scale = ("TFLOP/s", 1e12) if first.get("device") == "cuda" else ("GFLOP/s", 1e9)
+    fl_head, fl_rule = (f" {fl_unit} |", "---:|") if with_flops else ("", "")
+    if with_peak:
+        fl_head, fl_rule = fl_head + " of matmul peak |", fl_rule + "---:|"
     act_head, act_rule = (" activation MiB (vs ref) |", "---:|") if with_act else ("", "")
+    if with_peak_mem:
+        act_head, act_rule = act_head + " peak MiB (vs ref) |", act_rule + "---:|"
     out += [f"| contender | median ms | GB/s |{fl_head} vs eager ref | vs torch.compile | "
             f"vs best peer | of copy BW |{act_head}",
             f"|---|---:|---:|{fl_rule}---:|---:|---:|---:|{act_rule}"]
@@ -147,14 +162,20 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
         sp_comp = comp / m if (m and comp) else None
         sp_peer = best_peer / m if (m and best_peer) else None
         frac = copy / m if (m and copy) else None
-        gflops = f" {_fmt(r['flops'] / m / 1e9 if (m and r['flops']) else None, '.1f')} |"
-        act = acts.get(r["contender"])
+        rate = r["flops"] / m if (m and r["flops"]) else None
+        gflops = f" {_fmt(rate and rate / fl_scale, '.1f' if fl_scale == 1e9 else '.3g')} |"
+        if with_peak:
+            peak = r["ei"].get("matmul_peak_flops")
+            gflops += f" {_fmt(rate / peak * 100 if (rate and peak) else None, '.0f', '%')} |"
         act_cell = ""
-        if with_act:
-            act_cell = f" {_fmt(act and act / 2**20, '.1f')}"
-            if act and ref_act:
-                act_cell += f" ({act / ref_act:.2f}x)"
-            act_cell += " |"
+        for with_col, vals, ref_val in ((with_act, acts, ref_act),
+                                        (with_peak_mem, peaks, ref_peak_mem)):
+            if with_col:
+                v = vals.get(r["contender"])
+                act_cell += f" {_fmt(v and v / 2**20, '.1f')}"
+                if v and ref_val:
+                    act_cell += f" ({v / ref_val:.2f}x)"
+                act_cell += " |"
         out.append(f"| {r['contender']}{mark} | {_fmt(m and m * 1e3, '.3f')} | {_fmt(gbps, '.1f')} |"
                    f"{gflops if with_flops else ''} {_fmt(sp_ref, '.2f', 'x')} | "
                    f"{_fmt(sp_comp, '.2f', 'x')} | {_fmt(sp_peer, '.2f', 'x')} | "

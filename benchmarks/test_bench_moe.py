@@ -296,6 +296,7 @@ def test_moe(benchmark, case: Case, request):
         backend=case.contender if case.contender in KERNEL_BACKENDS[case.device] else None,
         dtype=common.dtype_name(case.dtype), shape=[E, C, F_, N], top_k=TOP_K, activation=ACT,
         device=case.device, device_name=common.device_name(case.device), flops=fl,
+        matmul_peak_flops=common.matmul_peak_flops(case.device, case.dtype),
         flops_counted="4*N*k*C*F" + (" * 3 (fwd+bwd)" if case.backward else
                                      " * 2 (jvp: primal + tangent)" if case.direction == JVP
                                      else ""),

@@ -477,7 +477,8 @@ def test_rope3d_attention(benchmark, case: Case, request):
         op=OP, direction=case.direction, contender=case.contender, shape_label=case.shape[5],
         shape=dict(B=B, text=text, video=L, S=case.S, H=H, D=D), dtype=common.dtype_name(case.dtype),
         device=case.device, device_name=common.device_name(case.device),
-        flops=fl, flops_counted=("4*B*H*P*D, P = the (query, key) pairs the frame-causal mask "
+        flops=fl, matmul_peak_flops=fl and common.matmul_peak_flops(case.device, case.dtype),
+        flops_counted=("4*B*H*P*D, P = the (query, key) pairs the frame-causal mask "
                                  "allows (masked pairs not counted)" if case.fpb else
                                  "4*B*H*S^2*D") + (" * 3.5 (fwd+bwd)" if case.backward else
                                                  " * 3 (jvp: primal + tangent)"

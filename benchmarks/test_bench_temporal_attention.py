@@ -327,6 +327,7 @@ def test_temporal_attention(benchmark, case: Case, request):
         device=case.device,
         device_name=common.device_name(case.device),
         flops=fl,
+        matmul_peak_flops=fl and common.matmul_peak_flops(case.device, case.dtype),
         flops_counted=("4*B*S*H*T^2*D" + (" / 2 (causal)" if case.causal else "") +
                        (" * 3.5 (fwd+bwd)" if case.backward else "")),
         bytes_moved=nbytes,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import vidgen_kernels as vk
 from vidgen_kernels import bench
@@ -248,6 +249,37 @@ def test_best_peer_leaves_out_ours_and_the_bounds():
                            + [{"name": "test_block[fused-x]", "stats": {"median": 0.2}}])
     assert best_peer_cell(text, "fused") == "1.50x", text
     assert "| test_block[fused-x] (incomplete: no metadata) |" in text, text
+
+
+def test_flop_rate_against_matmul_peak_and_peak_memory(tmp_path):
+    """FLOP rates are set against the measured matmul peak of the same device and dtype (a
+    column in the tables, a label in the plots, a line in REPORT.md), in TFLOP/s on CUDA and
+    GFLOP/s elsewhere; CUDA peak memory (peak_mem_bytes) gets a column beside the activation
+    memory."""
+    common, summarize, report = (_suite_module(m) for m in ("common", "summarize", "report"))
+    peak = common.matmul_peak_flops("cpu", torch.float32)
+    assert peak > 1e8 and common.matmul_peak_flops("cpu", torch.float32) == peak  # measured once
+
+    def row(contender, median, device="cpu", **ei):
+        return {"name": contender, "stats": {"median": median},
+                "extra_info": dict(op="moe_ffn", contender=contender, bytes_moved=None,
+                                   device=device, device_name="X", dtype="float32", **ei)}
+    text = summarize.table("moe x", [row("cpu", 0.01, flops=2e9, matmul_peak_flops=4e11),
+                                     row("reference", 0.02, flops=2e9, matmul_peak_flops=4e11)])
+    head = next(ln for ln in text.splitlines() if ln.startswith("| contender"))
+    assert "| GFLOP/s | of matmul peak |" in head, text
+    assert "| cpu | 10.000 | – | 200.0 | 50% |" in text, text
+    text = summarize.table("moe x", [row("triton", 0.001, "cuda", flops=4e11, matmul_peak_flops=8e14,
+                                         peak_mem_bytes=3 * 2**20),
+                                     row("reference", 0.002, "cuda", flops=4e11,
+                                         matmul_peak_flops=8e14, peak_mem_bytes=6 * 2**20)])
+    assert "| TFLOP/s | of matmul peak |" in text and "| 400 | 50% |" in text, text
+    assert "peak MiB (vs ref) |" in text and "| 3.0 (0.50x) |" in text, text
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"machine_info": {}, "benchmarks": [
+        dict(row("cpu", 0.01, flops=2e9, matmul_peak_flops=4e11), group="moe x")]}))
+    out = report.render(str(path), str(tmp_path / "r"))
+    assert "* matmul peak (a large square `torch.mm`" in out and "X float32 0.4 TFLOP/s" in out, out
 
 
 def test_paired_batches_time_every_call_of_the_batch():
