@@ -174,3 +174,20 @@ def test_bad_inputs():
         m(torch.randn(2, 2, C, 8, 8), t, text)
     with pytest.raises(ValueError, match="num_heads"):
         tiny(num_heads=3)
+
+
+def test_inputs_of_the_wrong_dtype_or_type_are_named():
+    """A float64 / bf16 x or text into the fp32 model raised torch's "mat1 and mat2 must have the
+    same dtype"; a list x a ValueError: TypeErrors naming the argument (4D and one-frame 5D x).
+    Under torch.autocast bf16 inputs stay legal."""
+    m = tiny()
+    x, t, text = inputs(H=4, W=4)
+    for xx in (x.double(), x[:, None].bfloat16()):
+        with pytest.raises(TypeError, match=rf"x has dtype {xx.dtype} but the model's parameters are torch.float32"):
+            m(xx, t, text)
+    with pytest.raises(TypeError, match="text has dtype torch.float64 but the model's parameters are torch.float32"):
+        m(x, t, text.double())
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor of image latents \[B, C, H, W\].*got list"):
+        m(x.tolist(), t, text)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x[:, None].bfloat16(), t, text.bfloat16()).shape == (2, 1, C, 4, 4)

@@ -408,6 +408,28 @@ def test_cogvideox_bad_inputs():
         tiny_cog(hidden_size=36, num_heads=3)
 
 
+def test_cogvideox_param_count_checks_the_config_as_the_model_does():
+    """param_count returned a number for configs the model refuses to build; it now runs the
+    constructor's checks and raises the same ValueError."""
+    base = dict(in_channels=4, hidden_size=32, num_heads=2, num_layers=2, text_hidden_size=TEXT_DIM,
+                time_embed_dim=16)
+    for bad, msg in (({"hidden_size": 36, "num_heads": 3},
+                      "hidden_size / num_heads must be a multiple of 8 .*got hidden_size=36, num_heads=3"),
+                     ({"num_text_experts": 0}, "num_text_experts must be an int >= 1, got 0"),
+                     ({"mlp_ratio": 1e-4}, r"expert width int\(hidden_size \* mlp_ratio\) = 0"),
+                     ({"patch_size": (0, 2, 2)}, r"patch_size must be 3 ints >= 1 .*got \(0, 2, 2\)"),
+                     ({"num_layers": 0}, "num_layers must be an int >= 1, got 0"),
+                     ({"backend": "tritno"}, "backend must be None or one of")):
+        cfg = CogVideoXConfig(**{**base, **bad})
+        with pytest.raises(ValueError, match=msg):
+            CogVideoXTransformer(cfg)
+        with pytest.raises(ValueError, match=msg):
+            param_count(cfg)
+    cfg = CogVideoXConfig(**base, patch_size=[1, 2, 2])
+    assert param_count(cfg) == sum(p.numel() for p in CogVideoXTransformer(cfg).parameters())
+    assert cfg.patch_size == [1, 2, 2] and cfg.out_channels is None   # the caller's config unchanged
+
+
 def test_latent_dit_position_embedding():
     from vidgen.models.layers import sincos_pos_embed_3d
     e = sincos_pos_embed_3d((3, 2, 5), 32)
@@ -761,6 +783,34 @@ def test_models_accept_an_empty_batch():
         with torch.no_grad():
             out = make_m()(*args)
         assert out.shape[0] == 0, name
+
+
+@pytest.mark.parametrize("model", list(MODEL_CASES))
+def test_models_name_an_input_of_the_wrong_dtype_or_type(model):
+    """x or text in a floating dtype other than the parameters' raised torch's "mat1 and mat2
+    must have the same dtype" naming no argument, and a non-tensor x an AttributeError on
+    ``.dim()``: now a TypeError naming the argument and both dtypes. Under ``torch.autocast``
+    mixed dtypes stay legal (bf16 inputs into the fp32 model), and so do integer or float64
+    timesteps (the models take t as float32)."""
+    make_model, make_inputs = MODEL_CASES[model]
+    m = make_model()
+    x, t, text = make_inputs()
+    for args, msg in (((x.double(), t, text), "x has dtype torch.float64 but the model's parameters are "
+                                              r"torch.float32: pass x.to\(torch.float32\)"),
+                      ((x.bfloat16(), t, text), "x has dtype torch.bfloat16 but the model's parameters are "
+                                                "torch.float32"),
+                      ((x, t, text.double()), "text has dtype torch.float64 but the model's parameters are "
+                                              "torch.float32"),
+                      ((x.tolist(), t, text), r"x must be a torch.Tensor .*\[B, .*got list")):
+        with pytest.raises(TypeError, match=msg):
+            m(*args)
+    with torch.no_grad():
+        want = m(x, t, text)
+        torch.testing.assert_close(m(x, t.double(), text), want)
+        assert m(x, torch.tensor([0, 1] * (x.shape[0] // 2)), text).shape == want.shape  # integer t
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert m(x.bfloat16(), t, text.bfloat16()).dtype == torch.bfloat16
+        assert m.double()(x.double(), t, text.double()).dtype == torch.float64
 
 
 def test_model_constructors_do_not_change_the_callers_config():

@@ -174,7 +174,7 @@ def test_flow_zero_steps_and_dtypes():
     x = torch.randn(2, 3, 4, 2, 2, dtype=torch.float16)
     v = torch.randn_like(x)
     for t, tn in ((torch.tensor(0.9), torch.tensor(0.7)), (torch.tensor([1.0, 0.8]), torch.tensor([0.9, 0.7])),
-                  (torch.rand(2, 3), torch.rand(2, 3))):
+                  (0.5 + torch.rand(2, 3) / 2, torch.rand(2, 3) / 2)):
         assert s.step(v, t, tn, x).dtype == torch.float16
         assert s.predict_x0(v, t, x).dtype == torch.float16
     # the step size is taken in the times' precision: t = 0.98 -> 0.96 is not rounded to fp16 first
@@ -295,3 +295,66 @@ def test_ddpm_steps_mix_per_video_and_per_frame_times():
     s2 = DDPMScheduler(np.int64(1000), beta_start=np.float32(1e-4), beta_end=torch.tensor(0.02))
     torch.testing.assert_close(s2.alphas_cumprod, DDPMScheduler(1000).alphas_cumprod)
     assert FlowMatchingScheduler(np.int64(3)).timesteps().shape == (4,)
+
+
+def test_flow_matching_checks_times_and_step_order_without_a_device_sync():
+    """Times outside [0, 1] (t=500, a DDPM-style step), NaN, and a step away from the data
+    (t -> t_next > t) raise naming the argument, for Python numbers and CPU tensors, as
+    DDPMScheduler checks its steps (all of them were accepted: x_t extrapolated past the noise,
+    NaN videos, an Euler step that added noise). Sampling goes from t = 1 to 0, so t_next <= t
+    (equal: a frame that stays, as per-frame schedules need)."""
+    s = FlowMatchingScheduler()
+    x = torch.randn(2, 3, 2, 4, 4)
+    for bad in (500, 1.5, -0.1, float("nan"), float("inf"), torch.tensor([0.5, 500.0]),
+                torch.tensor(500), torch.tensor([[0.2, float("nan"), 0.1], [0.0, 1.0, 0.3]]),
+                [0.3, 1.2]):
+        with pytest.raises(ValueError, match=r"FlowMatchingScheduler: t must be finite times in \[0, 1\]"):
+            s.add_noise(x, x, bad)
+        with pytest.raises(ValueError, match=r"t must be finite times in \[0, 1\]"):
+            s.predict_x0(x, bad, x)
+        with pytest.raises(ValueError, match=r"t must be finite times in \[0, 1\]"):
+            s.step(x, bad, 0.0, x)
+        with pytest.raises(ValueError, match=r"t_next must be finite times in \[0, 1\]"):
+            s.step(x, 1.0, bad, x)
+    for bad in (True, torch.tensor([True, False])):
+        with pytest.raises((ValueError, TypeError), match="t must be"):
+            s.add_noise(x, x, bad)
+    with pytest.raises(ValueError, match=r"t_next must be <= t \(a step goes towards 0\), got t=0.2"
+                                         r"[0-9]* and t_next=0.8"):
+        s.step(x, torch.tensor(0.2), torch.tensor(0.8), x)
+    with pytest.raises(ValueError, match="t_next must be <= t"):
+        s.step(x, 0.2, 0.8, x)
+    with pytest.raises(ValueError, match="t_next must be <= t"):  # per-video t, per-frame t_next
+        s.step(x, torch.tensor([0.5, 0.9]), torch.tensor([[0.4, 0.6, 0.4], [0.8, 0.8, 0.8]]), x)
+    # in range, in order (frames that stay put included), integer 0 / 1, per-frame: accepted
+    assert s.step(x, torch.tensor([0.5, 0.9]), torch.tensor([[0.4, 0.5, 0.0], [0.9, 0.8, 0.0]]), x).shape == x.shape
+    torch.testing.assert_close(s.step(x, 0, 0, x), x)
+    torch.testing.assert_close(s.add_noise(x, torch.zeros_like(x), torch.tensor([0, 1])), torch.cat([x[:1], 0 * x[1:]]))
+    # the sampling schedule stays in [0, 1] for every shift (shift_t(1) rounded to 1.0000001)
+    for shift in (0.01, 0.5066451229421713, 1.0, 3.0, 8.35713267064376):
+        ts = s.timesteps(7) if shift == 1.0 else FlowMatchingScheduler(7, shift=shift).timesteps()
+        assert ts[0] == 1 and ts[-1] == 0 and bool((ts[1:] <= ts[:-1]).all()), shift
+        for i in range(7):
+            x = s.step(torch.zeros_like(x), ts[i], ts[i + 1], x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flow_matching_does_not_check_cuda_times():
+    """CUDA times are not checked (that would sync the host with the device every step)."""
+    s = FlowMatchingScheduler()
+    x = torch.randn(2, 3, device="cuda")
+    s.step(x, torch.tensor([0.2, 0.2], device="cuda"), torch.tensor([0.8, 2.0], device="cuda"), x)
+    s.add_noise(x, x, torch.tensor([500.0, float("nan")], device="cuda"))
+
+
+def test_scalar_times_step_in_both_schedulers():
+    """Scalar (0-d / Python number) ``t`` and ``t_prev``: the order check's ``_pad_dims`` called
+    ``reshape()`` with no shape (a TypeError) for two 0-d times, so every DDPM / DDIM step at
+    scalar times failed."""
+    s = DDPMScheduler(100)
+    x = torch.randn(2, 3)
+    assert s.ddim_step(x, 5, 4, x).shape == x.shape
+    assert s.ddpm_step(x, torch.tensor(5), x).shape == x.shape
+    with pytest.raises(ValueError, match=r"t_prev must be < t .*got t=5 and t_prev=5"):
+        s.ddim_step(x, 5, 5, x)
+    torch.testing.assert_close(FlowMatchingScheduler().step(x, 0.75, 0.25, x), 0.5 * x)

@@ -39,7 +39,7 @@ def _expand(t: Tensor, x: Tensor, cast: bool = True) -> Tensor:
 
 def _pad_dims(t: Tensor, n: int) -> Tensor:
     """``t`` with trailing size-1 dims up to ``n`` dims (lined up on its leading dims)."""
-    return t.reshape(*t.shape, *([1] * (n - t.dim())))
+    return t.reshape(tuple(t.shape) + (1,) * (n - t.dim()))  # (a 0-d t with n = 0: reshape(()))
 
 
 def _check_steps(n, name: str = "num_inference_steps") -> int:
@@ -67,6 +67,11 @@ def _hi(x: Tensor) -> torch.dtype:
 class FlowMatchingScheduler:
     """Rectified-flow scheduler.
 
+    Times ``t`` are checked where it costs no device sync, as :class:`DDPMScheduler` checks its
+    steps: Python numbers and CPU tensors must be finite and in ``[0, 1]``, and :meth:`step` must
+    go towards the data (``t_next <= t`` elementwise: sampling integrates from ``t = 1`` down to
+    0); CUDA (and other device) tensors are not checked.
+
     Args:
         num_inference_steps: default number of Euler steps of :meth:`timesteps`.
         shift: timestep shift (1.0: none; SD3 uses 3.0 at 1024px); > 1 spends more steps at
@@ -81,12 +86,15 @@ class FlowMatchingScheduler:
         self.shift = float(shift)
 
     def shift_t(self, t: Tensor) -> Tensor:
-        """``shift * t / (1 + (shift - 1) * t)`` (identity for shift 1)."""
+        """``shift * t / (1 + (shift - 1) * t)`` (identity for shift 1), clamped to ``[0, 1]``."""
         s = self.shift
-        return s * t / (1 + (s - 1) * t)
+        # clamped: the rounding of s * t and 1 + (s - 1) * t put shift_t(1) above 1 for most
+        # shifts (1.0000001 at shift 0.5 in fp32), a time outside [0, 1]
+        return (s * t / (1 + (s - 1) * t)).clamp(0, 1)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """``x_t = (1 - t) x_0 + t * noise``."""
+        _check_times(t, "t")
         t = _expand(t, x0).to(x0.dtype)
         return (1 - t) * x0 + t * noise
 
@@ -113,31 +121,58 @@ class FlowMatchingScheduler:
     @staticmethod
     def step(velocity: Tensor, t: Tensor, t_next: Tensor, x_t: Tensor) -> Tensor:
         """One Euler step ``x_{t_next} = x_t + (t_next - t) * v`` (``t_next - t`` taken in the
-        precision of the times, then cast to ``x_t``'s dtype)."""
-        dt = torch.as_tensor(t_next, device=x_t.device) - torch.as_tensor(t, device=x_t.device)
-        return x_t + _expand(dt, x_t) * velocity
+        precision of the times, then cast to ``x_t``'s dtype). ``t_next <= t`` (a step goes
+        towards the data, ``t = 0``; a frame may stay where it is); checked, with the range of
+        both, for Python numbers and CPU tensors only."""
+        _check_times(t, "t")
+        _check_times(t_next, "t_next")
+        _check_order(t, t_next, "FlowMatchingScheduler", "t_next", strict=False)
+        # each lined up with x_t first: a per-video t [B] with a per-frame t_next [B, T]
+        dt = _expand(t_next, x_t, cast=False) - _expand(t, x_t, cast=False)
+        return x_t + (dt.to(x_t.dtype) if dt.is_floating_point() else dt) * velocity
 
     @staticmethod
     def predict_x0(velocity: Tensor, t: Tensor, x_t: Tensor) -> Tensor:
         """``x_0 = x_t - t * v``."""
+        _check_times(t, "t")
         return x_t - _expand(t, x_t) * velocity
 
 
-def _check_order(t, t_prev) -> None:
-    """``t_prev < t`` elementwise where it costs no device sync (CPU tensors, numbers); the two
-    are lined up on their leading dims, as :func:`_expand` lines them up with x (a per-video
-    ``t [B]`` with a per-frame ``t_prev [B, T]``)."""
+def _check_times(t, name: str) -> None:
+    """Flow-matching times: finite and in ``[0, 1]``, checked where it costs no device sync
+    (Python / numpy numbers, CPU tensors, lists); tensors on other devices pass unchecked."""
+    if isinstance(t, (numbers.Number, bool)):
+        v = _real(t, name)  # not a bool or a complex number
+        if not 0 <= v <= 1:  # NaN too
+            raise ValueError(f"FlowMatchingScheduler: {name} must be finite times in [0, 1] "
+                             f"(1 is pure noise), got {t!r}")
+        return
+    src, t = t, torch.as_tensor(t)
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"FlowMatchingScheduler: {name} must be real times in [0, 1], got dtype {t.dtype}")
+    if t.device.type == "cpu" and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
+        raise ValueError(f"FlowMatchingScheduler: {name} must be finite times in [0, 1] "
+                         f"(1 is pure noise), got {src!r}")
+
+
+def _check_order(t, t_prev, who: str = "DDPMScheduler", prev: str = "t_prev",
+                 strict: bool = True) -> None:
+    """``t_prev < t`` (``<=`` unless ``strict``) elementwise where it costs no device sync (CPU
+    tensors, numbers): a step goes towards 0. The two are lined up on their leading dims, as
+    :func:`_expand` lines them up with x (a per-video ``t [B]`` with a per-frame
+    ``t_prev [B, T]``). ``who`` and ``prev`` name the scheduler and the argument in the message."""
     t, t_prev = torch.as_tensor(t), torch.as_tensor(t_prev)
     if t.device.type != "cpu" or t_prev.device.type != "cpu" or not t.numel() or not t_prev.numel():
         return
     n = max(t.dim(), t_prev.dim())
     try:
-        bad = bool((_pad_dims(t_prev, n) >= _pad_dims(t, n)).any())
+        a, b = _pad_dims(t_prev, n), _pad_dims(t, n)
+        bad = bool((a >= b if strict else a > b).any())
     except RuntimeError:  # shapes that do not line up: _expand names them
         return
     if bad:
-        raise ValueError(f"DDPMScheduler: t_prev must be < t (a step goes towards 0), got "
-                         f"t={t.tolist()} and t_prev={t_prev.tolist()}")
+        raise ValueError(f"{who}: {prev} must be {'<' if strict else '<='} t (a step goes towards 0), "
+                         f"got t={t.tolist()} and {prev}={t_prev.tolist()}")
 
 
 def _cosine_betas(n: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:

@@ -30,7 +30,8 @@ from vidgen_kernels.nn import AdaLNZero, CausalTemporalAttention, RoPE3DAttentio
 
 from .layers import (CopyableLossesMixin, CrossAttention, FinalLayer, PatchEmbed3D,
                      TimestepEmbedder, backend_scope, check_config_backend, check_config_sizes,
-                     check_ffn_width, check_patch_size, check_text, unpatchify)
+                     check_ffn_width, check_input_dtype, check_input_tensor, check_patch_size,
+                     check_text, unpatchify)
 from .moe import make_moe
 
 __all__ = ["VideoCausalDiTConfig", "VideoCausalDiT"]
@@ -112,6 +113,7 @@ class VideoCausalDiT(CopyableLossesMixin, nn.Module):
         self.aux_loss = torch.zeros(())
 
     def forward(self, x: Tensor, t: Tensor, text: Tensor) -> Tensor:
+        check_input_tensor("x", x, "[B, T, C, H, W]")
         T, h, w = self.x_embedder.grid(x)
         B = x.shape[0]
         if not 1 <= T <= self.config.max_frames:
@@ -122,6 +124,8 @@ class VideoCausalDiT(CopyableLossesMixin, nn.Module):
             t = t.reshape(-1, 1).expand(B, T) if (t.numel() == 1 or t.numel() == B) else t
         if t.shape != (B, T):
             raise ValueError(f"t must be a scalar, [B] or per-frame [B, T] = [{B}, {T}], got {tuple(t.shape)}")
+        check_input_dtype("x", x, self.x_embedder.proj.weight)
+        check_input_dtype("text", text, self.text_pool[0].weight)
         with backend_scope(self.backend):
             tokens = self.x_embedder(x)
             c = self.t_embedder(t) + self.text_pool(text.mean(1))[:, None]       # [B, T, D]

@@ -29,8 +29,8 @@ import vidgen_kernels as vk
 from vidgen_kernels.nn import LayerNormZero, RoPE3DAttention
 
 from .layers import (CopyableLossesMixin, PatchEmbed3D, TimestepEmbedder, backend_scope,
-                     check_config_backend, check_config_sizes, check_ffn_width, check_patch_size,
-                     check_text, check_timesteps, unpatchify)
+                     check_config_backend, check_config_sizes, check_ffn_width, check_input_dtype,
+                     check_input_tensor, check_patch_size, check_text, check_timesteps, unpatchify)
 
 __all__ = ["CogVideoXConfig", "CogVideoXTransformer", "cogvideox_2b", "cogvideox_5b", "param_count",
            "recommended_defaults"]
@@ -76,12 +76,36 @@ def _ffn_dim(c: CogVideoXConfig) -> int:
     return int(c.hidden_size * c.mlp_ratio)
 
 
+def _checked_config(config: Optional[CogVideoXConfig] = None, **kwargs) -> CogVideoXConfig:
+    """A checked copy of ``config`` (or ``CogVideoXConfig(**kwargs)``; the caller's config is
+    not changed) with ``patch_size`` as a tuple of ints and ``out_channels`` filled in: the
+    config :class:`CogVideoXTransformer` builds from and :func:`param_count` counts. Raises the
+    ValueError naming the option of a config the model cannot run."""
+    c = dataclasses.replace(config) if config is not None else CogVideoXConfig(**kwargs)
+    c.patch_size = check_patch_size(c.patch_size)
+    c.out_channels = c.out_channels or c.in_channels
+    check_config_sizes(c, "hidden_size", "num_heads", "num_layers")
+    check_ffn_width("the expert width int(hidden_size * mlp_ratio)", int(c.hidden_size * c.mlp_ratio),
+                    hidden_size=c.hidden_size, mlp_ratio=c.mlp_ratio)
+    if c.hidden_size % c.num_heads or (c.hidden_size // c.num_heads) % 8:
+        raise ValueError(f"hidden_size / num_heads must be a multiple of 8 (RoPE-3D split D/4, 3D/8, 3D/8), "
+                         f"got hidden_size={c.hidden_size}, num_heads={c.num_heads}")
+    for name in ("num_text_experts", "num_video_experts"):
+        n = getattr(c, name)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {n!r}")
+    check_config_backend(c)
+    return c
+
+
 def param_count(config: CogVideoXConfig) -> int:
-    """Parameters of ``CogVideoXTransformer(config)``, computed from the config alone."""
+    """Parameters of ``CogVideoXTransformer(config)``, computed from the config alone (checked as
+    the model checks it: a config the model refuses raises the same ValueError)."""
+    config = _checked_config(config)
     D, E = config.hidden_size, config.num_text_experts + config.num_video_experts
     te, Fd, hd = config.time_embed_dim, _ffn_dim(config), config.hidden_size // config.num_heads
     pt, ph, pw = config.patch_size
-    c_out = config.out_channels or config.in_channels
+    c_out = config.out_channels
     n = pt * ph * pw * config.in_channels * D + D                      # patch embedding (conv)
     n += config.text_hidden_size * D + D                                # text projection
     n += FREQ_DIM * te + te + te * te + te                              # timestep MLP
@@ -166,19 +190,7 @@ class CogVideoXTransformer(CopyableLossesMixin, nn.Module):
 
     def __init__(self, config: Optional[CogVideoXConfig] = None, **kwargs):
         super().__init__()
-        c = dataclasses.replace(config) if config is not None else CogVideoXConfig(**kwargs)
-        c.patch_size = check_patch_size(c.patch_size)
-        c.out_channels = c.out_channels or c.in_channels
-        check_config_sizes(c, "hidden_size", "num_heads", "num_layers")
-        check_ffn_width("the expert width int(hidden_size * mlp_ratio)", int(c.hidden_size * c.mlp_ratio),
-                        hidden_size=c.hidden_size, mlp_ratio=c.mlp_ratio)
-        if c.hidden_size % c.num_heads or (c.hidden_size // c.num_heads) % 8:
-            raise ValueError("hidden_size / num_heads must be a multiple of 8 (RoPE-3D split D/4, 3D/8, 3D/8)")
-        for name in ("num_text_experts", "num_video_experts"):
-            n = getattr(c, name)
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {n!r}")
-        check_config_backend(c)
+        c = _checked_config(config, **kwargs)
         self.config, self.backend = c, c.backend
         D = c.hidden_size
         self.head_dim = D // c.num_heads
@@ -193,11 +205,14 @@ class CogVideoXTransformer(CopyableLossesMixin, nn.Module):
         self.proj_out = nn.Linear(D, pt * ph * pw * c.out_channels)
 
     def forward(self, x: Tensor, t: Tensor, text: Tensor) -> Tensor:
+        check_input_tensor("x", x, "[B, T, C, H, W]")
         T, h, w = self.patch_embed.grid(x)
         B = x.shape[0]
         c = self.config
         text = check_text(text, B, c.text_hidden_size, "text_hidden_size")
         t = check_timesteps(t, B, x.device)
+        check_input_dtype("x", x, self.patch_embed.proj.weight)
+        check_input_dtype("text", text, self.text_proj.weight)
         with backend_scope(self.backend):
             hidden = self.patch_embed(x)
             enc = self.text_proj(text)

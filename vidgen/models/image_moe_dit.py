@@ -48,7 +48,8 @@ from vidgen_kernels.nn import AdaLNZero
 
 from .layers import (CopyableLossesMixin, CrossAttention, FinalLayer, GEGLU, PatchEmbed3D,
                      TimestepEmbedder, backend_scope, check_config_backend, check_config_sizes,
-                     check_text, check_timesteps, dit_init_, unpatchify)
+                     check_input_dtype, check_input_tensor, check_text, check_timesteps, dit_init_,
+                     unpatchify)
 from .moe import make_moe
 
 __all__ = ["ImageMoEDiTConfig", "ImageMoEDiT"]
@@ -212,9 +213,10 @@ class ImageMoEDiT(CopyableLossesMixin, nn.Module):
 
     # ------------------------------------------------------------------------------- checks
     def _check_x(self, x: Tensor) -> tuple[int, int]:
-        if not isinstance(x, Tensor) or x.dim() not in (4, 5):
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must be image latents [B, C, H, W] (or one-frame [B, 1, C, H, W]), got {shape}")
+        check_input_tensor("x", x, "of image latents [B, C, H, W] (or one-frame [B, 1, C, H, W])")
+        if x.dim() not in (4, 5):
+            raise ValueError(f"x must be image latents [B, C, H, W] (or one-frame [B, 1, C, H, W]), "
+                             f"got {tuple(x.shape)}")
         if x.dim() == 5 and x.shape[1] != 1:
             raise ValueError(f"x: a 5D input must have one frame [B, 1, C, H, W], got {tuple(x.shape)}")
         C, H, W = x.shape[-3:]
@@ -233,6 +235,8 @@ class ImageMoEDiT(CopyableLossesMixin, nn.Module):
         B = x.shape[0]
         text = check_text(text, B, self.config.text_dim)
         t = check_timesteps(t, B, x.device)
+        check_input_dtype("x", x, self.x_embedder.proj.weight)
+        check_input_dtype("text", text, self.context_embedder.weight)
         with backend_scope(self.backend):
             img = self.x_embedder(x if video else x.unsqueeze(1))       # [B, h*w, D]
             txt = self.context_embedder(text)                            # [B, L, D]

@@ -28,8 +28,9 @@ import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero, CausalTemporalAttention, RoPE3DAttention
 
 from .layers import (CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder,
-                     backend_scope, dit_init_, check_config_backend, check_config_sizes,
-                     check_patch_size, check_text, check_timesteps, sincos_pos_embed_3d, unpatchify)
+                     backend_scope, check_config_backend, check_config_sizes, check_input_dtype,
+                     check_input_tensor, check_patch_size, check_text, check_timesteps, dit_init_,
+                     sincos_pos_embed_3d, unpatchify)
 
 __all__ = ["LatentVideoDiTConfig", "LatentVideoDiT", "LatentVideoDiT_S", "LatentVideoDiT_M",
            "LatentVideoDiT_L", "LatentVideoDiT_XL", "LATENT_VIDEO_DIT_PRESETS"]
@@ -126,10 +127,13 @@ class LatentVideoDiT(nn.Module):
         dit_init_(self, self.x_embedder, self.t_embedder)
 
     def forward(self, x: Tensor, t: Tensor, text: Tensor) -> Tensor:
+        check_input_tensor("x", x, "[B, T, C, H, W]")
         grid = self.x_embedder.grid(x)
         B = x.shape[0]
         text = check_text(text, B, self.config.text_dim)
         t = check_timesteps(t, B, x.device)
+        check_input_dtype("x", x, self.x_embedder.proj.weight)
+        check_input_dtype("text", text, self.text_pool[0].weight)
         with backend_scope(self.backend):
             h = self.x_embedder(x)
             if self.config.pos_embed == "sincos":

@@ -88,6 +88,23 @@ def check_ffn_width(name: str, width, **given) -> None:
         raise ValueError(f"{name} = {width!r} from {opts}; it must be >= 1 (raise mlp_ratio)")
 
 
+def check_input_tensor(name: str, v, shape: str) -> None:
+    """A model input that must be a tensor (``x``: a list or array failed with an
+    AttributeError on ``.dim()``)."""
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shape}, got {type(v).__name__}")
+
+
+def check_input_dtype(name: str, v: Tensor, param: Tensor) -> None:
+    """A model input in the dtype of the parameters it meets first (torch's own error, "mat1
+    and mat2 must have the same dtype", names no argument). Not checked under ``torch.autocast``
+    for the input's device type, where mixed dtypes are legal."""
+    if v.dtype != param.dtype and not (torch.amp.is_autocast_available(v.device.type)
+                                       and torch.is_autocast_enabled(v.device.type)):
+        raise TypeError(f"{name} has dtype {v.dtype} but the model's parameters are {param.dtype}: "
+                        f"pass {name}.to({param.dtype}) or run the model under torch.autocast")
+
+
 def check_text(text: Tensor, B: int, width: int, name: str = "text_dim") -> Tensor:
     """Validate condition embeddings ``text [1 or B, L >= 1, width]`` and expand them to ``B``."""
     if not isinstance(text, Tensor) or text.dim() != 3 or text.shape[-1] != width:
