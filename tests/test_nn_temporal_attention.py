@@ -410,6 +410,48 @@ def test_bad_construction_and_input():
             m(torch.randn(1, 12, m.dim), 4, 3, kv_cache=bad)
 
 
+@pytest.mark.parametrize("x,exc,match", [
+    ([[1.0] * 64] * 12, TypeError, "CausalTemporalAttention: x must be a torch.Tensor, got list"),
+    (torch.ones(1, 12, 64, dtype=torch.int64), TypeError,
+     "CausalTemporalAttention: x must be a floating tensor, got dtype torch.int64"),
+    (torch.ones(1, 12, 64, dtype=torch.bool), TypeError, "x must be a floating tensor"),
+    (torch.randn(12, 64), ValueError,
+     "x must be \\[B, T\\*S, C\\] with C=64, got shape \\(12, 64\\)"),
+    (torch.randn(1, 12, 32), ValueError, "got shape \\(1, 12, 32\\)"),
+    (torch.randn(1, 12, 64, dtype=torch.float64), TypeError,
+     "CausalTemporalAttention: x has dtype torch.float64 but the module's parameters are "
+     "torch.float32"),
+    (torch.randn(1, 12, 64, dtype=torch.bfloat16), TypeError,
+     "x has dtype torch.bfloat16 but the module's parameters are torch.float32"),
+], ids=["list", "int", "bool", "2-D", "channels", "float64", "bfloat16"])
+def test_bad_x_raises_clear_error(x, exc, match):
+    """x that is not a floating [B, T*S, C] tensor of the module's dtype: a TypeError /
+    ValueError naming x at the top of forward (a list gave AttributeError "'list' object has no
+    attribute 'dim'", a float64 or int x torch's "mat1 and mat2 must have the same dtype")."""
+    m = make()
+    with pytest.raises(exc, match=match):
+        m(x, 4, 3)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_allows_mixed_dtypes(x_dtype):
+    """Under torch.autocast for x's device the projections run in the autocast dtype, so an x
+    whose dtype differs from the (fp32) parameters is legal there: no dtype error, a bf16
+    output close to the fp32 one, fp32 gradients for the parameters."""
+    m = make()
+    x = torch.randn(2, 4 * 3, m.dim, generator=torch.Generator().manual_seed(0))
+    want = m(x, 4, 3)
+    xa = x.to(x_dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(xa, 4, 3)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
+    got.float().sum().backward()
+    assert m.qkv.weight.grad.dtype == torch.float32 and xa.grad.dtype == x_dtype
+    with pytest.raises(TypeError, match="x has dtype torch.bfloat16"):  # autocast off again
+        m(x.bfloat16(), 4, 3)
+
+
 def test_state_dict_names():
     m = make(qk_norm="layer")
     assert set(m.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias",

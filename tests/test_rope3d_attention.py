@@ -1183,6 +1183,47 @@ def test_module_parameters_and_errors():
         m(torch.randn(1, 10, 32))
 
 
+@pytest.mark.parametrize("x,exc,match", [
+    ([[1.0] * 64] * 10, TypeError, "RoPE3DAttention: x must be a torch.Tensor, got list"),
+    (torch.ones(1, 10, 64, dtype=torch.int32), TypeError,
+     "RoPE3DAttention: x must be a floating tensor, got dtype torch.int32"),
+    (torch.randn(10, 64), ValueError, "x must be \\[B, S, C=64\\], got shape \\(10, 64\\)"),
+    (torch.randn(1, 10, 32), ValueError, "x must be \\[B, S, C=64\\], got shape \\(1, 10, 32\\)"),
+    (torch.randn(1, 10, 64, dtype=torch.float64), TypeError,
+     "RoPE3DAttention: x has dtype torch.float64 but the module's parameters are torch.float32"),
+    (torch.randn(1, 10, 64, dtype=torch.float16), TypeError,
+     "x has dtype torch.float16 but the module's parameters are torch.float32"),
+], ids=["list", "int", "2-D", "channels", "float64", "float16"])
+def test_module_bad_x_raises_clear_error(x, exc, match):
+    """x that is not a floating [B, S, C] tensor of the module's dtype: a TypeError /
+    ValueError naming x at the top of forward (a list gave AttributeError "'list' object has no
+    attribute 'dim'", a float64 or int x torch's "mat1 and mat2 must have the same dtype")."""
+    m = vk.nn.RoPE3DAttention(64, 4, qk_norm="rms", backend="reference")
+    with pytest.raises(exc, match=match):
+        m(x)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_module_autocast_allows_mixed_dtypes(x_dtype):
+    """Under torch.autocast for x's device an x whose dtype differs from the (fp32) parameters
+    is legal (the projections run in the autocast dtype): no dtype error, a bf16 output close to
+    the fp32 one, fp32 parameter gradients; outside autocast the mix is a TypeError again."""
+    torch.manual_seed(0)
+    m = vk.nn.RoPE3DAttention(64, 4, qk_norm="rms")
+    cos, sin = vk.rope3d_freqs(2, 2, 2, 16)
+    x = torch.randn(2, 3 + 8, 64)
+    want = m(x, cos, sin, rope_offset=3)
+    xa = x.to(x_dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(xa, cos, sin, rope_offset=3)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
+    got.float().sum().backward()
+    assert m.qkv.weight.grad.dtype == torch.float32 and xa.grad.dtype == x_dtype
+    with pytest.raises(TypeError, match="x has dtype torch.bfloat16"):
+        m(x.bfloat16(), cos, sin, rope_offset=3)
+
+
 @pytest.mark.parametrize("backend,device,dtype", semantic_params())
 def test_empty_batch(backend, device, dtype):
     q = torch.randn(0, 6, 2, 16, device=device, dtype=dtype, requires_grad=True)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..ops._checks import NORMS
+from torch import Tensor
+
+from ..ops._checks import NORMS, autocast_dtype
 from .adaln import HeadNorm
 
 
@@ -23,3 +25,23 @@ def qk_norms(kind: Optional[str], head_dim: int, eps: float, owner: str,
         return None, None
     return (HeadNorm(head_dim, kind, eps, backend=backend, **factory),
             HeadNorm(head_dim, kind, eps, backend=backend, **factory))
+
+
+def check_tokens(owner: str, x, dim: int, layout: str, param: Tensor) -> None:
+    """The ``x`` of an attention module's forward, checked before the projections run (which
+    raised ``'list' object has no attribute 'dim'`` or torch's ``mat1 and mat2 must have the
+    same dtype``): a floating tensor (TypeError, in the messages of ``ops._checks.check_qkv``),
+    3-D ``[B, N, C]`` with ``C == dim`` (ValueError; ``layout`` describes it), and of the
+    module's parameter dtype (``param``'s; TypeError, worded as ``vidgen.models``' input checks),
+    except under ``torch.autocast`` for x's device, where the projections run in the autocast
+    dtype and mixed dtypes are legal."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{owner}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{owner}: x must be a floating tensor, got dtype {x.dtype}")
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"{owner}: x must be {layout}, got shape {tuple(x.shape)}")
+    if x.dtype != param.dtype and autocast_dtype(x) is None:
+        raise TypeError(f"{owner}: x has dtype {x.dtype} but the module's parameters are "
+                        f"{param.dtype}: pass x.to({param.dtype}) or run the module under "
+                        f"torch.autocast")

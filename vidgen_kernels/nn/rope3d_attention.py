@@ -19,7 +19,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ._common import check_qk_norm, qk_norms
+from ._common import check_qk_norm, check_tokens, qk_norms
 from ..ops._checks import check_backend_arg, check_eps, check_flags, check_sizes
 from ..ops.rope3d_attention import rope3d_attention
 
@@ -76,8 +76,7 @@ class RoPE3DAttention(nn.Module):
                 tokens_per_frame: Optional[int] = None, frames_per_block: int = 1) -> Tensor:
         """``x [B, S, C]`` -> ``[B, S, C]``; the remaining arguments as in
         :func:`vidgen_kernels.rope3d_attention`."""
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"RoPE3DAttention: x must be [B, S, C={self.dim}], got {tuple(x.shape)}")
+        check_tokens("RoPE3DAttention", x, self.dim, f"[B, S, C={self.dim}]", self.qkv.weight)
         B, S, C = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).unbind(2)
         if self.norm_q is not None:

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import check_qk_norm, qk_norms
+from ._common import check_qk_norm, check_tokens, qk_norms
 from ..ops._checks import check_eps, check_flags, check_sizes
 from ..ops.rope import check_theta, tables_cacheable
 from ..ops.temporal_attention import temporal_attention
@@ -259,9 +259,8 @@ class CausalTemporalAttention(nn.Module):
         With ``kv_cache``, ``x`` holds the ``T`` newest frames; they follow the cache's
         ``T_past`` frames (RoPE positions ``T_past ..``) and the cache is extended by them.
         """
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"CausalTemporalAttention: x must be [B, T*S, C] with C={self.dim}, "
-                             f"got shape {tuple(x.shape)}")
+        check_tokens("CausalTemporalAttention", x, self.dim, f"[B, T*S, C] with C={self.dim}",
+                     self.qkv.weight)
         B, N, C = x.shape
         for name, val in (("T", T), ("S", S)):
             if isinstance(val, bool) or not isinstance(val, (int, torch.SymInt)):
