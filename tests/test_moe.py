@@ -104,8 +104,11 @@ def backend_fn(backend):
     return lambda *a, **kw: vk.moe_ffn(*a, backend=backend, **kw)
 
 
-def check(backend, dtype, N=11, C=8, F=16, E=4, top_k=2, activation="gelu", bias=True, seed=0,
-          logits=None, expert_index=None, normalize_weights=True, device="cpu"):
+CHECK_E = 4  # check()'s default number of experts
+
+
+def check(backend, dtype, N=11, C=8, F=16, E=CHECK_E, top_k=2, activation="gelu", bias=True,
+          seed=0, logits=None, expert_index=None, normalize_weights=True, device="cpu"):
     d = make(N, C, F, E, activation, dtype, bias, seed, logits, device)
     kw = dict(top_k=top_k, activation=activation, normalize_weights=normalize_weights,
               expert_index=expert_index)
@@ -135,24 +138,139 @@ def check(backend, dtype, N=11, C=8, F=16, E=4, top_k=2, activation="gelu", bias
 # ----------------------------------------------------------------------------------------------
 # backends vs reference and dense
 # ----------------------------------------------------------------------------------------------
-# (activation, bias, top_k) combos: every activation with bias at top-2; top-1 / top-E and no
-# bias on a plain and a gated activation
+def _combo_id(a, b, k):
+    return f"{a}-{'bias' if b else 'nobias'}-k{k}"
+
+
+# (activation, bias, top_k) at check()'s CHECK_E experts. FULL_COMBOS: the whole grid the issue
+# asks for, every activation x bias on / off x top_k in {1, 2, E}; COMBOS (a subset, for the
+# slow Triton interpreter and the CUDA emulator of test_cuda_emu.py): every activation with
+# bias at top-2; top-1 / top-E and no bias on a plain and a gated activation
+FULL_COMBOS = [(a, b, k) for a in ALL_ACTS for b in (True, False) for k in (1, 2, CHECK_E)]
+FULL_COMBO_IDS = [_combo_id(*c) for c in FULL_COMBOS]
 COMBOS = [(a, True, 2) for a in ALL_ACTS] + [
-    (a, b, k) for a in ("gelu", "swiglu") for b, k in ((False, 1), (True, 4), (False, 2))]
-COMBO_IDS = [f"{a}-{'bias' if b else 'nobias'}-k{k}" for a, b, k in COMBOS]
+    (a, b, k) for a in ("gelu", "swiglu") for b, k in ((False, 1), (True, CHECK_E), (False, 2))]
+COMBO_IDS = [_combo_id(*c) for c in COMBOS]
 
 
-@pytest.mark.parametrize("activation,bias,top_k", COMBOS, ids=COMBO_IDS)
-@pytest.mark.parametrize("backend,device,dtype", moe_backend_params())
+def combo_backend_params():
+    """(backend, device, dtype, activation, bias, top_k): FULL_COMBOS on the compiled backends
+    (C++ on CPU, anything on CUDA: small shapes are cheap there), COMBOS on Triton's
+    interpreter."""
+    out = []
+    for p in moe_backend_params():
+        backend, device, dtype = p.values
+        combos = COMBOS if (backend, device) == ("triton", "cpu") else FULL_COMBOS
+        out += [pytest.param(backend, device, dtype, *c, marks=p.marks,
+                             id=f"{p.id}-{_combo_id(*c)}") for c in combos]
+    return out
+
+
+@pytest.mark.parametrize("backend,device,dtype,activation,bias,top_k", combo_backend_params())
 def test_backend_vs_reference_and_dense(backend, device, dtype, activation, bias, top_k):
     check(backend, dtype, activation=activation, bias=bias, top_k=top_k, device=device)
 
 
-@pytest.mark.parametrize("activation,bias,top_k", COMBOS, ids=COMBO_IDS)
+@pytest.mark.parametrize("activation,bias,top_k", FULL_COMBOS, ids=FULL_COMBO_IDS)
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_pure_pytorch_paths_vs_dense(backend, dtype, activation, bias, top_k):
     check(backend, dtype, activation=activation, bias=bias, top_k=top_k)
+
+
+# ----------------------------------------------------------------------------------------------
+# aux / z losses against their formulas, written out here (not through M._losses)
+# ----------------------------------------------------------------------------------------------
+def losses_by_formula(logits, assignments, E):
+    """The issue's definitions in float64: Switch Transformer's load-balancing loss
+    ``E * sum_e f_e * P_e`` with ``f_e`` the fraction of the (token, slot) assignments that go
+    to expert e (a count: no gradient) and ``P_e`` the mean router softmax probability of e; the
+    router z-loss ``mean_n logsumexp(logits[n])^2``. ``assignments``: each token's experts."""
+    lg = logits.double()
+    counts = [0] * E
+    for experts in assignments:
+        for e in experts:
+            counts[e] += 1
+    f = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    P = torch.softmax(lg, dim=-1).mean(0)
+    aux = E * (f * P).sum()
+    z = torch.logsumexp(lg, dim=-1).pow(2).mean()
+    return aux, z, counts
+
+
+def topk_by_hand(logits, k):
+    """Each row's k largest logits, ties to the lowest index (the documented rule), in Python."""
+    return [sorted(range(len(row)), key=lambda e: (-row[e], e))[:k] for row in logits.tolist()]
+
+
+def loss_backends():
+    """Every backend of the file on CPU (the C++ and Triton-interpreter kernels, each dtype),
+    the kernel contract in PyTorch and the seed's loop."""
+    return [pytest.param(b, "cpu", torch.float32, id=f"{b}-cpu-float32")
+            for b in ("reference", "torch")] + moe_backend_params()
+
+
+@pytest.mark.parametrize("routing", ["top1", "top2", "topE", "expert_index"])
+@pytest.mark.parametrize("backend,device,dtype", loss_backends())
+def test_losses_match_their_formulas(backend, device, dtype, routing):
+    """``aux_loss`` / ``z_loss`` (values and their gradients to the router logits) equal the
+    Switch-Transformer / z-loss formulas computed independently, with the routing's experts
+    picked by hand; N = 11 tokens over E = 4 experts (unbalanced: aux != 1 but at top-E)."""
+    N, E = 11, 4
+    d = make(N, 8, 16, E, "gelu", dtype, seed=5, device=device)
+    logits = d["router_logits"]
+    if routing == "expert_index":
+        ei = torch.tensor([0, 3, 3, 1, 0, 3, 2, 3, 0, 3, 1])
+        assignments, kw = [[e] for e in ei.tolist()], dict(top_k=1, expert_index=ei.to(device))
+    else:
+        k = {"top1": 1, "top2": 2, "topE": E}[routing]
+        assignments, kw = topk_by_hand(logits.cpu(), k), dict(top_k=k)
+    lg = logits.detach().requires_grad_()
+    res = backend_fn(backend)(d["x"], lg, d["w1"], d["w2"], b1=d["b1"], b2=d["b2"],
+                              activation="gelu", **kw)
+    lg64 = logits.detach().cpu().double().requires_grad_()
+    aux, z, counts = losses_by_formula(lg64, assignments, E)
+    assert res.tokens_per_expert.tolist() == counts
+    assert res.aux_loss.dtype == res.z_loss.dtype == torch.float32
+    assert res.aux_loss.shape == res.z_loss.shape == ()
+    torch.testing.assert_close(res.aux_loss.cpu().double(), aux.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.z_loss.cpu().double(), z.detach(), rtol=1e-5, atol=1e-6)
+    # not the balanced value, so f and P matter (top-E sends every token to every expert:
+    # f_e = 1/E and aux = sum_e P_e = 1 whatever the logits)
+    assert abs(aux.item() - 1.0) > 1e-2 if routing != "topE" else abs(aux.item() - 1.0) < 1e-12
+    (got,) = torch.autograd.grad(0.7 * res.aux_loss + 0.3 * res.z_loss, lg)
+    (want,) = torch.autograd.grad(0.7 * aux + 0.3 * z, lg64)
+    assert got.dtype == logits.dtype
+    # (the gradient is rounded to the logits' dtype)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-5)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("routing", ["top1", "top2", "topE", "expert_index"])
+@pytest.mark.parametrize("backend,device,dtype", loss_backends())
+def test_balanced_routing_gives_aux_loss_one(backend, device, dtype, routing):
+    """Perfect balance: row n of the logits is the same distinct values shifted cyclically by n
+    (N = 2E rows), so each expert receives the same share of the assignments (row n's top-k is
+    experts n .. n+k-1 mod E) and the mean router probability of every expert is 1/E:
+    ``aux_loss = E * sum_e (1/E)(1/E) = 1``; ``z_loss = logsumexp(row)^2``."""
+    E = 4
+    N = 2 * E
+    vals = torch.tensor([1.5, 0.5, -0.25, -1.0])  # exact in fp16 / bf16
+    n, e = torch.arange(N)[:, None], torch.arange(E)[None, :]
+    logits = vals[(e - n) % E]
+    d = make(N, 8, 16, E, "gelu", dtype, seed=2, logits=logits, device=device)
+    if routing == "expert_index":
+        k, kw = 1, dict(top_k=1, expert_index=(torch.arange(N) % E).to(device))
+    else:
+        k = {"top1": 1, "top2": 2, "topE": E}[routing]
+        kw = dict(top_k=k)
+        assert topk_by_hand(logits, k) == [[(i + j) % E for j in range(k)] for i in range(N)]
+    res = backend_fn(backend)(d["x"], d["router_logits"], d["w1"], d["w2"], b1=d["b1"],
+                              b2=d["b2"], activation="gelu", **kw)
+    assert res.tokens_per_expert.tolist() == [N * k // E] * E
+    torch.testing.assert_close(res.aux_loss.cpu(), torch.tensor(1.0), rtol=1e-6, atol=1e-6)
+    want_z = torch.logsumexp(vals.double(), 0).pow(2).float()
+    torch.testing.assert_close(res.z_loss.cpu(), want_z, rtol=1e-6, atol=1e-6)
 
 
 def test_cpu_float64():

@@ -980,6 +980,58 @@ def test_copy_detector_sees_the_oracles_permutes():
 
 
 # ----------------------------------------------------------------------------------------------
+# memory: what is saved for backward
+# ----------------------------------------------------------------------------------------------
+def saved_tensors(fn):
+    """``fn()`` and the tensors autograd saved for backward while it ran."""
+    seen = []
+
+    def pack(t):
+        seen.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, seen
+
+
+def nbytes(ts):
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+@pytest.mark.parametrize("rope", ["none", "half"])
+@pytest.mark.parametrize("backend,device,dtype",
+                         kernel_params((torch.float32, torch.float16), oracle=False))
+def test_saved_tensors_bytes(backend, device, dtype, rope):
+    """The kernel path saves q, k, v, out, lse (fp32 ``[B, S, H, T_q]``) and the ``[T_k, D/2]``
+    fp32 tables, nothing else: no ``T_q x T_k`` matrix, no permuted or rotated copies. The
+    reference (materialised softmax over permuted copies) saves far more, so the bound bites.
+    Strided q / k / v (views of a fused projection, sequence-major, non-unit last stride) and
+    streaming (``q_offset``): k / v have more frames than q."""
+    case = Case(32, True, rope, q_offset=4, B=1, S=3, H=2, D=16, layout="psd")
+    lv, tabs = make_leaves(case)
+    _, (q, k, v), kw = build(lv, tabs, case, dtype, device)
+    B, Tq, S, H, D = q.shape
+    Tk = k.shape[1]
+    out, saved = saved_tensors(lambda: attn(q, k, v, backend, **kw))
+    lse_shape = (B, S, H, Tq)
+    lse = [t for t in saved if tuple(t.shape) == lse_shape]
+    assert len(lse) == 1 and lse[0].dtype == torch.float32, \
+        [(tuple(t.shape), t.dtype) for t in saved]
+    tables = 2 * Tk * (D // 2) * 4 if rope != "none" else 0
+    allowed = (q.numel() + k.numel() + v.numel() + out.numel()) * q.element_size() \
+        + B * S * H * Tq * 4 + tables
+    got = nbytes(saved)
+    assert 0 < got <= allowed, (got, allowed, [(tuple(t.shape), t.dtype) for t in saved])
+    # q, k, v are saved as they were given (views of the caller's storage), not copied
+    storages = {t.untyped_storage().data_ptr() for t in saved}
+    for t in (q, k, v):
+        assert t.untyped_storage().data_ptr() in storages
+    _, ref_saved = saved_tensors(lambda: attn(q, k, v, "reference", **kw))
+    assert nbytes(ref_saved) > 1.5 * allowed, (nbytes(ref_saved), allowed)
+
+
+# ----------------------------------------------------------------------------------------------
 # bad input
 # ----------------------------------------------------------------------------------------------
 def _bad_calls():
