@@ -8,7 +8,8 @@ contender: median per-call time, effective GB/s (``extra_info["bytes_moved"]`` /
 ``benchmarks/common.py`` for what is counted), speedup vs the eager reference and vs
 ``torch.compile`` (their median / this median: > 1 is faster), and the fraction of the copy
 bandwidth (copy median / this median, the copy moving the same bytes: a reference rate, not a
-hard limit), and the speedup vs the best peer (the fastest contender that is neither ours (the
+hard limit), and the speedup vs the best peer (a line under the table gives it vs every peer by
+name) (the fastest contender that is neither ours (the
 kernel backends, the fused model, the patched diffusers model) nor a bound (the copy; SDPA
 without the rotation for RoPE-3D attention; the dense FFN of the same FLOPs for the MoE): eager
 reference, torch.compile, rotate+SDPA, matmul-softmax, grouped_mm, ...). A FLOP-rate column
@@ -182,6 +183,13 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
                    f"{_fmt(frac and frac * 100, '.0f', '%')} |{act_cell}")
     if noisy:
         out += ["", "⚠N%: other processes used N% of the CPU time while this row was measured."]
+    # every other peer by name (the columns give the reference, torch.compile and the best one)
+    named = [(c, m) for c, m in by.items() if m and c not in OURS and c not in (REFERENCE, COMPILE, COPY)]
+    ours = [(c, m) for c, m in by.items() if m and c in OURS]
+    if named and ours:
+        out += ["", "Speedup vs each peer (its median / this one's): " + "; ".join(
+            f"{c}: " + ", ".join(f"vs {p} {pm / m:.2f}x" for p, pm in named) for c, m in ours)
+            + "."]
     # paired_vs_<peer> is the speedup; its _min / _max / _reps (the calls per timed batch: a
     # count, not a ratio) qualify it, and _skipped / _error (strings) say why there is none
     found, missing = [], []

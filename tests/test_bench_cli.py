@@ -238,6 +238,9 @@ def test_best_peer_leaves_out_ours_and_the_bounds():
     text = summarize.table("moe_ffn x", rows("moe_ffn", [("cpu", 0.2), ("dense", 0.1),
                                                           ("grouped_mm", 0.3)]))
     assert best_peer_cell(text, "cpu") == "1.50x", text
+    # every peer by name under the table (the bounds too, the copy, reference, compile not)
+    assert "Speedup vs each peer (its median / this one's): cpu: vs dense 0.50x, vs grouped_mm " \
+           "1.50x." in text, text
     err = rows("rope3d_attention", [("cpu", 0.2), ("sdpa", 0.1)])
     err[0]["extra_info"]["paired_vs_sdpa_error"] = "RuntimeError: out of memory"
     text = summarize.table("rope3d_attention x", err)  # the reason is said, not a speedup
