@@ -297,12 +297,12 @@ def test_ddpm_steps_mix_per_video_and_per_frame_times():
     assert FlowMatchingScheduler(np.int64(3)).timesteps().shape == (4,)
 
 
-def test_flow_matching_checks_times_and_step_order_without_a_device_sync():
-    """Times outside [0, 1] (t=500, a DDPM-style step), NaN, and a step away from the data
-    (t -> t_next > t) raise naming the argument, for Python numbers and CPU tensors, as
-    DDPMScheduler checks its steps (all of them were accepted: x_t extrapolated past the noise,
-    NaN videos, an Euler step that added noise). Sampling goes from t = 1 to 0, so t_next <= t
-    (equal: a frame that stays, as per-frame schedules need)."""
+def test_flow_matching_checks_times_without_a_device_sync():
+    """Times outside [0, 1] (t=500, a DDPM-style step) and NaN raise naming the argument, for
+    Python numbers and CPU tensors, as DDPMScheduler checks its steps (they were accepted: x_t
+    extrapolated past the noise, NaN videos). A step may go either way: t_next < t samples,
+    t_next > t inverts (data towards noise: RF-inversion, FlowEdit). Compiled code is not
+    checked (a data-dependent check would not trace under fullgraph=True)."""
     s = FlowMatchingScheduler()
     x = torch.randn(2, 3, 2, 4, 4)
     for bad in (500, 1.5, -0.1, float("nan"), float("inf"), torch.tensor([0.5, 500.0]),
@@ -319,23 +319,30 @@ def test_flow_matching_checks_times_and_step_order_without_a_device_sync():
     for bad in (True, torch.tensor([True, False])):
         with pytest.raises((ValueError, TypeError), match="t must be"):
             s.add_noise(x, x, bad)
-    with pytest.raises(ValueError, match=r"t_next must be <= t \(a step goes towards 0\), got t=0.2"
-                                         r"[0-9]* and t_next=0.8"):
-        s.step(x, torch.tensor(0.2), torch.tensor(0.8), x)
-    with pytest.raises(ValueError, match="t_next must be <= t"):
-        s.step(x, 0.2, 0.8, x)
-    with pytest.raises(ValueError, match="t_next must be <= t"):  # per-video t, per-frame t_next
-        s.step(x, torch.tensor([0.5, 0.9]), torch.tensor([[0.4, 0.6, 0.4], [0.8, 0.8, 0.8]]), x)
-    # in range, in order (frames that stay put included), integer 0 / 1, per-frame: accepted
-    assert s.step(x, torch.tensor([0.5, 0.9]), torch.tensor([[0.4, 0.5, 0.0], [0.9, 0.8, 0.0]]), x).shape == x.shape
+    # either direction (inversion: 0.2 -> 0.8), per-video t with per-frame t_next, integer 0 / 1
+    torch.testing.assert_close(s.step(x, torch.tensor(0.2), torch.tensor(0.8), x), 1.6 * x)
+    assert s.step(x, torch.tensor([0.5, 0.9]), torch.tensor([[0.4, 0.6, 0.0], [0.9, 1.0, 0.0]]), x).shape == x.shape
     torch.testing.assert_close(s.step(x, 0, 0, x), x)
     torch.testing.assert_close(s.add_noise(x, torch.zeros_like(x), torch.tensor([0, 1])), torch.cat([x[:1], 0 * x[1:]]))
-    # the sampling schedule stays in [0, 1] for every shift (shift_t(1) rounded to 1.0000001)
+    # the sampling schedule stays in [0, 1] for every shift (shift_t(1) rounded to 1.0000001);
+    # shift_t takes numbers as it did
     for shift in (0.01, 0.5066451229421713, 1.0, 3.0, 8.35713267064376):
         ts = s.timesteps(7) if shift == 1.0 else FlowMatchingScheduler(7, shift=shift).timesteps()
         assert ts[0] == 1 and ts[-1] == 0 and bool((ts[1:] <= ts[:-1]).all()), shift
         for i in range(7):
             x = s.step(torch.zeros_like(x), ts[i], ts[i + 1], x)
+        assert 0 <= FlowMatchingScheduler(shift=shift).shift_t(1.0) <= 1
+    assert FlowMatchingScheduler(shift=3.0).shift_t(0.5) == 0.75
+    # compiled with CPU-tensor times (the checks are data-dependent: skipped while tracing)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, t, tn: s.step(s.add_noise(x, x, t), t, tn, x), fullgraph=True,
+                      backend="eager")
+    t = torch.tensor([0.5, 0.25])
+    torch.testing.assert_close(f(x, t, t / 2), s.step(s.add_noise(x, x, t), t, t / 2, x))
+    g = torch.compile(lambda x, t, tp: DDPMScheduler(10).ddim_step(x, t, tp, x), fullgraph=True,
+                      backend="eager")
+    torch.testing.assert_close(g(x, torch.tensor([5, 5]), torch.tensor([4, 3])),
+                               DDPMScheduler(10).ddim_step(x, torch.tensor([5, 5]), torch.tensor([4, 3]), x))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -68,9 +68,9 @@ class FlowMatchingScheduler:
     """Rectified-flow scheduler.
 
     Times ``t`` are checked where it costs no device sync, as :class:`DDPMScheduler` checks its
-    steps: Python numbers and CPU tensors must be finite and in ``[0, 1]``, and :meth:`step` must
-    go towards the data (``t_next <= t`` elementwise: sampling integrates from ``t = 1`` down to
-    0); CUDA (and other device) tensors are not checked.
+    steps: Python numbers and CPU tensors must be finite and in ``[0, 1]``; CUDA (and other
+    device) tensors, and code being traced by ``torch.compile``, are not checked. :meth:`step`
+    goes either way (``t_next < t`` samples; ``t_next > t`` inverts, data towards noise).
 
     Args:
         num_inference_steps: default number of Euler steps of :meth:`timesteps`.
@@ -88,9 +88,10 @@ class FlowMatchingScheduler:
     def shift_t(self, t: Tensor) -> Tensor:
         """``shift * t / (1 + (shift - 1) * t)`` (identity for shift 1), clamped to ``[0, 1]``."""
         s = self.shift
+        r = s * t / (1 + (s - 1) * t)
         # clamped: the rounding of s * t and 1 + (s - 1) * t put shift_t(1) above 1 for most
         # shifts (1.0000001 at shift 0.5 in fp32), a time outside [0, 1]
-        return (s * t / (1 + (s - 1) * t)).clamp(0, 1)
+        return min(max(r, 0.0), 1.0) if isinstance(r, (int, float)) else r.clip(0, 1)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """``x_t = (1 - t) x_0 + t * noise``."""
@@ -121,12 +122,10 @@ class FlowMatchingScheduler:
     @staticmethod
     def step(velocity: Tensor, t: Tensor, t_next: Tensor, x_t: Tensor) -> Tensor:
         """One Euler step ``x_{t_next} = x_t + (t_next - t) * v`` (``t_next - t`` taken in the
-        precision of the times, then cast to ``x_t``'s dtype). ``t_next <= t`` (a step goes
-        towards the data, ``t = 0``; a frame may stay where it is); checked, with the range of
-        both, for Python numbers and CPU tensors only."""
+        precision of the times, then cast to ``x_t``'s dtype); ``t_next < t`` samples,
+        ``t_next > t`` inverts (data towards noise)."""
         _check_times(t, "t")
         _check_times(t_next, "t_next")
-        _check_order(t, t_next, "FlowMatchingScheduler", "t_next", strict=False)
         # each lined up with x_t first: a per-video t [B] with a per-frame t_next [B, T]
         dt = _expand(t_next, x_t, cast=False) - _expand(t, x_t, cast=False)
         return x_t + (dt.to(x_t.dtype) if dt.is_floating_point() else dt) * velocity
@@ -140,7 +139,10 @@ class FlowMatchingScheduler:
 
 def _check_times(t, name: str) -> None:
     """Flow-matching times: finite and in ``[0, 1]``, checked where it costs no device sync
-    (Python / numpy numbers, CPU tensors, lists); tensors on other devices pass unchecked."""
+    (Python / numpy numbers, CPU tensors, lists); tensors on other devices pass unchecked, and so
+    does everything under torch.compile (a data-dependent check cannot be traced)."""
+    if torch.compiler.is_compiling():
+        return
     if isinstance(t, (numbers.Number, bool)):
         v = _real(t, name)  # not a bool or a complex number
         if not 0 <= v <= 1:  # NaN too
@@ -155,24 +157,24 @@ def _check_times(t, name: str) -> None:
                          f"(1 is pure noise), got {src!r}")
 
 
-def _check_order(t, t_prev, who: str = "DDPMScheduler", prev: str = "t_prev",
-                 strict: bool = True) -> None:
-    """``t_prev < t`` (``<=`` unless ``strict``) elementwise where it costs no device sync (CPU
-    tensors, numbers): a step goes towards 0. The two are lined up on their leading dims, as
-    :func:`_expand` lines them up with x (a per-video ``t [B]`` with a per-frame
-    ``t_prev [B, T]``). ``who`` and ``prev`` name the scheduler and the argument in the message."""
+def _check_order(t, t_prev) -> None:
+    """``t_prev < t`` elementwise where it costs no device sync (CPU tensors, numbers; not under
+    torch.compile, where a data-dependent check cannot be traced); the two are lined up on their
+    leading dims, as :func:`_expand` lines them up with x (a per-video ``t [B]`` with a
+    per-frame ``t_prev [B, T]``)."""
+    if torch.compiler.is_compiling():
+        return
     t, t_prev = torch.as_tensor(t), torch.as_tensor(t_prev)
     if t.device.type != "cpu" or t_prev.device.type != "cpu" or not t.numel() or not t_prev.numel():
         return
     n = max(t.dim(), t_prev.dim())
     try:
-        a, b = _pad_dims(t_prev, n), _pad_dims(t, n)
-        bad = bool((a >= b if strict else a > b).any())
+        bad = bool((_pad_dims(t_prev, n) >= _pad_dims(t, n)).any())
     except RuntimeError:  # shapes that do not line up: _expand names them
         return
     if bad:
-        raise ValueError(f"{who}: {prev} must be {'<' if strict else '<='} t (a step goes towards 0), "
-                         f"got t={t.tolist()} and {prev}={t_prev.tolist()}")
+        raise ValueError(f"DDPMScheduler: t_prev must be < t (a step goes towards 0), got "
+                         f"t={t.tolist()} and t_prev={t_prev.tolist()}")
 
 
 def _cosine_betas(n: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -228,13 +230,14 @@ class DDPMScheduler:
     def _steps(self, t, lowest: int) -> Tensor:
         """``t`` as integer steps in ``[lowest, N - 1]`` on the tables' device: an integer tensor
         or number (a float step was truncated, NaN read as 'clean'); the range is checked where
-        it costs no device sync (CPU tensors, Python numbers)."""
+        it costs no device sync (CPU tensors, Python numbers; not under torch.compile, where a
+        data-dependent check cannot be traced)."""
         src = t
         t = torch.as_tensor(t)
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"DDPMScheduler: t must be integer steps, got dtype {t.dtype}")
-        if t.device.type == "cpu" and t.numel() and (int(t.min()) < lowest or
-                                                     int(t.max()) >= self.num_train_timesteps):
+        if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling() and (
+                int(t.min()) < lowest or int(t.max()) >= self.num_train_timesteps):
             raise ValueError(f"DDPMScheduler: t must be steps in [{lowest}, "
                              f"{self.num_train_timesteps - 1}], got {src!r}")
         return t.to(self.alphas_cumprod.device).long()
