@@ -172,6 +172,14 @@ def test_rope3d_freqs_bad_input(kwargs, match):
         vk.rope3d_freqs(**kwargs)
 
 
+def test_rope3d_freqs_bad_device():
+    """torch.device's own errors named no argument."""
+    with pytest.raises(TypeError, match="rope3d_freqs: device must be .* got 3.5"):
+        vk.rope3d_freqs(2, 2, 2, 64, device=3.5)
+    with pytest.raises(ValueError, match="rope3d_freqs: device must be .* got 'cuda:x'"):
+        vk.rope3d_freqs(2, 2, 2, 64, device="cuda:x")
+
+
 # ----------------------------------------------------------------------------------------------
 # apply_rope against the float64 reference
 # ----------------------------------------------------------------------------------------------
@@ -402,6 +410,18 @@ def test_table_gradients(backend, interleaved):
     assert torch.autograd.gradgradcheck(f, (x, c, s), eps=1e-6, atol=1e-6)
     dc, = torch.autograd.grad(f(x, c, s).square().sum(), c)
     assert dc.abs().max() > 0.1
+    # diffusers' [L, D] layout: each copy of an angle gets half its gradient, so the copies stay
+    # equal after an optimizer step (the second copy got 0 and the next call's check failed)
+    rep = (lambda t: t.repeat_interleave(2, -1)) if interleaved else (lambda t: torch.cat([t, t], -1))  # noqa: E731
+    cf, sf = rep(c.detach()).requires_grad_(), rep(s.detach()).requires_grad_()
+    dcf, dsf = torch.autograd.grad(f(x, cf, sf).square().sum(), (cf, sf))
+    ds, = torch.autograd.grad(f(x, c, s).square().sum(), s)
+    for full, half in ((dcf, dc), (dsf, ds)):
+        torch.testing.assert_close(full, rep(half / 2))
+    with torch.no_grad():
+        cf -= 0.1 * dcf
+        sf -= 0.1 * dsf
+    f(x, cf, sf)  # still the repeated layout
 
 
 @pytest.mark.parametrize("backend", ["torch"] + CPU_KERNELS + (["triton"] if HAS_TRITON_CPU else []))

@@ -812,6 +812,9 @@ def _bad_cases():
          ValueError, "S - rope_offset"),
         ("table width", dict(cos=torch.randn(6, 5), sin=torch.randn(6, 5)), ValueError, "\\[L, D/2\\]"),
         ("cos without sin", dict(cos=t, sin=None), ValueError, "together"),
+        ("cos sin dtypes", dict(cos=t, sin=t.double()), TypeError, "share one dtype"),
+        ("cos sin layouts", dict(cos=t, sin=t.repeat_interleave(2, -1)), ValueError,
+         "same shape, got cos \\(6, 4\\), sin \\(6, 8\\)"),
         ("tokens_per_frame", dict(cos=t, sin=t, rope_offset=4, frame_causal=True, tokens_per_frame=4),
          ValueError, "does not divide"),
         ("tokens_per_frame missing", dict(frame_causal=True), ValueError, "tokens_per_frame"),
@@ -1235,23 +1238,22 @@ def test_empty_batch(backend, device, dtype):
     assert g.shape == q.shape
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "sdpa"])
 def test_autocast_casts_qkv_like_sdpa(backend):
     """Under ``torch.autocast`` (bf16 on CPU), q, k, v are cast to the autocast dtype first, as
     autocast does for SDPA, and the op runs with autocast off: q / k from an fp32 norm with v
     from a bf16 projection (diffusers' CogVideoX under CUDA autocast: its nn.LayerNorm QK norms
     output fp32) give exactly the call on bf16 operands, and q / k get fp32 gradients. Outside
     autocast the mix stays a TypeError."""
-    if backend != "reference" and kernel_missing(backend):
+    if backend == "cpu" and kernel_missing(backend):
         pytest.skip(kernel_missing(backend))
     g = torch.Generator().manual_seed(0)
     B, S, H, D, text = 1, 4 + 2 * 3 * 4, 2, 16, 4
     q, k = (torch.randn(B, S, H, D, generator=g).requires_grad_() for _ in range(2))
     v = torch.randn(B, S, H, D, generator=g).bfloat16().requires_grad_()
     cos, sin = vk.rope3d_freqs(2, 3, 4, D)
-    kw = dict(rope_offset=text, backend=backend)
-    assert_autocast_casts_qkv(lambda q_, k_, v_, **kw_: vk.rope3d_attention(q_, k_, v_, cos, sin, **kw_),
-                              q, k, v, **kw)
+    assert_autocast_casts_qkv(lambda q_, k_, v_, **kw_: attn(q_, k_, v_, backend, cos, sin, **kw_),
+                              q, k, v, rope_offset=text)
 
 
 def test_float64_inputs_keep_float64_tables():

@@ -54,7 +54,11 @@ def canon_table(name: str, t, D: int, min_len: int, device, op: str, interleaved
         raise ValueError(f"{op}: {name} has {t.shape[0]} positions but {min_len} are needed")
     if t.shape[1] == D:
         check_repeated_layout(name, t[:min_len], D, interleaved, op)
-        t = t[:, ::2] if interleaved else t[:, : D // 2]
+        a, b = (t[:, ::2], t[:, 1::2]) if interleaved else (t[:, : D // 2], t[:, D // 2:])
+        # a table that requires grad is read as the mean of its two (equal) copies, exactly the
+        # same values, so each copy gets half the gradient and an optimizer step keeps the layout
+        # (reading one copy left the other's gradient 0, and the next call's check failed)
+        t = (a + b) * 0.5 if t.requires_grad else a
     dtype = torch.float64 if keep_fp64 and t.dtype == torch.float64 else torch.float32
     return t[:min_len].to(dtype).contiguous()
 
@@ -130,10 +134,20 @@ def table_grads(x: Tensor, gx: Tensor, cos: Tensor, sin: Tensor, interleaved: bo
 
 
 def check_rope_pair(cos, sin, op: str) -> Optional[tuple]:
+    """``(cos, sin)``, or None for no tables; both or neither, and two tensors of one dtype and
+    shape (one table in the ``[L, D/2]`` layout and the other ``[L, D]``, or two precisions, is a
+    mistake in one of them)."""
     if (cos is None) != (sin is None):
         raise ValueError(f"{op}: cos and sin must be given together, got "
                          f"cos={'None' if cos is None else 'tensor'}, "
                          f"sin={'None' if sin is None else 'tensor'}")
+    if isinstance(cos, Tensor) and isinstance(sin, Tensor):
+        if cos.dtype != sin.dtype:
+            raise TypeError(f"{op}: cos and sin must share one dtype, got cos {cos.dtype}, "
+                            f"sin {sin.dtype}")
+        if cos.shape != sin.shape:
+            raise ValueError(f"{op}: cos and sin must have the same shape, got cos "
+                             f"{tuple(cos.shape)}, sin {tuple(sin.shape)}")
     return None if cos is None else (cos, sin)
 
 
@@ -174,7 +188,15 @@ def default_axes_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 def _canon_device(device) -> torch.device:
-    device = torch.device("cpu") if device is None else torch.device(device)
+    if device is None:
+        device = torch.device("cpu")
+    else:
+        try:
+            device = torch.device(device)
+        except (TypeError, RuntimeError) as e:  # torch's message names no argument
+            raise (TypeError if isinstance(e, TypeError) else ValueError)(
+                f"rope3d_freqs: device must be a torch.device, a device string such as "
+                f"'cuda:0', or a CUDA index, got {device!r}") from None
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -297,11 +319,7 @@ def _check_apply_args(x, cos, sin, interleaved, offset, op: str):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-    if cos.dtype != sin.dtype:
-        raise TypeError(f"{op}: cos and sin must share one dtype, got cos {cos.dtype}, sin {sin.dtype}")
-    if cos.shape != sin.shape:
-        raise ValueError(f"{op}: cos and sin must have the same shape, got cos {tuple(cos.shape)}, "
-                         f"sin {tuple(sin.shape)}")
+    check_rope_pair(cos, sin, op)
     L = cos.shape[0] if cos.dim() >= 1 else 0
     if cos.dim() == 2 and L > S - offset:
         # (ints: a symbolic size in an f-string hid this message under torch.compile(dynamic))
