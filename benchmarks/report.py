@@ -122,16 +122,19 @@ def render(json_path: str, out_dir: str) -> str:
               "a hard limit (a kernel with streaming stores can beat it); \"best peer\" leaves out "
               "our own contenders and the bounds (copy, SDPA without RoPE, the dense FFN); rows "
               "marked ⚠ were measured while other processes used the CPU"]
-    peaks: dict = {}  # (device name, dtype) -> the values measured (once per pytest process)
+    peaks: dict = {}  # (device, its name, dtype) -> the values measured (once per pytest process)
     for ei in complete:
         if ei.get("matmul_peak_flops"):
-            peaks.setdefault((str(ei.get("device_name")), str(ei.get("dtype"))), set()).add(
-                ei["matmul_peak_flops"])
+            key = (str(ei.get("device")), str(ei.get("device_name")), str(ei.get("dtype")))
+            peaks.setdefault(key, set()).add(ei["matmul_peak_flops"])
+
+    def rate(device, values):  # the tables' unit: TFLOP/s on CUDA, GFLOP/s elsewhere
+        unit, scale = ("TFLOP/s", 1e12) if device == "cuda" else ("GFLOP/s", 1e9)
+        return "-".join(f"{p / scale:.3g}" for p in sorted({min(values), max(values)})) + " " + unit
     if peaks:
         lines.append("* matmul peak (a large square `torch.mm`, measured in this run; the FLOP-rate "
                      "rows are set against it): " + "; ".join(
-                         f"{name} {dt} " + "-".join(f"{p / 1e12:.3g}" for p in sorted({min(v), max(v)}))
-                         + " TFLOP/s" for (name, dt), v in sorted(peaks.items())))
+                         f"{name} {dt} {rate(dev, v)}" for (dev, name, dt), v in sorted(peaks.items())))
     lines.append("")
     for (op, device), panels in _by_op(groups).items():
         lines += [f"## {op} ({device})", ""]

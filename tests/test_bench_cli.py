@@ -282,7 +282,7 @@ def test_flop_rate_against_matmul_peak_and_peak_memory(tmp_path):
     path.write_text(json.dumps({"machine_info": {}, "benchmarks": [
         dict(row("cpu", 0.01, flops=2e9, matmul_peak_flops=4e11), group="moe x")]}))
     out = report.render(str(path), str(tmp_path / "r"))
-    assert "* matmul peak (a large square `torch.mm`" in out and "X float32 0.4 TFLOP/s" in out, out
+    assert "* matmul peak (a large square `torch.mm`" in out and "X float32 400 GFLOP/s" in out, out
 
 
 def test_paired_batches_time_every_call_of_the_batch():

@@ -41,7 +41,8 @@ def check_tokens(owner: str, x, dim: int, layout: str, param: Tensor) -> None:
         raise TypeError(f"{owner}: x must be a floating tensor, got dtype {x.dtype}")
     if x.dim() != 3 or x.shape[-1] != dim:
         raise ValueError(f"{owner}: x must be {layout}, got shape {tuple(x.shape)}")
-    if x.dtype != param.dtype and autocast_dtype(x) is None:
+    # (a quantized layer's integer weight takes floating x: no check against it)
+    if param.is_floating_point() and x.dtype != param.dtype and autocast_dtype(x) is None:
         raise TypeError(f"{owner}: x has dtype {x.dtype} but the module's parameters are "
                         f"{param.dtype}: pass x.to({param.dtype}) or run the module under "
                         f"torch.autocast")
