@@ -671,7 +671,9 @@ def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = No
         interleaved: RoPE pairs ``(2i, 2i+1)`` (CogVideoX / Wan / Hunyuan) or ``(i, i + D/2)``.
         frame_causal: block-causal mask over frames of the video range (module docstring: video
             tokens see all text and their own and earlier blocks; text sees text only).
-        tokens_per_frame, frames_per_block: the frame / block structure for ``frame_causal``.
+        tokens_per_frame, frames_per_block: the frame / block structure for ``frame_causal``;
+            not read without it (so ``frame_causal=cfg.causal, tokens_per_frame=h * w`` works
+            for both settings).
         softmax_scale: default ``1 / sqrt(D)``.
         backend: ``None`` (current default), ``"reference"``, ``"cpu"``, ``"triton"``. Where
             ``auto`` finds no kernel for the call, it runs :func:`rope3d_attention_sdpa`.
