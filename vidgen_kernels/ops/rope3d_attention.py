@@ -96,6 +96,7 @@ the tangent of ``out`` along the tangents of q, k, v (any strides; stride 0 for 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -252,6 +253,21 @@ def rope3d_attention_reference(q, k, v, cos=None, sin=None, *, rope_offset=0, in
     return out.to(q.dtype).contiguous()
 
 
+def _casts_qkv_under_autocast(fn):
+    """``fn(q, k, v, ...)`` with q, k, v first cast to the autocast dtype of q's device and
+    autocast off inside, as autocast treats SDPA's q, k, v (so q / k from an fp32 norm and v from
+    a bf16 projection mix as they do with SDPA); unchanged outside autocast."""
+    @functools.wraps(fn)
+    def call(q, k, v, *args, **kwargs):
+        ac = autocast_dtype(q)
+        if ac is None:
+            return fn(q, k, v, *args, **kwargs)
+        q, k, v = cast_floating(ac, q, k, v)
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, k, v, *args, **kwargs)
+    return call
+
+
 def _no_kernel_fallback(backend: Optional[str], q: Tensor, tensors) -> bool:
     """Whether ``reference`` was picked because no kernel takes this call (``auto`` on a GPU
     without the Triton kernels, such as a T4 / V100; no compiled extension on CPU; a head_dim
@@ -282,6 +298,7 @@ def _rotate_sdpa(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, 
     return out.transpose(1, 2).contiguous()  # (flash / memory-efficient: already [B, S, H, D])
 
 
+@_casts_qkv_under_autocast
 def rope3d_attention_sdpa(q, k, v, cos=None, sin=None, *, rope_offset=0, interleaved=True,
                           frame_causal=False, tokens_per_frame=None, frames_per_block=1,
                           softmax_scale=None):
@@ -307,15 +324,6 @@ def rope3d_attention_sdpa(q, k, v, cos=None, sin=None, *, rope_offset=0, interle
     q, k and v are cast as :func:`rope3d_attention` casts them.
     """
     op = "rope3d_attention_sdpa"
-    ac = autocast_dtype(q)
-    if ac is not None:  # as autocast treats SDPA's q, k, v (and rope3d_attention does)
-        q, k, v = cast_floating(ac, q, k, v)
-        with torch.autocast(q.device.type, enabled=False):
-            return rope3d_attention_sdpa(q, k, v, cos, sin, rope_offset=rope_offset,
-                                         interleaved=interleaved, frame_causal=frame_causal,
-                                         tokens_per_frame=tokens_per_frame,
-                                         frames_per_block=frames_per_block,
-                                         softmax_scale=softmax_scale)
     cos, sin, off, fl, fb, scale = _check_inputs(q, k, v, cos, sin, rope_offset, interleaved,
                                                  frame_causal, tokens_per_frame, frames_per_block,
                                                  softmax_scale, op)
@@ -651,6 +659,7 @@ class _Rope3dAttnForwardAD(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
+@_casts_qkv_under_autocast
 def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = None,
                      sin: Optional[Tensor] = None, *, rope_offset: int = 0,
                      interleaved: bool = True, frame_causal: bool = False,
@@ -684,15 +693,6 @@ def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = No
         where they require grad, cos / sin (from the kernels' dq / dk, in PyTorch).
     """
     op = "rope3d_attention"
-    ac = autocast_dtype(q)
-    if ac is not None:  # as autocast treats SDPA's q, k, v
-        q, k, v = cast_floating(ac, q, k, v)
-        with torch.autocast(q.device.type, enabled=False):
-            return rope3d_attention(q, k, v, cos, sin, rope_offset=rope_offset,
-                                    interleaved=interleaved, frame_causal=frame_causal,
-                                    tokens_per_frame=tokens_per_frame,
-                                    frames_per_block=frames_per_block,
-                                    softmax_scale=softmax_scale, backend=backend)
     cos, sin, off, fl, fb, scale = _check_inputs(q, k, v, cos, sin, rope_offset, interleaved,
                                                  frame_causal, tokens_per_frame, frames_per_block,
                                                  softmax_scale, op)
