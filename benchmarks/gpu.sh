@@ -18,8 +18,9 @@
 #                     is stopped with SIGINT, so pytest still writes its junit XML / benchmark
 #                     JSON of what ran (the case the stop lands in is left out; should a JSON
 #                     still be missing, stages.txt says "no JSON written"). Tests: the
-#                     CUDA-marked tests (the rest are CPU tests CI already runs; --all-tests adds
-#                     them after). Benchmarks: one pytest run per op family, CUDA cases only, most
+#                     CUDA-marked tests only (the rest are CPU tests CI already runs;
+#                     --all-tests adds them after; without --budget the whole suite runs).
+#                     Benchmarks: one pytest run per op family, CUDA cases only, most
 #                     wanted first (RoPE-3D attention, temporal attention, MoE, DiT block,
 #                     diffusers, AdaLN, RoPE), torch.compile contenders last; each family gets its
 #                     weighted share of what is left of the stage (time a family does not use goes
@@ -28,7 +29,8 @@
 #                     second pass over the families cut off or skipped: it runs the cases their
 #                     bench-<family>.json lacks (--deselect) into bench-<family>.rest.json, merged
 #                     into bench.json with the rest.
-#   --all-tests       the test stage also runs the tests not marked cuda
+#   --all-tests       the test stage also runs the tests not marked cuda (the default without
+#                     --budget: the full suite, CUDA-marked tests first)
 #   --pack FILE       at the end (also after a failed or cut-off stage) tar + gzip the folder
 #                     into FILE (one file: the device tool returns at most 8).
 #   --wheels DIR      first pip-install the wheels in DIR (no index, no deps) into a temporary
@@ -188,7 +190,8 @@ capped() {
   fi
 }
 
-[ "$ALL_TESTS" = 1 ] && TEST_SELECTIONS+=("not cuda")
+# the full suite unless a budget asks for the CUDA-marked tests only
+{ [ "$ALL_TESTS" = 1 ] || [ "$BUDGET" -eq 0 ]; } && TEST_SELECTIONS+=("not cuda")
 # the deadline of bench family $1 (weight $2): its weighted share of what is left of the stage
 # (until $STAGE_DEADLINE) among it and the families after it in FAMILIES (this pass's list)
 family_deadline() {

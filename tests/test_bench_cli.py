@@ -398,10 +398,13 @@ def test_gpu_sh_plan_covers_every_benchmark_and_fits_the_budget():
     for f in files:
         assert f"benchmarks/{f} -k 'not torch.compile'" in planned, (f, r.stdout)
     assert "benchmarks/ -k 'torch.compile'" in planned  # the compile contenders come last
-    # CUDA-marked tests only (the others are CPU tests CI runs); --all-tests adds them
+    # under a budget, CUDA-marked tests only (the others are CPU tests CI runs); --all-tests adds
+    # them, and without a budget the whole suite runs (CUDA-marked first)
     assert "-m 'cuda'" in r.stdout and "not cuda" not in r.stdout, r.stdout
-    r = _gpu_sh("--dry-run", "--python", sys.executable, "--all-tests", "test")
+    r = _gpu_sh("--dry-run", "--python", sys.executable, "--budget", "540", "--all-tests", "test")
     assert "-m 'cuda'" in r.stdout and "-m 'not cuda'" in r.stdout, r.stdout
+    r = _gpu_sh("--dry-run", "--python", sys.executable, "test")
+    assert r.stdout.index("-m 'cuda'") < r.stdout.index("-m 'not cuda'"), r.stdout
     r = _gpu_sh("--dry-run", "--python", sys.executable, "demo")  # only the stages asked for
     assert "tests:" not in r.stdout and "bench " not in r.stdout, r.stdout
     assert _gpu_sh("--budget", "soon").returncode == 2
