@@ -81,7 +81,7 @@ def plot_op(op: str, device: str, panels, path: str) -> bool:
                 label.append(f"{ref / r['median_s']:.2f}x ref")
             if r["flops"]:
                 rate = r["flops"] / r["median_s"]
-                unit, scale = ("TFLOP/s", 1e12) if device == "cuda" else ("GFLOP/s", 1e9)
+                unit, scale = summarize.flop_unit(device)
                 label.append(f"{rate / scale:.{0 if rate / scale >= 10 else 2}f} {unit}"
                              + (f" ({rate / r['peak']:.0%} of matmul peak)" if r["peak"] else ""))
             elif r["bytes"]:
@@ -128,8 +128,8 @@ def render(json_path: str, out_dir: str) -> str:
             key = (str(ei.get("device")), str(ei.get("device_name")), str(ei.get("dtype")))
             peaks.setdefault(key, set()).add(ei["matmul_peak_flops"])
 
-    def rate(device, values):  # the tables' unit: TFLOP/s on CUDA, GFLOP/s elsewhere
-        unit, scale = ("TFLOP/s", 1e12) if device == "cuda" else ("GFLOP/s", 1e9)
+    def rate(device, values):  # in the tables' unit
+        unit, scale = summarize.flop_unit(device)
         return "-".join(f"{p / scale:.3g}" for p in sorted({min(values), max(values)})) + " " + unit
     if peaks:
         lines.append("* matmul peak (a large square `torch.mm`, measured in this run; the FLOP-rate "

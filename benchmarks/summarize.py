@@ -8,11 +8,11 @@ contender: median per-call time, effective GB/s (``extra_info["bytes_moved"]`` /
 ``benchmarks/common.py`` for what is counted), speedup vs the eager reference and vs
 ``torch.compile`` (their median / this median: > 1 is faster), and the fraction of the copy
 bandwidth (copy median / this median, the copy moving the same bytes: a reference rate, not a
-hard limit), and the speedup vs the best peer (a line under the table gives it vs every peer by
-name) (the fastest contender that is neither ours (the
+hard limit), and the speedup vs the best peer (the fastest contender that is neither ours (the
 kernel backends, the fused model, the patched diffusers model) nor a bound (the copy; SDPA
 without the rotation for RoPE-3D attention; the dense FFN of the same FLOPs for the MoE): eager
-reference, torch.compile, rotate+SDPA, matmul-softmax, grouped_mm, ...). A FLOP-rate column
+reference, torch.compile, rotate+SDPA, matmul-softmax, grouped_mm, ...); a line under the table
+gives the speedup vs every peer by name. A FLOP-rate column
 (``extra_info["flops"]`` / median; TFLOP/s on CUDA, GFLOP/s elsewhere) appears when the group's
 cases count FLOPs, followed by the fraction of the device's matmul peak (``extra_info
 ["matmul_peak_flops"]``: a large square matmul of the same dtype measured in the same run,
@@ -91,6 +91,12 @@ def load(path: str) -> tuple[dict, "OrderedDict[str, list[dict]]"]:
     return data, groups
 
 
+def flop_unit(device) -> tuple[str, float]:
+    """The unit FLOP rates are shown in on ``device`` (``extra_info["device"]``): TFLOP/s on
+    CUDA, GFLOP/s elsewhere; ``(name, FLOP/s per unit)``."""
+    return ("TFLOP/s", 1e12) if device == "cuda" else ("GFLOP/s", 1e9)
+
+
 def _fmt(v, spec: str, suffix: str = "") -> str:
     return "–" if v is None else format(v, spec) + suffix
 
@@ -127,9 +133,9 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
     acts = {r["contender"]: r["ei"].get("activation_bytes") for r in rows}
     with_act = any(v for v in acts.values())
     ref_act = acts.get(REFERENCE)
-    peaks = {r["contender"]: r["ei"].get("peak_mem_bytes") for r in rows}
-    with_peak_mem = any(v for v in peaks.values())
-    ref_peak_mem = peaks.get(REFERENCE)
+    peak_mems = {r["contender"]: r["ei"].get("peak_mem_bytes") for r in rows}
+    with_peak_mem = any(v for v in peak_mems.values())
+    ref_peak_mem = peak_mems.get(REFERENCE)
 
     first = next((r["ei"] for r in rows if not r["incomplete"]), {})
     meta = ", ".join(str(x) for x in (first.get("device_name"), first.get("torch_version") and
@@ -141,7 +147,7 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
         out += [f"_{meta}_", ""]
     # FLOP rates in TFLOP/s on GPUs, GFLOP/s elsewhere; "of matmul peak": the rate over the
     # measured rate of a large square matmul of the same dtype on the same device
-    fl_unit, fl_scale = ("TFLOP/s", 1e12) if first.get("device") == "cuda" else ("GFLOP/s", 1e9)
+    fl_unit, fl_scale = flop_unit(first.get("device"))
     fl_head, fl_rule = (f" {fl_unit} |", "---:|") if with_flops else ("", "")
     if with_peak:
         fl_head, fl_rule = fl_head + " of matmul peak |", fl_rule + "---:|"
@@ -170,7 +176,7 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
             gflops += f" {_fmt(rate / peak * 100 if (rate and peak) else None, '.0f', '%')} |"
         act_cell = ""
         for with_col, vals, ref_val in ((with_act, acts, ref_act),
-                                        (with_peak_mem, peaks, ref_peak_mem)):
+                                        (with_peak_mem, peak_mems, ref_peak_mem)):
             if with_col:
                 v = vals.get(r["contender"])
                 act_cell += f" {_fmt(v and v / 2**20, '.1f')}"
