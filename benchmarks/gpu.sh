@@ -120,7 +120,7 @@ SPENT=0  # --dry-run: seconds the stages before this one are assumed to use (the
 # family's share of the stage's time (an H100 estimate of its timed work + start-up, 2026-12-06).
 BENCH_PLAN=(
   "rope3d_attention 9 test_bench_rope3d_attention.py not torch.compile"
-  "temporal_attention 2 test_bench_temporal_attention.py not torch.compile"
+  "temporal_attention 3 test_bench_temporal_attention.py not torch.compile"
   "moe 5 test_bench_moe.py not torch.compile"
   "block 7 test_bench_block.py not torch.compile"
   "diffusers 7 test_bench_diffusers.py not torch.compile"

@@ -7,12 +7,17 @@ Run::
     python benchmarks/summarize.py /tmp/t.json                                                  # tables
 
 Cases: direction (fwd, fwd+bwd) x shape ``(B, T, S, H, D)`` in
-``(2, 16, 32x32, 16, 64)``, ``(1, 13, 30x45, 30, 64)``, ``(1, 32, 16x16, 8, 64)`` x device (fp32 on
-CPU, bf16 on CUDA) x contender, causal, no RoPE (the peers have none). Each (direction, shape,
+``(2, 16, 32x32, 16, 64)``, ``(1, 13, 30x45, 30, 64)``, ``(1, 32, 16x16, 8, 64)`` (and on CUDA
+``(1, 128, 16x16, 8, 64)`` and ``(1, 256, 16x16, 8, 64)``: where the Triton backend's tiled
+kernels take over from its resident ones, and beyond the resident limit)
+x device (fp32 on CPU, bf16 on CUDA) x contender, causal, no RoPE (the peers have none). Each (direction, shape,
 dtype, device) is one pytest-benchmark group. Contenders:
 
 * every kernel backend of the op on the device (``cpu``; ``triton`` on CUDA): ``q, k, v`` are
   ``[B, T, S, H, D]`` tensors as separate q/k/v projections reshape to, read in place;
+* on CUDA ``triton-tiled`` / ``triton-resident``: the ``triton`` backend with one of its two kernel
+  sets forced (``triton_kernels.temporal_attention.tiled_kernels``; resident skips where it does
+  not fit), to measure where the launchers should switch (set from spill reports so far);
 * ``reference``: ``temporal_attention_reference``, which permutes to ``[B, S, H, T, D]`` (copies),
   attends with a materialised masked softmax in fp32 and permutes back: the permutes are timed;
 * ``torch.compile``: ``torch.compile(temporal_attention_reference, dynamic=False)`` (compiled and
@@ -70,14 +75,21 @@ MATMUL = "matmul-softmax"
 # kernel backends of this op per device type (no CUDA C++ backend; Triton on CPU only runs in
 # the interpreter: not a performance path)
 KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton",)}
+# CUDA: the Triton backend with one of its two kernel sets forced (``tiled_kernels``), to find
+# the crossover its launchers should use (chosen from compiler spill reports so far)
+FORCED = {"triton-tiled": True, "triton-resident": False}
 # (B, T, (Sh, Sw), H, D)
 FULL_SHAPES = ((2, 16, (32, 32), 16, 64), (1, 13, (30, 45), 30, 64), (1, 32, (16, 16), 8, 64))
 QUICK_SHAPES = ((1, 8, (8, 8), 4, 64),)
+# CUDA only (full runs): a sequence longer than the Triton backend's resident kernels hold
+# (T_k > 128): its tiled kernels run
+LONG_SHAPES = {"cuda": ((1, 128, (16, 16), 8, 64), (1, 256, (16, 16), 8, 64))}
 PERMUTED = (SDPA, MATMUL)  # contenders fed pre-permuted [B*S, H, T, D] inputs
 
 
 def contenders(device_type: str) -> tuple[str, ...]:
-    return (*KERNEL_BACKENDS[device_type], COMPILE, REFERENCE, SDPA, MATMUL, COPY)
+    forced = tuple(FORCED) if device_type == "cuda" else ()
+    return (*KERNEL_BACKENDS[device_type], *forced, COMPILE, REFERENCE, SDPA, MATMUL, COPY)
 
 
 @dataclass(frozen=True)
@@ -116,9 +128,10 @@ class Case:
 
 
 def make_cases(quick: bool, devices) -> list[Case]:
-    shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    def shapes(dev):
+        return QUICK_SHAPES if quick else FULL_SHAPES + LONG_SHAPES.get(dev, ())
     return [Case(direction, shape, dev, common.DTYPES[dev], c)
-            for dev in devices for shape in shapes for direction in common.DIRECTIONS
+            for dev in devices for shape in shapes(dev) for direction in common.DIRECTIONS
             for c in contenders(dev)]
 
 
@@ -209,7 +222,7 @@ def op_fn(case: Case, compiled=None):
         return lambda i: F.scaled_dot_product_attention(i["q"], i["k"], i["v"], is_causal=causal)
     if case.contender == MATMUL:
         return lambda i: _matmul_softmax(i["q"], i["k"], i["v"], causal)
-    backend = case.contender
+    backend = "triton" if case.contender in FORCED else case.contender
     return lambda i: vk.temporal_attention(i["q"], i["k"], i["v"], causal=causal, backend=backend)
 
 
@@ -255,8 +268,20 @@ def _unavailable(case: Case) -> str | None:
         return "no CUDA GPU is visible"
     if case.contender in (REFERENCE, COMPILE, SDPA, MATMUL, COPY):
         return None
-    return common.kernel_unavailable(case.contender, case.device, "temporal_attn_fwd_{backend}",
+    backend = "triton" if case.contender in FORCED else case.contender
+    return common.kernel_unavailable(backend, case.device, "temporal_attn_fwd_{backend}",
                                      "temporal attention")
+
+
+def test_temporal_attention(benchmark, case: Case, request):
+    if case.contender not in FORCED:
+        return _bench(benchmark, case, request)
+    from vidgen_kernels.triton_kernels.temporal_attention import tiled_kernels
+    with tiled_kernels(FORCED[case.contender]):  # forward and backward launches alike
+        try:
+            _bench(benchmark, case, request)
+        except ValueError as e:  # the resident kernels do not hold this sequence
+            pytest.skip(f"{case.contender} cannot run this case: {e}")
 
 
 def _compile(case: Case, inp: dict):
@@ -266,7 +291,7 @@ def _compile(case: Case, inp: dict):
                                     lambda c: step_fn(case, op_fn(case, c), inp)(), case.device)
 
 
-def test_temporal_attention(benchmark, case: Case, request):
+def _bench(benchmark, case: Case, request):
     benchmark.group = case.group
     why = _unavailable(case)
     if why is not None:

@@ -248,9 +248,10 @@ def test_size_errors_keep_their_message_under_dynamic_compile(which):
 
 @pytest.mark.triton
 def test_triton_temporal_fp32_limit_keeps_frames_symbolic():
-    """The fp32 tile limit of the triton temporal kernels is checked with comparisons: a growing
-    KV cache (T_k 3, 4, 5, 7, 9) reuses one graph (int() / bit_length() specialised T_k: a graph
-    per frame until dynamo's recompile limit)."""
+    """A growing KV cache (T_k 3, 4, 5, 7, 9) reuses one graph on the triton backend: the op
+    layer checks sizes with comparisons only and leaves the resident-or-tiled choice to the
+    launchers, which see concrete sizes (an int() / bit_length() of T_k in the op specialised
+    it: a graph per frame until dynamo's recompile limit)."""
     from vidgen_kernels.backends import why_unavailable
     if why_unavailable("triton", "cpu"):
         pytest.skip(why_unavailable("triton", "cpu"))

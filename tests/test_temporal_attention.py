@@ -55,9 +55,11 @@ def kernel_missing(backend: str, device: str = "cpu") -> str | None:
     return None
 
 
-def kernel_params(dtypes=None, oracle=True):
+def kernel_params(dtypes=None, oracle=True, tiled=True):
     """(backend, device, dtype) params of the kernel path: the ``torch`` contract oracle on CPU,
-    then ``helpers.GRID`` (its ``cuda`` rows skip: this op has no CUDA C++ backend)."""
+    then ``helpers.GRID`` (its ``cuda`` rows skip: this op has no CUDA C++ backend). With
+    ``tiled`` each ``triton`` row is followed by a ``triton_tiled`` one: the same backend with
+    its tiled kernels forced at every T (marked ``tiled``, see :func:`_force_tiled`)."""
     out = []
     if oracle:
         for dt in (torch.float32, torch.float16, torch.bfloat16):
@@ -70,7 +72,31 @@ def kernel_params(dtypes=None, oracle=True):
         if why and not any(m.name == "skip" for m in marks):
             marks.append(pytest.mark.skip(reason=f"{backend} on {device}: {why}"))
         out.append(pytest.param(backend, device, dt, marks=marks, id=p.id))
+        if tiled and backend == "triton":
+            out.append(pytest.param(backend, device, dt, marks=marks + [pytest.mark.tiled],
+                                    id=p.id.replace("triton", "triton_tiled", 1)))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _force_tiled(request, monkeypatch):
+    """Params marked ``tiled`` run the Triton backend's tiled kernels (one sequence per program,
+    key blocks walked with the online softmax) at every T, not only beyond what the resident
+    kernels hold on chip (T_k > 128, or float32 tiles too large for the GPU's shared memory)."""
+    if request.node.get_closest_marker("tiled") is not None:
+        from vidgen_kernels.triton_kernels import temporal_attention as tk
+        real = tk.launch
+        ran = []
+        monkeypatch.setattr(tk, "launch", lambda kernel, *a: (ran.append(kernel), real(kernel, *a)))
+        with tk.tiled_kernels(True):
+            yield
+        assert all("tiled" in k.__name__ for k in ran), [k.__name__ for k in ran]
+    else:
+        yield
+
+
+def tiled(request) -> bool:
+    return request.node.get_closest_marker("tiled") is not None
 
 
 def semantic_params(dtypes=(torch.float32,)):
@@ -502,11 +528,11 @@ def test_rope_matches_diffusers_formula(backend, device, dtype, interleaved, q_o
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32,)))
 def test_long_sequences(backend, device, dtype):
-    """T_k = 128 runs on every backend; one frame beyond a backend's limit raises a clear error
-    when that backend is asked for, and falls back to the reference when it is only the
-    default."""
+    """T_k = 128 and beyond run on every backend (the Triton backend walks sequences longer than
+    its resident kernels hold in key blocks); a backend with a frame limit would raise a clear
+    error when asked for by name and fall back to the reference when it is only the default."""
     B, S, H, D = 1, 2, 1, 32
-    for T in (128, 129):
+    for T in (128, 129, 200):
         q, k, v, kw = _qkv(B, T, S, H, D, dtype, device)
         q = q[:, T - 3:]  # only the newest frames: keeps the interpreter fast
         want = attn(q, k, v, "reference", q_offset=T - 3, **kw)
@@ -520,6 +546,36 @@ def test_long_sequences(backend, device, dtype):
         else:
             got = attn(q, k, v, backend, q_offset=T - 3, **kw)
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("T,causal,q_offset", [(129, True, 0), (150, False, 0), (140, True, 133)])
+def test_triton_beyond_resident_limit_runs_tiled(monkeypatch, T, causal, q_offset):
+    """T_k > 128: the op keeps the Triton backend (no fallback to the reference and its permuted
+    copies) and the launcher picks the tiled kernels, forward and backward; outputs and
+    gradients match the float64 reference (fp32 rule). ``tiled=False`` names the resident
+    kernels' limit."""
+    if why_unavailable("triton", "cpu"):
+        pytest.skip(why_unavailable("triton", "cpu"))
+    from vidgen_kernels.triton_kernels import temporal_attention as tk
+    launched = []
+    real = tk.launch
+    monkeypatch.setattr(tk, "launch", lambda kern, *a: (launched.append(kern.__name__),
+                                                        real(kern, *a)))
+    case = Case(T, causal, "half", q_offset=q_offset, B=1, S=1, H=1, D=16, layout="psd")
+    lv, tabs = make_leaves(case)
+    hi_out, hi_g = fwd_bwd(lv, tabs, case, "reference", torch.float64, "cpu")
+    lo_out, lo_g = fwd_bwd(lv, tabs, case, "reference", torch.float32, "cpu")
+    out, g = fwd_bwd(lv, tabs, case, "triton", torch.float32, "cpu")
+    assert launched == ["_tiled_fwd_kernel", "_tiled_bwd_dq_kernel", "_tiled_bwd_dkdv_kernel"]
+    assert_close_rule(out, hi_out, lo_out, "forward out")
+    for n in "qkv":
+        assert_close_rule(g[n], hi_g[n], lo_g[n], f"grad {n}")
+    q, k, v = (torch.randn(1, T, 1, 1, 16) for _ in range(3))
+    with pytest.raises(ValueError, match=rf"resident kernels \(tiled=False\) .* support T_k <= 128 "
+                                         rf"frames, got T_k={T}"):
+        tk.temporal_attn_fwd(q, k, v, None, None, torch.empty_like(q), torch.empty(1, 1, 1, T),
+                             True, True, 0, 0.25, tiled=False)
 
 
 @pytest.mark.triton
@@ -540,23 +596,19 @@ SMALL = 101376  # shared memory per block of sm_86 / sm_89 / sm_120 GPUs (RTX 30
 
 @pytest.mark.triton
 def test_triton_tile_limits():
-    """Tiles beyond the shared memory of the GPU do not fit (an OutOfResources at launch, seen
-    in AOT builds: float32 beyond MAX_TILE_FP32 elements on sm_80 / sm_90; on ~99 KiB GPUs
-    float32 beyond 4096 elements and fp16 / bf16 T_k > 32 at head_dim 256): a named triton
-    backend raises a ValueError naming the limit, the default choice falls back to the
-    reference; fp16 takes the float32 limits' tiles. The op's rule and the kernel module's agree."""
+    """The resident kernels' shared-memory rule (``tile_error``, from AOT builds: float32 padded
+    T_k x D beyond MAX_TILE_FP32 elements does not fit sm_80 / sm_90; on ~99 KiB GPUs float32
+    beyond 4096 elements and fp16 / bf16 T_k > 32 at head_dim 256 do not fit). Shapes beyond it
+    run the tiled kernels instead (same backend, no fallback): forward and backward match the
+    reference; ``tiled=False`` raises a ValueError naming the limit."""
     if why_unavailable("triton", "cpu"):
         pytest.skip(why_unavailable("triton", "cpu"))
     from vidgen_kernels.triton_kernels import temporal_attention as tk
-    assert (tk.MAX_TILE_FP32, tk.FULL_SHARED, tk.SMALL_TILE_FP32, tk.SMALL_T_WIDE) == (
-        ta.MAX_TILE_FP32["triton"], ta.FULL_SHARED, ta.SMALL_TILE_FP32, ta.SMALL_T_WIDE)
     for shared in (None, 232448, 166912, SMALL, 65536):
         for dt in (torch.float32, torch.float16):
             for T in (1, 16, 17, 32, 33, 64, 65, 128):
                 for D in (8, 32, 33, 64, 65, 128, 129, 256):
-                    op_says = ta._tile_error("triton", T, D, dt, shared)
-                    assert (op_says is None) == (tk.tile_error(T, D, dt, shared) is None), \
-                        (shared, dt, T, D)
+                    says = tk.tile_error(T, D, dt, shared)
                     small = shared is not None and shared < 166912
                     fits = {(torch.float32, False): ((128, 64), (64, 128), (32, 256)),
                             (torch.float32, True): ((128, 32), (64, 64), (32, 128), (16, 256)),
@@ -567,33 +619,40 @@ def test_triton_tile_limits():
                             (torch.float16, False): (),
                             (torch.float16, True): ((33, 129), (128, 256))}[(dt, small)]
                     if (T, D) in fits:
-                        assert op_says is None, (shared, dt, T, D)
+                        assert says is None, (shared, dt, T, D)
                     if (T, D) in over:
-                        assert op_says is not None and f"got T_k={T}, head_dim={D}" in op_says
+                        assert says is not None and f"got T_k={T}, head_dim={D}" in says
     T, D = 33, 256
-    q, k, v = (torch.randn(1, T, 1, 1, D) for _ in range(3))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, T, 1, 1, D, generator=g, dtype=torch.float64) for _ in range(3))
     q = q[:, -2:]
-    with pytest.raises(ValueError, match=r"backend 'triton' supports float32 T_k x head_dim .*"
-                                         r"<= 8192 .*got T_k=33, head_dim=256"):
-        vk.temporal_attention(q, k, v, q_offset=T - 2, backend="triton")
-    with pytest.raises(ValueError, match="the triton kernels support float32 T_k x head_dim"):
-        tk.temporal_attn_fwd(q, k, v, None, None, torch.empty_like(q),
-                             torch.empty(1, 1, 1, 2), True, True, T - 2, 0.1)
-    with vk.use_backend("triton"):
-        torch.testing.assert_close(vk.temporal_attention(q, k, v, q_offset=T - 2),
-                                   vk.temporal_attention_reference(q, k, v, q_offset=T - 2))
+    want = vk.temporal_attention_reference(q, k, v, q_offset=T - 2)
+    got = vk.temporal_attention(q.float(), k.float(), v.float(), q_offset=T - 2, backend="triton")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"resident kernels \(tiled=False\) .* float32 T_k x "
+                                         r"head_dim .*<= 8192 .*got T_k=33, head_dim=256"):
+        tk.temporal_attn_fwd(q.float(), k.float(), v.float(), None, None,
+                             torch.empty(q.shape), torch.empty(1, 1, 1, 2), True, True, T - 2, 0.1,
+                             tiled=False)
+
+
+RESIDENT = ("_temporal_attn_fwd_kernel", "_temporal_attn_bwd_kernel")
+TILED = ("_tiled_fwd_kernel", "_tiled_bwd_dq_kernel", "_tiled_bwd_dkdv_kernel")
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("dtype,T,D", [(torch.float32, 64, 128), (torch.float32, 17, 256),
-                                       (torch.float16, 33, 256)])
-def test_triton_tiles_follow_the_gpus_shared_memory(monkeypatch, dtype, T, D):
+@pytest.mark.parametrize("dtype,T,D,full,small", [
+    (torch.float16, 33, 256, RESIDENT, TILED),  # fits 227 / 163 KiB, not 99 KiB
+    (torch.float32, 16, 256, RESIDENT, RESIDENT),  # 4096 elements: fits 99 KiB
+    (torch.float32, 64, 128, TILED, TILED),  # fits 227 KiB, spills there; not 99 KiB
+])
+def test_triton_tiles_follow_the_gpus_shared_memory(monkeypatch, dtype, T, D, full, small):
     """On a GPU with ~99 KiB of shared memory per block (RTX 3090 / 4090, L4, L40, RTX 5090:
-    sm_86 / sm_89 / sm_120) the tiles that fit an A100 / H100 but not it are refused before the
-    backend is chosen: the default choice runs the reference, a named triton backend raises a
-    ValueError that names the GPU's shared memory; the kernel module refuses them too. The
-    device's shared memory is simulated (the op asks ``_shared_memory``, the launcher its
-    driver); at the full size the same shapes run the kernels."""
+    sm_86 / sm_89 / sm_120) sequences whose resident tiles fit an A100 / H100 but not it run
+    the tiled kernels (the launcher asks the GPU's shared memory), forward and backward, with
+    the reference's results. The device's shared memory is simulated; the fp16 case is not
+    run at the full size (the interpreter's fp16 dots on the resident D = 256 tile take
+    minutes), only routed."""
     if why_unavailable("triton", "cpu"):
         pytest.skip(why_unavailable("triton", "cpu"))
     from vidgen_kernels.triton_kernels import _launch
@@ -601,29 +660,51 @@ def test_triton_tiles_follow_the_gpus_shared_memory(monkeypatch, dtype, T, D):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, T, 2, 1, D, generator=g).to(dtype).requires_grad_() for _ in range(3))
     ref = vk.temporal_attention_reference(q, k, v)
-    launches = []
+    want = torch.autograd.grad(ref.float().sum(), (q, k, v))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
     real = tk.launch
-    monkeypatch.setattr(tk, "launch", lambda *a: (launches.append(a[0]), real(*a)))
-    if dtype == torch.float32:  # (the interpreter's fp16 dots at D = 256 take minutes)
-        with vk.use_backend("triton"):  # the full size: the kernels run
-            out = vk.temporal_attention(q, k, v)
-        assert launches
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    launches.clear()
-    monkeypatch.setattr(ta, "_shared_memory", lambda device: SMALL)
-    with pytest.raises(ValueError, match=rf"backend 'triton' supports .* on this GPU \({SMALL} B of "
-                                         rf"shared memory per block.*got T_k={T}, head_dim={D}"):
-        vk.temporal_attention(q, k, v, backend="triton")
-    with vk.use_backend("triton"):
-        out = vk.temporal_attention(q, k, v)
-        out.float().sum().backward()
-    assert not launches  # the reference ran, forward and backward
-    assert torch.equal(out, ref)
-    monkeypatch.setattr(_launch, "target_shared_memory", lambda t: SMALL)
-    monkeypatch.setattr(tk, "target_shared_memory", lambda t: SMALL)
-    out, lse = torch.empty_like(q), torch.empty(1, 2, 1, T)
-    with pytest.raises(ValueError, match=rf"the triton kernels support .* on a GPU with {SMALL} B"):
-        tk.temporal_attn_fwd(q, k, v, None, None, out, lse, True, True, 0, 0.1)
+    for shared, path in ((None, full), (SMALL, small)):
+        if shared is not None:
+            monkeypatch.setattr(_launch, "target_shared_memory", lambda t: shared)
+            monkeypatch.setattr(tk, "target_shared_memory", lambda t: shared)
+        run = dtype == torch.float32 or path == TILED
+        launches = []
+        monkeypatch.setattr(tk, "launch", lambda *a: (launches.append(a[0].__name__),
+                                                      real(*a) if run else None))
+        out = vk.temporal_attention(q, k, v, backend="triton")
+        grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+        assert tuple(launches) == path, (shared, launches)
+        if run:
+            torch.testing.assert_close(out, ref, **tol)
+            for a, b in zip(grads, want):
+                torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("arch,T,want", [
+    (90, 64, RESIDENT),
+    (90, 65, RESIDENT[:1] + TILED[1:]),
+    (80, 32, RESIDENT),
+    (80, 49, RESIDENT[:1] + TILED[1:]),
+    (86, 128, TILED),
+    (120, 100, TILED),
+])
+def test_triton_takes_tiled_kernels_where_resident_builds_spill(monkeypatch, arch, T, want):
+    """Within the resident limits the launchers still take the tiled kernels where the resident
+    builds spill heavily (AOT reports): the backward from padded T_k = 64 on mma.sync GPUs
+    (sm_80 - sm_89, sm_120) and 128 on sm_90, the forward from 128 on mma.sync GPUs; forward
+    and backward choose independently. (The GPU is simulated; nothing is launched.)"""
+    if why_unavailable("triton", "cpu"):
+        pytest.skip(why_unavailable("triton", "cpu"))
+    from vidgen_kernels.triton_kernels import temporal_attention as tk
+    monkeypatch.setattr(tk, "target_arch", lambda t: arch)
+    launched = []
+    monkeypatch.setattr(tk, "launch", lambda kern, *a: launched.append(kern.__name__))
+    q, k, v = (torch.randn(1, T, 2, 1, 64, dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    out = vk.temporal_attention(q, k, v, backend="triton")
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert tuple(launched) == want
 
 
 @pytest.mark.triton
@@ -798,7 +879,7 @@ def test_nan_stays_in_its_sequence(backend, device, dtype, T):
 
 @pytest.mark.parametrize("T", [5, 12])
 @pytest.mark.parametrize("backend,device,dtype", NAN_PARAMS[1:])
-def test_causal_nan_reaches_no_later_frame(backend, device, dtype, T):
+def test_causal_nan_reaches_no_later_frame(backend, device, dtype, T, request):
     """A NaN in frame t's dout reaches no gradient of a later frame's key (masked entries send
     no gradient, as in the reference): the Triton backward used to form ds = p * (dp - delta),
     0 * NaN at the masked entries, and gave NaN dk at every frame."""
@@ -814,7 +895,8 @@ def test_causal_nan_reaches_no_later_frame(backend, device, dtype, T):
     assert dk_ref[0, :2, 2, 1].isnan().any() and dk_ref[0, 2:].isfinite().all()
     for name, got, want in zip("qk", grads[backend], grads["reference"]):
         want_nan = want.isnan()
-        if backend == "triton" and T <= 8:  # packed tiles: the whole sequence's gradients NaN
+        if backend == "triton" and T <= 8 and not tiled(request):
+            # packed tiles: the whole sequence's gradients NaN
             want_nan[:, :, 2, 1] = True
         assert torch.equal(got.isnan(), want_nan), f"d{name}: NaN pattern"
 
@@ -823,7 +905,7 @@ def test_causal_nan_reaches_no_later_frame(backend, device, dtype, T):
 @pytest.mark.parametrize("T,causal,rope", [(1, True, "interleaved"), (3, True, "half"),
                                            (4, False, "none"), (8, True, "interleaved")])
 @pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32, torch.float16),
-                                                               oracle=False))
+                                                               oracle=False, tiled=False))
 def test_non_finite_stays_in_packed_tile(backend, device, dtype, T, causal, rope, where):
     """inf / NaN in q, k, v or dout of one sequence, with sequences packed into shared tiles
     (Triton, T_k <= 8: 16 / next_pow2(T_k) sequences per tile): every other sequence's output and

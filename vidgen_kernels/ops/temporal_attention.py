@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from ._eager import differentiable_vjp, eager_op
-from ..backends import may_fall_back, resolve, shared_memory_per_block
+from ..backends import may_fall_back, resolve
 from ._checks import autocast_dtype, cast_floating, check_flags, check_qkv, softmax_scale_or_default
 from .rope import canon_table, check_rope_pair, rotate, table_grads, unrotate
 
@@ -54,48 +54,12 @@ SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float16, torch.bfloat16),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
-# Longest key sequence (frames) each backend holds on chip; longer ones fall back (auto) or
-# raise (explicit backend).
-MAX_T = {"cpu": None, "triton": 128}
+# Longest key sequence (frames) and head_dim each backend takes (None: no limit); beyond them
+# ``auto`` falls back to the reference and an explicitly named backend raises. The Triton
+# kernels hold sequences of up to 128 frames on chip and walk longer ones (or tiles too large
+# for the GPU's shared memory) in blocks, so they have no frame limit.
+MAX_T = {"cpu": None, "triton": None}
 MAX_D = {"cpu": None, "triton": 256}
-# Shared memory of the tiles (the kernel module's tile_error is the same rule, its contract): on
-# GPUs with at least FULL_SHARED bytes per block (sm_80: 163 KiB, sm_90: 227 KiB), float32 key
-# tiles (T_k x head_dim, each padded to a power of two, >= 16 x 32) of at most MAX_TILE_FP32
-# elements; on GPUs with less (~99 KiB: sm_86 / sm_89 / sm_120), float32 tiles of at most
-# SMALL_TILE_FP32 elements and, at head_dim > 128, fp16 / bf16 T_k <= SMALL_T_WIDE.
-MAX_TILE_FP32 = {"cpu": None, "triton": 8192}
-FULL_SHARED, SMALL_TILE_FP32, SMALL_T_WIDE = 166912, 4096, 32
-
-
-def _shared_memory(device: torch.device) -> Optional[int]:
-    """Shared memory per block of the GPU the kernels run on; None off CUDA (the interpreter)."""
-    return shared_memory_per_block(device) if device.type == "cuda" else None
-
-
-def _tile_error(name: str, Tk: int, D: int, dtype, shared: Optional[int] = None) -> Optional[str]:
-    """Why backend ``name`` cannot hold ``dtype`` tiles of ``Tk`` keys x ``D`` on a GPU with
-    ``shared`` bytes of shared memory per block (None: enough for the full limits), or None."""
-    lim = MAX_TILE_FP32.get(name)
-    if lim is None:
-        return None
-    small = shared is not None and shared < FULL_SHARED
-    # next_pow2(T_k) * cols <= lim  <=>  T_k <= lim // cols (a power of two >= 16), written
-    # with comparisons only: under torch.compile(dynamic=True) they are range guards on a
-    # symbolic T_k, where int() / bit_length() specialised it (a recompile per cache length)
-    cols = 32 if D <= 32 else 64 if D <= 64 else 128 if D <= 128 else 256 if D <= 256 else 512
-    if dtype == torch.float32:
-        lim = SMALL_TILE_FP32 if small else lim
-        if Tk <= lim // cols:
-            return None
-        what = (f"float32 T_k x head_dim (each padded to a power of two) <= {lim} (T_k <= "
-                f"{lim // 256} at head_dim 256, <= {lim // 128} at 128, <= {lim // 64} at 64)")
-    elif small and cols > 128 and Tk > SMALL_T_WIDE:
-        what = f"fp16 / bf16 T_k <= {SMALL_T_WIDE} at head_dim > 128"
-    else:
-        return None
-    where = (f" on this GPU ({shared} B of shared memory per block, under {FULL_SHARED})" if small
-             else f" (fp16 / bf16 take T_k <= {MAX_T[name]}, head_dim <= {MAX_D[name]})")
-    return f"{what}{where}: the tiles' shared memory; got T_k={int(Tk)}, head_dim={int(D)}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,11 +309,6 @@ def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                 name = "reference"
             else:
                 raise ValueError(f"{op}: backend {name!r} supports {what} <= {lim}, got {val}")
-    why = _tile_error(name, Tk, D, q.dtype, _shared_memory(q.device) if name == "triton" else None)
-    if why is not None:
-        if not may_fall_back(backend):
-            raise ValueError(f"{op}: backend {name!r} supports {why}")
-        name = "reference"
     if name == "reference":
         out, _, _, _ = _attend(_to_seq(q), _to_seq(k), _to_seq(v), cos, sin, causal, interleaved,
                                q_offset, scale)

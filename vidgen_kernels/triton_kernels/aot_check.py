@@ -261,7 +261,9 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], None]]]:
 
     # temporal attention at the largest tiles its shared-memory rule lets through on the target
     # (tile_error: float32 padded T_k x D = 8192 on sm_80 / sm_90, 4096 on ~99 KiB GPUs; 16-bit
-    # T_k = 128, at D = 256 on ~99 KiB GPUs 32), and bf16 T = 49 at D = 64 (sm_80 spills)
+    # T_k = 128, at D = 256 on ~99 KiB GPUs 32), and bf16 T = 49 at D = 64 (sm_80 spills). Where
+    # the resident builds spill heavily the launchers take the tiled kernels instead (fp32 8192-
+    # element tiles, long backwards: temporal_attention._TILED_FROM), so those are what is built
     if not quick:
         from . import temporal_attention as tk
 
@@ -281,6 +283,25 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], None]]]:
                 backward((o,), (q, k, v))
             add("temporal_attention", f"D={D} T={T or 'longest'} S=256 rope {str(dt)[6:]} "
                 f"(largest tiles)", f)
+
+    # temporal attention beyond what the resident kernels hold: the tiled kernels (forward, dq,
+    # dk / dv) at every head dim, RoPE, streaming (a 1-frame query block)
+    for dt in dtypes:
+        for D, T, q_off, rope in (((64, 200, 0, True), (128, 160, 0, True), (256, 144, 0, True),
+                                   (128, 200, 199, True), (128, 200, 0, False)) if not quick
+                                  else ((128, 160, 0, True),)):
+            def f(dt=dt, D=D, T=T, q_off=q_off, rope=rope):
+                B, S, H = 1, 16, 2
+                q = leaf(B, T - q_off, S, H, D, dtype=dt)
+                k, v = (leaf(B, T, S, H, D, dtype=dt) for _ in range(2))
+                cos = sin = None
+                if rope:
+                    cos, sin = vk.rope3d_freqs(T, 1, 1, D, axes_dims=(D, 0, 0))
+                o = vk.temporal_attention(q, k, v, cos=cos, sin=sin, q_offset=q_off,
+                                          backend="triton")
+                backward((o,), (q, k, v))
+            add("temporal_attention", f"tiled D={D} T={T}{' rope' if rope else ''}"
+                f"{f' q_offset={q_off}' if q_off else ''} {str(dt)[6:]}", f)
 
     # MoE: plain and gated activations, bias, widths that are not tile multiples
     for dt in dtypes:

@@ -4,8 +4,8 @@ Implements the kernel contract documented at the top of ``vidgen_kernels/ops/tem
 (``temporal_attn_fwd`` / ``temporal_attn_bwd``, same argument order as ``kernel_fwd_torch`` /
 ``kernel_bwd_torch``).
 
-Design
-------
+Resident kernels (every sequence held on chip)
+----------------------------------------------
 * **A sequence** is one ``(b, s, h)``: ``T_k <= 128`` rows of ``D <= 256`` values, read in place
   from the frame-major ``[B, T, S, H, D]`` tensors through their five strides (any strides,
   non-unit last stride included; no copies). The whole key/value sequence is held on chip:
@@ -74,34 +74,69 @@ Design
   ``D = 256``); float32 tiles are capped by :data:`MAX_TILE_FP32` so that they fit both. GPUs
   with less than :data:`FULL_SHARED` per block (~99 KiB: sm_86 / sm_89 / sm_120) take float32
   tiles of at most :data:`SMALL_TILE_FP32` elements and, at ``D > 128``, 16-bit
-  ``T_k <= SMALL_T_WIDE`` (:func:`tile_error`, from sm_86 and sm_120 builds); the op layer asks
-  the device's shared memory before it picks this backend, so ``auto`` takes the reference
-  beyond them. A build that still does not fit with one stage is a ValueError that says so
-  (:func:`_launch_or_explain`).
-* Tuning knobs (keyword-only, for benchmarks): ``seqs_per_program``, ``num_warps``, ``block_m``,
-  ``num_stages``.
+  ``T_k <= SMALL_T_WIDE`` (:func:`tile_error`, from sm_86 and sm_120 builds); the launchers ask
+  the device's shared memory and run the tiled kernels (below) beyond them. A build that still
+  does not fit with one stage is a ValueError that says so (:func:`_launch_or_explain`).
+* Tuning knobs (keyword-only, for benchmarks): ``tiled``, ``seqs_per_program``, ``num_warps``,
+  ``block_m``, ``block_n``, ``num_stages``.
 
-Limits: ``T_k <= 128`` (:data:`MAX_T`) and ``D <= 256`` (:data:`MAX_D`), and in float32 a padded
-key tile of at most :data:`MAX_TILE_FP32` elements (T_k <= 32 at D = 256, <= 64 at 128, <= 128 at
-64: larger fp32 tiles do not fit the shared memory; less on ~99 KiB GPUs, :func:`tile_error`);
-beyond them a ``ValueError``. Any ``D >= 1``
+Tiled kernels (sequences the resident ones cannot hold)
+-------------------------------------------------------
+The design above needs the whole key / value sequence on chip: ``T_k <= RESIDENT_MAX_T`` (128)
+and, in float32, a padded key tile within :func:`tile_error`'s shared-memory rule (T_k <= 32 at
+D = 256, <= 64 at 128, <= 128 at 64; less on ~99 KiB GPUs). Beyond that the launchers run three
+FlashAttention-2 style kernels instead, same contract, same in-place strided reads and fused
+rotation (``tiled=True`` forces them, ``tiled=False`` refuses to):
+
+* ``_tiled_fwd_kernel``: one program per (sequence, query block of ``BLOCK_M`` frames), the
+  query block's programs adjacent (its keys / values shared in L2); it walks key blocks of
+  ``BLOCK_N`` frames up to the causal limit of the block's last query with the online softmax
+  (fp32 running max / sum, ``exp2``), and writes ``out`` and ``lse``.
+* ``_tiled_bwd_dq_kernel``: the same grid; ``delta = rowsum(dout * out)`` (written to a
+  ``[B * S * H, T_q]`` float32 buffer, the one allocation), then ``dq`` over the visible key
+  blocks, rotated back by the negative angle.
+* ``_tiled_bwd_dkdv_kernel``: one program per (sequence, key block), accumulating ``dk`` / ``dv``
+  in fp32 registers over the query blocks that see the block (from the first causal one): no
+  atomics. Masked entries send no gradient (``where``), as above.
+
+Tiles (:data:`_TILED_TILES`): fp16 / bf16 forward 64 x 64 (D <= 128) / 64 x 32 (D = 256), dq
+64 x 64 / 32 x 64 / 32 x 32, dk / dv 32 x 64 (D <= 128) / 16 x 32 (D = 256) on sm_90 and
+32 x 32 / 16 x 32 on mma.sync GPUs (sm_80 - sm_89, sm_120); float32 16 - 32 rows. They are the
+largest tiles with the fewest spills in AOT builds (sm_90a, sm_80, sm_86; triton 3.9; RoPE,
+causal): fp16 / bf16 spill at most ~120 B at D <= 128 and ~600-700 B in the D = 256 dk / dv
+kernel; float32 dk / dv spills ~300 B at D = 128 and 1.1 KB (sm_90) - 3.4 KB (sm_80) at D = 256.
+Every build fits the shared memory of sm_80 / sm_90 and of ~99 KiB GPUs (the 16-bit D = 256
+forward takes 32 x 32 there).
+
+Which kernels run (``tiled=None``): the tiled ones beyond the resident limits, and also where
+the resident builds spill heavily (:data:`_TILED_FROM`, by padded T_k): the backward from
+T_k = 64 on mma.sync GPUs (sm_80 - sm_89, sm_120; resident 6-24 KB of stack per thread, tiled
+<= 112 B) and from 128 on sm_90 (1.3 KB vs 40 B at D = 128), the forward from 128 on mma.sync
+GPUs (1.1-1.4 KB vs 0), and in float32 at the largest resident tiles (8192 elements: 5-12 KB
+vs <= 3.4 KB). The forward and the backward choose independently (one contract:
+``out`` / ``lse`` of either serve both backwards). A rule from compiler reports only: no GPU
+timing was available, so where the crossover lies in time is unknown.
+
+Limits: ``D <= 256`` (:data:`MAX_D`), any ``T``; beyond ``D`` a ``ValueError``. Any ``D >= 1``
 below that works (small D are padded to 32 columns).
 """
 from __future__ import annotations
 
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ._launch import device_ctx, launch, target_shared_memory
+from ..backends import triton_interpret
+from ._launch import device_ctx, launch, mma_sync_arch, target_arch, target_shared_memory
 from .rope_tiles import load_pair, pair_scores, store_pair
 
-__all__ = ["temporal_attn_fwd", "temporal_attn_bwd", "MAX_T", "MAX_D", "MAX_TILE_FP32",
+__all__ = ["temporal_attn_fwd", "temporal_attn_bwd", "tiled_kernels", "RESIDENT_MAX_T", "MAX_D", "MAX_TILE_FP32",
            "FULL_SHARED", "SMALL_TILE_FP32", "SMALL_T_WIDE", "tile_error"]
 
-MAX_T = 128
+RESIDENT_MAX_T = 128  # longest key sequence the resident kernels hold on chip
 MAX_D = 256
 _MIN_ROWS = 16  # tl.dot needs M, N, K >= 16
 # float32 key tiles (rows x columns, padded to powers of two) at most this many elements: fp32
@@ -122,9 +157,9 @@ SMALL_T_WIDE = 32
 
 def tile_error(Tk: int, D: int, dtype, shared: int | None = None) -> str | None:
     """Why a ``dtype`` sequence of ``Tk`` keys of head_dim ``D`` does not fit the shared memory of
-    a GPU with ``shared`` bytes per block (None: one with FULL_SHARED or more), or None. The op
-    layer's twin (``ops.temporal_attention._tile_error``) writes the same rule with comparisons
-    only, for symbolic sizes under torch.compile; a test checks that they agree."""
+    a GPU with ``shared`` bytes per block (None: one with FULL_SHARED or more) as a resident
+    tile, or None. The launchers run the tiled kernels where it is not None (they are called
+    with concrete sizes, also under torch.compile: the custom ops are opaque to it)."""
     small = shared is not None and shared < FULL_SHARED
     rows, cols = max(triton.next_power_of_2(Tk), _MIN_ROWS), max(triton.next_power_of_2(D), 2 * _MIN_ROWS)
     if dtype == torch.float32:
@@ -451,6 +486,236 @@ def _temporal_attn_bwd_kernel(
                  mask=k_ok[:, None] & (d_full[None, :] < D))
 
 
+# ----------------------------------------------------------------------------------------------
+# tiled kernels: sequences too long (or tiles too large) to hold on chip
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rot_rows(X, row_off, pos, ok, COS, SIN, d_full, d_half, sd, D, HALF,
+                   sc_t, sc_d, ss_t, ss_d, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+                   BLOCK_H: tl.constexpr):
+    """Rows of q or k as pair halves, rotated at positions ``pos`` (rounded back to X's dtype)."""
+    a, b = load_pair(X, row_off, ok, d_full, d_half, sd, D, HALF, ROPE, INTERLEAVED, BLOCK_H)
+    if ROPE:
+        c, s = _load_table(COS, SIN, pos, ok, d_half, sc_t, sc_d, ss_t, ss_d, HALF)
+        ra, rb = _rotate(a, b, c, s)
+        a = ra.to(X.dtype.element_ty)
+        b = rb.to(X.dtype.element_ty)
+    return a, b
+
+
+@triton.jit
+def _tiled_fwd_kernel(
+    Q, K, V, COS, SIN, OUT, LSE,
+    SH, H, Tq, Tk, D, HALF, q_offset, qk_scale2,  # qk_scale2 = scale * log2(e)
+    sq_b, sq_t, sq_s, sq_h, sq_d,
+    sk_b, sk_t, sk_s, sk_h, sk_d,
+    sv_b, sv_t, sv_s, sv_h, sv_d,
+    so_b, so_t, so_s, so_h, so_d,
+    sl_b, sl_s, sl_h, sl_t,
+    sc_t, sc_d, ss_t, ss_d,
+    CAUSAL: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NQB: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One program per (sequence, query block): the online softmax over key blocks."""
+    dt = OUT.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // NQB  # the NQB blocks of a sequence are consecutive programs (k / v shared in L2)
+    qi = pid - n * NQB
+    b, s, h = _bsh(n, SH, H)
+    d_full = tl.arange(0, BLOCK_D).to(tl.int64)
+    d_half = tl.arange(0, BLOCK_H).to(tl.int64)
+    qt = qi * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = qt < Tq
+    qt64 = qt.to(tl.int64)
+    qa, qb = _load_rot_rows(Q, b * sq_b + s * sq_s + h * sq_h + qt64 * sq_t, q_offset + qt, q_ok,
+                            COS, SIN, d_full, d_half, sq_d, D, HALF, sc_t, sc_d, ss_t, ss_d,
+                            ROPE, INTERLEAVED, BLOCK_H)
+    k_base = b * sk_b + s * sk_s + h * sk_h
+    v_base = b * sv_b + s * sv_s + h * sv_h
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = Tk
+    if CAUSAL:  # the block's last query sees keys up to q_offset + its frame
+        hi = tl.minimum(Tk, q_offset + (qi + 1) * BLOCK_M)
+    for j0 in range(0, hi, BLOCK_N):
+        kt = j0 + tl.arange(0, BLOCK_N)
+        k_ok = kt < Tk
+        kt64 = kt.to(tl.int64)
+        ka, kb = _load_rot_rows(K, k_base + kt64 * sk_t, kt, k_ok, COS, SIN, d_full, d_half,
+                                sk_d, D, HALF, sc_t, sc_d, ss_t, ss_d, ROPE, INTERLEAVED, BLOCK_H)
+        v = tl.load(V + (v_base + kt64 * sv_t)[:, None] + d_full[None, :] * sv_d,
+                    mask=k_ok[:, None] & (d_full[None, :] < D), other=0.0)
+        z = pair_scores(qa, qb, ka, kb, ROPE, DOT_PREC) * qk_scale2
+        visible = k_ok[None, :]
+        if CAUSAL:
+            visible = visible & (kt[None, :] <= q_offset + qt[:, None])
+        z = tl.where(visible, z, float("-inf"))
+        # finite from the first block on: key 0 is visible to every row (padding rows included)
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(z - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision=DOT_PREC)
+        m_i = m_new
+    o_off = b * so_b + s * so_s + h * so_h + qt64 * so_t
+    tl.store(OUT + o_off[:, None] + d_full[None, :] * so_d, (acc / l_i[:, None]).to(dt),
+             mask=q_ok[:, None] & (d_full[None, :] < D))
+    tl.store(LSE + b * sl_b + s * sl_s + h * sl_h + qt64 * sl_t,
+             (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=q_ok)
+
+
+@triton.jit
+def _tiled_bwd_dq_kernel(
+    DO, Q, K, V, COS, SIN, OUT, LSE, DQ, DELTA,
+    SH, H, Tq, Tk, D, HALF, q_offset, scale, qk_scale2,
+    sdo_b, sdo_t, sdo_s, sdo_h, sdo_d,
+    sq_b, sq_t, sq_s, sq_h, sq_d,
+    sk_b, sk_t, sk_s, sk_h, sk_d,
+    sv_b, sv_t, sv_s, sv_h, sv_d,
+    so_b, so_t, so_s, so_h, so_d,
+    sl_b, sl_s, sl_h, sl_t,
+    sdq_b, sdq_t, sdq_s, sdq_h, sdq_d,
+    sc_t, sc_d, ss_t, ss_d,
+    CAUSAL: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NQB: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One program per (sequence, query block): dq over the visible key blocks; also writes
+    ``delta = rowsum(dout * out)`` (``DELTA``: ``[sequences, T_q]`` fp32) for the dk / dv kernel."""
+    dt = DQ.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // NQB
+    qi = pid - n * NQB
+    b, s, h = _bsh(n, SH, H)
+    d_full = tl.arange(0, BLOCK_D).to(tl.int64)
+    d_half = tl.arange(0, BLOCK_H).to(tl.int64)
+    qt = qi * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = qt < Tq
+    qt64 = qt.to(tl.int64)
+    qa, qb = _load_rot_rows(Q, b * sq_b + s * sq_s + h * sq_h + qt64 * sq_t, q_offset + qt, q_ok,
+                            COS, SIN, d_full, d_half, sq_d, D, HALF, sc_t, sc_d, ss_t, ss_d,
+                            ROPE, INTERLEAVED, BLOCK_H)
+    dmask = q_ok[:, None] & (d_full[None, :] < D)
+    do = tl.load(DO + (b * sdo_b + s * sdo_s + h * sdo_h + qt64 * sdo_t)[:, None]
+                 + d_full[None, :] * sdo_d, mask=dmask, other=0.0)
+    o = tl.load(OUT + (b * so_b + s * so_s + h * so_h + qt64 * so_t)[:, None]
+                + d_full[None, :] * so_d, mask=dmask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(DELTA + n * Tq + qt64, delta, mask=q_ok)
+    lse2 = tl.load(LSE + b * sl_b + s * sl_s + h * sl_h + qt64 * sl_t, mask=q_ok,
+                   other=0.0) * 1.4426950408889634
+    k_base = b * sk_b + s * sk_s + h * sk_h
+    v_base = b * sv_b + s * sv_s + h * sv_h
+    dqa = tl.zeros([BLOCK_M, BLOCK_H if ROPE else BLOCK_D], dtype=tl.float32)
+    dqb = tl.zeros([BLOCK_M, BLOCK_H if ROPE else BLOCK_D], dtype=tl.float32)
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(Tk, q_offset + (qi + 1) * BLOCK_M)
+    for j0 in range(0, hi, BLOCK_N):
+        kt = j0 + tl.arange(0, BLOCK_N)
+        k_ok = kt < Tk
+        kt64 = kt.to(tl.int64)
+        ka, kb = _load_rot_rows(K, k_base + kt64 * sk_t, kt, k_ok, COS, SIN, d_full, d_half,
+                                sk_d, D, HALF, sc_t, sc_d, ss_t, ss_d, ROPE, INTERLEAVED, BLOCK_H)
+        v = tl.load(V + (v_base + kt64 * sv_t)[:, None] + d_full[None, :] * sv_d,
+                    mask=k_ok[:, None] & (d_full[None, :] < D), other=0.0)
+        z = pair_scores(qa, qb, ka, kb, ROPE, DOT_PREC) * qk_scale2
+        visible = q_ok[:, None] & k_ok[None, :]
+        if CAUSAL:
+            visible = visible & (kt[None, :] <= q_offset + qt[:, None])
+        p = tl.where(visible, tl.exp2(z - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        # where, not p * ...: a NaN dp / delta must not reach keys the query cannot see
+        ds = tl.where(visible, p * (dp - delta[:, None]), 0.0).to(dt)
+        dqa += tl.dot(ds, ka, input_precision=DOT_PREC)
+        if ROPE:
+            dqb += tl.dot(ds, kb, input_precision=DOT_PREC)
+    dqa = dqa * scale
+    if ROPE:
+        dqb = dqb * scale
+        c, sn = _load_table(COS, SIN, q_offset + qt, q_ok, d_half, sc_t, sc_d, ss_t, ss_d, HALF)
+        dqa, dqb = _rotate(dqa, dqb, c, -sn)
+    store_pair(DQ, b * sdq_b + s * sdq_s + h * sdq_h + qt64 * sdq_t, q_ok, d_full, d_half,
+               sdq_d, D, HALF, dqa.to(dt), dqb.to(dt), ROPE, INTERLEAVED, BLOCK_D)
+
+
+@triton.jit
+def _tiled_bwd_dkdv_kernel(
+    DO, Q, K, V, COS, SIN, LSE, DELTA, DK, DV,
+    SH, H, Tq, Tk, D, HALF, q_offset, scale, qk_scale2,
+    sdo_b, sdo_t, sdo_s, sdo_h, sdo_d,
+    sq_b, sq_t, sq_s, sq_h, sq_d,
+    sk_b, sk_t, sk_s, sk_h, sk_d,
+    sv_b, sv_t, sv_s, sv_h, sv_d,
+    sl_b, sl_s, sl_h, sl_t,
+    sdk_b, sdk_t, sdk_s, sdk_h, sdk_d,
+    sdv_b, sdv_t, sdv_s, sdv_h, sdv_d,
+    sc_t, sc_d, ss_t, ss_d,
+    CAUSAL: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NKB: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One program per (sequence, key block): dk / dv accumulated over the query blocks that see
+    the block (fp32 registers, no atomics); reads the ``DELTA`` the dq kernel wrote."""
+    dt = DK.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // NKB
+    kj = pid - n * NKB
+    b, s, h = _bsh(n, SH, H)
+    d_full = tl.arange(0, BLOCK_D).to(tl.int64)
+    d_half = tl.arange(0, BLOCK_H).to(tl.int64)
+    kt = kj * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = kt < Tk
+    kt64 = kt.to(tl.int64)
+    ka, kb = _load_rot_rows(K, b * sk_b + s * sk_s + h * sk_h + kt64 * sk_t, kt, k_ok, COS, SIN,
+                            d_full, d_half, sk_d, D, HALF, sc_t, sc_d, ss_t, ss_d,
+                            ROPE, INTERLEAVED, BLOCK_H)
+    v = tl.load(V + (b * sv_b + s * sv_s + h * sv_h + kt64 * sv_t)[:, None]
+                + d_full[None, :] * sv_d, mask=k_ok[:, None] & (d_full[None, :] < D), other=0.0)
+    q_base = b * sq_b + s * sq_s + h * sq_h
+    do_base = b * sdo_b + s * sdo_s + h * sdo_h
+    l_base = b * sl_b + s * sl_s + h * sl_h
+    dka = tl.zeros([BLOCK_N, BLOCK_H if ROPE else BLOCK_D], dtype=tl.float32)
+    dkb = tl.zeros([BLOCK_N, BLOCK_H if ROPE else BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:  # queries before frame kj * BLOCK_N - q_offset see none of these keys
+        lo = (tl.maximum(kj * BLOCK_N - q_offset, 0) // BLOCK_M) * BLOCK_M
+    for i0 in range(lo, Tq, BLOCK_M):
+        qt = i0 + tl.arange(0, BLOCK_M)
+        q_ok = qt < Tq
+        qt64 = qt.to(tl.int64)
+        qa, qb = _load_rot_rows(Q, q_base + qt64 * sq_t, q_offset + qt, q_ok, COS, SIN, d_full,
+                                d_half, sq_d, D, HALF, sc_t, sc_d, ss_t, ss_d,
+                                ROPE, INTERLEAVED, BLOCK_H)
+        do = tl.load(DO + (do_base + qt64 * sdo_t)[:, None] + d_full[None, :] * sdo_d,
+                     mask=q_ok[:, None] & (d_full[None, :] < D), other=0.0)
+        lse2 = tl.load(LSE + l_base + qt64 * sl_t, mask=q_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + n * Tq + qt64, mask=q_ok, other=0.0)
+        z = pair_scores(qa, qb, ka, kb, ROPE, DOT_PREC) * qk_scale2
+        visible = q_ok[:, None] & k_ok[None, :]
+        if CAUSAL:
+            visible = visible & (kt[None, :] <= q_offset + qt[:, None])
+        p = tl.where(visible, tl.exp2(z - lse2[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(dt)), do, input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        dsT = tl.trans(tl.where(visible, p * (dp - delta[:, None]), 0.0).to(dt))
+        dka += tl.dot(dsT, qa, input_precision=DOT_PREC)
+        if ROPE:
+            dkb += tl.dot(dsT, qb, input_precision=DOT_PREC)
+    dka = dka * scale
+    if ROPE:
+        dkb = dkb * scale
+        c, sn = _load_table(COS, SIN, kt, k_ok, d_half, sc_t, sc_d, ss_t, ss_d, HALF)
+        dka, dkb = _rotate(dka, dkb, c, -sn)
+    store_pair(DK, b * sdk_b + s * sdk_s + h * sdk_h + kt64 * sdk_t, k_ok, d_full, d_half, sdk_d,
+               D, HALF, dka.to(dt), dkb.to(dt), ROPE, INTERLEAVED, BLOCK_D)
+    tl.store(DV + (b * sdv_b + s * sdv_s + h * sdv_h + kt64 * sdv_t)[:, None]
+             + d_full[None, :] * sdv_d, dv.to(dt), mask=k_ok[:, None] & (d_full[None, :] < D))
+
+
 
 # ----------------------------------------------------------------------------------------------
 # launchers
@@ -467,9 +732,53 @@ def _check_tensor(op: str, name: str, t, shape, dtype, device) -> None:
         raise TypeError(f"{op}: {name} must be {dtype}, got {t.dtype}")
 
 
-def _config(op: str, q, k, v, cos, sin, q_offset: int, seqs_per_program, num_warps, block_m,
-            num_stages):
-    """Validate the common inputs; return the launch configuration."""
+# Padded T_k from which the launchers take the tiled kernels although the resident ones fit, per
+# pass and GPU kind: there the resident builds spill heavily (AOT builds, triton 3.9, bf16, RoPE,
+# causal; ``benchmarks/results/triton-aot-2026-12-07-tiled/``): on mma.sync GPUs (sm_80 - sm_89,
+# sm_120) the backward 6-12 KB of stack per thread at T_k = 64 and 12-24 KB at 128, the forward
+# 1.1-1.4 KB at 128; on sm_90 the backward 0.3-1.3 KB at 128. The tiled kernels spill at most
+# 112 B there. float32 (every GPU, both passes): resident key tiles (padded T_k x head_dim) of
+# _TILED_FROM_FP32 elements, the largest the shared memory allows, spill 5-12 KB (T_k 64 x 128,
+# 128 x 64, 32 x 256), the tiled kernels at most 3.4 KB (dk / dv at D = 256; 0-320 B below).
+# (A rule from compiler reports: no GPU timing was available.)
+_TILED_FROM = {"mma_sync": {"fwd": 128, "bwd": 64}, "wgmma": {"fwd": None, "bwd": 128}}
+_TILED_FROM_FP32 = 8192
+
+
+_FORCED: list = [None]  # the choice tiled_kernels() imposes on tiled=None launches (None: decide)
+
+
+@contextlib.contextmanager
+def tiled_kernels(enabled: bool | None = True):
+    """Within the context, launches that leave ``tiled`` to the launcher (the op's always do)
+    take the tiled kernels (``True``), the resident ones (``False``: a ValueError where they do
+    not fit) or decide as usual (``None``). For benchmarks and tests that compare the two sets;
+    process-wide, not thread-safe. The backward runs its own launch: keep it inside too."""
+    prev = _FORCED[0]
+    _FORCED[0] = enabled
+    try:
+        yield
+    finally:
+        _FORCED[0] = prev
+
+
+def _resident_spills(op: str, Tk: int, q) -> bool:
+    """Whether the resident build of ``op``'s pass at ``Tk`` frames spills enough on q's GPU
+    that the tiled kernels are taken instead (:data:`_TILED_FROM`, :data:`_TILED_FROM_FP32`)."""
+    rows = max(triton.next_power_of_2(Tk), _MIN_ROWS)
+    if q.dtype == torch.float32 and \
+            rows * max(triton.next_power_of_2(q.shape[-1]), 2 * _MIN_ROWS) >= _TILED_FROM_FP32:
+        return True
+    kind = "mma_sync" if mma_sync_arch(target_arch(q)) else "wgmma"
+    lim = _TILED_FROM[kind]["bwd" if op.endswith("_bwd") else "fwd"]
+    return lim is not None and rows >= lim
+
+
+def _config(op: str, q, k, v, cos, sin, q_offset: int, tiled, seqs_per_program, num_warps,
+            block_m, block_n, num_stages):
+    """Validate the common inputs; return the launch configuration: the resident kernels when
+    the sequence fits on chip (``tiled=None`` decides; False insists, True forces the tiled
+    ones), else the tiled kernels (:func:`_tiled_config`)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 5:
             raise ValueError(f"{op}: {name} must be a 5-D [B, T, S, H, D] tensor")
@@ -482,14 +791,8 @@ def _config(op: str, q, k, v, cos, sin, q_offset: int, seqs_per_program, num_war
     if q_offset < 0 or q_offset + Tq != Tk:
         raise ValueError(f"{op}: need q_offset >= 0 and q_offset + T_q == T_k, got "
                          f"q_offset={q_offset}, T_q={Tq}, T_k={Tk}")
-    if Tk > MAX_T:
-        raise ValueError(f"{op}: the triton kernels hold the whole sequence on chip and support "
-                         f"T_k <= {MAX_T} frames, got T_k={Tk}")
     if D > MAX_D:
         raise ValueError(f"{op}: the triton kernels support head_dim D <= {MAX_D}, got D={D}")
-    why = tile_error(Tk, D, q.dtype, target_shared_memory(q))
-    if why is not None:
-        raise ValueError(f"{op}: the triton kernels support {why}")
     rope = cos is not None
     if rope != (sin is not None):
         raise ValueError(f"{op}: cos and sin must be given together")
@@ -503,6 +806,25 @@ def _config(op: str, q, k, v, cos, sin, q_offset: int, seqs_per_program, num_war
                                  f"table, got {tuple(t.shape)} {t.dtype}")
             if t.device != q.device:
                 raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    why = (f"T_k <= {RESIDENT_MAX_T} frames, got T_k={Tk}" if Tk > RESIDENT_MAX_T
+           else tile_error(Tk, D, q.dtype, target_shared_memory(q)))
+    if tiled is None:
+        tiled = _FORCED[0]
+    if tiled is None:
+        tiled = why is not None or _resident_spills(op, Tk, q)
+    elif not tiled and why is not None:
+        raise ValueError(f"{op}: the resident kernels (tiled=False) hold the whole sequence on "
+                         f"chip and support {why}")
+    common = dict(B=B, Tq=Tq, Tk=Tk, S=S, H=H, D=D, nseq=B * S * H, rope=rope, tiled=bool(tiled))
+    if tiled:
+        if seqs_per_program is not None:
+            raise ValueError(f"{op}: seqs_per_program applies to the resident kernels only "
+                             f"(the tiled ones run one sequence per program)")
+        return dict(common, **_tiled_config(op, q, Tq, Tk, D, block_m, block_n, num_warps,
+                                             num_stages))
+    if block_n is not None:
+        raise ValueError(f"{op}: block_n applies to the tiled kernels only (the resident ones "
+                         f"hold every key)")
 
     block_d = max(triton.next_power_of_2(D), 2 * _MIN_ROWS)  # halves >= 16 columns for RoPE
     tp = triton.next_power_of_2(Tk)
@@ -538,13 +860,78 @@ def _config(op: str, q, k, v, cos, sin, q_offset: int, seqs_per_program, num_war
     if num_stages is None:
         num_stages = _default_stages(groups, block_t * block_d * q.element_size())
     return dict(
-        B=B, Tq=Tq, Tk=Tk, S=S, H=H, D=D, nseq=nseq, rope=rope,
+        common,
         grid=(triton.cdiv(tiles, groups),),
         meta=dict(TP=min(tp, block_t), BLOCK_T=block_t, BLOCK_M=block_m, NQB=nqb,
                   BLOCK_D=block_d, BLOCK_H=block_d // 2, SEQ_GROUPS=groups,
                   DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
                   num_warps=int(num_warps), num_stages=int(num_stages)),
     )
+
+
+# Tiles of the tiled kernels, (BLOCK_M, BLOCK_N, num_warps) by kernel, dtype class and padded
+# head dim (64 stands for <= 64). BLOCK_M counts query rows, BLOCK_N key rows (dk / dv: the
+# resident key block and the query rows per step). Chosen from AOT builds (aot_check's
+# compiler, triton 3.9, RoPE, sm_90a and sm_80; no GPU timing was available) as the largest
+# tiles with the fewest spilled bytes, see the module docstring.
+_TILED_TILES = {
+    "16": {"fwd": {64: (64, 64, 8), 128: (64, 64, 8), 256: (64, 32, 8)},
+           "dq": {64: (64, 64, 8), 128: (32, 64, 8), 256: (32, 32, 4)},
+           "dkdv": {64: (32, 64, 8), 128: (32, 64, 8), 256: (16, 32, 4)}},
+    "32": {"fwd": {64: (32, 32, 8), 128: (32, 32, 8), 256: (16, 16, 8)},
+           "dq": {64: (16, 32, 8), 128: (16, 16, 8), 256: (16, 16, 8)},
+           "dkdv": {64: (16, 16, 8), 128: (16, 16, 8), 256: (16, 16, 8)}},
+}
+# mma.sync GPUs (sm_80 - sm_89, sm_120): the 16-bit dk / dv tiles above spill 200 B - 1 KB there
+_TILED_TILES_SM80_DKDV = {64: (32, 32, 4), 128: (16, 32, 4), 256: (16, 32, 4)}
+
+
+def _tiled_tiles(kernel: str, q, D: int, block_m, block_n, num_warps):
+    """``(BLOCK_M, BLOCK_N, num_warps)`` of tiled ``kernel`` (``"fwd"``, ``"dq"``, ``"dkdv"``)
+    for q's dtype, head dim and GPU (:data:`_TILED_TILES`); 16 x 16 under the interpreter
+    (tests: several blocks at small T). The keyword arguments override."""
+    block_d = max(triton.next_power_of_2(D), 64)
+    if triton_interpret():
+        bm, bn, warps = 16, 16, 4
+    else:
+        wide = q.dtype != torch.float32
+        bm, bn, warps = _TILED_TILES["16" if wide else "32"][kernel][block_d]
+        if wide and kernel == "dkdv" and mma_sync_arch(target_arch(q)):
+            bm, bn, warps = _TILED_TILES_SM80_DKDV[block_d]
+        shared = target_shared_memory(q)
+        if wide and kernel == "fwd" and block_d == 256 and shared is not None \
+                and shared < FULL_SHARED:  # 64 x 32 needs ~100 KiB at two stages
+            bm, bn, warps = 32, 32, 4
+    bm = bm if block_m is None else int(block_m)
+    bn = bn if block_n is None else int(block_n)
+    for name, val in (("block_m", bm), ("block_n", bn)):
+        if val < _MIN_ROWS or val & (val - 1):
+            raise ValueError(f"triton temporal attention: {name} must be a power of two >= 16, "
+                             f"got {val}")
+    return bm, bn, int(num_warps or warps)
+
+
+def _tiled_config(op: str, q, Tq: int, Tk: int, D: int, block_m, block_n, num_warps, num_stages):
+    """Grid and meta-parameters of the tiled kernels: one program per (sequence, query block)
+    (forward, dq) or (sequence, key block) (dk / dv)."""
+    block_d = max(triton.next_power_of_2(D), 2 * _MIN_ROWS)
+    nseq = q.shape[0] * q.shape[2] * q.shape[3]
+    out = {}
+    for kernel in (("dq", "dkdv") if op.endswith("_bwd") else ("fwd",)):
+        bm, bn, warps = _tiled_tiles(kernel, q, D, block_m, block_n, num_warps)
+        if block_m is None:  # streaming steps: a few new frames
+            bm = min(bm, max(triton.next_power_of_2(Tq), _MIN_ROWS))
+        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_H=block_d // 2,
+                    DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                    num_warps=warps, num_stages=2 if num_stages is None else int(num_stages))
+        if kernel == "dkdv":
+            meta["NKB"] = triton.cdiv(Tk, bn)
+            grid = (nseq * meta["NKB"],)
+        else:
+            meta["NQB"] = triton.cdiv(Tq, bm)
+            grid = (nseq * meta["NQB"],)
+        out[kernel] = dict(grid=grid, meta=meta)
+    return out
 
 
 def _launch_or_explain(kernel, cfg, args, meta, q, op: str) -> None:
@@ -582,40 +969,51 @@ def _table_strides(cos, sin):
 
 
 def temporal_attn_fwd(q, k, v, cos, sin, out, lse, causal: bool, interleaved: bool, q_offset: int,
-                      scale: float, *, seqs_per_program=None, num_warps=None, block_m=None,
-                      num_stages=None) -> None:
+                      scale: float, *, tiled=None, seqs_per_program=None, num_warps=None,
+                      block_m=None, block_n=None, num_stages=None) -> None:
     """Forward kernel contract (see ``vidgen_kernels.ops.temporal_attention``); fills out, lse.
 
-    Keyword-only tuning knobs (benchmarks / tests): ``seqs_per_program`` (sequences per program,
-    default: about 128 frame rows per program), ``num_warps``, ``block_m`` (query rows per block).
+    Keyword-only knobs (benchmarks / tests): ``tiled`` (None: the resident kernels when the
+    sequence fits on chip, else the tiled ones; True / False forces one), ``seqs_per_program``
+    (resident: sequences per program, default about 128 frame rows), ``num_warps``, ``block_m``
+    (query rows per block), ``block_n`` (tiled: key rows per block), ``num_stages``.
     """
     op = "triton temporal_attn_fwd"
-    cfg = _config(op, q, k, v, cos, sin, int(q_offset), seqs_per_program, num_warps, block_m,
-                  num_stages)
+    cfg = _config(op, q, k, v, cos, sin, int(q_offset), tiled, seqs_per_program, num_warps,
+                  block_m, block_n, num_stages)
     B, Tq, S, H, D = cfg["B"], cfg["Tq"], cfg["S"], cfg["H"], cfg["D"]
     _check_tensor(op, "out", out, (B, Tq, S, H, D), q.dtype, q.device)
     _check_tensor(op, "lse", lse, (B, S, H, Tq), torch.float32, q.device)
     if cfg["nseq"] == 0 or Tq == 0 or D == 0:
         return
-    args = (
-        q, k, v, cos if cfg["rope"] else q, sin if cfg["rope"] else q, out, lse,
-        cfg["nseq"], S * H, H, Tq, cfg["Tk"], D, D // 2, int(q_offset), float(scale) * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        *_table_strides(cos, sin),
-    )
-    meta = dict(cfg["meta"], CAUSAL=bool(causal), ROPE=cfg["rope"], INTERLEAVED=bool(interleaved))
+    tabs = (cos if cfg["rope"] else q, sin if cfg["rope"] else q)
+    flags = dict(CAUSAL=bool(causal), ROPE=cfg["rope"], INTERLEAVED=bool(interleaved))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+               *_table_strides(cos, sin))
     with device_ctx(q):
-        _launch_or_explain(_temporal_attn_fwd_kernel, cfg, args, meta, q, op)
+        if cfg["tiled"]:
+            args = (q, k, v, *tabs, out, lse, S * H, H, Tq, cfg["Tk"], D, D // 2, int(q_offset),
+                    float(scale) * _LOG2E, *strides)
+            t = cfg["fwd"]
+            _launch_or_explain(_tiled_fwd_kernel, dict(cfg, grid=t["grid"]), args,
+                               dict(t["meta"], **flags), q, op)
+            return
+        args = (q, k, v, *tabs, out, lse, cfg["nseq"], S * H, H, Tq, cfg["Tk"], D, D // 2,
+                int(q_offset), float(scale) * _LOG2E, *strides)
+        _launch_or_explain(_temporal_attn_fwd_kernel, cfg, args, dict(cfg["meta"], **flags), q, op)
 
 
 def temporal_attn_bwd(dout, q, k, v, cos, sin, out, lse, dq, dk, dv, causal: bool,
-                      interleaved: bool, q_offset: int, scale: float, *, seqs_per_program=None,
-                      num_warps=None, block_m=None, num_stages=None) -> None:
+                      interleaved: bool, q_offset: int, scale: float, *, tiled=None,
+                      seqs_per_program=None, num_warps=None, block_m=None, block_n=None,
+                      num_stages=None) -> None:
     """Backward kernel contract (see ``vidgen_kernels.ops.temporal_attention``); writes every
-    element of dq, dk, dv. Same keyword-only knobs as :func:`temporal_attn_fwd`."""
+    element of dq, dk, dv. Same keyword-only knobs as :func:`temporal_attn_fwd`. The tiled
+    path runs two kernels (dq, which also writes ``delta``, then dk / dv) and allocates that
+    ``[B * S * H, T_q]`` float32 ``delta``."""
     op = "triton temporal_attn_bwd"
-    cfg = _config(op, q, k, v, cos, sin, int(q_offset), seqs_per_program, num_warps, block_m,
-                  num_stages)
+    cfg = _config(op, q, k, v, cos, sin, int(q_offset), tiled, seqs_per_program, num_warps,
+                  block_m, block_n, num_stages)
     B, Tq, Tk, S, H, D = cfg["B"], cfg["Tq"], cfg["Tk"], cfg["S"], cfg["H"], cfg["D"]
     _check_tensor(op, "dout", dout, (B, Tq, S, H, D), q.dtype, q.device)
     _check_tensor(op, "out", out, (B, Tq, S, H, D), q.dtype, q.device)
@@ -625,14 +1023,29 @@ def temporal_attn_bwd(dout, q, k, v, cos, sin, out, lse, dq, dk, dv, causal: boo
     _check_tensor(op, "dv", dv, (B, Tk, S, H, D), q.dtype, q.device)
     if cfg["nseq"] == 0 or Tq == 0 or D == 0:
         return
-    args = (
-        dout, q, k, v, cos if cfg["rope"] else q, sin if cfg["rope"] else q, out, lse, dq, dk, dv,
-        cfg["nseq"], S * H, H, Tq, Tk, D, D // 2, int(q_offset), float(scale),
-        float(scale) * _LOG2E,
-        *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        *dq.stride(), *dk.stride(), *dv.stride(),
-        *_table_strides(cos, sin),
-    )
-    meta = dict(cfg["meta"], CAUSAL=bool(causal), ROPE=cfg["rope"], INTERLEAVED=bool(interleaved))
+    tabs = (cos if cfg["rope"] else q, sin if cfg["rope"] else q)
+    flags = dict(CAUSAL=bool(causal), ROPE=cfg["rope"], INTERLEAVED=bool(interleaved))
+    sizes = (S * H, H, Tq, Tk, D, D // 2, int(q_offset), float(scale), float(scale) * _LOG2E)
     with device_ctx(q):
-        _launch_or_explain(_temporal_attn_bwd_kernel, cfg, args, meta, q, op)
+        if cfg["tiled"]:
+            delta = torch.empty((cfg["nseq"], Tq), dtype=torch.float32, device=q.device)
+            t = cfg["dq"]
+            args = (dout, q, k, v, *tabs, out, lse, dq, delta, *sizes,
+                    *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                    *lse.stride(), *dq.stride(), *_table_strides(cos, sin))
+            _launch_or_explain(_tiled_bwd_dq_kernel, dict(cfg, grid=t["grid"]), args,
+                               dict(t["meta"], **flags), q, op)
+            t = cfg["dkdv"]
+            args = (dout, q, k, v, *tabs, lse, delta, dk, dv, *sizes,
+                    *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *lse.stride(),
+                    *dk.stride(), *dv.stride(), *_table_strides(cos, sin))
+            _launch_or_explain(_tiled_bwd_dkdv_kernel, dict(cfg, grid=t["grid"]), args,
+                               dict(t["meta"], **flags), q, op)
+            return
+        args = (
+            dout, q, k, v, *tabs, out, lse, dq, dk, dv, cfg["nseq"], *sizes,
+            *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+            *dq.stride(), *dk.stride(), *dv.stride(),
+            *_table_strides(cos, sin),
+        )
+        _launch_or_explain(_temporal_attn_bwd_kernel, cfg, args, dict(cfg["meta"], **flags), q, op)
