@@ -6,6 +6,7 @@ before any kernel runs.
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -17,3 +18,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         interp_fixes.install()
     except ImportError:  # triton not installed: its tests skip
         pass
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the item (``item.rep_call``): fixtures read in teardown
+    whether the test body passed (e.g. to check what it launched only then)."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)

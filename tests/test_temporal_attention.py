@@ -91,8 +91,14 @@ def _force_tiled(request, monkeypatch):
         with tk.tiled_kernels(True):
             yield
         assert all("tiled" in k.__name__ for k in ran), [k.__name__ for k in ran]
+        rep = getattr(request.node, "rep_call", None)  # (conftest.py keeps it)
+        if rep is not None and rep.passed and request.node.originalname not in _LAUNCHES_NOTHING:
+            assert ran, "a triton_tiled case passed without launching a kernel"
     else:
         yield
+
+
+_LAUNCHES_NOTHING = {"test_empty_batch_and_space"}  # (zero-size inputs: no launch)
 
 
 def tiled(request) -> bool:
@@ -186,7 +192,10 @@ CASES = _grid() + [
     Case(7, True, "half", interleaved=False, D=48, S=5, layout="sds"),
     Case(5, False, "full", D=80, S=3, extra=3, layout="ppp"),
     Case(7, True, "half", D=32, S=5, scale=0.05),
-    # stride-0 k/v (shared over S), and T at the supported maximum of the Triton kernel
+    # streaming with several query and key blocks (the tiled kernels' dk / dv start at a later
+    # query block: 16-row blocks under the interpreter)
+    Case(50, True, "half", q_offset=10, S=2, H=1, layout="psd"),
+    # stride-0 k/v (shared over S), and T at the resident Triton kernels' maximum
     Case(7, True, "half", S=5, layout="pbb"),
     Case(128, True, "half", S=1, H=1, q_offset=100),
     Case(128, True, "full", interleaved=False, S=2, H=2, layout="ppp", big=True),
@@ -592,6 +601,42 @@ def test_triton_head_dim_limit():
 
 
 SMALL = 101376  # shared memory per block of sm_86 / sm_89 / sm_120 GPUs (RTX 3090 / 4090 / L4 ...)
+
+
+@pytest.mark.triton
+def test_triton_launcher_knobs():
+    """The launchers' keyword knobs: explicit tiled blocks give the contract's results; knobs of
+    the other kernel set and malformed blocks are clear errors."""
+    if why_unavailable("triton", "cpu"):
+        pytest.skip(why_unavailable("triton", "cpu"))
+    from vidgen_kernels.triton_kernels import temporal_attention as tk
+    g = torch.Generator().manual_seed(3)
+    B, T, S, H, D, qo = 1, 40, 2, 1, 32, 5
+    q = torch.randn(B, T - qo, S, H, D, generator=g)
+    k, v, do = (torch.randn(B, n, S, H, D, generator=g) for n in (T, T, T - qo))
+    ang = torch.rand(T, D // 2, generator=g) * 6
+    cos, sin = ang.cos(), ang.sin()
+
+    def run(fn, **kw):
+        out, lse = torch.empty_like(q), torch.empty(B, S, H, T - qo)
+        fn[0](q, k, v, cos, sin, out, lse, True, False, qo, 0.2, **kw)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        fn[1](do, q, k, v, cos, sin, out, lse, dq, dk, dv, True, False, qo, 0.2, **kw)
+        return out, lse, dq, dk, dv
+    want = run((ta.kernel_fwd_torch, ta.kernel_bwd_torch))
+    for kw in (dict(tiled=True, block_m=32, block_n=16), dict(tiled=True, block_m=16, block_n=32),
+               dict(tiled=False, block_m=16)):
+        for a, b in zip(run((tk.temporal_attn_fwd, tk.temporal_attn_bwd), **kw), want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    out, lse = torch.empty_like(q), torch.empty(B, S, H, T - qo)
+    args = (q, k, v, cos, sin, out, lse, True, False, qo, 0.2)
+    for kw, msg in ((dict(tiled=True, seqs_per_program=4), "seqs_per_program applies to the "
+                     "resident kernels only"),
+                    (dict(tiled=False, block_n=16), "block_n applies to the tiled kernels only"),
+                    (dict(tiled=True, block_n=24), "block_n must be a power of two >= 16, got 24"),
+                    (dict(tiled=True, block_m=8), "block_m must be a power of two >= 16, got 8")):
+        with pytest.raises(ValueError, match=msg):
+            tk.temporal_attn_fwd(*args, **kw)
 
 
 @pytest.mark.triton

@@ -109,10 +109,10 @@ Every build fits the shared memory of sm_80 / sm_90 and of ~99 KiB GPUs (the 16-
 forward takes 32 x 32 there).
 
 Which kernels run (``tiled=None``): the tiled ones beyond the resident limits, and also where
-the resident builds spill heavily (:data:`_TILED_FROM`, by padded T_k): the backward from
-T_k = 64 on mma.sync GPUs (sm_80 - sm_89, sm_120; resident 6-24 KB of stack per thread, tiled
-<= 112 B) and from 128 on sm_90 (1.3 KB vs 40 B at D = 128), the forward from 128 on mma.sync
-GPUs (1.1-1.4 KB vs 0), and in float32 at the largest resident tiles (8192 elements: 5-12 KB
+the resident builds spill heavily (:data:`_TILED_FROM`, by T_k padded to a power of two): the
+backward from T_k > 32 on mma.sync GPUs (sm_80 - sm_89, sm_120; resident 6-24 KB of stack per
+thread, tiled <= 112 B) and T_k > 64 on sm_90 (1.3 KB vs 40 B at D = 128), the forward from
+T_k > 64 on mma.sync GPUs (1.1-1.4 KB vs 0), and in float32 at the largest resident tiles (8192 elements: 5-12 KB
 vs <= 3.4 KB). The forward and the backward choose independently (one contract:
 ``out`` / ``lse`` of either serve both backwards). A rule from compiler reports only: no GPU
 timing was available, so where the crossover lies in time is unknown.
@@ -142,7 +142,8 @@ _MIN_ROWS = 16  # tl.dot needs M, N, K >= 16
 # float32 key tiles (rows x columns, padded to powers of two) at most this many elements: fp32
 # dots (DOT_PREC="ieee") stage their operands through shared memory, and larger tiles do not fit
 # (aot_check, triton 3.6 / 3.9: T_k 128 x D 128 needs 224 KiB in the backward, over sm_80's
-# 163 KiB; 64 x 256 and 128 x 256 exceed sm_90's 227 KiB). 16-bit tiles fit up to MAX_T x MAX_D.
+# 163 KiB; 64 x 256 and 128 x 256 exceed sm_90's 227 KiB). 16-bit tiles fit up to
+# RESIDENT_MAX_T x MAX_D. Beyond these the launchers run the tiled kernels.
 MAX_TILE_FP32 = 8192
 # Those limits need FULL_SHARED bytes of shared memory per block (sm_80 / sm_87: 163 KiB; sm_90 /
 # sm_100: 227 KiB). GPUs with less (~99 KiB: sm_86 / sm_89 / sm_120 / sm_121, the RTX and L4 / L40
@@ -514,7 +515,8 @@ def _tiled_fwd_kernel(
     sl_b, sl_s, sl_h, sl_t,
     sc_t, sc_d, ss_t, ss_d,
     CAUSAL: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NQB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NQB,  # query blocks per sequence (a runtime int: no build per sequence length)
     BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One program per (sequence, query block): the online softmax over key blocks."""
@@ -579,7 +581,8 @@ def _tiled_bwd_dq_kernel(
     sdq_b, sdq_t, sdq_s, sdq_h, sdq_d,
     sc_t, sc_d, ss_t, ss_d,
     CAUSAL: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NQB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NQB,  # query blocks per sequence (a runtime int: no build per sequence length)
     BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One program per (sequence, query block): dq over the visible key blocks; also writes
@@ -654,7 +657,8 @@ def _tiled_bwd_dkdv_kernel(
     sdv_b, sdv_t, sdv_s, sdv_h, sdv_d,
     sc_t, sc_d, ss_t, ss_d,
     CAUSAL: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NKB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NKB,  # key blocks per sequence (a runtime int)
     BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One program per (sequence, key block): dk / dv accumulated over the query blocks that see
@@ -737,7 +741,7 @@ def _check_tensor(op: str, name: str, t, shape, dtype, device) -> None:
 # causal; ``benchmarks/results/triton-aot-2026-12-07-tiled/``): on mma.sync GPUs (sm_80 - sm_89,
 # sm_120) the backward 6-12 KB of stack per thread at T_k = 64 and 12-24 KB at 128, the forward
 # 1.1-1.4 KB at 128; on sm_90 the backward 0.3-1.3 KB at 128. The tiled kernels spill at most
-# 112 B there. float32 (every GPU, both passes): resident key tiles (padded T_k x head_dim) of
+# 112 B there. (sm_100 takes the sm_90 entry unmeasured.) float32 (every GPU, both passes): resident key tiles (padded T_k x head_dim) of
 # _TILED_FROM_FP32 elements, the largest the shared memory allows, spill 5-12 KB (T_k 64 x 128,
 # 128 x 64, 32 x 256), the tiled kernels at most 3.4 KB (dk / dv at D = 256; 0-320 B below).
 # (A rule from compiler reports: no GPU timing was available.)
@@ -936,13 +940,18 @@ def _tiled_config(op: str, q, Tq: int, Tk: int, D: int, block_m, block_n, num_wa
 
 def _launch_or_explain(kernel, cfg, args, meta, q, op: str) -> None:
     """:func:`._launch.launch`; a build that does not fit this GPU's shared memory even with one
-    stage (:func:`tile_error` lets none through on the GPUs it was measured on) becomes a
-    ValueError that says so and what to do, not Triton's OutOfResources."""
+    stage (:func:`tile_error` and the tiled kernels' tiles let none through on the GPUs they
+    were checked for) becomes a ValueError that says so and what to do, not Triton's
+    OutOfResources."""
     try:
         launch(kernel, cfg["grid"], args, meta, q.device)
     except OutOfResources as e:
-        hint = ("fp16 / bf16 (torch.autocast) fit more" if q.dtype == torch.float32
-                else "fewer frames or a smaller head_dim fit")
+        if cfg["tiled"]:  # tiles independent of T: smaller blocks fit
+            hint = "smaller block_m / block_n (tiled kernels) fit"
+        elif q.dtype == torch.float32:
+            hint = "fp16 / bf16 (torch.autocast) fit more"
+        else:
+            hint = "fewer frames or a smaller head_dim fit"
         raise ValueError(
             f"{op}: T_k={cfg['Tk']} x head_dim={cfg['D']} in {q.dtype} needs {e.required} B of "
             f"shared memory per block, this GPU allows {e.limit} B (Triton OutOfResources); "
