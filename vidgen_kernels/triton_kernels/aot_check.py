@@ -238,6 +238,22 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], None]]]:
     # launcher packs several per program (SEQ_GROUPS > 1) and pipelines them (num_stages 2), as
     # at the benchmark shapes; with 12 it does not. T <= 8 packs 16 / next_pow2(T) sequences into
     # each 16-row tile (the block-diagonal path, down to one row per sequence at T = 1)
+    def temporal(dt, D, T, rope, q_off, S, H):
+        """Forward + backward of the op on ``[1, T - q_off | T, S, H, D]`` (RoPE over frames)."""
+        def f():
+            q = leaf(1, T - q_off, S, H, D, dtype=dt)
+            k, v = (leaf(1, T, S, H, D, dtype=dt) for _ in range(2))
+            cos = sin = None
+            if rope:
+                cos, sin = vk.rope3d_freqs(T, 1, 1, D, axes_dims=(D, 0, 0))
+            o = vk.temporal_attention(q, k, v, cos=cos, sin=sin, q_offset=q_off, backend="triton")
+            backward((o,), (q, k, v))
+        return f
+
+    def temporal_name(D, T, rope, q_off, dt):
+        return f"D={D} T={T}{' rope' if rope else ''}{f' q_offset={q_off}' if q_off else ''} " \
+            f"{str(dt)[6:]}"
+
     for dt in dtypes:
         for D in (64, 128):
             for T, rope, q_off, S in ((16, True, 0, 6), (16, False, 0, 1024), (32, True, 0, 1024),
@@ -245,19 +261,9 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], None]]]:
                                       (8, True, 7, 6)) if not quick else \
                     ((16, True, 0, 6), (16, False, 0, 1024), (13, True, 12, 6),
                      (4, True, 0, 1024)):
-                def f(dt=dt, D=D, T=T, rope=rope, q_off=q_off, S=S):
-                    B, H = 1, (2 if S < 1024 else 8)
-                    Tq = T - q_off
-                    q = leaf(B, Tq, S, H, D, dtype=dt)
-                    k, v = (leaf(B, T, S, H, D, dtype=dt) for _ in range(2))
-                    cos = sin = None
-                    if rope:
-                        cos, sin = vk.rope3d_freqs(T, 1, 1, D, axes_dims=(D, 0, 0))
-                    o = vk.temporal_attention(q, k, v, cos=cos, sin=sin, q_offset=q_off,
-                                              backend="triton")
-                    backward((o,), (q, k, v))
-                add("temporal_attention", f"D={D} T={T} S={S}{' rope' if rope else ''}"
-                    f"{f' q_offset={q_off}' if q_off else ''} {str(dt)[6:]}", f)
+                name = temporal_name(D, T, rope, q_off, dt).replace(f"T={T}", f"T={T} S={S}", 1)
+                add("temporal_attention", name,
+                    temporal(dt, D, T, rope, q_off, S, 2 if S < 1024 else 8))
 
     # temporal attention at the largest tiles its shared-memory rule lets through on the target
     # (tile_error: float32 padded T_k x D = 8192 on sm_80 / sm_90, 4096 on ~99 KiB GPUs; 16-bit
@@ -290,18 +296,8 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], None]]]:
         for D, T, q_off, rope in (((64, 200, 0, True), (128, 160, 0, True), (256, 144, 0, True),
                                    (128, 200, 199, True), (128, 200, 0, False)) if not quick
                                   else ((128, 160, 0, True),)):
-            def f(dt=dt, D=D, T=T, q_off=q_off, rope=rope):
-                B, S, H = 1, 16, 2
-                q = leaf(B, T - q_off, S, H, D, dtype=dt)
-                k, v = (leaf(B, T, S, H, D, dtype=dt) for _ in range(2))
-                cos = sin = None
-                if rope:
-                    cos, sin = vk.rope3d_freqs(T, 1, 1, D, axes_dims=(D, 0, 0))
-                o = vk.temporal_attention(q, k, v, cos=cos, sin=sin, q_offset=q_off,
-                                          backend="triton")
-                backward((o,), (q, k, v))
-            add("temporal_attention", f"tiled D={D} T={T}{' rope' if rope else ''}"
-                f"{f' q_offset={q_off}' if q_off else ''} {str(dt)[6:]}", f)
+            add("temporal_attention", "tiled " + temporal_name(D, T, rope, q_off, dt),
+                temporal(dt, D, T, rope, q_off, 16, 2))
 
     # MoE: plain and gated activations, bias, widths that are not tile multiples
     for dt in dtypes:

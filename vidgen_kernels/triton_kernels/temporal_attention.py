@@ -505,6 +505,31 @@ def _load_rot_rows(X, row_off, pos, ok, COS, SIN, d_full, d_half, sd, D, HALF,
 
 
 @triton.jit
+def _load_kv_block(K, V, k_base, v_base, kt, Tk, COS, SIN, d_full, d_half, sk_t, sk_d, sv_t,
+                   sv_d, D, HALF, sc_t, sc_d, ss_t, ss_d, ROPE: tl.constexpr,
+                   INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Key rows ``kt`` of one sequence as rotated pair halves, and its value rows (0 past Tk)."""
+    k_ok = kt < Tk
+    kt64 = kt.to(tl.int64)
+    ka, kb = _load_rot_rows(K, k_base + kt64 * sk_t, kt, k_ok, COS, SIN, d_full, d_half, sk_d, D,
+                            HALF, sc_t, sc_d, ss_t, ss_d, ROPE, INTERLEAVED, BLOCK_H)
+    v = tl.load(V + (v_base + kt64 * sv_t)[:, None] + d_full[None, :] * sv_d,
+                mask=k_ok[:, None] & (d_full[None, :] < D), other=0.0)
+    return ka, kb, v, k_ok
+
+
+@triton.jit
+def _tile_scores(qa, qb, ka, kb, qt, kt, q_ok, k_ok, q_offset, qk_scale2, CAUSAL: tl.constexpr,
+                 ROPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Scores (log2 units) of a (query block, key block) tile and which of them are visible."""
+    z = pair_scores(qa, qb, ka, kb, ROPE, DOT_PREC) * qk_scale2
+    visible = q_ok[:, None] & k_ok[None, :]
+    if CAUSAL:
+        visible = visible & (kt[None, :] <= q_offset + qt[:, None])
+    return z, visible
+
+
+@triton.jit
 def _tiled_fwd_kernel(
     Q, K, V, COS, SIN, OUT, LSE,
     SH, H, Tq, Tk, D, HALF, q_offset, qk_scale2,  # qk_scale2 = scale * log2(e)
@@ -543,16 +568,12 @@ def _tiled_fwd_kernel(
         hi = tl.minimum(Tk, q_offset + (qi + 1) * BLOCK_M)
     for j0 in range(0, hi, BLOCK_N):
         kt = j0 + tl.arange(0, BLOCK_N)
-        k_ok = kt < Tk
-        kt64 = kt.to(tl.int64)
-        ka, kb = _load_rot_rows(K, k_base + kt64 * sk_t, kt, k_ok, COS, SIN, d_full, d_half,
-                                sk_d, D, HALF, sc_t, sc_d, ss_t, ss_d, ROPE, INTERLEAVED, BLOCK_H)
-        v = tl.load(V + (v_base + kt64 * sv_t)[:, None] + d_full[None, :] * sv_d,
-                    mask=k_ok[:, None] & (d_full[None, :] < D), other=0.0)
-        z = pair_scores(qa, qb, ka, kb, ROPE, DOT_PREC) * qk_scale2
-        visible = k_ok[None, :]
-        if CAUSAL:
-            visible = visible & (kt[None, :] <= q_offset + qt[:, None])
+        ka, kb, v, k_ok = _load_kv_block(K, V, k_base, v_base, kt, Tk, COS, SIN, d_full, d_half,
+                                         sk_t, sk_d, sv_t, sv_d, D, HALF, sc_t, sc_d, ss_t, ss_d,
+                                         ROPE, INTERLEAVED, BLOCK_H)
+        # (padding query rows see the keys too: their row maxima stay finite)
+        z, visible = _tile_scores(qa, qb, ka, kb, qt, kt, qt >= 0, k_ok, q_offset, qk_scale2,
+                                  CAUSAL, ROPE, DOT_PREC)
         z = tl.where(visible, z, float("-inf"))
         # finite from the first block on: key 0 is visible to every row (padding rows included)
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
@@ -618,16 +639,11 @@ def _tiled_bwd_dq_kernel(
         hi = tl.minimum(Tk, q_offset + (qi + 1) * BLOCK_M)
     for j0 in range(0, hi, BLOCK_N):
         kt = j0 + tl.arange(0, BLOCK_N)
-        k_ok = kt < Tk
-        kt64 = kt.to(tl.int64)
-        ka, kb = _load_rot_rows(K, k_base + kt64 * sk_t, kt, k_ok, COS, SIN, d_full, d_half,
-                                sk_d, D, HALF, sc_t, sc_d, ss_t, ss_d, ROPE, INTERLEAVED, BLOCK_H)
-        v = tl.load(V + (v_base + kt64 * sv_t)[:, None] + d_full[None, :] * sv_d,
-                    mask=k_ok[:, None] & (d_full[None, :] < D), other=0.0)
-        z = pair_scores(qa, qb, ka, kb, ROPE, DOT_PREC) * qk_scale2
-        visible = q_ok[:, None] & k_ok[None, :]
-        if CAUSAL:
-            visible = visible & (kt[None, :] <= q_offset + qt[:, None])
+        ka, kb, v, k_ok = _load_kv_block(K, V, k_base, v_base, kt, Tk, COS, SIN, d_full, d_half,
+                                         sk_t, sk_d, sv_t, sv_d, D, HALF, sc_t, sc_d, ss_t, ss_d,
+                                         ROPE, INTERLEAVED, BLOCK_H)
+        z, visible = _tile_scores(qa, qb, ka, kb, qt, kt, q_ok, k_ok, q_offset, qk_scale2,
+                                  CAUSAL, ROPE, DOT_PREC)
         p = tl.where(visible, tl.exp2(z - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         # where, not p * ...: a NaN dp / delta must not reach keys the query cannot see
@@ -671,13 +687,11 @@ def _tiled_bwd_dkdv_kernel(
     d_full = tl.arange(0, BLOCK_D).to(tl.int64)
     d_half = tl.arange(0, BLOCK_H).to(tl.int64)
     kt = kj * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_ok = kt < Tk
     kt64 = kt.to(tl.int64)
-    ka, kb = _load_rot_rows(K, b * sk_b + s * sk_s + h * sk_h + kt64 * sk_t, kt, k_ok, COS, SIN,
-                            d_full, d_half, sk_d, D, HALF, sc_t, sc_d, ss_t, ss_d,
-                            ROPE, INTERLEAVED, BLOCK_H)
-    v = tl.load(V + (b * sv_b + s * sv_s + h * sv_h + kt64 * sv_t)[:, None]
-                + d_full[None, :] * sv_d, mask=k_ok[:, None] & (d_full[None, :] < D), other=0.0)
+    ka, kb, v, k_ok = _load_kv_block(K, V, b * sk_b + s * sk_s + h * sk_h,
+                                     b * sv_b + s * sv_s + h * sv_h, kt, Tk, COS, SIN, d_full,
+                                     d_half, sk_t, sk_d, sv_t, sv_d, D, HALF, sc_t, sc_d, ss_t,
+                                     ss_d, ROPE, INTERLEAVED, BLOCK_H)
     q_base = b * sq_b + s * sq_s + h * sq_h
     do_base = b * sdo_b + s * sdo_s + h * sdo_h
     l_base = b * sl_b + s * sl_s + h * sl_h
@@ -698,10 +712,8 @@ def _tiled_bwd_dkdv_kernel(
                      mask=q_ok[:, None] & (d_full[None, :] < D), other=0.0)
         lse2 = tl.load(LSE + l_base + qt64 * sl_t, mask=q_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + n * Tq + qt64, mask=q_ok, other=0.0)
-        z = pair_scores(qa, qb, ka, kb, ROPE, DOT_PREC) * qk_scale2
-        visible = q_ok[:, None] & k_ok[None, :]
-        if CAUSAL:
-            visible = visible & (kt[None, :] <= q_offset + qt[:, None])
+        z, visible = _tile_scores(qa, qb, ka, kb, qt, kt, q_ok, k_ok, q_offset, qk_scale2,
+                                  CAUSAL, ROPE, DOT_PREC)
         p = tl.where(visible, tl.exp2(z - lse2[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(dt)), do, input_precision=DOT_PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
