@@ -835,7 +835,7 @@ def _config(op: str, q, k, v, cos, sin, q_offset: int, tiled, seqs_per_program, 
     if tiled:
         if seqs_per_program is not None:
             raise ValueError(f"{op}: seqs_per_program applies to the resident kernels only "
-                             f"(the tiled ones run one sequence per program)")
+                             f"(the tiled ones run a program per sequence and block)")
         return dict(common, **_tiled_config(op, q, Tq, Tk, D, block_m, block_n, num_warps,
                                              num_stages))
     if block_n is not None:
