@@ -80,9 +80,9 @@ def kernel_params(dtypes=None, oracle=True, tiled=True):
 
 @pytest.fixture(autouse=True)
 def _force_tiled(request, monkeypatch):
-    """Params marked ``tiled`` run the Triton backend's tiled kernels (a program per sequence and block,
-    key blocks walked with the online softmax) at every T, not only beyond what the resident
-    kernels hold on chip (T_k > 128, or float32 tiles too large for the GPU's shared memory)."""
+    """Params marked ``tiled`` run the Triton backend's tiled kernels (a program per sequence and
+    block, key blocks walked with the online softmax) at every T, not only beyond what the
+    resident kernels hold on chip (T_k > 128; float32 tiles too large for the shared memory)."""
     if request.node.get_closest_marker("tiled") is not None:
         from vidgen_kernels.triton_kernels import temporal_attention as tk
         real = tk.launch
