@@ -766,16 +766,19 @@ def test_cpu_frame_causal_builds_no_mask(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # memory: what is saved for backward
 # ----------------------------------------------------------------------------------------------
-def saved_bytes(fn):
-    seen = []
+def saved_bytes(fn, unique=False):
+    """``fn()`` and the bytes of the tensors autograd saved while it ran; with ``unique`` a tensor
+    saved more than once (the same data, shape, strides) counts once: what the device holds."""
+    seen = {}
 
     def pack(t):
-        seen.append(t.numel() * t.element_size())
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) if unique else len(seen)
+        seen[key] = t.numel() * t.element_size()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    return out, sum(seen)
+    return out, sum(seen.values())
 
 
 @pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32,), oracle=False))
@@ -899,7 +902,8 @@ def test_auto_without_a_kernel_runs_rotation_plus_sdpa(monkeypatch):
     S = pre + cos.shape[0]
     q, k, v = (torch.randn(B, S, H, D, generator=g).requires_grad_() for _ in range(3))
     for kw in (dict(rope_offset=pre), dict(rope_offset=pre, frame_causal=True, tokens_per_frame=32)):
-        out, nbytes = saved_bytes(lambda: vk.rope3d_attention(q, k, v, cos, sin, **kw))
+        # (unique: SDPA's double-backward wrapper saves q / k / v that SDPA saves views of)
+        out, nbytes = saved_bytes(lambda: vk.rope3d_attention(q, k, v, cos, sin, **kw), unique=True)
         assert len(calls) == 1
         torch.testing.assert_close(out, vk.rope3d_attention_sdpa(q, k, v, cos, sin, **kw),
                                    rtol=0, atol=0)
@@ -1036,6 +1040,53 @@ def _compile_backends():
         why = kernel_missing(b)
         out.append(pytest.param(b, marks=[pytest.mark.skip(reason=why)] if why else []))
     return out
+
+
+@pytest.mark.parametrize("frame_causal", [False, True])
+def test_sdpa_fallback_double_backward(monkeypatch, frame_causal):
+    """The no-kernel fallback (rotation + SDPA) is differentiable twice: a gradient penalty
+    (``create_graph=True``) gets the reference's gradients (SDPA's fused backward has no
+    derivative: this raised before), through ``auto`` without kernels and through
+    ``rope3d_attention_sdpa``; an ordinary backward is still SDPA's own, bit for bit."""
+    calls = []
+    backend = _no_kernels("auto-without-kernels", monkeypatch, calls)
+    g = torch.Generator().manual_seed(5)
+    B, pre, grid, H, D = 1, 3, (2, 2, 3), 2, 16
+    cos, sin = vk.rope3d_freqs(*grid, D)
+    S = pre + cos.shape[0]
+    base = [torch.randn(B, S, H, D, generator=g) for _ in range(3)]
+    w = torch.randn(B, S, H, D, generator=g)
+    kw = dict(rope_offset=pre, frame_causal=frame_causal,
+              tokens_per_frame=grid[1] * grid[2] if frame_causal else None)
+    fns = {"auto": lambda *a: vk.rope3d_attention(*a, cos, sin, backend=backend, **kw),
+           "sdpa": lambda *a: vk.rope3d_attention_sdpa(*a, cos, sin, **kw),
+           "reference": lambda *a: vk.rope3d_attention(*a, cos, sin, backend="reference", **kw)}
+    res = {}
+    for name, f in fns.items():
+        qkv = [t.clone().requires_grad_() for t in base]
+        grads = torch.autograd.grad((f(*qkv) * w).sum(), qkv, create_graph=True)
+        res[name] = torch.autograd.grad(sum(gr.square().sum() for gr in grads), qkv)
+    assert calls, "auto did not take the rotation + SDPA fallback"
+    for name in ("auto", "sdpa"):
+        for got, want in zip(res[name], res["reference"]):
+            assert want.abs().max() > 1e-3
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # an ordinary backward: SDPA's fused backward on the rotated q / k; a second one through the
+    # retained graph (SDPA's inner graph is released after the first: it is recomputed)
+    qkv = [t.clone().requires_grad_() for t in base]
+    loss = (fns["sdpa"](*qkv) * w).sum()
+    got = torch.autograd.grad(loss, qkv, retain_graph=True)
+    for a, b in zip(torch.autograd.grad(loss, qkv), got):
+        assert torch.equal(a, b)
+    qkv2 = [t.clone().requires_grad_() for t in base]
+    qr, kr = (vk.apply_rope(t, cos, sin, offset=pre) for t in qkv2[:2])
+    mask = (ra.frame_causal_mask(S, pre, cos.shape[0], grid[1] * grid[2], qr.device)
+            if frame_causal else None)
+    out = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2),
+                                         qkv2[2].transpose(1, 2), attn_mask=mask).transpose(1, 2)
+    want = torch.autograd.grad((out * w).sum(), qkv2)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
 
 
 def _no_kernels(backend, monkeypatch, calls):

@@ -293,9 +293,67 @@ def _rotate_sdpa(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, 
     mask = None
     if fc_block:
         mask = frame_causal_mask(q.shape[1], fc_start, fc_len, fc_block, q.device)
-    out = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, scale=scale)
+    out = _sdpa(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), mask, scale)
     return out.transpose(1, 2).contiguous()  # (flash / memory-efficient: already [B, S, H, D])
+
+
+def _math_sdpa(q, k, v, mask, scale):
+    """Softmax attention in plain PyTorch ops (fp32 math; twice differentiable), ``[B, H, S, D]``."""
+    z = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        z = z.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(z, dim=-1), v.float()).to(q.dtype)
+
+
+class _SDPATwice(torch.autograd.Function):
+    """``F.scaled_dot_product_attention`` whose backward is differentiable again. Its forward and
+    an ordinary backward are SDPA's own (the fused kernel and its fused backward, through the
+    autograd graph the forward records on detached views of the inputs, released once that
+    backward has run); a backward with grad mode on (``create_graph=True``: gradient penalties,
+    Hessian-vector products) returns the vector-Jacobian product of :func:`_math_sdpa` as a
+    graph instead, since SDPA's fused backward has no derivative of its own.
+
+    Memory is SDPA's (q, k, v are saved here too, but those are the tensors SDPA's graph saves
+    views of: no second copy on the device; ``saved_tensors_hooks`` see them twice). A second
+    ordinary backward through a retained graph recomputes SDPA's forward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        ctx.inner = _SDPATwice._record(q, k, v, mask, scale)
+        ctx.mask, ctx.scale = mask, scale
+        ctx.save_for_backward(q, k, v)
+        return ctx.inner[0].detach()
+
+    @staticmethod
+    def _record(q, k, v, mask, scale):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
+            return F.scaled_dot_product_attention(*leaves, attn_mask=mask, scale=scale), leaves
+
+    @staticmethod
+    def backward(ctx, dout):
+        needs = ctx.needs_input_grad[:3]
+        q, k, v = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            grads = differentiable_vjp(lambda q, k, v: _math_sdpa(q, k, v, ctx.mask, ctx.scale),
+                                       (q, k, v), needs, (dout,))
+            return (*grads, None, None)
+        out, leaves = ctx.inner if ctx.inner is not None else \
+            _SDPATwice._record(q, k, v, ctx.mask, ctx.scale)
+        ctx.inner = None  # SDPA's saved tensors go now, as with plain SDPA
+        got = iter(torch.autograd.grad(out, [t for t, n in zip(leaves, needs) if n], dout))
+        return (*(next(got) if n else None for n in needs), None, None)
+
+
+def _sdpa(q, k, v, mask, scale):
+    """SDPA (``[B, H, S, D]``) with a second derivative where autograd records it eagerly
+    (:class:`_SDPATwice`); plain SDPA under ``torch.compile``, ``torch.func`` transforms and
+    forward AD (which the Function does not follow) or when nothing requires grad."""
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            and not torch.compiler.is_compiling() and not forward_ad_active()
+            and torch._C._functorch.peek_interpreter_stack() is None):
+        return _SDPATwice.apply(q, k, v, mask, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 @_casts_qkv_under_autocast
@@ -319,9 +377,11 @@ def rope3d_attention_sdpa(q, k, v, cos=None, sin=None, *, rope_offset=0, interle
     see (SDPA's backward multiplies their zero probabilities by it; the kernels and the
     reference send nothing there), and SDPA turns the boolean mask into an additive one in q's
     dtype (``S^2`` elements: 0.6 GB in bf16 at 17,776 tokens). SDPA's fused backward has no
-    derivative of its own: a second backward (``create_graph=True``, gradient penalties) raises
-    there; ``backend="reference"`` (or the ``cpu`` kernel) gives one. Under ``torch.autocast``
-    q, k and v are cast as :func:`rope3d_attention` casts them.
+    derivative of its own, so a backward with ``create_graph=True`` (gradient penalties) takes
+    the plain softmax-attention formula instead (:class:`_SDPATwice`; it materialises the fp32
+    ``[B, H, S, S]`` scores, as the reference does); an ordinary backward is SDPA's. Under
+    ``torch.compile`` and ``torch.func`` transforms SDPA runs as it is (no second derivative).
+    Under ``torch.autocast`` q, k and v are cast as :func:`rope3d_attention` casts them.
     """
     op = "rope3d_attention_sdpa"
     cos, sin, off, fl, fb, scale = _check_inputs(q, k, v, cos, sin, rope_offset, interleaved,
