@@ -335,6 +335,7 @@ class _SDPATwice(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         q, k, v = ctx.saved_tensors
         if torch.is_grad_enabled():
+            ctx.inner = None  # (not needed here; a later ordinary backward recomputes it)
             grads = differentiable_vjp(lambda q, k, v: _math_sdpa(q, k, v, ctx.mask, ctx.scale),
                                        (q, k, v), needs, (dout,))
             return (*grads, None, None)
