@@ -56,7 +56,7 @@ import triton.language as tl
 
 from ..backends import triton_interpret
 from ._launch import device_ctx, launch, mma_sync_arch, target_arch
-from .rope_tiles import load_pair, pair_scores, store_pair
+from .rope_tiles import load_pair, pair_scores, masked_ds, masked_probs, store_pair
 
 __all__ = ["rope3d_attn_fwd", "rope3d_attn_bwd", "rope3d_attn_jvp", "MAX_D"]
 
@@ -321,11 +321,9 @@ def _bwd_dkdv_kernel(
             valid = q_ok[:, None] & k_ok[None, :]
             if FRAME_CAUSAL:
                 valid = valid & _allowed(rm, rn, fc_start, fc_end, fc_block)
-            p = tl.where(valid, tl.exp2(z - (lse * 1.4426950408889634)[:, None]), 0.0)
+            p = masked_probs(z, valid, lse * 1.4426950408889634)
             dv += tl.dot(tl.trans(p.to(dt)), do, input_precision=DOT_PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            # where, not p * ...: a NaN dp / delta must not reach keys the query cannot see
-            dsT = tl.trans(tl.where(valid, p * (dp - delta[:, None]), 0.0).to(dt))
+            dsT = tl.trans(masked_ds(p, valid, do, v, delta, DOT_PREC).to(dt))
             dka += tl.dot(dsT, qa, input_precision=DOT_PREC)
             if ROPE:
                 dkb += tl.dot(dsT, qb, input_precision=DOT_PREC)
@@ -408,9 +406,7 @@ def _bwd_dq_kernel(
             valid = q_ok[:, None] & k_ok[None, :]
             if FRAME_CAUSAL:
                 valid = valid & _allowed(rm, rn, fc_start, fc_end, fc_block)
-            p = tl.where(valid, tl.exp2(z - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = tl.where(valid, p * (dp - delta[:, None]), 0.0).to(dt)  # (see the dk / dv kernel)
+            ds = masked_ds(masked_probs(z, valid, lse2), valid, do, v, delta, DOT_PREC).to(dt)
             dqa += tl.dot(ds, ka, input_precision=DOT_PREC)
             if ROPE:
                 dqb += tl.dot(ds, kb, input_precision=DOT_PREC)

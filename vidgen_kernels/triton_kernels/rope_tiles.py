@@ -54,3 +54,21 @@ def pair_scores(qa, qb, ka, kb, ROPE: tl.constexpr, DOT_PREC: tl.constexpr):
     if ROPE:
         s += tl.dot(qb, tl.trans(kb), input_precision=DOT_PREC)
     return s
+
+
+
+@triton.jit
+def masked_probs(z, visible, lse2):
+    """Softmax probabilities of a (query block, key block) tile in the backward, from its scores
+    ``z`` and the rows' log-sum-exp ``lse2`` (both log2 units): ``exp2(z - lse2)``, 0 where not
+    ``visible`` (fp32)."""
+    return tl.where(visible, tl.exp2(z - lse2[:, None]), 0.0)
+
+
+@triton.jit
+def masked_ds(p, visible, do, v, delta, DOT_PREC: tl.constexpr):
+    """The tile's score gradient ``ds = p * (dout v^T - delta)`` (fp32), ``delta = rowsum(dout *
+    out)``; 0 where not ``visible``: ``where``, not a product, so a NaN dp / delta reaches no key
+    the query cannot see."""
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    return tl.where(visible, p * (dp - delta[:, None]), 0.0)

@@ -131,7 +131,7 @@ from triton.runtime.errors import OutOfResources
 
 from ..backends import triton_interpret
 from ._launch import device_ctx, launch, mma_sync_arch, target_arch, target_shared_memory
-from .rope_tiles import load_pair, pair_scores, store_pair
+from .rope_tiles import load_pair, pair_scores, masked_ds, masked_probs, store_pair
 
 __all__ = ["temporal_attn_fwd", "temporal_attn_bwd", "tiled_kernels", "RESIDENT_MAX_T", "MAX_D", "MAX_TILE_FP32",
            "FULL_SHARED", "SMALL_TILE_FP32", "SMALL_T_WIDE", "tile_error"]
@@ -440,13 +440,10 @@ def _temporal_attn_bwd_kernel(
                 visible = visible & (qseq[:, None] == kseq[None, :])
             if CAUSAL:
                 visible = visible & (kt[None, :] <= q_offset + qt[:, None])
-            p = tl.where(visible, tl.exp2(z - (lse * 1.4426950408889634)[:, None]), 0.0)
-            pd = p.to(dt)
-            dv += tl.dot(tl.trans(pd), do, input_precision=DOT_PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            # where, not p * ...: a NaN dp / delta must not reach keys the query cannot see
-            # (a later frame; in a packed tile, another sequence)
-            ds = tl.where(visible, p * (dp - delta[:, None]), 0.0).to(dt)
+            # (masked entries, a later frame or in a packed tile another sequence, send nothing)
+            p = masked_probs(z, visible, lse * 1.4426950408889634)
+            dv += tl.dot(tl.trans(p.to(dt)), do, input_precision=DOT_PREC)
+            ds = masked_ds(p, visible, do, v, delta, DOT_PREC).to(dt)
             # dq of this block is complete: every key of its sequence is in this program
             dqa = tl.dot(ds, ka, input_precision=DOT_PREC) * scale
             dsT = tl.trans(ds)
@@ -644,10 +641,7 @@ def _tiled_bwd_dq_kernel(
                                          ROPE, INTERLEAVED, BLOCK_H)
         z, visible = _tile_scores(qa, qb, ka, kb, qt, kt, q_ok, k_ok, q_offset, qk_scale2,
                                   CAUSAL, ROPE, DOT_PREC)
-        p = tl.where(visible, tl.exp2(z - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        # where, not p * ...: a NaN dp / delta must not reach keys the query cannot see
-        ds = tl.where(visible, p * (dp - delta[:, None]), 0.0).to(dt)
+        ds = masked_ds(masked_probs(z, visible, lse2), visible, do, v, delta, DOT_PREC).to(dt)
         dqa += tl.dot(ds, ka, input_precision=DOT_PREC)
         if ROPE:
             dqb += tl.dot(ds, kb, input_precision=DOT_PREC)
@@ -714,10 +708,9 @@ def _tiled_bwd_dkdv_kernel(
         delta = tl.load(DELTA + n * Tq + qt64, mask=q_ok, other=0.0)
         z, visible = _tile_scores(qa, qb, ka, kb, qt, kt, q_ok, k_ok, q_offset, qk_scale2,
                                   CAUSAL, ROPE, DOT_PREC)
-        p = tl.where(visible, tl.exp2(z - lse2[:, None]), 0.0)
+        p = masked_probs(z, visible, lse2)
         dv += tl.dot(tl.trans(p.to(dt)), do, input_precision=DOT_PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        dsT = tl.trans(tl.where(visible, p * (dp - delta[:, None]), 0.0).to(dt))
+        dsT = tl.trans(masked_ds(p, visible, do, v, delta, DOT_PREC).to(dt))
         dka += tl.dot(dsT, qa, input_precision=DOT_PREC)
         if ROPE:
             dkb += tl.dot(dsT, qb, input_precision=DOT_PREC)
@@ -836,8 +829,8 @@ def _config(op: str, q, k, v, cos, sin, q_offset: int, tiled, seqs_per_program, 
         if seqs_per_program is not None:
             raise ValueError(f"{op}: seqs_per_program applies to the resident kernels only "
                              f"(the tiled ones run a program per sequence and block)")
-        return dict(common, **_tiled_config(op, q, Tq, Tk, D, block_m, block_n, num_warps,
-                                             num_stages))
+        return dict(common, **_tiled_config(op, q, common["nseq"], Tq, Tk, D, block_m, block_n,
+                                             num_warps, num_stages))
     if block_n is not None:
         raise ValueError(f"{op}: block_n applies to the tiled kernels only (the resident ones "
                          f"hold every key)")
@@ -927,11 +920,11 @@ def _tiled_tiles(kernel: str, q, D: int, block_m, block_n, num_warps):
     return bm, bn, int(num_warps or warps)
 
 
-def _tiled_config(op: str, q, Tq: int, Tk: int, D: int, block_m, block_n, num_warps, num_stages):
+def _tiled_config(op: str, q, nseq: int, Tq: int, Tk: int, D: int, block_m, block_n, num_warps,
+                  num_stages):
     """Grid and meta-parameters of the tiled kernels: one program per (sequence, query block)
-    (forward, dq) or (sequence, key block) (dk / dv)."""
+    (forward, dq) or (sequence, key block) (dk / dv), for ``nseq`` sequences."""
     block_d = max(triton.next_power_of_2(D), 2 * _MIN_ROWS)
-    nseq = q.shape[0] * q.shape[2] * q.shape[3]
     out = {}
     for kernel in (("dq", "dkdv") if op.endswith("_bwd") else ("fwd",)):
         bm, bn, warps = _tiled_tiles(kernel, q, D, block_m, block_n, num_warps)
