@@ -210,6 +210,11 @@ def _matmul_softmax(q, k, v, causal: bool):
     return torch.matmul(torch.softmax(z, dim=-1), v)
 
 
+def _backend(case: Case) -> str:
+    """The op's backend a kernel contender runs (the forced Triton variants run ``triton``)."""
+    return "triton" if case.contender in FORCED else case.contender
+
+
 def op_fn(case: Case, compiled=None):
     """``f(inputs) -> output`` of a contender."""
     import vidgen_kernels as vk
@@ -222,7 +227,7 @@ def op_fn(case: Case, compiled=None):
         return lambda i: F.scaled_dot_product_attention(i["q"], i["k"], i["v"], is_causal=causal)
     if case.contender == MATMUL:
         return lambda i: _matmul_softmax(i["q"], i["k"], i["v"], causal)
-    backend = "triton" if case.contender in FORCED else case.contender
+    backend = _backend(case)
     return lambda i: vk.temporal_attention(i["q"], i["k"], i["v"], causal=causal, backend=backend)
 
 
@@ -268,8 +273,7 @@ def _unavailable(case: Case) -> str | None:
         return "no CUDA GPU is visible"
     if case.contender in (REFERENCE, COMPILE, SDPA, MATMUL, COPY):
         return None
-    backend = "triton" if case.contender in FORCED else case.contender
-    return common.kernel_unavailable(backend, case.device, "temporal_attn_fwd_{backend}",
+    return common.kernel_unavailable(_backend(case), case.device, "temporal_attn_fwd_{backend}",
                                      "temporal attention")
 
 
