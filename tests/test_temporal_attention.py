@@ -78,6 +78,21 @@ def kernel_params(dtypes=None, oracle=True, tiled=True):
     return out
 
 
+def spy_launches(monkeypatch, run: bool = True) -> list:
+    """The names of the Triton temporal kernels launched from now on in this test (appended as
+    they launch); ``run=False`` launches nothing (routing checks: outputs are garbage)."""
+    from vidgen_kernels.triton_kernels import _launch
+    from vidgen_kernels.triton_kernels import temporal_attention as tk
+    names = []
+
+    def spy(kernel, *args):
+        names.append(kernel.__name__)
+        if run:
+            _launch.launch(kernel, *args)
+    monkeypatch.setattr(tk, "launch", spy)
+    return names
+
+
 @pytest.fixture(autouse=True)
 def _force_tiled(request, monkeypatch):
     """Params marked ``tiled`` run the Triton backend's tiled kernels (a program per sequence and
@@ -85,12 +100,10 @@ def _force_tiled(request, monkeypatch):
     resident kernels hold on chip (T_k > 128; float32 tiles too large for the shared memory)."""
     if request.node.get_closest_marker("tiled") is not None:
         from vidgen_kernels.triton_kernels import temporal_attention as tk
-        real = tk.launch
-        ran = []
-        monkeypatch.setattr(tk, "launch", lambda kernel, *a: (ran.append(kernel), real(kernel, *a)))
+        ran = spy_launches(monkeypatch)
         with tk.tiled_kernels(True):
             yield
-        assert all("tiled" in k.__name__ for k in ran), [k.__name__ for k in ran]
+        assert all("tiled" in name for name in ran), ran
         rep = getattr(request.node, "rep_call", None)  # (conftest.py keeps it)
         if rep is not None and rep.passed and request.node.originalname not in _LAUNCHES_NOTHING:
             assert ran, "a triton_tiled case passed without launching a kernel"
@@ -567,10 +580,7 @@ def test_triton_beyond_resident_limit_runs_tiled(monkeypatch, T, causal, q_offse
     if why_unavailable("triton", "cpu"):
         pytest.skip(why_unavailable("triton", "cpu"))
     from vidgen_kernels.triton_kernels import temporal_attention as tk
-    launched = []
-    real = tk.launch
-    monkeypatch.setattr(tk, "launch", lambda kern, *a: (launched.append(kern.__name__),
-                                                        real(kern, *a)))
+    launched = spy_launches(monkeypatch)
     case = Case(T, causal, "half", q_offset=q_offset, B=1, S=1, H=1, D=16, layout="psd")
     lv, tabs = make_leaves(case)
     hi_out, hi_g = fwd_bwd(lv, tabs, case, "reference", torch.float64, "cpu")
@@ -707,15 +717,12 @@ def test_triton_tiles_follow_the_gpus_shared_memory(monkeypatch, dtype, T, D, fu
     ref = vk.temporal_attention_reference(q, k, v)
     want = torch.autograd.grad(ref.float().sum(), (q, k, v))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
-    real = tk.launch
     for shared, path in ((None, full), (SMALL, small)):
         if shared is not None:
             monkeypatch.setattr(_launch, "target_shared_memory", lambda t: shared)
             monkeypatch.setattr(tk, "target_shared_memory", lambda t: shared)
         run = dtype == torch.float32 or path == TILED
-        launches = []
-        monkeypatch.setattr(tk, "launch", lambda *a: (launches.append(a[0].__name__),
-                                                      real(*a) if run else None))
+        launches = spy_launches(monkeypatch, run)
         out = vk.temporal_attention(q, k, v, backend="triton")
         grads = torch.autograd.grad(out.float().sum(), (q, k, v))
         assert tuple(launches) == path, (shared, launches)
@@ -743,8 +750,7 @@ def test_triton_takes_tiled_kernels_where_resident_builds_spill(monkeypatch, arc
         pytest.skip(why_unavailable("triton", "cpu"))
     from vidgen_kernels.triton_kernels import temporal_attention as tk
     monkeypatch.setattr(tk, "target_arch", lambda t: arch)
-    launched = []
-    monkeypatch.setattr(tk, "launch", lambda kern, *a: launched.append(kern.__name__))
+    launched = spy_launches(monkeypatch, run=False)
     q, k, v = (torch.randn(1, T, 2, 1, 64, dtype=torch.float16, requires_grad=True)
                for _ in range(3))
     out = vk.temporal_attention(q, k, v, backend="triton")
