@@ -39,8 +39,9 @@ from collections import OrderedDict
 REFERENCE, COMPILE, COPY = "reference", "torch.compile", "copy"
 KERNEL_BACKENDS = ("cpu", "cuda", "triton")
 # the fused DiT block, the patched diffusers model; the Triton temporal attention with one of its
-# kernel sets forced (variants of ours, not peers)
-OURS = KERNEL_BACKENDS + ("fused", "patched", "triton-tiled", "triton-resident")
+# kernel sets forced and the Triton MoE with its first GEMM tiles (variants of ours, not peers)
+OURS = KERNEL_BACKENDS + ("fused", "patched", "triton-tiled", "triton-resident",
+                          "triton-small-tiles")
 # contenders that bound the op rather than compute it (not peers): per op, besides the copy
 BOUNDS = {"rope3d_attention": ("sdpa",), "moe_ffn": ("dense",)}
 NOISY_SHARE = 0.10  # as benchmarks/common.py: rows measured while others used > 10 % of the CPU

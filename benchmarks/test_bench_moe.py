@@ -14,6 +14,10 @@ C=1152, F=4608, N in {4096, 16384}. Each (direction, shape, dtype, device) is on
 pytest-benchmark group. Contenders:
 
 * every kernel backend of ``moe_ffn`` on the device (``cpu``; ``triton`` on CUDA);
+* on CUDA (fwd, fwd+bwd) ``triton-small-tiles``: the ``triton`` backend with the grouped GEMMs'
+  first tiles (``gemm_tiles(small=True)``: 64 x 64 x 32, and 32-row weight-gradient tiles that
+  compile to ``mma.sync`` on Hopper), against which the current tensor-core tiles (chosen from
+  compiler reports, not yet timed) are judged;
 * ``reference``: ``moe_ffn_reference``, the seed's per-expert loop with boolean-mask gathers
   (one ``mask.any()`` host sync per expert and slot on GPU);
 * ``padded-bmm``: route, sort, scatter the tokens into a ``[E, capacity, C]`` buffer padded to
@@ -67,6 +71,8 @@ DENSE = "dense"
 TOP_K = 2
 ACT = "gelu"
 KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}  # cuda: what auto picks on a GPU
+# CUDA: the triton backend with the grouped GEMMs' first (small) tiles, a variant of ours
+SMALL_TILES = "triton-small-tiles"
 FULL_SHAPES = {
     "cpu": ((4, 512, 2048, 4096), (8, 512, 2048, 4096), (32, 256, 512, 2048),
             (64, 256, 512, 2048), (32, 256, 512, 8192), (64, 256, 512, 8192)),
@@ -84,7 +90,8 @@ _JVP_WRT = ("x", "router_logits")  # the inputs with a tangent (dense: x only)
 def contenders(device_type: str, direction: str = "fwd") -> tuple[str, ...]:
     if direction == JVP:
         return (*KERNEL_BACKENDS[device_type], REFERENCE, GROUPED, DENSE)
-    return (*KERNEL_BACKENDS[device_type], REFERENCE, PADDED, GROUPED, DENSE)
+    small = (SMALL_TILES,) if device_type == "cuda" else ()
+    return (*KERNEL_BACKENDS[device_type], *small, REFERENCE, PADDED, GROUPED, DENSE)
 
 
 @dataclass(frozen=True)
@@ -198,9 +205,14 @@ def op_fn(case: Case):
         fad = case.direction == JVP  # (the custom ops drop tangents: the forward-mode stages)
         return lambda i: M.moe_pipeline(*args(i), i["b1"], i["b2"], TOP_K, ACT, True, None,
                                         "torch", forward_ad=fad)[0]
-    backend = case.contender
+    backend = _backend(case)
     return lambda i: vk.moe_ffn(*args(i), top_k=TOP_K, activation=ACT, b1=i["b1"], b2=i["b2"],
                                 backend=backend).out
+
+
+def _backend(case: Case) -> str:
+    """The op's backend a kernel contender runs (the small-tiles variant runs ``triton``)."""
+    return "triton" if case.contender == SMALL_TILES else case.contender
 
 
 def _leaves(inp):
@@ -258,10 +270,18 @@ def _unavailable(case: Case) -> str | None:
         return None
     if case.contender == GROUPED:
         return None if hasattr(torch, "_grouped_mm") else "torch._grouped_mm not in this torch"
-    return common.kernel_unavailable(case.contender, case.device, "moe_route_{backend}", "MoE")
+    return common.kernel_unavailable(_backend(case), case.device, "moe_route_{backend}", "MoE")
 
 
 def test_moe(benchmark, case: Case, request):
+    if case.contender != SMALL_TILES:
+        return _bench(benchmark, case, request)
+    from vidgen_kernels.triton_kernels.moe import gemm_tiles
+    with gemm_tiles(small=True):  # forward and backward launches alike
+        _bench(benchmark, case, request)
+
+
+def _bench(benchmark, case: Case, request):
     benchmark.group = case.group
     why = _unavailable(case)
     if why is not None:
@@ -281,7 +301,8 @@ def test_moe(benchmark, case: Case, request):
     steps = [step_fn(case, f, s) for s in sets]
     call = common.rotate(steps)
     common.measure(benchmark, request, call, case.device, pol, case.id, info)
-    if case.contender in KERNEL_BACKENDS[case.device]:  # vs the dense FFN, in interleaved pairs
+    ours = case.contender in KERNEL_BACKENDS[case.device] or case.contender == SMALL_TILES
+    if ours:  # vs the dense FFN, in interleaved pairs
         dc = dataclasses.replace(case, contender=DENSE)
         dense_step = step_fn(dc, op_fn(dc), make_inputs(dc, 0))
         dense_step()  # warm-up
@@ -293,7 +314,7 @@ def test_moe(benchmark, case: Case, request):
     E, C, F_, N = case.shape
     info.update(
         op=OP, direction=case.direction, contender=case.contender,
-        backend=case.contender if case.contender in KERNEL_BACKENDS[case.device] else None,
+        backend=_backend(case) if ours else None,
         dtype=common.dtype_name(case.dtype), shape=[E, C, F_, N], top_k=TOP_K, activation=ACT,
         device=case.device, device_name=common.device_name(case.device), flops=fl,
         matmul_peak_flops=common.matmul_peak_flops(case.device, case.dtype),

@@ -416,6 +416,62 @@ def test_triton_grouped_gemms_operand_offsets_past_int32():
     torch.testing.assert_close(TM.gmm_wgrad(a, dy, offs, E), TM.gmm_wgrad(a.contiguous(), dy, offs, E))
 
 
+@pytest.mark.triton
+@pytest.mark.skipif(vk.backends.why_unavailable("triton", "cpu") is not None,
+                    reason="no Triton (interpreter) here")
+def test_triton_gemm_tiles_by_gpu_kind_and_the_gemm_tiles_knob(monkeypatch):
+    """The grouped GEMMs' tiles: 16-bit operands get tensor-core tiles by GPU kind (K step 64 on
+    Hopper, 32 on the mma.sync GPUs; 64-row tiles when experts average < 128 rows; gated
+    activations half the columns: two accumulators), fp32 the FMA tiles; ``gemm_tiles`` imposes
+    others (the launches see them, the results do not change) and rejects bad ones."""
+    from vidgen_kernels.triton_kernels import moe as TM
+    bf = torch.empty(1, dtype=torch.bfloat16)
+    f32 = torch.empty(1)
+    assert TM._tiles("gmm", bf) == TM._TILES_INTERPRET["gmm"]  # the interpreter: small tiles
+    monkeypatch.setattr(TM, "triton_interpret", lambda: False)
+    for arch, bk in ((90, 64), (80, 32), (86, 32), (120, 32)):
+        monkeypatch.setattr(TM, "target_arch", lambda t, arch=arch: arch)
+        assert TM._tiles("gmm", bf, False, 512.0) == (128, 128, bk, 8, 3), arch
+        assert TM._tiles("gmm", bf, True, 512.0) == (128, 64, bk, 8, 3), arch
+        assert TM._tiles("gmm", bf, False, 64.0) == (64, 128, bk, 4, 3), arch
+        assert TM._tiles("wgrad", bf) == (128, 128, bk, 8, 3), arch
+        assert TM._tiles("gmm", f32, False, 512.0) == (64, 64, 32, 4, 3)
+        assert TM._tiles("gmm", f32, True, 512.0) == (64, 32, 32, 4, 3)
+        assert TM._tiles("wgrad", f32) == (32, 64, 32, 4, 3)
+    monkeypatch.undo()
+
+    seen = []
+    real_launch = TM.launch
+    order = {"_gmm_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+             "_wgrad_kernel": ("BLOCK_K", "BLOCK_N", "BLOCK_R")}  # gemm_tiles' order
+    monkeypatch.setattr(TM, "launch", lambda k, grid, args, meta, dev: (
+        seen.append((k.__name__, *(meta[n] for n in order[k.__name__]), meta["num_warps"],
+                     meta["num_stages"])),
+        real_launch(k, grid, args, meta, dev))[1])
+    g = torch.Generator().manual_seed(0)
+    P, K, Mo, E = 45, 40, 24, 3
+    a, dy = torch.randn(P, K, generator=g), torch.randn(P, Mo, generator=g)
+    w = torch.randn(E, K, Mo, generator=g)
+    offs = torch.tensor([10, 10, P])
+    seg = M.segment_ids(offs, P)
+    want = torch.bmm(a.unsqueeze(1), w[seg]).squeeze(1)
+    want_wg = torch.stack([a[seg == e].t() @ dy[seg == e] for e in range(E)])
+    with TM.gemm_tiles(gmm=(32, 16, 16, 2, 1), wgrad=(16, 32, 16, 2, 1)):
+        torch.testing.assert_close(TM.gmm(a, w, offs), want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(TM.gmm_wgrad(a, dy, offs, E), want_wg, rtol=1e-5, atol=1e-4)
+    assert seen == [("_gmm_kernel", 32, 16, 16, 2, 1), ("_wgrad_kernel", 16, 32, 16, 2, 1)], seen
+    seen.clear()
+    with TM.gemm_tiles(small=True):
+        torch.testing.assert_close(TM.gmm(a, w, offs), want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(TM.gmm_wgrad(a, dy, offs, E), want_wg, rtol=1e-5, atol=1e-4)
+    assert seen == [("_gmm_kernel", 64, 64, 32, 4, 3), ("_wgrad_kernel", 32, 64, 32, 4, 3)], seen
+    assert not TM._FORCED  # restored on exit
+    for bad in ((128, 128, 48, 8, 3), (128, 128, 64, 8), (8, 128, 64, 8, 3), (128, 128, 64, 0, 3)):
+        with pytest.raises(ValueError, match=r"gemm_tiles: gmm must be 5 positive ints"):
+            with TM.gemm_tiles(gmm=bad):
+                pass
+
+
 # ----------------------------------------------------------------------------------------------
 # edge cases
 # ----------------------------------------------------------------------------------------------

@@ -94,3 +94,26 @@ def test_rope3d_attention_jvp_float32_builds():
     r = _run("--arch", "90", "120", "--only", "rope3d_attention", "--case", "D=256 jvp float32")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "0 failed" in r.stdout, r.stdout[-3000:]
+
+
+def test_moe_grouped_gemms_use_warpgroup_mma_on_hopper(tmp_path):
+    """bf16 MoE grouped GEMMs built for sm_90 (H100 / H200): every dot is a warpgroup MMA
+    (``wgmma``), none the warp-level ``mma.sync`` Hopper falls back to for small tiles (the
+    weight gradient's first 32-row tiles did), for few rows per expert (64-row tiles) and many
+    (128-row); sm_80 builds use ``mma.sync`` (no wgmma there). No build spills registers."""
+    out = tmp_path / "aot.json"
+    r = _run("--quick", "--arch", "90", "80", "--only", "moe", "--case", "bfloat16", "--json", str(out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "0 sm_90 builds with mma.sync dots" in r.stdout, r.stdout[-3000:]
+    ks = [k for k in json.loads(out.read_text())["kernels"] if "*bf16" in k["config"]]
+    for arch in (90, 80):
+        mine = [k for k in ks if k["arch"] == arch]
+        assert {k["kernel"] for k in mine} == {"_gmm_kernel", "_wgrad_kernel"}, mine
+        if arch == 90:
+            assert all(k["wgmma"] > 0 and k["mma_sync"] == 0 for k in mine), mine
+        else:
+            assert all(k["mma_sync"] > 0 and k["wgmma"] == 0 for k in mine), mine
+        rows = {c.split("=")[1] for k in mine if k["kernel"] == "_gmm_kernel"
+                for c in k["config"].split(", ") if c.startswith("BLOCK_M=")}
+        assert rows == {"64", "128"}, (arch, rows)
+        assert all(k["stack_bytes"] == 0 for k in mine), mine

@@ -10,10 +10,13 @@ dtypes and the head dims / widths / flags that select different kernel configura
 compiles each launched kernel for ``sm_<arch>`` instead of running it: Triton's own compiler
 (TTIR -> TTGIR -> LLVM -> PTX -> ``ptxas``, all shipped with the ``triton`` wheel) under a stand-in
 driver that reports the target. Launches are skipped, so outputs are garbage; only compilation
-is checked. For each distinct kernel it reports registers, spill (stack frame) bytes and shared
-memory; a kernel whose shared memory exceeds the target's per-block limit raises Triton's
-``OutOfResources`` as a real launch would (launchers with a fallback, such as the temporal
-attention's fewer pipeline stages, then take it and are checked with it).
+is checked. For each distinct kernel it reports registers, spill (stack frame) bytes, shared
+memory and the tensor-core instructions its dots became (``wgmma.mma_async`` / ``mma.sync``
+counts in the PTX: on sm_90 a 16-bit dot whose tile is too small for a warpgroup falls back to
+the warp-level ``mma.sync``, a slower path; the summary counts such builds); a kernel whose
+shared memory exceeds the target's per-block limit raises Triton's ``OutOfResources`` as a real
+launch would (launchers with a fallback, such as the temporal attention's fewer pipeline
+stages, then take it and are checked with it).
 
 Kernels whose contract is bit-exact with eager PyTorch (``BIT_EXACT``: the RoPE rotation, the
 AdaLN forward's gated residual; launched with ``enable_fp_fusion=False``) must compile without a
@@ -45,6 +48,9 @@ FAMILIES = ("adaln", "rope", "rope3d_attention", "temporal_attention", "moe")
 # kernels that round every fp32 product and sum apart, as eager PyTorch does: no FMA in their PTX
 BIT_EXACT = ("_rope_kernel", "_adaln_fwd_kernel")
 _FMA_F32 = re.compile(r"\bfma\.rn(?:\.ftz)?(?:\.sat)?\.f32(?:x2)?\b")  # x2: sm_100 packed
+# tensor-core instructions in the PTX: Hopper's warpgroup MMA and the Ampere-style warp MMA
+_WGMMA = re.compile(r"\bwgmma\.mma_async\b")
+_MMA_SYNC = re.compile(r"\bmma\.sync\b")
 
 
 @dataclasses.dataclass
@@ -58,6 +64,15 @@ class Compiled:
     seconds: float
     over_shared: bool
     fma_f32: int = 0  # fused fp32 multiply-adds in the PTX
+    wgmma: int = 0  # wgmma.mma_async instructions in the PTX (Hopper's warpgroup MMA)
+    mma_sync: int = 0  # mma.sync instructions (warp-level MMA: Ampere's, and Hopper's fallback)
+
+    @property
+    def hopper_fallback(self) -> bool:
+        """A build for sm_90 whose dots are (partly) warp-level ``mma.sync``: Triton emits those
+        on Hopper when a dot's tile is too small for a warpgroup MMA (fewer than 64 rows per
+        warpgroup, e.g.); they run at a fraction of the wgmma rate."""
+        return 90 <= self.arch < 100 and self.mma_sync > 0
 
 
 class _TargetDriver:
@@ -141,8 +156,10 @@ class Recorder:
             cfg = ", ".join([f"{n}={v}" for n, v in sorted(kwargs.items())
                              if isinstance(v, (bool, int, str)) and (n.isupper() or n.startswith("num_"))]
                             + ["/".join(ptrs)])
+            ptx = k.asm["ptx"]
             self.seen[h] = Compiled(fn.__name__, self.arch, cfg, regs, stack, md.shared, seconds,
-                                    md.shared > limit, len(_FMA_F32.findall(k.asm["ptx"])))
+                                    md.shared > limit, len(_FMA_F32.findall(ptx)),
+                                    len(_WGMMA.findall(ptx)), len(_MMA_SYNC.findall(ptx)))
         if md.shared > limit:
             raise OutOfResources(md.shared, limit, "shared memory")
 
@@ -299,12 +316,16 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], None]]]:
             add("temporal_attention", "tiled " + temporal_name(D, T, rope, q_off, dt),
                 temporal(dt, D, T, rope, q_off, 16, 2))
 
-    # MoE: plain and gated activations, bias, widths that are not tile multiples
+    # MoE: plain and gated activations, bias, widths that are not tile multiples; few rows per
+    # expert (64-row tiles) and many (N=1024: the 128-row tiles of 16-bit GPU builds)
     for dt in dtypes:
-        for act, bias in (("gelu", True), ("swiglu", False)) if quick else \
-                (("gelu", True), ("gelu_exact", False), ("silu", True), ("swiglu", False), ("geglu", True)):
-            def f(dt=dt, act=act, bias=bias):
-                N, C, F, E = 40, 96, 160, 4
+        for act, bias, N in (("gelu", True, 40), ("swiglu", False, 40), ("gelu", True, 1024),
+                             ("swiglu", False, 1024)) if quick else \
+                (("gelu", True, 40), ("gelu_exact", False, 40), ("silu", True, 40),
+                 ("swiglu", False, 40), ("geglu", True, 40), ("gelu", True, 1024),
+                 ("swiglu", False, 1024)):
+            def f(dt=dt, act=act, bias=bias, N=N):
+                C, F, E = 96, 160, 4
                 g = 2 if act in ("swiglu", "geglu") else 1
                 x = leaf(N, C, dtype=dt)
                 logits = leaf(N, E, dtype=torch.float32)
@@ -314,7 +335,7 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], None]]]:
                 r = vk.moe_ffn(x, logits, w1, w2, top_k=2, activation=act, b1=b1, b2=b2,
                                backend="triton")
                 backward((r.out, r.aux_loss), (x, logits, w1, w2, b1, b2))
-            add("moe", f"{act}{' bias' if bias else ''} {str(dt)[6:]}", f)
+            add("moe", f"{act}{' bias' if bias else ''} N={N} {str(dt)[6:]}", f)
     return out
 
 
@@ -353,9 +374,8 @@ def main(argv=None) -> int:
     why = backends.why_unavailable
     backends.why_unavailable = lambda name, device=None: (
         None if name == "triton" else why(name, device))
-    # ops that size their tiles by the GPU's shared memory ask the target's (CPU tensors here)
-    import vidgen_kernels.ops.temporal_attention as temporal_op
-    temporal_op._shared_memory = lambda device: driver.active.shared_memory
+    # launchers that size their tiles by the GPU's shared memory ask the stand-in driver's
+    # (_launch.target_shared_memory: CPU tensors here)
     rec = Recorder(a.shared_limit)
     rec.install()
     torch.manual_seed(0)
@@ -384,17 +404,20 @@ def main(argv=None) -> int:
             failures.append((c.arch, "bit-exact", c.config,
                              f"{c.kernel} has {c.fma_f32} fma.rn.f32 in its PTX: its contract rounds "
                              f"each product and sum apart (launch it with enable_fp_fusion=False)"))
-    print(f"{'arch':>4}  {'kernel':<28} {'regs':>4} {'stack B':>7} {'shared B':>8} {'fma':>4} {'s':>5}  config")
+    print(f"{'arch':>4}  {'kernel':<28} {'regs':>4} {'stack B':>7} {'shared B':>8} {'fma':>4} "
+          f"{'wgmma':>5} {'mma.s':>5} {'s':>5}  config")
     for c in rows:
         flag = "  OVER the shared-memory limit" if c.over_shared else ""
         print(f"sm{c.arch:<2}  {c.kernel:<28} {c.regs if c.regs is not None else '?':>4} "
               f"{c.stack_bytes if c.stack_bytes is not None else '?':>7} {c.shared:>8} {c.fma_f32:>4} "
-              f"{c.seconds:>5.1f}  {c.config}{flag}")
+              f"{c.wgmma:>5} {c.mma_sync:>5} {c.seconds:>5.1f}  {c.config}{flag}")
     spills = [c for c in rows if c.stack_bytes]
+    fallback = sorted({c.kernel for c in rows if c.hopper_fallback})
     print(f"aot_check: {len(cases)} cases x {len(a.arch)} targets, {len(rows)} distinct kernels "
           f"compiled in {time.perf_counter() - t_start:.0f} s; {len(spills)} spill registers to "
           f"the stack (max {max((c.stack_bytes for c in spills), default=0)} B); "
-          f"{len(failures)} failed")
+          f"{sum(c.hopper_fallback for c in rows)} sm_90 builds with mma.sync dots"
+          f"{' (' + ', '.join(fallback) + ')' if fallback else ''}; {len(failures)} failed")
     for arch, family, name, err in failures:
         print(f"FAILED sm{arch} {family}: {name}: {err}", file=sys.stderr)
     if a.json:

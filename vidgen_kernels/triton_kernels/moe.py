@@ -26,10 +26,16 @@ Design
 * **Weight gradient** (``_wgrad_kernel``): ``dW[e] = a_e^T dy_e`` with grid
   ``(E, cdiv(K, BLOCK_K), cdiv(M, BLOCK_N))``; each program loops over its expert's rows (bounds
   read from ``offs`` in the kernel: no host sync), empty experts store zeros.
-* Row offsets are int64. Block sizes are not tuned (no GPU was available when this was
-  written): 64 x 64 x 32 on GPU, 16 x 32 x 32 under the interpreter.
+* Row offsets are int64. Tiles (:func:`_tiles`, table ``_TILES_16BIT``): 16-bit operands take
+  tensor-core GEMM tiles (128 x 128 x 64, 8 warps, 3 stages on Hopper, K step 32 on the
+  mma.sync GPUs; 64-row tiles when experts average under 128 rows; gated activations half the
+  columns), fp32 the first version's 64 x 64 x 32 (its ``ieee`` dots run on FMA units), the
+  interpreter 16 x 32 x 32. Chosen from compiler reports (aot_check: every 16-bit sm_90 dot a
+  wgmma, no spills), **not timed on a GPU yet**; ``gemm_tiles`` overrides them.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -37,7 +43,7 @@ import triton.language as tl
 
 from ..backends import triton_interpret
 from ..ops import moe as _moe
-from ._launch import device_ctx
+from ._launch import device_ctx, launch, mma_sync_arch, target_arch
 
 _ACT_CODE = {None: 0, "gelu": 1, "gelu_exact": 2, "silu": 3}
 
@@ -136,10 +142,70 @@ def _wgrad_kernel(A, DY, OUT, offs, K, M, s_am, s_ak, s_dm, s_dn, s_oe, s_ok,
              acc.to(OUT.dtype.element_ty), mask=kmask[:, None] & nmask[None, :])
 
 
-def _blocks():
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the grouped GEMM, and (BLOCK_K,
+# BLOCK_N, BLOCK_R, num_warps, num_stages) of the weight gradient, for 16-bit operands by GPU kind.
+# Hopper (sm_90) runs a 16-bit dot on warpgroup MMA (wgmma) only when each warpgroup gets >= 64
+# rows of it: the weight gradient's 32-row tiles of the first version compiled to mma.sync (the
+# warp-level MMA, a fraction of wgmma's rate) and 64 x 64 x 32 is a small tile for either GPU kind.
+# These are the usual tensor-core GEMM tiles, checked in sm_90 / sm_80 builds (aot_check: all
+# dots wgmma on sm_90, no spills, shared memory within sm_80's limit; sm_86 / sm_89 / sm_120
+# builds over their ~99 KiB fall back to fewer stages, _launch.launch). NOT timed on a GPU yet:
+# the first GPU session compares them with the first version's (``gemm_tiles``, the MoE
+# benchmark's ``triton-small-tiles`` contender). Gated activations hold two accumulators: half
+# BLOCK_N. Experts with few rows on average (P / E < 128) take 64-row tiles (half-empty 128-row
+# tiles would waste the MMA).
+_TILES_16BIT = {
+    "wgmma": {"gmm": (128, 128, 64, 8, 3), "wgrad": (128, 128, 64, 8, 3)},
+    "mma_sync": {"gmm": (128, 128, 32, 8, 3), "wgrad": (128, 128, 32, 8, 3)},
+}
+_TILES_FP32 = {"gmm": (64, 64, 32, 4, 3), "wgrad": (32, 64, 32, 4, 3)}  # ieee dots: FMA, no MMA
+_TILES_INTERPRET = {"gmm": (16, 32, 32, 4, 1), "wgrad": (32, 32, 32, 4, 1)}
+# the first version's tiles, for comparison on a GPU (gemm_tiles(small=True))
+_TILES_SMALL = {"gmm": (64, 64, 32, 4, 3), "wgrad": (32, 64, 32, 4, 3)}
+_FORCED: dict = {}  # kernel -> tile tuple imposed by gemm_tiles()
+
+
+@contextlib.contextmanager
+def gemm_tiles(gmm=None, wgrad=None, small=False):
+    """Within the context, the grouped GEMM (``gmm``: ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    num_stages)``) and the weight gradient (``wgrad``: ``(BLOCK_K, BLOCK_N, BLOCK_R, num_warps,
+    num_stages)``) use these tiles instead of the launcher's choice (``small=True``: the first
+    version's 64 x 64 x 32 / 32 x 64 x 32). For benchmarks that compare tiles on a GPU;
+    process-wide, not thread-safe; keep the backward inside too."""
+    new = dict(_TILES_SMALL) if small else {}
+    for name, t in (("gmm", gmm), ("wgrad", wgrad)):
+        if t is not None:
+            t = tuple(int(v) for v in t)
+            if len(t) != 5 or any(v < 1 for v in t) or any(v < 16 or v & (v - 1) for v in t[:3]):
+                raise ValueError(f"gemm_tiles: {name} must be 5 positive ints (three powers of two "
+                                 f">= 16, warps, stages), got {t}")
+            new[name] = t
+    prev = dict(_FORCED)
+    _FORCED.clear()
+    _FORCED.update(new)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(prev)
+
+
+def _tiles(kernel: str, a: torch.Tensor, gated: bool = False, rows_per_expert: float = 0.0):
+    """The tile tuple of ``kernel`` (``"gmm"`` / ``"wgrad"``) for operands like ``a``."""
+    if kernel in _FORCED:
+        return _FORCED[kernel]
     if triton_interpret():
-        return 16, 32, 32
-    return 64, 64, 32
+        return _TILES_INTERPRET[kernel]
+    if a.dtype == torch.float32:
+        bm, bn, bk, warps, stages = _TILES_FP32[kernel]
+    else:
+        kind = "mma_sync" if mma_sync_arch(target_arch(a)) else "wgmma"
+        bm, bn, bk, warps, stages = _TILES_16BIT[kind][kernel]
+        if kernel == "gmm" and rows_per_expert < 128:
+            bm, warps = 64, 4
+    if kernel == "gmm" and gated:
+        bn //= 2
+    return bm, bn, bk, warps, stages
 
 
 def _tile_table(offs: torch.Tensor, P: int, BM: int):
@@ -169,7 +235,8 @@ def _launch_gmm(a, w, offs, bias, act, gated, store_hid):
     hid = torch.empty((P, NOUT), dtype=a.dtype, device=a.device) if store_hid else pre
     if P == 0:
         return pre, hid
-    BM, BN, BK = _blocks()
+    E = w.shape[0]
+    BM, BN, BK, warps, stages = _tiles("gmm", a, gated, P / max(E, 1))
     tile_e, tile_row = _tile_table(offs, P, BM)
     grid = (tile_e.shape[0], triton.cdiv(NOUT, BN))
     b = bias if bias is not None else pre
@@ -177,12 +244,12 @@ def _launch_gmm(a, w, offs, bias, act, gated, store_hid):
     # bias needs no copy; stride 0 broadcasts)
     s_be, s_bn = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     with device_ctx(a):
-        _gmm_kernel[grid](a, w, b, pre, hid, tile_e, tile_row, offs,
-                          K, NOUT, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
-                          w.stride(2), s_be, s_bn, pre.stride(0), hid.stride(0),
-                          ACT=_ACT_CODE[act], GATED=gated, HAS_BIAS=bias is not None,
-                          STORE_HID=store_hid,
-                          DOT_PREC=_prec(a.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+        launch(_gmm_kernel, grid,
+               (a, w, b, pre, hid, tile_e, tile_row, offs, K, NOUT, a.stride(0), a.stride(1),
+                w.stride(0), w.stride(1), w.stride(2), s_be, s_bn, pre.stride(0), hid.stride(0)),
+               dict(ACT=_ACT_CODE[act], GATED=gated, HAS_BIAS=bias is not None,
+                    STORE_HID=store_hid, DOT_PREC=_prec(a.dtype), BLOCK_M=BM, BLOCK_N=BN,
+                    BLOCK_K=BK, num_warps=warps, num_stages=stages), a.device)
     return pre, hid
 
 
@@ -202,13 +269,14 @@ def gmm_wgrad(a: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, E: int) -> 
     P, K = a.shape
     M = dy.shape[1]
     out = torch.empty((E, K, M), dtype=a.dtype, device=a.device)
-    _, BN, BK = _blocks()
-    BR = 32
+    BK, BN, BR, warps, stages = _tiles("wgrad", a)
     grid = (E, triton.cdiv(K, BK), triton.cdiv(M, BN))
     with device_ctx(a):
-        _wgrad_kernel[grid](a, dy, out, offs, K, M, a.stride(0), a.stride(1), dy.stride(0),
-                            dy.stride(1), out.stride(0), out.stride(1), DOT_PREC=_prec(a.dtype),
-                            BLOCK_K=BK, BLOCK_N=BN, BLOCK_R=BR)
+        launch(_wgrad_kernel, grid,
+               (a, dy, out, offs, K, M, a.stride(0), a.stride(1), dy.stride(0), dy.stride(1),
+                out.stride(0), out.stride(1)),
+               dict(DOT_PREC=_prec(a.dtype), BLOCK_K=BK, BLOCK_N=BN, BLOCK_R=BR,
+                    num_warps=warps, num_stages=stages), a.device)
     return out
 
 
