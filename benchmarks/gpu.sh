@@ -21,14 +21,14 @@
 #                     CUDA-marked tests only (the rest are CPU tests CI already runs;
 #                     --all-tests adds them after; without --budget the whole suite runs).
 #                     Benchmarks: one pytest run per op family, CUDA cases only, most
-#                     wanted first (RoPE-3D attention, temporal attention, MoE, DiT block,
-#                     diffusers, AdaLN, RoPE), torch.compile contenders last; each family gets its
-#                     weighted share of what is left of the stage (time a family does not use goes
-#                     to the next), so one slow family cannot starve the rest; a family whose
-#                     share is under 5 s is skipped. Time left after the last family goes to a
-#                     second pass over the families cut off or skipped: it runs the cases their
-#                     bench-<family>.json lacks (--deselect) into bench-<family>.rest.json, merged
-#                     into bench.json with the rest.
+#                     wanted first (RoPE-3D attention, temporal attention, MoE, the Triton tile
+#                     variants, DiT block, diffusers, AdaLN, RoPE), torch.compile contenders
+#                     last; each family gets its weighted share of what is left of the stage
+#                     (time a family does not use goes to the next), so one slow family cannot
+#                     starve the rest; a family whose share is under 5 s is skipped. Time left
+#                     after the last family goes to a second pass over the families cut off or
+#                     skipped: it runs the cases their bench-<family>.json lacks (--deselect) into
+#                     bench-<family>.rest.json, merged into bench.json with the rest.
 #   --all-tests       the test stage also runs the tests not marked cuda (the default without
 #                     --budget: the full suite, CUDA-marked tests first)
 #   --pack FILE       at the end (also after a failed or cut-off stage) tar + gzip the folder
@@ -122,6 +122,7 @@ BENCH_PLAN=(
   "rope3d_attention 9 test_bench_rope3d_attention.py not torch.compile"
   "temporal_attention 3 test_bench_temporal_attention.py not torch.compile"
   "moe 5 test_bench_moe.py not torch.compile"
+  "tiles 4 test_bench_tiles.py not torch.compile"
   "block 7 test_bench_block.py not torch.compile"
   "diffusers 7 test_bench_diffusers.py not torch.compile"
   "adaln 3 test_bench_adaln.py not torch.compile"

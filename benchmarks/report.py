@@ -68,7 +68,7 @@ def plot_op(op: str, device: str, panels, path: str) -> bool:
         ms = [r["median_s"] * 1e3 for r in rows]
         ei = next((b.get("extra_info") for b in benches if (b.get("extra_info") or {}).get("op")), {})
         bounds = (summarize.COPY,) + summarize.BOUNDS.get(ei.get("op"), ())
-        colors = ["tab:green" if c in summarize.OURS else  # ours, the bounds, the peers
+        colors = ["tab:green" if summarize.is_ours(c) else  # ours, the bounds, the peers
                   "tab:gray" if c in bounds else "tab:blue" for c in names]
         ax.barh(range(len(rows)), ms, color=colors)
         ax.set_yticks(range(len(rows)), names)

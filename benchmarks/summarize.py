@@ -42,8 +42,16 @@ KERNEL_BACKENDS = ("cpu", "cuda", "triton")
 # kernel sets forced and the Triton MoE with its first GEMM tiles (variants of ours, not peers)
 OURS = KERNEL_BACKENDS + ("fused", "patched", "triton-tiled", "triton-resident",
                           "triton-small-tiles")
+TILE_VARIANT = "tiles "  # benchmarks/test_bench_tiles.py: "tiles default", "tiles <variant>"
+
+
+def is_ours(contender: str) -> bool:
+    """Whether a contender is one of ours (a kernel backend, a variant of one), not a peer."""
+    return contender in OURS or contender.startswith(TILE_VARIANT)
+
+
 # contenders that bound the op rather than compute it (not peers): per op, besides the copy
-BOUNDS = {"rope3d_attention": ("sdpa",), "moe_ffn": ("dense",)}
+BOUNDS = {"rope3d_attention": ("sdpa",), "moe_ffn": ("dense",), "triton_tiles": ("dense",)}
 NOISY_SHARE = 0.10  # as benchmarks/common.py: rows measured while others used > 10 % of the CPU
 _LAST = (COMPILE, REFERENCE, COPY)  # kernel backends first, then these, in this order
 _PAIRED = "paired_vs_"
@@ -129,7 +137,7 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
     ref, comp, copy = by.get(REFERENCE), by.get(COMPILE), by.get(COPY)
     op = next((b.get("extra_info", {}).get("op") for b in benches), None)
     bounds = (COPY,) + BOUNDS.get(op, ())
-    peers = [m for c, m in by.items() if m and c not in OURS and c not in bounds]
+    peers = [m for c, m in by.items() if m and not is_ours(c) and c not in bounds]
     best_peer = min(peers) if peers else None
     with_flops = any(r["flops"] for r in rows)
     with_peak = with_flops and any(r["ei"].get("matmul_peak_flops") for r in rows)
@@ -193,8 +201,8 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
     if noisy:
         out += ["", "⚠N%: other processes used N% of the CPU time while this row was measured."]
     # every other peer by name (the columns give the reference, torch.compile and the best one)
-    named = [(c, m) for c, m in by.items() if m and c not in OURS and c not in (REFERENCE, COMPILE, COPY)]
-    ours = [(c, m) for c, m in by.items() if m and c in OURS]
+    named = [(c, m) for c, m in by.items() if m and not is_ours(c) and c not in (REFERENCE, COMPILE, COPY)]
+    ours = [(c, m) for c, m in by.items() if m and is_ours(c)]
     if named and ours:
         out += ["", "Speedup vs each peer (its median / this one's): " + "; ".join(
             f"{c}: " + ", ".join(f"vs {p} {pm / m:.2f}x" for p, pm in named) for c, m in ours)

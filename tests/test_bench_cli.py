@@ -648,3 +648,37 @@ def test_interrupted_run_still_writes_the_json_of_the_finished_cases(tmp_path):
     r = run("test_half.py")
     got = json.loads(out.read_text())["benchmarks"]
     assert [(b["name"], b["stats"]["rounds"]) for b in got] == [("test_done", 3)], r.stdout
+
+
+@pytest.mark.skipif(vk.backends.why_unavailable("triton", "cpu") is not None,
+                    reason="no Triton (interpreter) here")
+def test_tile_variants_compute_what_the_defaults_do(tmp_path):
+    """benchmarks/test_bench_tiles.py under the Triton interpreter (--quick, CPU): every tile
+    variant a GPU run will time (MoE grouped GEMM / weight gradient, RoPE-3D attention forward /
+    backward at head_dim 64 and 128) runs with its tiles and gives the default's result on the
+    same inputs, and the summary counts the variants as ours (no "best peer" among them)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import test_bench_tiles as T
+        import summarize
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "tiles.json"
+    r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_bench_tiles.py", "-q",
+                        "-p", "no:cacheprovider", "--quick", "--bench-device", "cpu",
+                        "--benchmark-min-rounds=1", "--benchmark-max-time=0.01",
+                        f"--benchmark-json={out}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=_env(TRITON_INTERPRET="1"))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    benches = json.loads(out.read_text())["benchmarks"]
+    variants = [b for b in benches if b["extra_info"]["contender"].startswith("tiles ")
+                and b["extra_info"]["contender"] != T.DEFAULT]
+    n_variants = sum(len(v) for v in T.MOE_VARIANTS.values()) + sum(
+        len(v) for v in T.ROPE3D_VARIANTS.values())
+    assert len(variants) == n_variants, [b["name"] for b in benches]
+    assert all(b["extra_info"]["max_rel_err_vs_default"] <= 5e-3 for b in variants)
+    assert {b["extra_info"]["kernel"] for b in benches} == {
+        "moe_gmm", "moe_wgrad", "rope3d_attn_fwd", "rope3d_attn_bwd"}
+    assert summarize.is_ours("tiles default") and summarize.is_ours("tiles stages 2")
+    assert not summarize.is_ours("dense") and not summarize.is_ours("sdpa")

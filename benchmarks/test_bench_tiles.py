@@ -1,0 +1,313 @@
+"""Tile variants of the Triton kernels, side by side, so one GPU run can set their tiles.
+
+Run::
+
+    python -m pytest benchmarks/test_bench_tiles.py --bench-device cuda --benchmark-json /tmp/t.json
+    python benchmarks/summarize.py /tmp/t.json
+
+The Triton launchers' tiles were chosen without a GPU, from compiler reports (spills, shared
+memory, and which tensor-core instructions the dots became: ``aot_check``). This family times each
+launcher's own choice (contender ``tiles default``) against alternatives (``tiles <variant>``) on
+the shapes the issues name; every variant is first checked against the default's result (same
+inputs; bf16 tolerance). Groups, bf16 on CUDA:
+
+* ``rope3d_attn_fwd`` / ``rope3d_attn_bwd`` (the kernel launchers, RoPE on, no mask) at
+  CogVideoX-5B (``B=1, H=48, D=64``, 226 text + 13x30x45 video tokens) and Wan-1.3B (``H=12,
+  D=128``, 21x30x52 tokens). The backward is timed alone (from a saved forward). Its default at
+  D = 128 takes 32 keys per dk/dv program, so Hopper runs that kernel's dv / dk dots as the
+  warp-level ``mma.sync`` (32 rows are too few for a warpgroup MMA); ``dkdv 64x64`` makes every dot
+  a ``wgmma`` at ~400 B of spills (sm_90a builds, triton 3.9); ``stages 2`` pipelines the
+  backward's loads (the default is one stage).
+* ``moe_gmm`` / ``moe_wgrad``: the MoE grouped GEMMs (the first expert GEMM with its bias + gelu
+  epilogue; the weight gradient) at E=8, C=1152, F=4608 and 16,384 tokens top-2 (32,768 rows,
+  balanced), through ``gemm_tiles``; ``tiles small`` is the first version's 64 x 64 x 32 (and
+  32-row weight-gradient tiles); ``dense`` is one ``torch.mm`` of the same FLOPs (issue 5's GPU
+  target: the grouped GEMM at >= 70 % of its TFLOP/s).
+
+The variants are Hopper (sm_90) candidates: built for the mma.sync GPUs (sm_80 - sm_89) several
+spill kilobytes (those GPUs have their own tables; ``benchmarks/results/triton-aot-2026-12-07-mma``
+lists every variant's registers, spills and MMA instructions).
+
+Work model (``extra_info``): ``flops`` = 4 B H S^2 D for the attention forward, 2.5x that for its
+backward; 2 P C F for each GEMM. Variants are tile tuples, not new kernels: what wins here becomes
+the launcher's default (``_tiles`` in ``triton_kernels/rope3d_attention.py``, ``_TILES_16BIT`` in
+``triton_kernels/moe.py``).
+
+On CPU the family has cases only in ``--quick`` mode under the Triton interpreter
+(``TRITON_INTERPRET=1``): tiny fp16 shapes, every variant checked against the default (a test of
+the variants, not a timing; ``tests/test_bench_cli.py`` runs it).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import common
+
+OP = "triton_tiles"
+DEFAULT = "tiles default"
+DENSE = "dense"
+# RoPE-3D attention variants by direction and head dim: per-kernel (BLOCK_M, BLOCK_N, warps) for
+# "fwd" / "dkdv" / "dq" (unnamed kernels keep the launcher's tiles) and "stages" (num_stages)
+ROPE3D_VARIANTS = {
+    ("fwd", 64): {"128x64 w8": {"fwd": (128, 64, 8)}, "128x128 w8": {"fwd": (128, 128, 8)},
+                  "stages 3": {"stages": 3}},
+    ("fwd", 128): {"128x128 w8": {"fwd": (128, 128, 8)}, "64x64 w4": {"fwd": (64, 64, 4)},
+                   "stages 3": {"stages": 3}},
+    ("bwd", 64): {"stages 2": {"stages": 2}, "dkdv 64x128 w8": {"dkdv": (64, 128, 8)},
+                  "dq 128x64 w8": {"dq": (128, 64, 8)}},
+    ("bwd", 128): {"dkdv 64x64": {"dkdv": (64, 64, 8)},
+                   "dkdv+dq 64x64": {"dkdv": (64, 64, 8), "dq": (64, 64, 8)},
+                   "stages 2": {"stages": 2}},
+}
+# MoE grouped GEMM variants: gemm_tiles() arguments
+MOE_VARIANTS = {
+    "gmm": {"128x256x64 w8 s3": dict(gmm=(128, 256, 64, 8, 3)),
+            "128x128x64 w4 s4": dict(gmm=(128, 128, 64, 4, 4)),
+            "128x128x32 w8 s4": dict(gmm=(128, 128, 32, 8, 4)),
+            "small": dict(small=True)},
+    "wgrad": {"128x256x64 w8 s3": dict(wgrad=(128, 256, 64, 8, 3)),
+              "64x128x64 w4 s3": dict(wgrad=(64, 128, 64, 4, 3)),
+              "128x128x32 w8 s4": dict(wgrad=(128, 128, 32, 8, 4)),
+              "small": dict(small=True)},
+}
+# (B, text, (F, Hh, Ww), H, D, label)
+ROPE3D_SHAPES = {"cuda": ((1, 226, (13, 30, 45), 48, 64, "cogvideox-5b"),
+                          (1, 0, (21, 30, 52), 12, 128, "wan-1.3b")),
+                 "cpu": ((1, 4, (2, 4, 4), 2, 64, "tiny-d64"), (1, 0, (2, 4, 4), 2, 128, "tiny-d128"))}
+# (E, C, F, N tokens); top-2, balanced
+MOE_SHAPES = {"cuda": ((8, 1152, 4608, 16384),), "cpu": ((3, 48, 80, 45),)}  # widths: multiples of 16, as real ones
+TOP_K = 2
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class Case:
+    kernel: str  # rope3d_attn_fwd, rope3d_attn_bwd, moe_gmm, moe_wgrad
+    shape: tuple
+    device: str
+    dtype: torch.dtype
+    contender: str  # DEFAULT, "tiles <variant>" or DENSE
+
+    @property
+    def label(self) -> str:
+        return self.shape[-1] if self.kernel.startswith("rope3d") else \
+            "E{}xC{}xF{}xN{}".format(*self.shape)
+
+    @property
+    def id(self) -> str:
+        return (f"{OP}-{self.kernel}-{self.label}-{common.dtype_name(self.dtype)}-{self.device}-"
+                f"{self.contender.replace(' ', '_')}")
+
+    @property
+    def group(self) -> str:
+        return f"{OP} {self.kernel} {self.label} {common.dtype_name(self.dtype)} {self.device}"
+
+    @property
+    def variant(self) -> dict | None:
+        """The tile settings of a ``tiles <variant>`` contender (None: default / dense)."""
+        if not self.contender.startswith("tiles ") or self.contender == DEFAULT:
+            return None
+        name = self.contender[len("tiles "):]
+        if self.kernel.startswith("rope3d"):
+            return ROPE3D_VARIANTS[(self.kernel[-3:], self.shape[4])][name]
+        return MOE_VARIANTS[self.kernel[4:]][name]
+
+
+def make_cases(quick: bool, devices) -> list[Case]:
+    """The cases, most wanted first (a run the budget cuts off keeps those): the MoE GEMMs (their
+    tiles changed without a timing), the RoPE-3D backward at D = 128 (mma.sync on Hopper), then
+    the rest."""
+    cases = []
+    for dev in devices:
+        if dev == "cpu" and not (quick and _interpreting()):
+            continue  # the CPU has no Triton GPU code to tune; the interpreter checks variants
+        dtype = torch.bfloat16 if dev == "cuda" else torch.float16
+        for shape in MOE_SHAPES[dev]:
+            for kern in ("gmm", "wgrad"):
+                cases += [Case(f"moe_{kern}", shape, dev, dtype, c)
+                          for c in (DEFAULT, *(f"tiles {n}" for n in MOE_VARIANTS[kern]), DENSE)]
+        shapes = ROPE3D_SHAPES[dev][:1] if quick and dev == "cuda" else ROPE3D_SHAPES[dev]
+        for direction, D in (("bwd", 128), ("bwd", 64), ("fwd", 64), ("fwd", 128)):
+            for shape in (s for s in shapes if s[4] == D):
+                cases += [Case(f"rope3d_attn_{direction}", shape, dev, dtype, c)
+                          for c in (DEFAULT, *(f"tiles {n}" for n in ROPE3D_VARIANTS[(direction, D)]))]
+    return cases
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        cases = make_cases(metafunc.config.getoption("--quick"),
+                           common.bench_devices(metafunc.config))
+        metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+
+
+def flops(case: Case) -> int:
+    if case.kernel.startswith("rope3d"):
+        B, text, (F_, Hh, Ww), H, D, _ = case.shape
+        S = text + F_ * Hh * Ww
+        f = 4 * B * H * S * S * D
+        return int(2.5 * f) if case.kernel.endswith("bwd") else f
+    E, C, F_, N = case.shape
+    return 2 * N * TOP_K * C * F_
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs and calls
+# ----------------------------------------------------------------------------------------------
+def make_inputs(case: Case) -> dict:
+    g = torch.Generator(device=case.device).manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, device=case.device)  # noqa: E731
+    if case.kernel.startswith("rope3d"):
+        import vidgen_kernels as vk
+        B, text, grid, H, D, _ = case.shape
+        S = text + math.prod(grid)
+        # the [B, S, H, D] slices of one fused qkv projection, read in place by the kernels
+        q, k, v = rnd(B, S, 3, H, D).to(case.dtype).unbind(2)
+        cos, sin = vk.rope3d_freqs(*grid, D, device=case.device)
+        inp = dict(q=q, k=k, v=v, cos=cos, sin=sin, text=text, scale=D ** -0.5)
+        if case.kernel.endswith("bwd"):
+            from vidgen_kernels.triton_kernels import rope3d_attention as rk
+            inp["out"], inp["lse"] = rk.rope3d_attn_fwd(q, k, v, cos, sin, text, True, 0, 0, 0,
+                                                        inp["scale"])
+            inp["dout"] = rnd(B, S, H, D).to(case.dtype)
+        return inp
+    E, C, F_, N = case.shape
+    P = N * TOP_K
+    ends = [(e + 1) * P // E for e in range(E)]  # balanced experts
+    inp = dict(a=(rnd(P, C) * 0.5).to(case.dtype),
+               offs=torch.tensor(ends, dtype=torch.int64, device=case.device))
+    if case.kernel == "moe_gmm":
+        inp.update(w=(rnd(E, C, F_) * C ** -0.5).to(case.dtype), b=(rnd(E, F_) * 0.1).to(case.dtype))
+    else:
+        inp["dy"] = rnd(P, F_).to(case.dtype)
+    return inp
+
+
+@contextlib.contextmanager
+def _tiles_of(case: Case):
+    """Within the context, the case's variant tiles are the launchers' tiles."""
+    variant = case.variant
+    if variant is None:
+        yield
+        return
+    if case.kernel.startswith("moe"):
+        from vidgen_kernels.triton_kernels.moe import gemm_tiles
+        with gemm_tiles(**variant):
+            yield
+        return
+    from vidgen_kernels.triton_kernels import rope3d_attention as rk
+    orig = rk._tiles
+
+    def tiles(kernel, q, rope, block_m=None, block_n=None, num_warps=None):
+        return variant.get(kernel) or orig(kernel, q, rope, block_m, block_n, num_warps)
+    rk._tiles = tiles
+    try:
+        yield
+    finally:
+        rk._tiles = orig
+
+
+def step_fn(case: Case, inp: dict):
+    """The timed call (with the case's tiles in force for each call)."""
+    if case.kernel.startswith("rope3d"):
+        from vidgen_kernels.triton_kernels import rope3d_attention as rk
+        stages = (case.variant or {}).get("stages")
+        q, k, v, cos, sin, text, scale = (inp[n] for n in ("q", "k", "v", "cos", "sin", "text", "scale"))
+        if case.kernel.endswith("fwd"):
+            def run():
+                with _tiles_of(case):
+                    return rk.rope3d_attn_fwd(q, k, v, cos, sin, text, True, 0, 0, 0, scale,
+                                              num_stages=stages)[0]
+            return run
+
+        def run():
+            with _tiles_of(case):
+                return rk.rope3d_attn_bwd(inp["dout"], q, k, v, cos, sin, inp["out"], inp["lse"],
+                                          text, True, 0, 0, 0, scale, num_stages=stages)
+        return run
+    from vidgen_kernels.triton_kernels import moe as TM
+    a, offs = inp["a"], inp["offs"]
+    if case.contender == DENSE:  # one GEMM of the same FLOPs: [P, C] @ [C, F] (or a^T dy)
+        if case.kernel == "moe_gmm":
+            w0 = inp["w"][0]
+            return lambda: a @ w0
+        return lambda: a.t() @ inp["dy"]
+    if case.kernel == "moe_gmm":
+        def run():
+            with _tiles_of(case):
+                return TM.gmm_act(a, inp["w"], offs, inp["b"], "gelu")[1]
+        return run
+
+    def run():
+        with _tiles_of(case):
+            return TM.gmm_wgrad(a, inp["dy"], offs, offs.shape[0])
+    return run
+
+
+def _as_list(r) -> list:
+    return list(r) if isinstance(r, (tuple, list)) else [r]
+
+
+_DEFAULT_RESULTS: dict = {}  # the group's default result (one group kept)
+
+
+def check_against_default(case: Case, run, inp: dict) -> float:
+    """Max relative error of the variant's result vs the launcher default's on the same inputs."""
+    if case.group not in _DEFAULT_RESULTS:
+        _DEFAULT_RESULTS.clear()
+        dc = dataclasses.replace(case, contender=DEFAULT)
+        _DEFAULT_RESULTS[case.group] = [t.detach().clone() for t in _as_list(step_fn(dc, inp)())]
+    got = _as_list(run())
+    err = common.max_rel_err(got, _DEFAULT_RESULTS[case.group])
+    tol = common.TOLERANCE[case.dtype]
+    assert err <= tol, f"{case.id}: max relative error {err:.3g} vs the default tiles exceeds {tol:g}"
+    return err
+
+
+def _unavailable(case: Case) -> str | None:
+    if case.device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    if case.contender == DENSE:
+        return None
+    from vidgen_kernels.backends import why_unavailable
+    return why_unavailable("triton", case.device)
+
+
+def test_tiles(benchmark, case: Case, request):
+    benchmark.group = case.group
+    why = _unavailable(case)
+    if why is not None:
+        pytest.skip(f"{case.contender} unavailable on {case.device}: {why}")
+    quick = request.config.getoption("--quick")
+    inp = make_inputs(case)
+    run = step_fn(case, inp)
+    info = {}
+    if case.contender.startswith("tiles "):
+        info["max_rel_err_vs_default"] = check_against_default(case, run, inp)
+    common.measure(benchmark, request, run, case.device, common.heavy_policy(quick, case.device),
+                   case.id, info)
+    fl = flops(case)
+    info["gflops"], info["gflops_cuda_events"] = common.per_second(fl, info)
+    info.update(
+        op=OP, kernel=case.kernel, direction="bwd" if case.kernel.endswith("bwd") else "fwd",
+        contender=case.contender,
+        backend="triton" if case.contender != DENSE else None, variant=case.variant,
+        dtype=common.dtype_name(case.dtype), shape=list(case.shape), device=case.device,
+        device_name=common.device_name(case.device), flops=fl,
+        matmul_peak_flops=common.matmul_peak_flops(case.device, case.dtype),
+        flops_counted=("4*B*H*S^2*D" + (" * 2.5 (backward)" if case.kernel.endswith("bwd") else ""))
+        if case.kernel.startswith("rope3d") else "2*N*k*C*F",
+    )
+    benchmark.extra_info.update(info)
+    del run, inp
+    common.release(case.device, False)
