@@ -16,17 +16,21 @@ inputs; bf16 tolerance). Groups, bf16 on CUDA:
   D=128``, 21x30x52 tokens). The backward is timed alone (from a saved forward). Its default at
   D = 128 takes 32 keys per dk/dv program, so Hopper runs that kernel's dv / dk dots as the
   warp-level ``mma.sync`` (32 rows are too few for a warpgroup MMA); ``dkdv 64x64`` makes every dot
-  a ``wgmma`` at ~400 B of spills (sm_90a builds, triton 3.9); ``stages 2`` pipelines the
-  backward's loads (the default is one stage).
+  a ``wgmma`` at 256-336 B of spills (sm_90a builds, triton 3.9 / 3.6); ``stages 2`` pipelines
+  the backward's loads (the default is one stage). ``--quick``: the Wan-1.3B shape only.
 * ``moe_gmm`` / ``moe_wgrad``: the MoE grouped GEMMs (the first expert GEMM with its bias + gelu
   epilogue; the weight gradient) at E=8, C=1152, F=4608 and 16,384 tokens top-2 (32,768 rows,
   balanced), through ``gemm_tiles``; ``tiles small`` is the first version's 64 x 64 x 32 (and
-  32-row weight-gradient tiles); ``dense`` is one ``torch.mm`` of the same FLOPs (issue 5's GPU
+  32-row weight-gradient tiles, launched column block after column block); ``group_m 0`` /
+  ``group_m 32``: the default tiles launched in that order / in groups of 32 row tiles (the
+  default groups 8, for L2 reuse of the rows); ``dense`` is one ``torch.mm`` of the same FLOPs (issue 5's GPU
   target: the grouped GEMM at >= 70 % of its TFLOP/s).
 
-The variants are Hopper (sm_90) candidates: built for the mma.sync GPUs (sm_80 - sm_89) several
-spill kilobytes (those GPUs have their own tables; ``benchmarks/results/triton-aot-2026-12-07-mma``
-lists every variant's registers, spills and MMA instructions).
+The variants are Hopper (sm_90) candidates: built for the mma.sync GPUs (sm_80 - sm_89, sm_120)
+several spill kilobytes (those GPUs have their own tables), so there they are skipped and only
+the defaults and ``dense`` run; ``benchmarks/results/triton-aot-2026-12-07-mma`` lists every
+variant's registers, spills and MMA instructions. Each case records the tiles its launches
+actually took (``extra_info["launched_tiles"]``).
 
 Work model (``extra_info``): ``flops`` = 4 B H S^2 D for the attention forward, 2.5x that for its
 backward; 2 P C F for each GEMM. Variants are tile tuples, not new kernels: what wins here becomes
@@ -71,6 +75,7 @@ MOE_VARIANTS = {
     "gmm": {"128x256x64 w8 s3": dict(gmm=(128, 256, 64, 8, 3)),
             "128x128x64 w4 s4": dict(gmm=(128, 128, 64, 4, 4)),
             "128x128x32 w8 s4": dict(gmm=(128, 128, 32, 8, 4)),
+            "group_m 0": dict(group_m=0), "group_m 32": dict(group_m=32),
             "small": dict(small=True)},
     "wgrad": {"128x256x64 w8 s3": dict(wgrad=(128, 256, 64, 8, 3)),
               "64x128x64 w4 s3": dict(wgrad=(64, 128, 64, 4, 3)),
@@ -136,7 +141,7 @@ def make_cases(quick: bool, devices) -> list[Case]:
             for kern in ("gmm", "wgrad"):
                 cases += [Case(f"moe_{kern}", shape, dev, dtype, c)
                           for c in (DEFAULT, *(f"tiles {n}" for n in MOE_VARIANTS[kern]), DENSE)]
-        shapes = ROPE3D_SHAPES[dev][:1] if quick and dev == "cuda" else ROPE3D_SHAPES[dev]
+        shapes = ROPE3D_SHAPES[dev][-1:] if quick and dev == "cuda" else ROPE3D_SHAPES[dev]
         for direction, D in (("bwd", 128), ("bwd", 64), ("fwd", 64), ("fwd", 128)):
             for shape in (s for s in shapes if s[4] == D):
                 cases += [Case(f"rope3d_attn_{direction}", shape, dev, dtype, c)
@@ -193,23 +198,36 @@ def make_inputs(case: Case) -> dict:
     return inp
 
 
+LAUNCHED: dict = {}  # kernel -> the tiles its last launch took (see _tiles_of)
+
+
 @contextlib.contextmanager
 def _tiles_of(case: Case):
-    """Within the context, the case's variant tiles are the launchers' tiles."""
-    variant = case.variant
-    if variant is None:
-        yield
-        return
+    """Within the context, the case's variant tiles are the launchers' tiles (none: the
+    launchers' own); the tiles each launch takes are recorded in ``LAUNCHED``."""
+    variant = case.variant or {}
     if case.kernel.startswith("moe"):
-        from vidgen_kernels.triton_kernels.moe import gemm_tiles
-        with gemm_tiles(**variant):
-            yield
+        from vidgen_kernels.triton_kernels import moe as TM
+        orig_moe = TM._tiles
+
+        def moe_tiles(kernel, *args, **kwargs):
+            t = orig_moe(kernel, *args, **kwargs)
+            LAUNCHED[kernel] = (*t, TM._group_m()) if kernel == "gmm" else t
+            return t
+        TM._tiles = moe_tiles
+        try:
+            with TM.gemm_tiles(**variant) if variant else contextlib.nullcontext():
+                yield
+        finally:
+            TM._tiles = orig_moe
         return
     from vidgen_kernels.triton_kernels import rope3d_attention as rk
     orig = rk._tiles
 
     def tiles(kernel, q, rope, block_m=None, block_n=None, num_warps=None):
-        return variant.get(kernel) or orig(kernel, q, rope, block_m, block_n, num_warps)
+        t = variant.get(kernel) or orig(kernel, q, rope, block_m, block_n, num_warps)
+        LAUNCHED[kernel] = t
+        return t
     rk._tiles = tiles
     try:
         yield
@@ -223,6 +241,7 @@ def step_fn(case: Case, inp: dict):
         from vidgen_kernels.triton_kernels import rope3d_attention as rk
         stages = (case.variant or {}).get("stages")
         q, k, v, cos, sin, text, scale = (inp[n] for n in ("q", "k", "v", "cos", "sin", "text", "scale"))
+        LAUNCHED["stages"] = stages  # None: the launcher's (2 forward, 1 backward)
         if case.kernel.endswith("fwd"):
             def run():
                 with _tiles_of(case):
@@ -280,7 +299,14 @@ def _unavailable(case: Case) -> str | None:
     if case.contender == DENSE:
         return None
     from vidgen_kernels.backends import why_unavailable
-    return why_unavailable("triton", case.device)
+    why = why_unavailable("triton", case.device)
+    if why is None and case.variant is not None and case.device == "cuda":
+        from vidgen_kernels.triton_kernels._launch import mma_sync_arch, target_arch
+        arch = target_arch(torch.empty(0, device="cuda"))
+        if mma_sync_arch(arch):
+            why = (f"a Hopper (sm_90) tile candidate; this GPU is sm_{arch}, an mma.sync GPU, "
+                   f"where such tiles spill (its launchers have their own tables)")
+    return why
 
 
 def test_tiles(benchmark, case: Case, request):
@@ -290,12 +316,15 @@ def test_tiles(benchmark, case: Case, request):
         pytest.skip(f"{case.contender} unavailable on {case.device}: {why}")
     quick = request.config.getoption("--quick")
     inp = make_inputs(case)
+    LAUNCHED.clear()
     run = step_fn(case, inp)
     info = {}
     if case.contender.startswith("tiles "):
         info["max_rel_err_vs_default"] = check_against_default(case, run, inp)
     common.measure(benchmark, request, run, case.device, common.heavy_policy(quick, case.device),
                    case.id, info)
+    info["launched_tiles"] = {k: list(v) if isinstance(v, tuple) else v
+                              for k, v in sorted(LAUNCHED.items())}
     fl = flops(case)
     info["gflops"], info["gflops_cuda_events"] = common.per_second(fl, info)
     info.update(

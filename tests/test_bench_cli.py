@@ -656,13 +656,15 @@ def test_tile_variants_compute_what_the_defaults_do(tmp_path):
     """benchmarks/test_bench_tiles.py under the Triton interpreter (--quick, CPU): every tile
     variant a GPU run will time (MoE grouped GEMM / weight gradient, RoPE-3D attention forward /
     backward at head_dim 64 and 128) runs with its tiles and gives the default's result on the
-    same inputs, and the summary counts the variants as ours (no "best peer" among them)."""
+    same inputs (the tiles each variant's launches took are recorded and checked), and the
+    summary counts the variants as ours (no "best peer" among them)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import test_bench_tiles as T
         import summarize
     finally:
         sys.path.pop(0)
+    from vidgen_kernels.triton_kernels import moe as TM
     out = tmp_path / "tiles.json"
     r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_bench_tiles.py", "-q",
                         "-p", "no:cacheprovider", "--quick", "--bench-device", "cpu",
@@ -678,7 +680,22 @@ def test_tile_variants_compute_what_the_defaults_do(tmp_path):
         len(v) for v in T.ROPE3D_VARIANTS.values())
     assert len(variants) == n_variants, [b["name"] for b in benches]
     assert all(b["extra_info"]["max_rel_err_vs_default"] <= 5e-3 for b in variants)
-    assert {b["extra_info"]["kernel"] for b in benches} == {
-        "moe_gmm", "moe_wgrad", "rope3d_attn_fwd", "rope3d_attn_bwd"}
+    for b in variants:  # each variant's launches took its tiles
+        ei = b["extra_info"]
+        got, name = ei["launched_tiles"], ei["contender"][len("tiles "):]
+        if ei["kernel"].startswith("rope3d"):
+            v = T.ROPE3D_VARIANTS[(ei["kernel"][-3:], ei["shape"][4])][name]
+            for kern in ("fwd", "dkdv", "dq"):
+                if kern in v:
+                    assert got[kern] == list(v[kern]), (b["name"], got)
+            assert got["stages"] == v.get("stages"), (b["name"], got)
+        else:
+            kern = ei["kernel"][len("moe_"):]
+            v = T.MOE_VARIANTS[kern][name]
+            want = v.get(kern) or (TM._TILES_SMALL[kern] if v.get("small") else None)
+            if want is not None:
+                assert got[kern][:5] == list(want), (b["name"], got)
+            if kern == "gmm":
+                assert got["gmm"][5] == (0 if v.get("small") else v.get("group_m", TM._GROUP_M))
     assert summarize.is_ours("tiles default") and summarize.is_ours("tiles stages 2")
     assert not summarize.is_ours("dense") and not summarize.is_ours("sdpa")

@@ -434,6 +434,9 @@ def test_triton_gemm_tiles_by_gpu_kind_and_the_gemm_tiles_knob(monkeypatch):
         assert TM._tiles("gmm", bf, False, 512.0) == (128, 128, bk, 8, 3), arch
         assert TM._tiles("gmm", bf, True, 512.0) == (128, 64, bk, 8, 3), arch
         assert TM._tiles("gmm", bf, False, 64.0) == (64, 128, bk, 4, 3), arch
+        assert TM._tiles("gmm", bf, True, 64.0) == (64, 64, bk, 4, 3), arch
+        assert TM._tiles("gmm", bf, False, 127.9) == (64, 128, bk, 4, 3), arch
+        assert TM._tiles("gmm", bf, False, 128.0) == (128, 128, bk, 8, 3), arch
         assert TM._tiles("wgrad", bf) == (128, 128, bk, 8, 3), arch
         assert TM._tiles("gmm", f32, False, 512.0) == (64, 64, 32, 4, 3)
         assert TM._tiles("gmm", f32, True, 512.0) == (64, 32, 32, 4, 3)
@@ -460,12 +463,31 @@ def test_triton_gemm_tiles_by_gpu_kind_and_the_gemm_tiles_knob(monkeypatch):
         torch.testing.assert_close(TM.gmm(a, w, offs), want, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(TM.gmm_wgrad(a, dy, offs, E), want_wg, rtol=1e-5, atol=1e-4)
     assert seen == [("_gmm_kernel", 32, 16, 16, 2, 1), ("_wgrad_kernel", 16, 32, 16, 2, 1)], seen
+    # launch orders: 5 row tiles (3 of them used) x 2 column blocks, in groups of 0 (column block
+    # after column block), 1, 2 and 3 row tiles (partial last groups) and 8 (one group)
     seen.clear()
+    orders = []
+    monkeypatch.setattr(TM, "launch", lambda k, grid, args, meta, dev: (
+        orders.append((meta["GROUP_M"], grid)), real_launch(k, grid, args, meta, dev))[1])
+    for gm in (0, 1, 2, 3, 8):
+        with TM.gemm_tiles(gmm=(32, 16, 16, 2, 1), group_m=gm):
+            torch.testing.assert_close(TM.gmm(a, w, offs), want, rtol=1e-5, atol=1e-4)
+    assert orders == [(gm, (10,)) for gm in (0, 1, 2, 3, 8)], orders
+    assert TM._group_m() == TM._GROUP_M == 8
+    monkeypatch.setattr(TM, "launch", lambda k, grid, args, meta, dev: (
+        seen.append((k.__name__, *(meta[n] for n in order[k.__name__]), meta["num_warps"],
+                     meta["num_stages"])),
+        real_launch(k, grid, args, meta, dev))[1])
     with TM.gemm_tiles(small=True):
         torch.testing.assert_close(TM.gmm(a, w, offs), want, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(TM.gmm_wgrad(a, dy, offs, E), want_wg, rtol=1e-5, atol=1e-4)
+        assert TM._group_m() == 0  # and the first version's launch order
     assert seen == [("_gmm_kernel", 64, 64, 32, 4, 3), ("_wgrad_kernel", 32, 64, 32, 4, 3)], seen
     assert not TM._FORCED  # restored on exit
+    for bad in (-1, 2.0, True, "8"):
+        with pytest.raises(ValueError, match=r"gemm_tiles: group_m must be an int >= 0"):
+            with TM.gemm_tiles(group_m=bad):
+                pass
     for bad in ((128, 128, 48, 8, 3), (128, 128, 64, 8), (8, 128, 64, 8, 3), (128, 128, 64, 0, 3)):
         with pytest.raises(ValueError, match=r"gemm_tiles: gmm must be 5 positive ints"):
             with TM.gemm_tiles(gmm=bad):

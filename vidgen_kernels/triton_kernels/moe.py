@@ -13,7 +13,8 @@ Design
   (expert, first row) is built on the device from the cumulative ends ``offs`` with
   ``searchsorted`` (:func:`_tile_table`) and has the static length ``cdiv(P, BLOCK_M) + E`` (an
   upper bound of ``sum_e cdiv(count_e, BLOCK_M)``); unused entries hold expert -1 and their
-  programs exit. Grid: ``(tiles, cdiv(M_out, BLOCK_N))``. Each program computes a
+  programs exit. Grid: ``tiles * cdiv(M_out, BLOCK_N)`` programs, launched ``GROUP_M`` row tiles
+  over every column block at a time (``_GROUP_M``: rows stay in L2). Each program computes a
   ``BLOCK_M x BLOCK_N`` tile of ``a_e @ w[e]`` with fp32 accumulation (``input_precision="ieee"``
   for fp32: no TF32), reading ``w`` through its three strides (so ``w.transpose(1, 2)`` serves
   the data-gradient GEMM ``dy @ w^T`` without a copy).
@@ -62,12 +63,23 @@ def _act(z, ACT: tl.constexpr):
 
 @triton.jit
 def _gmm_kernel(A, W, Bias, Pre, Hid, tile_e, tile_row, offs,
-                K, NOUT, s_am, s_ak, s_we, s_wk, s_wn, s_be, s_bn, s_pre, s_hid,
+                K, NOUT, NT, NB, s_am, s_ak, s_we, s_wk, s_wn, s_be, s_bn, s_pre, s_hid,
                 ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                STORE_HID: tl.constexpr, DOT_PREC: tl.constexpr,
+                STORE_HID: tl.constexpr, DOT_PREC: tl.constexpr, GROUP_M: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # one program per (row tile, column block) of the NT x NB grid, in launch order: GROUP_M row
+    # tiles over every column block, then the next GROUP_M (the rows stay in L2 while the column
+    # blocks of the expert's weight go by); GROUP_M = 0: column block after column block
+    pid = tl.program_id(0)
+    if GROUP_M == 0:
+        pid_t = pid % NT
+        pid_n = pid // NT
+    else:
+        per_group = GROUP_M * NB
+        first = (pid // per_group) * GROUP_M
+        size = tl.minimum(NT - first, GROUP_M)
+        pid_t = first + (pid % per_group) % size
+        pid_n = (pid % per_group) // size
     e = tl.load(tile_e + pid_t)
     if e >= 0:
         row0 = tl.load(tile_row + pid_t).to(tl.int64)
@@ -147,9 +159,10 @@ def _wgrad_kernel(A, DY, OUT, offs, K, M, s_am, s_ak, s_dm, s_dn, s_oe, s_ok,
 # Hopper (sm_90) runs a 16-bit dot on warpgroup MMA (wgmma) only when each warpgroup gets >= 64
 # rows of it: the weight gradient's 32-row tiles of the first version compiled to mma.sync (the
 # warp-level MMA, a fraction of wgmma's rate) and 64 x 64 x 32 is a small tile for either GPU kind.
-# These are the usual tensor-core GEMM tiles, checked in sm_90 / sm_80 builds (aot_check: all
-# dots wgmma on sm_90, no spills, shared memory within sm_80's limit; sm_86 / sm_89 / sm_120
-# builds over their ~99 KiB fall back to fewer stages, _launch.launch). NOT timed on a GPU yet:
+# These are the usual tensor-core GEMM tiles, checked in sm_90 / sm_80 / sm_86 builds (aot_check:
+# all dots wgmma on sm_90, no spills, 72-96 KiB of shared memory on sm_90 and 24-32 KiB on the
+# mma.sync GPUs; a build over a GPU's limit, e.g. a larger tile forced by gemm_tiles, falls back
+# to fewer stages, _launch.launch). NOT timed on a GPU yet:
 # the first GPU session compares them with the first version's (``gemm_tiles``, the MoE
 # benchmark's ``triton-small-tiles`` contender). Gated activations hold two accumulators: half
 # BLOCK_N. Experts with few rows on average (P / E < 128) take 64-row tiles (half-empty 128-row
@@ -162,17 +175,31 @@ _TILES_FP32 = {"gmm": (64, 64, 32, 4, 3), "wgrad": (32, 64, 32, 4, 3)}  # ieee d
 _TILES_INTERPRET = {"gmm": (16, 32, 32, 4, 1), "wgrad": (32, 32, 32, 4, 1)}
 # the first version's tiles, for comparison on a GPU (gemm_tiles(small=True))
 _TILES_SMALL = {"gmm": (64, 64, 32, 4, 3), "wgrad": (32, 64, 32, 4, 3)}
-_FORCED: dict = {}  # kernel -> tile tuple imposed by gemm_tiles()
+# Launch order of the grouped GEMM's programs: GROUP_M row tiles over every column block, then
+# the next GROUP_M (Triton's matmul tutorial's grouping). The first version launched column block
+# by column block (0 here): each block of w[e] went over every row tile, so at 32,768 rows x 1,152
+# (75 MB of bf16 rows, more than an H100's 50 MB of L2) the rows would stream from memory once per
+# column block (36 times at F = 4,608); grouped, each row tile is read about once while the
+# expert's weight (10.6 MB at C = 1,152, F = 4,608) stays in L2. Not timed on a GPU yet.
+_GROUP_M = 8
+_FORCED: dict = {}  # kernel -> tile tuple imposed by gemm_tiles(); "group_m" -> GROUP_M
 
 
 @contextlib.contextmanager
-def gemm_tiles(gmm=None, wgrad=None, small=False):
+def gemm_tiles(gmm=None, wgrad=None, small=False, group_m=None):
     """Within the context, the grouped GEMM (``gmm``: ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
     num_stages)``) and the weight gradient (``wgrad``: ``(BLOCK_K, BLOCK_N, BLOCK_R, num_warps,
-    num_stages)``) use these tiles instead of the launcher's choice (``small=True``: the first
-    version's 64 x 64 x 32 / 32 x 64 x 32). For benchmarks that compare tiles on a GPU;
-    process-wide, not thread-safe; keep the backward inside too."""
-    new = dict(_TILES_SMALL) if small else {}
+    num_stages)``) use these tiles instead of the launcher's choice, and the grouped GEMM launches
+    ``group_m`` row tiles per group (0: column block after column block). ``small=True``: the
+    first version's 64 x 64 x 32 / 32 x 64 x 32 tiles and launch order (``group_m=0``). Tiles
+    given here are used as given, for every dtype and activation (no halving of BLOCK_N for
+    gated activations, no 64-row tiles for small experts). For benchmarks that compare tiles on
+    a GPU; process-wide, not thread-safe; keep the backward inside too."""
+    new = dict(_TILES_SMALL, group_m=0) if small else {}
+    if group_m is not None:
+        if isinstance(group_m, bool) or not isinstance(group_m, int) or group_m < 0:
+            raise ValueError(f"gemm_tiles: group_m must be an int >= 0, got {group_m!r}")
+        new["group_m"] = group_m
     for name, t in (("gmm", gmm), ("wgrad", wgrad)):
         if t is not None:
             t = tuple(int(v) for v in t)
@@ -188,6 +215,10 @@ def gemm_tiles(gmm=None, wgrad=None, small=False):
     finally:
         _FORCED.clear()
         _FORCED.update(prev)
+
+
+def _group_m() -> int:
+    return _FORCED.get("group_m", _GROUP_M)
 
 
 def _tiles(kernel: str, a: torch.Tensor, gated: bool = False, rows_per_expert: float = 0.0):
@@ -238,18 +269,20 @@ def _launch_gmm(a, w, offs, bias, act, gated, store_hid):
     E = w.shape[0]
     BM, BN, BK, warps, stages = _tiles("gmm", a, gated, P / max(E, 1))
     tile_e, tile_row = _tile_table(offs, P, BM)
-    grid = (tile_e.shape[0], triton.cdiv(NOUT, BN))
+    NT, NB = tile_e.shape[0], triton.cdiv(NOUT, BN)
     b = bias if bias is not None else pre
     # the bias is read through both of its strides (a transposed, sliced or expanded [E, M]
     # bias needs no copy; stride 0 broadcasts)
     s_be, s_bn = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     with device_ctx(a):
-        launch(_gmm_kernel, grid,
-               (a, w, b, pre, hid, tile_e, tile_row, offs, K, NOUT, a.stride(0), a.stride(1),
-                w.stride(0), w.stride(1), w.stride(2), s_be, s_bn, pre.stride(0), hid.stride(0)),
+        launch(_gmm_kernel, (NT * NB,),
+               (a, w, b, pre, hid, tile_e, tile_row, offs, K, NOUT, NT, NB, a.stride(0),
+                a.stride(1), w.stride(0), w.stride(1), w.stride(2), s_be, s_bn, pre.stride(0),
+                hid.stride(0)),
                dict(ACT=_ACT_CODE[act], GATED=gated, HAS_BIAS=bias is not None,
-                    STORE_HID=store_hid, DOT_PREC=_prec(a.dtype), BLOCK_M=BM, BLOCK_N=BN,
-                    BLOCK_K=BK, num_warps=warps, num_stages=stages), a.device)
+                    STORE_HID=store_hid, DOT_PREC=_prec(a.dtype), GROUP_M=_group_m(),
+                    BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages),
+               a.device)
     return pre, hid
 
 
