@@ -43,9 +43,7 @@ from vidgen_kernels import BackendUnavailableError
 
 
 def pytest_generate_tests(metafunc):
-    if "case" in metafunc.fixturenames:
-        cases = common.make_cases(metafunc.config.getoption("--quick"), common.bench_devices(metafunc.config))
-        metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+    common.parametrize_cases(metafunc, common.make_cases)
 
 
 def _unavailable(case: Case) -> str | None:

@@ -100,10 +100,7 @@ def make_cases(quick: bool, devices) -> list[Case]:
 
 
 def pytest_generate_tests(metafunc):
-    if "case" in metafunc.fixturenames:
-        cases = make_cases(metafunc.config.getoption("--quick"),
-                           common.bench_devices(metafunc.config))
-        metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+    common.parametrize_cases(metafunc, make_cases)
 
 
 def bytes_moved(case: Case) -> tuple[int, str]:
