@@ -37,6 +37,11 @@ def test_rope_kernels_compile_for_sm90(tmp_path):
     # bit-exact contract (each product and the difference rounded apart, as eager PyTorch): no
     # fused multiply-add in the PTX (the interpreter never fuses: only this check can see it)
     assert all(k["fma_f32"] == 0 for k in ks), [(k["config"], k["fma_f32"]) for k in ks]
+    # memory-bound: a unit-stride row of 16 heads moves in 16-byte vectors only, interleaved
+    # pairs too (two stride-2 loads of the pairs' halves compiled to 2- and 4-byte accesses)
+    wide = [(k["config"], k["access_bytes"]) for k in ks if "*bf16" in k["config"]]
+    assert {"INTERLEAVED=True" in c for c, _ in wide} == {True, False}, wide
+    assert all(w == [16] for _, w in wide), wide
 
 
 def test_refuses_under_the_interpreter_and_unknown_families():

@@ -13,7 +13,9 @@ driver that reports the target. Launches are skipped, so outputs are garbage; on
 is checked. For each distinct kernel it reports registers, spill (stack frame) bytes, shared
 memory and the tensor-core instructions its dots became (``wgmma.mma_async`` / ``mma.sync``
 counts in the PTX: on sm_90 a 16-bit dot whose tile is too small for a warpgroup falls back to
-the warp-level ``mma.sync``, a slower path; the summary counts such builds); a kernel whose
+the warp-level ``mma.sync``, a slower path; the summary counts such builds) and, in the JSON,
+the widths of its plain global loads / stores (``access_bytes``: 16 = full 16-byte vectors, what
+memory-bound kernels want); a kernel whose
 shared memory exceeds the target's per-block limit raises Triton's ``OutOfResources`` as a real
 launch would (launchers with a fallback, such as the temporal attention's fewer pipeline
 stages, then take it and are checked with it).
@@ -51,6 +53,14 @@ _FMA_F32 = re.compile(r"\bfma\.rn(?:\.ftz)?(?:\.sat)?\.f32(?:x2)?\b")  # x2: sm_
 # tensor-core instructions in the PTX: Hopper's warpgroup MMA and the Ampere-style warp MMA
 _WGMMA = re.compile(r"\bwgmma\.mma_async\b")
 _MMA_SYNC = re.compile(r"\bmma\.sync\b")
+# plain global loads / stores: ld.global[.qualifiers][.vN].type (bytes = N x type width)
+_GLOBAL_LDST = re.compile(r"\b(?:ld|st)\.global(?:\.[a-z0-9]+)*?(?:\.v([248]))?\.[bfsu](8|16|32|64)\b")
+
+
+def _access_bytes(ptx: str) -> list[int]:
+    """The distinct widths, in bytes, of the plain global loads and stores in ``ptx`` (16 = a
+    full 16-byte vector per thread; ``cp.async`` copies are not counted)."""
+    return sorted({int(n or 1) * int(bits) // 8 for n, bits in _GLOBAL_LDST.findall(ptx)})
 
 
 @dataclasses.dataclass
@@ -66,6 +76,7 @@ class Compiled:
     fma_f32: int = 0  # fused fp32 multiply-adds in the PTX
     wgmma: int = 0  # wgmma.mma_async instructions in the PTX (Hopper's warpgroup MMA)
     mma_sync: int = 0  # mma.sync instructions (warp-level MMA: Ampere's, and Hopper's fallback)
+    access_bytes: list = dataclasses.field(default_factory=list)  # widths of global ld / st
 
     @property
     def hopper_fallback(self) -> bool:
@@ -159,7 +170,8 @@ class Recorder:
             ptx = k.asm["ptx"]
             self.seen[h] = Compiled(fn.__name__, self.arch, cfg, regs, stack, md.shared, seconds,
                                     md.shared > limit, len(_FMA_F32.findall(ptx)),
-                                    len(_WGMMA.findall(ptx)), len(_MMA_SYNC.findall(ptx)))
+                                    len(_WGMMA.findall(ptx)), len(_MMA_SYNC.findall(ptx)),
+                                    _access_bytes(ptx))
         if md.shared > limit:
             raise OutOfResources(md.shared, limit, "shared memory")
 
@@ -218,7 +230,7 @@ def _cases(quick: bool) -> list[tuple[str, str, Callable[[], None]]]:
         for D in (64, 128):
             for interleaved in (True, False):
                 def f(dt=dt, D=D, interleaved=interleaved):
-                    x = leaf(1, 40, 4, D, dtype=dt)
+                    x = leaf(1, 40, 16, D, dtype=dt)
                     cos, sin = vk.rope3d_freqs(2, 4, 4, D)
                     y = vk.apply_rope(x, cos, sin, interleaved=interleaved, offset=8, backend="triton")
                     backward((y,), (x,))

@@ -4,7 +4,9 @@ Implements the RoPE kernel contract written in ``vidgen_kernels/ops/rope.py``:
 ``rope(x, cos, sin, out, offset, interleaved, conj)``. One program per ``(b, s)`` token and block
 of ``BLOCK_H`` heads holds ``[BLOCK_H, BLOCK_P]`` rotation pairs (``BLOCK_P = next_pow2(D/2)``).
 Positions outside ``offset .. offset + L - 1`` are stored unchanged (exact copy, selected with
-``tl.where``). ``CONJ`` (constexpr) rotates by the negative angle: the backward is the same kernel.
+``tl.where``). Interleaved rows are loaded and stored whole (``[BLOCK_H, 2 * BLOCK_P]``) and
+their pairs split / joined in registers (``tl.reshape`` + ``tl.split`` / ``tl.join``): a
+unit-stride row then moves in wide vectors. ``CONJ`` (constexpr) rotates by the negative angle: the backward is the same kernel.
 ``x`` is read through explicit ``(b, s, h, d)`` strides; ``out`` is contiguous.
 """
 from __future__ import annotations
@@ -36,16 +38,19 @@ def _rope_kernel(
     p = tl.arange(0, BLOCK_P)
     HALF: tl.constexpr = D // 2
     mask = (hs[:, None] < H) & (p[None, :] < HALF)
-    if INTERLEAVED:
-        d_a = 2 * p
-        d_b = 2 * p + 1
-    else:
-        d_a = p
-        d_b = p + HALF
     xrow = X + b * sx_b + s * sx_s + hs[:, None].to(tl.int64) * sx_h
     orow = OUT + tok * (H * D) + hs[:, None].to(tl.int64) * D
-    a = tl.load(xrow + d_a[None, :].to(tl.int64) * sx_d, mask=mask, other=0.0)
-    bb = tl.load(xrow + d_b[None, :].to(tl.int64) * sx_d, mask=mask, other=0.0)
+    if INTERLEAVED:
+        # the whole row as one [BLOCK_H, 2 * BLOCK_P] tile, then its pairs (2p, 2p + 1) split
+        # apart in registers: a unit-stride row loads and stores in wide vectors (two stride-2
+        # loads of the pairs' halves would not)
+        d = tl.arange(0, 2 * BLOCK_P)
+        mask2 = (hs[:, None] < H) & (d[None, :] < D)
+        x2 = tl.load(xrow + d[None, :].to(tl.int64) * sx_d, mask=mask2, other=0.0)
+        a, bb = tl.split(tl.reshape(x2, (BLOCK_H, BLOCK_P, 2)))
+    else:
+        a = tl.load(xrow + p[None, :].to(tl.int64) * sx_d, mask=mask, other=0.0)
+        bb = tl.load(xrow + (p + HALF)[None, :].to(tl.int64) * sx_d, mask=mask, other=0.0)
     j = s - offset
     inside = (j >= 0) & (j < L)
     jc = tl.where(inside, j, 0)
@@ -61,8 +66,11 @@ def _rope_kernel(
     rb = bf * c[None, :] + af * sn[None, :]
     oa = tl.where(inside, ra.to(OUT.dtype.element_ty), a)
     ob = tl.where(inside, rb.to(OUT.dtype.element_ty), bb)
-    tl.store(orow + d_a[None, :], oa, mask=mask)
-    tl.store(orow + d_b[None, :], ob, mask=mask)
+    if INTERLEAVED:
+        tl.store(orow + d[None, :], tl.reshape(tl.join(oa, ob), (BLOCK_H, 2 * BLOCK_P)), mask=mask2)
+    else:
+        tl.store(orow + p[None, :], oa, mask=mask)
+        tl.store(orow + (p + HALF)[None, :], ob, mask=mask)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, offset: int,
