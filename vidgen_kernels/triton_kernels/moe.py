@@ -9,11 +9,11 @@ no host synchronisation.
 Design
 ------
 * **Grouped GEMM over expert segments** (``_gmm_kernel``): the P sorted rows are cut into
-  ``BLOCK_M``-row tiles per expert (a tile never straddles two experts). The tile table
-  (expert, first row) is built on the device from the cumulative ends ``offs`` with
-  ``searchsorted`` (:func:`_tile_table`) and has the static length ``cdiv(P, BLOCK_M) + E`` (an
-  upper bound of ``sum_e cdiv(count_e, BLOCK_M)``); unused entries hold expert -1 and their
-  programs exit. Grid: ``tiles * cdiv(M_out, BLOCK_N)`` programs, launched ``GROUP_M`` row tiles
+  ``BLOCK_M``-row tiles per expert (a tile never straddles two experts), numbered expert after
+  expert; each program finds its tile's expert and first row from the cumulative ends ``offs``
+  (a scalar loop over the E experts: no tile table, no extra launches). The static tile count
+  ``cdiv(P, BLOCK_M) + E`` bounds ``sum_e cdiv(count_e, BLOCK_M)`` (no host sync); programs of
+  unused tile numbers exit. Grid: ``tiles * cdiv(M_out, BLOCK_N)`` programs, launched ``GROUP_M`` row tiles
   over every column block at a time (``_GROUP_M``: rows stay in L2). Each program computes a
   ``BLOCK_M x BLOCK_N`` tile of ``a_e @ w[e]`` with fp32 accumulation (``input_precision="ieee"``
   for fp32: no TF32), reading ``w`` through its three strides (so ``w.transpose(1, 2)`` serves
@@ -62,8 +62,8 @@ def _act(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gmm_kernel(A, W, Bias, Pre, Hid, tile_e, tile_row, offs,
-                K, NOUT, NT, NB, s_am, s_ak, s_we, s_wk, s_wn, s_be, s_bn, s_pre, s_hid,
+def _gmm_kernel(A, W, Bias, Pre, Hid, offs,
+                E, K, NOUT, NT, NB, s_am, s_ak, s_we, s_wk, s_wn, s_be, s_bn, s_pre, s_hid,
                 ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                 STORE_HID: tl.constexpr, DOT_PREC: tl.constexpr, GROUP_M: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -80,9 +80,23 @@ def _gmm_kernel(A, W, Bias, Pre, Hid, tile_e, tile_row, offs,
         size = tl.minimum(NT - first, GROUP_M)
         pid_t = first + (pid % per_group) % size
         pid_n = (pid % per_group) // size
-    e = tl.load(tile_e + pid_t)
+    # the row tile's expert and first row, from the experts' ends ``offs``: tiles are numbered
+    # expert after expert, cdiv(rows_e, BLOCK_M) each; numbers past the last tile are unused (NT
+    # is a static upper bound: no host sync for the tile count)
+    zero = (pid_t * 0).to(tl.int64)
+    e = pid_t * 0 - 1
+    row0 = zero
+    start = zero
+    seen = zero
+    for i in range(0, E):
+        end_i = tl.load(offs + i).to(tl.int64)
+        n_i = (end_i - start + BLOCK_M - 1) // BLOCK_M
+        hit = (pid_t >= seen) & (pid_t < seen + n_i)
+        e = tl.where(hit, i, e)
+        row0 = tl.where(hit, start + (pid_t - seen) * BLOCK_M, row0)
+        seen += n_i
+        start = end_i
     if e >= 0:
-        row0 = tl.load(tile_row + pid_t).to(tl.int64)
         end = tl.load(offs + e).to(tl.int64)
         rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = rows < end
@@ -239,21 +253,6 @@ def _tiles(kernel: str, a: torch.Tensor, gated: bool = False, rows_per_expert: f
     return bm, bn, bk, warps, stages
 
 
-def _tile_table(offs: torch.Tensor, P: int, BM: int):
-    """(tile expert int32 [T] (-1 unused), tile first row int64 [T]) with T = cdiv(P, BM) + E."""
-    E = offs.shape[0]
-    counts = torch.diff(offs, prepend=offs.new_zeros(1))
-    nt = torch.div(counts + BM - 1, BM, rounding_mode="floor")
-    cum = torch.cumsum(nt, 0)
-    T = triton.cdiv(P, BM) + E
-    t = torch.arange(T, device=offs.device)
-    e = torch.searchsorted(cum, t, right=True)
-    ec = e.clamp(max=E - 1)
-    row = (offs[ec] - counts[ec]) + (t - (cum[ec] - nt[ec])) * BM
-    tile_e = torch.where(e < E, ec, torch.full_like(ec, -1)).to(torch.int32)
-    return tile_e, row.contiguous()
-
-
 def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -268,15 +267,14 @@ def _launch_gmm(a, w, offs, bias, act, gated, store_hid):
         return pre, hid
     E = w.shape[0]
     BM, BN, BK, warps, stages = _tiles("gmm", a, gated, P / max(E, 1))
-    tile_e, tile_row = _tile_table(offs, P, BM)
-    NT, NB = tile_e.shape[0], triton.cdiv(NOUT, BN)
+    NT, NB = triton.cdiv(P, BM) + E, triton.cdiv(NOUT, BN)  # NT >= sum_e cdiv(rows_e, BM)
     b = bias if bias is not None else pre
     # the bias is read through both of its strides (a transposed, sliced or expanded [E, M]
     # bias needs no copy; stride 0 broadcasts)
     s_be, s_bn = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     with device_ctx(a):
         launch(_gmm_kernel, (NT * NB,),
-               (a, w, b, pre, hid, tile_e, tile_row, offs, K, NOUT, NT, NB, a.stride(0),
+               (a, w, b, pre, hid, offs, E, K, NOUT, NT, NB, a.stride(0),
                 a.stride(1), w.stride(0), w.stride(1), w.stride(2), s_be, s_bn, pre.stride(0),
                 hid.stride(0)),
                dict(ACT=_ACT_CODE[act], GATED=gated, HAS_BIAS=bias is not None,
