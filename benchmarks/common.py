@@ -85,6 +85,7 @@ def bench_devices(config) -> tuple[str, ...]:
         return (want,)
     return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 
+
 def parametrize_cases(metafunc, cases_of: Callable) -> None:
     """The ``pytest_generate_tests`` of a benchmark file: its ``case`` argument over
     ``cases_of(quick, devices)`` (``--quick``, ``--bench-device``), with the cases' ids."""

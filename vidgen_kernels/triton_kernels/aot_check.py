@@ -53,14 +53,22 @@ _FMA_F32 = re.compile(r"\bfma\.rn(?:\.ftz)?(?:\.sat)?\.f32(?:x2)?\b")  # x2: sm_
 # tensor-core instructions in the PTX: Hopper's warpgroup MMA and the Ampere-style warp MMA
 _WGMMA = re.compile(r"\bwgmma\.mma_async\b")
 _MMA_SYNC = re.compile(r"\bmma\.sync\b")
-# plain global loads / stores: ld.global[.qualifiers][.vN].type (bytes = N x type width)
-_GLOBAL_LDST = re.compile(r"\b(?:ld|st)\.global(?:\.[a-z0-9]+)*?(?:\.v([248]))?\.[bfsu](8|16|32|64)\b")
+# plain global loads / stores: ld.global[.qualifiers][.vN].type (bytes = N x type width);
+# qualifiers such as .nc, .L1::evict_last, .L2::cache_hint
+_GLOBAL_LDST = re.compile(
+    r"\b(?:ld|st)\.global(?:\.[A-Za-z0-9_:]+?)*?(?:\.v([248]))?\.[bfsu](8|16|32|64|128)\b")
+_GLOBAL_ANY = re.compile(r"\b(?:ld|st)\.global\b")
 
 
 def _access_bytes(ptx: str) -> list[int]:
     """The distinct widths, in bytes, of the plain global loads and stores in ``ptx`` (16 = a
-    full 16-byte vector per thread; ``cp.async`` copies are not counted)."""
-    return sorted({int(n or 1) * int(bits) // 8 for n, bits in _GLOBAL_LDST.findall(ptx)})
+    full 16-byte vector per thread; ``cp.async`` copies are not counted); -1 is added when an
+    access was not understood, so a check for ``[16]`` cannot pass over it."""
+    found = _GLOBAL_LDST.findall(ptx)
+    widths = {int(n or 1) * int(bits) // 8 for n, bits in found}
+    if len(found) != len(_GLOBAL_ANY.findall(ptx)):
+        widths.add(-1)
+    return sorted(widths)
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ Design
 * **Grouped GEMM over expert segments** (``_gmm_kernel``): the P sorted rows are cut into
   ``BLOCK_M``-row tiles per expert (a tile never straddles two experts), numbered expert after
   expert; each program finds its tile's expert and first row from the cumulative ends ``offs``
-  (a scalar loop over the E experts: no tile table, no extra launches). The static tile count
+  (one vector load and a prefix sum over the E experts: no tile table, no extra launches). The static tile count
   ``cdiv(P, BLOCK_M) + E`` bounds ``sum_e cdiv(count_e, BLOCK_M)`` (no host sync); programs of
   unused tile numbers exit. Grid: ``tiles * cdiv(M_out, BLOCK_N)`` programs, launched ``GROUP_M`` row tiles
   over every column block at a time (``_GROUP_M``: rows stay in L2). Each program computes a
@@ -66,7 +66,8 @@ def _gmm_kernel(A, W, Bias, Pre, Hid, offs,
                 E, K, NOUT, NT, NB, s_am, s_ak, s_we, s_wk, s_wn, s_be, s_bn, s_pre, s_hid,
                 ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                 STORE_HID: tl.constexpr, DOT_PREC: tl.constexpr, GROUP_M: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                E_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
     # one program per (row tile, column block) of the NT x NB grid, in launch order: GROUP_M row
     # tiles over every column block, then the next GROUP_M (the rows stay in L2 while the column
     # blocks of the expert's weight go by); GROUP_M = 0: column block after column block
@@ -80,24 +81,19 @@ def _gmm_kernel(A, W, Bias, Pre, Hid, offs,
         size = tl.minimum(NT - first, GROUP_M)
         pid_t = first + (pid % per_group) % size
         pid_n = (pid % per_group) // size
-    # the row tile's expert and first row, from the experts' ends ``offs``: tiles are numbered
-    # expert after expert, cdiv(rows_e, BLOCK_M) each; numbers past the last tile are unused (NT
-    # is a static upper bound: no host sync for the tile count)
-    zero = (pid_t * 0).to(tl.int64)
-    e = pid_t * 0 - 1
-    row0 = zero
-    start = zero
-    seen = zero
-    for i in range(0, E):
-        end_i = tl.load(offs + i).to(tl.int64)
-        n_i = (end_i - start + BLOCK_M - 1) // BLOCK_M
-        hit = (pid_t >= seen) & (pid_t < seen + n_i)
-        e = tl.where(hit, i, e)
-        row0 = tl.where(hit, start + (pid_t - seen) * BLOCK_M, row0)
-        seen += n_i
-        start = end_i
-    if e >= 0:
-        end = tl.load(offs + e).to(tl.int64)
+    # the row tile's expert and first row, from the experts' ends ``offs`` (one vector of E_P2 >=
+    # E entries): tiles are numbered expert after expert, cdiv(rows_e, BLOCK_M) each; numbers
+    # past the last tile are unused (NT is a static upper bound: no host sync for the count)
+    idx = tl.arange(0, E_P2)
+    ends = tl.load(offs + idx, mask=idx < E, other=0).to(tl.int64)
+    starts = tl.load(offs + idx - 1, mask=(idx > 0) & (idx < E), other=0).to(tl.int64)
+    ntiles = (ends - starts + BLOCK_M - 1) // BLOCK_M  # 0 past E
+    first_tile = tl.cumsum(ntiles, 0) - ntiles
+    e = tl.sum((first_tile + ntiles <= pid_t).to(tl.int32), 0)  # experts wholly before pid_t
+    mine = idx == e
+    row0 = tl.sum(tl.where(mine, starts + (pid_t - first_tile) * BLOCK_M, 0), 0)
+    if e < E:
+        end = tl.sum(tl.where(mine, ends, 0), 0)
         rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = rows < end
         # offsets in int64: a weight view's (K - 1) * s_wk (e.g. experts side by side in one
@@ -268,6 +264,9 @@ def _launch_gmm(a, w, offs, bias, act, gated, store_hid):
     E = w.shape[0]
     BM, BN, BK, warps, stages = _tiles("gmm", a, gated, P / max(E, 1))
     NT, NB = triton.cdiv(P, BM) + E, triton.cdiv(NOUT, BN)  # NT >= sum_e cdiv(rows_e, BM)
+    if NT * NB >= 2 ** 31:  # program ids are int32
+        raise ValueError(f"triton grouped GEMM: {NT} row tiles x {NB} column blocks exceed the "
+                         f"2**31 - 1 programs of one launch (P={P}, E={E}, N={NOUT})")
     b = bias if bias is not None else pre
     # the bias is read through both of its strides (a transposed, sliced or expanded [E, M]
     # bias needs no copy; stride 0 broadcasts)
@@ -279,6 +278,7 @@ def _launch_gmm(a, w, offs, bias, act, gated, store_hid):
                 hid.stride(0)),
                dict(ACT=_ACT_CODE[act], GATED=gated, HAS_BIAS=bias is not None,
                     STORE_HID=store_hid, DOT_PREC=_prec(a.dtype), GROUP_M=_group_m(),
+                    E_P2=max(triton.next_power_of_2(E), 2),
                     BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages),
                a.device)
     return pre, hid
