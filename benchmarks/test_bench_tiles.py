@@ -32,10 +32,20 @@ the defaults and ``dense`` run; ``benchmarks/results/triton-aot-2026-12-07-mma``
 variant's registers, spills and MMA instructions. Each case records the tiles its launches
 actually took (``extra_info["launched_tiles"]``).
 
+* ``temporal_attn_fwd`` / ``temporal_attn_bwd``: the causal temporal attention's resident
+  kernels at issue 4's shapes ``(B, T, S, H, D)`` = (2, 16, 32x32, 16, 64) and (1, 32, 16x16, 8,
+  64), read in place from ``[B, T, S, H, D]`` (memory-bound: many short sequences), through the
+  launchers' knobs: sequences per program (default about 128 frame rows: 8 at T = 16, 4 at
+  T = 32), warps, pipeline stages.
+
 Work model (``extra_info``): ``flops`` = 4 B H S^2 D for the attention forward, 2.5x that for its
-backward; 2 P C F for each GEMM. Variants are tile tuples, not new kernels: what wins here becomes
-the launcher's default (``_tiles`` in ``triton_kernels/rope3d_attention.py``, ``_TILES_16BIT`` in
-``triton_kernels/moe.py``).
+backward; 2 P C F for each GEMM; temporal attention: its causal forward 2 B S H T^2 D (half the
+T x T pairs), 2.5x for the backward, and ``bytes_moved`` (forward: q, k, v, out; backward: q,
+k, v, out, dout, dq, dk, dv; the small lse aside) for the bandwidth it reaches. Variants are tile
+tuples and launch knobs, not new kernels: what wins here becomes the launcher's default
+(``_tiles`` in ``triton_kernels/rope3d_attention.py``, ``_TILES_16BIT`` / ``_GROUP_M`` in
+``triton_kernels/moe.py``, ``_ROWS_PER_PROGRAM`` and the warps rule in
+``triton_kernels/temporal_attention.py``).
 
 On CPU the family has cases only in ``--quick`` mode under the Triton interpreter
 (``TRITON_INTERPRET=1``): tiny fp16 shapes, every variant checked against the default (a test of
@@ -82,6 +92,16 @@ MOE_VARIANTS = {
               "128x128x32 w8 s4": dict(wgrad=(128, 128, 32, 8, 4)),
               "small": dict(small=True)},
 }
+# temporal attention variants: the launchers' keyword knobs
+TEMPORAL_VARIANTS = {
+    "fwd": {"spp 2": dict(seqs_per_program=2), "spp 32": dict(seqs_per_program=32),
+            "warps 8": dict(num_warps=8), "stages 3": dict(num_stages=3)},
+    "bwd": {"spp 2": dict(seqs_per_program=2), "spp 16": dict(seqs_per_program=16),
+            "warps 8": dict(num_warps=8), "stages 3": dict(num_stages=3)},
+}
+# (B, T, (Sh, Sw), H, D)
+TEMPORAL_SHAPES = {"cuda": ((2, 16, (32, 32), 16, 64), (1, 32, (16, 16), 8, 64)),
+                   "cpu": ((1, 16, (2, 3), 2, 64),)}
 # (B, text, (F, Hh, Ww), H, D, label)
 ROPE3D_SHAPES = {"cuda": ((1, 226, (13, 30, 45), 48, 64, "cogvideox-5b"),
                           (1, 0, (21, 30, 52), 12, 128, "wan-1.3b")),
@@ -105,8 +125,12 @@ class Case:
 
     @property
     def label(self) -> str:
-        return self.shape[-1] if self.kernel.startswith("rope3d") else \
-            "E{}xC{}xF{}xN{}".format(*self.shape)
+        if self.kernel.startswith("rope3d"):
+            return self.shape[-1]
+        if self.kernel.startswith("temporal"):
+            B, T, (Sh, Sw), H, D = self.shape
+            return f"B{B}xT{T}xS{Sh}x{Sw}xH{H}xD{D}"
+        return "E{}xC{}xF{}xN{}".format(*self.shape)
 
     @property
     def id(self) -> str:
@@ -125,13 +149,15 @@ class Case:
         name = self.contender[len("tiles "):]
         if self.kernel.startswith("rope3d"):
             return ROPE3D_VARIANTS[(self.kernel[-3:], self.shape[4])][name]
+        if self.kernel.startswith("temporal"):
+            return TEMPORAL_VARIANTS[self.kernel[-3:]][name]
         return MOE_VARIANTS[self.kernel[4:]][name]
 
 
 def make_cases(quick: bool, devices) -> list[Case]:
     """The cases, most wanted first (a run the budget cuts off keeps those): the MoE GEMMs (their
-    tiles changed without a timing), the RoPE-3D backward at D = 128 (mma.sync on Hopper), then
-    the rest."""
+    tiles changed without a timing), the temporal attention (issue 4's GPU targets), the RoPE-3D
+    backward at D = 128 (mma.sync on Hopper), then the rest."""
     cases = []
     for dev in devices:
         if dev == "cpu" and not (quick and _interpreting()):
@@ -141,6 +167,10 @@ def make_cases(quick: bool, devices) -> list[Case]:
             for kern in ("gmm", "wgrad"):
                 cases += [Case(f"moe_{kern}", shape, dev, dtype, c)
                           for c in (DEFAULT, *(f"tiles {n}" for n in MOE_VARIANTS[kern]), DENSE)]
+        for shape in TEMPORAL_SHAPES[dev][:1] if quick else TEMPORAL_SHAPES[dev]:
+            for direction in ("fwd", "bwd"):
+                cases += [Case(f"temporal_attn_{direction}", shape, dev, dtype, c)
+                          for c in (DEFAULT, *(f"tiles {n}" for n in TEMPORAL_VARIANTS[direction]))]
         shapes = ROPE3D_SHAPES[dev][-1:] if quick and dev == "cuda" else ROPE3D_SHAPES[dev]
         for direction, D in (("bwd", 128), ("bwd", 64), ("fwd", 64), ("fwd", 128)):
             for shape in (s for s in shapes if s[4] == D):
@@ -154,6 +184,10 @@ def pytest_generate_tests(metafunc):
 
 
 def flops(case: Case) -> int:
+    if case.kernel.startswith("temporal"):
+        B, T, (Sh, Sw), H, D = case.shape
+        f = 2 * B * Sh * Sw * H * T * T * D  # causal: half of 4 B S H T^2 D
+        return int(2.5 * f) if case.kernel.endswith("bwd") else f
     if case.kernel.startswith("rope3d"):
         B, text, (F_, Hh, Ww), H, D, _ = case.shape
         S = text + F_ * Hh * Ww
@@ -169,6 +203,18 @@ def flops(case: Case) -> int:
 def make_inputs(case: Case) -> dict:
     g = torch.Generator(device=case.device).manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g, device=case.device)  # noqa: E731
+    if case.kernel.startswith("temporal"):
+        from vidgen_kernels.triton_kernels import temporal_attention as tk
+        B, T, (Sh, Sw), H, D = case.shape
+        S = Sh * Sw
+        q, k, v = (rnd(B, T, S, H, D).to(case.dtype) for _ in range(3))
+        inp = dict(q=q, k=k, v=v, scale=D ** -0.5)
+        if case.kernel.endswith("bwd"):
+            out = torch.empty_like(q)
+            lse = torch.empty((B, S, H, T), dtype=torch.float32, device=case.device)
+            tk.temporal_attn_fwd(q, k, v, None, None, out, lse, True, True, 0, inp["scale"])
+            inp.update(out=out, lse=lse, dout=rnd(B, T, S, H, D).to(case.dtype))
+        return inp
     if case.kernel.startswith("rope3d"):
         import vidgen_kernels as vk
         B, text, grid, H, D, _ = case.shape
@@ -234,6 +280,27 @@ def _tiles_of(case: Case):
 
 def step_fn(case: Case, inp: dict):
     """The timed call (with the case's tiles in force for each call)."""
+    if case.kernel.startswith("temporal"):
+        from vidgen_kernels.triton_kernels import temporal_attention as tk
+        knobs = dict(case.variant or {})
+        LAUNCHED["knobs"] = knobs  # the launcher's keyword knobs ({}: its own choice)
+        q, k, v, scale = inp["q"], inp["k"], inp["v"], inp["scale"]
+        B, T, (Sh, Sw), H, D = case.shape
+        if case.kernel.endswith("fwd"):
+            def run():
+                out = torch.empty_like(q)
+                lse = torch.empty((B, Sh * Sw, H, T), dtype=torch.float32, device=q.device)
+                tk.temporal_attn_fwd(q, k, v, None, None, out, lse, True, True, 0, scale,
+                                     tiled=False, **knobs)
+                return out
+            return run
+
+        def run():
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+            tk.temporal_attn_bwd(inp["dout"], q, k, v, None, None, inp["out"], inp["lse"], dq,
+                                 dk, dv, True, True, 0, scale, tiled=False, **knobs)
+            return dq, dk, dv
+        return run
     if case.kernel.startswith("rope3d"):
         from vidgen_kernels.triton_kernels import rope3d_attention as rk
         stages = (case.variant or {}).get("stages")
@@ -331,9 +398,16 @@ def test_tiles(benchmark, case: Case, request):
         dtype=common.dtype_name(case.dtype), shape=list(case.shape), device=case.device,
         device_name=common.device_name(case.device), flops=fl,
         matmul_peak_flops=common.matmul_peak_flops(case.device, case.dtype),
-        flops_counted=("4*B*H*S^2*D" + (" * 2.5 (backward)" if case.kernel.endswith("bwd") else ""))
-        if case.kernel.startswith("rope3d") else "2*N*k*C*F",
+        flops_counted=("2*B*S*H*T^2*D (causal)" if case.kernel.startswith("temporal") else
+                       "4*B*H*S^2*D" if case.kernel.startswith("rope3d") else "2*N*k*C*F")
+        + (" * 2.5 (backward)" if case.kernel.endswith("bwd") else ""),
     )
+    if case.kernel.startswith("temporal"):  # memory-bound: the bytes it must move at least
+        B, T, (Sh, Sw), H, D = case.shape
+        # forward: read q, k, v, write out; backward: read q, k, v, out, dout, write dq, dk, dv
+        tensors = 8 if case.kernel.endswith("bwd") else 4
+        info["bytes_moved"] = tensors * B * T * Sh * Sw * H * D * case.dtype.itemsize
+        info["gbps"], info["gbps_cuda_events"] = common.per_second(info["bytes_moved"], info)
     benchmark.extra_info.update(info)
     del run, inp
     common.release(case.device, False)

@@ -655,7 +655,7 @@ def test_interrupted_run_still_writes_the_json_of_the_finished_cases(tmp_path):
 def test_tile_variants_compute_what_the_defaults_do(tmp_path):
     """benchmarks/test_bench_tiles.py under the Triton interpreter (--quick, CPU): every tile
     variant a GPU run will time (MoE grouped GEMM / weight gradient, RoPE-3D attention forward /
-    backward at head_dim 64 and 128) runs with its tiles and gives the default's result on the
+    backward at head_dim 64 and 128, temporal attention launch knobs) runs with its tiles and gives the default's result on the
     same inputs (the tiles each variant's launches took are recorded and checked), and the
     summary counts the variants as ours (no "best peer" among them)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -676,14 +676,16 @@ def test_tile_variants_compute_what_the_defaults_do(tmp_path):
     benches = json.loads(out.read_text())["benchmarks"]
     variants = [b for b in benches if b["extra_info"]["contender"].startswith("tiles ")
                 and b["extra_info"]["contender"] != T.DEFAULT]
-    n_variants = sum(len(v) for v in T.MOE_VARIANTS.values()) + sum(
-        len(v) for v in T.ROPE3D_VARIANTS.values())
+    n_variants = sum(len(v) for table in (T.MOE_VARIANTS, T.ROPE3D_VARIANTS, T.TEMPORAL_VARIANTS)
+                     for v in table.values())
     assert len(variants) == n_variants, [b["name"] for b in benches]
     assert all(b["extra_info"]["max_rel_err_vs_default"] <= 5e-3 for b in variants)
     for b in variants:  # each variant's launches took its tiles
         ei = b["extra_info"]
         got, name = ei["launched_tiles"], ei["contender"][len("tiles "):]
-        if ei["kernel"].startswith("rope3d"):
+        if ei["kernel"].startswith("temporal"):
+            assert got["knobs"] == T.TEMPORAL_VARIANTS[ei["kernel"][-3:]][name], (b["name"], got)
+        elif ei["kernel"].startswith("rope3d"):
             v = T.ROPE3D_VARIANTS[(ei["kernel"][-3:], ei["shape"][4])][name]
             for kern in ("fwd", "dkdv", "dq"):
                 if kern in v:
@@ -697,5 +699,8 @@ def test_tile_variants_compute_what_the_defaults_do(tmp_path):
                 assert got[kern][:5] == list(want), (b["name"], got)
             if kern == "gmm":
                 assert got["gmm"][5] == (0 if v.get("small") else v.get("group_m", TM._GROUP_M))
+    assert {b["extra_info"]["kernel"] for b in benches} == {
+        "moe_gmm", "moe_wgrad", "rope3d_attn_fwd", "rope3d_attn_bwd", "temporal_attn_fwd",
+        "temporal_attn_bwd"}
     assert summarize.is_ours("tiles default") and summarize.is_ours("tiles stages 2")
     assert not summarize.is_ours("dense") and not summarize.is_ours("sdpa")
