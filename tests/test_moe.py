@@ -443,14 +443,18 @@ def test_triton_gemm_tiles_by_gpu_kind_and_the_gemm_tiles_knob(monkeypatch):
         assert TM._tiles("wgrad", f32) == (32, 64, 32, 4, 3)
     monkeypatch.undo()
 
-    seen = []
+    launches = []  # (kernel name, meta, grid) of every launch
     real_launch = TM.launch
+    monkeypatch.setattr(TM, "launch", lambda k, grid, args, meta, dev: (
+        launches.append((k.__name__, meta, grid)), real_launch(k, grid, args, meta, dev))[1])
     order = {"_gmm_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
              "_wgrad_kernel": ("BLOCK_K", "BLOCK_N", "BLOCK_R")}  # gemm_tiles' order
-    monkeypatch.setattr(TM, "launch", lambda k, grid, args, meta, dev: (
-        seen.append((k.__name__, *(meta[n] for n in order[k.__name__]), meta["num_warps"],
-                     meta["num_stages"])),
-        real_launch(k, grid, args, meta, dev))[1])
+
+    def tiles_seen():
+        out = [(name, *(meta[n] for n in order[name]), meta["num_warps"], meta["num_stages"])
+               for name, meta, _ in launches]
+        launches.clear()
+        return out
     g = torch.Generator().manual_seed(0)
     P, K, Mo, E = 45, 40, 24, 3
     a, dy = torch.randn(P, K, generator=g), torch.randn(P, Mo, generator=g)
@@ -462,26 +466,22 @@ def test_triton_gemm_tiles_by_gpu_kind_and_the_gemm_tiles_knob(monkeypatch):
     with TM.gemm_tiles(gmm=(32, 16, 16, 2, 1), wgrad=(16, 32, 16, 2, 1)):
         torch.testing.assert_close(TM.gmm(a, w, offs), want, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(TM.gmm_wgrad(a, dy, offs, E), want_wg, rtol=1e-5, atol=1e-4)
+    seen = tiles_seen()
     assert seen == [("_gmm_kernel", 32, 16, 16, 2, 1), ("_wgrad_kernel", 16, 32, 16, 2, 1)], seen
     # launch orders: 5 row tiles (3 of them used) x 2 column blocks, in groups of 0 (column block
     # after column block), 1, 2 and 3 row tiles (partial last groups) and 8 (one group)
-    seen.clear()
-    orders = []
-    monkeypatch.setattr(TM, "launch", lambda k, grid, args, meta, dev: (
-        orders.append((meta["GROUP_M"], grid)), real_launch(k, grid, args, meta, dev))[1])
     for gm in (0, 1, 2, 3, 8):
         with TM.gemm_tiles(gmm=(32, 16, 16, 2, 1), group_m=gm):
             torch.testing.assert_close(TM.gmm(a, w, offs), want, rtol=1e-5, atol=1e-4)
+    orders = [(meta["GROUP_M"], grid) for _, meta, grid in launches]
+    launches.clear()
     assert orders == [(gm, (10,)) for gm in (0, 1, 2, 3, 8)], orders
     assert TM._group_m() == TM._GROUP_M == 8
-    monkeypatch.setattr(TM, "launch", lambda k, grid, args, meta, dev: (
-        seen.append((k.__name__, *(meta[n] for n in order[k.__name__]), meta["num_warps"],
-                     meta["num_stages"])),
-        real_launch(k, grid, args, meta, dev))[1])
     with TM.gemm_tiles(small=True):
         torch.testing.assert_close(TM.gmm(a, w, offs), want, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(TM.gmm_wgrad(a, dy, offs, E), want_wg, rtol=1e-5, atol=1e-4)
         assert TM._group_m() == 0  # and the first version's launch order
+    seen = tiles_seen()
     assert seen == [("_gmm_kernel", 64, 64, 32, 4, 3), ("_wgrad_kernel", 32, 64, 32, 4, 3)], seen
     assert not TM._FORCED  # restored on exit
     for bad in (-1, 2.0, True, "8"):
