@@ -376,12 +376,14 @@ def test_frame_causality_forward_and_backward(backend, device, dtype):
     assert not dq[:, start:].any() and not dq[:, :pre].any()
 
 
-@pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32,)))
+@pytest.mark.parametrize("backend,device,dtype",
+                         kernel_params((torch.float32,)) + sdpa_params((torch.float32,)))
 def test_frame_causal_nan_reaches_no_masked_key(backend, device, dtype):
     """A NaN in the dout of a text query or of frame block 0 reaches no gradient of a key those
     queries cannot see (masked entries send no gradient, as the reference's masked softmax
-    does): the Triton backward used to form ds = p * (dp - delta), 0 * NaN at masked entries.
-    (Not ``rope3d_attention_sdpa``: SDPA's backward does just that, as its docstring says.)"""
+    does): the Triton backward used to form ds = p * (dp - delta), 0 * NaN at masked entries,
+    and so did ``rope3d_attention_sdpa`` with its ``S x S`` mask (SDPA's backward; now one call
+    per frame block, over the keys the block may see)."""
     pre, L, suf, tpf, D = 3, 16, 2, 4, 16  # 4 frames of 4 tokens, one frame per block
     S = pre + L + suf
     g = torch.Generator().manual_seed(2)
@@ -403,6 +405,76 @@ def test_frame_causal_nan_reaches_no_masked_key(backend, device, dtype):
         # keys of frames 1.. (and, for the text query, all video keys) stay finite
         first_hidden = pre if row < pre else pre + tpf
         assert grads[backend][1][0, first_hidden:pre + L, 1].isfinite().all()
+
+
+@pytest.mark.parametrize("pre,suf,tpf,fpb", [(3, 2, 4, 1), (0, 5, 6, 2), (4, 0, 3, 3),
+                                             (2, 1, 5, 9)])
+def test_sdpa_frame_causal_per_block_calls(monkeypatch, pre, suf, tpf, fpb):
+    """``rope3d_attention_sdpa`` with ``frame_causal``: one unmasked SDPA call per frame block
+    (plus one for text queries before and one after the video), each holding exactly the keys
+    its queries may see, and no ``S x S`` mask; forward and backward match the reference (text
+    prefix and suffix, a last block shorter than the others, one block longer than the video).
+    Beyond ``_SDPA_MAX_BLOCK_CALLS`` blocks: one call with the mask, same result."""
+    L = 6 * tpf
+    S = pre + L + suf
+    g = torch.Generator().manual_seed(4)
+    q, k, v, dout = (torch.randn(2, S, 3, 16, generator=g) for _ in range(4))
+    ang = torch.randn(L, 8, generator=g)
+    cs = (ang.cos(), ang.sin())
+    kw = dict(rope_offset=pre, frame_causal=True, tokens_per_frame=tpf, frames_per_block=fpb)
+    mask = ra.frame_causal_mask(S, pre, L, min(tpf * fpb, L))
+    seen, masks = [], []
+    real_sdpa, real_mask = ra._sdpa, ra.frame_causal_mask
+    monkeypatch.setattr(ra, "_sdpa", lambda q, k, v, m, sc: seen.append(
+        (q.shape[2], k.shape[2], m)) or real_sdpa(q, k, v, m, sc))
+    monkeypatch.setattr(ra, "frame_causal_mask", lambda *a, **kw_: masks.append(1) or
+                        real_mask(*a, **kw_))
+
+    def run(backend):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attn(*leaves, backend, *cs, **kw)
+        return (out, *torch.autograd.grad(out, leaves, dout))
+
+    want = run("reference")
+    masks.clear()
+    got = run("sdpa")
+    assert not masks and all(m is None for *_, m in seen)
+    blocks = -(-L // (tpf * fpb))
+    assert len(seen) == blocks + (pre > 0) + (suf > 0)
+    # each call: as many keys as its queries may see (the mask's row count), no more
+    assert sum(n for n, _, _ in seen) == S  # query rows
+    firsts = [0] if pre else []
+    firsts += list(range(pre, pre + L, tpf * fpb)) + ([pre + L] if suf else [])
+    assert [n for _, n, _ in seen] == [int(mask[i].sum()) for i in firsts]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    seen.clear()
+    monkeypatch.setattr(ra, "_SDPA_MAX_BLOCK_CALLS", blocks - 1)
+    got = run("sdpa")
+    assert masks and len(seen) == 1 and seen[0][2] is not None
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sdpa_frame_causal_compiles_once_for_every_video_length():
+    """Under ``torch.compile(dynamic=True)`` the frame-causal rotation + SDPA is one graph for
+    every video length (one call with the mask there: a loop over the blocks would pin the
+    length, a recompile per length), equal to eager's per-block calls."""
+    from torch._dynamo.testing import CompileCounter
+    cnt = CompileCounter()
+
+    def f(q, cos, sin):
+        return vk.rope3d_attention_sdpa(q, q, q, cos, sin, rope_offset=3, frame_causal=True,
+                                        tokens_per_frame=6)
+
+    torch._dynamo.reset()
+    c = torch.compile(f, fullgraph=True, dynamic=True, backend=cnt)
+    g = torch.Generator().manual_seed(0)
+    for frames in (4, 5, 7):
+        cos, sin = vk.rope3d_freqs(frames, 2, 3, 16)
+        q = torch.randn(1, 3 + 6 * frames, 2, 16, generator=g)
+        torch.testing.assert_close(c(q, cos, sin), f(q, cos, sin), rtol=1e-5, atol=1e-6)
+    assert cnt.frame_count == 1
 
 
 @pytest.mark.triton
@@ -1047,7 +1119,8 @@ def test_sdpa_fallback_double_backward(monkeypatch, frame_causal):
     """The no-kernel fallback (rotation + SDPA) is differentiable twice: a gradient penalty
     (``create_graph=True``) gets the reference's gradients (SDPA's fused backward has no
     derivative: this raised before), through ``auto`` without kernels and through
-    ``rope3d_attention_sdpa``; an ordinary backward is still SDPA's own, bit for bit."""
+    ``rope3d_attention_sdpa``; an ordinary backward is still SDPA's own, bit for bit (with
+    ``frame_causal``: one SDPA call per frame block)."""
     calls = []
     backend = _no_kernels("auto-without-kernels", monkeypatch, calls)
     g = torch.Generator().manual_seed(5)
@@ -1079,11 +1152,15 @@ def test_sdpa_fallback_double_backward(monkeypatch, frame_causal):
     for a, b in zip(torch.autograd.grad(loss, qkv), got):
         assert torch.equal(a, b)
     qkv2 = [t.clone().requires_grad_() for t in base]
-    qr, kr = (vk.apply_rope(t, cos, sin, offset=pre) for t in qkv2[:2])
-    mask = (ra.frame_causal_mask(S, pre, cos.shape[0], grid[1] * grid[2], qr.device)
-            if frame_causal else None)
-    out = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2),
-                                         qkv2[2].transpose(1, 2), attn_mask=mask).transpose(1, 2)
+    qh, kh, vh = (t.transpose(1, 2) for t in (*(vk.apply_rope(t, cos, sin, offset=pre)
+                                                 for t in qkv2[:2]), qkv2[2]))
+    # frame-causal: one SDPA call per block of queries over the keys they may see (the text
+    # queries: the text keys; frame f: the text and frames 0 .. f)
+    tpf = grid[1] * grid[2]
+    calls = ([(0, pre, pre)] + [(a, a + tpf, a + tpf) for a in range(pre, S, tpf)]
+             if frame_causal else [(0, S, S)])
+    out = torch.cat([F.scaled_dot_product_attention(qh[:, :, a:b], kh[:, :, :n], vh[:, :, :n])
+                     for a, b, n in calls], dim=2).transpose(1, 2)
     want = torch.autograd.grad((out * w).sum(), qkv2)
     for a, b in zip(got, want):
         assert torch.equal(a, b)

@@ -290,11 +290,55 @@ def _rotate_sdpa(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, 
         kr = apply_rope(k, cos, sin, interleaved=interleaved, offset=rope_offset, backend="auto")
     else:
         qr, kr = q, k
+    qh, kh, vh = qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2)
     mask = None
     if fc_block:
+        pieces = _frame_block_pieces(q.shape[1], fc_start, fc_len, fc_block)
+        if pieces is not None:
+            return _block_sdpa(qh, kh, vh, pieces, fc_start + fc_len, scale)
         mask = frame_causal_mask(q.shape[1], fc_start, fc_len, fc_block, q.device)
-    out = _sdpa(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), mask, scale)
+    out = _sdpa(qh, kh, vh, mask, scale)
     return out.transpose(1, 2).contiguous()  # (flash / memory-efficient: already [B, S, H, D])
+
+
+# Frame-causal rotation + SDPA: up to this many frame blocks run one unmasked SDPA call each;
+# more (blocks of a few tokens) take one call with the S x S mask.
+_SDPA_MAX_BLOCK_CALLS = 128
+
+
+def _frame_block_pieces(S, fc_start, fc_len, fc_block):
+    """The unmasked SDPA calls of the frame-causal rule, ``[(q0, q1, n_keys), ...]``: queries
+    ``q0 .. q1 - 1`` attend to the first ``n_keys`` keys of the order ``[text suffix, text
+    prefix, video]`` (where every query's visible keys are a prefix: text queries see the
+    ``S - fc_len`` text keys, block ``j`` the text and blocks ``0 .. j``). ``None`` where there
+    are more than ``_SDPA_MAX_BLOCK_CALLS`` blocks, or while compiling (a loop over the sizes
+    would pin them: a recompile per video length under dynamic shapes): then one call with the
+    mask."""
+    if torch.compiler.is_compiling() or not all(type(x) is int
+                                                for x in (S, fc_start, fc_len, fc_block)):
+        return None
+    if -(-fc_len // fc_block) > _SDPA_MAX_BLOCK_CALLS:
+        return None
+    v1 = fc_start + fc_len
+    text = S - fc_len
+    pieces = [(0, fc_start, text)] if fc_start else []
+    pieces += [(a, min(a + fc_block, v1), S - v1 + min(a + fc_block, v1))
+               for a in range(fc_start, v1, fc_block)]
+    return pieces + ([(v1, S, text)] if v1 < S else [])
+
+
+def _block_sdpa(qh, kh, vh, pieces, v1, scale):
+    """Frame-causal attention as unmasked SDPA calls (``pieces``: :func:`_frame_block_pieces`) on
+    ``[B, H, S, D]`` q / k / v, video range ending at ``v1``; returns ``[B, S, H, D]``
+    contiguous. No ``S x S`` mask; a query's call holds only the keys it may see, so SDPA's
+    flash kernels run, masked keys cost nothing and its backward sends them nothing (a NaN
+    in the incoming gradient included). With a text suffix, k / v are copied once into that
+    key order."""
+    if v1 < kh.shape[2]:
+        kh, vh = (torch.cat([t[:, :, v1:], t[:, :, :v1]], dim=2) for t in (kh, vh))
+    outs = [_sdpa(qh[:, :, a:b], kh[:, :, :n], vh[:, :, :n], None, scale).transpose(1, 2)
+            for a, b, n in pieces]
+    return torch.cat(outs, dim=1)
 
 
 def _math_sdpa(q, k, v, mask, scale):
@@ -362,22 +406,27 @@ def rope3d_attention_sdpa(q, k, v, cos=None, sin=None, *, rope_offset=0, interle
                           frame_causal=False, tokens_per_frame=None, frames_per_block=1,
                           softmax_scale=None):
     """Unfused RoPE-3D attention: q / k rotated by :func:`~vidgen_kernels.apply_rope` (its
-    kernel for the device), then ``torch.nn.functional.scaled_dot_product_attention`` with the
-    frame-causal rule as a boolean ``[S, S]`` ``attn_mask``. Same signature and result as
-    :func:`rope3d_attention` (the diffusers way of computing it).
+    kernel for the device), then ``torch.nn.functional.scaled_dot_product_attention``. Same
+    signature and result as :func:`rope3d_attention` (the diffusers way of computing it). With
+    ``frame_causal``, one unmasked SDPA call per frame block over the keys it may see (the
+    text queries one more; with a text suffix, k / v are first copied once into the order
+    suffix, prefix, video, so that those keys are a prefix): no ``S x S`` mask, about half the
+    work of a masked call, and SDPA's flash kernels apply. Beyond 128 blocks and under
+    ``torch.compile`` (where a loop over the blocks would recompile for every video length),
+    one call with the rule as a boolean ``[S, S]`` ``attn_mask``.
 
     This is what ``rope3d_attention`` runs under ``auto`` where no kernel takes the call (a GPU
     below compute capability 8.0 such as a T4 / V100, a head_dim beyond the kernels' limit, a CPU
     without the compiled extension): SDPA's flash / memory-efficient kernels keep memory linear in
-    S (plus the ``S x S`` boolean mask with ``frame_causal``), where the reference materialises
-    the fp32 scores (35 GiB at CogVideoX-2B's 17,776 tokens). It costs two rotated copies of q / k
-    and SDPA's backward (which saves them); on CPU, ATen's flash kernel (fp32 gradients somewhat
-    less accurate than the ``cpu`` kernel's with peaked softmaxes, see the module docstring).
-    Tables that require grad are rotated in PyTorch, so their gradients flow. With
-    ``frame_causal``, a NaN in the incoming gradient of a query also reaches the keys it cannot
-    see (SDPA's backward multiplies their zero probabilities by it; the kernels and the
-    reference send nothing there), and SDPA turns the boolean mask into an additive one in q's
-    dtype (``S^2`` elements: 0.6 GB in bf16 at 17,776 tokens). SDPA's fused backward has no
+    S, where the reference materialises the fp32 scores (35 GiB at CogVideoX-2B's 17,776
+    tokens). It costs two rotated copies of q / k and SDPA's backward (which saves them); on
+    CPU, ATen's flash kernel (fp32 gradients somewhat less accurate than the ``cpu`` kernel's
+    with peaked softmaxes, see the module docstring). Tables that require grad are rotated in
+    PyTorch, so their gradients flow. With the mask (more than 128 frame blocks, or under
+    ``torch.compile``), a NaN in the incoming gradient of a query also reaches
+    the keys it cannot see (SDPA's backward multiplies their zero probabilities by it; the
+    kernels, the reference and the per-block calls send nothing there), and SDPA turns the
+    boolean mask into an additive one in q's dtype (``S^2`` elements). SDPA's fused backward has no
     derivative of its own, so a backward with ``create_graph=True`` (gradient penalties) takes
     the plain softmax-attention formula instead (:class:`_SDPATwice`; it materialises the fp32
     ``[B, H, S, S]`` scores, as the reference does); an ordinary backward is SDPA's. Under
