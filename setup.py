@@ -1,12 +1,15 @@
 """Build of the compiled extension ``vidgen_kernels._C``.
 
-* The C++ CPU kernels (OpenMP) are always built.
+* The C++ CPU kernels (OpenMP) are always built. OpenMP: ``-fopenmp``; on macOS, where Apple's
+  clang rejects it, ``-Xpreprocessor -fopenmp`` with torch's own ``omp.h`` / ``libomp``; where
+  neither builds a test program, without OpenMP (one thread, with a warning).
 * The CUDA kernels are built when torch was built with CUDA and ``nvcc`` is found.
   ``VIDGEN_KERNELS_BUILD_CUDA=1`` forces them (and fails loudly if impossible),
   ``VIDGEN_KERNELS_BUILD_CUDA=0`` skips them.
 * ``TORCH_CUDA_ARCH_LIST`` is honoured; when unset we pick "8.0;9.0+PTX" ourselves so the build
   never queries a GPU (torch's default would).
-* ``VIDGEN_KERNELS_CPU_FLAGS`` replaces the default CPU code-generation flag (``-march=native``).
+* ``VIDGEN_KERNELS_CPU_FLAGS`` replaces the default CPU code-generation flag (``-march=native``,
+  or ``-mcpu=native`` where the compiler takes only that: clang on Arm / Apple silicon).
   The CPU features those flags let the compiler use are recorded next to the library
   (``vidgen_kernels/_C.cpu_features``); on a CPU without one of them ``import vidgen_kernels``
   leaves the extension unloaded and says which (instead of a SIGILL at the first kernel call).
@@ -24,6 +27,7 @@ Install with ``pip install --no-build-isolation .`` (or ``-e .``).
 import os
 import platform
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -96,6 +100,70 @@ def _cpu_features(compiler: list, flags: list) -> list:
     return sorted(name for m, name in _ISA_MACROS.items() if f"__{m}__" in macros)
 
 
+_OPENMP_PROBE = r"""
+#include <omp.h>
+int main() {
+  int n = 0;
+#pragma omp parallel reduction(+ : n)
+  n += 1;
+  return n > 0 && omp_get_max_threads() > 0 ? 0 : 1;
+}
+"""
+_PLAIN_PROBE = "int main() { return 0; }\n"
+
+
+def _compiles(compiler: list, cxx_args: list, link_args: list = (), source: str = _PLAIN_PROBE) -> bool:
+    """Whether ``compiler`` compiles and links ``source`` (C++) with these flags (nothing runs:
+    a probe of what the toolchain accepts)."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "probe.cpp")
+        with open(src, "w") as f:
+            f.write(source)
+        try:
+            r = subprocess.run([*compiler, *cxx_args, src, "-o", os.path.join(d, "probe"),
+                                *link_args], capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return r.returncode == 0
+
+
+def _cpu_flags(compiler: list) -> list:
+    """``VIDGEN_KERNELS_CPU_FLAGS`` if set, else the first of ``-march=native`` (GCC, clang on
+    x86) and ``-mcpu=native`` (clang on Arm, Apple's included) the compiler accepts, else none."""
+    env = os.environ.get("VIDGEN_KERNELS_CPU_FLAGS")
+    if env is not None:
+        return env.split()
+    for flag in ("-march=native", "-mcpu=native"):
+        if _compiles(compiler, [flag]):
+            return [flag]
+    print("warning: the compiler takes neither -march=native nor -mcpu=native: the C++ CPU "
+          "kernels are built for the compiler's default target (set VIDGEN_KERNELS_CPU_FLAGS)")
+    return []
+
+
+def _openmp_flags(compiler: list, torch_dir: str, system: str = sys.platform):
+    """``(compile flags, link flags)`` that give the C++ kernels OpenMP (``at::parallel_for``
+    runs on torch's threads only in code compiled with it): ``-fopenmp`` (GCC, LLVM clang);
+    on macOS, Apple's clang takes ``-Xpreprocessor -fopenmp`` with the ``omp.h`` and
+    ``libomp`` torch's wheel ships (torch/include, torch/lib). ``([], [])`` when neither
+    builds: the kernels are then compiled without OpenMP and run on one thread
+    (``vidgen_kernels._C.with_openmp`` is False; ``python -m vidgen_kernels`` says so)."""
+    candidates = [(["-fopenmp"], ["-fopenmp"])]
+    if system == "darwin":
+        inc, lib = os.path.join(torch_dir, "include"), os.path.join(torch_dir, "lib")
+        candidates.append((["-Xpreprocessor", "-fopenmp", f"-I{inc}"],
+                           [f"-L{lib}", "-lomp", f"-Wl,-rpath,{lib}"]))
+    for cxx, link in candidates:
+        if _compiles(compiler, cxx, link, _OPENMP_PROBE):
+            return cxx, link
+    print("warning: the compiler builds no OpenMP program (tried "
+          + "; ".join(" ".join(c) for c, _ in candidates)
+          + "): the C++ CPU kernels are built without OpenMP and run on one thread")
+    return [], []
+
+
 def _extensions():
     if _env_flag("VIDGEN_KERNELS_NO_EXT"):
         return [], {}
@@ -114,11 +182,13 @@ def _extensions():
         )
     build_cuda = can_cuda if want_cuda is None else want_cuda
 
-    cpu_flag = os.environ.get("VIDGEN_KERNELS_CPU_FLAGS", "-march=native").split()
+    compiler = _cxx_compiler()
+    cpu_flag = _cpu_flags(compiler)
+    omp_cxx, omp_link = _openmp_flags(compiler, os.path.dirname(torch.__file__))
     debug = bool(_env_flag("VIDGEN_KERNELS_DEBUG"))
     # no -std=: torch's BuildExtension adds the standard its headers want (C++20 for torch 2.13;
     # torch >= 2.14's headers refuse C++17 with an #error)
-    cxx = ["-O3", "-fopenmp", *cpu_flag, *([] if debug else ["-g0"])]
+    cxx = ["-O3", *omp_cxx, *cpu_flag, *([] if debug else ["-g0"])]
     sources = ["csrc/bindings.cpp", "csrc/adaln_cpu.cpp", "csrc/temporal_attention_cpu.cpp",
                "csrc/rope_cpu.cpp", "csrc/moe_cpu.cpp", "csrc/attention_cpu.cpp"]
     define_macros = []
@@ -132,7 +202,7 @@ def _extensions():
             sources,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=omp_link,
         )
     else:
         ext = CppExtension(
@@ -140,7 +210,7 @@ def _extensions():
             sources,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=omp_link,
         )
     base = BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))
 
@@ -158,7 +228,6 @@ def _extensions():
                 # not rebuilt (distutils found it up to date: without ninja a change of
                 # VIDGEN_KERNELS_CPU_FLAGS alone rebuilds nothing): its record stands
                 return
-            compiler = _cxx_compiler()
             features = _cpu_features(compiler, cpu_flag)
             if not features and platform.machine().lower() in ("x86_64", "amd64"):
                 print(f"warning: could not list the CPU features of {' '.join(cpu_flag)} "

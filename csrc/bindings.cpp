@@ -15,6 +15,11 @@ void register_moe_cuda(pybind11::module_& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vidgen-kernels compiled kernels";
+#ifdef _OPENMP  // at::parallel_for runs on torch's threads only in code compiled with OpenMP
+  m.attr("with_openmp") = true;
+#else
+  m.attr("with_openmp") = false;
+#endif
 #ifdef VIDGEN_WITH_CUDA
   m.attr("with_cuda") = true;
   register_adaln_cuda(m);

@@ -396,3 +396,88 @@ def test_main_lists_each_gpu(monkeypatch, capsys):
     if backends.HAS_TRITON:
         assert lines[("cuda:0", "triton")].endswith("yes"), out
         assert "no: Triton supports compute capability >= 8.0" in lines[("cuda:1", "triton")], out
+
+
+def _setup_helpers():
+    """setup.py's flag probes (``_compiles``, ``_cpu_flags``, ``_openmp_flags`` and their
+    programs), taken out of its source: importing setup.py would run ``setup()``."""
+    import ast
+    path = os.path.join(ROOT, "setup.py")
+    if not os.path.isfile(path):
+        pytest.skip("not a source tree")
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    names = {"_compiles", "_cpu_flags", "_openmp_flags", "_OPENMP_PROBE", "_PLAIN_PROBE"}
+    keep = [n for n in tree.body
+            if (isinstance(n, ast.FunctionDef) and n.name in names)
+            or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) in names for t in n.targets))]
+    assert len(keep) == len(names), "setup.py's probes were renamed: update this test"
+    ns = {"os": os, "sys": sys}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), path, "exec"), ns)
+    return ns
+
+
+def _fake_compiler(tmp_path, name, body):
+    """A shell script standing in for a C++ compiler: ``body`` handles one argument ``$a``
+    (appending to ``args`` or exiting), then g++ runs with the rest."""
+    p = tmp_path / name
+    p.write_text("#!/usr/bin/env bash\nargs=(); prev=''\nfor a in \"$@\"; do\n" + body +
+                 "\n  prev=\"$a\"\ndone\nexec g++ \"${args[@]}\"\n")
+    p.chmod(0o755)
+    return [str(p)]
+
+
+_APPLE_CLANG = """  case "$a" in
+    -march=native) echo "clang: error: unsupported argument 'native' to option '-march='" >&2; exit 1 ;;
+    -mcpu=native) args+=(-march=native) ;;
+    -fopenmp) [ "$prev" = -Xpreprocessor ] || { echo "clang: error: unsupported option '-fopenmp'" >&2; exit 1; }
+              args+=(-fopenmp) ;;
+    -Xpreprocessor) ;;
+    -lomp) args+=(-lgomp) ;;
+    *) args+=("$a") ;;
+  esac"""
+_NO_OPENMP = """  case "$a" in -fopenmp|-Xpreprocessor|-lomp) echo "error: no OpenMP" >&2; exit 1 ;; esac
+  args+=("$a")"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not __import__("shutil").which("g++"),
+                    reason="the fake compilers wrap g++ on Linux")
+def test_build_flags_follow_what_the_compiler_takes(tmp_path, monkeypatch, capsys):
+    """setup.py asks the compiler before it passes a flag: GCC gets -march=native and -fopenmp
+    (the flags the build always had); a compiler like Apple's clang, which rejects both,
+    gets -mcpu=native and, on macOS, -Xpreprocessor -fopenmp with torch's own omp.h / libomp
+    (before, the build failed at its first file); one without OpenMP builds without it, with a
+    warning (the kernels then run on one thread; the package reports it)."""
+    h = _setup_helpers()
+    monkeypatch.delenv("VIDGEN_KERNELS_CPU_FLAGS", raising=False)
+    torch_dir = "/opt/torch"
+    assert h["_cpu_flags"](["g++"]) == ["-march=native"]
+    assert h["_openmp_flags"](["g++"], torch_dir, "linux") == (["-fopenmp"], ["-fopenmp"])
+    assert not h["_compiles"](["g++"], ["-fno-such-flag-here"])
+
+    apple = _fake_compiler(tmp_path, "clang++", _APPLE_CLANG)
+    assert h["_cpu_flags"](apple) == ["-mcpu=native"]
+    assert h["_openmp_flags"](apple, torch_dir, "darwin") == (
+        ["-Xpreprocessor", "-fopenmp", "-I/opt/torch/include"],
+        ["-L/opt/torch/lib", "-lomp", "-Wl,-rpath,/opt/torch/lib"])
+    capsys.readouterr()
+    assert h["_openmp_flags"](apple, torch_dir, "linux") == ([], [])  # (no macOS recipe there)
+    assert "without OpenMP" in capsys.readouterr().out
+
+    bare = _fake_compiler(tmp_path, "noomp", _NO_OPENMP)
+    assert h["_openmp_flags"](bare, torch_dir, "darwin") == ([], [])
+    out = capsys.readouterr().out
+    assert "-Xpreprocessor -fopenmp" in out and "one thread" in out
+    monkeypatch.setenv("VIDGEN_KERNELS_CPU_FLAGS", "-march=x86-64-v3 -mtune=generic")
+    assert h["_cpu_flags"](apple) == ["-march=x86-64-v3", "-mtune=generic"]  # taken as given
+
+
+def test_extension_reports_openmp():
+    """The extension says whether it was compiled with OpenMP (its kernels' threads); the
+    status line names a build without it."""
+    if vk._ext.C is None:
+        pytest.skip(vk._ext.IMPORT_ERROR)
+    assert isinstance(vk._ext.C.with_openmp, bool)
+    if os.environ.get("CI") == "true":  # CI's compiler has OpenMP: a build without it regressed
+        assert vk._ext.C.with_openmp
+    assert ("without OpenMP" in vk.extension_status()) == (not vk._ext.C.with_openmp)

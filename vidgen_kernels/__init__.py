@@ -76,4 +76,6 @@ def extension_status() -> str:
     """One line on the compiled extension: built (with or without CUDA) or why not."""
     if _ext.C is None:
         return f"compiled extension not loaded ({_ext.IMPORT_ERROR}); pure-PyTorch and Triton paths only"
-    return "compiled extension built: cpu kernels" + (" + cuda kernels" if _ext.has_cuda() else "")
+    cpu = "cpu kernels" if getattr(_ext.C, "with_openmp", True) else \
+        "cpu kernels (built without OpenMP, the compiler had none: they run on one thread)"
+    return f"compiled extension built: {cpu}" + (" + cuda kernels" if _ext.has_cuda() else "")
