@@ -2,7 +2,9 @@
 
 TRITON_INTERPRET must be set before triton is first imported, hence here; the interpreter is
 then patched to compute as a GPU does (interp_fixes.py: bf16 arithmetic, scalar loop bounds)
-before any kernel runs.
+and to bounds-check every load and store against the kernel's tensor arguments
+(interp_bounds.py: what would be an illegal memory access on a GPU raises) before any kernel
+runs.
 """
 import os
 
@@ -16,6 +18,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     try:
         import interp_fixes
         interp_fixes.install()
+        import interp_bounds  # every interpreted load / store bounds-checked (interp_bounds.py)
+        interp_bounds.install()
     except ImportError:  # triton not installed: its tests skip
         pass
 

@@ -1,0 +1,178 @@
+"""Bounds checking of every Triton load and store run by the interpreter (a test aid).
+
+On a GPU, a load or store whose mask lets through an address outside the tensors a kernel was
+given is an illegal memory access (the CUDA context dies) or, inside some other allocation of
+the caching allocator, a silent read of foreign data or a corrupting write. Triton's interpreter
+(``TRITON_INTERPRET=1``, how the Triton kernels run in the CPU test suite) performs such an
+access on host memory without a word. :func:`install` makes it check instead: while a kernel
+runs, every address a load or store touches with its mask on (each element's whole width) must
+lie within the extent of one of the kernel's tensor arguments, ``[data_ptr, data_ptr + bytes
+spanned by its sizes and strides)`` (views of one buffer merge); anything else raises
+:class:`OutOfBoundsAccess` naming the kernel, the access and the nearest argument. The extent is
+the view, not the whole storage: a read past a slice of a fused qkv buffer is caught although it
+would not fault. Not checked: addresses between the elements of a strided view (inside its
+extent), and masked-off lanes (never accessed, as on the GPU).
+
+:func:`check` proves on a tiny kernel that an access one element past the end raises and the
+masked form passes; :func:`install` installs nothing (returns the reason) when the interpreter
+lacks the hooks this wraps.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+
+import numpy as np
+
+_STATE = threading.local()  # .spans: list of (lo, hi, name) of the running kernel's arguments
+
+
+class OutOfBoundsAccess(AssertionError):
+    """A Triton kernel under the interpreter touched memory outside its tensor arguments."""
+
+
+def is_out_of_bounds(e: BaseException) -> bool:
+    """Whether ``e`` is (the interpreter's re-raise of) an :class:`OutOfBoundsAccess`."""
+    while e is not None:
+        if isinstance(e, OutOfBoundsAccess):
+            return True
+        e = e.__cause__
+    return False
+
+
+def _tensor_span(t):
+    """``(lo, hi)`` byte addresses of the elements a tensor view spans; None if it has none."""
+    if t.numel() == 0:
+        return None
+    lo = t.data_ptr()
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return lo, lo + (last + 1) * t.element_size()
+
+
+def _spans(names, args, kwargs):
+    import torch
+    names = list(names or [])
+    out = []
+
+    def add(name, a):
+        a = getattr(a, "base", a)  # TensorWrapper (reinterpreted dtype)
+        if isinstance(a, torch.Tensor):
+            s = _tensor_span(a)
+            if s is not None:
+                out.append((s[0], s[1], name))
+        elif isinstance(a, tuple):
+            for i, x in enumerate(a):
+                add(f"{name}[{i}]", x)
+
+    for i, a in enumerate(args):
+        add(names[i] if i < len(names) else f"arg{i}", a)
+    for k, a in kwargs.items():
+        add(k, a)
+    return out
+
+
+def _check_access(ptrs, mask, kind):
+    spans = getattr(_STATE, "spans", None)
+    if spans is None:  # not inside a kernel launched through GridExecutor
+        return
+    import triton.language as tl
+    addr = np.asarray(ptrs.data)
+    if mask is not None:
+        m = np.broadcast_to(np.asarray(mask.data, dtype=bool), addr.shape)
+        addr = addr[m]
+    addr = addr.ravel().astype(np.uint64)
+    if addr.size == 0:
+        return
+    ety = ptrs.get_element_ty()
+    width = max(1, getattr(ety, "primitive_bitwidth", 8) // 8) if not isinstance(
+        ety, tl.pointer_type) else 8
+    # the union of the arguments' extents, as disjoint sorted intervals
+    merged = []
+    for lo, hi, _ in sorted(spans):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    los = np.array([m[0] for m in merged], dtype=np.uint64)
+    his = np.array([m[1] for m in merged], dtype=np.uint64)
+    i = np.searchsorted(los, addr, side="right").astype(np.int64) - 1
+    ok = (i >= 0) & (addr + np.uint64(width) <= his[np.maximum(i, 0)])
+    if ok.all():
+        return
+    bad = int(addr[~ok][0])
+    near = min(spans, key=lambda s: 0 if s[0] <= bad < s[1] else min(abs(bad - s[0]),
+                                                                       abs(bad - s[1])))
+    lo, hi, name = near
+    where = (f"{lo - bad} bytes before" if bad < lo else f"{bad + width - hi} bytes past the end of"
+             if bad + width > hi else "inside (but running past)")
+    raise OutOfBoundsAccess(
+        f"{_STATE.kernel}: {kind} of {width} byte(s) at {hex(bad)}, {where} argument {name!r} "
+        f"([{hex(lo)}, {hex(hi)}), {hi - lo} bytes); {int((~ok).sum())} of {addr.size} active "
+        f"lanes outside every tensor argument")
+
+
+@functools.lru_cache(maxsize=None)
+def install() -> str | None:
+    """Wrap the interpreter's kernel launch and its loads / stores (once per process). Returns
+    None, or why nothing was installed (a Triton without these hooks)."""
+    from triton.runtime import interpreter as it
+    GE, B = getattr(it, "GridExecutor", None), getattr(it, "InterpreterBuilder", None)
+    hooks = ("create_masked_load", "create_masked_store", "create_load", "create_store")
+    if GE is None or B is None or not all(hasattr(B, h) for h in hooks):
+        return "triton.runtime.interpreter lacks GridExecutor / InterpreterBuilder's load and store"
+    call = GE.__call__
+
+    @functools.wraps(call)
+    def launch(self, *args, **kwargs):
+        outer = getattr(_STATE, "spans", None), getattr(_STATE, "kernel", None)
+        _STATE.spans = _spans(getattr(self, "arg_names", None), args, kwargs)
+        _STATE.kernel = getattr(self.fn, "__name__", "kernel")
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            _STATE.spans, _STATE.kernel = outer
+
+    GE.__call__ = launch
+    masked_load, masked_store = B.create_masked_load, B.create_masked_store
+
+    def create_masked_load(self, ptrs, mask, other, *a, **kw):
+        _check_access(ptrs, mask, "load")
+        return masked_load(self, ptrs, mask, other, *a, **kw)
+
+    def create_masked_store(self, ptrs, value, mask, *a, **kw):
+        _check_access(ptrs, mask, "store")
+        return masked_store(self, ptrs, value, mask, *a, **kw)
+
+    B.create_masked_load, B.create_masked_store = create_masked_load, create_masked_store
+    # (create_load / create_store build an all-true mask and call the two above)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def check() -> str | None:
+    """None if the installed checker catches a load one element past a tensor (and lets the
+    masked form and an in-bounds store through), else the reason it cannot be relied on."""
+    why = install()
+    if why:
+        return why
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _copy(X, Y, n, LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        m = i < n + LIMIT
+        tl.store(Y + i, tl.load(X + i, mask=m), mask=i < n)
+
+    x, y = torch.arange(8.0), torch.zeros(8)
+    _copy[(1,)](x, y, 7, LIMIT=0, BLOCK=8)
+    if not torch.equal(y[:7], x[:7]):
+        return "the bounds checker's self-test: the in-bounds copy went wrong"
+    try:
+        _copy[(1,)](x[:7], y, 7, LIMIT=1, BLOCK=8)  # reads x[7], past the 7-element view
+    except Exception as e:  # (the interpreter re-raises it as InterpreterError(repr(e)))
+        if is_out_of_bounds(e) and "past the end of argument 'X'" in str(e):
+            return None
+        raise
+    return "the bounds checker's self-test: a load past the end of a tensor went unnoticed"
