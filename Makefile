@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vidgen-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: demo test bench check-cuda check-triton env clean
+.PHONY: demo test bench check-cuda check-triton check-asan env clean
 
 $(STAMP): $(SOURCES) .ci/bootstrap.sh
 	VENV=$(VENV) bash .ci/bootstrap.sh
@@ -28,6 +28,10 @@ bench: $(STAMP)
 
 check-cuda:
 	bash csrc/check_cuda_compile.sh
+
+# the C++ CPU kernels' tests against an AddressSanitizer build of the extension (~12 min)
+check-asan: $(STAMP)
+	PYTHON=$(PY) bash csrc/check_cpu_asan.sh
 
 # Triton kernels compiled ahead of time for GPU targets, no GPU needed
 # (TRITON_AOT_ARGS="--arch 90 80 86" for the full check of every dtype and size)

@@ -2,9 +2,9 @@
 
 TRITON_INTERPRET must be set before triton is first imported, hence here; the interpreter is
 then patched to compute as a GPU does (interp_fixes.py: bf16 arithmetic, scalar loop bounds)
-and to bounds-check every load and store against the kernel's tensor arguments
-(interp_bounds.py: what would be an illegal memory access on a GPU raises) before any kernel
-runs.
+and to check every load and store (interp_memcheck.py: an access outside the kernel's tensor
+arguments, an illegal memory access on a GPU, and a byte that two programs of a launch touch
+with a store among them, a race on a GPU, raise) before any kernel runs.
 """
 import os
 
@@ -18,8 +18,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     try:
         import interp_fixes
         interp_fixes.install()
-        import interp_bounds  # every interpreted load / store bounds-checked (interp_bounds.py)
-        interp_bounds.install()
+        import interp_memcheck  # bounds and races of every interpreted load / store
+        interp_memcheck.install()
     except ImportError:  # triton not installed: its tests skip
         pass
 

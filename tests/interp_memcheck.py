@@ -1,4 +1,4 @@
-"""Bounds checking of every Triton load and store run by the interpreter (a test aid).
+"""Bounds and race checking of every Triton load and store run by the interpreter (a test aid).
 
 On a GPU, a load or store whose mask lets through an address outside the tensors a kernel was
 given is an illegal memory access (the CUDA context dies) or, inside some other allocation of
@@ -13,9 +13,17 @@ the view, not the whole storage: a read past a slice of a fused qkv buffer is ca
 would not fault. Not checked: addresses between the elements of a strided view (inside its
 extent), and masked-off lanes (never accessed, as on the GPU).
 
-:func:`check` proves on a tiny kernel that an access one element past the end raises and the
-masked form passes; :func:`install` installs nothing (returns the reason) when the interpreter
-lacks the hooks this wraps.
+Races. The interpreter runs a launch's programs one after another, so a kernel in which one
+program writes a location that another program of the same launch reads or writes gives the
+same answer every time there; on a GPU the programs run concurrently in no set order and the
+answer depends on timing. At the end of each launch (the kernels here use no atomics) every
+byte stored is checked: stored by two programs (write-write), or stored by one and loaded by
+another (read-write, either order), raises :class:`DataRace` naming the kernel, the address,
+the argument and the two programs. A program reading back its own stores is fine.
+
+:func:`check` proves on tiny kernels that an access one element past the end raises, the masked
+form passes, and a cross-program write-read or write-write raises; :func:`install` installs
+nothing (returns the reason) when the interpreter lacks the hooks this wraps.
 """
 from __future__ import annotations
 
@@ -24,20 +32,32 @@ import threading
 
 import numpy as np
 
-_STATE = threading.local()  # .spans: list of (lo, hi, name) of the running kernel's arguments
+# .spans: (lo, hi, name) of the running kernel's arguments; .loads / .stores: (byte addresses,
+# program) of its accesses so far
+_STATE = threading.local()
 
 
 class OutOfBoundsAccess(AssertionError):
     """A Triton kernel under the interpreter touched memory outside its tensor arguments."""
 
 
-def is_out_of_bounds(e: BaseException) -> bool:
-    """Whether ``e`` is (the interpreter's re-raise of) an :class:`OutOfBoundsAccess`."""
+class DataRace(AssertionError):
+    """Two programs of one Triton launch touched the same byte, at least one of them storing."""
+
+
+def is_out_of_bounds(e: BaseException, kind=None) -> bool:
+    """Whether ``e`` is (the interpreter's re-raise of) an :class:`OutOfBoundsAccess` (or of
+    ``kind``)."""
     while e is not None:
-        if isinstance(e, OutOfBoundsAccess):
+        if isinstance(e, kind or OutOfBoundsAccess):
             return True
         e = e.__cause__
     return False
+
+
+def is_data_race(e: BaseException) -> bool:
+    """Whether ``e`` is (the interpreter's re-raise of) a :class:`DataRace`."""
+    return is_out_of_bounds(e, DataRace)
 
 
 def _tensor_span(t):
@@ -71,7 +91,7 @@ def _spans(names, args, kwargs):
     return out
 
 
-def _check_access(ptrs, mask, kind):
+def _check_access(builder, ptrs, mask, kind):
     spans = getattr(_STATE, "spans", None)
     if spans is None:  # not inside a kernel launched through GridExecutor
         return
@@ -98,6 +118,10 @@ def _check_access(ptrs, mask, kind):
     i = np.searchsorted(los, addr, side="right").astype(np.int64) - 1
     ok = (i >= 0) & (addr + np.uint64(width) <= his[np.maximum(i, 0)])
     if ok.all():
+        x, y, z = getattr(builder, "grid_idx", None) or (0, 0, 0)
+        pid = int(x) | (int(y) << 21) | (int(z) << 42)
+        touched = (addr[:, None] + np.arange(width, dtype=np.uint64)[None, :]).ravel()
+        (_STATE.loads if kind == "load" else _STATE.stores).append((touched, pid))
         return
     bad = int(addr[~ok][0])
     near = min(spans, key=lambda s: 0 if s[0] <= bad < s[1] else min(abs(bad - s[0]),
@@ -109,6 +133,46 @@ def _check_access(ptrs, mask, kind):
         f"{_STATE.kernel}: {kind} of {width} byte(s) at {hex(bad)}, {where} argument {name!r} "
         f"([{hex(lo)}, {hex(hi)}), {hi - lo} bytes); {int((~ok).sum())} of {addr.size} active "
         f"lanes outside every tensor argument")
+
+
+def _program(pid: int) -> str:
+    return f"({pid & 0x1FFFFF}, {(pid >> 21) & 0x1FFFFF}, {pid >> 42})"
+
+
+def _argument(addr: int) -> str:
+    return next((repr(n) for lo, hi, n in _STATE.spans if lo <= addr < hi), "?")
+
+
+def _check_races():
+    """At the end of a launch: no byte stored by two programs, none stored by one program and
+    loaded by another (:class:`DataRace`)."""
+    if not _STATE.stores:
+        return
+    sa = np.concatenate([a for a, _ in _STATE.stores])
+    sp = np.concatenate([np.full(a.size, p, dtype=np.int64) for a, p in _STATE.stores])
+    order = np.argsort(sa, kind="stable")
+    sa, sp = sa[order], sp[order]
+    ww = np.flatnonzero((sa[1:] == sa[:-1]) & (sp[1:] != sp[:-1]))
+    if ww.size:
+        a = int(sa[ww[0]])
+        raise DataRace(f"{_STATE.kernel}: byte {hex(a)} of argument {_argument(a)} is stored by "
+                       f"programs {_program(int(sp[ww[0]]))} and {_program(int(sp[ww[0] + 1]))} "
+                       f"of one launch (write-write race; {ww.size} such bytes)")
+    if not _STATE.loads:
+        return
+    ua, first = np.unique(sa, return_index=True)
+    up = sp[first]
+    la = np.concatenate([a for a, _ in _STATE.loads])
+    lp = np.concatenate([np.full(a.size, p, dtype=np.int64) for a, p in _STATE.loads])
+    i = np.minimum(np.searchsorted(ua, la), ua.size - 1)
+    rw = np.flatnonzero((ua[i] == la) & (up[i] != lp))
+    if rw.size:
+        j = rw[0]
+        a = int(la[j])
+        raise DataRace(f"{_STATE.kernel}: byte {hex(a)} of argument {_argument(a)} is stored by "
+                       f"program {_program(int(up[i[j]]))} and loaded by program "
+                       f"{_program(int(lp[j]))} of one launch (read-write race; {rw.size} such "
+                       f"loads)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,23 +188,28 @@ def install() -> str | None:
 
     @functools.wraps(call)
     def launch(self, *args, **kwargs):
-        outer = getattr(_STATE, "spans", None), getattr(_STATE, "kernel", None)
+        keys = ("spans", "kernel", "loads", "stores")
+        outer = tuple(getattr(_STATE, k, None) for k in keys)
         _STATE.spans = _spans(getattr(self, "arg_names", None), args, kwargs)
         _STATE.kernel = getattr(self.fn, "__name__", "kernel")
+        _STATE.loads, _STATE.stores = [], []
         try:
-            return call(self, *args, **kwargs)
+            out = call(self, *args, **kwargs)
+            _check_races()
+            return out
         finally:
-            _STATE.spans, _STATE.kernel = outer
+            for k, v in zip(keys, outer):
+                setattr(_STATE, k, v)
 
     GE.__call__ = launch
     masked_load, masked_store = B.create_masked_load, B.create_masked_store
 
     def create_masked_load(self, ptrs, mask, other, *a, **kw):
-        _check_access(ptrs, mask, "load")
+        _check_access(self, ptrs, mask, "load")
         return masked_load(self, ptrs, mask, other, *a, **kw)
 
     def create_masked_store(self, ptrs, value, mask, *a, **kw):
-        _check_access(ptrs, mask, "store")
+        _check_access(self, ptrs, mask, "store")
         return masked_store(self, ptrs, value, mask, *a, **kw)
 
     B.create_masked_load, B.create_masked_store = create_masked_load, create_masked_store
@@ -172,7 +241,35 @@ def check() -> str | None:
     try:
         _copy[(1,)](x[:7], y, 7, LIMIT=1, BLOCK=8)  # reads x[7], past the 7-element view
     except Exception as e:  # (the interpreter re-raises it as InterpreterError(repr(e)))
-        if is_out_of_bounds(e) and "past the end of argument 'X'" in str(e):
+        if not (is_out_of_bounds(e) and "past the end of argument 'X'" in str(e)):
+            raise
+    else:
+        return "the bounds checker's self-test: a load past the end of a tensor went unnoticed"
+
+    @triton.jit
+    def _shift(X, SHIFT: tl.constexpr):  # program p: x[p + SHIFT] = x[p] + 1
+        p = tl.program_id(0)
+        tl.store(X + p + SHIFT, tl.load(X + p) + 1.0)
+
+    _shift[(4,)](torch.zeros(8), SHIFT=4)  # disjoint: no race
+    for shift, kind in ((1, "read-write"), (0, None)):
+        try:
+            _shift[(4,)](torch.zeros(8), SHIFT=shift)
+        except Exception as e:
+            if not (is_data_race(e) and kind in str(e)):
+                raise
+        else:
+            if kind:
+                return f"the race checker's self-test: a {kind} race went unnoticed"
+
+    @triton.jit
+    def _all_to_one(X):
+        tl.store(X, tl.program_id(0).to(tl.float32))
+
+    try:
+        _all_to_one[(3,)](torch.zeros(1))
+    except Exception as e:
+        if is_data_race(e) and "write-write" in str(e):
             return None
         raise
-    return "the bounds checker's self-test: a load past the end of a tensor went unnoticed"
+    return "the race checker's self-test: a write-write race went unnoticed"
