@@ -244,3 +244,16 @@ def fake_gpus(monkeypatch, gpus):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: gpus[i][1])
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=None: types.SimpleNamespace(
         shared_memory_per_block=49152, shared_memory_per_block_optin=gpus[i][2]))
+
+
+def assert_no_host_sync(step):
+    """Run ``step()`` once (warm-up: JIT, autotuning, once-per-device checks), then again under
+    ``torch.cuda.set_sync_debug_mode("error")``: a host-device synchronisation in it raises."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

@@ -9,20 +9,9 @@ import pytest
 import torch
 
 import vidgen_kernels as vk
-from helpers import HAS_CUDA
+from helpers import HAS_CUDA, assert_no_host_sync as _no_sync
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")]
-
-
-def _no_sync(step):
-    step()  # warm-up: JIT, autotuning, the once-per-device kernel-image check
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
 
 
 def _backend(name, op_backends):

@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vidgen_kernels as vk
 from vidgen_kernels.ops import moe as M
-from helpers import BIAS_LAYOUTS, HAS_CUDA, assert_close_rule, backend_params, bias_layout, meta_init
+from helpers import (BIAS_LAYOUTS, HAS_CUDA, assert_close_rule, assert_no_host_sync, backend_params,
+                     bias_layout, meta_init)
 
 ALL_ACTS = M.ACTIVATIONS
 
@@ -775,13 +776,7 @@ def test_no_host_sync_cuda(backend):
                             [ins["x"], ins["w1"], ins["w2"], ins["router_logits"]])
         res = vk.moe_ffn(**by_index, activation="swiglu", backend=backend)
         torch.autograd.grad(res.out.float().sum(), [ins["x"], ins["w1"], ins["w2"]])
-    step()  # warm-up / JIT
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    assert_no_host_sync(step)
 
 
 
