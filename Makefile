@@ -29,7 +29,7 @@ bench: $(STAMP)
 check-cuda:
 	bash csrc/check_cuda_compile.sh
 
-# the C++ CPU kernels' tests against an AddressSanitizer build of the extension (~12 min)
+# the C++ CPU kernels' tests against an AddressSanitizer build of the extension (~6 min)
 check-asan: $(STAMP)
 	PYTHON=$(PY) bash csrc/check_cpu_asan.sh
 

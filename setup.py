@@ -153,8 +153,11 @@ def _openmp_flags(compiler: list, torch_dir: str, system: str = sys.platform):
     candidates = [(["-fopenmp"], ["-fopenmp"])]
     if system == "darwin":
         inc, lib = os.path.join(torch_dir, "include"), os.path.join(torch_dir, "lib")
+        # rpath: this torch's lib/, and torch's place beside the installed package (a wheel
+        # built here and installed elsewhere)
         candidates.append((["-Xpreprocessor", "-fopenmp", f"-I{inc}"],
-                           [f"-L{lib}", "-lomp", f"-Wl,-rpath,{lib}"]))
+                           [f"-L{lib}", "-lomp", f"-Wl,-rpath,{lib}",
+                            "-Wl,-rpath,@loader_path/../torch/lib"]))
     for cxx, link in candidates:
         if _compiles(compiler, cxx, link, _OPENMP_PROBE):
             return cxx, link

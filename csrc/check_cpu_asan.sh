@@ -6,10 +6,12 @@
 # stack overflow of the kernels stops the run with ASan's report (file and line). Python and
 # torch are not instrumented: only this package's compiled code is checked.
 #
-# Usage: bash csrc/check_cpu_asan.sh [pytest -k expression]   (default: "cpu")
+# Usage: bash csrc/check_cpu_asan.sh [pytest -k expression]   (default: "cpu and not triton":
+#   the cases with "cpu" in their id, the `cpu` backend's and the reference / oracle cases
+#   beside them; not the Triton interpreter's, which run none of this code)
 # Environment: PYTHON (default: <repo>/.venv/bin/python), CXX (default: g++),
 #   ASAN_TESTS (default: the kernel families' test files), KEEP=1 keeps the temporary folder.
-# Takes ~2 min to build and ~10 min to test on 2 cores. Not part of CI (its time budget); run it
+# Takes ~3 min to build and ~3 min to test on 2 cores. Not part of CI (its time budget); run it
 # after changing a C++ kernel.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -17,9 +19,11 @@ root="$(cd "$here/.." && pwd)"
 PY=${PYTHON:-$root/.venv/bin/python}
 case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # (cd below)
 CXX=${CXX:-g++}
-KEXPR=${1:-cpu}
+KEXPR=${1:-cpu and not triton}
 TESTS=${ASAN_TESTS:-"test_adaln.py test_rope.py test_rope3d_attention.py test_temporal_attention.py test_moe.py test_nn_adaln.py test_nn_temporal_attention.py"}
-libasan="$("$CXX" -print-file-name=libasan.so)"
+# (CXX may be a command line, e.g. "ccache g++": split here on purpose)
+# shellcheck disable=SC2086
+libasan="$($CXX -print-file-name=libasan.so)"
 [ -f "$libasan" ] || { echo "check_cpu_asan: $CXX has no libasan.so ($libasan)" >&2; exit 2; }
 work="$(mktemp -d)"
 [ "${KEEP:-}" = 1 ] || trap 'rm -rf "$work"' EXIT
@@ -43,7 +47,9 @@ cd "$work"
 # (the report goes to a file: pytest captures the stderr of a test that dies)
 # (libstdc++ preloaded too: ASan's __cxa_throw interceptor needs it there at start-up, else the
 # first C++ exception, a TORCH_CHECK of a bad-input test, aborts with "CHECK failed")
-libstdcxx="$("$CXX" -print-file-name=libstdc++.so)"
+# shellcheck disable=SC2086
+libstdcxx="$($CXX -print-file-name=libstdc++.so.6)"
+[ -f "$libstdcxx" ] || { echo "check_cpu_asan: $CXX has no libstdc++.so.6 ($libstdcxx)" >&2; exit 2; }
 export LD_PRELOAD="$libasan $libstdcxx" \
   ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:detect_odr_violation=0:log_path=$work/asan"
 export PYTHONPATH="$work/pkg"

@@ -9,9 +9,14 @@ runs, every address a load or store touches with its mask on (each element's who
 lie within the extent of one of the kernel's tensor arguments, ``[data_ptr, data_ptr + bytes
 spanned by its sizes and strides)`` (views of one buffer merge); anything else raises
 :class:`OutOfBoundsAccess` naming the kernel, the access and the nearest argument. The extent is
-the view, not the whole storage: a read past a slice of a fused qkv buffer is caught although it
-would not fault. Not checked: addresses between the elements of a strided view (inside its
-extent), and masked-off lanes (never accessed, as on the GPU).
+the view, not the whole storage: a read past a slice of a larger buffer is caught although it
+would not fault, unless it lands in another argument (q, k and v sliced from one fused qkv
+buffer and all passed make one extent). Not checked: addresses between the elements of a
+strided view (inside its extent), masked-off lanes (never accessed, as on the GPU), and launches
+with a tensor not on the CPU (``TRITON_INTERPRET=1`` on a GPU machine: the interpreter copies it
+to host memory at addresses unknown here). Atomics and tensor descriptors are not handled (no
+kernel of this package uses them): an atomic read-modify-write is not bounds-checked, an atomic
+load / store would count as a race, a descriptor's load as out of bounds.
 
 Races. The interpreter runs a launch's programs one after another, so a kernel in which one
 program writes a location that another program of the same launch reads or writes gives the
@@ -70,6 +75,7 @@ def _tensor_span(t):
 
 
 def _spans(names, args, kwargs):
+    """``[(lo, hi, name)]`` of the tensor arguments; None if one is not on the CPU."""
     import torch
     names = list(names or [])
     out = []
@@ -77,6 +83,8 @@ def _spans(names, args, kwargs):
     def add(name, a):
         a = getattr(a, "base", a)  # TensorWrapper (reinterpreted dtype)
         if isinstance(a, torch.Tensor):
+            if a.device.type != "cpu":
+                raise _NotOnHost
             s = _tensor_span(a)
             if s is not None:
                 out.append((s[0], s[1], name))
@@ -84,11 +92,18 @@ def _spans(names, args, kwargs):
             for i, x in enumerate(a):
                 add(f"{name}[{i}]", x)
 
-    for i, a in enumerate(args):
-        add(names[i] if i < len(names) else f"arg{i}", a)
-    for k, a in kwargs.items():
-        add(k, a)
+    try:
+        for i, a in enumerate(args):
+            add(names[i] if i < len(names) else f"arg{i}", a)
+        for k, a in kwargs.items():
+            add(k, a)
+    except _NotOnHost:
+        return None
     return out
+
+
+class _NotOnHost(Exception):
+    pass
 
 
 def _check_access(builder, ptrs, mask, kind):
@@ -106,24 +121,24 @@ def _check_access(builder, ptrs, mask, kind):
     ety = ptrs.get_element_ty()
     width = max(1, getattr(ety, "primitive_bitwidth", 8) // 8) if not isinstance(
         ety, tl.pointer_type) else 8
-    # the union of the arguments' extents, as disjoint sorted intervals
-    merged = []
-    for lo, hi, _ in sorted(spans):
-        if merged and lo <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    los = np.array([m[0] for m in merged], dtype=np.uint64)
-    his = np.array([m[1] for m in merged], dtype=np.uint64)
-    i = np.searchsorted(los, addr, side="right").astype(np.int64) - 1
-    ok = (i >= 0) & (addr + np.uint64(width) <= his[np.maximum(i, 0)])
+    los, his = _STATE.merged
+    if los.size:
+        i = np.searchsorted(los, addr, side="right").astype(np.int64) - 1
+        ok = (i >= 0) & (addr + np.uint64(width) <= his[np.maximum(i, 0)])
+    else:  # no argument has an element
+        ok = np.zeros(addr.shape, dtype=bool)
     if ok.all():
         x, y, z = getattr(builder, "grid_idx", None) or (0, 0, 0)
         pid = int(x) | (int(y) << 21) | (int(z) << 42)
-        touched = (addr[:, None] + np.arange(width, dtype=np.uint64)[None, :]).ravel()
-        (_STATE.loads if kind == "load" else _STATE.stores).append((touched, pid))
+        if kind == "load":  # element addresses (a load is checked against stored bytes)
+            _STATE.loads.append((np.unique(addr), width, pid))
+        else:
+            _STATE.stores.append(((addr[:, None] + np.arange(width, dtype=np.uint64)).ravel(), pid))
         return
     bad = int(addr[~ok][0])
+    if not spans:
+        raise OutOfBoundsAccess(f"{_STATE.kernel}: {kind} of {width} byte(s) at {hex(bad)}, but "
+                                f"no tensor argument of the launch has an element")
     near = min(spans, key=lambda s: 0 if s[0] <= bad < s[1] else min(abs(bad - s[0]),
                                                                        abs(bad - s[1])))
     lo, hi, name = near
@@ -133,6 +148,18 @@ def _check_access(builder, ptrs, mask, kind):
         f"{_STATE.kernel}: {kind} of {width} byte(s) at {hex(bad)}, {where} argument {name!r} "
         f"([{hex(lo)}, {hex(hi)}), {hi - lo} bytes); {int((~ok).sum())} of {addr.size} active "
         f"lanes outside every tensor argument")
+
+
+def _merge(spans):
+    """The union of the arguments' extents as disjoint sorted intervals ``(los, his)``."""
+    merged = []
+    for lo, hi, _ in sorted(spans):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return (np.array([m[0] for m in merged], dtype=np.uint64),
+            np.array([m[1] for m in merged], dtype=np.uint64))
 
 
 def _program(pid: int) -> str:
@@ -160,12 +187,14 @@ def _check_races():
                        f"of one launch (write-write race; {ww.size} such bytes)")
     if not _STATE.loads:
         return
-    ua, first = np.unique(sa, return_index=True)
+    ua, first = np.unique(sa, return_index=True)  # each stored byte once, with its one program
     up = sp[first]
-    la = np.concatenate([a for a, _ in _STATE.loads])
-    lp = np.concatenate([np.full(a.size, p, dtype=np.int64) for a, p in _STATE.loads])
+    la = np.concatenate([a for a, _, _ in _STATE.loads])
+    lw = np.concatenate([np.full(a.size, w, dtype=np.uint64) for a, w, _ in _STATE.loads])
+    lp = np.concatenate([np.full(a.size, p, dtype=np.int64) for a, _, p in _STATE.loads])
+    # the first stored byte at or after each loaded element's start: inside the element?
     i = np.minimum(np.searchsorted(ua, la), ua.size - 1)
-    rw = np.flatnonzero((ua[i] == la) & (up[i] != lp))
+    rw = np.flatnonzero((ua[i] >= la) & (ua[i] < la + lw) & (up[i] != lp))
     if rw.size:
         j = rw[0]
         a = int(la[j])
@@ -188,9 +217,12 @@ def install() -> str | None:
 
     @functools.wraps(call)
     def launch(self, *args, **kwargs):
-        keys = ("spans", "kernel", "loads", "stores")
+        keys = ("spans", "merged", "kernel", "loads", "stores")
         outer = tuple(getattr(_STATE, k, None) for k in keys)
+        # (None: a GPU tensor, which the interpreter copies to host memory at addresses not
+        # known here; such launches, TRITON_INTERPRET=1 on a GPU machine, are not checked)
         _STATE.spans = _spans(getattr(self, "arg_names", None), args, kwargs)
+        _STATE.merged = None if _STATE.spans is None else _merge(_STATE.spans)
         _STATE.kernel = getattr(self.fn, "__name__", "kernel")
         _STATE.loads, _STATE.stores = [], []
         try:

@@ -459,7 +459,8 @@ def test_build_flags_follow_what_the_compiler_takes(tmp_path, monkeypatch, capsy
     assert h["_cpu_flags"](apple) == ["-mcpu=native"]
     assert h["_openmp_flags"](apple, torch_dir, "darwin") == (
         ["-Xpreprocessor", "-fopenmp", "-I/opt/torch/include"],
-        ["-L/opt/torch/lib", "-lomp", "-Wl,-rpath,/opt/torch/lib"])
+        ["-L/opt/torch/lib", "-lomp", "-Wl,-rpath,/opt/torch/lib",
+         "-Wl,-rpath,@loader_path/../torch/lib"])
     capsys.readouterr()
     assert h["_openmp_flags"](apple, torch_dir, "linux") == ([], [])  # (no macOS recipe there)
     assert "without OpenMP" in capsys.readouterr().out

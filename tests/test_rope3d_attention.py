@@ -408,7 +408,7 @@ def test_frame_causal_nan_reaches_no_masked_key(backend, device, dtype):
 
 
 @pytest.mark.parametrize("pre,suf,tpf,fpb", [(3, 2, 4, 1), (0, 5, 6, 2), (4, 0, 3, 3),
-                                             (2, 1, 5, 9)])
+                                             (2, 1, 5, 9), (4, 0, 3, 4), (0, 0, 4, 1)])
 def test_sdpa_frame_causal_per_block_calls(monkeypatch, pre, suf, tpf, fpb):
     """``rope3d_attention_sdpa`` with ``frame_causal``: one unmasked SDPA call per frame block
     (plus one for text queries before and one after the video), each holding exactly the keys
@@ -448,12 +448,22 @@ def test_sdpa_frame_causal_per_block_calls(monkeypatch, pre, suf, tpf, fpb):
     assert [n for _, n, _ in seen] == [int(mask[i].sum()) for i in firsts]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    if fpb == 4:  # 6 frames in blocks of 4: the last block is shorter
+        assert [n for n, _, _ in seen][-1] == 2 * tpf
     seen.clear()
     monkeypatch.setattr(ra, "_SDPA_MAX_BLOCK_CALLS", blocks - 1)
     got = run("sdpa")
     assert masks and len(seen) == 1 and seen[0][2] is not None
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sdpa_frame_causal_empty_sequence():
+    """S = 0 with ``frame_causal``: the empty output, as the reference gives."""
+    q = torch.zeros(1, 0, 2, 8)
+    for f in (vk.rope3d_attention_sdpa, vk.rope3d_attention_reference):
+        out = f(q, q, q, frame_causal=True, tokens_per_frame=4)
+        assert out.shape == (1, 0, 2, 8)
 
 
 def test_sdpa_frame_causal_compiles_once_for_every_video_length():

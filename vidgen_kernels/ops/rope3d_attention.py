@@ -317,6 +317,8 @@ def _frame_block_pieces(S, fc_start, fc_len, fc_block):
     if torch.compiler.is_compiling() or not all(type(x) is int
                                                 for x in (S, fc_start, fc_len, fc_block)):
         return None
+    if S == 0:  # (nothing to attend: the masked call returns the empty output)
+        return None
     if -(-fc_len // fc_block) > _SDPA_MAX_BLOCK_CALLS:
         return None
     v1 = fc_start + fc_len
