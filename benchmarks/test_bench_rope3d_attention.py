@@ -35,6 +35,10 @@ as diffusers' ``view(B, -1, H, D).transpose(1, 2)``. Contenders:
 * ``sdpa``: SDPA alone on the unrotated q/k/v (the floor: attention without any RoPE cost);
 * ``torch.compile``: ``torch.compile`` of the ``rotate+sdpa`` function (compiled and warmed up
   outside the timed region);
+* ``rotate+flex(torch.compile)`` (frame-causal cases): the same rotation, then
+  ``torch.compile(flex_attention)`` with a ``create_block_mask`` block mask of the frame-causal
+  rule (built outside the timed region): what block-causal video models (CausVid,
+  Self-Forcing) run. Forward only on CPU (FlexAttention has no CPU backward);
 * ``copy``: a copy moving ``bytes_moved`` bytes (fwd: read q, k, v, write out; fwd+bwd: 12x a
   ``[B, S, H, D]`` tensor: + read dout, q, k, v, out, write dq, dk, dv), the bandwidth limit.
 
@@ -96,6 +100,9 @@ ROT_FLASH = "rotate+sdpa-flash"
 ROT_CUDNN = "rotate+sdpa-cudnn"
 ROT_FA = "rotate+flash-attn"
 SDPA = "sdpa"
+# flex_attention runs compiled only: the name holds "torch.compile" so that the GPU record's
+# plan (benchmarks/gpu.sh) times it with the other compiled contenders, last
+ROT_FLEX = "rotate+flex(torch.compile)"
 COMPILE, COPY = common.COMPILE, common.COPY
 KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton",)}
 JVP = "jvp"
@@ -125,8 +132,8 @@ def contenders(device: str, direction: str = "fwd") -> tuple[str, ...]:
                 COPY)
     if device == "cuda":
         return (*KERNEL_BACKENDS[device], ROT_SDPA, ROT_FLASH, ROT_CUDNN, ROT_FA, SDPA, COMPILE,
-                COPY)
-    return (*KERNEL_BACKENDS[device], REFERENCE, ROT_SDPA, SDPA, COMPILE, COPY)
+                ROT_FLEX, COPY)
+    return (*KERNEL_BACKENDS[device], REFERENCE, ROT_SDPA, SDPA, COMPILE, ROT_FLEX, COPY)
 
 
 @dataclass(frozen=True)
@@ -288,6 +295,15 @@ def op_fn(case: Case, compiled=None):
     def rotate_bhsd(x):
         return torch.cat([x[:, :, :text], diffusers_rope(x[:, :, text:], cos_f, sin_f)], dim=2)
 
+    if c == ROT_FLEX:
+        flex, block_mask = _flex(case)
+
+        def f(i):
+            q, k, v = (t.transpose(1, 2) for t in i["qkv"].unbind(2))
+            q, k = rotate_bhsd(q), rotate_bhsd(k)
+            return flex(q, k, v, block_mask=block_mask).transpose(1, 2)
+        return f
+
     if c == ROT_FA:
         from flash_attn import flash_attn_func
 
@@ -305,6 +321,30 @@ def op_fn(case: Case, compiled=None):
     if c == COMPILE:
         return compiled if compiled is not None else f
     return f
+
+
+_FLEX: dict = {}
+
+
+def _flex(case: Case):
+    """``(torch.compile(flex_attention), block mask)`` of a frame-causal case: the mask is
+    ``create_block_mask`` of the frame-causal rule (text queries see the text; a video query of
+    block b the text and blocks 0..b), made outside the timed region, as a user of FlexAttention
+    would (CausVid / Self-Forcing build their block-causal masks so)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    B, text, L, H, D = case.dims
+    fb = case.shape[2][1] * case.shape[2][2] * case.fpb
+
+    def frame_causal(b, h, q_idx, kv_idx):
+        return (kv_idx < text) | ((q_idx >= text) & ((kv_idx - text) // fb <= (q_idx - text) // fb))
+
+    key = (case.S, text, fb, case.device)
+    if key not in _FLEX:
+        _FLEX.clear()
+        _FLEX[key] = create_block_mask(frame_causal, None, None, case.S, case.S, device=case.device)
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention)
+    return _FLEX["fn"], _FLEX[key]
 
 
 def _jvp(f, inp):
@@ -358,6 +398,14 @@ def _unavailable(case: Case):
         return "flash_attn is not installed"
     if case.contender == ROT_FA and case.fpb:
         return "flash_attn_func has no block-causal mask"
+    if case.contender == ROT_FLEX:
+        if not case.fpb:
+            return ("flex_attention is the peer of the frame-causal (block-mask) cases; "
+                    "unmasked attention is SDPA's")
+        if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+            return "this torch has no torch.nn.attention.flex_attention"
+        if case.device == "cpu" and case.backward:
+            return "FlexAttention has no backward on CPU (torch raises NotImplementedError)"
     return None
 
 
@@ -513,8 +561,8 @@ def test_rope3d_attention(benchmark, case: Case, request):
             del sets, f, compiled
             common.release(case.device, case.contender == COMPILE)
             pytest.skip(why)
-        if case.direction != JVP:
-            info.update(saved_bytes(f, sets[0]))
+        if case.direction != JVP and not (case.contender == ROT_FLEX and case.device == "cpu"):
+            info.update(saved_bytes(f, sets[0]))  # (flex on CPU: no input may require grad)
             qkvo = 4 * B * case.S * H * D * esz
             info["saved_bytes_vs_qkvo"] = info["saved_bytes"] / qkvo
             info["activation_bytes_vs_qkvo"] = info["activation_bytes"] / qkvo
