@@ -22,6 +22,7 @@ import torch
 
 import cuda_emu
 import test_adaln as TA
+import test_huge_strides as TH
 import test_moe as TM
 import test_rope as TR
 import vidgen_kernels as vk
@@ -289,6 +290,13 @@ def test_rope_unaligned_base_and_reverse_schedule(rope_on_emu, ran, schedule, in
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_rope_huge_strides(rope_on_emu, ran, dim):
+    """Elements more than 2**31 elements apart (each stride under 2**31): no int32 offset
+    wraps (test_huge_strides.py)."""
+    TH.test_apply_rope("cpu", "cpu", torch.float16, dim)
+
+
 @pytest.mark.parametrize("how", ["pad", "holes"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_rope_kernel_touches_only_its_elements(emu, ran, dtype, how):
@@ -339,6 +347,19 @@ def test_moe_edge_cases(moe_on_emu, ran, dtype):
     TM.test_expert_index_routing("cpu", "cpu", dtype)
     TM.test_empty_experts("cpu", "cpu", dtype)
     TM.check("cpu", dtype, N=300, C=72, F=40, E=7, top_k=3)  # > 128 tokens: several route blocks
+
+
+@pytest.mark.parametrize("huge", ["x", "w1", "w2"])
+def test_moe_huge_strides(moe_on_emu, ran, huge):
+    """Token rows / experts more than 2**31 elements apart (test_huge_strides.py)."""
+    TH.test_moe("cpu", "cpu", torch.float16, huge)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_adaln_huge_strides(adaln_on_emu, ran, dim):
+    """x / y / modulation with batch or token strides that put elements more than 2**31
+    elements apart (test_huge_strides.py)."""
+    TH.test_adaln("cpu", "cpu", torch.float16, dim)
 
 
 def test_moe_route_matches_cpu_kernel(emu, ran, schedule):
