@@ -26,10 +26,11 @@ BIG = 2 ** 30 + 64  # elements: index 2 along the huge dimension is past 2**31 -
 DT = torch.float16
 
 
-def huge_views(n: int, shape: tuple, dim: int, seed: int = 0) -> list:
+def huge_views(n: int, shape: tuple, dim: int, seed: int = 0, device="cpu") -> list:
     """``n`` fp16 views of ``shape`` in one storage: dimension ``dim`` (of size <= 3) steps BIG
     elements, the other dimensions are contiguous within a slab of the n views side by side
-    (every view "any strides" as far as a kernel can tell). Values: seeded normal."""
+    (every view "any strides" as far as a kernel can tell), on ``device``. Values: seeded
+    normal."""
     assert shape[dim] <= 3
     others = [d for d in range(len(shape)) if d != dim]
     strides, inner = [0] * len(shape), 1
@@ -37,7 +38,8 @@ def huge_views(n: int, shape: tuple, dim: int, seed: int = 0) -> list:
         strides[d], inner = inner, inner * shape[d]
     strides[dim] = BIG
     assert n * inner <= BIG
-    base = torch.empty((shape[dim] - 1) * BIG + n * inner, dtype=DT)
+    # (on a GPU the ~4 GiB are really allocated: fine on the 80 GB cards this suite targets)
+    base = torch.empty((shape[dim] - 1) * BIG + n * inner, dtype=DT, device=device)
     g = torch.Generator().manual_seed(seed)
     views = []
     for j in range(n):
@@ -57,7 +59,7 @@ def _fwd_bwd(fn, leaves, upcast=False):
     outs = fn(*ls)
     outs = outs if isinstance(outs, tuple) else (outs,)
     g = torch.Generator().manual_seed(7)
-    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs)
     return [o.detach().float() for o in outs] + [x.float() for x in torch.autograd.grad(loss, ls)]
 
 
@@ -73,11 +75,11 @@ def _params(*backends):
     return [p for p in backend_params((DT,)) if p.values[0] in backends]
 
 
-@pytest.mark.parametrize("backend,device,dtype", _params("cpu", "triton"))
+@pytest.mark.parametrize("backend,device,dtype", _params("cpu", "triton", "cuda"))
 @pytest.mark.parametrize("dim", [0, 1, 2])
 def test_apply_rope(backend, device, dtype, dim):
-    (x,) = huge_views(1, (3, 3, 3, 16), dim)
-    ang = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    (x,) = huge_views(1, (3, 3, 3, 16), dim, device=device)
+    ang = torch.randn(3, 8, generator=torch.Generator().manual_seed(1)).to(device)
     cos, sin = ang.cos(), ang.sin()
     for interleaved in (True, False):
         _assert_matches(lambda t: vk.apply_rope(t, cos, sin, interleaved=interleaved, backend=backend),
@@ -88,8 +90,8 @@ def test_apply_rope(backend, device, dtype, dim):
 @pytest.mark.parametrize("backend,device,dtype", _params("cpu", "triton"))
 @pytest.mark.parametrize("dim", [0, 1, 2])
 def test_rope3d_attention(backend, device, dtype, dim):
-    q, k, v = huge_views(3, (3, 3, 3, 16), dim)
-    cos, sin = vk.rope3d_freqs(1, 1, 3, 16)
+    q, k, v = huge_views(3, (3, 3, 3, 16), dim, device=device)
+    cos, sin = vk.rope3d_freqs(1, 1, 3, 16, device=device)
     kw = dict(frame_causal=True, tokens_per_frame=1)  # (the kernels' mask arithmetic too)
     _assert_matches(lambda *a: vk.rope3d_attention(*a, cos, sin, backend=backend, **kw),
                     lambda *a: vk.rope3d_attention(*a, cos, sin, backend="reference", **kw),
@@ -99,20 +101,20 @@ def test_rope3d_attention(backend, device, dtype, dim):
 @pytest.mark.parametrize("backend,device,dtype", _params("cpu", "triton"))
 @pytest.mark.parametrize("dim", [0, 1, 2, 3])
 def test_temporal_attention(backend, device, dtype, dim):
-    q, k, v = huge_views(3, (1, 3, 3, 3, 16) if dim else (3, 3, 2, 2, 16), dim)
-    ang = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    q, k, v = huge_views(3, (1, 3, 3, 3, 16) if dim else (3, 3, 2, 2, 16), dim, device=device)
+    ang = torch.randn(3, 8, generator=torch.Generator().manual_seed(1)).to(device)
     kw = dict(cos=ang.cos(), sin=ang.sin())
     _assert_matches(lambda *a: vk.temporal_attention(*a, backend=backend, **kw),
                     lambda *a: vk.temporal_attention(*a, backend="reference", **kw),
                     [q, k, v], 2e-2)
 
 
-@pytest.mark.parametrize("backend,device,dtype", _params("cpu", "triton"))
+@pytest.mark.parametrize("backend,device,dtype", _params("cpu", "triton", "cuda"))
 @pytest.mark.parametrize("dim", [0, 1])
 def test_adaln(backend, device, dtype, dim):
     """x / y ``[B, N, C]`` and the modulation ``[B, 6C]`` with a huge batch / token stride."""
-    x, y = huge_views(2, (3, 3, 40), dim)
-    (mod,) = huge_views(1, (3, 6 * 40), 0, seed=1)
+    x, y = huge_views(2, (3, 3, 40), dim, device=device)
+    (mod,) = huge_views(1, (3, 6 * 40), 0, seed=1, device=device)
 
     def f(x, y, mod, backend):
         sh, sc, g, sh2, sc2, _ = mod.chunk(6, -1)
@@ -121,16 +123,17 @@ def test_adaln(backend, device, dtype, dim):
     _assert_matches(lambda *a: f(*a, backend), lambda *a: f(*a, "reference"), [x, y, mod], 2e-2)
 
 
-@pytest.mark.parametrize("backend,device,dtype", _params("cpu", "triton"))
+@pytest.mark.parametrize("backend,device,dtype", _params("cpu", "triton", "cuda"))
 @pytest.mark.parametrize("huge", ["x", "w1", "w2"])
 def test_moe(backend, device, dtype, huge):
     """Token rows / experts more than 2**31 elements apart (one argument at a time)."""
     g = torch.Generator().manual_seed(2)
     N, C, F, E = 3, 16, 24, 3
-    args = {"x": torch.randn(N, C, generator=g).to(DT), "w1": torch.randn(E, C, F, generator=g).to(DT),
-            "w2": torch.randn(E, F, C, generator=g).to(DT)}
-    (args[huge],) = huge_views(1, tuple(args[huge].shape), 0, seed=3)
-    logits = torch.randn(N, E, generator=g)
+    args = {"x": torch.randn(N, C, generator=g), "w1": torch.randn(E, C, F, generator=g),
+            "w2": torch.randn(E, F, C, generator=g)}
+    args = {k: t.to(device, DT) for k, t in args.items()}
+    (args[huge],) = huge_views(1, tuple(args[huge].shape), 0, seed=3, device=device)
+    logits = torch.randn(N, E, generator=g).to(device)
     _assert_matches(
         lambda x, w1, w2: vk.moe_ffn(x, logits, w1, w2, top_k=2, backend=backend).out,
         lambda x, w1, w2: vk.moe_ffn(x, logits, w1, w2, top_k=2, backend="reference").out,
