@@ -10,9 +10,18 @@ import os
 
 import pytest
 import torch
+import torch.utils.deterministic
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Uninitialized memory poisoned: torch.empty & co. fill floats with NaN and integers with
+    # their maximum (torch's deterministic mode, warnings only: nothing here needs it to raise).
+    # On a GPU an output buffer that a kernel reads before writing holds whatever the caching
+    # allocator left there; on the CPU a fresh allocation is mostly zero pages, which hid such a
+    # read. (Not on a GPU machine: there memory is reused anyway, and deterministic mode would
+    # change the cuBLAS / scatter paths the CUDA tests check.)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     try:
