@@ -273,7 +273,7 @@ def op_fn(case: Case, compiled=None):
     B, text, L, H, D = case.dims
     cos, sin, cos_f, sin_f = rope_tables(case)
     c = case.contender
-    mask = None if c in KERNEL_BACKENDS[case.device] or c == REFERENCE else case.mask()
+    mask = None if c in KERNEL_BACKENDS[case.device] or c in (REFERENCE, ROT_FLEX) else case.mask()
     fc = dict(frame_causal=True, tokens_per_frame=case.shape[2][1] * case.shape[2][2],
               frames_per_block=case.fpb) if case.fpb else {}
     if c in KERNEL_BACKENDS[case.device]:

@@ -6,9 +6,10 @@ there: on a GPU that reads or writes the wrong memory (an illegal address, or si
 tensor's elements) at large shapes only, e.g. a token stride of a few thousand elements times a
 sequence of a million tokens (a batch of long videos), never at test sizes. Here the views are
 small (a few dozen elements) but spread over ~4 GiB of address space with one stride of
-``BIG = 2**30 + 64`` elements, so index 2 along that dimension sits past 2**31 elements; the
-storage is allocated and never touched except at the view's elements (the OS commits only those
-pages), so this costs a few MB of RAM. Under Triton's interpreter the memcheck
+``BIG = 2**30 + 64`` elements, so index 2 along that dimension sits past 2**31 elements; on the
+CPU the storage is allocated unfilled and touched only at the view's elements (the OS commits
+only those pages), so this costs a few MB of RAM; on a GPU it is ~4 GiB of device memory per
+storage, one case at a time. Under Triton's interpreter the memcheck
 (interp_memcheck.py) also flags any access outside the views.
 
 Each op runs forward and backward on the huge-stride views and is compared with its reference
@@ -16,8 +17,13 @@ on the same values made contiguous (fp16 inputs, fp32 reference).
 """
 from __future__ import annotations
 
+import fcntl
+import os
+import tempfile
+
 import pytest
 import torch
+import torch.utils.deterministic
 
 import vidgen_kernels as vk
 from helpers import backend_params
@@ -38,8 +44,14 @@ def huge_views(n: int, shape: tuple, dim: int, seed: int = 0, device="cpu") -> l
         strides[d], inner = inner, inner * shape[d]
     strides[dim] = BIG
     assert n * inner <= BIG
-    # (on a GPU the ~4 GiB are really allocated: fine on the 80 GB cards this suite targets)
-    base = torch.empty((shape[dim] - 1) * BIG + n * inner, dtype=DT, device=device)
+    # Not filled (the suite's poisoning of fresh memory would commit all ~4 GiB; every element
+    # of the views is written below). On a GPU the ~4 GiB are device memory all the same.
+    prev = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        base = torch.empty((shape[dim] - 1) * BIG + n * inner, dtype=DT, device=device)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = prev
     g = torch.Generator().manual_seed(seed)
     views = []
     for j in range(n):
@@ -49,6 +61,22 @@ def huge_views(n: int, shape: tuple, dim: int, seed: int = 0, device="cpu") -> l
     assert max(v.storage_offset() + sum((s - 1) * st for s, st in zip(shape, strides))
                for v in views) > 2 ** 31  # (the point of the test)
     return views
+
+
+@pytest.fixture(autouse=True)
+def _one_huge_case_at_a_time(request):
+    """On a GPU the ~4 GiB per storage are real device memory: one such case at a time across
+    the xdist workers of a run (a file lock), its memory handed back to the driver after."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if params.get("device") != "cuda":
+        yield
+        return
+    with open(os.path.join(tempfile.gettempdir(), "vidgen-huge-strides.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            torch.cuda.empty_cache()
 
 
 def _fwd_bwd(fn, leaves, upcast=False):
