@@ -417,6 +417,15 @@ def max_rel_err(got, ref) -> float:
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
+def assert_rel_err(case, got, want, peer: str = "the reference", factor: float = 1.0) -> float:
+    """:func:`max_rel_err` of a contender's results against ``peer``'s, asserted within
+    ``TOLERANCE[case.dtype] * factor`` (the check before timing). Returns the error."""
+    err = max_rel_err(got, want)
+    tol = TOLERANCE[case.dtype] * factor
+    assert err <= tol, f"{case.id}: max relative error {err:.3g} vs {peer} exceeds {tol:g}"
+    return err
+
+
 def check_against_reference(case: Case, f: Callable, inp: dict) -> float:
     """Run the contender once and compare outputs (and gradients) with the reference function;
     raises AssertionError if off by more than the dtype's tolerance. Returns the error."""
@@ -427,10 +436,7 @@ def check_against_reference(case: Case, f: Callable, inp: dict) -> float:
         leaves, gouts = grad_leaves(case, inp), grad_outputs(case, inp)
         got += torch.autograd.grad(got_o, leaves, gouts)
         want += torch.autograd.grad(ref_o, leaves, gouts)
-    err = max_rel_err(got, want)
-    tol = TOLERANCE[case.dtype]
-    assert err <= tol, f"{case.id}: max relative error {err:.3g} vs the reference exceeds {tol:g}"
-    return err
+    return assert_rel_err(case, got, want)
 
 
 # ----------------------------------------------------------------------------------------------

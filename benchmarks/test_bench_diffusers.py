@@ -172,10 +172,8 @@ def test_diffusers_forward(benchmark, case: Case, request):
         vkd.apply(model)
         out = call().float()
         want = _BASELINE[key]["out"]
-        err = common.max_rel_err([out], [want])
-        info["max_rel_err_vs_diffusers"] = err
-        tol = common.TOLERANCE[case.dtype] * (1 if case.dtype == torch.float32 else 4)
-        assert err <= tol, f"{case.id}: max relative error {err:.3g} exceeds {tol:g}"
+        info["max_rel_err_vs_diffusers"] = common.assert_rel_err(
+            case, [out], [want], "the unpatched model", 1 if case.dtype == torch.float32 else 4)
     median_s = common.measure(benchmark, request, call, case.device, pol, case.id, info)
     if case.contender == PATCHED and (case.device == "cpu" or quick):
         # vs an unpatched twin (same seed: same weights) in interleaved pairs

@@ -254,10 +254,7 @@ def check_against_reference(case: Case, f, inp: dict) -> float:
         ref = op_fn(dataclasses.replace(case, contender=REFERENCE))
         _REF_RESULTS[case.group] = _results(case, ref, inp)
     got, want = _results(case, f, inp), _REF_RESULTS[case.group]
-    err = common.max_rel_err(got, want)
-    tol = common.TOLERANCE[case.dtype] * (10 if case.dtype != torch.float32 else 1)
-    assert err <= tol, f"{case.id}: max relative error {err:.3g} vs the reference exceeds {tol:g}"
-    return err
+    return common.assert_rel_err(case, got, want, factor=10 if case.dtype != torch.float32 else 1)
 
 
 def _unavailable(case: Case) -> str | None:

@@ -180,10 +180,7 @@ def check_against_reference(case: Case, f, inp: dict) -> float:
     if case.backward:
         got += torch.autograd.grad(got[0], (inp["x"],), inp["dout"])
         want += torch.autograd.grad(want[0], (inp["x"],), inp["dout"])
-    err = common.max_rel_err(got, want)
-    tol = common.TOLERANCE[case.dtype]
-    assert err <= tol, f"{case.id}: max relative error {err:.3g} vs the reference exceeds {tol:g}"
-    return err
+    return common.assert_rel_err(case, got, want)
 
 
 def _unavailable(case: Case) -> str | None:

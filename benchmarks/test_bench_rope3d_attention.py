@@ -81,6 +81,7 @@ fails stays labelled.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import dataclasses
@@ -323,7 +324,13 @@ def op_fn(case: Case, compiled=None):
     return f
 
 
-_FLEX: dict = {}
+_BLOCK_MASK: dict = {}  # the last case's: (S, text, block tokens, device) -> BlockMask
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
 
 
 def _flex(case: Case):
@@ -331,7 +338,7 @@ def _flex(case: Case):
     ``create_block_mask`` of the frame-causal rule (text queries see the text; a video query of
     block b the text and blocks 0..b), made outside the timed region, as a user of FlexAttention
     would (CausVid / Self-Forcing build their block-causal masks so)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
     B, text, L, H, D = case.dims
     fb = case.shape[2][1] * case.shape[2][2] * case.fpb
 
@@ -339,12 +346,11 @@ def _flex(case: Case):
         return (kv_idx < text) | ((q_idx >= text) & ((kv_idx - text) // fb <= (q_idx - text) // fb))
 
     key = (case.S, text, fb, case.device)
-    if key not in _FLEX:
-        _FLEX.clear()
-        _FLEX[key] = create_block_mask(frame_causal, None, None, case.S, case.S, device=case.device)
-    if "fn" not in _FLEX:
-        _FLEX["fn"] = torch.compile(flex_attention)
-    return _FLEX["fn"], _FLEX[key]
+    if key not in _BLOCK_MASK:
+        _BLOCK_MASK.clear()
+        _BLOCK_MASK[key] = create_block_mask(frame_causal, None, None, case.S, case.S,
+                                             device=case.device)
+    return _compiled_flex(), _BLOCK_MASK[key]
 
 
 def _jvp(f, inp):
@@ -468,10 +474,7 @@ def check(case: Case, f, inp, info: dict):
         raise want
     if case.contender == SDPA:  # no RoPE: a different function, nothing to compare
         return None
-    err = common.max_rel_err(_results(case, f, inp), want)
-    tol = common.TOLERANCE[case.dtype]
-    assert err <= tol, f"{case.id}: max relative error {err:.3g} vs rotate+sdpa exceeds {tol:g}"
-    return err
+    return common.assert_rel_err(case, _results(case, f, inp), want, ROT_SDPA)
 
 
 PAIR_PEERS = {"paired_vs_sdpa": SDPA, "paired_vs_rotate_sdpa": ROT_SDPA}

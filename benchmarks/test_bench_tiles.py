@@ -350,11 +350,8 @@ def check_against_default(case: Case, run, inp: dict) -> float:
         _DEFAULT_RESULTS.clear()
         dc = dataclasses.replace(case, contender=DEFAULT)
         _DEFAULT_RESULTS[case.group] = [t.detach().clone() for t in _as_list(step_fn(dc, inp)())]
-    got = _as_list(run())
-    err = common.max_rel_err(got, _DEFAULT_RESULTS[case.group])
-    tol = common.TOLERANCE[case.dtype]
-    assert err <= tol, f"{case.id}: max relative error {err:.3g} vs the default tiles exceeds {tol:g}"
-    return err
+    return common.assert_rel_err(case, _as_list(run()), _DEFAULT_RESULTS[case.group],
+                                 "the default tiles")
 
 
 def _unavailable(case: Case) -> str | None:
