@@ -37,8 +37,9 @@ import threading
 
 import numpy as np
 
-# .spans: (lo, hi, name) of the running kernel's arguments; .loads / .stores: (byte addresses,
-# program) of its accesses so far
+# The running launch: .kernel (name), .spans ((lo, hi, name) of its tensor arguments; None:
+# unchecked), .merged (their union, see _merge), .loads ((element addresses, width, program) of
+# each load so far), .stores ((byte addresses, program) of each store so far)
 _STATE = threading.local()
 
 
@@ -50,19 +51,24 @@ class DataRace(AssertionError):
     """Two programs of one Triton launch touched the same byte, at least one of them storing."""
 
 
-def is_out_of_bounds(e: BaseException, kind=None) -> bool:
-    """Whether ``e`` is (the interpreter's re-raise of) an :class:`OutOfBoundsAccess` (or of
-    ``kind``)."""
+def _caused_by(e: BaseException, cls) -> bool:
+    """Whether ``e`` or one of its causes (the interpreter re-raises a kernel's exception as
+    ``InterpreterError(repr(e))`` from it) is a ``cls``."""
     while e is not None:
-        if isinstance(e, kind or OutOfBoundsAccess):
+        if isinstance(e, cls):
             return True
         e = e.__cause__
     return False
 
 
+def is_out_of_bounds(e: BaseException) -> bool:
+    """Whether ``e`` is (the interpreter's re-raise of) an :class:`OutOfBoundsAccess`."""
+    return _caused_by(e, OutOfBoundsAccess)
+
+
 def is_data_race(e: BaseException) -> bool:
     """Whether ``e`` is (the interpreter's re-raise of) a :class:`DataRace`."""
-    return is_out_of_bounds(e, DataRace)
+    return _caused_by(e, DataRace)
 
 
 def _tensor_span(t):

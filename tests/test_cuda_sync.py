@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vidgen_kernels as vk
-from helpers import HAS_CUDA, assert_no_host_sync as _no_sync
+from helpers import HAS_CUDA, assert_no_host_sync
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")]
 
@@ -46,7 +46,7 @@ def test_adaln_no_host_sync(backend):
     def step():
         _grad(vk.adaln_modulate(x, sh, sc, backend=b), [x, mod])
         _grad(vk.gated_residual_adaln(x, y, gate, sh2, sc2, norm="rms", backend=b), [x, y, mod])
-    _no_sync(step)
+    assert_no_host_sync(step)
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
@@ -58,7 +58,7 @@ def test_apply_rope_no_host_sync(backend):
     def step():
         _grad(vk.apply_rope(x, cos, sin, offset=7, backend=b), [x])
         _grad(vk.apply_rope(x, cos, sin, offset=7, interleaved=False, backend=b), [x])
-    _no_sync(step)
+    assert_no_host_sync(step)
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
@@ -74,7 +74,7 @@ def test_rope3d_attention_no_host_sync(backend):
                                   tokens_per_frame=24, backend=b), [q, k, v])
         kx, vx = k[:, :20], v[:, :20]  # cross-attention: another key length, no tables
         _grad(vk.rope3d_attention(q, kx, vx, backend=b), [q, k, v])
-    _no_sync(step)
+    assert_no_host_sync(step)
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
@@ -90,7 +90,7 @@ def test_temporal_attention_no_host_sync(backend):
         _grad(vk.temporal_attention(q[:, -2:], k, v, cos=cos, sin=sin, q_offset=T - 2,
                                     backend=b), [q, k, v])  # streaming: newest frames
         _grad(vk.temporal_attention(q, k, v, causal=False, backend=b), [q, k, v])
-    _no_sync(step)
+    assert_no_host_sync(step)
 
 
 @pytest.mark.parametrize("model", ["video_causal_dit", "cogvideox"])
@@ -117,4 +117,4 @@ def test_model_training_step_no_host_sync(model):
     def step():
         out = m(x, t, text)
         torch.autograd.grad(out.float().square().mean(), params, allow_unused=True)
-    _no_sync(step)
+    assert_no_host_sync(step)
