@@ -186,12 +186,13 @@ def _extensions():
     build_cuda = can_cuda if want_cuda is None else want_cuda
 
     compiler = _cxx_compiler()
-    cpu_flag = _cpu_flags(compiler)
-    omp_cxx, omp_link = _openmp_flags(compiler, os.path.dirname(torch.__file__))
+    torch_dir = os.path.dirname(torch.__file__)
     debug = bool(_env_flag("VIDGEN_KERNELS_DEBUG"))
     # no -std=: torch's BuildExtension adds the standard its headers want (C++20 for torch 2.13;
-    # torch >= 2.14's headers refuse C++17 with an #error)
-    cxx = ["-O3", *omp_cxx, *cpu_flag, *([] if debug else ["-g0"])]
+    # torch >= 2.14's headers refuse C++17 with an #error). The CPU and OpenMP flags are added
+    # by build_ext below, where a build runs (their compiler probes cost nothing to egg_info /
+    # sdist).
+    cxx = ["-O3", *([] if debug else ["-g0"])]
     sources = ["csrc/bindings.cpp", "csrc/adaln_cpu.cpp", "csrc/temporal_attention_cpu.cpp",
                "csrc/rope_cpu.cpp", "csrc/moe_cpu.cpp", "csrc/attention_cpu.cpp"]
     define_macros = []
@@ -205,7 +206,6 @@ def _extensions():
             sources,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
-            extra_link_args=omp_link,
         )
     else:
         ext = CppExtension(
@@ -213,15 +213,21 @@ def _extensions():
             sources,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=omp_link,
         )
     base = BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))
 
     class build_ext(base):
-        """Also writes ``_C.cpu_features`` beside the library (in the build folder, and in the
-        source tree for ``--inplace`` / editable installs): the CPU features the code may use."""
+        """Adds the CPU and OpenMP flags the compiler takes (:func:`_cpu_flags`,
+        :func:`_openmp_flags`), and writes ``_C.cpu_features`` beside the library (in the build
+        folder, and in the source tree for ``--inplace`` / editable installs): the CPU features
+        the code may use."""
 
         def build_extension(self, extension):
+            # (appended: BuildExtension has already added its own flags, -std, the ABI, ...)
+            cpu_flag = _cpu_flags(compiler)
+            omp_cxx, omp_link = _openmp_flags(compiler, torch_dir)
+            extension.extra_compile_args["cxx"] += omp_cxx + cpu_flag
+            extension.extra_link_args += omp_link
             lib = self.get_ext_fullpath(extension.name)
             before = os.stat(lib).st_mtime_ns if os.path.exists(lib) else None
             super().build_extension(extension)
