@@ -92,6 +92,30 @@ def assert_grads_close_rule(got, ref_lo, ref_hi, factor=2.0):
             assert_close_rule(a, c, b, f"grad {n}", factor=factor)
 
 
+def assert_close_rule_over_cases(got, ref_hi, ref_lo, name, floor=1e-5, factor=2.0):
+    """flash-attention's rule on the mean over several seeded cases (lists of tensors, one per
+    case): ``mean_c max|got_c - hi_c| <= factor * mean_c max|lo_c - hi_c| + floor * scale``.
+    The max error of one small tensor (a bias gradient summed over a few dozen tokens) is a
+    noisy statistic: its ratio to the reference's own drifts between about 1x and 2.3x from seed
+    to seed for the same kernels; the mean over cases is the steadier one."""
+    errs, ref_errs, scale = [], [], 1.0
+    for i, (g, h, lo) in enumerate(zip(got, ref_hi, ref_lo)):
+        assert g.shape == h.shape, f"{name} case {i}: shape {tuple(g.shape)} vs {tuple(h.shape)}"
+        assert g.dtype == lo.dtype, f"{name} case {i}: dtype {g.dtype} vs {lo.dtype}"
+        g, h, lo = g.double(), h.double(), lo.double()
+        assert torch.isfinite(g).all(), f"{name} case {i}: non-finite values"
+        if h.numel():
+            scale = max(scale, h.abs().max().item())
+            errs.append((g - h).abs().max().item())
+            ref_errs.append((lo - h).abs().max().item())
+    err = sum(errs) / max(len(errs), 1)
+    ref_err = sum(ref_errs) / max(len(ref_errs), 1)
+    bound = factor * ref_err + floor * scale
+    assert err <= bound, (f"{name}: mean max error {err:.3g} > bound {bound:.3g} (reference's "
+                          f"own {ref_err:.3g}; per case {[f'{e:.3g}' for e in errs]} vs "
+                          f"{[f'{e:.3g}' for e in ref_errs]})")
+
+
 def perturb(model, std: float = 0.05, seed: int = 1):
     """Add seeded N(0, std) noise to every parameter in place, so zero-initialised paths (AdaLN-Zero
     gates, final layers, zero-init convs) contribute; returns ``model``."""

@@ -51,6 +51,35 @@ def test_adaln_zero_per_frame(backend):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_msa_equals_residual_out_then_modulate(backend):
+    """AdaLNZero.residual_msa(x, y, gate, p): another AdaLN's per-frame gate (the previous
+    block's gate_mlp) fused into this one's attention norm; equals residual_out with that gate
+    followed by modulate_msa, forward and backward (x, y, both modulation projections)."""
+    torch.manual_seed(2)
+    B, Fr, T, C = 2, 3, 5, 16
+    prev, m = AdaLNZero(C, norm="rms"), AdaLNZero(C, norm="rms", elementwise_affine=True)
+    for mod in (prev, m):
+        torch.nn.init.normal_(mod.linear.weight, std=0.3)
+    x, y = torch.randn(B, Fr * T, C, requires_grad=True), torch.randn(B, Fr * T, C, requires_grad=True)
+    c = torch.randn(B, Fr, C)
+    params = [x, y, prev.linear.weight, m.linear.weight, m.weight]
+
+    def run(fused):
+        with vk.use_backend(backend):
+            pp, p = prev(c), m(c)
+            if fused:
+                h, out = m.residual_msa(x, y, pp.gate_mlp, p)
+            else:
+                h = AdaLNZero.residual_out(x, y, pp)
+                out = m.modulate_msa(h, p)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+        return [h, out, *torch.autograd.grad((out * w).sum() + (h * w.flip(-1)).sum(), params)]
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_residual_out_dtype_forms_and_errors():
     """AdaLNZero.residual_out (gated_add): x + gate * y for every gate form, in x's dtype
     outside autocast (an fp32 gate used to turn a bf16 residual stream into fp32 for every

@@ -65,19 +65,26 @@ class VideoCausalDiTBlock(nn.Module):
         self.moe = make_moe(D, int(D * mlp_ratio / 2), num_experts, top_k, shared_expert=False,
                             context_router=True)
 
-    def forward(self, x, c, text, T, S, rope2d):
+    def forward(self, x, c, text, T, S, rope2d, residual=None):
+        """``x`` ``[B, T*S, D]``; ``residual = (y, gate)``: the previous block's pending
+        ``x + gate * y``. Returns ``(x, (y, gate))``: this block's last residual is left pending
+        too, for the next norm (the next block's or the final layer's) to fuse."""
         B, N, D = x.shape
         p1 = self.adaln1(c)                                    # per-frame [B, T, D] parameters
-        a = self.spatial_attn(self.adaln1.modulate_msa(x, p1).view(B * T, S, D), *rope2d).view(B, N, D)
+        if residual is None:
+            h = self.adaln1.modulate_msa(x, p1)
+        else:
+            x, h = self.adaln1.residual_msa(x, *residual, p1)
+        a = self.spatial_attn(h.view(B * T, S, D), *rope2d).view(B, N, D)
         x, h = self.adaln1.residual_mlp(x, a, p1)
-        x = self.adaln1.residual_out(x, self.temporal_attn(h, T, S), p1)
         p2 = self.adaln2(c)
-        a = self.cross_attn(self.adaln2.modulate_msa(x, p2), text)
+        x, h = self.adaln2.residual_msa(x, self.temporal_attn(h, T, S), p1.gate_mlp, p2)
+        a = self.cross_attn(h, text)
         x, h = self.adaln2.residual_mlp(x, a, p2)
         h4 = h.view(B, T, S, D)
         ctx = h4.mean(dim=2, keepdim=True)   # [B, T, 1, D]: the frame's mean token (causal), broadcast
         y = self.moe(h4, ctx).reshape(B, N, D)
-        return self.adaln2.residual_out(x, y, p2)
+        return x, (y, p2.gate_mlp)
 
 
 class VideoCausalDiT(CopyableLossesMixin, nn.Module):
@@ -131,15 +138,10 @@ class VideoCausalDiT(CopyableLossesMixin, nn.Module):
             c = self.t_embedder(t) + self.text_pool(text.mean(1))[:, None]       # [B, T, D]
             cos, sin = vk.rope3d_freqs(1, h, w, self.head_dim, axes_dims=(0, self.head_dim // 2, self.head_dim // 2),
                                        device=x.device)
-            aux = 0.0
+            aux, residual = 0.0, None
             for block in self.blocks:
-                tokens = block(tokens, c, text, T, h * w, (cos, sin))
+                tokens, residual = block(tokens, c, text, T, h * w, (cos, sin), residual)
                 aux = aux + block.moe.aux_loss
             self.aux_loss = aux
-            out = self._final(tokens, c)
+            out = self.final_layer(tokens, c, residual)   # per-frame shift/scale: [B, T, D] rows
         return unpatchify(out, (T, h, w), self.config.patch_size, self.config.in_channels)
-
-    def _final(self, tokens: Tensor, c: Tensor) -> Tensor:
-        """Final adaLN with per-frame shift/scale (``adaln_modulate`` takes ``[B, T, D]`` rows)."""
-        shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.final_layer.linear(vk.adaln_modulate(tokens, shift, scale, eps=1e-6))

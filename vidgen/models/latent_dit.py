@@ -69,19 +69,25 @@ class LatentVideoDiTBlock(nn.Module):
         self.ffn = GEGLU(hidden_size, mlp_ratio)
 
     def forward(self, x: Tensor, c: Tensor, text: Tensor, grid: tuple[int, int, int],
-                rope2d: tuple[Tensor, Tensor]) -> Tensor:
+                rope2d: tuple[Tensor, Tensor], residual=None):
+        """``x`` ``[B, N, D]``; ``residual = (y, gate)``: the previous block's pending
+        ``x + gate * y``. Returns ``(x, (y, gate))``, this block's last residual left pending for
+        the next norm to fuse (``gated_residual_adaln``)."""
         B, N, D = x.shape
         T, S = grid[0], grid[1] * grid[2]
         p1 = self.adaln1(c)
+        if residual is None:
+            h = self.adaln1.modulate_msa(x, p1)
+        else:
+            x, h = self.adaln1.residual_msa(x, *residual, p1)
         # spatial attention: every frame is a sequence of S tokens
-        h = self.adaln1.modulate_msa(x, p1).view(B * T, S, D)
-        a = self.spatial_attn(h, *rope2d).view(B, N, D)
+        a = self.spatial_attn(h.view(B * T, S, D), *rope2d).view(B, N, D)
         x, h = self.adaln1.residual_mlp(x, a, p1)       # x += gate * a; h = modulate(norm(x))
-        x = self.adaln1.residual_out(x, self.temporal_attn(h, T, S), p1)
         p2 = self.adaln2(c)
-        a = self.cross_attn(self.adaln2.modulate_msa(x, p2), text)
+        x, h = self.adaln2.residual_msa(x, self.temporal_attn(h, T, S), p1.gate_mlp, p2)
+        a = self.cross_attn(h, text)
         x, h = self.adaln2.residual_mlp(x, a, p2)
-        return self.adaln2.residual_out(x, self.ffn(h), p2)
+        return x, (self.ffn(h), p2.gate_mlp)
 
 
 class LatentVideoDiT(nn.Module):
@@ -142,9 +148,10 @@ class LatentVideoDiT(nn.Module):
             cos, sin = vk.rope3d_freqs(1, grid[1], grid[2], self.head_dim,
                                        axes_dims=(0, self.head_dim // 2, self.head_dim // 2),
                                        theta=self.config.rope_theta, device=x.device)
+            residual = None
             for block in self.blocks:
-                h = block(h, c, text, grid, (cos, sin))
-            h = self.final_layer(h, c)
+                h, residual = block(h, c, text, grid, (cos, sin), residual)
+            h = self.final_layer(h, c, residual)
         return unpatchify(h, grid, self.config.patch_size, self.config.out_channels)
 
 

@@ -44,6 +44,9 @@ class AdaLNZero(nn.Module):
         x, m = self.adaln.residual_mlp(x, a, p)               # x + gate * a, then norm2 + modulation
         x = self.adaln.residual_out(x, self.mlp(m), p)        # x + gate_mlp * mlp
 
+    Where another AdaLN's modulation follows a residual (the next sublayer or block),
+    ``next_adaln.residual_msa(x, y, p.gate_mlp, p_next)`` fuses the two.
+
     Under ``torch.autocast`` the Linear's bf16 modulation (and bf16 sublayer outputs) meet an
     fp32 stream as in DiT's eager formulas: the ops promote to fp32.
 
@@ -94,6 +97,13 @@ class AdaLNZero(nn.Module):
     def modulate_msa(self, x: Tensor, p: AdaLNParams) -> Tensor:
         """Input of the attention sublayer: ``norm(x) * (1 + scale_msa) + shift_msa``."""
         return adaln_modulate(x, p.shift_msa, p.scale_msa, **self._kw())
+
+    def residual_msa(self, x: Tensor, y: Tensor, gate: Tensor, p: AdaLNParams) -> tuple[Tensor, Tensor]:
+        """An earlier sublayer's residual ``h = x + gate * y`` (its gate, e.g. the previous
+        block's ``gate_mlp``) fused into this attention input ``norm(h) * (1 + scale_msa) +
+        shift_msa``; returns ``(h, attn_in)``: :meth:`residual_out` then :meth:`modulate_msa` in
+        one pass."""
+        return gated_residual_adaln(x, y, gate, p.shift_msa, p.scale_msa, **self._kw())
 
     def residual_mlp(self, x: Tensor, attn_out: Tensor, p: AdaLNParams) -> tuple[Tensor, Tensor]:
         """``h = x + gate_msa * attn_out`` and the MLP input ``norm(h) * (1 + scale_mlp) +
