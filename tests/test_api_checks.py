@@ -113,7 +113,7 @@ def test_module_flags_and_sizes_are_checked():
                        (lambda: nn_.CausalTemporalAttention(-8, 2), "dim"),
                        (lambda: nn_.LayerNormZero(-1, 8), "conditioning_dim"),
                        (lambda: nn_.MoEFFN(8, 16, 4, context_dim=-3), "context_dim")):
-        with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+        with pytest.raises(ValueError, match=f"{name} must be a Python int >= 1"):
             make()
     with pytest.raises(ValueError, match="T and S must be >= 1"):
         nn_.CausalTemporalAttention(16, 2)(torch.randn(1, 4, 16), -2, -2)
@@ -190,3 +190,31 @@ def test_repeated_table_in_the_other_layout_is_refused(backend, interleaved):
             c = rep(cos).clone()
             c[3, :] = float("nan")  # both copies NaN: accepted (the output is the caller's business)
             assert torch.isnan(call(c, rep(sin))).any(), name
+
+
+def test_int_arguments_name_a_numpy_or_tensor_integer_as_such():
+    """An int argument given a numpy / tensor integer says so (``got np.int64(2)`` alone read as
+    if the value were wrong, not its type); a float says its type."""
+    import numpy as np
+    q = torch.randn(1, 8, 2, 16)
+    t5 = torch.randn(1, 2, 3, 2, 8)
+    cases = [
+        (lambda: vk.rope3d_attention(q, q, q, rope_offset=np.int64(2)),
+         r"rope_offset must be a Python int >= 0, got np\.int64\(2\) of type int64 \(a numpy / tensor "
+         r"integer: pass int\(\.\.\.\)\)"),
+        (lambda: vk.rope3d_attention(q, q, q, frame_causal=True, tokens_per_frame=np.int32(4)),
+         "tokens_per_frame, a Python int >= 1, got .* of type int32"),
+        (lambda: vk.rope3d_attention(q, q, q, frame_causal=True, tokens_per_frame=4,
+                                     frames_per_block=2.0),
+         "frames_per_block must be a Python int >= 1, got 2.0 of type float$"),
+        (lambda: vk.temporal_attention(t5, t5, t5, q_offset=torch.tensor(0)),
+         "q_offset must be a Python int >= 0, got tensor\\(0\\) of type Tensor"),
+        (lambda: vk.apply_rope(q, torch.ones(4, 8), torch.zeros(4, 8), offset=np.int64(1)),
+         "offset must be a Python int >= 0, got .* of type int64"),
+        (lambda: vk.moe_ffn(torch.randn(3, 4), torch.randn(3, 2), torch.randn(2, 4, 8),
+                            torch.randn(2, 8, 4), top_k=np.int64(1)),
+         r"top_k must be a Python int in \[1, E=2\], got .* of type int64"),
+    ]
+    for call, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            call()

@@ -420,7 +420,9 @@ def test_no_attention_kernel_falls_back_to_original(monkeypatch, which):
     calls = []
     monkeypatch.setattr(vk, "rope3d_attention", lambda *a, **k: calls.append(1))
     with torch.no_grad():
-        with pytest.warns(UserWarning, match=r"falls back to the original .*: no rope3d_attention "
+        # the warning names the attention module, as apply()'s warnings do
+        with pytest.warns(UserWarning, match=r"Processor of (transformer_)?blocks\.0\.attn1 falls back "
+                                             r"to the original .*: no rope3d_attention "
                                              r"kernel runs on cpu \(a T4 \(sm_75\)\)"):
             out = run(model, args, kw)
         assert not calls
@@ -901,7 +903,7 @@ def test_wan_fallback_keeps_the_attention_backend_set_after_apply(monkeypatch, w
     assert proc._attention_backend is not None and proc.original._attention_backend is None
     h = torch.randn(1, 6, attn.heads * HEAD_DIM)
     mask = torch.ones(1, 1, 6, 6, dtype=torch.bool) if why == "mask" else None
-    with torch.no_grad(), pytest.warns(UserWarning, match="falls back to the original"):
+    with torch.no_grad(), pytest.warns(UserWarning, match="of blocks.0.attn1 falls back to the original"):
         got = proc(attn, h, attention_mask=mask)
     assert proc.original._attention_backend == proc._attention_backend
     with torch.no_grad():

@@ -21,7 +21,7 @@ ALL_ACTS = M.ACTIVATIONS
 
 
 def moe_backend_params(dtypes=None):
-    """``backend_params`` restricted to the backends ``moe_ffn`` has (no CUDA C++ backend)."""
+    """``backend_params`` restricted to the backends ``moe_ffn`` has (``M.SUPPORTED_DTYPES``)."""
     return [p for p in backend_params(dtypes) if p.values[0] in M.SUPPORTED_DTYPES]
 
 

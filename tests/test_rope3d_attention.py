@@ -329,6 +329,17 @@ def test_matches_diffusers_formula_and_explicit_mask(backend, device, dtype, int
     half = (lambda t: t[:, ::2]) if interleaved else (lambda t: t[:, :D // 2])  # noqa: E731
     got_h = attn(*args, backend, half(cos_f).float().to(device), half(sin_f).float().to(device), **kw)
     torch.testing.assert_close(got_h, got, rtol=0, atol=0)
+    # backward against the same independent formula (autograd through diffusers' rotation + SDPA)
+    args = [t.requires_grad_() for t in args]
+    got = attn(*args, backend, cos_f.float().to(device), sin_f.float().to(device), **kw)
+    dout = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in args)
+    want_g = torch.autograd.grad(independent(q64, k64, v64, cos_f, sin_f, pre, interleaved, mask),
+                                 (q64, k64, v64), dout)
+    got_g = torch.autograd.grad(got, args, dout.to(device=device, dtype=got.dtype))
+    for name, a, b in zip("qkv", got_g, want_g):
+        torch.testing.assert_close(a.double().cpu(), b, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
 
 
 @pytest.mark.parametrize("pre,L,suf,tpf,fpb", [(0, 12, 0, 3, 1), (4, 12, 0, 2, 3), (3, 8, 5, 4, 2),

@@ -1185,7 +1185,7 @@ def _bad_calls():
         ("q_offset \\+ T_q must equal T_k .*q_offset=0, T_q=4, T_k=6", lambda: ta_(q, k, k)),
         ("q_offset \\+ T_q must equal T_k .*q_offset=1, T_q=4, T_k=6",
          lambda: ta_(q, k, k, q_offset=1)),
-        ("q_offset must be an int >= 0, got -1", lambda: ta_(q, q, q, q_offset=-1)),
+        ("q_offset must be a Python int >= 0, got -1", lambda: ta_(q, q, q, q_offset=-1)),
         ("cos has 5 positions but 6 are needed",
          lambda: ta_(q, k, k, q_offset=2, cos=tab[:5], sin=tab[:5])),
         ("cos and sin must have the same shape, got cos \\(6, 4\\), sin \\(3, 4\\)",

@@ -18,8 +18,8 @@ Public API::
     moe_ffn(x, router_logits, w1, w2, *, top_k=2, activation="gelu", b1=None, b2=None,
             normalize_weights=True, expert_index=None) -> MoEOutput(out, aux_loss, z_loss,
             tokens_per_expert)     # dropless grouped-GEMM Mixture-of-Experts FFN
-    vidgen_kernels.nn.AdaLNZero, vidgen_kernels.nn.LayerNormZero,
-    vidgen_kernels.nn.CausalTemporalAttention, vidgen_kernels.nn.MoEFFN
+    vidgen_kernels.nn: AdaLNZero, LayerNormZero, HeadNorm, RoPE3DAttention,
+    CausalTemporalAttention, TemporalKVCache, MoEFFN   # modules on the ops above
 
 ``python -m vidgen_kernels`` prints which backends this install has.
 """

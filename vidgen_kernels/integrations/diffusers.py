@@ -36,6 +36,9 @@ shared with, not copied from, the original modules):
       zeros) and the cross-attention's residual with ``norm3``'s modulation (gate 1) each by one
       ``gated_residual_adaln``. The block's last residual (``h + c_gate * ffn``) stays eager: the
       norm after it is the next block's.
+    * not ``norm_out``: Wan modulates its output inline in ``WanTransformer3DModel.forward``
+      (``norm_out(h.float()) * (1 + scale) + shift``, no module to swap without replacing the
+      model's forward), so that one modulation per forward stays eager.
 
 Left unpatched, with a ``warnings.warn`` naming the module and the reason: processors of another
 class (fused-QKV, user-chosen ones), Wan processors with an attention backend or a context-parallel
@@ -112,19 +115,24 @@ class _FallbackMixin:
         why = _no_attention_kernel(x.device, self.backend)
         return None if why is None else f"no rope3d_attention kernel runs on {x.device} ({why})"
 
+    module_name = ""  # the attention module's name in the model (set by apply)
+
     def _fallback(self, reason: str):
         if not self._warned:
-            warnings.warn(f"vidgen_kernels.integrations.diffusers: {type(self).__name__} falls back "
-                          f"to the original {type(self.original).__name__}: {reason}", stacklevel=4)
+            where = f" of {self.module_name}" if self.module_name else ""
+            warnings.warn(f"vidgen_kernels.integrations.diffusers: {type(self).__name__}{where} "
+                          f"falls back to the original {type(self.original).__name__}: {reason}",
+                          stacklevel=4)
             self._warned = True
 
 
 class CogVideoXRoPE3DAttnProcessor(_FallbackMixin):
     """CogVideoX joint text+video self-attention on :func:`vidgen_kernels.rope3d_attention`."""
 
-    def __init__(self, original, backend: Optional[str] = None):
+    def __init__(self, original, backend: Optional[str] = None, module_name: str = ""):
         self.original = original
         self.backend = backend
+        self.module_name = module_name
         self._warned = False
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
@@ -177,9 +185,10 @@ class WanRoPE3DAttnProcessor(_FallbackMixin):
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, original, backend: Optional[str] = None):
+    def __init__(self, original, backend: Optional[str] = None, module_name: str = ""):
         self.original = original
         self.backend = backend
+        self.module_name = module_name
         self._warned = False
         # the backend active in diffusers' dispatcher at apply() (its DIFFUSERS_ATTN_BACKEND
         # default); a different one later means a `with attention_backend(...)` block
@@ -492,7 +501,7 @@ def _apply_cogvideox(model, patch: _Patch, backend):
                 attn.norm_k is not None and not _layernorm_ok(attn.norm_k):
             _warn(f"{name}.attn1", f"QK norm {type(attn.norm_q).__name__} is not a LayerNorm")
         else:
-            patch.set_processor(attn, CogVideoXRoPE3DAttnProcessor(proc, backend))
+            patch.set_processor(attn, CogVideoXRoPE3DAttnProcessor(proc, backend, f"{name}.attn1"))
 
         norms_ok = True
         for nname in ("norm1", "norm2"):
@@ -557,7 +566,7 @@ def _apply_wan(model, patch: _Patch, backend):
             if reason:
                 _warn(f"{name}.{aname}", reason)
             else:
-                patch.set_processor(attn, WanRoPE3DAttnProcessor(proc, backend))
+                patch.set_processor(attn, WanRoPE3DAttnProcessor(proc, backend, f"{name}.{aname}"))
         reason = None
         if type(block) is not WanTransformerBlock:
             reason = f"{type(block).__name__} is not WanTransformerBlock"

@@ -40,7 +40,17 @@ def check_sizes(op: str, minimum: int = 1, **sizes) -> None:
     """Sizes: Python ints >= ``minimum`` (a negative or float size failed deep inside torch)."""
     for name, val in sizes.items():
         if isinstance(val, bool) or not isinstance(val, int) or val < minimum:
-            raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {val!r}")
+            raise ValueError(f"{op}: {name} must be a Python int >= {minimum}, got {got_int(val)}")
+
+
+def got_int(val) -> str:
+    """What an int argument got, for its error message: the value, and its type when that is not
+    int (``np.int64(2)`` alone reads as if the value were wrong, not its type)."""
+    if isinstance(val, int) and not isinstance(val, bool):
+        return repr(val)
+    hint = " (a numpy / tensor integer: pass int(...))" if hasattr(val, "__index__") \
+        and not isinstance(val, bool) else ""
+    return f"{val!r} of type {type(val).__name__}{hint}"
 
 
 NORMS = ("layer", "rms")

@@ -34,10 +34,13 @@ Shapes: ``x`` ``[..., C]`` is flattened to ``N`` tokens ``[N, C]``; ``router_log
 Pipeline of the kernel backends (no per-expert Python loop, no padding, no host synchronisation:
 every size below is static, N*k rows):
 
-1. ``moe_route``: fused softmax / top-k / renormalise -> ``weights`` fp32 ``[N, k]``,
-   ``idx`` int64 ``[N, k]``.
-2. ``moe_sort``: counting sort of the P pairs by expert (stable: within an expert, pairs keep
-   the (token, slot) order) -> ``order [P]`` (flat pair ``n*k + j`` at sorted row p), ``tok [P]``
+1. ``moe_route``: softmax / top-k / renormalise -> ``weights`` fp32 ``[N, k]``, ``idx`` int64
+   ``[N, k]`` (one fused kernel on ``cpu`` (C++) and ``cuda``; ``triton`` runs the PyTorch
+   contract ``kernel_route_torch``: softmax, topk, sum, divide).
+2. ``moe_sort``: stable sort of the P pairs by expert (within an expert, pairs keep the (token,
+   slot) order): a C++ counting sort on ``cpu``; ``kernel_sort_torch`` (a stable
+   ``torch.argsort`` of the expert ids, a scatter and an ``index_add_``; the same result) on
+   ``triton`` and ``cuda`` -> ``order [P]`` (flat pair ``n*k + j`` at sorted row p), ``tok [P]``
    (its token), ``pos [N, k]`` (inverse: sorted row of pair (n, j)), ``counts [E]``,
    ``offs [E]`` (int64 cumulative ends: expert e owns rows ``offs[e-1] .. offs[e]``).
 3. ``moe_experts``: permutation ``xs = x[tok]`` ``[P, C]``, grouped GEMM 1 with bias +
@@ -100,7 +103,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._checks import autocast_dtype, cast_floating, check_flags
+from ._checks import autocast_dtype, cast_floating, check_flags, got_int
 from ._eager import differentiable_vjp, eager_op, recomputed_vjp
 from ..backends import current_backend, forward_ad_active, resolve
 
@@ -285,7 +288,7 @@ def _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2, expert_in
         if router_logits is None:
             raise ValueError(f"{op}: router_logits is required unless expert_index is given")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
-            raise ValueError(f"{op}: top_k must be an int in [1, E={E}], got {top_k!r}")
+            raise ValueError(f"{op}: top_k must be a Python int in [1, E={E}], got {got_int(top_k)}")
     else:
         if not isinstance(expert_index, Tensor) or expert_index.dtype not in INDEX_DTYPES:
             names = ", ".join(str(d).replace("torch.", "") for d in INDEX_DTYPES)
@@ -1124,7 +1127,9 @@ def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, 
         b1: ``[E, F]`` (``[E, 2F]``) or None; b2: ``[E, C]`` or None.
         normalize_weights: renormalise the top-k probabilities to sum to 1.
         expert_index: ``[N]`` integer expert per token (weight 1), replacing the router.
-        backend: ``None`` (current default), ``"reference"``, ``"cpu"``, ``"triton"``.
+        backend: ``None`` (current default), ``"auto"``, ``"reference"``, ``"cpu"``,
+            ``"triton"`` or ``"cuda"`` (CUDA C++ routing / sort / permutations with the Triton
+            grouped GEMMs).
 
     Under ``torch.autocast`` for x's device, x, w1, w2, b1 and b2 are first cast to the
     autocast dtype (as ``F.linear``'s operands are) and the op runs with autocast off: ``out``

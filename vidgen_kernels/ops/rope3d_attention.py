@@ -107,7 +107,8 @@ from .. import _ext
 from ._eager import differentiable_vjp, eager_op, recomputed_vjp
 from ..backends import (autodiff_transform, current_backend, forward_ad_active, may_fall_back,
                         resolve)
-from ._checks import autocast_dtype, cast_floating, check_flags, check_qkv, softmax_scale_or_default
+from ._checks import (autocast_dtype, cast_floating, check_flags, check_qkv, got_int,
+                      softmax_scale_or_default)
 from .rope import _rope_kernel, apply_rope, canon_table, check_rope_pair, rotate, table_grads
 
 __all__ = ["rope3d_attention", "rope3d_attention_reference", "rope3d_attention_sdpa",
@@ -144,7 +145,7 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
         raise ValueError(f"{op}: head_dim must be >= 1, got shape {tuple(q.shape)}")
     Sk = k.shape[1]
     if not _is_int(rope_offset) or rope_offset < 0:
-        raise ValueError(f"{op}: rope_offset must be an int >= 0, got {rope_offset!r}")
+        raise ValueError(f"{op}: rope_offset must be a Python int >= 0, got {got_int(rope_offset)}")
     softmax_scale = softmax_scale_or_default(softmax_scale, D, op)
     rope = check_rope_pair(cos, sin, op) is not None
     if (rope or frame_causal) and Sk != Sq:
@@ -171,10 +172,10 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
     fc_block = 0
     if frame_causal:
         if not _is_int(tokens_per_frame) or tokens_per_frame < 1:
-            raise ValueError(f"{op}: frame_causal needs tokens_per_frame, an int >= 1, got "
-                             f"{tokens_per_frame!r}")
+            raise ValueError(f"{op}: frame_causal needs tokens_per_frame, a Python int >= 1, got "
+                             f"{got_int(tokens_per_frame)}")
         if not _is_int(frames_per_block) or frames_per_block < 1:
-            raise ValueError(f"{op}: frames_per_block must be an int >= 1, got {frames_per_block!r}")
+            raise ValueError(f"{op}: frames_per_block must be a Python int >= 1, got {got_int(frames_per_block)}")
         if video_len % tokens_per_frame:
             raise ValueError(f"{op}: tokens_per_frame={tokens_per_frame} does not divide the video "
                              f"length {video_len} (tokens rope_offset .. rope_offset + "

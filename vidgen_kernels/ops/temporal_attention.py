@@ -45,7 +45,8 @@ from torch import Tensor
 
 from ._eager import differentiable_vjp, eager_op
 from ..backends import may_fall_back, resolve
-from ._checks import autocast_dtype, cast_floating, check_flags, check_qkv, softmax_scale_or_default
+from ._checks import (autocast_dtype, cast_floating, check_flags, check_qkv, got_int,
+                      softmax_scale_or_default)
 from .rope import canon_table, check_rope_pair, rotate, table_grads, unrotate
 
 __all__ = ["temporal_attention", "temporal_attention_reference"]
@@ -75,7 +76,7 @@ def _check_inputs(q, k, v, cos, sin, q_offset, causal, interleaved, softmax_scal
     if D == 0 or Tq == 0:
         raise ValueError(f"{op}: q must have T >= 1 frames and D >= 1, got shape {tuple(q.shape)}")
     if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
-        raise ValueError(f"{op}: q_offset must be an int >= 0, got {q_offset!r}")
+        raise ValueError(f"{op}: q_offset must be a Python int >= 0, got {got_int(q_offset)}")
     Tk = k.shape[1]
     if q_offset + Tq != Tk:
         raise ValueError(f"{op}: q_offset + T_q must equal T_k (q holds the newest frames of the "

@@ -2,7 +2,7 @@
 
 Implements the grouped-GEMM part of the MoE kernel contract (top of
 ``vidgen_kernels/ops/moe.py``): ``gmm``, ``gmm_act`` (bias + activation fused in the epilogue,
-gated activations included) and ``gmm_wgrad``. Routing, the counting sort and the permutations
+gated activations included) and ``gmm_wgrad``. Routing, the sort by expert and the permutations
 use the contract's PyTorch implementations (``kernel_*_torch``): device ops with static shapes,
 no host synchronisation.
 
