@@ -2,7 +2,8 @@
 # Create the project environment in $VENV (default .venv) and install the package into it.
 #  - torch: an already importable torch (e.g. a CUDA machine's system torch) is reused through
 #    --system-site-packages; otherwise torch==2.13.0 is installed.
-#  - triton, pytest, pytest-benchmark, numpy, ninja, then `pip install --no-build-isolation -e .`
+#  - triton, pytest, pytest-benchmark, numpy, safetensors, ninja, then
+#    `pip install --no-build-isolation --no-deps -e .` (so the dependencies come from this list)
 #    (builds vidgen_kernels._C: C++ CPU kernels, plus CUDA kernels when torch has CUDA and nvcc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,7 @@ echo "torch==$TORCH_VER" > "$VENV/torch-constraint.txt"
 # diffusers: optional for users (tests/test_integrations_diffusers.py and its benchmark skip
 # without it); under CI (CI=true) every package here is required: a missing one fails the run, so
 # that the diffusers tests cannot pass by skipping
-for pkg in triton pytest pytest-benchmark numpy ninja matplotlib diffusers; do
+for pkg in triton pytest pytest-benchmark numpy safetensors ninja matplotlib diffusers; do
   mod=${pkg//-/_}; [ "$pkg" = pytest-benchmark ] && mod=pytest_benchmark
   "$P" -c "import $mod" 2>/dev/null || pipi -c "$VENV/torch-constraint.txt" "$pkg" || {
     if [ "${CI:-}" = true ]; then echo "bootstrap: could not install $pkg (required under CI)" >&2; exit 1; fi

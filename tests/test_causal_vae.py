@@ -160,6 +160,32 @@ def test_bad_inputs():
         CausalVideoVAE(base_channels=8, num_temporal_down=4)
 
 
+@pytest.mark.parametrize("bad,match", [
+    # num_spatial_down=-1 with () mults passed the length check and blamed num_temporal_down
+    ({"num_spatial_down": -1, "channel_mults": ()}, "num_spatial_down must be an int >= 0, got -1"),
+    # blocks_per_level=0 built a VAE whose levels all kept base_channels (channel_mults ignored)
+    ({"blocks_per_level": 0}, "blocks_per_level must be an int >= 1, got 0"),
+    # latent_channels=0 built, then encode failed with a raw conv error
+    ({"latent_channels": 0}, "latent_channels must be an int >= 1, got 0"),
+    ({"in_channels": 0}, "in_channels must be an int >= 1, got 0"),
+    ({"base_channels": 0}, "base_channels must be an int >= 1, got 0"),
+    ({"num_temporal_down": -1}, "num_temporal_down must be an int >= 0, got -1"),
+    ({"channel_mults": (1, 2, 0, 2)}, r"channel_mults must be a sequence of ints >= 1, got \(1, 2, 0, 2\)"),
+    ({"channel_mults": (1, 2.5, 2, 2)}, "channel_mults must be a sequence of ints >= 1"),
+], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
+def test_bad_configs_name_the_option(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_vae(**bad)
+
+
+def test_no_spatial_down_and_integer_sequence_mults_build():
+    """num_spatial_down=0 (no compression) is legal; channel_mults may be any int sequence."""
+    import numpy as np
+    v = tiny_vae(channel_mults=[2], num_spatial_down=0, num_temporal_down=0)
+    assert v.decode(v.encode(video(B=1, T=3, H=4, W=4))[0]).shape == (1, 3, 3, 4, 4)
+    assert tiny_vae(channel_mults=np.array([1, 2]), num_spatial_down=1, num_temporal_down=1).spatial_factor == 2
+
+
 def test_any_channel_width():
     """Widths that 8 does not divide (12, 6, 5) build and run: GroupNorm takes the largest
     divisor of the width up to 8 (a width of 12 raised GroupNorm's "num_channels (12) must be

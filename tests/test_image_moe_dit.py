@@ -176,6 +176,21 @@ def test_bad_inputs():
         tiny(num_heads=3)
 
 
+@pytest.mark.parametrize("bad,match", [
+    ({"depth": 2.5}, "depth must be an int >= 1, got 2.5"),   # was range()'s raw TypeError
+    ({"depth": 0}, "depth must be an int >= 1, got 0"),
+    ({"text_dim": 0}, "text_dim must be an int >= 1, got 0"),  # was accepted
+    ({"in_channels": 0}, "in_channels must be an int >= 1, got 0"),  # was accepted
+    ({"out_channels": 0}, "out_channels must be an int >= 1, got 0"),
+    ({"num_experts": 0, "top_k": 1}, "num_experts must be an int >= 1, got 0"),
+    ({"top_k": 1.5}, "top_k must be an int >= 1, got 1.5"),
+    ({"top_k": 5}, r"top_k must be in \[1, num_experts=4\], got 5"),
+], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
+def test_bad_configs_name_the_option(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**bad)
+
+
 def test_inputs_of_the_wrong_dtype_or_type_are_named():
     """A float64 / bf16 x or text into the fp32 model raised torch's "mat1 and mat2 must have the
     same dtype"; a list x a ValueError: TypeErrors naming the argument (4D and one-frame 5D x).

@@ -92,6 +92,68 @@ def test_vidgen_demo_cli_tiny(tmp_path, device):
     report = (out / "report.md").read_text()
     for key in ("Direction accuracy", "reference", "fused", "torch", "vidgen_kernels", "ms", f"device {device}"):
         assert key in report, key
+    # sampling timed like the train step (warm-up + median), and said so
+    assert "median of 1 call(s) after one warm-up call" in report
+    # the default backend as resolved per op family, not only `auto`
+    from vidgen.demo import resolved_backends
+    for family, be in resolved_backends(device).items():
+        assert f"{family} `{be}`" in report, (family, be)
+    # a .safetensors checkpoint where safetensors is importable
+    ckpt = "dit_ema.safetensors` (safetensors)" if _has_safetensors() else "dit_ema.pt` (torch.save"
+    assert ckpt in report
+    # a progress bar for every phase (tqdm, or the plain printer without it; stderr either way)
+    for phase in ("VAE:", "VAE calibration:", "DiT:", "sampling:", "timings:"):
+        assert phase in r.stderr, phase
+
+
+def _has_safetensors():
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_time_sampling_warms_up_then_takes_the_median(monkeypatch):
+    """The report's sampling time: one warm-up call, then the median of timing_rounds calls (it
+    was one cold call, up to 10x the warm time), each call ticking the progress bar."""
+    from types import SimpleNamespace
+    from vidgen import demo
+    clock = [0.0]
+    durations = iter([10.0, 1.0, 3.0, 2.0])          # the first (warm-up) call is the slow one
+    calls = []
+
+    def fake_generate(m, cond, null, **kw):
+        calls.append((m.backend, kw["num_inference_steps"], kw["guidance_scale"]))
+        clock[0] += next(durations)
+    monkeypatch.setattr(demo, "generate_video", fake_generate)
+    monkeypatch.setattr(demo, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    cfg = demo.DemoConfig(timing_rounds=3, sample_steps=5, guidance=2.0)
+    ticks = []
+    model = torch.nn.Linear(1, 1)
+    model.backend = None
+    t = demo._time_sampling(model, torch.zeros(4, 2, 3), torch.zeros(1, 2, 3), cfg, (2, 4, 4),
+                            "reference", tick=lambda: ticks.append(1))
+    assert t == 2.0                                  # median of 1, 3, 2; the 10 s warm-up dropped
+    assert calls == [("reference", 5, 2.0)] * 4 and len(ticks) == 4
+    assert model.backend is None                     # timed on a copy
+
+
+def test_resolved_backends_per_op_family():
+    """What the default backend (`auto` unless set) runs per op family on a device."""
+    import vidgen_kernels as vk
+    from vidgen.demo import resolved_backends
+    got = resolved_backends("cpu")
+    assert set(got) == {"AdaLN", "RoPE-3D attention", "temporal attention", "RoPE", "MoE"}
+    want = "cpu" if "cpu" in vk.available_backends("cpu") else "reference"
+    assert got["AdaLN"] == got["temporal attention"] == got["RoPE"] == got["MoE"] == want
+    assert got["RoPE-3D attention"] == (want if want == "cpu" else
+                                        "reference (no kernel here: rope3d_attention_sdpa)")
+    with vk.use_backend("reference"):
+        assert set(resolved_backends("cpu").values()) == {"reference"}
+    if "triton" not in vk.available_backends("cpu"):
+        with vk.use_backend("triton"):
+            assert all(v.startswith("unavailable: ") for v in resolved_backends("cpu").values())
 
 
 def test_vidgen_cli_help_and_unknown():

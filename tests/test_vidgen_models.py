@@ -2,6 +2,7 @@
 training utilities and the CFG pipeline."""
 import json
 import os
+import warnings
 from unittest import mock
 
 import pytest
@@ -164,14 +165,60 @@ def test_cfg_dropout():
 
 
 def test_checkpoint_round_trip(tmp_path):
+    """A .safetensors path is written as a safetensors file (read back here with safetensors
+    itself, tensors and config compared) where safetensors is importable; it fell back to a .pt
+    silently before. Without safetensors: the .pt fallback, with its warning."""
+    try:
+        import safetensors.torch as st
+    except ImportError:
+        st = None
     m = perturb(tiny_dit())
-    path = save_checkpoint(str(tmp_path / "m.safetensors"), m, config={"hidden_size": 32})
+    asked = str(tmp_path / "m.safetensors")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="save_checkpoint")  # no fallback warning
+        if st is None:
+            with pytest.warns(RuntimeWarning, match="safetensors package is not installed"):
+                path = save_checkpoint(asked, m, config={"hidden_size": 32})
+        else:
+            path = save_checkpoint(asked, m, config={"hidden_size": 32})
     assert os.path.exists(path)
+    if st is not None:
+        from safetensors import safe_open
+        assert path == asked
+        raw = st.load_file(path)
+        want = m.state_dict()
+        assert raw.keys() == want.keys()
+        for k, v in want.items():
+            assert torch.equal(raw[k], v), k
+        with safe_open(path, "pt") as f:
+            assert json.loads(f.metadata()["config"]) == {"hidden_size": 32}
+    else:
+        assert path == str(tmp_path / "m.pt")
     m2 = tiny_dit()
     sd, cfg = load_checkpoint(path, m2)
     assert cfg == {"hidden_size": 32}
     for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_checkpoint_without_safetensors_warns_naming_the_pt_written(tmp_path, monkeypatch):
+    """Without safetensors a .safetensors path is written as <stem>.pt with torch.save, and a
+    RuntimeWarning (at the caller's line) names both paths and why; it loads back."""
+    import vidgen.training as training
+    monkeypatch.setattr(training, "_st", None)
+    m = perturb(tiny_dit())
+    asked = str(tmp_path / "m.safetensors")
+    with pytest.warns(RuntimeWarning, match="safetensors package is not installed") as rec:
+        path = save_checkpoint(asked, m, config={"hidden_size": 32})
+    assert path == str(tmp_path / "m.pt") and os.path.exists(path) and not os.path.exists(asked)
+    w = [r for r in rec if "save_checkpoint" in str(r.message)]
+    assert len(w) == 1 and path in str(w[0].message) and asked in str(w[0].message)
+    assert w[0].filename == __file__                  # stacklevel: points at the caller
+    sd, cfg = load_checkpoint(path, tiny_dit())
+    assert cfg == {"hidden_size": 32}
+    assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+    with pytest.raises(RuntimeError, match="safetensors is not installed"):
+        load_checkpoint(asked)
 
 
 @pytest.mark.parametrize("ext", [".safetensors", ".pt"])
@@ -396,6 +443,39 @@ def test_cogvideox_modality_routing():
         refv = torch.nn.functional.gelu(x @ ff.w1[1] + ff.b1[1], approximate="tanh") @ ff.w2[1] + ff.b2[1]
     torch.testing.assert_close(out[:, :3], ref[:, :3], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[:, 3:], refv[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_cogvideox_norm_out_eps_is_diffusers_norm_eps(backend):
+    """norm_out (AdaLayerNorm in diffusers' CogVideoXTransformer3DModel) uses norm_eps = 1e-5 like
+    the other norms, in the fused and the reference path (it used 1e-6). The input of norm_out is
+    scaled down (variance ~1e-6) so that the eps is visible in the output."""
+    import torch.nn.functional as F
+    from vidgen.models.cogvideox import NORM_EPS
+    assert NORM_EPS == 1e-5
+    m = perturb(tiny_cog(num_layers=1, backend=backend))
+    assert m.norm_out.eps == m.norm_final.eps == NORM_EPS
+    got = {}
+    hooks = [m.norm_final.register_forward_hook(lambda mod, args, out: out * 1e-3),
+             m.norm_final.register_forward_hook(lambda mod, args, out: got.__setitem__("h", out)),
+             m.time_embedding.register_forward_hook(lambda mod, args, out: got.__setitem__("temb", out)),
+             m.proj_out.register_forward_pre_hook(lambda mod, args: got.__setitem__("mod", args[0]))]
+    x, t, text = inputs(T=2, C=4, H=4, W=4, L=5)
+    with torch.no_grad():
+        m(x, t, text)
+        for h in hooks:
+            h.remove()
+        shift, scale = m.norm_out_linear(F.silu(got["temb"])).chunk(2, dim=-1)
+        normed = F.layer_norm(got["h"], (32,), m.norm_out.weight, m.norm_out.bias, eps=1e-5)
+        want = normed * (1 + scale[:, None]) + shift[:, None]
+        wrong = F.layer_norm(got["h"], (32,), m.norm_out.weight, m.norm_out.bias, eps=1e-6) \
+            * (1 + scale[:, None]) + shift[:, None]
+    assert (want - wrong).abs().max() > 1e-2   # the check can tell the two eps apart
+    torch.testing.assert_close(got["mod"], want, atol=1e-4, rtol=1e-4)
+    diffusers = pytest.importorskip("diffusers")
+    import inspect
+    sig = inspect.signature(diffusers.CogVideoXTransformer3DModel.__init__)
+    assert sig.parameters["norm_eps"].default == NORM_EPS
 
 
 def test_cogvideox_bad_inputs():
@@ -875,6 +955,33 @@ def test_model_configs_checked_at_construction():
     from vidgen.models import ImageMoEDiT, ImageMoEDiTConfig
     with pytest.raises(ValueError, match="backend must be None or one of"):
         ImageMoEDiT(ImageMoEDiTConfig(backend="gpu"))
+
+
+@pytest.mark.parametrize("make,match", [
+    # options that were accepted (LatentVideoDiT(text_dim=0) even ran) or raised without the values
+    (lambda: tiny_dit(text_dim=0), "text_dim must be an int >= 1, got 0"),
+    (lambda: tiny_dit(in_channels=0), "in_channels must be an int >= 1, got 0"),
+    (lambda: tiny_dit(out_channels=0), "out_channels must be an int >= 1, got 0"),
+    (lambda: tiny_dit(hidden_size=30, num_heads=4),
+     "hidden_size must be divisible by num_heads, got hidden_size=30, num_heads=4"),
+    (lambda: tiny_dit(hidden_size=24, num_heads=4, pos_embed="none"),
+     r"head_dim .*must be divisible by 4 .*got head_dim=6 \(hidden_size=24, num_heads=4\)"),
+    (lambda: tiny_causal(patch_size=(2, 2, 2)), r"patch_size\[0\] must be 1, got patch_size=\(2, 2, 2\)"),
+    (lambda: SmallVideoVAE(num_down=-1), "num_down must be an int >= 0, got -1"),
+    (lambda: SmallVideoVAE(latent_channels=0), "latent_channels must be an int >= 1, got 0"),
+    (lambda: SmallVideoVAE(base_channels=0), "base_channels must be an int >= 1, got 0"),
+], ids=["dit-text_dim", "dit-in_channels", "dit-out_channels", "dit-hidden_size-num_heads", "dit-head_dim",
+        "causal-patch_size", "vae-num_down", "vae-latent_channels", "vae-base_channels"])
+def test_bad_model_configs_name_the_option_and_value(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_small_vae_num_down_0_is_no_compression():
+    """num_down >= 0: 0 is a VAE without downsampling (num_down=-1 built one with downsample 0.5)."""
+    v = SmallVideoVAE(in_channels=1, latent_channels=2, base_channels=8, num_down=0)
+    assert v.downsample == 1
+    assert v(torch.randn(1, 2, 1, 4, 4))[1].shape == (1, 2, 2, 4, 4)
 
 
 def test_training_utilities_and_configs_reject_bad_arguments():

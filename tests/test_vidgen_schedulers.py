@@ -143,6 +143,13 @@ def test_min_snr_weights():
     assert s.min_snr_weights(t)[-1] == 1.0  # low SNR: weight 1 for epsilon
 
 
+@pytest.mark.parametrize("gamma", [0, -1.0, float("nan"), float("inf")])
+def test_min_snr_weights_gamma_must_be_finite_and_positive(gamma):
+    """gamma <= 0 gave zero / negative weights and NaN gave NaN weights, without an error."""
+    with pytest.raises(ValueError, match="gamma must be a finite number > 0"):
+        DDPMScheduler().min_snr_weights(torch.tensor([1, 500]), gamma=gamma)
+
+
 def test_ddpm_trailing_spacing_starts_at_the_noisiest_step():
     """``timestep_spacing="trailing"`` (diffusers' values): every schedule starts at N - 1, so a
     one-step DDIM starts from pure noise; "leading" (the default) keeps DDIM's 0, r, 2r, ..."""

@@ -18,7 +18,8 @@ Modules:
 * ``vidgen.pipelines``: ``generate_video`` / ``generate_image`` (CFG with cond + null batched in
   one forward, seeds / ``torch.Generator``, VAE decoding).
 * ``vidgen.training``: ``EMA``, ``cfg_dropout``, ``flow_matching_loss``, ``make_optimizer``,
-  ``save_checkpoint`` / ``load_checkpoint`` (safetensors when installed, else ``torch.save``).
+  ``save_checkpoint`` / ``load_checkpoint`` (safetensors, a declared dependency; without it a
+  ``.pt`` file by ``torch.save``, with a warning naming it).
 * ``vidgen.demo``: ``python -m vidgen demo`` / ``vidgen demo`` / ``make demo``.
 """
 __version__ = "0.1.0"

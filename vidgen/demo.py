@@ -27,7 +27,7 @@ from .media import plot_lines, write_gif, write_png
 from .models import LatentVideoDiT, LatentVideoDiTConfig, SmallVideoVAE
 from .pipelines import generate_video
 from .schedulers import FlowMatchingScheduler
-from .training import EMA, HAS_SAFETENSORS, cfg_dropout, flow_matching_loss, make_optimizer, progress, save_checkpoint
+from .training import EMA, cfg_dropout, flow_matching_loss, make_optimizer, progress, save_checkpoint
 
 DIRECTIONS = ("right", "left", "down", "up")
 _DXY = {0: (1, 0), 1: (-1, 0), 2: (0, 1), 3: (0, -1)}  # (dx, dy) per frame, y grows downwards
@@ -203,7 +203,8 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _time_train_step(model, lat, text, sched, rounds: int, backend):
+def _time_train_step(model, lat, text, sched, rounds: int, backend, tick=lambda: None):
+    """Median seconds of ``rounds`` fwd+bwd steps after one warm-up step (``tick()`` after each)."""
     m = copy.deepcopy(model).train().requires_grad_(True)
     m.backend = backend
     g = torch.Generator().manual_seed(0)
@@ -215,18 +216,66 @@ def _time_train_step(model, lat, text, sched, rounds: int, backend):
         _sync(lat.device)
         times.append(time.perf_counter() - t0)
         m.zero_grad(set_to_none=True)
+        tick()
     return float(np.median(times[1:]))
 
 
-def _time_sampling(model, cond, null, cfg: DemoConfig, shape, backend):
+def _time_sampling(model, cond, null, cfg: DemoConfig, shape, backend, tick=lambda: None):
+    """Median seconds of ``cfg.timing_rounds`` sampling calls (``cond``'s videos,
+    ``cfg.sample_steps`` steps with CFG) after one warm-up call, as :func:`_time_train_step`
+    does (the first call was measured up to 10x slower: 1.9 s vs 0.2 s warm, and it was all
+    the report showed). ``tick()`` after each call."""
     m = copy.deepcopy(model)
     m.backend = backend
-    t0 = time.perf_counter()
-    generate_video(m, cond, null, num_frames=shape[0], height=shape[1], width=shape[2],
-                   num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance, seed=0,
-                   show_progress=False)
-    _sync(cond.device)
-    return time.perf_counter() - t0
+    times = []
+    for i in range(cfg.timing_rounds + 1):  # first call: warm-up
+        t0 = time.perf_counter()
+        generate_video(m, cond, null, num_frames=shape[0], height=shape[1], width=shape[2],
+                       num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance, seed=0,
+                       show_progress=False)
+        _sync(cond.device)
+        times.append(time.perf_counter() - t0)
+        tick()
+    return float(np.median(times[1:]))
+
+
+# The op families of vidgen_kernels: (name, module under vidgen_kernels.ops, its kernel
+# backends' dtype table); the demo's LatentVideoDiT runs the first three.
+_OP_FAMILIES = (("AdaLN", "adaln", "SUPPORTED_DTYPES"),
+                ("RoPE-3D attention", "rope3d_attention", "SUPPORTED_DTYPES"),
+                ("temporal attention", "temporal_attention", "SUPPORTED_DTYPES"),
+                ("RoPE", "rope", "ROPE_SUPPORTED_DTYPES"),
+                ("MoE", "moe", "SUPPORTED_DTYPES"))
+
+
+def resolved_backends(device, dtype=torch.float32) -> dict:
+    """The backend each op family runs when no ``backend=`` is passed (the current default:
+    ``use_backend`` context, ``VIDGEN_KERNELS_BACKEND``, else ``auto``), for ``dtype`` tensors on
+    ``device``, as ``vidgen_kernels.backends.resolve`` picks it per op (size limits aside: a
+    head_dim / length beyond a kernel's limit falls back to ``reference`` per call); a default
+    that cannot run there maps to ``"unavailable: <why>"``; ``auto`` finding no RoPE-3D attention
+    kernel is named as such (that op then runs ``rope3d_attention_sdpa``)."""
+    import importlib
+    from vidgen_kernels.backends import BackendUnavailableError, resolve
+    device = torch.device(device)
+    out = {}
+    for name, mod, table in _OP_FAMILIES:
+        supported = getattr(importlib.import_module(f"vidgen_kernels.ops.{mod}"), table)
+        try:
+            out[name] = resolve(None, device, dtype, supported, mod)
+        except BackendUnavailableError as e:
+            out[name] = f"unavailable: {e}"
+        # where auto finds no kernel, rope3d_attention runs apply_rope + SDPA, not its reference
+        if mod == "rope3d_attention" and out[name] == "reference" and dtype != torch.float64 \
+                and vk.current_backend() != "reference":
+            out[name] = "reference (no kernel here: rope3d_attention_sdpa)"
+    return out
+
+
+def _backends_text(backends: dict) -> str:
+    """``resolved_backends``'s dict as report text."""
+    return ", ".join(f"{name} `{be}`" for name, be in backends.items()) + \
+        " (the DiT runs AdaLN and the two attentions)"
 
 
 def _cpu_busy_fraction(window_s: float = 0.5) -> float:
@@ -315,8 +364,14 @@ def run_demo(out: str = "out", steps: int = None, seed: int = 0, device: str = N
             bar.set_postfix_str(f"loss {loss.item():.4f}")
     vae_time = time.perf_counter() - t0
     vae.eval().requires_grad_(False)
+    bar = progress(total=2, desc="VAE calibration", disable=quiet)  # 1: the videos, 2: encode + fit
     calib, _ = moving_object_videos(64 if not tiny else 8, cfg.frames, cfg.size, generator=g, start=cfg.start)
+    bar.update(1)
     vae.fit_scaling_factor(calib.to(device))
+    if hasattr(bar, "set_postfix_str"):
+        bar.set_postfix_str(f"scaling factor {float(vae.scaling_factor):.3f}")
+    bar.update(1)
+    bar.close()
 
     # 2. latent video DiT with flow matching + CFG dropout + EMA ------------------------------
     cond_emb, null_emb = condition_embeddings(cfg.text_dim)
@@ -377,9 +432,21 @@ def run_demo(out: str = "out", steps: int = None, seed: int = 0, device: str = N
         lat = vae.encode_scaled(x.to(device))
     text = cond_emb[d.to(device)]
     timings = {}
+    backends_used = resolved_backends(device)
+    t0 = time.perf_counter()
+    # per backend: warm-up + timing_rounds train steps, then warm-up + timing_rounds sampling calls
+    bar = progress(total=2 * 2 * (cfg.timing_rounds + 1), desc="timings", disable=quiet)
+    tick = lambda: bar.update(1)  # noqa: E731
     for name, be in (("fused (default backend)", None), ("reference", "reference")):
-        timings[name] = (_time_train_step(ema.model, lat, text, sched, cfg.timing_rounds, be),
-                         _time_sampling(ema.model, cond_emb, null_emb, cfg, (cfg.frames, lat_hw, lat_hw), be))
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"{be or 'default'}: train step")
+        step_s = _time_train_step(ema.model, lat, text, sched, cfg.timing_rounds, be, tick)
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"{be or 'default'}: sampling")
+        timings[name] = (step_s, _time_sampling(ema.model, cond_emb, null_emb, cfg,
+                                                (cfg.frames, lat_hw, lat_hw), be, tick))
+    bar.close()
+    timing_time = time.perf_counter() - t0
 
     # 5. files ---------------------------------------------------------------------------------
     u8 = _to_uint8(videos[:, :, 0])                                 # [4n, T, H, W]
@@ -415,7 +482,7 @@ def run_demo(out: str = "out", steps: int = None, seed: int = 0, device: str = N
         f"Metric sanity check on real training videos: {metric_acc * 100:.1f}%.", "",
         "## Timings", "",
         f"- total wall time: {total:.1f} s (VAE training {vae_time:.1f} s, DiT training {dit_time:.1f} s, "
-        f"sampling {len(dirs)} videos {sample_time:.1f} s)",
+        f"sampling {len(dirs)} videos {sample_time:.1f} s, the timings below {timing_time:.1f} s)",
         f"- DiT training: {cfg.steps} steps, {dit_time / max(1, cfg.steps) * 1000:.1f} ms/step (batch {cfg.batch}, "
         "incl. data, VAE encode, optimizer, EMA)", "",
         f"| backend | train step fwd+bwd (batch {cfg.batch}) | sampling 4 videos ({cfg.sample_steps} steps, CFG) |",
@@ -423,6 +490,9 @@ def run_demo(out: str = "out", steps: int = None, seed: int = 0, device: str = N
         *[f"| {k} | {v[0] * 1000:.1f} ms | {v[1]:.2f} s |" for k, v in timings.items()],
         f"| ratio reference / fused | {timings['reference'][0] / timings[fused_name][0]:.2f}x | "
         f"{timings['reference'][1] / timings[fused_name][1]:.2f}x |", "",
+        f"Each time is the median of {cfg.timing_rounds} call(s) after one warm-up call (a first call "
+        "can be several times slower), per backend, on the EMA model; fused = the default backend, "
+        "per op family as resolved under Set-up.", "",
         "## Set-up", "",
         f"- data: {cfg.frames} frames x {cfg.size}x{cfg.size} grey, a square moving 2 px/frame (start: {cfg.start}); condition = "
         f"direction (a fixed random {cfg.text_dim}-wide 2-token embedding per direction; null = zeros, "
@@ -434,10 +504,11 @@ def run_demo(out: str = "out", steps: int = None, seed: int = 0, device: str = N
         f"{n_params:,} params; flow matching, AdamW lr {cfg.lr} (warm-up + cosine), grad clip {cfg.grad_clip}, "
         f"EMA {cfg.ema_decay}; timestep shift {cfg.shift}; latents centred per channel and scaled; "
         f"sampling: Euler {cfg.sample_steps} steps, CFG scale {cfg.guidance}",
-        f"- checkpoint: `{os.path.basename(ckpt)}` ({'safetensors' if HAS_SAFETENSORS else 'torch.save: safetensors not installed'})",
+        f"- checkpoint: `{os.path.basename(ckpt)}` ({'safetensors' if ckpt.endswith('.safetensors') else 'torch.save: safetensors not installed'})",
         "- loss.png: left VAE loss, right DiT flow-matching loss (log y)",
         f"- device {device} ({torch.get_num_threads()} CPU threads); torch {torch.__version__}; vidgen_kernels {vk.__version__} "
-        f"(backends available: {', '.join(vk.available_backends(device))}; default `{vk.current_backend()}`; "
+        f"(backends available: {', '.join(vk.available_backends(device))}; default `{vk.current_backend()}`, "
+        f"resolved per op family (float32): {_backends_text(backends_used)}; "
         f"{vk.extension_status()}); Python {platform.python_version()}; seed {seed}",
     ]
     with open(os.path.join(out, "report.md"), "w") as f:

@@ -278,9 +278,13 @@ class DDPMScheduler:
 
     def min_snr_weights(self, t: Tensor, gamma: float = 5.0) -> Tensor:
         """Min-SNR-gamma weights per sample: ``min(SNR, gamma) / SNR`` (epsilon) or
-        ``min(SNR, gamma) / (SNR + 1)`` (v-prediction)."""
+        ``min(SNR, gamma) / (SNR + 1)`` (v-prediction). ``gamma``: a finite number > 0 (0 or
+        less gave negative or zero weights, NaN gave NaN weights)."""
+        g = _real(gamma, "gamma")
+        if not (math.isfinite(g) and g > 0):
+            raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
         snr = self.snr(t)
-        w = torch.clamp(snr, max=gamma)
+        w = torch.clamp(snr, max=g)
         w = w / snr if self.prediction_type == "epsilon" else w / (snr + 1)
         return w.float()
 

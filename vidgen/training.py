@@ -1,6 +1,6 @@
 """Training utilities: CFG null-condition dropout, EMA, flow-matching loss, AdamW set-up,
-checkpoints (safetensors when installed, else ``torch.save``), and a progress bar (tqdm when
-installed, else a plain printer)."""
+checkpoints (safetensors; ``torch.save`` with a warning where it is missing), and a progress
+bar (tqdm when installed, else a plain printer)."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from .schedulers import FlowMatchingScheduler
 
-try:  # optional
+try:  # a dependency; where it is missing, save_checkpoint falls back to torch.save and warns
     import safetensors.torch as _st
 except ImportError:  # pragma: no cover - depends on the environment
     _st = None
@@ -132,19 +133,25 @@ def _unshared(sd: dict) -> dict:
 
 def save_checkpoint(path: str, model: nn.Module, *, config: Optional[dict] = None) -> str:
     """Save ``model``'s weights (+ a JSON ``config``: a dict, or a dataclass such as a model's
-    ``.config``, stored as its dict): ``.safetensors`` when safetensors is
-    installed and ``path`` ends with it, else ``torch.save``. Returns the path written."""
+    ``.config``, stored as its dict): safetensors when ``path`` ends with ``.safetensors``, else
+    ``torch.save``. Without the safetensors package (a declared dependency) a ``.safetensors``
+    path is written as ``<stem>.pt`` with ``torch.save`` and a ``RuntimeWarning`` naming that
+    path. Returns the path written."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if dataclasses.is_dataclass(config) and not isinstance(config, type):  # a model's .config
         config = dataclasses.asdict(config)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"config": json.dumps(config or {}, default=str)}
     if path.endswith(".safetensors"):
-        if _st is None:
-            path = path[: -len(".safetensors")] + ".pt"
-        else:
+        if _st is not None:
             _st.save_file(_unshared(sd), path, metadata=meta)
             return path
+        asked, path = path, path[: -len(".safetensors")] + ".pt"
+        torch.save({"state_dict": sd, **meta}, path)
+        warnings.warn(f"save_checkpoint: wrote {path} with torch.save, not {asked}: the safetensors "
+                      "package is not installed (it is a dependency of vidgen-kernels: "
+                      "pip install safetensors)", RuntimeWarning, stacklevel=2)
+        return path
     torch.save({"state_dict": sd, **meta}, path)
     return path
 

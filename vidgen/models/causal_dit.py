@@ -101,7 +101,8 @@ class VideoCausalDiT(CopyableLossesMixin, nn.Module):
                         int(config.hidden_size * config.mlp_ratio / 2), hidden_size=config.hidden_size,
                         mlp_ratio=config.mlp_ratio)
         if config.patch_size[0] != 1:
-            raise ValueError("VideoCausalDiT needs a temporal patch of 1 (frame-causal)")
+            raise ValueError(f"VideoCausalDiT needs a temporal patch of 1 (frame-causal): patch_size[0] "
+                             f"must be 1, got patch_size={config.patch_size}")
         if config.num_heads < 1 or config.hidden_size % config.num_heads \
                 or (config.hidden_size // config.num_heads) % 4:
             raise ValueError(f"hidden_size / num_heads must be a multiple of 4 (2D RoPE over h and w), got "

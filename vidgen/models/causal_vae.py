@@ -28,12 +28,14 @@ Sampling, ``forward``, the loss and the latent normalisation (``latents_mean``, 
 """
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import check_sizes
 from .vae import LatentVAE, gn_groups
 
 __all__ = ["CausalVideoVAE"]
@@ -124,9 +126,24 @@ class CausalVideoVAE(LatentVAE):
                  channel_mults: Sequence[int] = (1, 2, 4, 4), num_spatial_down: int = 3,
                  num_temporal_down: int = 2, blocks_per_level: int = 1):
         super().__init__()
-        if len(channel_mults) != num_spatial_down + 1:
+        # blocks_per_level >= 1: the level's ResBlocks are what change the width to
+        # base_channels * channel_mults[i]; with 0 every level kept base_channels (channel_mults
+        # silently ignored). num_spatial_down = 0 (no compression) is a valid, if odd, model.
+        check_sizes(in_channels=in_channels, latent_channels=latent_channels,
+                    base_channels=base_channels, blocks_per_level=blocks_per_level)
+        check_sizes(0, num_spatial_down=num_spatial_down, num_temporal_down=num_temporal_down)
+        try:
+            mults = tuple(operator.index(m) for m in channel_mults if not isinstance(m, bool))
+            ok = not isinstance(channel_mults, str) and len(mults) == len(channel_mults) \
+                and all(m >= 1 for m in mults)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"channel_mults must be a sequence of ints >= 1, got {channel_mults!r}")
+        if len(mults) != num_spatial_down + 1:
             raise ValueError(f"channel_mults must have num_spatial_down + 1 = {num_spatial_down + 1} "
-                             f"entries, got {tuple(channel_mults)}")
+                             f"entries, got {mults}")
+        channel_mults = mults
         if not 0 <= num_temporal_down <= num_spatial_down:
             raise ValueError(f"num_temporal_down must be in [0, num_spatial_down={num_spatial_down}], "
                              f"got {num_temporal_down}")

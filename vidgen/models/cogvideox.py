@@ -36,6 +36,10 @@ __all__ = ["CogVideoXConfig", "CogVideoXTransformer", "cogvideox_2b", "cogvideox
            "recommended_defaults"]
 
 FREQ_DIM = 256  # sinusoidal features of the timestep embedder
+# LayerNorm eps of every norm (norm1 / norm2, norm_final, norm_out): diffusers'
+# CogVideoXTransformer3DModel passes its norm_eps (default 1e-5, not exposed by CogVideoXConfig)
+# to all of them, AdaLayerNorm norm_out included
+NORM_EPS = 1e-5
 
 
 @dataclass
@@ -162,9 +166,9 @@ class CogVideoXBlock(nn.Module):
     def __init__(self, c: CogVideoXConfig):
         super().__init__()
         D = c.hidden_size
-        self.norm1 = LayerNormZero(c.time_embed_dim, D, eps=1e-5)
+        self.norm1 = LayerNormZero(c.time_embed_dim, D, eps=NORM_EPS)
         self.attn1 = RoPE3DAttention(D, c.num_heads, qk_norm="layer", bias=True)
-        self.norm2 = LayerNormZero(c.time_embed_dim, D, eps=1e-5)
+        self.norm2 = LayerNormZero(c.time_embed_dim, D, eps=NORM_EPS)
         self.ff = ModalityExpertFFN(D, _ffn_dim(c), c.num_text_experts, c.num_video_experts)
 
     def forward(self, hidden: Tensor, enc: Tensor, temb: Tensor, rope) -> tuple[Tensor, Tensor]:
@@ -198,9 +202,9 @@ class CogVideoXTransformer(CopyableLossesMixin, nn.Module):
         self.text_proj = nn.Linear(c.text_hidden_size, D)
         self.time_embedding = TimestepEmbedder(c.time_embed_dim, FREQ_DIM)
         self.blocks = nn.ModuleList([CogVideoXBlock(c) for _ in range(c.num_layers)])
-        self.norm_final = nn.LayerNorm(D, eps=1e-5)
+        self.norm_final = nn.LayerNorm(D, eps=NORM_EPS)
         self.norm_out_linear = nn.Linear(c.time_embed_dim, 2 * D)
-        self.norm_out = nn.LayerNorm(D, eps=1e-6)
+        self.norm_out = nn.LayerNorm(D, eps=NORM_EPS)
         pt, ph, pw = c.patch_size
         self.proj_out = nn.Linear(D, pt * ph * pw * c.out_channels)
 
@@ -226,6 +230,6 @@ class CogVideoXTransformer(CopyableLossesMixin, nn.Module):
             hidden = self.norm_final(hidden)
             shift, scale = self.norm_out_linear(F.silu(temb)).chunk(2, dim=-1)
             hidden = vk.adaln_modulate(hidden, shift, scale, weight=self.norm_out.weight,
-                                       bias=self.norm_out.bias, eps=1e-6)
+                                       bias=self.norm_out.bias, eps=self.norm_out.eps)
             out = self.proj_out(hidden)
         return unpatchify(out, (T, h, w), c.patch_size, c.out_channels)

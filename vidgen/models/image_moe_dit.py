@@ -174,14 +174,13 @@ class ImageMoEDiT(CopyableLossesMixin, nn.Module):
         p = config.patch_size
         if isinstance(p, bool) or not isinstance(p, int) or p < 1:
             raise ValueError(f"patch_size must be an int >= 1, got {p!r}")
-        check_config_sizes(config, "hidden_size", "num_heads")
+        check_config_sizes(config, "in_channels", "out_channels", "hidden_size", "num_heads", "depth",
+                           "text_dim", "num_experts", "top_k")
         if not isinstance(config.shared_expert, bool):
             raise TypeError(f"shared_expert must be a bool, got {config.shared_expert!r}")
         if config.hidden_size % config.num_heads:
             raise ValueError(f"hidden_size {config.hidden_size} must be divisible by num_heads {config.num_heads}")
-        if config.depth < 1:
-            raise ValueError(f"depth must be >= 1, got {config.depth}")
-        if not 1 <= config.top_k <= config.num_experts:
+        if config.top_k > config.num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={config.num_experts}], got {config.top_k}")
         self.config = config
         check_config_backend(config)

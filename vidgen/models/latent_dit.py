@@ -103,16 +103,20 @@ class LatentVideoDiT(nn.Module):
         if config.out_channels is None:
             config.out_channels = config.in_channels
         config.patch_size = check_patch_size(config.patch_size)
-        check_config_sizes(config, "hidden_size", "num_heads", "depth")
+        check_config_sizes(config, "in_channels", "out_channels", "hidden_size", "num_heads", "depth",
+                           "text_dim")
         if config.hidden_size % config.num_heads:
-            raise ValueError("hidden_size must be divisible by num_heads")
+            raise ValueError(f"hidden_size must be divisible by num_heads, got hidden_size="
+                             f"{config.hidden_size}, num_heads={config.num_heads}")
         self.config = config
         check_config_backend(config)
         self.backend = config.backend
         D = config.hidden_size
         self.head_dim = D // config.num_heads
         if self.head_dim % 4:
-            raise ValueError("head_dim must be divisible by 4 (2D RoPE over h and w)")
+            raise ValueError(f"head_dim = hidden_size / num_heads must be divisible by 4 (2D RoPE over h "
+                             f"and w), got head_dim={self.head_dim} (hidden_size={D}, "
+                             f"num_heads={config.num_heads})")
         if config.pos_embed not in ("sincos", "none"):
             raise ValueError(f"pos_embed must be 'sincos' or 'none', got {config.pos_embed!r}")
         if config.pos_embed == "sincos" and D % 8:

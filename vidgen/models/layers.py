@@ -52,12 +52,17 @@ class CopyableLossesMixin:
 # ---------------------------------------------------------------------------------------------
 # Input checks shared by the models
 # ---------------------------------------------------------------------------------------------
+def check_sizes(minimum: int = 1, **sizes) -> None:
+    """Keyword arguments that are sizes or counts: ints >= ``minimum`` (bools refused), e.g.
+    ``check_sizes(latent_channels=z)`` or ``check_sizes(0, num_down=n)``."""
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+
+
 def check_config_sizes(config, *names: str) -> None:
     """Config fields that are sizes: ints >= 1 (0 heads was a ZeroDivisionError)."""
-    for name in names:
-        v = getattr(config, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    check_sizes(**{name: getattr(config, name) for name in names})
 
 
 def check_config_backend(config) -> None:
