@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import vidgen_kernels as vk
 from vidgen.demo import measure_directions, moving_object_videos
 from vidgen.media import plot_lines, write_gif, write_png
 
@@ -95,8 +96,7 @@ def test_vidgen_demo_cli_tiny(tmp_path, device):
     # sampling timed like the train step (warm-up + median), and said so
     assert "median of 1 call(s) after one warm-up call" in report
     # the default backend as resolved per op family, not only `auto`
-    from vidgen.demo import resolved_backends
-    for family, be in resolved_backends(device).items():
+    for family, be in vk.resolved_backends(device).items():
         assert f"{family} `{be}`" in report, (family, be)
     # a .safetensors checkpoint where safetensors is importable
     ckpt = "dit_ema.safetensors` (safetensors)" if _has_safetensors() else "dit_ema.pt` (torch.save"
@@ -141,8 +141,7 @@ def test_time_sampling_warms_up_then_takes_the_median(monkeypatch):
 
 def test_resolved_backends_per_op_family():
     """What the default backend (`auto` unless set) runs per op family on a device."""
-    import vidgen_kernels as vk
-    from vidgen.demo import resolved_backends
+    resolved_backends = vk.resolved_backends
     got = resolved_backends("cpu")
     assert set(got) == {"AdaLN", "RoPE-3D attention", "temporal attention", "RoPE", "MoE"}
     want = "cpu" if "cpu" in vk.available_backends("cpu") else "reference"

@@ -239,41 +239,8 @@ def _time_sampling(model, cond, null, cfg: DemoConfig, shape, backend, tick=lamb
     return float(np.median(times[1:]))
 
 
-# The op families of vidgen_kernels: (name, module under vidgen_kernels.ops, its kernel
-# backends' dtype table); the demo's LatentVideoDiT runs the first three.
-_OP_FAMILIES = (("AdaLN", "adaln", "SUPPORTED_DTYPES"),
-                ("RoPE-3D attention", "rope3d_attention", "SUPPORTED_DTYPES"),
-                ("temporal attention", "temporal_attention", "SUPPORTED_DTYPES"),
-                ("RoPE", "rope", "ROPE_SUPPORTED_DTYPES"),
-                ("MoE", "moe", "SUPPORTED_DTYPES"))
-
-
-def resolved_backends(device, dtype=torch.float32) -> dict:
-    """The backend each op family runs when no ``backend=`` is passed (the current default:
-    ``use_backend`` context, ``VIDGEN_KERNELS_BACKEND``, else ``auto``), for ``dtype`` tensors on
-    ``device``, as ``vidgen_kernels.backends.resolve`` picks it per op (size limits aside: a
-    head_dim / length beyond a kernel's limit falls back to ``reference`` per call); a default
-    that cannot run there maps to ``"unavailable: <why>"``; ``auto`` finding no RoPE-3D attention
-    kernel is named as such (that op then runs ``rope3d_attention_sdpa``)."""
-    import importlib
-    from vidgen_kernels.backends import BackendUnavailableError, resolve
-    device = torch.device(device)
-    out = {}
-    for name, mod, table in _OP_FAMILIES:
-        supported = getattr(importlib.import_module(f"vidgen_kernels.ops.{mod}"), table)
-        try:
-            out[name] = resolve(None, device, dtype, supported, mod)
-        except BackendUnavailableError as e:
-            out[name] = f"unavailable: {e}"
-        # where auto finds no kernel, rope3d_attention runs apply_rope + SDPA, not its reference
-        if mod == "rope3d_attention" and out[name] == "reference" and dtype != torch.float64 \
-                and vk.current_backend() != "reference":
-            out[name] = "reference (no kernel here: rope3d_attention_sdpa)"
-    return out
-
-
 def _backends_text(backends: dict) -> str:
-    """``resolved_backends``'s dict as report text."""
+    """``vidgen_kernels.resolved_backends``'s dict as report text."""
     return ", ".join(f"{name} `{be}`" for name, be in backends.items()) + \
         " (the DiT runs AdaLN and the two attentions)"
 
@@ -432,7 +399,7 @@ def run_demo(out: str = "out", steps: int = None, seed: int = 0, device: str = N
         lat = vae.encode_scaled(x.to(device))
     text = cond_emb[d.to(device)]
     timings = {}
-    backends_used = resolved_backends(device)
+    backends_used = vk.resolved_backends(device)
     t0 = time.perf_counter()
     # per backend: warm-up + timing_rounds train steps, then warm-up + timing_rounds sampling calls
     bar = progress(total=2 * 2 * (cfg.timing_rounds + 1), desc="timings", disable=quiet)

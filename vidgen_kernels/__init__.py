@@ -23,6 +23,8 @@ Public API::
 
 ``python -m vidgen_kernels`` prints which backends this install has.
 """
+import torch
+
 from . import _ext
 from .backends import (
     BACKENDS,
@@ -65,11 +67,45 @@ __all__ = [
     "rope3d_attention",
     "rope3d_attention_reference",
     "rope3d_attention_sdpa",
+    "resolved_backends",
     "rope3d_freqs",
     "temporal_attention",
     "temporal_attention_reference",
     "use_backend",
 ]
+
+
+# The op families: (report name, module under vidgen_kernels.ops, its kernel backends' dtype table)
+_OP_FAMILIES = (("AdaLN", "adaln", "SUPPORTED_DTYPES"),
+                ("RoPE-3D attention", "rope3d_attention", "SUPPORTED_DTYPES"),
+                ("temporal attention", "temporal_attention", "SUPPORTED_DTYPES"),
+                ("RoPE", "rope", "ROPE_SUPPORTED_DTYPES"),
+                ("MoE", "moe", "SUPPORTED_DTYPES"))
+
+
+def resolved_backends(device="cpu", dtype=torch.float32) -> dict:
+    """The backend each op family runs when a call names none (the current default: a
+    :func:`use_backend` context, ``VIDGEN_KERNELS_BACKEND``, else ``auto``) for ``dtype`` tensors
+    on ``device``: ``{"AdaLN": "cpu", "RoPE-3D attention": ..., "temporal attention": ...,
+    "RoPE": ..., "MoE": ...}``, as each op resolves it (``backends.resolve``). Per call, sizes
+    beyond a kernel's limit (a head_dim, T_k or C) still fall back to ``reference``. A default
+    that cannot run there maps to ``"unavailable: <why>"``; where ``auto`` finds no RoPE-3D
+    attention kernel the value says that op runs ``rope3d_attention_sdpa``."""
+    import importlib
+
+    from .backends import resolve
+    device = torch.device(device)
+    out = {}
+    for name, mod, table in _OP_FAMILIES:
+        supported = getattr(importlib.import_module(f"{__name__}.ops.{mod}"), table)
+        try:
+            out[name] = resolve(None, device, dtype, supported, mod)
+        except BackendUnavailableError as e:
+            out[name] = f"unavailable: {e}"
+        if mod == "rope3d_attention" and out[name] == "reference" and dtype != torch.float64 \
+                and current_backend() != "reference":
+            out[name] = "reference (no kernel here: rope3d_attention_sdpa)"
+    return out
 
 
 def extension_status() -> str:

@@ -17,3 +17,6 @@ for dev in [torch.device("cpu")] + gpus:
     for b in BACKENDS:
         why = why_unavailable(b, dev)
         print(f"  {str(dev):6s} {b:10s} {'yes' if why is None else 'no: ' + why}")
+    dt = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    print(f"  default backend {vk.current_backend()!r} runs ({str(dt).replace('torch.', '')}): " +
+          ", ".join(f"{k} {v}" for k, v in vk.resolved_backends(dev, dt).items()))
