@@ -31,8 +31,13 @@ def _slug(s: str) -> str:
 def _by_op(groups) -> "OrderedDict[tuple[str, str], list[tuple[str, list[dict]]]]":
     ops: OrderedDict = OrderedDict()
     for g, benches in groups.items():
-        ei = next((b.get("extra_info") for b in benches if (b.get("extra_info") or {}).get("op")), {})
-        key = (ei.get("op") or g.split()[0], ei.get("device") or "device unknown")
+        # the op and the device from the rows that carry them (a row cut off before its labels
+        # carries neither; the diffusers rows had no "op" until 2026-12-07: their device was
+        # lost, and on a GPU machine their cpu and cuda groups shared one "device unknown" plot)
+        infos = [b.get("extra_info") or {} for b in benches]
+        op = next((ei["op"] for ei in infos if ei.get("op")), None) or g.split()[0]
+        device = next((ei["device"] for ei in infos if ei.get("device")), None) or "device unknown"
+        key = (op, device)
         ops.setdefault(key, []).append((g, benches))
     return ops
 

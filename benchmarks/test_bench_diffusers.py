@@ -188,7 +188,8 @@ def test_diffusers_forward(benchmark, case: Case, request):
         elif "median_s" in _BASELINE[key]:
             info["speedup"] = _BASELINE[key]["median_s"] / median_s
     _, family, cfg, (f, h, w), text = case.shape
-    info.update(model=case.label, family=family, contender=case.contender, latent=[f, h, w],
+    info.update(op="diffusers", model=case.label, family=family, contender=case.contender,
+                latent=[f, h, w],
                 text=text, layers=cfg["num_layers"],
                 heads=cfg["num_attention_heads"], head_dim=cfg["attention_head_dim"],
                 dtype=common.dtype_name(case.dtype), device=case.device,

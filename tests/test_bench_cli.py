@@ -378,6 +378,36 @@ def test_merge_and_summary_keep_machines_apart(tmp_path, capsys):
             summarize.load(str(tmp_path / bad))
 
 
+def test_report_sections_by_op_and_device(tmp_path):
+    """report.py: one section per (op, device), both read from whichever rows carry them: the
+    diffusers rows had no "op" label and their device came out as "device unknown", their cpu
+    and cuda groups sharing one section and one plot."""
+    report = _suite_module("report")
+    rows = []
+    for dev in ("cpu", "cuda"):
+        for c, m, op in (("patched", 1.0, "diffusers"), ("unpatched", 1.5, None)):
+            ei = dict(contender=c, device=dev)
+            if op:
+                ei["op"] = op
+            rows.append({"name": c, "group": f"diffusers cogvideox fwd {dev}", "stats": {"median": m},
+                         "extra_info": ei})
+    # a JSON written before the diffusers rows carried "op" (benchmarks/results/cpu-2026-12-06)
+    rows += [{"name": c, "group": "diffusers wan fwd cuda", "stats": {"median": 1.0},
+              "extra_info": dict(contender=c, device="cuda")} for c in ("patched", "unpatched")]
+    rows.append({"name": "cut", "group": "adaln x cpu", "stats": {"median": 1.0}, "extra_info": {}})
+    rows.append({"name": "cpu", "group": "adaln x cpu", "stats": {"median": 1.0},
+                 "extra_info": dict(op="adaln", contender="cpu", device="cpu")})
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    keys = list(report._by_op(groups))
+    assert keys == [("diffusers", "cpu"), ("diffusers", "cuda"), ("adaln", "cpu")], keys
+    assert len(report._by_op(groups)[("diffusers", "cuda")]) == 2  # both cuda groups
+    # an unlabelled group: its name's first word, the device unknown
+    assert list(report._by_op({"rope x": [{"name": "a", "extra_info": {}}]})) == \
+        [("rope", "device unknown")]
+
+
 def _gpu_sh(*args, env=None, timeout=120):
     return subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout,
