@@ -60,7 +60,9 @@ _PAIRED_NOTES = ("_skipped", "_error")
 # extra_info["paired_vs_<key>"] (interleaved-pair speedups, common.paired_speedup): the peer's name
 PAIRED_PEERS = {"reference": "eager reference", "compile": "torch.compile", "sdpa": "SDPA alone",
                 "rotate_sdpa": "rotate+sdpa", "dense": "the dense FFN",
-                "diffusers": "unpatched diffusers"}
+                "diffusers": "unpatched diffusers",
+                # test_bench_block: the full-size reference does not fit; both at fewer frames
+                "reference_at_fewer_frames": "eager reference, both at fewer frames"}
 
 
 def _median_s(bench: dict) -> float | None:
@@ -227,8 +229,12 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
 
     def peer(key):
         return PAIRED_PEERS.get(key[len(_PAIRED):], key[len(_PAIRED):])
-    paired = [f"{who(r, key)}vs {peer(key)} **{v:.2f}x** [{r['ei'].get(key + '_min', v):.2f}-"
-              f"{r['ei'].get(key + '_max', v):.2f}]" for r, key, v in found]
+    def at(r, key):  # the latent a fewer-frames pair ran at
+        lat = r["ei"].get("paired_latent")
+        return f" (latent {'x'.join(map(str, lat))})" if lat and key.endswith("_fewer_frames") else ""
+    paired = [f"{who(r, key)}vs {peer(key)}{at(r, key)} **{v:.2f}x** "
+              f"[{r['ei'].get(key + '_min', v):.2f}-{r['ei'].get(key + '_max', v):.2f}]"
+              for r, key, v in found]
     if paired:
         n = next((r["ei"].get("paired_pairs") for r in rows if r["ei"].get("paired_pairs")), "?")
         out += ["", f"Speedup timed in interleaved pairs in one process (median [min-max] of "

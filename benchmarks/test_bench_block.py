@@ -214,12 +214,12 @@ def step_fn(case: Case, model, inp: dict):
     return run
 
 
-def paired(case: Case, model, run_model, inp: dict, quick: bool) -> dict:
+def paired(case: Case, model, run_model, inp: dict, quick: bool, key: Optional[str] = None) -> dict:
     """The fused model's speedup over a peer timed in interleaved pairs in this process
     (``common.paired_speedup``): in the ``fused`` case over the eager reference (the same module
     with ``backend="reference"``), in the ``torch.compile`` case over the compiled reference.
-    Keys ``paired_vs_reference`` / ``paired_vs_compile`` (median of ``t_peer / t_fused``),
-    ``..._min``, ``..._max``, ``paired_pairs``."""
+    Keys ``paired_vs_reference`` / ``paired_vs_compile`` (or ``key``: median of
+    ``t_peer / t_fused``), ``..._min``, ``..._max``, ``paired_pairs``."""
     pairs = 1 if quick else (10 if case.device == "cuda" else 8)
     fused_step = step_fn(case, model, inp)
     peer_step = step_fn(case, run_model, inp)
@@ -231,11 +231,42 @@ def paired(case: Case, model, run_model, inp: dict, quick: bool) -> dict:
     def peer():
         model.backend = "reference"
         return peer_step()
-    key = "paired_vs_reference" if case.contender == FUSED else "paired_vs_compile"
+    key = key or ("paired_vs_reference" if case.contender == FUSED else "paired_vs_compile")
     try:
         return common.paired_speedup(ours, peer, case.device, pairs, key)
     finally:
         model.backend = None if case.contender == FUSED else "reference"
+
+
+FEWER = "paired_vs_reference_at_fewer_frames"
+
+
+def paired_at_fewer_frames(case: Case, model, quick: bool) -> dict:
+    """Where the eager reference step does not fit at the case's frame count (CogVideoX at its
+    17,776 tokens: an fp32 ``[B, heads, S, S]`` score matrix per layer, 106-287 GiB), the fused
+    vs reference pairs at the largest of half, a quarter ... of the frames whose reference step
+    (this direction) fits: same widths, heads and text, a shorter sequence, so attention weighs
+    less than at full size (the ratio understates the full-size one for full attention). Keys
+    ``paired_vs_reference_at_fewer_frames`` (+ ``_min`` / ``_max`` / ``_reps``),
+    ``paired_latent`` (the latent used) or ``..._skipped`` / ``..._error``."""
+    frames = case.size[2][1] // 2
+    why = None
+    while frames >= 1:
+        why = no_room(f"the eager reference peer at {frames} frame(s)",
+                      reference_peak_bytes(case, frames), case.device)
+        if why is None:
+            break
+        frames //= 2
+    if frames < 1:
+        return {FEWER + "_skipped": why or "the case has one frame"}
+    out = {"paired_latent": list(_latent(case, frames))}
+    try:
+        out.update(paired(case, model, model, make_inputs(case, frames), quick, key=FEWER))
+    except torch.OutOfMemoryError as e:  # the estimate was short: a missing figure, no failure
+        out[FEWER + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    if FEWER + "_error" in out:
+        common.free_after_oom(case.device)
+    return out
 
 
 def check_frames(case: Case) -> tuple[Optional[int], Optional[str]]:
@@ -338,6 +369,8 @@ def test_dit_block(benchmark, case: Case, request):
                if case.contender == FUSED else None)
         if why is not None:
             info[key + "_skipped"] = why
+            if case.contender == FUSED:  # the same comparison at a length the reference takes
+                info.update(paired_at_fewer_frames(case, model, quick))
         else:
             try:
                 info.update(paired(case, model, run_model, inp, quick))

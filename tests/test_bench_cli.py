@@ -215,6 +215,37 @@ def test_paired_speedup_and_summary_line():
             "check skipped (not even one frame fits).") in text, text
 
 
+def test_block_pairs_at_fewer_frames_where_the_reference_does_not_fit(monkeypatch):
+    """test_bench_block: where the eager reference step does not fit at the case's frame count
+    (CogVideoX at 17,776 tokens on a GPU), the fused-vs-reference pairs run at the largest of
+    half, a quarter ... of the frames that fits, and the summary names that latent. Here the
+    memory check is replaced: 4 frames 'do not fit', 2 do (the --quick CPU size of the case)."""
+    blk = _suite_module("test_bench_block")
+    case = blk.Case(model="video_causal_dit", direction="train", size=blk.SIZES[("cpu", True)][0],
+                    device="cpu", dtype=torch.float32, contender=blk.FUSED)
+    lat = case.size[2]
+    asked = []
+
+    def no_room(what, need, device):
+        asked.append(what)
+        return "too big" if "at 4 frame" in what else None
+    monkeypatch.setattr(blk, "no_room", no_room)
+    big = blk.Case(**{**case.__dict__, "size": (*case.size[:2], (1, 8, *lat[2:]), *case.size[3:])})
+    model = blk.build(big)
+    got = blk.paired_at_fewer_frames(big, model, quick=True)
+    assert got["paired_latent"] == [1, 2, *lat[2:]], got
+    assert got[blk.FEWER] > 0 and got["paired_pairs"] == 1, got
+    assert asked == ["the eager reference peer at 4 frame(s)", "the eager reference peer at 2 frame(s)"]
+    assert model.backend is None  # the fused model is left on its default backend
+    summarize = _suite_module("summarize")
+    ei = dict(contender="fused", bytes_moved=None, **got)
+    text = summarize.table("dit_block x train", [{"name": "f", "stats": {"median": 0.3}, "extra_info": ei}])
+    assert "vs eager reference, both at fewer frames (latent 1x2x16x16x16) **" in text, text
+    # not even one frame fits: a note, no figure
+    monkeypatch.setattr(blk, "no_room", lambda what, need, device: "too big")
+    assert blk.paired_at_fewer_frames(big, model, quick=True) == {blk.FEWER + "_skipped": "too big"}
+
+
 def test_best_peer_leaves_out_ours_and_the_bounds():
     """"vs best peer" is the fastest peer's median over the row's: our own contenders (kernel
     backends, the fused model, the patched diffusers model) and the bounds (copy; SDPA without
