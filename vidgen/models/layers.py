@@ -313,15 +313,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: Tensor, c: Tensor, residual: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         """``x`` ``[B, N, D]``, ``c`` ``[B, D]`` or per-frame ``[B, F, D]``; ``residual = (y, gate)``:
         the last block's pending ``x + gate * y``, fused into the norm (``gated_residual_adaln``)."""
-        return self.linear(final_modulate(x, c, self.adaLN_modulation, residual))
-
-
-def final_modulate(x: Tensor, c: Tensor, modulation: nn.Module,
-                   residual: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
-    """The final adaLN: ``norm(h) * (1 + scale) + shift`` with ``(shift, scale) =
-    modulation(c).chunk(2)`` and ``h = x``, or ``h = x + gate * y`` for ``residual = (y, gate)``
-    (the last block's residual, fused: ``gated_residual_adaln``)."""
-    shift, scale = modulation(c).chunk(2, dim=-1)
-    if residual is None:
-        return vk.adaln_modulate(x, shift, scale, eps=1e-6)
-    return vk.gated_residual_adaln(x, *residual, shift, scale, eps=1e-6)[1]
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        if residual is None:
+            return self.linear(vk.adaln_modulate(x, shift, scale, eps=1e-6))
+        return self.linear(vk.gated_residual_adaln(x, *residual, shift, scale, eps=1e-6)[1])
