@@ -727,12 +727,18 @@ def test_tile_variants_compute_what_the_defaults_do(tmp_path):
         sys.path.pop(0)
     from vidgen_kernels.triton_kernels import moe as TM
     out = tmp_path / "tiles.json"
-    r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_bench_tiles.py", "-q",
-                        "-p", "no:cacheprovider", "--quick", "--bench-device", "cpu",
-                        "--benchmark-min-rounds=1", "--benchmark-max-time=0.01",
-                        f"--benchmark-json={out}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env=_env(TRITON_INTERPRET="1"))
+    # with the interpreter fixes this test suite runs under (tests/interp_fixes.py; before Triton
+    # 3.7 a loop bound passed as a kernel argument fails there under numpy 2.4), installed in
+    # the subprocess before pytest imports the benchmarks
+    args = ["benchmarks/test_bench_tiles.py", "-q", "-p", "no:cacheprovider", "--quick",
+            "--bench-device", "cpu", "--benchmark-min-rounds=1", "--benchmark-max-time=0.01",
+            f"--benchmark-json={out}"]
+    boot = ("import sys, interp_fixes, pytest; interp_fixes.install(); "
+            f"sys.exit(pytest.main({args!r}))")
+    env = _env(TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join((os.path.join(ROOT, "tests"), env["PYTHONPATH"]))
+    r = subprocess.run([sys.executable, "-c", boot], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     benches = json.loads(out.read_text())["benchmarks"]
     variants = [b for b in benches if b["extra_info"]["contender"].startswith("tiles ")
