@@ -104,10 +104,11 @@ def check_input_dtype(name: str, v: Tensor, param: Tensor) -> None:
     """A model input in the dtype of the parameters it meets first (torch's own error, "mat1
     and mat2 must have the same dtype", names no argument). Not checked under ``torch.autocast``
     for the input's device type, where mixed dtypes are legal."""
-    autocast = (torch.amp.is_autocast_available(v.device.type)
-                and torch.is_autocast_enabled(v.device.type))
-    # (a quantized layer's integer weight takes floating inputs: no check against it)
-    if param.is_floating_point() and v.dtype != param.dtype and not autocast:
+    # (a quantized layer's integer weight takes floating inputs: no check against it). The
+    # autocast state is read only on a mismatch, and without torch.amp.is_autocast_available,
+    # which torch 2.11's dynamo cannot trace (a graph break: fullgraph compiles failed)
+    if param.is_floating_point() and v.dtype != param.dtype and not (
+            v.device.type != "meta" and torch.is_autocast_enabled(v.device.type)):
         raise TypeError(f"{name} has dtype {v.dtype} but the model's parameters are {param.dtype}: "
                         f"pass {name}.to({param.dtype}) or run the model under torch.autocast")
 

@@ -322,10 +322,11 @@ def _check_apply_args(x, cos, sin, interleaved, offset, op: str):
     check_rope_pair(cos, sin, op)
     L = cos.shape[0] if cos.dim() >= 1 else 0
     if cos.dim() == 2 and L > S - offset:
-        # (ints: a symbolic size in an f-string hid this message under torch.compile(dynamic))
+        # (ints: a symbolic size in an f-string hid this message under torch.compile(dynamic);
+        # so did a tuple in it on torch 2.11: the shape is formatted element by element)
         raise ValueError(f"{op}: the tables have {int(L)} positions but x has only S - offset = "
                          f"{int(S)} - {int(offset)} = {int(S - offset)} positions from offset on "
-                         f"(x shape {tuple(int(d) for d in x.shape)})")
+                         f"(x shape ({int(B)}, {int(S)}, {int(H)}, {int(D)}))")
     fp64 = x.dtype == torch.float64  # fp64 x computes in fp64: keep fp64 tables exact
     c = canon_table("cos", cos, D, L, x.device, op, interleaved, fp64)
     s = canon_table("sin", sin, D, L, x.device, op, interleaved, fp64)

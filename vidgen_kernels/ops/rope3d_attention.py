@@ -195,6 +195,21 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
 # ----------------------------------------------------------------------------------------------
 # reference and the contract in PyTorch
 # ----------------------------------------------------------------------------------------------
+def _sym_max(a, b):
+    """``max`` of two sizes: ``torch.sym_max`` when one is a SymInt (no guard on a symbolic
+    size), builtin ``max`` on plain ints (torch 2.11's dynamo cannot trace ``torch.sym_max`` on
+    ints: "torch.* op returned non-Tensor"; under dynamo builtin min / max of a symbolic size
+    is itself a guard-free sym_max)."""
+    return torch.sym_max(a, b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) \
+        else max(a, b)
+
+
+def _sym_min(a, b):
+    """``min`` of two sizes, as :func:`_sym_max`."""
+    return torch.sym_min(a, b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) \
+        else min(a, b)
+
+
 def frame_causal_mask(S: int, fc_start: int, fc_len: int, fc_block: int, device=None,
                       rows: Optional[slice] = None) -> Tensor:
     """``[S, S]`` boolean, True where query ``i`` may attend key ``j`` (module docstring); only
@@ -202,10 +217,9 @@ def frame_causal_mask(S: int, fc_start: int, fc_len: int, fc_block: int, device=
     # block index per token, -1 for text (built without integer division of a tensor, which
     # inductor fails to compile on torch 2.13)
     # a block longer than the video is the whole video: no index of fb entries (a huge
-    # frames_per_block asked for terabytes). sym_min / sym_max: plain min / max on ints, and on
-    # symbolic sizes under torch.compile an expression without the guard (a recompile per size)
-    # that a comparison would add (isinstance(size, int) is True for those under dynamo)
-    fb = torch.sym_min(torch.sym_max(fc_block, 1), torch.sym_max(fc_len, 1))
+    # frames_per_block asked for terabytes). On symbolic sizes an expression without the guard
+    # (a recompile per size) that a comparison would add: see _sym_min / _sym_max
+    fb = _sym_min(_sym_max(fc_block, 1), _sym_max(fc_len, 1))
     blk = torch.arange(-(-fc_len // fb), device=device).repeat_interleave(fb)[:fc_len]
     blk = torch.cat([blk.new_full((fc_start,), -1), blk, blk.new_full((S - fc_start - fc_len,), -1)])
     vid = blk >= 0
