@@ -249,16 +249,10 @@ def paired_at_fewer_frames(case: Case, model, quick: bool) -> dict:
     less than at full size (the ratio understates the full-size one for full attention). Keys
     ``paired_vs_reference_at_fewer_frames`` (+ ``_min`` / ``_max`` / ``_reps``),
     ``paired_latent`` (the latent used) or ``..._skipped`` / ``..._error``."""
-    frames = case.size[2][1] // 2
-    why = None
-    while frames >= 1:
-        why = no_room(f"the eager reference peer at {frames} frame(s)",
-                      reference_peak_bytes(case, frames), case.device)
-        if why is None:
-            break
-        frames //= 2
-    if frames < 1:
-        return {FEWER + "_skipped": why or "the case has one frame"}
+    frames, why = fitting_frames(case, case.size[2][1] // 2, case.direction,
+                                 "the eager reference peer")
+    if frames is None:
+        return {FEWER + "_skipped": why}
     out = {"paired_latent": list(_latent(case, frames))}
     try:
         out.update(paired(case, model, model, make_inputs(case, frames), quick, key=FEWER))
@@ -269,19 +263,26 @@ def paired_at_fewer_frames(case: Case, model, quick: bool) -> dict:
     return out
 
 
+def fitting_frames(case: Case, frames: int, direction: str, what: str
+                   ) -> tuple[Optional[int], Optional[str]]:
+    """(latent frames, None) or (None, why not even one fits): ``frames``, else half, a quarter
+    ... of it, the first at which a reference step in ``direction`` fits the free memory
+    (``what`` names the step in the reason)."""
+    why = f"{what}: no frame count to try ({frames})"
+    while frames >= 1:
+        why = no_room(f"{what} at {frames} frame(s)", reference_peak_bytes(case, frames, direction),
+                      case.device)
+        if why is None:
+            return frames, None
+        frames //= 2
+    return None, why
+
+
 def check_frames(case: Case) -> tuple[Optional[int], Optional[str]]:
     """(latent frames the reference check runs at, None) or (None, why not even one fits): the
     case's frame count, else half, a quarter ... of it, the first whose reference forward fits
     the free memory (always the case's on the CPU)."""
-    frames = case.size[2][1]
-    while True:
-        why = no_room(f"the reference check at {frames} frame(s)",
-                      reference_peak_bytes(case, frames, "infer"), case.device)
-        if why is None:
-            return frames, None
-        if frames == 1:
-            return None, why
-        frames //= 2
+    return fitting_frames(case, case.size[2][1], "infer", "the reference check")
 
 
 def check_vs_reference(case: Case, model) -> dict:

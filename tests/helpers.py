@@ -65,19 +65,26 @@ def scaled_tables(ang):
     return ang.cos() * sc, ang.sin() * sc
 
 
+def _rule_errors(got, ref_hi, ref_lo, name) -> tuple[float, float, float]:
+    """``(max |got - hi|, max |lo - hi|, max(1, max |hi|))`` after checking shape, dtype and
+    finiteness (0, 0, 1 for empty tensors)."""
+    assert got.shape == ref_hi.shape, f"{name}: shape {tuple(got.shape)} vs {tuple(ref_hi.shape)}"
+    assert got.dtype == ref_lo.dtype, f"{name}: dtype {got.dtype} vs {ref_lo.dtype}"
+    g, h, lo = got.double(), ref_hi.double(), ref_lo.double()
+    assert torch.isfinite(g).all(), f"{name}: non-finite values"
+    if not h.numel():
+        return 0.0, 0.0, 1.0
+    return ((g - h).abs().max().item(), (lo - h).abs().max().item(),
+            max(1.0, h.abs().max().item()))
+
+
 def assert_close_rule(got, ref_hi, ref_lo, name, floor=1e-5, factor=2.0):
     """flash-attention's rule: |got - ref_hi| <= factor * |ref_lo - ref_hi| + floor * scale
     (``factor`` 2 unless a test says why its paths round in different places).
 
     ``ref_hi``: the reference in float64; ``ref_lo``: the reference run in the tested dtype.
     """
-    assert got.shape == ref_hi.shape, f"{name}: shape {tuple(got.shape)} vs {tuple(ref_hi.shape)}"
-    assert got.dtype == ref_lo.dtype, f"{name}: dtype {got.dtype} vs {ref_lo.dtype}"
-    g, h, lo = got.double(), ref_hi.double(), ref_lo.double()
-    assert torch.isfinite(g).all(), f"{name}: non-finite values"
-    scale = max(1.0, h.abs().max().item()) if h.numel() else 1.0
-    err = (g - h).abs().max().item() if h.numel() else 0.0
-    ref_err = (lo - h).abs().max().item() if h.numel() else 0.0
+    err, ref_err, scale = _rule_errors(got, ref_hi, ref_lo, name)
     bound = factor * ref_err + floor * scale
     assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g} (reference's own error {ref_err:.3g})"
 
@@ -100,14 +107,11 @@ def assert_close_rule_over_cases(got, ref_hi, ref_lo, name, floor=1e-5, factor=2
     to seed for the same kernels; the mean over cases is the steadier one."""
     errs, ref_errs, scale = [], [], 1.0
     for i, (g, h, lo) in enumerate(zip(got, ref_hi, ref_lo)):
-        assert g.shape == h.shape, f"{name} case {i}: shape {tuple(g.shape)} vs {tuple(h.shape)}"
-        assert g.dtype == lo.dtype, f"{name} case {i}: dtype {g.dtype} vs {lo.dtype}"
-        g, h, lo = g.double(), h.double(), lo.double()
-        assert torch.isfinite(g).all(), f"{name} case {i}: non-finite values"
+        e, r, sc = _rule_errors(g, h, lo, f"{name} case {i}")
         if h.numel():
-            scale = max(scale, h.abs().max().item())
-            errs.append((g - h).abs().max().item())
-            ref_errs.append((lo - h).abs().max().item())
+            errs.append(e)
+            ref_errs.append(r)
+            scale = max(scale, sc)
     err = sum(errs) / max(len(errs), 1)
     ref_err = sum(ref_errs) / max(len(ref_errs), 1)
     bound = factor * ref_err + floor * scale

@@ -327,16 +327,14 @@ def run_demo(out: str = "out", steps: int = None, seed: int = 0, device: str = N
         loss.backward()
         opt.step()
         vae_losses.append(loss.item())
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"loss {loss.item():.4f}")
+        bar.set_postfix_str(f"loss {loss.item():.4f}")
     vae_time = time.perf_counter() - t0
     vae.eval().requires_grad_(False)
     bar = progress(total=2, desc="VAE calibration", disable=quiet)  # 1: the videos, 2: encode + fit
     calib, _ = moving_object_videos(64 if not tiny else 8, cfg.frames, cfg.size, generator=g, start=cfg.start)
     bar.update(1)
     vae.fit_scaling_factor(calib.to(device))
-    if hasattr(bar, "set_postfix_str"):
-        bar.set_postfix_str(f"scaling factor {float(vae.scaling_factor):.3f}")
+    bar.set_postfix_str(f"scaling factor {float(vae.scaling_factor):.3f}")
     bar.update(1)
     bar.close()
 
@@ -370,8 +368,7 @@ def run_demo(out: str = "out", steps: int = None, seed: int = 0, device: str = N
         opt.step()
         ema.update(model)
         dit_losses.append(loss.item())
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"loss {loss.item():.4f}")
+        bar.set_postfix_str(f"loss {loss.item():.4f}")
     dit_time = time.perf_counter() - t0
     ckpt = save_checkpoint(os.path.join(out, "dit_ema.safetensors"), ema.model,
                            config=vars(model.config))
@@ -405,11 +402,9 @@ def run_demo(out: str = "out", steps: int = None, seed: int = 0, device: str = N
     bar = progress(total=2 * 2 * (cfg.timing_rounds + 1), desc="timings", disable=quiet)
     tick = lambda: bar.update(1)  # noqa: E731
     for name, be in (("fused (default backend)", None), ("reference", "reference")):
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{be or 'default'}: train step")
+        bar.set_postfix_str(f"{be or 'default'}: train step")
         step_s = _time_train_step(ema.model, lat, text, sched, cfg.timing_rounds, be, tick)
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{be or 'default'}: sampling")
+        bar.set_postfix_str(f"{be or 'default'}: sampling")
         timings[name] = (step_s, _time_sampling(ema.model, cond_emb, null_emb, cfg,
                                                 (cfg.frames, lat_hw, lat_hw), be, tick))
     bar.close()

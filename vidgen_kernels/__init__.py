@@ -44,6 +44,11 @@ from .ops.rope import apply_rope, apply_rope_reference, rope3d_freqs
 from .ops.rope3d_attention import (rope3d_attention, rope3d_attention_reference,
                                    rope3d_attention_sdpa)
 from .ops.moe import MoEOutput, moe_ffn, moe_ffn_reference
+from .ops.adaln import SUPPORTED_DTYPES as _adaln_dtypes
+from .ops.moe import SUPPORTED_DTYPES as _moe_dtypes
+from .ops.rope import ROPE_SUPPORTED_DTYPES as _rope_dtypes
+from .ops.rope3d_attention import SUPPORTED_DTYPES as _rope3d_attention_dtypes
+from .ops.temporal_attention import SUPPORTED_DTYPES as _temporal_attention_dtypes
 from . import nn  # noqa: E402  (modules use the functions above)
 
 __version__ = "0.1.0"
@@ -75,12 +80,12 @@ __all__ = [
 ]
 
 
-# The op families: (report name, module under vidgen_kernels.ops, its kernel backends' dtype table)
-_OP_FAMILIES = (("AdaLN", "adaln", "SUPPORTED_DTYPES"),
-                ("RoPE-3D attention", "rope3d_attention", "SUPPORTED_DTYPES"),
-                ("temporal attention", "temporal_attention", "SUPPORTED_DTYPES"),
-                ("RoPE", "rope", "ROPE_SUPPORTED_DTYPES"),
-                ("MoE", "moe", "SUPPORTED_DTYPES"))
+# The op families: (report name, op name for messages, its kernel backends' dtype table)
+_OP_FAMILIES = (("AdaLN", "adaln", _adaln_dtypes),
+                ("RoPE-3D attention", "rope3d_attention", _rope3d_attention_dtypes),
+                ("temporal attention", "temporal_attention", _temporal_attention_dtypes),
+                ("RoPE", "rope", _rope_dtypes),
+                ("MoE", "moe", _moe_dtypes))
 
 
 def resolved_backends(device="cpu", dtype=torch.float32) -> dict:
@@ -91,13 +96,10 @@ def resolved_backends(device="cpu", dtype=torch.float32) -> dict:
     beyond a kernel's limit (a head_dim, T_k or C) still fall back to ``reference``. A default
     that cannot run there maps to ``"unavailable: <why>"``; where ``auto`` finds no RoPE-3D
     attention kernel the value says that op runs ``rope3d_attention_sdpa``."""
-    import importlib
-
     from .backends import resolve
     device = torch.device(device)
     out = {}
-    for name, mod, table in _OP_FAMILIES:
-        supported = getattr(importlib.import_module(f"{__name__}.ops.{mod}"), table)
+    for name, mod, supported in _OP_FAMILIES:
         try:
             out[name] = resolve(None, device, dtype, supported, mod)
         except BackendUnavailableError as e:

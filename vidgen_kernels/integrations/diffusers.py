@@ -111,11 +111,18 @@ def _no_attention_kernel(device: torch.device, backend: Optional[str]) -> Option
 
 
 class _FallbackMixin:
+    """What both patched processors hold: the original processor, the backend pinned at
+    ``apply``, the attention module's name (for the fallback warning) and whether it warned."""
+
+    def __init__(self, original, backend: Optional[str] = None, module_name: str = ""):
+        self.original = original
+        self.backend = backend
+        self.module_name = module_name
+        self._warned = False
+
     def _no_kernel_reason(self, x: torch.Tensor) -> Optional[str]:
         why = _no_attention_kernel(x.device, self.backend)
         return None if why is None else f"no rope3d_attention kernel runs on {x.device} ({why})"
-
-    module_name = ""  # the attention module's name in the model (set by apply)
 
     def _fallback(self, reason: str):
         if not self._warned:
@@ -128,12 +135,6 @@ class _FallbackMixin:
 
 class CogVideoXRoPE3DAttnProcessor(_FallbackMixin):
     """CogVideoX joint text+video self-attention on :func:`vidgen_kernels.rope3d_attention`."""
-
-    def __init__(self, original, backend: Optional[str] = None, module_name: str = ""):
-        self.original = original
-        self.backend = backend
-        self.module_name = module_name
-        self._warned = False
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: Optional[torch.Tensor] = None,
@@ -186,10 +187,7 @@ class WanRoPE3DAttnProcessor(_FallbackMixin):
     _parallel_config = None
 
     def __init__(self, original, backend: Optional[str] = None, module_name: str = ""):
-        self.original = original
-        self.backend = backend
-        self.module_name = module_name
-        self._warned = False
+        super().__init__(original, backend, module_name)
         # the backend active in diffusers' dispatcher at apply() (its DIFFUSERS_ATTN_BACKEND
         # default); a different one later means a `with attention_backend(...)` block
         self._registry = _dispatch_registry()

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from ._checks import check_sizes, got_int
+from ._checks import check_sizes
 from ._eager import _plain_eager, eager_op
 from ..backends import may_fall_back, resolve as _resolve_backend
 
@@ -310,8 +310,7 @@ def _check_apply_args(x, cos, sin, interleaved, offset, op: str):
     B, S, H, D = x.shape
     if D == 0 or D % 2:
         raise ValueError(f"{op}: head dim D of x must be even and >= 2, got shape {tuple(x.shape)}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"{op}: offset must be a Python int >= 0, got {got_int(offset)}")
+    check_sizes(op, 0, offset=offset)
     if not isinstance(interleaved, bool):
         raise TypeError(f"{op}: interleaved must be a bool, got {type(interleaved).__name__}")
     for name, t in (("cos", cos), ("sin", sin)):

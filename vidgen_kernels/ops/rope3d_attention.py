@@ -107,8 +107,8 @@ from .. import _ext
 from ._eager import differentiable_vjp, eager_op, recomputed_vjp
 from ..backends import (autodiff_transform, current_backend, forward_ad_active, may_fall_back,
                         resolve)
-from ._checks import (autocast_dtype, cast_floating, check_flags, check_qkv, got_int,
-                      softmax_scale_or_default)
+from ._checks import (autocast_dtype, cast_floating, check_flags, check_qkv, check_sizes,
+                      got_int, softmax_scale_or_default)
 from .rope import _rope_kernel, apply_rope, canon_table, check_rope_pair, rotate, table_grads
 
 __all__ = ["rope3d_attention", "rope3d_attention_reference", "rope3d_attention_sdpa",
@@ -144,8 +144,7 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
     if D == 0:
         raise ValueError(f"{op}: head_dim must be >= 1, got shape {tuple(q.shape)}")
     Sk = k.shape[1]
-    if not _is_int(rope_offset) or rope_offset < 0:
-        raise ValueError(f"{op}: rope_offset must be a Python int >= 0, got {got_int(rope_offset)}")
+    check_sizes(op, 0, rope_offset=rope_offset)
     softmax_scale = softmax_scale_or_default(softmax_scale, D, op)
     rope = check_rope_pair(cos, sin, op) is not None
     if (rope or frame_causal) and Sk != Sq:
@@ -174,8 +173,7 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
         if not _is_int(tokens_per_frame) or tokens_per_frame < 1:
             raise ValueError(f"{op}: frame_causal needs tokens_per_frame, a Python int >= 1, got "
                              f"{got_int(tokens_per_frame)}")
-        if not _is_int(frames_per_block) or frames_per_block < 1:
-            raise ValueError(f"{op}: frames_per_block must be a Python int >= 1, got {got_int(frames_per_block)}")
+        check_sizes(op, frames_per_block=frames_per_block)
         if video_len % tokens_per_frame:
             raise ValueError(f"{op}: tokens_per_frame={tokens_per_frame} does not divide the video "
                              f"length {video_len} (tokens rope_offset .. rope_offset + "

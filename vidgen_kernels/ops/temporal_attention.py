@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ._eager import differentiable_vjp, eager_op
 from ..backends import may_fall_back, resolve
-from ._checks import (autocast_dtype, cast_floating, check_flags, check_qkv, got_int,
+from ._checks import (autocast_dtype, cast_floating, check_flags, check_qkv, check_sizes,
                       softmax_scale_or_default)
 from .rope import canon_table, check_rope_pair, rotate, table_grads, unrotate
 
@@ -75,8 +75,7 @@ def _check_inputs(q, k, v, cos, sin, q_offset, causal, interleaved, softmax_scal
                          f"q {tuple(q.shape)}, got {tuple(k.shape)}")
     if D == 0 or Tq == 0:
         raise ValueError(f"{op}: q must have T >= 1 frames and D >= 1, got shape {tuple(q.shape)}")
-    if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
-        raise ValueError(f"{op}: q_offset must be a Python int >= 0, got {got_int(q_offset)}")
+    check_sizes(op, 0, q_offset=q_offset)
     Tk = k.shape[1]
     if q_offset + Tq != Tk:
         raise ValueError(f"{op}: q_offset + T_q must equal T_k (q holds the newest frames of the "
