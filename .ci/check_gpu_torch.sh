@@ -6,12 +6,13 @@
 # cases; the CUDA ones skip). What it catches before a GPU session spends its minutes on it:
 # API differences between that torch / triton and the development ones (torch 2.13, triton 3.9),
 # with the diffusers the GPU record carries as a wheel (0.42.1),
-# and a CUDA binding that does not compile.
+# a CUDA binding that does not compile, and a Triton kernel that Triton 3.6 cannot compile for
+# sm_90 / sm_80 (ahead of time, no GPU needed).
 #
 # Usage: bash .ci/check_gpu_torch.sh [pytest args]   (default: tests -q)
 # Environment: VENV (default /tmp/venv-gpu-torch; reused when it exists), TORCH_VER (2.11.0),
 #   TRITON_VER (3.6.0), WORK (default /tmp/vidgen-gpu-torch: a clone of this checkout's HEAD),
-#   MAX_JOBS (2).
+#   MAX_JOBS (2), AOT_ARGS (the Triton compile check's options; default --quick --arch 90 80).
 # Cost: ~4.7 GB of wheels (torch's CUDA build and its nvidia-* dependencies; ~1 min to install
 # from the local index), ~2 min to build, ~10 min for the suite on 2 cores. Not part of CI (its
 # time and disk budget); run it after changing code that touches torch APIs, before a GPU session.
@@ -35,4 +36,10 @@ echo "check_gpu_torch: commit $(git rev-parse --short HEAD) in $WORK"
 MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 "$PY" -c "import vidgen_kernels as vk; print('check_gpu_torch:', vk.extension_status())"
 if [ $# -eq 0 ]; then set -- tests -q; fi
-TRITON_INTERPRET=1 "$PY" -m pytest -p no:cacheprovider "$@"
+rc=0
+TRITON_INTERPRET=1 "$PY" -m pytest -p no:cacheprovider "$@" || rc=$?
+# the Triton kernels compiled by that Triton for the GPU box's sm_90 (and sm_80), no GPU needed:
+# a kernel this Triton cannot lower fails here, not in the GPU session (~1.5 min; the full check
+# of every dtype and size: AOT_ARGS="--arch 90 80", ~5 min)
+env -u TRITON_INTERPRET "$PY" -m vidgen_kernels.triton_kernels.aot_check ${AOT_ARGS:---quick --arch 90 80} || rc=$?
+exit $rc
