@@ -721,16 +721,19 @@ def release(device: str, compiled: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def compile_contender(fn: Callable, warm: Callable[[Callable], object], device: str):
-    """``torch.compile(fn, dynamic=False)``, compiled and warmed up by ``warm(compiled)`` (which
-    runs the timed step once: forward, and backward for fwd+bwd). Returns ``(compiled,
-    seconds)``; skips the case with the reason when inductor or its toolchain fails (a missing
-    contender, not a failed run)."""
+def compile_contender(fn: Callable, warm: Callable[[Callable], object], device: str,
+                      dynamic: bool = False):
+    """``torch.compile(fn, dynamic=dynamic)``, compiled and warmed up by ``warm(compiled)``
+    (which runs the timed step once: forward, and backward for fwd+bwd). ``dynamic=True`` where
+    shapes inside ``fn`` depend on the data (the MoE reference's per-expert token counts: static
+    shapes would recompile for every routing). Returns ``(compiled, seconds)``; skips the case
+    with the reason when inductor or its toolchain fails (a missing contender, not a failed
+    run)."""
     import pytest
     torch._dynamo.reset()  # one compilation per case; no cache carried over between shapes
     t0 = time.perf_counter()
     try:
-        compiled = torch.compile(fn, dynamic=False)
+        compiled = torch.compile(fn, dynamic=dynamic)
         warm(compiled)
         synchronize(device)
     except Exception as e:

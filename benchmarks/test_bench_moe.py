@@ -20,6 +20,11 @@ pytest-benchmark group. Contenders:
   compiler reports, not yet timed) are judged;
 * ``reference``: ``moe_ffn_reference``, the seed's per-expert loop with boolean-mask gathers
   (one ``mask.any()`` host sync per expert and slot on GPU);
+* ``torch.compile``: ``torch.compile(moe_ffn_reference, dynamic=True)`` (fwd and fwd+bwd, on
+  ``COMPILE_SHAPES`` only: compiling takes 10-30 s per case; skipped under ``--quick``). The loop
+  breaks the graph at every ``mask.any()``; ``dynamic=True`` compiles each piece once for any
+  token count (with static shapes every routing recompiles, and dynamo gives up after 8), so the
+  compiled pieces are reused across routings; compiled outside the timed region;
 * ``padded-bmm``: route, sort, scatter the tokens into a ``[E, capacity, C]`` buffer padded to
   the largest expert (``capacity`` read on the host: one sync), two ``torch.bmm``, gather back,
   weighted sum (PyTorch autograd);
@@ -62,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from common import REFERENCE
+from common import COMPILE, REFERENCE
 
 OP = "moe_ffn"
 PADDED = "padded-bmm"
@@ -85,13 +90,17 @@ DIRECTIONS = (*common.DIRECTIONS, JVP)
 JVP_SHAPES = {"cpu": ((8, 512, 2048, 4096), (64, 256, 512, 2048)),
               "cuda": ((8, 1152, 4608, 16384),)}
 _JVP_WRT = ("x", "router_logits")  # the inputs with a tangent (dense: x only)
+# the shapes with a torch.compile contender (fwd, fwd+bwd): the issue's CPU set; one GPU shape
+COMPILE_SHAPES = {"cpu": ((4, 512, 2048, 4096), (8, 512, 2048, 4096)),
+                  "cuda": ((8, 1152, 4608, 16384),)}
 
 
-def contenders(device_type: str, direction: str = "fwd") -> tuple[str, ...]:
+def contenders(device_type: str, direction: str = "fwd", shape: tuple = ()) -> tuple[str, ...]:
     if direction == JVP:
         return (*KERNEL_BACKENDS[device_type], REFERENCE, GROUPED, DENSE)
     small = (SMALL_TILES,) if device_type == "cuda" else ()
-    return (*KERNEL_BACKENDS[device_type], *small, REFERENCE, PADDED, GROUPED, DENSE)
+    comp = (COMPILE,) if shape in COMPILE_SHAPES[device_type] else ()
+    return (*KERNEL_BACKENDS[device_type], *small, REFERENCE, *comp, PADDED, GROUPED, DENSE)
 
 
 @dataclass(frozen=True)
@@ -126,7 +135,7 @@ def make_cases(quick: bool, devices) -> list[Case]:
         return JVP_SHAPES[dev] if direction == JVP else FULL_SHAPES[dev]
     return [Case(direction, shape, dev, common.DTYPES[dev], c)
             for dev in devices for direction in DIRECTIONS for shape in shapes(dev, direction)
-            for c in contenders(dev, direction)]
+            for c in contenders(dev, direction, shape)]
 
 
 def pytest_generate_tests(metafunc):
@@ -185,6 +194,14 @@ def padded_bmm(x, router_logits, w1, w2, b1, b2):
     return out
 
 
+def reference_out(x, router_logits, w1, w2, b1, b2):
+    """``moe_ffn_reference(...).out`` with this file's routing and activation (the function the
+    ``torch.compile`` contender compiles)."""
+    import vidgen_kernels as vk
+    return vk.moe_ffn_reference(x, router_logits, w1, w2, top_k=TOP_K, activation=ACT, b1=b1,
+                                b2=b2).out
+
+
 def op_fn(case: Case):
     """``f(inputs) -> output tensor`` of a contender."""
     import vidgen_kernels as vk
@@ -196,6 +213,8 @@ def op_fn(case: Case):
     if case.contender == REFERENCE:
         return lambda i: vk.moe_ffn_reference(*args(i), top_k=TOP_K, activation=ACT, b1=i["b1"],
                                               b2=i["b2"]).out
+    if case.contender == COMPILE:  # compiled by _bench (compile_contender), outside the timing
+        return lambda i: reference_out(*args(i), i["b1"], i["b2"])
     if case.contender == PADDED:
         return lambda i: padded_bmm(*args(i), i["b1"], i["b2"])
     if case.contender == GROUPED:
@@ -260,7 +279,7 @@ def check_against_reference(case: Case, f, inp: dict) -> float:
 def _unavailable(case: Case) -> str | None:
     if case.device == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU is visible"
-    if case.contender in (REFERENCE, PADDED, DENSE):
+    if case.contender in (REFERENCE, PADDED, DENSE, COMPILE):
         return None
     if case.contender == GROUPED:
         return None if hasattr(torch, "_grouped_mm") else "torch._grouped_mm not in this torch"
@@ -281,6 +300,8 @@ def _bench(benchmark, case: Case, request):
     if why is not None:
         pytest.skip(f"{case.contender} unavailable on {case.device}: {why}")
     quick = request.config.getoption("--quick")
+    if quick and case.contender == COMPILE:
+        pytest.skip("--quick: torch.compile contender skipped (compiling takes 10-30 s per case)")
     pol = common.heavy_policy(quick, case.device)
     if case.device == "cpu" and not quick and case.contender != DENSE:
         # the check against the reference (or, for the reference, its run for the check cache)
@@ -290,6 +311,10 @@ def _bench(benchmark, case: Case, request):
     info = {}
     sets = [make_inputs(case, 0)]
     f = op_fn(case)
+    if case.contender == COMPILE:
+        compiled, info["compile_s"] = common.compile_contender(
+            f, lambda c: step_fn(case, c, sets[0])(), case.device, dynamic=True)
+        f = compiled
     if case.contender not in (REFERENCE, DENSE):
         info["max_rel_err_vs_reference"] = check_against_reference(case, f, sets[0])
     steps = [step_fn(case, f, s) for s in sets]
@@ -318,5 +343,5 @@ def _bench(benchmark, case: Case, request):
         input_sets=len(sets),
     )
     benchmark.extra_info.update(info)
-    del call, steps, sets
-    common.release(case.device, False)
+    del call, steps, sets, f
+    common.release(case.device, case.contender == COMPILE)
