@@ -9,7 +9,7 @@ contender: median per-call time, effective GB/s (``extra_info["bytes_moved"]`` /
 ``torch.compile`` (their median / this median: > 1 is faster), and the fraction of the copy
 bandwidth (copy median / this median, the copy moving the same bytes: a reference rate, not a
 hard limit), and the speedup vs the best peer (the fastest contender that is neither ours (the
-kernel backends, the fused model, the patched diffusers model) nor a bound (the copy; SDPA
+kernel backends, the fused model, the patched diffusers model, compiled or not) nor a bound (the copy; SDPA
 without the rotation for RoPE-3D attention; the dense FFN of the same FLOPs for the MoE): eager
 reference, torch.compile, rotate+SDPA, matmul-softmax, grouped_mm, ...); a line under the table
 gives the speedup vs every peer by name. A FLOP-rate column
@@ -40,8 +40,8 @@ REFERENCE, COMPILE, COPY = "reference", "torch.compile", "copy"
 KERNEL_BACKENDS = ("cpu", "cuda", "triton")
 # the fused DiT block, the patched diffusers model; the Triton temporal attention with one of its
 # kernel sets forced and the Triton MoE with its first GEMM tiles (variants of ours, not peers)
-OURS = KERNEL_BACKENDS + ("fused", "patched", "triton-tiled", "triton-resident",
-                          "triton-small-tiles")
+OURS = KERNEL_BACKENDS + ("fused", "patched", "patched+torch.compile", "triton-tiled",
+                          "triton-resident", "triton-small-tiles")
 TILE_VARIANT = "tiles "  # benchmarks/test_bench_tiles.py: "tiles default", "tiles <variant>"
 
 

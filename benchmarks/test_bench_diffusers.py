@@ -13,7 +13,12 @@ denoising step's transformer call. Contenders:
 
 * ``diffusers``: the model as diffusers builds it (SDPA, eager RoPE and AdaLN);
 * ``patched``: after ``vidgen_kernels.integrations.diffusers.apply(model)`` (the default backend:
-  ``cpu`` on CPU, the GPU order on CUDA).
+  ``cpu`` on CPU, the GPU order on CUDA);
+* ``torch.compile``: ``torch.compile(model)`` of the unpatched model (what a diffusers user
+  compiles instead), and ``patched+torch.compile``: ``torch.compile`` of the patched model (our
+  ops are custom ops inside the compiled graph): whether patching still pays once a model is
+  compiled. Compiled and warmed up outside the timed region (``compile_s``); skipped under
+  ``--quick``.
 
 Sizes:
 
@@ -46,7 +51,8 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed 
                                 "(pip install 'vidgen-kernels[diffusers]')")
 
 UNPATCHED, PATCHED = "diffusers", "patched"
-CONTENDERS = (UNPATCHED, PATCHED)
+COMPILE, PATCHED_COMPILE = common.COMPILE, "patched+torch.compile"
+CONTENDERS = (UNPATCHED, PATCHED, COMPILE, PATCHED_COMPILE)
 
 # label -> (family, model config, latent (F, H, W) after the VAE, text tokens)
 _COG_SMALL = dict(num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16,
@@ -111,7 +117,9 @@ def pytest_generate_tests(metafunc):
 
 
 def build(case: Case):
-    """(model, call) for the case; the model has random weights, in the case's dtype/device."""
+    """(model, call) for the case; the model has random weights, in the case's dtype/device;
+    ``call()`` runs the model on the case's inputs, ``call(m)`` runs ``m`` (a compiled model) on
+    them."""
     from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
     label, family, cfg, (f, h, w), text = case.shape
     torch.manual_seed(0)
@@ -137,14 +145,14 @@ def build(case: Case):
                 cfg["attention_head_dim"], ((0, 0), (h // p, w // p)), (h // p, w // p), f,
                 device=dev)
 
-        def call():
-            return model(x, e, t, **kw, return_dict=False)[0]
+        def call(m=model):
+            return m(x, e, t, **kw, return_dict=False)[0]
     else:
         x = torch.randn(1, c_in, f, h, w, device=dev, dtype=dt, generator=g)
         e = torch.randn(1, text, cfg["text_dim"], device=dev, dtype=dt, generator=g)
 
-        def call():
-            return model(x, t, e, return_dict=False)[0]
+        def call(m=model):
+            return m(x, t, e, return_dict=False)[0]
     return model, call
 
 
@@ -158,6 +166,8 @@ def test_diffusers_forward(benchmark, case: Case, request):
         pytest.skip("no CUDA GPU is visible")
     from vidgen_kernels.integrations import diffusers as vkd
     quick = request.config.getoption("--quick")
+    if quick and case.contender in (COMPILE, PATCHED_COMPILE):
+        pytest.skip("--quick: torch.compile contender skipped (compiling takes 20-60 s per case)")
     pol = common.heavy_policy(quick, case.device, max_rounds=30 if case.device == "cpu" else 10)
     if case.device == "cpu" and not quick:
         import dataclasses
@@ -168,8 +178,14 @@ def test_diffusers_forward(benchmark, case: Case, request):
     if key not in _BASELINE:  # the unpatched output, for the check and the speedup
         _BASELINE.clear()
         _BASELINE[key] = {"out": call().float()}
-    if case.contender == PATCHED:
+    if case.contender in (PATCHED, PATCHED_COMPILE):
         vkd.apply(model)
+    compiled = None
+    if case.contender in (COMPILE, PATCHED_COMPILE):
+        compiled, info["compile_s"] = common.compile_contender(model, call, case.device)
+        run = call
+        call = lambda: run(compiled)  # noqa: E731
+    if case.contender != UNPATCHED:
         out = call().float()
         want = _BASELINE[key]["out"]
         info["max_rel_err_vs_diffusers"] = common.assert_rel_err(
@@ -195,5 +211,5 @@ def test_diffusers_forward(benchmark, case: Case, request):
                 dtype=common.dtype_name(case.dtype), device=case.device,
                 device_name=common.device_name(case.device))
     benchmark.extra_info.update(info)
-    del model, call
-    common.release(case.device, False)
+    del model, call, compiled
+    common.release(case.device, case.contender in (COMPILE, PATCHED_COMPILE))
