@@ -248,7 +248,7 @@ def test_block_pairs_at_fewer_frames_where_the_reference_does_not_fit(monkeypatc
 
 def test_best_peer_leaves_out_ours_and_the_bounds():
     """"vs best peer" is the fastest peer's median over the row's: our own contenders (kernel
-    backends, the fused model, the patched diffusers model) and the bounds (copy; SDPA without
+    backends, the fused model, the patched diffusers model, compiled or not) and the bounds (copy; SDPA without
     the rotation for rope3d_attention; the dense FFN for the MoE) are not peers (the fused model
     used to be its own best peer: 1.00x); a paired error string does not crash the summary."""
     summarize = _suite_module("summarize")
@@ -272,6 +272,12 @@ def test_best_peer_leaves_out_ours_and_the_bounds():
     # every peer by name under the table (the bounds too, the copy, reference, compile not)
     assert "Speedup vs each peer (its median / this one's): cpu: vs dense 0.50x, vs grouped_mm " \
            "1.50x." in text, text
+    # diffusers: the compiled patched model is ours too; the compiled unpatched one is a peer
+    text = summarize.table("diffusers x", rows("diffusers", [
+        ("diffusers", 0.4), ("patched", 0.35), ("torch.compile", 0.3),
+        ("patched+torch.compile", 0.2)]))
+    assert best_peer_cell(text, "patched+torch.compile") == "1.50x", text
+    assert best_peer_cell(text, "patched") == "0.86x", text
     err = rows("rope3d_attention", [("cpu", 0.2), ("sdpa", 0.1)])
     err[0]["extra_info"]["paired_vs_sdpa_error"] = "RuntimeError: out of memory"
     text = summarize.table("rope3d_attention x", err)  # the reason is said, not a speedup
