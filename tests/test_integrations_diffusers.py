@@ -908,3 +908,24 @@ def test_wan_fallback_keeps_the_attention_backend_set_after_apply(monkeypatch, w
     assert proc.original._attention_backend == proc._attention_backend
     with torch.no_grad():
         assert torch.equal(got, proc.original(attn, h, attention_mask=mask))
+
+
+def test_processor_pickled_without_later_attributes_still_warns(monkeypatch):
+    """A patched processor pickled by an older version (its __dict__ without ``module_name`` /
+    ``_warned`` / ``backend``, added later) unpickles and falls back with a warning instead of
+    an AttributeError in the warning path."""
+    import pickle
+    model = wan().eval()
+    vkd.apply(model, backend=None)
+    attn = model.blocks[0].attn1
+    proc = attn.processor
+    for name in ("module_name", "_warned", "backend"):
+        del proc.__dict__[name]
+    old = pickle.loads(pickle.dumps(proc))
+    assert "module_name" not in old.__dict__
+    h = torch.randn(1, 6, attn.heads * HEAD_DIM)
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"WanRoPE3DAttnProcessor falls back to the original"):
+        got = old(attn, h, attention_mask=mask)
+    with torch.no_grad():
+        assert torch.equal(got, old.original(attn, h, attention_mask=mask))

@@ -114,6 +114,12 @@ class _FallbackMixin:
     """What both patched processors hold: the original processor, the backend pinned at
     ``apply``, the attention module's name (for the fallback warning) and whether it warned."""
 
+    # class-level defaults: a processor pickled (torch.save of a patched model) before an
+    # attribute existed unpickles without it in its __dict__ and reads these
+    backend: Optional[str] = None
+    module_name: str = ""
+    _warned: bool = False
+
     def __init__(self, original, backend: Optional[str] = None, module_name: str = ""):
         self.original = original
         self.backend = backend
