@@ -941,6 +941,15 @@ def test_model_configs_checked_at_construction():
                       ("in_channels", 0), ("text_dim", 0), ("hidden_size", 0)):
         with pytest.raises(ValueError, match=rf"{name} must be an int >= 1, got {bad}"):
             tiny_causal(**{name: bad})
+    # the message names the config (or module) and, for a non-int, the type (np.int64(2) alone
+    # reads as if the value were wrong)
+    import numpy as np
+    with pytest.raises(ValueError, match=r"^VideoCausalDiTConfig: depth must be an int >= 1, got "
+                                         r"np.int64\(2\) of type int64$"):
+        tiny_causal(depth=np.int64(2))
+    with pytest.raises(ValueError, match=r"^SmallVideoVAE: latent_channels must be an int >= 1, "
+                                         r"got 2.0 of type float$"):
+        SmallVideoVAE(latent_channels=2.0)
     # a 0 in patch_size: ZeroDivisionError at the first forward; mlp_ratio 0: at construction
     for make in (tiny_causal, tiny_cog, tiny_dit):
         with pytest.raises(ValueError, match=r"patch_size must be 3 ints >= 1 .*got \(1, 0, 2\)"):

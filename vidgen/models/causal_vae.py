@@ -129,9 +129,10 @@ class CausalVideoVAE(LatentVAE):
         # blocks_per_level >= 1: the level's ResBlocks are what change the width to
         # base_channels * channel_mults[i]; with 0 every level kept base_channels (channel_mults
         # silently ignored). num_spatial_down = 0 (no compression) is a valid, if odd, model.
-        check_sizes(in_channels=in_channels, latent_channels=latent_channels,
+        check_sizes(owner="CausalVideoVAE", in_channels=in_channels, latent_channels=latent_channels,
                     base_channels=base_channels, blocks_per_level=blocks_per_level)
-        check_sizes(0, num_spatial_down=num_spatial_down, num_temporal_down=num_temporal_down)
+        check_sizes(0, owner="CausalVideoVAE", num_spatial_down=num_spatial_down,
+                    num_temporal_down=num_temporal_down)
         try:
             mults = tuple(operator.index(m) for m in channel_mults if not isinstance(m, bool))
             ok = not isinstance(channel_mults, str) and len(mults) == len(channel_mults) \

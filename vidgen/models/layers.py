@@ -52,17 +52,22 @@ class CopyableLossesMixin:
 # ---------------------------------------------------------------------------------------------
 # Input checks shared by the models
 # ---------------------------------------------------------------------------------------------
-def check_sizes(minimum: int = 1, **sizes) -> None:
+def check_sizes(minimum: int = 1, *, owner: str = "", **sizes) -> None:
     """Keyword arguments that are sizes or counts: ints >= ``minimum`` (bools refused), e.g.
-    ``check_sizes(latent_channels=z)`` or ``check_sizes(0, num_down=n)``."""
+    ``check_sizes(latent_channels=z, owner="SmallVideoVAE")`` or ``check_sizes(0, num_down=n)``;
+    the message starts with ``owner`` and names a value's type when it is not an int (a numpy
+    integer or a float reads as if its value were wrong)."""
     for name, v in sizes.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+            got = repr(v) if isinstance(v, int) and not isinstance(v, bool) else \
+                f"{v!r} of type {type(v).__name__}"
+            where = f"{owner}: " if owner else ""
+            raise ValueError(f"{where}{name} must be an int >= {minimum}, got {got}")
 
 
 def check_config_sizes(config, *names: str) -> None:
     """Config fields that are sizes: ints >= 1 (0 heads was a ZeroDivisionError)."""
-    check_sizes(**{name: getattr(config, name) for name in names})
+    check_sizes(owner=type(config).__name__, **{name: getattr(config, name) for name in names})
 
 
 def check_config_backend(config) -> None:

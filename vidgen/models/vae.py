@@ -95,8 +95,9 @@ class SmallVideoVAE(LatentVAE):
     def __init__(self, in_channels: int = 1, latent_channels: int = 4, base_channels: int = 32,
                  num_down: int = 2):
         super().__init__()
-        check_sizes(in_channels=in_channels, latent_channels=latent_channels, base_channels=base_channels)
-        check_sizes(0, num_down=num_down)  # 0: no spatial compression (downsample 1)
+        check_sizes(owner="SmallVideoVAE", in_channels=in_channels, latent_channels=latent_channels,
+                    base_channels=base_channels)
+        check_sizes(0, owner="SmallVideoVAE", num_down=num_down)  # 0: no spatial compression (downsample 1)
         self.in_channels, self.latent_channels, self.num_down = in_channels, latent_channels, num_down
         self.downsample = 2 ** num_down
         ch = base_channels
