@@ -23,7 +23,8 @@
 #                     Benchmarks: one pytest run per op family, CUDA cases only, most
 #                     wanted first (RoPE-3D attention, temporal attention, MoE, the Triton tile
 #                     variants, DiT block, diffusers, AdaLN, RoPE), torch.compile contenders
-#                     last; each family gets its weighted share of what is left of the stage
+#                     last (the compiled diffusers models, the slowest to compile, after the
+#                     rest); each family gets its weighted share of what is left of the stage
 #                     (time a family does not use goes to the next), so one slow family cannot
 #                     starve the rest; a family whose share is under 5 s is skipped. Time left
 #                     after the last family goes to a second pass over the families cut off or
@@ -127,7 +128,8 @@ BENCH_PLAN=(
   "diffusers 7 test_bench_diffusers.py not torch.compile"
   "adaln 3 test_bench_adaln.py not torch.compile"
   "rope 1 test_bench_rope.py not torch.compile"
-  "compile 6 . torch.compile"
+  "compile 5 . torch.compile and not diffusers"
+  "compile-diffusers 2 test_bench_diffusers.py torch.compile"
 )
 [ -n "${GPU_SH_BENCH_PLAN:-}" ] && IFS=';' read -r -a BENCH_PLAN <<< "$GPU_SH_BENCH_PLAN"
 TEST_SELECTIONS=("cuda")

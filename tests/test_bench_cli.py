@@ -464,7 +464,10 @@ def test_gpu_sh_plan_covers_every_benchmark_and_fits_the_budget():
     planned = r.stdout.split("bench rope3d_attention (weight")[1]
     for f in files:
         assert f"benchmarks/{f} -k 'not torch.compile'" in planned, (f, r.stdout)
-    assert "benchmarks/ -k 'torch.compile'" in planned  # the compile contenders come last
+    # the compile contenders come last, the whole diffusers models' (minutes each) after the rest
+    assert planned.index("benchmarks/ -k 'torch.compile and not diffusers'") \
+        < planned.index("benchmarks/test_bench_diffusers.py -k 'torch.compile'"), planned
+    assert planned.index("-k 'not torch.compile'") < planned.index("-k 'torch.compile and"), planned
     # under a budget, CUDA-marked tests only (the others are CPU tests CI runs); --all-tests adds
     # them, and without a budget the whole suite runs (CUDA-marked first)
     assert "-m 'cuda'" in r.stdout and "not cuda" not in r.stdout, r.stdout
