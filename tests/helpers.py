@@ -126,7 +126,8 @@ def perturb(model, std: float = 0.05, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
+            # drawn on the CPU (the same noise on every device), added on the parameter's device
+            p.add_(std * torch.randn(p.shape, generator=g, device="cpu").to(p.device))
     return model
 
 

@@ -409,6 +409,7 @@ def test_bad_input_raises_clear_error(i, backend):
             call()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed devices need a CUDA GPU")
 def test_mixed_devices_raise():
     x = torch.randn(2, 6, 8, device="cuda")

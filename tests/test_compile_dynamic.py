@@ -20,7 +20,7 @@ import vidgen_kernels as vk
 from helpers import assert_close_rule
 
 HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")])]
 
 
 def _leaf(*shape, seed, device, dtype=torch.float32):

@@ -22,6 +22,7 @@ import torch.autograd.forward_ad as fwAD
 
 import vidgen_kernels as vk
 from vidgen_kernels.backends import autodiff_transform, resolve
+from helpers import CUDA_MARKS
 
 pytestmark = pytest.mark.skipif("cpu" not in vk.available_backends("cpu"),
                                 reason="the C++ CPU kernels are not built")
@@ -32,7 +33,8 @@ def _g(seed):
 
 
 def _rnd(*shape, seed=0):
-    return torch.randn(*shape, generator=_g(seed))
+    # device="cpu" explicitly: the generator is a CPU one, also under a torch.device("cuda") context
+    return torch.randn(*shape, generator=_g(seed), device="cpu")
 
 
 def _as(p, *ts):
@@ -79,14 +81,15 @@ def _moe_case(activation):
                _rnd(E, F1, seed=4), _rnd(E, C, seed=5))
 
 
-def _attention_case(kind):
+def _attention_case(kind, device="cpu"):
+    """(f, args): the tables are built on ``device`` (f closes over them), the args on the CPU."""
     if kind == "temporal":
-        cos, sin = vk.rope3d_freqs(5, 1, 1, 16, axes_dims=(16, 0, 0))
+        cos, sin = vk.rope3d_freqs(5, 1, 1, 16, axes_dims=(16, 0, 0), device=device)
 
         def f(q, k, v, backend):
             return vk.temporal_attention(q, k, v, cos=cos, sin=sin, q_offset=2, backend=backend)
         return f, (_rnd(1, 3, 4, 2, 16), _rnd(1, 5, 4, 2, 16, seed=1), _rnd(1, 5, 4, 2, 16, seed=2))
-    cos, sin = vk.rope3d_freqs(3, 2, 2, 16)  # text 3 + 3 frames of 4 tokens
+    cos, sin = vk.rope3d_freqs(3, 2, 2, 16, device=device)  # text 3 + 3 frames of 4 tokens
     qkv = _rnd(1, 15, 3, 2, 16, seed=1)  # k, v: strided slices of a fused projection
 
     def f(q, k, v, backend):
@@ -293,8 +296,9 @@ def test_double_backward_gradgradcheck(case):
 
 
 # (backend, device): the CPU kernels, Triton in the interpreter; the GPU backends on a GPU
-_DD_BACKENDS = [("cpu", "cpu"), ("triton", "cpu")] + (
-    [("triton", "cuda"), ("cuda", "cuda")] if torch.cuda.is_available() else [])
+_DD_BACKENDS = [("cpu", "cpu"), ("triton", "cpu")] + (  # (marked cuda: gpu.sh's -m cuda run)
+    [pytest.param("triton", "cuda", marks=CUDA_MARKS), pytest.param("cuda", "cuda", marks=CUDA_MARKS)]
+    if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("backend,device", _DD_BACKENDS)
@@ -309,9 +313,9 @@ def test_double_backward_vs_reference(kind, backend, device):
         pytest.skip(why)
     if backend == "cuda" and kind != "moe":
         pytest.skip("the cuda backend has no attention (Triton serves CUDA)")
-    f, args = _moe_router_case() if kind == "moe" else _attention_case(kind)
+    f, args = _moe_router_case() if kind == "moe" else _attention_case(kind, device)
     args = tuple(a.to(device) for a in args)
-    w = torch.randn(f(*args, "reference").shape, generator=_g(9)).to(device)
+    w = torch.randn(f(*args, "reference").shape, generator=_g(9), device="cpu").to(device)
     res = {}
     for be in (backend, "reference"):
         qkv = [a.detach().clone().requires_grad_() for a in args]
@@ -361,7 +365,7 @@ def test_double_backward_of_aliased_inputs(case, backend, device):
         with torch.device(device):
             t = t0.to(device).requires_grad_()
             out = f(t, be)
-            w = torch.randn(out.shape, generator=_g(9)).to(device)
+            w = torch.randn(out.shape, generator=_g(9), device="cpu").to(device)
             (g,) = torch.autograd.grad((out * w).sum(), t, create_graph=True)
             res[be] = (g.detach(), torch.autograd.grad(g.square().sum(), t)[0])
     for got, want in zip(res[backend], res["reference"]):

@@ -63,7 +63,7 @@ def dense_moe(x, router_logits, w1, w2, *, top_k, activation, b1=None, b2=None,
         w = p.gather(1, idx)
         if normalize_weights:
             w = w / w.sum(-1, keepdim=True)
-        R = torch.zeros(N, E, dtype=torch.float64).scatter(1, idx, w.double())
+        R = torch.zeros(N, E, dtype=torch.float64, device=x.device).scatter(1, idx, w.double())
         k = top_k
     h = torch.einsum("nc,ecf->enf", xd, w1.double())
     if b1 is not None:
@@ -75,8 +75,8 @@ def dense_moe(x, router_logits, w1, w2, *, top_k, activation, b1=None, b2=None,
     out = torch.einsum("ne,enc->nc", R, y)
     counts = (R > 0).sum(0) if expert_index is None else R.sum(0).long()
     if expert_index is None:
-        counts = torch.zeros(E, dtype=torch.int64).index_add_(
-            0, idx.reshape(-1), torch.ones(N * k, dtype=torch.int64))
+        counts = torch.zeros(E, dtype=torch.int64, device=x.device).index_add_(
+            0, idx.reshape(-1), torch.ones(N * k, dtype=torch.int64, device=x.device))
     aux, zl = M._losses(router_logits, counts, N * k)
     return M.MoEOutput(out.reshape(x.shape), aux, zl, counts)
 

@@ -1306,10 +1306,11 @@ def test_module_matches_reference(backend, device, dtype, qk_norm):
     mod.load_state_dict(ref.state_dict())
     cos_f, sin_f = rope3d_tables_f64(grid, C // H, 10000.0, True)
     x = torch.randn(2, pre + L, C, device=device)
+    cos, sin = cos_f.float().to(device), sin_f.float().to(device)  # (built on the CPU)
     for kw in (dict(), dict(frame_causal=True, tokens_per_frame=9)):
         xr, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
-        want = ref(xr, cos_f.float(), sin_f.float(), rope_offset=pre, **kw)
-        got = mod(xm, cos_f.float(), sin_f.float(), rope_offset=pre, **kw)
+        want = ref(xr, cos, sin, rope_offset=pre, **kw)
+        got = mod(xm, cos, sin, rope_offset=pre, **kw)
         assert got.shape == (2, pre + L, C)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         (gr,) = torch.autograd.grad(want.square().sum(), xr)
@@ -1379,7 +1380,7 @@ def test_module_autocast_allows_mixed_dtypes(x_dtype):
 @pytest.mark.parametrize("backend,device,dtype", semantic_params())
 def test_empty_batch(backend, device, dtype):
     q = torch.randn(0, 6, 2, 16, device=device, dtype=dtype, requires_grad=True)
-    ang = torch.randn(4, 8)
+    ang = torch.randn(4, 8, device=device)
     out = attn(q, q, q, backend, ang.cos(), ang.sin(), rope_offset=2, frame_causal=True,
                tokens_per_frame=2)
     assert out.shape == q.shape

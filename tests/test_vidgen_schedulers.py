@@ -352,6 +352,7 @@ def test_flow_matching_checks_times_without_a_device_sync():
                                DDPMScheduler(10).ddim_step(x, torch.tensor([5, 5]), torch.tensor([4, 3]), x))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_flow_matching_does_not_check_cuda_times():
     """CUDA times are not checked (that would sync the host with the device every step)."""
