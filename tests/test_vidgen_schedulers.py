@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vidgen.schedulers import DDPMScheduler, FlowMatchingScheduler
+from vidgen.models.vae import LatentVAE
 
 
 def _video(B=3, seed=0):
@@ -360,6 +361,53 @@ def test_flow_matching_does_not_check_cuda_times():
     x = torch.randn(2, 3, device="cuda")
     s.step(x, torch.tensor([0.2, 0.2], device="cuda"), torch.tensor([0.8, 2.0], device="cuda"), x)
     s.add_noise(x, x, torch.tensor([500.0, float("nan")], device="cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ddpm_cuda_steps_without_host_sync_and_cpu_generator():
+    """DDPM with CUDA steps indexes a table on the GPU (the CPU table cost a blocking round trip
+    per call) and draws a CPU generator's noise on the CPU (the same noise on every device; a
+    CUDA randn with a CPU generator raised)."""
+    from helpers import assert_no_host_sync
+    s = DDPMScheduler(100)
+    x = torch.randn(2, 3, device="cuda")
+    t, t_prev = torch.tensor([50, 40], device="cuda"), torch.tensor([49, 30], device="cuda")
+    want = s.ddpm_step(x.cpu(), t.cpu(), x.cpu(), t_prev.cpu(), generator=torch.Generator().manual_seed(0))
+    got = s.ddpm_step(x, t, x, t_prev, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got.cpu(), want)
+
+    def steps():
+        s.ddpm_step(x, t, x, t_prev)
+        s.ddim_step(x, t, t_prev, x)
+        s.add_noise(x, x, t)
+        s.snr(t)
+    assert_no_host_sync(steps)
+
+
+def test_generator_draws_on_its_own_device(monkeypatch):
+    """The VAE's reparameterised sample draws a CPU generator's noise on the CPU and moves it to
+    the tensors' device ('meta' stands in for a GPU: the draw's device is recorded; a CUDA randn
+    with a CPU generator raises); the DDPM step's seeded noise repeats (its CUDA case:
+    test_ddpm_cuda_steps_without_host_sync_and_cpu_generator)."""
+    import vidgen.models.vae as vae_mod
+    drawn = []
+    real_randn = torch.randn
+
+    def spy(*a, **kw):
+        drawn.append(torch.device(kw.get("device") or "cpu"))
+        return real_randn(*a, **kw)
+    monkeypatch.setattr(vae_mod.torch, "randn", spy)
+    mean = torch.zeros(2, 3, device="meta")
+    assert LatentVAE.sample(mean, mean, torch.Generator().manual_seed(0)).device.type == "meta"
+    assert LatentVAE.sample(mean, mean).device.type == "meta"
+    assert drawn == [torch.device("cpu"), torch.device("meta")], drawn
+    monkeypatch.undo()
+    s = DDPMScheduler(10)
+    a, b = (s.ddpm_step(torch.zeros(2, 3), 5, torch.zeros(2, 3), generator=torch.Generator().manual_seed(1))
+            for _ in range(2))
+    torch.testing.assert_close(a, b)  # seeded: the same noise
+    assert s._table(torch.device("cpu")) is s.alphas_cumprod
 
 
 def test_scalar_times_step_in_both_schedulers():

@@ -225,10 +225,23 @@ class DDPMScheduler:
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+        self._device_tables: dict = {}
 
     # -- helpers -------------------------------------------------------------------------------
-    def _steps(self, t, lowest: int) -> Tensor:
-        """``t`` as integer steps in ``[lowest, N - 1]`` on the tables' device: an integer tensor
+    def _table(self, device: torch.device) -> Tensor:
+        """``alphas_cumprod`` where steps on ``device`` can index it without a host round trip:
+        a copy on a CUDA device, made once per device (indexing the CPU table with CUDA steps
+        was a blocking copy each call); the CPU table elsewhere (MPS has no float64)."""
+        if device.type != "cuda":
+            return self.alphas_cumprod
+        tables = self.__dict__.setdefault("_device_tables", {})  # (schedulers pickled before it)
+        if device not in tables:
+            tables[device] = self.alphas_cumprod.to(device)
+        return tables[device]
+
+    def _steps(self, t, lowest: int) -> tuple[Tensor, Tensor]:
+        """``(steps, table)``: ``t`` as integer steps in ``[lowest, N - 1]`` on the device of
+        ``table`` (``alphas_cumprod`` there, :meth:`_table`): an integer tensor
         or number (a float step was truncated, NaN read as 'clean'); the range is checked where
         it costs no device sync (CPU tensors, Python numbers; not under torch.compile, where a
         data-dependent check cannot be traced)."""
@@ -240,14 +253,15 @@ class DDPMScheduler:
                 int(t.min()) < lowest or int(t.max()) >= self.num_train_timesteps):
             raise ValueError(f"DDPMScheduler: t must be steps in [{lowest}, "
                              f"{self.num_train_timesteps - 1}], got {src!r}")
-        return t.to(self.alphas_cumprod.device).long()
+        tab = self._table(t.device)
+        return t.to(tab.device).long(), tab
 
     def _abar(self, t: Tensor, like: Tensor) -> Tensor:
         """``abar_t`` broadcast to ``like``, in float64 (:func:`_hi`: the coefficients built from
         it are cast to ``like``'s dtype only at the end); ``t = -1`` means ``abar = 1`` (the
         clean sample)."""
-        t = self._steps(t, -1)
-        ab = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones((), dtype=torch.float64))
+        t, tab = self._steps(t, -1)
+        ab = torch.where(t >= 0, tab[t.clamp(min=0)], torch.ones((), dtype=torch.float64))
         return _expand(ab.to(device=like.device, dtype=_hi(like)), like, cast=False)
 
     def _coef(self, like: Tensor, *coefs: Tensor):
@@ -256,7 +270,8 @@ class DDPMScheduler:
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio ``abar / (1 - abar)`` at integer steps ``t`` in ``[0, N)``."""
-        ab = self.alphas_cumprod[self._steps(t, 0)]
+        steps, tab = self._steps(t, 0)
+        ab = tab[steps]
         return ab / (1 - ab)
 
     # -- training ------------------------------------------------------------------------------
@@ -343,5 +358,7 @@ class DDPMScheduler:
         var = (1 - ab_prev) / (1 - ab) * beta
         sd = var.clamp(min=1e-20).sqrt() * _expand(t_prev >= 0, x_t)  # no noise into x_0
         c0, ct, sd = self._coef(x_t, c0, ct, sd)
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        # drawn on the generator's device (a CPU generator: the same noise on every device)
+        gdev = generator.device if generator is not None else x_t.device
+        noise = torch.randn(x_t.shape, generator=generator, device=gdev, dtype=x_t.dtype).to(x_t.device)
         return c0 * x0 + ct * x_t + sd * noise

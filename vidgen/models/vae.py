@@ -48,8 +48,10 @@ class LatentVAE(nn.Module):
 
     @staticmethod
     def sample(mean: Tensor, logvar: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Reparameterised sample ``mean + exp(logvar / 2) * eps``."""
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        """Reparameterised sample ``mean + exp(logvar / 2) * eps``; ``eps`` is drawn on
+        ``generator``'s device (a CPU generator gives the same sample on every device)."""
+        gdev = generator.device if generator is not None else mean.device
+        eps = torch.randn(mean.shape, generator=generator, device=gdev, dtype=mean.dtype).to(mean.device)
         return mean + (0.5 * logvar).exp() * eps
 
     def forward(self, x: Tensor, generator: Optional[torch.Generator] = None):
