@@ -349,6 +349,34 @@ def test_triton_needs_compute_capability_8(monkeypatch):
         backends.resolve("triton", torch.device("cuda", 0), torch.float32, supported, "op")
 
 
+def test_moe_cuda_backend_needs_triton_too(monkeypatch):
+    """The MoE's ``cuda`` backend runs CUDA C++ routing and Triton's grouped GEMMs: on a GPU
+    where the CUDA kernels load but Triton cannot run (a T4 with an extension built for sm_75),
+    ``auto`` skips it (the other ops' ``cuda`` backend stays), an explicit ``backend="cuda"``
+    names the Triton reason, and ``resolved_backends`` agrees. Emulated GPU, on CPU."""
+    import torch
+    import vidgen_kernels as vk
+    from vidgen_kernels import backends
+    from vidgen_kernels.ops import moe
+    if not backends.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    fake_gpus(monkeypatch, [("Tesla T4", (7, 5), 65536)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = backends.why_unavailable
+    monkeypatch.setattr(backends, "why_unavailable",  # the CUDA kernels load on this T4
+                        lambda name, device=None: None if name == "cuda" else real(name, device))
+    dev = torch.device("cuda", 0)
+    assert backends.resolve(None, dev, torch.float16, moe.SUPPORTED_DTYPES, "moe") == "cuda"  # (no needs)
+    assert backends.resolve(None, dev, torch.float16, moe.SUPPORTED_DTYPES, "moe",
+                            needs=moe.BACKEND_NEEDS) == "reference"
+    with pytest.raises(backends.BackendUnavailableError,
+                       match=r"moe: backend 'cuda' cannot run here: its triton kernels cannot run: "
+                             r"Triton supports compute capability >= 8.0"):
+        backends.resolve("cuda", dev, torch.float16, moe.SUPPORTED_DTYPES, "moe", needs=moe.BACKEND_NEEDS)
+    got = vk.resolved_backends(dev, torch.float16)
+    assert got["MoE"] == "reference" and got["AdaLN"] == "cuda" and got["RoPE"] == "cuda", got
+
+
 def test_device_facts_are_constants_in_compiled_code(monkeypatch):
     """The GPU facts the backend choice and the tile limits read (Triton's capability check, the
     shared memory per block) are folded into compiled graphs as constants, per device index, the

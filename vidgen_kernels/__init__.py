@@ -45,7 +45,7 @@ from .ops.rope3d_attention import (rope3d_attention, rope3d_attention_reference,
                                    rope3d_attention_sdpa)
 from .ops.moe import MoEOutput, moe_ffn, moe_ffn_reference
 from .ops.adaln import SUPPORTED_DTYPES as _adaln_dtypes
-from .ops.moe import SUPPORTED_DTYPES as _moe_dtypes
+from .ops.moe import BACKEND_NEEDS as _moe_needs, SUPPORTED_DTYPES as _moe_dtypes
 from .ops.rope import ROPE_SUPPORTED_DTYPES as _rope_dtypes
 from .ops.rope3d_attention import SUPPORTED_DTYPES as _rope3d_attention_dtypes
 from .ops.temporal_attention import SUPPORTED_DTYPES as _temporal_attention_dtypes
@@ -80,12 +80,13 @@ __all__ = [
 ]
 
 
-# The op families: (report name, op name for messages, its kernel backends' dtype table)
-_OP_FAMILIES = (("AdaLN", "adaln", _adaln_dtypes),
-                ("RoPE-3D attention", "rope3d_attention", _rope3d_attention_dtypes),
-                ("temporal attention", "temporal_attention", _temporal_attention_dtypes),
-                ("RoPE", "rope", _rope_dtypes),
-                ("MoE", "moe", _moe_dtypes))
+# The op families: (report name, op name for messages, its kernel backends' dtype table, the
+# backends each of its backends also runs: backends.resolve's needs)
+_OP_FAMILIES = (("AdaLN", "adaln", _adaln_dtypes, None),
+                ("RoPE-3D attention", "rope3d_attention", _rope3d_attention_dtypes, None),
+                ("temporal attention", "temporal_attention", _temporal_attention_dtypes, None),
+                ("RoPE", "rope", _rope_dtypes, None),
+                ("MoE", "moe", _moe_dtypes, _moe_needs))
 
 
 def resolved_backends(device="cpu", dtype=torch.float32) -> dict:
@@ -99,9 +100,9 @@ def resolved_backends(device="cpu", dtype=torch.float32) -> dict:
     from .backends import resolve
     device = torch.device(device)
     out = {}
-    for name, mod, supported in _OP_FAMILIES:
+    for name, mod, supported, needs in _OP_FAMILIES:
         try:
-            out[name] = resolve(None, device, dtype, supported, mod)
+            out[name] = resolve(None, device, dtype, supported, mod, needs=needs)
         except BackendUnavailableError as e:
             out[name] = f"unavailable: {e}"
         if mod == "rope3d_attention" and out[name] == "reference" and dtype != torch.float64 \

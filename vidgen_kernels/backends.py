@@ -346,15 +346,28 @@ def may_fall_back(backend: str | None) -> bool:
     return backend is None or backend == "auto"
 
 
+def _why_with_needs(name: str, device: torch.device, needs: dict | None) -> str | None:
+    """:func:`why_unavailable` of ``name``, and of every backend its implementation of the op
+    also runs (``needs[name]``: the MoE's ``cuda`` backend runs Triton's grouped GEMMs)."""
+    why = why_unavailable(name, device)
+    if why is None and needs:
+        for dep in needs.get(name, ()):
+            dep_why = why_unavailable(dep, device)
+            if dep_why is not None:
+                return f"its {dep} kernels cannot run: {dep_why}"
+    return why
+
+
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype,
             supported_dtypes: dict[str, tuple[torch.dtype, ...]], op: str,
-            tensors=(), forward_ad: bool = False) -> str:
+            tensors=(), forward_ad: bool = False, needs: dict | None = None) -> str:
     """Turn ``backend`` (``None`` = current default) into a concrete backend for ``op``.
 
     ``supported_dtypes`` maps each kernel backend the op has to the dtypes it takes; ``tensors``
     are the op's tensor inputs (see :func:`autodiff_transform`: ``auto`` takes ``reference``
     under forward-mode AD or a ``torch.func`` gradient transform; ``forward_ad``: the op has
-    its own forward-mode derivative, see there).
+    its own forward-mode derivative, see there); ``needs`` maps a backend to the other backends
+    the op's implementation on it also runs (it is available only where they all are).
     Raises ``BackendUnavailableError`` when an explicitly requested backend cannot run.
     """
     name = current_backend() if backend is None else check_backend_name(backend, f"{op}(backend=)")
@@ -373,14 +386,14 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype,
             if cand == "reference":
                 return cand
             if cand in supported_dtypes and dtype in supported_dtypes[cand] \
-                    and why_unavailable(cand, device) is None:
+                    and _why_with_needs(cand, device, needs) is None:
                 return cand
         return "reference"
     if name == "reference":
         return name
     if name not in supported_dtypes:
         raise BackendUnavailableError(f"{op}: backend {name!r} has no implementation of this op")
-    why = why_unavailable(name, device)
+    why = _why_with_needs(name, device, needs)
     if why is not None:
         raise BackendUnavailableError(f"{op}: backend {name!r} cannot run here: {why}")
     if dtype not in supported_dtypes[name]:

@@ -116,6 +116,9 @@ SUPPORTED_DTYPES = {
     "triton": (torch.float32, torch.float16, torch.bfloat16),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
+# the cuda backend's routing / permute / combine are CUDA C++, its grouped GEMMs Triton's: it
+# runs where both do (a build for sm_75 has CUDA kernels a T4 loads, and no Triton path there)
+BACKEND_NEEDS = {"cuda": ("triton",)}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # expert_index dtypes: PyTorch's integer types with min / max / index kernels (not the
 # uint16 / uint32 / uint64 "shell" dtypes, which have none)
@@ -1159,7 +1162,7 @@ def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, 
     if N == 0:
         return _empty_batch(x, router_logits, w1, w2, b1, b2, E)
     name = resolve(backend, x.device, x.dtype, SUPPORTED_DTYPES, op,
-                   (x, router_logits, w1, w2, b1, b2), forward_ad=True)
+                   (x, router_logits, w1, w2, b1, b2), forward_ad=True, needs=BACKEND_NEEDS)
     if name == "reference" and x.is_meta and (backend or current_backend()) == "auto":
         # shapes only (model init / shape inference on the meta device): the reference loop
         # needs the routing's values; the custom ops' fake implementations do not
