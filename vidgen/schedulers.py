@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._random import randn
+
 __all__ = ["FlowMatchingScheduler", "DDPMScheduler"]
 
 
@@ -225,7 +227,6 @@ class DDPMScheduler:
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)
-        self._device_tables: dict = {}
 
     # -- helpers -------------------------------------------------------------------------------
     def _table(self, device: torch.device) -> Tensor:
@@ -234,7 +235,7 @@ class DDPMScheduler:
         was a blocking copy each call); the CPU table elsewhere (MPS has no float64)."""
         if device.type != "cuda":
             return self.alphas_cumprod
-        tables = self.__dict__.setdefault("_device_tables", {})  # (schedulers pickled before it)
+        tables = self.__dict__.setdefault("_device_tables", {})  # made at the first CUDA call
         if device not in tables:
             tables[device] = self.alphas_cumprod.to(device)
         return tables[device]
@@ -358,7 +359,5 @@ class DDPMScheduler:
         var = (1 - ab_prev) / (1 - ab) * beta
         sd = var.clamp(min=1e-20).sqrt() * _expand(t_prev >= 0, x_t)  # no noise into x_0
         c0, ct, sd = self._coef(x_t, c0, ct, sd)
-        # drawn on the generator's device (a CPU generator: the same noise on every device)
-        gdev = generator.device if generator is not None else x_t.device
-        noise = torch.randn(x_t.shape, generator=generator, device=gdev, dtype=x_t.dtype).to(x_t.device)
+        noise = randn(x_t.shape, generator, x_t.device, x_t.dtype)  # (on the generator's device)
         return c0 * x0 + ct * x_t + sd * noise

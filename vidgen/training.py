@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._random import randn
 from .schedulers import FlowMatchingScheduler
 
 try:  # a dependency; where it is missing, save_checkpoint falls back to torch.save and warns
@@ -62,7 +63,7 @@ def flow_matching_loss(model: nn.Module, x0: Tensor, text: Tensor, scheduler: Fl
     """MSE between ``model(x_t, t, text)`` and the velocity ``noise - x0``. Noise and times are
     drawn on ``generator``'s device (a CPU generator gives the same draws on every device)."""
     gdev = generator.device if generator is not None else x0.device
-    noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(x0.device)
+    noise = randn(x0.shape, generator, x0.device, x0.dtype)
     t = scheduler.sample_t(x0.shape[0], generator=generator, device=gdev).to(x0.device)
     x_t = scheduler.add_noise(x0, noise, t)
     return F.mse_loss(model(x_t, t, text), scheduler.velocity_target(x0, noise))

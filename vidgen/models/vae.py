@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._random import randn
 from .layers import check_sizes
 
 __all__ = ["LatentVAE", "SmallVideoVAE"]
@@ -50,8 +51,7 @@ class LatentVAE(nn.Module):
     def sample(mean: Tensor, logvar: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """Reparameterised sample ``mean + exp(logvar / 2) * eps``; ``eps`` is drawn on
         ``generator``'s device (a CPU generator gives the same sample on every device)."""
-        gdev = generator.device if generator is not None else mean.device
-        eps = torch.randn(mean.shape, generator=generator, device=gdev, dtype=mean.dtype).to(mean.device)
+        eps = randn(mean.shape, generator, mean.device, mean.dtype)
         return mean + (0.5 * logvar).exp() * eps
 
     def forward(self, x: Tensor, generator: Optional[torch.Generator] = None):
