@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vidgen-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: demo test bench check-cuda check-triton check-asan check-gpu-torch env clean
+.PHONY: demo test bench check-cuda check-triton check-asan check-portable check-gpu-torch env clean
 
 $(STAMP): $(SOURCES) .ci/bootstrap.sh
 	VENV=$(VENV) bash .ci/bootstrap.sh
@@ -32,6 +32,11 @@ check-cuda:
 # the C++ CPU kernels' tests against an AddressSanitizer build of the extension (~6 min)
 check-asan: $(STAMP)
 	PYTHON=$(PY) bash csrc/check_cpu_asan.sh
+
+# the C++ CPU kernels as Arm / macOS build them: the x86-64 baseline build's tests and a
+# compile for aarch64 Linux and arm64 macOS with zig's clang (~3.5 min; CI runs it)
+check-portable: $(STAMP)
+	PYTHON=$(PY) bash csrc/check_cpu_portable.sh
 
 # the GPU box's torch 2.11 (cu130) + triton 3.6 on this machine: build (CUDA kernels included)
 # and the whole suite (~4.7 GB of wheels, ~15 min; .ci/check_gpu_torch.sh)

@@ -87,16 +87,19 @@ def _cxx_compiler() -> list:
     return shlex.split(get() if get is not None else os.environ.get("CXX", "c++"))
 
 
-def _cpu_features(compiler: list, flags: list) -> list:
-    """The /proc/cpuinfo names of the x86 features ``flags`` let ``compiler`` use (its predefined
-    ``__AVX2__``-style macros); [] where it cannot tell (another compiler, not x86)."""
+def _cpu_features(compiler: list, flags: list):
+    """The /proc/cpuinfo names of the x86 features ``flags`` let ``compiler`` use beyond x86-64's
+    baseline (its predefined ``__AVX2__``-style macros): [] for a baseline build
+    (``-march=x86-64``); None where it cannot tell (the compiler query failed, not x86)."""
     import subprocess
     try:
         out = subprocess.run([*compiler, *flags, "-dM", "-E", "-x", "c++", os.devnull],
                              capture_output=True, text=True, check=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
-        return []
+        return None
     macros = {line.split()[1] for line in out.splitlines() if line.startswith("#define ")}
+    if not {"__x86_64__", "__i386__"} & macros:
+        return None
     return sorted(name for m, name in _ISA_MACROS.items() if f"__{m}__" in macros)
 
 
@@ -238,12 +241,12 @@ def _extensions():
                 # VIDGEN_KERNELS_CPU_FLAGS alone rebuilds nothing): its record stands
                 return
             features = _cpu_features(compiler, cpu_flag)
-            if not features and platform.machine().lower() in ("x86_64", "amd64"):
+            if features is None and platform.machine().lower() in ("x86_64", "amd64"):
                 print(f"warning: could not list the CPU features of {' '.join(cpu_flag)} "
                       f"(compiler {' '.join(compiler)}); the import-time CPU check is off")
             with open(path, "w") as f:
                 f.write(f"# CPU features vidgen_kernels._C was compiled to use "
-                        f"({' '.join(cpu_flag)})\n{' '.join(features)}\n")
+                        f"({' '.join(cpu_flag)})\n{' '.join(features or [])}\n")
 
         def copy_extensions_to_source(self):
             super().copy_extensions_to_source()

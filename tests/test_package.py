@@ -1,5 +1,6 @@
 """The package imports and works without its compiled extension, and reports what it has."""
 import os
+import platform
 import subprocess
 import sys
 
@@ -428,15 +429,16 @@ def test_main_lists_each_gpu(monkeypatch, capsys):
 
 
 def _setup_helpers():
-    """setup.py's flag probes (``_compiles``, ``_cpu_flags``, ``_openmp_flags`` and their
-    programs), taken out of its source: importing setup.py would run ``setup()``."""
+    """setup.py's flag probes (``_compiles``, ``_cpu_flags``, ``_openmp_flags``,
+    ``_cpu_features`` and their programs and tables), taken out of its source: importing setup.py would run ``setup()``."""
     import ast
     path = os.path.join(ROOT, "setup.py")
     if not os.path.isfile(path):
         pytest.skip("not a source tree")
     with open(path) as f:
         tree = ast.parse(f.read())
-    names = {"_compiles", "_cpu_flags", "_openmp_flags", "_OPENMP_PROBE", "_PLAIN_PROBE"}
+    names = {"_compiles", "_cpu_flags", "_openmp_flags", "_cpu_features", "_OPENMP_PROBE",
+             "_PLAIN_PROBE", "_ISA_MACROS"}
     keep = [n for n in tree.body
             if (isinstance(n, ast.FunctionDef) and n.name in names)
             or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) in names for t in n.targets))]
@@ -483,6 +485,12 @@ def test_build_flags_follow_what_the_compiler_takes(tmp_path, monkeypatch, capsy
     assert h["_cpu_flags"](["g++"]) == ["-march=native"]
     assert h["_openmp_flags"](["g++"], torch_dir, "linux") == (["-fopenmp"], ["-fopenmp"])
     assert not h["_compiles"](["g++"], ["-fno-such-flag-here"])
+    # the import-time check's record: a baseline build needs nothing beyond x86-64 ([], no
+    # warning); None only where the compiler cannot say
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert h["_cpu_features"](["g++"], ["-march=x86-64"]) == []
+        assert {"avx", "avx2", "fma", "f16c"} <= set(h["_cpu_features"](["g++"], ["-march=haswell"]))
+    assert h["_cpu_features"](["g++"], ["-fno-such-flag-here"]) is None
 
     apple = _fake_compiler(tmp_path, "clang++", _APPLE_CLANG)
     assert h["_cpu_flags"](apple) == ["-mcpu=native"]
