@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU box's software on this CPU machine: a venv with the torch and triton the lent GPU
-# machine has (torch 2.11.0+cu130, triton 3.6.0: see /work/.library/device), the package built
+# The GPU box's software on this CPU machine: a venv with the Python, torch and triton the lent
+# GPU machine has (Python 3.12, torch 2.11.0+cu130, triton 3.6.0: see /work/.library/device), the
+# package built
 # there (with its CUDA kernels: a CUDA torch + nvcc compile them against real CUDA torch headers,
 # which the CPU wheel cannot), and the whole test suite run on it (CPU and Triton-interpreter
 # cases; the CUDA ones skip). What it catches before a GPU session spends its minutes on it:
@@ -10,7 +11,8 @@
 # sm_90 / sm_80 (ahead of time, no GPU needed).
 #
 # Usage: bash .ci/check_gpu_torch.sh [pytest args]   (default: tests -q)
-# Environment: VENV (default /tmp/venv-gpu-torch; reused when it exists), TORCH_VER (2.11.0),
+# Environment: PYTHON (the venv's Python; default: python3.12 where there is one, else python3),
+#   VENV (default /tmp/venv-gpu-torch; reused when it exists), TORCH_VER (2.11.0),
 #   TRITON_VER (3.6.0), WORK (default /tmp/vidgen-gpu-torch: a clone of this checkout's HEAD),
 #   MAX_JOBS (2), AOT_ARGS (the Triton compile check's options; default --quick --arch 90 80).
 # Cost: ~4.7 GB of wheels (torch's CUDA build and its nvidia-* dependencies; ~1 min to install
@@ -24,11 +26,12 @@ TORCH_VER=${TORCH_VER:-2.11.0}
 TRITON_VER=${TRITON_VER:-3.6.0}
 PY="$VENV/bin/python"
 if [ ! -x "$PY" ]; then
-  python3 -m venv "$VENV"
+  BASE_PY=${PYTHON:-$(command -v python3.12 || echo python3)}
+  "$BASE_PY" -m venv "$VENV"
   "$PY" -m pip install -q "torch==$TORCH_VER" "triton==$TRITON_VER" "diffusers==0.42.1" matplotlib numpy pytest pytest-benchmark \
     safetensors ninja setuptools wheel
 fi
-"$PY" -c "import torch, triton; print('check_gpu_torch: torch', torch.__version__, 'triton', triton.__version__)"
+"$PY" -c "import sys, torch, triton; print('check_gpu_torch: Python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
 rm -rf "$WORK"
 git clone -q "$root" "$WORK"
 cd "$WORK"
