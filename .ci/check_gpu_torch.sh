@@ -26,7 +26,13 @@ TORCH_VER=${TORCH_VER:-2.11.0}
 TRITON_VER=${TRITON_VER:-3.6.0}
 PY="$VENV/bin/python"
 if [ ! -x "$PY" ]; then
-  BASE_PY=${PYTHON:-$(command -v python3.12 || echo python3)}
+  BASE_PY=${PYTHON:-}
+  if [ -z "$BASE_PY" ]; then
+    if python3.12 -c "" 2>/dev/null; then BASE_PY=python3.12; else
+      BASE_PY=python3
+      echo "check_gpu_torch: no python3.12 (PYTHON=... names one); the venv gets $(python3 --version)"
+    fi
+  fi
   "$BASE_PY" -m venv "$VENV"
   "$PY" -m pip install -q "torch==$TORCH_VER" "triton==$TRITON_VER" "diffusers==0.42.1" matplotlib numpy pytest pytest-benchmark \
     safetensors ninja setuptools wheel
