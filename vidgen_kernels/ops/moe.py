@@ -1068,6 +1068,22 @@ class _UnpermuteForwardAD(torch.autograd.Function):
                                     dweights)
 
 
+@torch.compiler.disable
+def _pipeline_forward_ad(x2, router_logits, w1, w2, b1, b2, top_k, activation, normalize_weights,
+                         expert_index, backend):
+    """:func:`moe_pipeline` with ``forward_ad``: stages whose autograd Functions carry a jvp and
+    call the kernels directly. Eager only: a compiled jvp takes the reference, and where the
+    reference loop breaks the graph and the jvp runs eagerly, dynamo is kept from tracing the
+    raw kernel calls here (a warning per kernel, and a graph break each)."""
+    N, E = x2.shape[0], w1.shape[0]
+    weights, idx, order, tok, pos, counts, offs = _RoutingForwardAD.apply(
+        router_logits, expert_index, top_k, bool(normalize_weights), E, backend)
+    y, _ = _ExpertsForwardAD.apply(x2, tok, pos, w1, b1, w2, b2, offs, activation, backend)
+    out = _UnpermuteForwardAD.apply(y, weights, pos, tok, order, backend)
+    aux, zl = _losses(router_logits, counts, N * idx.shape[1])
+    return out, aux, zl, counts
+
+
 def moe_pipeline(x2: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor,
                  b1: Optional[Tensor], b2: Optional[Tensor], top_k: int, activation: str,
                  normalize_weights: bool, expert_index: Optional[Tensor], backend: str,
@@ -1078,12 +1094,8 @@ def moe_pipeline(x2: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Te
     N = x2.shape[0]
     E = w1.shape[0]
     if forward_ad:
-        weights, idx, order, tok, pos, counts, offs = _RoutingForwardAD.apply(
-            router_logits, expert_index, top_k, bool(normalize_weights), E, backend)
-        y, _ = _ExpertsForwardAD.apply(x2, tok, pos, w1, b1, w2, b2, offs, activation, backend)
-        out = _UnpermuteForwardAD.apply(y, weights, pos, tok, order, backend)
-        aux, zl = _losses(router_logits, counts, N * idx.shape[1])
-        return out, aux, zl, counts
+        return _pipeline_forward_ad(x2, router_logits, w1, w2, b1, b2, top_k, activation,
+                                    normalize_weights, expert_index, backend)
     if expert_index is not None:
         weights, idx = _fixed_routing(expert_index)
         k = 1
