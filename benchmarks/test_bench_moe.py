@@ -194,14 +194,6 @@ def padded_bmm(x, router_logits, w1, w2, b1, b2):
     return out
 
 
-def reference_out(x, router_logits, w1, w2, b1, b2):
-    """``moe_ffn_reference(...).out`` with this file's routing and activation (the function the
-    ``torch.compile`` contender compiles)."""
-    import vidgen_kernels as vk
-    return vk.moe_ffn_reference(x, router_logits, w1, w2, top_k=TOP_K, activation=ACT, b1=b1,
-                                b2=b2).out
-
-
 def op_fn(case: Case):
     """``f(inputs) -> output tensor`` of a contender."""
     import vidgen_kernels as vk
@@ -210,11 +202,9 @@ def op_fn(case: Case):
         return lambda i: F.linear(F.gelu(i["x"] @ i["w1"] + i["b1"], approximate="tanh"),
                                   i["w2"].t(), i["b2"])
     args = lambda i: (i["x"], i["router_logits"], i["w1"], i["w2"])  # noqa: E731
-    if case.contender == REFERENCE:
+    if case.contender in (REFERENCE, COMPILE):  # COMPILE: this, compiled by _bench
         return lambda i: vk.moe_ffn_reference(*args(i), top_k=TOP_K, activation=ACT, b1=i["b1"],
                                               b2=i["b2"]).out
-    if case.contender == COMPILE:  # compiled by _bench (compile_contender), outside the timing
-        return lambda i: reference_out(*args(i), i["b1"], i["b2"])
     if case.contender == PADDED:
         return lambda i: padded_bmm(*args(i), i["b1"], i["b2"])
     if case.contender == GROUPED:
