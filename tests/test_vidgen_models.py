@@ -715,25 +715,45 @@ def test_models_train_under_autocast(model, device):
     assert_grads_close_rule(g, lo_g, hi_g, factor=3)
 
 
-@pytest.mark.parametrize("model", ["latent_dit", "video_causal_dit", "cogvideox"])
+@pytest.mark.parametrize("model", ["latent_dit", "video_causal_dit", "cogvideox", "image_moe_dit"])
 def test_model_exports_and_eager_is_unchanged_after(model):
     """``torch.export.export`` of the model (inference) on its fused kernels: the exported
     program computes what the eager model does, and the eager model still does so afterwards.
     (Export traces with fake tensors; the RoPE table cache of ``rope3d_freqs`` used to keep the
-    fake tables it built while exporting, and every later eager call computed on them.)"""
+    fake tables it built while exporting, and every later eager call computed on them.) The
+    losses the MoE layers keep as attributes are left as they were, and export does not warn
+    that tensor attributes were assigned while it traced (it did, naming each MoE's aux_loss,
+    z_loss, tokens_per_expert and last_output)."""
+    import warnings
     make_model, make_inputs = MODEL_CASES[model]
     m = make_model().eval()
     x, t, text = make_inputs()
     with torch.no_grad():
         want = m(x, t, text)
+    losses = {n: v for n, v in _kept_losses(m).items() if v is not None}
+    assert (model == "latent_dit") == (not losses)
     import vidgen_kernels.ops.rope as rope_ops
     rope_ops._rope3d_freqs_cached.cache_clear()  # so that export is the first to build them
-    ep = torch.export.export(m, (x, t, text))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ep = torch.export.export(m, (x, t, text))
+    assigned = [str(w.message) for w in caught if "assigned during export" in str(w.message)]
+    assert not assigned, assigned
+    flat = torch.utils._pytree.tree_leaves  # (export rebuilds a kept MoEOutput: its fields)
+    assert all(all(a is b for a, b in zip(flat(_kept_losses(m)[n]), flat(v)))
+               for n, v in losses.items()), "export replaced a loss"
     with torch.no_grad():
         exported, after = ep.module()(x, t, text), m(x, t, text)
     for got in (exported, after):
         assert type(got) is torch.Tensor
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _kept_losses(model) -> dict:
+    """The last forward's losses each module keeps as an attribute, by module name."""
+    return {f"{name}.{attr}": getattr(mod, attr) for name, mod in model.named_modules()
+            for attr in ("aux_loss", "z_loss", "tokens_per_expert", "last_output")
+            if attr in vars(mod) or attr == "aux_loss" and hasattr(mod, "_aux_loss")}
 
 
 @pytest.mark.parametrize("model", ["latent_dit", "video_causal_dit", "cogvideox", "image_moe_dit"])

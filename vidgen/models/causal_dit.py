@@ -31,7 +31,7 @@ from vidgen_kernels.nn import AdaLNZero, CausalTemporalAttention, RoPE3DAttentio
 from .layers import (CopyableLossesMixin, CrossAttention, FinalLayer, PatchEmbed3D,
                      TimestepEmbedder, backend_scope, check_config_backend, check_config_sizes,
                      check_ffn_width, check_input_dtype, check_input_tensor, check_patch_size,
-                     check_text, unpatchify)
+                     check_text, keeps_losses, unpatchify)
 from .moe import make_moe
 
 __all__ = ["VideoCausalDiTConfig", "VideoCausalDiT"]
@@ -139,10 +139,10 @@ class VideoCausalDiT(CopyableLossesMixin, nn.Module):
             c = self.t_embedder(t) + self.text_pool(text.mean(1))[:, None]       # [B, T, D]
             cos, sin = vk.rope3d_freqs(1, h, w, self.head_dim, axes_dims=(0, self.head_dim // 2, self.head_dim // 2),
                                        device=x.device)
-            aux, residual = 0.0, None
+            residual = None
             for block in self.blocks:
                 tokens, residual = block(tokens, c, text, T, h * w, (cos, sin), residual)
-                aux = aux + block.moe.aux_loss
-            self.aux_loss = aux
+            if keeps_losses():
+                self.aux_loss = sum(block.moe.aux_loss for block in self.blocks)
             out = self.final_layer(tokens, c, residual)   # per-frame shift/scale: [B, T, D] rows
         return unpatchify(out, (T, h, w), self.config.patch_size, self.config.in_channels)

@@ -30,7 +30,8 @@ from vidgen_kernels.nn import LayerNormZero, RoPE3DAttention
 
 from .layers import (CopyableLossesMixin, PatchEmbed3D, TimestepEmbedder, backend_scope,
                      check_config_backend, check_config_sizes, check_ffn_width, check_input_dtype,
-                     check_input_tensor, check_patch_size, check_text, check_timesteps, unpatchify)
+                     check_input_tensor, check_patch_size, check_text, check_timesteps,
+                     keeps_losses, unpatchify)
 
 __all__ = ["CogVideoXConfig", "CogVideoXTransformer", "cogvideox_2b", "cogvideox_5b", "param_count",
            "recommended_defaults"]
@@ -158,7 +159,8 @@ class ModalityExpertFFN(CopyableLossesMixin, nn.Module):
         logits = logits.masked_fill(~allowed, -1e4).reshape(B * S, self.Et + self.Ev)
         res = vk.moe_ffn(x, logits, self.w1, self.w2, top_k=1, activation="gelu", b1=self.b1, b2=self.b2,
                          normalize_weights=False)
-        self.aux_loss = res.aux_loss
+        if keeps_losses():
+            self.aux_loss = res.aux_loss
         return res.out
 
 
@@ -222,11 +224,10 @@ class CogVideoXTransformer(CopyableLossesMixin, nn.Module):
             enc = self.text_proj(text)
             temb = self.time_embedding(t)
             rope = vk.rope3d_freqs(T, h, w, self.head_dim, theta=c.rope_theta, device=x.device)
-            aux = 0.0
             for block in self.blocks:
                 hidden, enc = block(hidden, enc, temb, rope)
-                aux = aux + block.ff.aux_loss
-            self.aux_loss = aux
+            if keeps_losses():
+                self.aux_loss = sum(block.ff.aux_loss for block in self.blocks)
             hidden = self.norm_final(hidden)
             shift, scale = self.norm_out_linear(F.silu(temb)).chunk(2, dim=-1)
             hidden = vk.adaln_modulate(hidden, shift, scale, weight=self.norm_out.weight,

@@ -49,7 +49,7 @@ from vidgen_kernels.nn import AdaLNZero
 from .layers import (CopyableLossesMixin, CrossAttention, FinalLayer, GEGLU, PatchEmbed3D,
                      TimestepEmbedder, backend_scope, check_config_backend, check_config_sizes,
                      check_input_dtype, check_input_tensor, check_text, check_timesteps, dit_init_,
-                     unpatchify)
+                     keeps_losses, unpatchify)
 from .moe import make_moe
 
 __all__ = ["ImageMoEDiTConfig", "ImageMoEDiT"]
@@ -243,11 +243,10 @@ class ImageMoEDiT(CopyableLossesMixin, nn.Module):
             cos, sin = vk.rope3d_freqs(1, h, w, self.head_dim,
                                        axes_dims=(0, self.head_dim // 2, self.head_dim // 2),
                                        theta=self.config.rope_theta, device=x.device)
-            aux = 0.0
             for block in self.blocks:
                 img, txt = block(img, txt, c, text, (cos, sin))
-                aux = aux + block.moe.aux_loss
-            self._aux_loss = aux
+            if keeps_losses():
+                self._aux_loss = sum(block.moe.aux_loss for block in self.blocks)
             out = self.final_layer(img, c)
         p = self.config.patch_size
         out = unpatchify(out, (1, h, w), (1, p, p), self.config.out_channels)   # [B, 1, C, H, W]

@@ -26,6 +26,13 @@ def backend_scope(backend: Optional[str]):
     return vk.use_backend(backend) if backend is not None else contextlib.nullcontext()
 
 
+def keeps_losses() -> bool:
+    """Whether a forward stores its losses as attributes (``aux_loss``): not while
+    ``torch.export`` traces it (the exported program returns the output only; what export traces
+    runs on fake tensors, which it takes back out of attributes afterwards, with a warning)."""
+    return not torch.compiler.is_exporting()
+
+
 class CopyableLossesMixin:
     """For modules that keep the last forward's losses as plain tensor attributes (``aux_loss``):
     a copy (``copy.deepcopy`` for an EMA, pickle, ``torch.save(model)``) holds them detached,

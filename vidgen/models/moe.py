@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 import vidgen_kernels as vk
 
-from .layers import CopyableLossesMixin
+from .layers import CopyableLossesMixin, keeps_losses
 
 __all__ = ["ReferenceMoE", "make_moe", "HAS_FUSED_MOE"]
 
@@ -55,7 +55,8 @@ class ReferenceMoE(CopyableLossesMixin, nn.Module):
                 y = self.fc2[e](F.gelu(self.fc1[e](xf[tok]), approximate="tanh"))
                 out.index_add_(0, tok, y * w[tok, slot, None])
         frac = F.one_hot(idx, self.num_experts).float().sum(1).mean(0) / self.top_k
-        self.aux_loss = self.num_experts * (frac * probs.mean(0)).sum()
+        if keeps_losses():
+            self.aux_loss = self.num_experts * (frac * probs.mean(0)).sum()
         out = out.reshape(shape)
         return out + self.shared(x) if self.shared is not None else out
 

@@ -28,7 +28,8 @@ class MoEFFN(nn.Module):
     module state: ``copy.deepcopy``, pickle and
     ``torch.save(module)`` leave them out (the copy has them None until its own first call), so
     a module can be copied (an EMA copy) or saved right after a forward / backward, while they
-    still hold the autograd graph.
+    still hold the autograd graph. A ``torch.export`` trace leaves them as they were (the
+    exported program returns the output only).
 
     Args:
         hidden: model width C.
@@ -165,9 +166,12 @@ class MoEFFN(nn.Module):
         out = res.out
         if self.shared_fc1 is not None:
             out = out + self.shared_fc2(self._act(self.shared_fc1(x)))
-        self.aux_loss, self.z_loss, self.tokens_per_expert = (res.aux_loss, res.z_loss,
-                                                              res.tokens_per_expert)
-        self.last_output = res
+        if not torch.compiler.is_exporting():
+            # an exported program returns the output only: what torch.export traces is run on
+            # fake tensors, which it takes back out of attributes afterwards, with a warning
+            self.aux_loss, self.z_loss, self.tokens_per_expert = (res.aux_loss, res.z_loss,
+                                                                  res.tokens_per_expert)
+            self.last_output = res
         return out
 
     def extra_repr(self) -> str:
