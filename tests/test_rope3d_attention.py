@@ -732,6 +732,44 @@ def test_cpp_attention_infinite_score_matches_reference():
     torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-5, atol=1e-5)
 
 
+def test_sdpa_frame_causal_output_is_contiguous():
+    """``rope3d_attention_sdpa`` returns a contiguous ``[B, S, H, D]`` output, also from its
+    per-block calls at head_dim 1 with q given as ``[B, H, S, D]`` transposed back (the
+    concatenation of those blocks came out with ``[B, H, S, D]`` strides there)."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(3, 3, 21, 1, generator=g).transpose(1, 2)
+    k, v = (torch.randn(3, 21, 3, 1, generator=g) for _ in range(2))
+    kw = dict(frame_causal=True, tokens_per_frame=1)
+    got = vk.rope3d_attention_sdpa(q, k, v, **kw)
+    assert got.is_contiguous(), got.stride()
+    torch.testing.assert_close(got, vk.rope3d_attention_reference(q, k, v, **kw))
+
+
+@pytest.mark.parametrize("where,val", [("q", float("nan")), ("q", float("inf")),
+                                       ("k", float("nan")), ("k", -float("inf"))])
+def test_cpu_inference_keeps_nonfinite_rows(where, val):
+    """The cpu backend's inference forward (nothing requires grad, unmasked, fp32: ATen's flash
+    forward on the rotated q / k) gives NaN exactly where the reference and the training
+    forward do when q or k holds a NaN / inf: ATen's fp32 kernel returned a row of zeros for
+    such a query (an overflow hidden, and a result that depended on the grad mode), at least
+    where the key length is under 16 (torch 2.13)."""
+    if kernel_missing("cpu"):
+        pytest.skip(kernel_missing("cpu"))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 11, 2, 16, generator=g) for _ in range(3))
+    dict(q=q, k=k)[where][1, 7, 1, 3] = val
+    cos, sin = vk.rope3d_freqs(1, 1, 5, 16)
+    want = vk.rope3d_attention(q, k, v, cos, sin, rope_offset=4, backend="reference")
+    assert want.isnan().any() and not want.isnan().all()
+    train = vk.rope3d_attention(q.requires_grad_(), k, v, cos, sin, rope_offset=4, backend="cpu")
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            got = vk.rope3d_attention(q, k, v, cos, sin, rope_offset=4, backend="cpu")
+        for out in (got, train.detach()):
+            assert torch.equal(out.isnan(), want.isnan()), f"{mode.__name__}: NaN pattern"
+            torch.testing.assert_close(out.nan_to_num(), want.nan_to_num(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32,), oracle=False))
 def test_frame_causal_broadcast_kv(backend, device, dtype):
     """k / v broadcast with stride 0 (one head expanded to H, as grouped-query attention does it,
@@ -955,13 +993,13 @@ def test_frames_per_block_longer_than_the_video(backend):
     for fpb in (5, 2 ** 40, 2 ** 62, 2 ** 63 - 1):
         torch.testing.assert_close(attn(q, k, v, backend, frames_per_block=fpb, **kw), want)
     if backend in ("cpu", "triton"):  # compiled: the custom op's implementation clamps
-        kw1 = dict(rope_offset=3, frame_causal=True, tokens_per_frame=1)
-        want1 = attn(q, k, v, backend, frames_per_block=8, **kw1)
-        torch._dynamo.reset()
-        f = torch.compile(lambda q, k, v: vk.rope3d_attention(q, k, v, backend=backend,
-                                                              frames_per_block=2 ** 63 - 1, **kw1),
-                          fullgraph=True)
-        torch.testing.assert_close(f(q, k, v), want1)
+        for tpf in (1, 2):  # 2: the block's token count is past int64 (a raw schema error)
+            kw1 = dict(rope_offset=3, frame_causal=True, tokens_per_frame=tpf)
+            want1 = attn(q, k, v, backend, frames_per_block=8, **kw1)
+            torch._dynamo.reset()
+            f = torch.compile(lambda q, k, v: vk.rope3d_attention(
+                q, k, v, backend=backend, frames_per_block=2 ** 63 - 1, **kw1), fullgraph=True)
+            torch.testing.assert_close(f(q, k, v), want1)
 
 
 def test_cpu_head_dim_limit():

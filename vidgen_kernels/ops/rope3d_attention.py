@@ -55,7 +55,8 @@ Backends
   Inference (nothing requires grad), unmasked, fp32, unit last stride: q / k rotated out of place
   by the C++ RoPE kernel into ``[B, H, S, D]`` buffers, then ATen's flash forward
   (``aten::_scaled_dot_product_flash_attention_for_cpu``), 6-9 % faster; not in fp16 / bf16,
-  where ATen's kernel turns a row with an inf score into zeros instead of NaN.
+  where ATen's kernel turns a row with an inf score into zeros instead of NaN, nor where the
+  rotated q / k hold a NaN or inf (its fp32 kernel turns such a query's row into zeros).
 
 Forward-mode AD (``torch.func.jvp`` alone, or a ``torch.autograd.forward_ad`` dual level; eager):
 the kernels run, through ``_Rope3dAttnForwardAD`` (the kernels' forward and backward plus a
@@ -183,9 +184,12 @@ def _check_inputs(q, k, v, cos, sin, rope_offset, interleaved, frame_causal, tok
         # code, on plain ints; the custom ops' implementations clamp again on the concrete
         # values), so that the kernels' index sums cannot overflow (2**63 - 1 frames gave NaN on
         # cpu). Not while compiling: min() on symbolic sizes is a guard (`tokens_per_frame >=
-        # L` recompiled the next size in a CI run)
+        # L` recompiled the next size in a CI run); there only kept within the ops' int64
+        # argument (plain ints: no guard), frames_per_block=sys.maxsize overflowed it
         if not torch.compiler.is_compiling():
             fc_block = min(fc_block, max(video_len, 1))
+        elif isinstance(fc_block, int):
+            fc_block = min(fc_block, 2 ** 62)
     # video_len stays a symbolic size under torch.export / dynamic shapes (int() would pin it)
     return cos, sin, rope_offset, video_len, fc_block, float(softmax_scale)
 
@@ -353,7 +357,7 @@ def _block_sdpa(qh, kh, vh, pieces, v1, scale):
         kh, vh = (torch.cat([t[:, :, v1:], t[:, :, :v1]], dim=2) for t in (kh, vh))
     outs = [_sdpa(qh[:, :, a:b], kh[:, :, :n], vh[:, :, :n], None, scale).transpose(1, 2)
             for a, b, n in pieces]
-    return torch.cat(outs, dim=1)
+    return torch.cat(outs, dim=1).contiguous()  # (a no-op but where D = 1 leaves it ambiguous)
 
 
 def _math_sdpa(q, k, v, mask, scale):
@@ -586,14 +590,18 @@ def kernel_fwd_cpu_infer(q, k, v, cos, sin, rope_offset, interleaved, fc_start, 
                          fc_block, scale):
     """Inference forward (no input requires grad): rotation by the C++ RoPE kernel, then
     ATen's CPU flash forward, 6-9 % faster than the C++ kernel at S = 1040 and within the 2x
-    rule for out; the C++ kernel for a mask, a non-unit last stride (which ATen reads wrongly)
-    and fp16 / bf16 (ATen's reduced-precision kernel turns a row with an inf score into zeros
-    instead of NaN, hiding an overflow)."""
+    rule for out; the C++ kernel for a mask, a non-unit last stride (which ATen reads wrongly),
+    fp16 / bf16 (ATen's reduced-precision kernel turns a row with an inf score into zeros
+    instead of NaN, hiding an overflow) and a NaN / inf in the rotated q or k (its fp32 kernel
+    returns zeros for such a query's row: found by two sums, one read of q and k)."""
     if fc_block or q.dtype != torch.float32 or _strided_last(q, k, v):
         return _cpp_fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block,
                         scale)
     qr = _rope_cpu(q, cos, sin, rope_offset, interleaved, heads_major=True)
     kr = _rope_cpu(k, cos, sin, rope_offset, interleaved, heads_major=True)
+    if not torch.isfinite(qr.sum() + kr.sum()):  # (a CPU tensor: no device sync)
+        return _cpp_fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block,
+                        scale)
     o, l_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         qr, kr, v.transpose(1, 2), 0.0, False, scale=scale)
     # ATen allocates out as [B, S, H, D] and logsumexp as [B, S, H] storage: transposes are free
