@@ -905,6 +905,41 @@ def test_bad_types():
         vk.moe_ffn(d["x"], None, d["w1"], d["w2"], **kw)
 
 
+@pytest.mark.parametrize("N", [0, 6])
+def test_backend_checked_for_any_batch(N):
+    """``backend=`` is checked for an empty batch as for any other: an unknown name is a
+    ValueError and a backend that cannot run here a BackendUnavailableError (zero tokens
+    returned the empty result before the backend was looked at)."""
+    d = make(N, 8, 16, 4, "gelu", torch.float32)
+    with pytest.raises(ValueError, match=r"moe_ffn\(backend=\) must be one of"):
+        vk.moe_ffn(**d, backend="bogus")
+    missing = next((b for b in ("triton", "cuda") if b not in vk.available_backends("cpu")), None)
+    if missing is None:
+        pytest.skip("triton and cuda both run here")
+    with pytest.raises(vk.BackendUnavailableError, match=f"backend '{missing}' cannot run here"):
+        vk.moe_ffn(**d, backend=missing)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_compiled_expert_index_out_of_range_raises(backend):
+    """Compiled, an out-of-range ``expert_index`` still raises (the eager ValueError's range
+    check runs there as an assert in the graph): the compiled reference loop dropped such
+    tokens silently (zero rows, ``tokens_per_expert`` with E + 1 entries)."""
+    if backend not in vk.available_backends("cpu"):
+        pytest.skip(f"{backend} backend not built")
+    d, kw = _bad()
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, ei: vk.moe_ffn(x, None, d["w1"], d["w2"], expert_index=ei,
+                                                backend=backend, **kw),
+                      fullgraph=backend != "reference")  # (the seed's loop: mask.any() breaks)
+    ok = torch.tensor([0, 1, 2, 3, 1, 0])
+    torch.testing.assert_close(f(d["x"], ok).out,
+                               vk.moe_ffn_reference(d["x"], None, d["w1"], d["w2"],
+                                                    expert_index=ok, **kw).out)
+    with pytest.raises(RuntimeError, match=r"expert_index values must be in \[0, E=4\)"):
+        f(d["x"], torch.tensor([0, 1, 4, 4, 1, 0]))
+
+
 @pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.bool,
                                    torch.float32], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("fn", [vk.moe_ffn, vk.moe_ffn_reference], ids=["moe_ffn", "reference"])
@@ -1093,6 +1128,16 @@ def test_moeffn_factory_kwargs_and_context_errors():
         m(x, torch.randn(4, 1, 6, dtype=torch.float64))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         m([1.0])
+    # x / context of another dtype than the module's: a TypeError naming them (torch's "expected
+    # m1 and m2 to have the same dtype" named neither); under autocast the dtypes may differ
+    with pytest.raises(TypeError, match=r"MoEFFN: x has dtype torch.float32 but the module's "
+                       r"parameters are torch.float64: pass x.to\(torch.float64\)"):
+        m(x.float(), torch.randn(2, 1, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"MoEFFN: context has dtype torch.float32 but"):
+        m(x, torch.randn(2, 1, 6))
+    m32 = vk.nn.MoEFFN(8, 16, 4, 2, context_router=True, context_dim=6)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert m32(x.float().bfloat16(), torch.randn(2, 1, 6)).dtype == torch.bfloat16
 
 
 def test_moeffn_reset_parameters_after_meta_init():

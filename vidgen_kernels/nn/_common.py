@@ -41,8 +41,15 @@ def check_tokens(owner: str, x, dim: int, layout: str, param: Tensor) -> None:
         raise TypeError(f"{owner}: x must be a floating tensor, got dtype {x.dtype}")
     if x.dim() != 3 or x.shape[-1] != dim:
         raise ValueError(f"{owner}: x must be {layout}, got shape {tuple(x.shape)}")
+    check_param_dtype(owner, x, param)
+
+
+def check_param_dtype(owner: str, x: Tensor, param: Tensor, name: str = "x") -> None:
+    """A floating input ``name`` of the module's parameter dtype (``param``'s), except under
+    ``torch.autocast`` for its device: a TypeError saying what to do (torch's own ``mat1 and
+    mat2 must have the same dtype`` names neither the input nor the module)."""
     # (a quantized layer's integer weight takes floating x: no check against it)
     if param.is_floating_point() and x.dtype != param.dtype and autocast_dtype(x) is None:
-        raise TypeError(f"{owner}: x has dtype {x.dtype} but the module's parameters are "
-                        f"{param.dtype}: pass x.to({param.dtype}) or run the module under "
+        raise TypeError(f"{owner}: {name} has dtype {x.dtype} but the module's parameters are "
+                        f"{param.dtype}: pass {name}.to({param.dtype}) or run the module under "
                         f"torch.autocast")

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..ops._checks import check_backend_arg, check_flags, check_sizes
 from ..ops.moe import ACTIVATIONS, GATED, _act_module_fn, moe_ffn
+from ._common import check_param_dtype
 from ._init import ZeroLinear
 
 __all__ = ["MoEFFN"]
@@ -136,6 +137,7 @@ class MoEFFN(nn.Module):
             raise TypeError(f"MoEFFN: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.hidden:
             raise ValueError(f"MoEFFN: x must be [..., {self.hidden}], got {tuple(x.shape)}")
+        check_param_dtype("MoEFFN", x, self.router.weight)
         logits = self.router(x)
         if self.context_proj is not None:
             if context is None:
@@ -148,6 +150,7 @@ class MoEFFN(nn.Module):
                 raise ValueError(f"MoEFFN: context must be [..., context_dim={self.context_dim}] "
                                  f"broadcastable to x's leading dims {tuple(x.shape[:-1])}, got "
                                  f"{tuple(getattr(context, 'shape', ()))}")
+            check_param_dtype("MoEFFN", context, self.context_proj.weight, "context")
             c_logits = self.router(self.context_proj(context))
             cs, ls = c_logits.shape, logits.shape
             if not torch.compiler.is_compiling() and not (  # (eager: no guards on the sizes)

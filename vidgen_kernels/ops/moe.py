@@ -302,12 +302,13 @@ def _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2, expert_in
                              f"shape {tuple(expert_index.shape)}")
         if expert_index.device != x.device:
             raise ValueError(f"{op}: expert_index is on {expert_index.device} but x is on {x.device}")
-        # value check (skipped while compiling, and on meta tensors, which have no values): on
-        # the host a ValueError; on a GPU a device-side assert instead of a host sync in the
-        # forward (it fails at a later launch and, like torch's own index checks, ends the
-        # CUDA context; the kernels never read out of bounds)
-        if not torch.compiler.is_compiling() and N > 0 and not expert_index.is_meta:
-            if expert_index.device.type == "cuda":
+        # value check (skipped on meta tensors, which have no values): on the host a
+        # ValueError; on a GPU a device-side assert instead of a host sync in the forward (it
+        # fails at a later launch and, like torch's own index checks, ends the CUDA context;
+        # the kernels never read out of bounds); compiled, that assert on any device (a
+        # RuntimeError on the host: the compiled reference loop dropped the tokens silently)
+        if N > 0 and not expert_index.is_meta:
+            if expert_index.device.type == "cuda" or torch.compiler.is_compiling():
                 torch._assert_async(((expert_index >= 0) & (expert_index < E)).all(),
                                     f"{op}: expert_index values must be in [0, E={E})")
             else:
@@ -1171,10 +1172,10 @@ def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, 
                            expert_index=expert_index, backend=backend)
     N, C, E, _ = _check_inputs(x, router_logits, w1, w2, top_k, activation, b1, b2,
                                expert_index, normalize_weights, op)
-    if N == 0:
-        return _empty_batch(x, router_logits, w1, w2, b1, b2, E)
     name = resolve(backend, x.device, x.dtype, SUPPORTED_DTYPES, op,
                    (x, router_logits, w1, w2, b1, b2), forward_ad=True, needs=BACKEND_NEEDS)
+    if N == 0:  # (after resolve: a backend that cannot run here is refused for any N)
+        return _empty_batch(x, router_logits, w1, w2, b1, b2, E)
     if name == "reference" and x.is_meta and (backend or current_backend()) == "auto":
         # shapes only (model init / shape inference on the meta device): the reference loop
         # needs the routing's values; the custom ops' fake implementations do not
