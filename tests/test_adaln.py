@@ -282,6 +282,41 @@ def test_strided_params_are_read_in_place():
     assert any("adaln_fwd" in s for s in seen), seen
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_per_frame_gate_with_broadcast_x_and_transposed_y(backend):
+    """A per-frame gate ``[B, F, C]`` (1 < F < N) with x expanded along N (stride 0) and y
+    transposed: the eager formula's result, forward and backward (the reference's per-frame
+    reshape back to ``[B, N, C]`` raised "view size is not compatible" here, also on auto's
+    reference fallbacks such as ``torch.func.grad``)."""
+    if backend not in vk.available_backends("cpu"):
+        pytest.skip(f"{backend} backend not built")
+    g = torch.Generator().manual_seed(3)
+    B, N, C, F = 2, 8, 16, 4
+    x0 = torch.randn(B, 1, C, generator=g, dtype=torch.float64)
+    y0 = torch.randn(B, C, N, generator=g, dtype=torch.float64)
+    gate, shift, scale = (torch.randn(B, k, C, generator=g, dtype=torch.float64)
+                          for k in (F, 1, 1))
+    leaves = [t.float().requires_grad_() for t in (x0, y0, gate)]
+
+    def call(x0, y0, gate, fn):
+        return fn(x0.expand(B, N, C), y0.transpose(1, 2), gate, shift.to(x0), scale.to(x0))
+
+    def eager(x, y, gate, shift, scale):
+        h = x + (gate[:, :, None] * y.reshape(B, F, N // F, C)).reshape(B, N, C)
+        return h, torch.nn.functional.layer_norm(h, (C,), eps=1e-6) * (1 + scale) + shift
+
+    got = call(*leaves, lambda *a: vk.gated_residual_adaln(*a, backend=backend))
+    hi = [t.detach().double().requires_grad_() for t in leaves]
+    want = call(*hi, eager)
+    cot = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    ga = torch.autograd.grad(got, leaves, [c.float() for c in cot])
+    gw = torch.autograd.grad(want, hi, cot)
+    for a, b in zip(ga, gw):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------
 # backend registry
 # ----------------------------------------------------------------------------------------------

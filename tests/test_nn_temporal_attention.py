@@ -304,6 +304,29 @@ def test_cache_rejects_mismatched_frames():
     assert cache.num_frames == 0
 
 
+def test_cache_append_checks_v():
+    """``TemporalKVCache.append`` checks v against k on every call, the first included (it
+    checked only the new k against the cached k: a v of another dtype was promoted by
+    ``torch.cat``, k and v frame counts diverged, and the error came from the next attention
+    call), and that both are 5-D tensors; a bad call leaves the cache as it was."""
+    k = torch.randn(1, 2, 3, 2, 16)
+    for kk, vv, match in ((k, k[:, :1], "k and v must have one shape"),
+                          (k, k.double(), r"k and v must have one shape, dtype and device, got "
+                                          r"k \(1, 2, 3, 2, 16\) \(torch.float32, cpu\) and v "
+                                          r"\(1, 2, 3, 2, 16\) \(torch.float64"),
+                          (k[0], k[0], r"k must be a \[B, T_new, S, H, D\] tensor, got shape"),
+                          (k, [1.0], r"v must be a \[B, T_new, S, H, D\] tensor, got list")):
+        cache = TemporalKVCache()
+        with pytest.raises(ValueError, match=match):
+            cache.append(kk, vv)
+        assert cache.num_frames == 0
+        cache.append(k, k + 1)
+        with pytest.raises(ValueError, match=match):
+            cache.append(kk, vv)
+        assert cache.num_frames == 2 and torch.equal(cache.v, k + 1)
+    assert cache.append(k, k + 2)[1].shape == (1, 4, 3, 2, 16)
+
+
 def test_failed_call_leaves_the_cache_unchanged():
     """A streaming call whose attention raises (here: a named backend without float64) adds
     nothing to the cache, so a retry gives the full call's frames; the frames used to be

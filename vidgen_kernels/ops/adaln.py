@@ -178,7 +178,10 @@ def _rows(p: Tensor, t: Tensor, fn):
     Fp = p.shape[1]
     if Fp == 1 or Fp == N:
         return fn(t, p)
-    return fn(t.view(B, Fp, N // Fp, C), p.unsqueeze(2)).view(B, N, C)
+    # (splitting N always views; merging fn's result back may not: x + g * y takes its layout
+    # from x and y, and a stride-0 x with a transposed y gives one whose F and N / F dims
+    # cannot merge)
+    return fn(t.view(B, Fp, N // Fp, C), p.unsqueeze(2)).reshape(B, N, C)
 
 
 def _acc(t: Tensor) -> Tensor:
