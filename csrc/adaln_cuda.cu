@@ -16,8 +16,8 @@
 //   C <= 8192        one block per row, EPT 16, NT <= 512;
 //   C <= 16384       one block per row, EPT 32, NT <= 512.
 //   The row (h in fp32) stays in registers; statistics in fp32, two passes over the registers
-//   (mean, then centred sum of squares; one for rms), warp xor-shuffles plus one shared-memory
-//   step per block reduction.
+//   (mean, then the centred sums of deviations and squares, the former correcting the mean's
+//   rounding; one for rms), warp xor-shuffles plus one shared-memory step per block reduction.
 // Backward: one block per (b, chunk of R rows) walking the chunk's rows in order; per row one
 //   fused block reduction of (sum dxhat, sum dxhat * xhat). EPT 8 for C <= 4096 (NT <= 512),
 //   EPT 16 above (NT <= 512 up to 8192, <= 1024 beyond); dh and y are read before the row
@@ -296,6 +296,7 @@ template <typename T, typename P, int VEC, int KMAX, bool WARP>
 __global__ void __launch_bounds__(WARP ? kFwdWarpBlock : kFwdMaxBlock)
 adaln_fwd_kernel(const FwdK a) {
   __shared__ float red[2][kWarp];
+  __shared__ float2 red2[2][kWarp];  // (reduction k uses buffer k & 1 of whichever it takes)
   const int NT = WARP ? kWarp : static_cast<int>(blockDim.x);
   const int t = WARP ? static_cast<int>(threadIdx.x & (kWarp - 1)) : static_cast<int>(threadIdx.x);
   const int64_t rpb = WARP ? static_cast<int64_t>(blockDim.x / kWarp) : 1;
@@ -373,24 +374,30 @@ adaln_fwd_kernel(const FwdK a) {
         s = block_sum(s, red[rb & 1]);
         ++rb;
       }
-      mu = s / a.cf;
-      float q = 0.f;
+      // corrected two-pass (as the C++ and Triton kernels): the sum of the deviations from
+      // the first mean m takes out its rounding (a row of one value: mean exact, variance 0)
+      const float m = s / a.cf;
+      float2 dq = make_float2(0.f, 0.f);  // sum(d), sum(d * d), d = h - m
 #pragma unroll
       for (int k = 0; k < KMAX; ++k) {
         if (t + k * NT < nchunks) {
 #pragma unroll
           for (int v = 0; v < VEC; ++v) {
-            const float d = hv[k][v] - mu;
-            q += d * d;
+            const float d = hv[k][v] - m;
+            dq.x += d;
+            dq.y += d * d;
           }
         }
       }
       if constexpr (WARP) {
-        ss = warp_sum(q);
+        dq = warp_sum2(dq);
       } else {
-        ss = block_sum(q, red[rb & 1]);
+        dq = block_sum2(dq, red2[rb & 1]);
         ++rb;
       }
+      const float corr = dq.x / a.cf;
+      mu = m + corr;
+      ss = fmaxf(dq.y - corr * dq.x, 0.f);
     }
     const float rs = rsqrtf(ss / a.cf + a.eps);
 

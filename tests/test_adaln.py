@@ -282,6 +282,45 @@ def test_strided_params_are_read_in_place():
     assert any("adaln_fwd" in s for s in seen), seen
 
 
+@pytest.mark.parametrize("C", [64, 1152, 4097])
+@pytest.mark.parametrize("backend,device,dtype", backend_params((torch.float32,)))
+def test_constant_rows_normalise_to_zero(backend, device, dtype, C):
+    """A LayerNorm row of one value v normalises to exactly 0 (out = bias * (1 + scale) +
+    shift), as in the reference, and its gradients pass the flash rule against the float64
+    reference (the fp32 reference's weight gradient is itself off there): the kernels' mean,
+    a few ulp off v after the first pass, came back amplified by 1 / sqrt(eps) (cpu: 0.03 ..
+    0.1 at C = 1152 .. 4097 with |v| ~ 30, Triton 0.004 .. 0.02; the CUDA kernel likewise)
+    until the second pass's sum of deviations corrected it."""
+    g = torch.Generator().manual_seed(C)
+    B, N = 3, 5
+    v = torch.randn(B, N, 1, generator=g) * 30
+    x = v.expand(B, N, C).contiguous().to(device)
+    y = torch.randn(B, N, C, generator=g).to(device)
+    shift, scale, w, b = (torch.randn(*s, generator=g).to(device) for s in
+                          ((B, C), (B, C), (C,), (C,)))
+    gate = torch.zeros(B, C, device=device)  # h = x: the gated kernel's statistics too
+    leaves = [t.clone().requires_grad_() for t in (x, y, gate, shift, scale, w, b)]
+
+    def run(bk, x, y, gate, shift, scale, w, b):
+        return (vk.adaln_modulate(x, shift, scale, weight=w, bias=b, eps=1e-6, backend=bk),
+                *vk.gated_residual_adaln(x, y, gate, shift, scale, weight=w, bias=b, eps=1e-6,
+                                         backend=bk))
+
+    got = run(backend, *leaves)
+    want_out = (b * (1 + scale[:, None]) + shift[:, None]).expand(B, N, C)
+    for out in (got[0], got[2]):
+        torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-5)
+    cots = [torch.randn(t.shape, generator=g).to(device) for t in got]
+    grads = {}
+    for dt in (torch.float64, torch.float32):
+        ref_leaves = [t.detach().to(dt).requires_grad_() for t in leaves]
+        grads[dt] = torch.autograd.grad(run("reference", *ref_leaves), ref_leaves,
+                                        [c.to(dt) for c in cots])
+    for name, a, hi, lo in zip("x y gate shift scale w b".split(),
+                               torch.autograd.grad(got, leaves, cots), *grads.values()):
+        assert_close_rule(a, hi, lo, f"grad {name}")
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_per_frame_gate_with_broadcast_x_and_transposed_y(backend):
     """A per-frame gate ``[B, F, C]`` (1 < F < N) with x expanded along N (stride 0) and y

@@ -127,6 +127,14 @@ def test_adaln_matches_reference(adaln_on_emu, ran, monkeypatch, programs, dtype
     _adaln_check(case, dtype)
 
 
+@pytest.mark.parametrize("C", [64, 1152, 4097, 12290])
+def test_adaln_constant_rows(adaln_on_emu, ran, C):
+    """test_adaln's constant-row check on the CUDA kernels (warp-per-row and the block paths
+    with 8 / 16 / 32 elements per thread): the second reduction's sum of deviations corrects
+    the mean, so a row of one value normalises to exactly 0."""
+    TA.test_constant_rows_normalise_to_zero("cpu", "cpu", torch.float32, C)
+
+
 @pytest.mark.parametrize("case", [c for c in ADALN_CASES if c.C in (7, 33, 1000, 260, 4104)], ids=str)
 def test_adaln_reverse_schedule(adaln_on_emu, ran, schedule, case):
     _adaln_check(case, torch.float16)

@@ -77,10 +77,16 @@ def _adaln_fwd_kernel(
         mu = 0.0
         xc = hx
         var = tl.sum(hx * hx, axis=0) / C
-    else:
-        mu = tl.sum(hx, axis=0) / C
+    else:  # corrected two-pass: the sum of the deviations from the first mean m takes out m's
+        # rounding (a row of one value: mean exact, variance 0; uncorrected, m's few ulp came
+        # back amplified by 1 / sqrt(eps)). (tl.reduce of the pair: 2x the interpreter's time)
+        m = tl.sum(hx, axis=0) / C
+        xc = tl.where(mask, hx - m, 0.0)
+        corr = tl.sum(xc, axis=0) / C
+        q = tl.sum(xc * xc, axis=0)
+        mu = m + corr
+        var = tl.maximum(q / C - corr * corr, 0.0)
         xc = tl.where(mask, hx - mu, 0.0)
-        var = tl.sum(xc * xc, axis=0) / C
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(MEAN + b * sm_b + n * sm_n, mu)
     tl.store(RSTD + b * sr_b + n * sr_n, rstd)
