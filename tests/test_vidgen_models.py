@@ -282,6 +282,27 @@ def test_generate_video_cfg_batched_and_seeded():
     assert img.shape == (3, 3, 4, 6)
 
 
+def test_generate_video_with_a_generator_per_video():
+    """A list of generators, one per video (diffusers' batch convention): video i is the one its
+    generator gives alone (it raised "'list' object has no attribute 'device'"); a list of the
+    wrong length is a ValueError and anything else a TypeError, each naming generator."""
+    m = perturb(tiny_dit())
+    text = torch.randn(3, 2, TEXT_DIM)
+    null = torch.zeros(1, 2, TEXT_DIM)
+    kw = dict(num_frames=2, height=4, width=4, num_inference_steps=2, show_progress=False)
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    got = generate_video(m, text, null, generator=gens, **kw)
+    for i, s in enumerate((5, 6, 7)):
+        alone = generate_video(m, text[i:i + 1], null, seed=s, **kw)
+        torch.testing.assert_close(got[i:i + 1], alone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got[0], got[1])
+    with pytest.raises(ValueError, match="a list of generators needs one per video, B=3"):
+        generate_video(m, text, null, generator=gens[:2], **kw)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, a list of them"):
+        generate_video(m, text, null, generator=7, **kw)
+    assert generate_video(m, text[:0], null, generator=[], **kw).shape == (0, 2, 3, 4, 4)
+
+
 def test_generate_video_inputs_steps_and_empty_batch():
     """Mismatched null embeddings raise a ValueError naming null_text and both shapes (a batch of
     2 against 3 conditions blamed "text batch 5", another token length crashed in torch.cat);
@@ -495,7 +516,11 @@ def test_cogvideox_param_count_checks_the_config_as_the_model_does():
     base = dict(in_channels=4, hidden_size=32, num_heads=2, num_layers=2, text_hidden_size=TEXT_DIM,
                 time_embed_dim=16)
     for bad, msg in (({"hidden_size": 36, "num_heads": 3},
-                      "hidden_size / num_heads must be a multiple of 8 .*got hidden_size=36, num_heads=3"),
+                      "hidden_size / num_heads must be a multiple of 16 .*got hidden_size=36, num_heads=3"),
+                     # head_dim 24: a multiple of 8 (once accepted), but RoPE-3D's 3D/8 = 9 is odd:
+                     # every forward raised from rope3d_freqs
+                     ({"hidden_size": 48, "num_heads": 2},
+                      "hidden_size / num_heads must be a multiple of 16 .*got hidden_size=48, num_heads=2"),
                      ({"num_text_experts": 0}, "num_text_experts must be an int >= 1, got 0"),
                      ({"mlp_ratio": 1e-4}, r"expert width int\(hidden_size \* mlp_ratio\) = 0"),
                      ({"patch_size": (0, 2, 2)}, r"patch_size must be 3 ints >= 1 .*got \(0, 2, 2\)"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,8 @@ def generate_video(model: nn.Module, text: Tensor, null_text: Tensor, *, num_fra
                    height: int, width: int, channels: Optional[int] = None,
                    scheduler: Optional[FlowMatchingScheduler] = None,
                    num_inference_steps: Optional[int] = None,
-                   guidance_scale: float = 4.0, generator: Optional[torch.Generator] = None,
+                   guidance_scale: float = 4.0,
+                   generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
                    seed: Optional[int] = None, vae: Optional[nn.Module] = None,
                    show_progress: bool = True, batch_size: Optional[int] = None) -> Tensor:
     """Sample latent videos ``[B, T, C, H, W]`` for the conditions ``text [B, L, D]`` (decoded
@@ -31,9 +32,11 @@ def generate_video(model: nn.Module, text: Tensor, null_text: Tensor, *, num_fra
 
     ``height``/``width``/``num_frames`` are latent sizes. ``null_text`` is ``[1, L, D]`` or
     ``[B, L, D]`` (the same ``L`` and ``D`` as ``text``). ``num_inference_steps`` defaults to
-    the scheduler's own count (25 without a scheduler). ``seed`` builds a ``torch.Generator``
-    when no ``generator`` is given; ``batch_size`` splits large batches. ``B = 0`` gives an
-    empty result.
+    the scheduler's own count (25 without a scheduler). ``generator``: one ``torch.Generator``
+    for the whole batch's noise, or a list of B, one per video (as diffusers takes them: video
+    i is then the one its generator gives alone); ``seed`` builds a CPU generator when no
+    ``generator`` is given. ``batch_size`` splits large batches. ``B = 0`` gives an empty
+    result.
     """
     if scheduler is not None and not isinstance(scheduler, FlowMatchingScheduler):
         raise TypeError(f"generate_video: scheduler must be a FlowMatchingScheduler (the models "
@@ -48,6 +51,11 @@ def generate_video(model: nn.Module, text: Tensor, null_text: Tensor, *, num_fra
         batch_size = int(batch_size)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"generate_video: seed must be an int, got {seed!r}")
+    gens = list(generator) if isinstance(generator, (list, tuple)) else None
+    if not (generator is None or isinstance(generator, torch.Generator) or (
+            gens is not None and all(isinstance(g, torch.Generator) for g in gens))):
+        raise TypeError(f"generate_video: generator must be a torch.Generator, a list of them "
+                        f"(one per video) or None, got {generator!r}")
     for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"generate_video: {name} must be an int >= 1 (latent size), got {v!r}")
@@ -75,8 +83,17 @@ def generate_video(model: nn.Module, text: Tensor, null_text: Tensor, *, num_fra
         null_text = null_text.expand(B, -1, -1)
     # noise drawn on the generator's device (a seed: a CPU generator, so that seeds give the
     # same videos on every device; a CUDA generator draws on its GPU)
-    x = torch.randn((B, num_frames, channels, height, width), generator=generator,
-                    device=generator.device if generator is not None else "cpu").to(device, dtype)
+    shape = (num_frames, channels, height, width)
+    if gens is not None:
+        if len(gens) != B:
+            raise ValueError(f"generate_video: a list of generators needs one per video, B={B} "
+                             f"(text's batch), got {len(gens)}")
+        x = torch.stack([torch.randn(shape, generator=g, device=g.device).to(device, dtype)
+                         for g in gens]) if gens else torch.empty((0, *shape), device=device,
+                                                                      dtype=dtype)
+    else:
+        x = torch.randn((B, *shape), generator=generator,
+                        device=generator.device if generator is not None else "cpu").to(device, dtype)
     ts = scheduler.timesteps(num_inference_steps, device=device)
     if B == 0:
         num_inference_steps = 0

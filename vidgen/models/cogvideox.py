@@ -92,9 +92,11 @@ def _checked_config(config: Optional[CogVideoXConfig] = None, **kwargs) -> CogVi
     check_config_sizes(c, "hidden_size", "num_heads", "num_layers")
     check_ffn_width("the expert width int(hidden_size * mlp_ratio)", int(c.hidden_size * c.mlp_ratio),
                     hidden_size=c.hidden_size, mlp_ratio=c.mlp_ratio)
-    if c.hidden_size % c.num_heads or (c.hidden_size // c.num_heads) % 8:
-        raise ValueError(f"hidden_size / num_heads must be a multiple of 8 (RoPE-3D split D/4, 3D/8, 3D/8), "
-                         f"got hidden_size={c.hidden_size}, num_heads={c.num_heads}")
+    if c.hidden_size % c.num_heads or (c.hidden_size // c.num_heads) % 16:
+        # (each part of the RoPE-3D split D/4, 3D/8, 3D/8 is an even number of channels)
+        raise ValueError(f"hidden_size / num_heads must be a multiple of 16 (RoPE-3D split D/4, "
+                         f"3D/8, 3D/8 into even parts), got hidden_size={c.hidden_size}, "
+                         f"num_heads={c.num_heads}")
     for name in ("num_text_experts", "num_video_experts"):
         n = getattr(c, name)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
