@@ -869,6 +869,29 @@ def test_apply_checks_the_backend_name():
     assert vkd.is_patched(model)
 
 
+def test_apply_checks_what_a_named_backend_runs():
+    """A named backend whose attention kernel cannot take the model (apply patched it without a
+    word and the first forward raised): a head size over its limit leaves the model unpatched
+    with a warning naming the model and the reason; a dtype it does not run warns (the model
+    may be cast after apply, as it may move) and patches; auto takes both."""
+    big = wan(num_attention_heads=1, attention_head_dim=4096)
+    with pytest.warns(UserWarning, match=r"left WanTransformer3DModel unpatched: backend 'cpu' "
+                      r"takes head_dim <= 4095, the model's attention_head_dim is 4096"):
+        vkd.apply(big, backend="cpu")
+    assert not vkd.is_patched(big)
+    f64 = wan().double()
+    with pytest.warns(UserWarning, match=r"backend 'cpu' does not run torch.float64 attention; "
+                      r"the patched calls raise until the model is cast"):
+        vkd.apply(f64, backend="cpu")
+    assert vkd.is_patched(f64)
+    import warnings
+    for m in (wan(num_attention_heads=1, attention_head_dim=4096), wan().double()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            vkd.apply(m)
+        assert vkd.is_patched(m)
+
+
 @pytest.mark.parametrize("which", ["cogvideox", "wan"])
 def test_cache_enabled_and_disabled_before_apply_is_no_hook(which):
     """enable_cache() then disable_cache() leaves an empty hook registry and the class's forward

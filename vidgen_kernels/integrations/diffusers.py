@@ -592,7 +592,9 @@ def apply(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
         backend: passed to every kernel call (``None``: the current default, see
             ``vidgen_kernels.backends``; ``"cpu"``, ``"reference"``, ``"triton"``, ...). An
             unknown name raises here; a backend that cannot run on the model's current device
-            warns (``apply`` then ``.to("cuda")`` is fine) and raises at a call made there.
+            or in its dtype warns (``apply`` then ``.to("cuda")`` is fine) and raises at a call
+            made there; one whose attention kernel does not take the model's head size leaves
+            the model unpatched with a warning.
     Returns:
         ``model``. Applying twice is a no-op (the first patch is kept). Unsupported modules are
         left as they are with a warning naming them.
@@ -609,6 +611,23 @@ def apply(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
             warnings.warn(f"vidgen_kernels.integrations.diffusers.apply: backend {backend!r} "
                           f"cannot run on {dev} ({why}); the patched calls raise there until "
                           f"the model moves to a device it runs on", stacklevel=2)
+        # what the named backend's attention kernel takes (auto falls back where it cannot;
+        # a named one raised at the first forward): the head size decides, the dtype warns
+        # (the model may be cast after apply, as it may move)
+        from vidgen_kernels.ops import rope3d_attention as ra
+        dt = next((m.to_q.weight.dtype for m in model.modules()  # (q's projection: Wan keeps
+                   if isinstance(getattr(m, "to_q", None), nn.Linear)), None)  # norms in fp32)
+        if dt is not None and dt not in ra.SUPPORTED_DTYPES.get(backend, (dt,)):
+            warnings.warn(f"vidgen_kernels.integrations.diffusers.apply: backend {backend!r} "
+                          f"does not run {dt} attention; the patched calls raise until the model "
+                          f"is cast to one of {[str(d) for d in ra.SUPPORTED_DTYPES[backend]]}",
+                          stacklevel=2)
+        head_dim = getattr(getattr(model, "config", None), "attention_head_dim", None)
+        if isinstance(head_dim, int) and head_dim > ra.MAX_D.get(backend, head_dim):
+            _warn(type(model).__name__, f"backend {backend!r} takes head_dim <= "
+                  f"{ra.MAX_D[backend]}, the model's attention_head_dim is {head_dim}",
+                  stacklevel=3)
+            return model
     if getattr(model, _STATE, None) is not None:
         return model
     patch = _Patch()
