@@ -74,6 +74,7 @@ import torch
 from torch import nn
 
 import vidgen_kernels as vk
+from vidgen_kernels.ops import rope3d_attention as ra
 from vidgen_kernels.ops._checks import check_backend_arg
 
 __all__ = ["apply", "remove", "is_patched", "FusedCogVideoXLayerNormZero", "FusedAdaLayerNorm"]
@@ -614,7 +615,6 @@ def apply(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
         # what the named backend's attention kernel takes (auto falls back where it cannot;
         # a named one raised at the first forward): the head size decides, the dtype warns
         # (the model may be cast after apply, as it may move)
-        from vidgen_kernels.ops import rope3d_attention as ra
         dt = next((m.to_q.weight.dtype for m in model.modules()  # (q's projection: Wan keeps
                    if isinstance(getattr(m, "to_q", None), nn.Linear)), None)  # norms in fp32)
         if dt is not None and dt not in ra.SUPPORTED_DTYPES.get(backend, (dt,)):
