@@ -856,16 +856,29 @@ def test_wan_text_of_batch_one_broadcasts_over_the_latents():
         close(got[1][n], g, rtol=1e-4)
 
 
-def test_apply_checks_the_backend_name():
+def test_apply_checks_the_backend_name(monkeypatch):
     """A backend name that does not exist raises at apply() (it patched and failed at the first
     forward, naming a kernel); one that cannot run on the model's device warns (the model may
-    move) and patches."""
+    move) and patches; one with no RoPE-3D attention kernel (cuda: it patched, with only the
+    device warning, and every attention call raised BackendUnavailableError) leaves the model
+    unpatched with a warning naming the model and the backends that have one."""
     model = wan()
     with pytest.raises(ValueError, match="apply: backend must be None or one of .*got 'cpp'"):
         vkd.apply(model, backend="cpp")
     assert not vkd.is_patched(model)
-    with pytest.warns(UserWarning, match="backend 'cuda' cannot run on cpu"):
+    with pytest.warns(UserWarning) as rec:
         vkd.apply(model, backend="cuda")
+    assert [str(w.message) for w in rec] == [
+        "vidgen_kernels.integrations.diffusers: left WanTransformer3DModel unpatched: backend "
+        "'cuda' has no RoPE-3D attention kernel (those with one: cpu, triton, or 'auto' / "
+        "'reference')"]
+    assert not vkd.is_patched(model)
+    real = vk.backends.why_unavailable
+    monkeypatch.setattr(vk.backends, "why_unavailable",
+                        lambda name, dev=None: "no GPU here" if name == "triton" else real(name, dev))
+    with pytest.warns(UserWarning, match=r"backend 'triton' cannot run on cpu \(no GPU here\); "
+                      r"the patched calls raise there"):
+        vkd.apply(model, backend="triton")
     assert vkd.is_patched(model)
 
 

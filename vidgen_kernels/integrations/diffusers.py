@@ -594,7 +594,8 @@ def apply(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
             ``vidgen_kernels.backends``; ``"cpu"``, ``"reference"``, ``"triton"``, ...). An
             unknown name raises here; a backend that cannot run on the model's current device
             or in its dtype warns (``apply`` then ``.to("cuda")`` is fine) and raises at a call
-            made there; one whose attention kernel does not take the model's head size leaves
+            made there; one with no RoPE-3D attention kernel (``"cuda"``: use ``"triton"`` or
+            ``"auto"``) or whose attention kernel does not take the model's head size leaves
             the model unpatched with a warning.
     Returns:
         ``model``. Applying twice is a no-op (the first patch is kept). Unsupported modules are
@@ -605,6 +606,12 @@ def apply(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
 
     if backend is not None:  # a typo failed only at the first forward, naming a kernel
         check_backend_arg("vidgen_kernels.integrations.diffusers.apply", backend)
+        # a backend with no attention kernel (cuda) raised at every patched attention call
+        if backend not in ("auto", "reference") and backend not in ra.SUPPORTED_DTYPES:
+            _warn(type(model).__name__, f"backend {backend!r} has no RoPE-3D attention kernel "
+                  f"(those with one: {', '.join(sorted(ra.SUPPORTED_DTYPES))}, or 'auto' / "
+                  f"'reference')", stacklevel=3)
+            return model
         dev = next((p.device for p in model.parameters()), None)
         why = vk.backends.why_unavailable(backend, dev) if dev is not None and backend != "auto" \
             else None
