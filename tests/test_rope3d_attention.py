@@ -579,6 +579,28 @@ def test_triton_gpu_tiles_per_arch(monkeypatch, arch, rope, dtype):
 
 
 @pytest.mark.triton
+def test_triton_backward_takes_a_strided_lse():
+    """The backward kernels read delta (a contiguous buffer) through lse's strides: an lse that
+    is a transposed [B, H, S] buffer (flash-attention's layout) gave wrong dq / dk / dv. The
+    launcher now reads a contiguous lse: the gradients equal those from the contiguous one."""
+    if why_unavailable("triton", "cpu"):
+        pytest.skip(why_unavailable("triton", "cpu"))
+    import vidgen_kernels.triton_kernels.rope3d_attention as tr
+    g = torch.Generator().manual_seed(0)
+    B, S, H, D = 2, 11, 3, 16
+    q, k, v, do = (torch.randn(B, S, H, D, generator=g) for _ in range(4))
+    ang = torch.randn(8, D // 2, generator=g)
+    args = (ang.cos(), ang.sin(), 3, True, 3, 8, 4, 0.3)
+    out, lse = tr.rope3d_attn_fwd(q, k, v, *args)
+    lse_t = lse.transpose(1, 2).contiguous().transpose(1, 2)  # [B, S, H] view of [B, H, S]
+    assert not lse_t.is_contiguous() and torch.equal(lse_t, lse)
+    want = tr.rope3d_attn_bwd(do, q, k, v, *args[:2], out, lse, *args[2:])
+    got = tr.rope3d_attn_bwd(do, q, k, v, *args[:2], out, lse_t, *args[2:])
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.triton
 def test_triton_batches_beyond_the_grid_y_limit(monkeypatch):
     """The kernels put (batch, head) on grid axis 1, which CUDA caps at 65535: larger B * H is
     launched over batch slices (views, no copy). With the cap lowered to 3 (H=2: one batch per

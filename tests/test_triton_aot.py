@@ -123,3 +123,30 @@ def test_moe_grouped_gemms_use_warpgroup_mma_on_hopper(tmp_path):
                 for c in k["config"].split(", ") if c.startswith("BLOCK_M=")}
         assert rows == {"64", "128"}, (arch, rows)
         assert all(k["stack_bytes"] == 0 for k in mine), mine
+
+
+def test_stage_fallback_is_remembered_per_dtype(monkeypatch):
+    """launch() remembers a fewer-stages fallback per kernel, config, device and now the tensor
+    dtypes: an fp32 build over the shared-memory limit no longer demotes the 16-bit build of
+    the same config (which fits) to one stage for the rest of the process."""
+    import torch
+    from triton.runtime.errors import OutOfResources
+    from vidgen_kernels.triton_kernels import _launch
+    monkeypatch.setattr(_launch, "_STAGES_FALLBACK", {})
+    calls = []
+
+    class Kernel:  # fp32 needs one stage to fit, fp16 fits with two
+        __name__ = "_fake_kernel"
+
+        def __getitem__(self, grid):
+            def run(x, **meta):
+                calls.append((x.dtype, meta["num_stages"]))
+                if x.dtype == torch.float32 and meta["num_stages"] > 1:
+                    raise OutOfResources(200000, 100000, "shared memory")
+            return run
+    k = Kernel()
+    meta = dict(BLOCK=16, num_warps=4, num_stages=2)
+    _launch.launch(k, (1,), (torch.zeros(1),), meta, "cuda:0")
+    _launch.launch(k, (1,), (torch.zeros(1, dtype=torch.float16),), meta, "cuda:0")
+    _launch.launch(k, (1,), (torch.zeros(1),), meta, "cuda:0")
+    assert calls == [(torch.float32, 2), (torch.float32, 1), (torch.float16, 2), (torch.float32, 1)]

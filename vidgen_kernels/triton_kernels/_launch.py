@@ -67,13 +67,20 @@ def target_shared_memory(t: torch.Tensor) -> int | None:
 _STAGES_FALLBACK: dict = {}
 
 
+def _fallback_key(kernel, args, meta: dict, device):
+    dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+    return kernel.__name__, device, dtypes, tuple(sorted(meta.items()))
+
+
 def launch(kernel, grid, args, meta: dict, device) -> None:
     """``kernel[grid](*args, **meta)``; if the pipelined build does not fit the GPU's shared
     memory (``OutOfResources``), fall back to fewer ``meta["num_stages"]`` (remembered per
-    kernel, config and device, so the retry happens once). Raises when one stage does not fit."""
+    kernel, config, tensor dtypes and device, so the retry happens once: an fp32 build that
+    does not fit leaves the 16-bit builds of the same config alone). Raises when one stage does
+    not fit."""
     key = None
     if _STAGES_FALLBACK:
-        key = (kernel.__name__, device, tuple(sorted(meta.items())))
+        key = _fallback_key(kernel, args, meta, device)
         meta = dict(meta, num_stages=_STAGES_FALLBACK.get(key, meta["num_stages"]))
     while True:
         try:
@@ -83,6 +90,6 @@ def launch(kernel, grid, args, meta: dict, device) -> None:
             if meta["num_stages"] <= 1:
                 raise
             if key is None:
-                key = (kernel.__name__, device, tuple(sorted(meta.items())))
+                key = _fallback_key(kernel, args, meta, device)
             meta = dict(meta, num_stages=meta["num_stages"] - 1)
             _STAGES_FALLBACK[key] = meta["num_stages"]

@@ -619,6 +619,9 @@ def rope3d_attn_bwd(dout, q, k, v, cos, sin, out, lse, rope_offset: int, interle
     block_d, rope, (c, s), tstr = _common(q, cos, sin)
     tiles = {kern: _tiles(kern, q, rope, block_m, block_n, num_warps) for kern in ("dkdv", "dq")}
     L = cos.shape[0] if rope else 0
+    # the dk/dv and dq kernels read delta through lse's strides: both contiguous (a [B, S, H]
+    # float copy where a caller passes a strided lse, e.g. a transposed [B, H, S] one)
+    lse = lse.contiguous()
     delta = torch.empty((B, Sq, H), dtype=torch.float32, device=q.device)
     fc_end = int(fc_start + fc_len)
     fcb = max(int(fc_block), 1)
