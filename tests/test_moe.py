@@ -1157,3 +1157,37 @@ def test_moeffn_reset_parameters_after_meta_init():
         assert abs(got / want - 1) < 0.05, (name, got, want)
     x = torch.randn(5, 64)
     assert torch.isfinite(m(x, torch.randn(5, 32))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_grouped_gemms_pad_instead_of_gathering(dtype, monkeypatch):
+    """The PyTorch grouped GEMMs (the create_graph / forward-AD recomputation, and the cuda
+    backend's fallback) at sizes whose rows are not 16-byte multiples (odd P = N * top_k, C or F
+    not a multiple of 4 / 8) ran a per-row product against gathered expert matrices, an
+    ``[P, K, M]`` tensor (tens of GB at N = 4097, C = 1152, F = 4608). They now run
+    ``torch._grouped_mm`` on zero-padded copies: same results, no gather (segment_ids, which
+    only the gather path calls without a bias, raises here)."""
+    g = torch.Generator().manual_seed(0)
+    P, K, Mo, E = 13, 7, 9, 3
+    a, dy = torch.randn(P, K, generator=g), torch.randn(P, Mo, generator=g)
+    w = torch.randn(E, K, Mo, generator=g)
+    offs = torch.tensor([4, 4, P])  # an empty expert in the middle
+    bounds = [(0, 4), (4, 4), (4, P)]
+    want_y = torch.cat([a[s:e] @ w[i] for i, (s, e) in enumerate(bounds)])
+    want_dw = torch.stack([a[s:e].t() @ dy[s:e] for s, e in bounds])
+    a, dy, w = a.to(dtype), dy.to(dtype), w.to(dtype)
+
+    def no_gather(*args):
+        raise AssertionError("gathered [P, K, M] expert matrices")
+    monkeypatch.setattr(M, "segment_ids", no_gather)
+    y = M.kernel_gmm_torch(a, w, offs)
+    dw = M.kernel_gmm_wgrad_torch(a, dy, offs, E)
+    assert y.shape == (P, Mo) and y.dtype == dtype and dw.shape == (E, K, Mo) and dw.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(y.float(), want_y, **tol)
+    torch.testing.assert_close(dw.float(), want_dw, **tol)
+    # differentiable (the create_graph path differentiates through it)
+    a32, w32 = a.float().requires_grad_(), w.float().requires_grad_()
+    M.kernel_gmm_torch(a32, w32, offs).mul(dy.float()).sum().backward()
+    torch.testing.assert_close(w32.grad, want_dw if dtype == torch.float32 else w32.grad)
+    assert a32.grad.shape == (P, K)

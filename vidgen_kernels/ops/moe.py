@@ -102,6 +102,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+import torch.nn.functional as F
 
 from ._checks import autocast_dtype, cast_floating, check_flags, got_int
 from ._eager import differentiable_vjp, eager_op, recomputed_vjp
@@ -147,7 +148,6 @@ def _acc(dtype):
 
 def _f(z: Tensor, base: str) -> Tensor:
     """The activation with PyTorch's fused kernels (one pass, fp32 math inside)."""
-    import torch.nn.functional as F
     if base == "gelu":
         return F.gelu(z, approximate="tanh")
     if base == "gelu_exact":
@@ -217,7 +217,6 @@ def _act_module_fn(activation: str):
     """The seed's activation as a PyTorch function of the pre-activation (reference). Module
     level functions / ``functools.partial`` only (no lambda or closure): a module that stores it
     (``nn.MoEFFN``) can be pickled / ``torch.save``d."""
-    import torch.nn.functional as F
     base = {"gelu": _gelu_tanh, "gelu_exact": F.gelu, "silu": F.silu}[_base_act(activation)]
     if activation in GATED:
         return functools.partial(_gated_act, base=base)
@@ -454,13 +453,26 @@ def _gmm_ok(a: Tensor, w: Tensor) -> bool:
     return ok_a and ok_w and w.data_ptr() % 16 == 0 and a.data_ptr() % 16 == 0
 
 
+def _pad_to(n: int, t: Tensor) -> int:
+    """Zeros to append to a dimension of ``n`` elements of ``t``'s dtype for 16-byte rows."""
+    m = 16 // t.element_size()
+    return -n % m
+
+
 def kernel_gmm_torch(a: Tensor, w: Tensor, offs: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``torch._grouped_mm`` where it applies (fp32/fp16/bf16, 16-byte strides); else a
-    per-row batched product against the gathered expert matrices (small shapes / fp64 only)."""
+    """``torch._grouped_mm`` for fp32/fp16/bf16: on ``a`` / ``w`` as they are where their
+    strides are 16-byte multiples, else on zero-padded copies (``[P, K']`` and ``[E, K', M']``:
+    the products of the padding are zeros, sliced off). fp64: a per-row batched product against
+    the gathered expert matrices (``[P, K, M]``: small shapes only, as gradcheck uses)."""
     if a.shape[0] == 0:
         return a.new_zeros((0, w.shape[2]))
     if _gmm_ok(a, w):
         out = torch._grouped_mm(a, w, offs=offs.to(torch.int32))
+    elif a.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        K, M = w.shape[1], w.shape[2]
+        pk, pm = _pad_to(K, a), _pad_to(M, a)
+        out = torch._grouped_mm(F.pad(a, (0, pk)), F.pad(w, (0, pm, 0, pk)),
+                                offs=offs.to(torch.int32))[:, :M]
     else:
         seg = segment_ids(offs, a.shape[0]).clamp_(max=w.shape[0] - 1)
         out = torch.bmm(a.unsqueeze(1), w.index_select(0, seg)).squeeze(1)
@@ -476,13 +488,19 @@ def kernel_gmm_act_torch(a, w, offs, bias, activation):
 
 def kernel_gmm_wgrad_torch(a: Tensor, dy: Tensor, offs: Tensor, E: int) -> Tensor:
     P = a.shape[0]
-    seg = segment_ids(offs, P).clamp_(max=E - 1)
     acc = _acc(a.dtype)
     s = a.element_size()
-    if a.dtype in (torch.float32, torch.float16, torch.bfloat16) and P > 0 and \
-            all((d * s) % 16 == 0 for d in (P, a.shape[1], dy.shape[1])):
-        return torch._grouped_mm(a.t().contiguous(), dy.contiguous(), offs=offs.to(torch.int32))
-    # outer products summed by expert (small shapes / fp64 only)
+    if a.dtype in (torch.float32, torch.float16, torch.bfloat16) and P > 0:
+        K, M = a.shape[1], dy.shape[1]
+        if all((d * s) % 16 == 0 for d in (P, K, M)):
+            return torch._grouped_mm(a.t().contiguous(), dy.contiguous(), offs=offs.to(torch.int32))
+        # 16-byte rows from zero padding: zero rows (after offs[-1], in no group) and columns
+        pp, pk, pm = _pad_to(P, a), _pad_to(K, a), _pad_to(M, a)
+        at = F.pad(a, (0, pk, 0, pp)).t().contiguous()
+        return torch._grouped_mm(at, F.pad(dy, (0, pm, 0, pp)),
+                                 offs=offs.to(torch.int32))[:, :K, :M]
+    # outer products summed by expert (fp64: small shapes only, as gradcheck uses)
+    seg = segment_ids(offs, P).clamp_(max=E - 1)
     outer = a.to(acc).unsqueeze(2) * dy.to(acc).unsqueeze(1)
     out = torch.zeros((E, a.shape[1], dy.shape[1]), dtype=acc, device=a.device)
     return out.index_add_(0, seg, outer).to(a.dtype)
