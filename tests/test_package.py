@@ -533,3 +533,43 @@ def test_uninitialized_memory_is_poisoned():
         assert torch.empty(n).isnan().all() and torch.empty(n, dtype=torch.float16).isnan().all()
     assert torch.equal(torch.empty(5, dtype=torch.int64), torch.full((5,), 2 ** 63 - 1))
     assert torch.ones(3).new_empty(4).isnan().all() and torch.empty_like(torch.ones(9)).isnan().all()
+
+
+def test_sdist_carries_every_source_the_build_and_tests_need(tmp_path):
+    """The sdist packed only the ext sources setup.py lists for this machine's build (the CPU
+    .cpp files): no csrc/*.h, no CUDA sources, no test helpers, so `pip install` of it failed
+    ("cpu_common.h: No such file or directory"). MANIFEST.in now grafts csrc/, tests/ and .ci/:
+    every tracked file of those, the packages, the benchmark suite's code and the build files are
+    in it (built here with the extension off, so the manifest alone must carry csrc/), and no
+    compiled object or committed benchmark result is."""
+    import shutil
+    import tarfile
+    try:
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout (e.g. tests run from an unpacked sdist)")
+    src = tmp_path / "src"
+    for f in tracked:
+        if f.startswith("benchmarks/results/") or not os.path.isfile(os.path.join(ROOT, f)):
+            continue
+        os.makedirs(src / os.path.dirname(f), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, f), src / f)
+    dist = tmp_path / "dist"
+    env = dict(os.environ, VIDGEN_KERNELS_NO_EXT="1")
+    r = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
+                        "print(b.build_sdist(sys.argv[1]))", str(dist)],
+                       cwd=src, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    name = r.stdout.split()[-1]
+    with tarfile.open(dist / name) as tar:
+        top = name[:-len(".tar.gz")] + "/"
+        packed = {m.name[len(top):] for m in tar.getmembers() if m.isfile()}
+    want = {f for f in tracked
+            if f.startswith(("csrc/", "tests/", ".ci/", "vidgen/", "vidgen_kernels/"))
+            or (f.startswith("benchmarks/") and f.count("/") == 1 and f.endswith((".py", ".sh")))
+            or f in ("setup.py", "pyproject.toml", "MANIFEST.in", "Makefile", "README.md")}
+    assert {f for f in want if f.startswith("csrc/")} >= {"csrc/cpu_common.h", "csrc/moe_cuda.cu"}
+    assert not want - packed, sorted(want - packed)
+    assert not {f for f in packed if f.endswith((".so", ".o", ".pyc"))
+                or f.startswith("benchmarks/results/")}, sorted(packed)
