@@ -1,5 +1,7 @@
 # make demo   - the main job (CPU by default): creates .venv, installs, trains + samples the vidgen
-#               demo into out/ (DEMO_ARGS="--steps N --seed S --out DIR --device cuda --tiny")
+#               demo into out/ (DEMO_ARGS="--steps N --seed S --out DIR --device cuda --tiny";
+#               PYTHON=python3.x picks the venv's Python, TORCH_PIP_ARGS adds pip arguments for
+#               the torch install, e.g. "--index-url https://download.pytorch.org/whl/cpu")
 # make test   - the test suite (CUDA tests run when a GPU is visible, skipped otherwise)
 # make bench  - the pytest-benchmark suite (BENCH_ARGS=--quick for a smoke run) + the report
 #               benchmarks/report/REPORT.md with plots (python -m vidgen_kernels.bench; JSON in

@@ -243,3 +243,20 @@ def test_image_writers_refuse_silent_casts(tmp_path):
             fn(str(tmp_path / "x"), img)
     write_png(str(tmp_path / "ok.png"), np.full((4, 5), 200, np.int64))
     write_gif(str(tmp_path / "ok.gif"), np.full((2, 4, 5), 7, np.int32))
+
+
+def test_vidgen_demo_runs_on_cpu_unless_asked(tmp_path, monkeypatch):
+    """`make demo` is the CPU job (its sizes are a CPU's): with a GPU visible it ran on cuda, since
+    the default device was "cuda when available". Now the CPU unless --device cuda; the parser's
+    default says so too."""
+    from vidgen import demo
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    demo.run_demo(out=str(tmp_path), steps=2, tiny=True, quiet=True, vae_steps=2)
+    assert "device cpu" in (tmp_path / "report.md").read_text()
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: seen.update(kw) or {"accuracy": 1.0})
+    try:
+        demo.main(["--tiny", "--out", str(tmp_path / "b")])
+    except SystemExit:
+        pass
+    assert seen.get("device") == "cpu", seen

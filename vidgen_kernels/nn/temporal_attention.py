@@ -197,7 +197,8 @@ class CausalTemporalAttention(nn.Module):
         dim: channels ``C``.
         num_heads: heads ``H`` (``head_dim = C / H``).
         qk_norm: ``None``, ``"layer"`` (LayerNorm over head_dim) or ``"rms"`` (RMSNorm over
-            head_dim), applied to q and k per head, with learnable ``[head_dim]`` weights.
+            head_dim), applied to q and k per head, with learnable ``[head_dim]`` weights (and
+            biases for ``"layer"``).
         rope: 1D rotary embedding over frame positions (fused into the attention kernel).
         rope_theta: RoPE base.
         causal: frame ``t`` attends to frames ``<= t``.
