@@ -341,9 +341,9 @@ inline float vsum_f32(const float* v, int64_t n, const F& f) {
 // reference gives 0). Other rows skip the pass (it cost 10-25 % of the forward when run on all).
 constexpr float kMeanDominated = 1.f / 256.f;
 
+// The caller has set mu = m; this corrects mu and var where the row is mean-dominated.
 template <typename A, typename SumDev>
 inline void correct_mean(A m, A inv_c, A& mu, A& var, const SumDev& sum_dev) {
-  mu = m;
   if (var < m * m * A(kMeanDominated)) {  // (false for a NaN / inf m)
     const A corr = sum_dev() * inv_c;
     mu = m + corr;
