@@ -1109,3 +1109,96 @@ def test_generate_video_draws_noise_on_the_generators_device():
     if torch.cuda.is_available():
         gc = torch.Generator("cuda").manual_seed(0)
         assert generate_video(m, c, c, generator=gc, **kw).shape == a.shape
+
+
+def _checkpoint_blocks(m):
+    """Each block's forward through non-reentrant activation checkpointing, as
+    ``checkpoint_wrapper`` / ``apply_activation_checkpointing`` do."""
+    import functools
+    from torch.utils.checkpoint import checkpoint
+    for b in m.blocks:
+        b.forward = functools.partial(checkpoint, b.forward, use_reentrant=False)
+
+
+def _saved_reachable(*roots):
+    """Saved tensors (``_saved_*`` of autograd nodes) reachable from ``roots``' graphs."""
+    seen, stack, n = set(), [r.grad_fn for r in roots if getattr(r, "grad_fn", None)], 0
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        for a in dir(fn):
+            if a.startswith("_saved_"):
+                try:  # freed by the backward that used them: raises
+                    n += isinstance(getattr(fn, a), torch.Tensor)
+                except RuntimeError:
+                    pass
+        stack.extend(f for f, _ in fn.next_functions)
+    return n
+
+
+@pytest.mark.parametrize("model", ["latent_dit", "video_causal_dit", "cogvideox", "image_moe_dit"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_checkpointed_blocks_recompute_with_the_models_backend(model, backend):
+    """Activation checkpointing of each block recomputes it during backward, outside the
+    model's forward and its backend scope: the recompute ran the default kernels, so with
+    backend="reference" it saved other tensors (CheckpointError) and with a named kernel backend
+    it silently mixed kernels. Blocks now enter the model's backend themselves (set later too,
+    ``model.backend = ...``): gradients equal those without checkpointing exactly. And the MoE
+    layers no longer store the recompute's losses: after backward, no graph of the recompute
+    (its expert activations) is kept alive by ``aux_loss`` / ``z_loss`` / ``last_output``."""
+    make_model, make_inputs = MODEL_CASES[model]
+    x, t, text = make_inputs()
+
+    def grads(ckpt):
+        m = make_model()
+        m.backend = backend  # set after construction: reaches the blocks too
+        assert all(b.backend == backend for b in m.blocks)
+        if ckpt:
+            _checkpoint_blocks(m)
+        out = m(x, t, text)
+        (out.square().sum() + 0.01 * m.aux_loss if hasattr(m, "aux_loss") else out.square().sum()
+         ).backward()
+        kept = [v for mod in m.modules() for k in ("aux_loss", "z_loss", "last_output")
+                for v in ([getattr(mod, k, None)] if k != "last_output" else
+                          list(getattr(getattr(mod, k, None), "_asdict", dict)().values()))]
+        return {n: p.grad for n, p in m.named_parameters()}, _saved_reachable(
+            *[v for v in kept if isinstance(v, torch.Tensor)])
+    want, kept_plain = grads(False)
+    got, kept_ckpt = grads(True)
+    for n in want:
+        assert (got[n] is None) == (want[n] is None), n
+        if want[n] is not None:
+            torch.testing.assert_close(got[n], want[n], rtol=0, atol=0, msg=n)
+    assert kept_ckpt <= kept_plain, (kept_ckpt, kept_plain)
+
+
+@pytest.mark.parametrize("model", ["latent_dit", "video_causal_dit", "cogvideox", "image_moe_dit"])
+def test_reentrant_checkpointed_blocks_give_every_gradient(model):
+    """Reentrant activation checkpointing (``use_reentrant=True``, as DeepSpeed's) tracks only
+    the tensors a block takes and returns at the top level: LatentVideoDiT / VideoCausalDiT
+    blocks returned their pending residual as a nested ``(y, gate)``, so the FFN / MoE
+    parameters got no gradient at all, silently. Blocks now take and return flat tensors: the
+    gradients equal those without checkpointing (the loss leaves out the MoE aux loss, which a
+    reentrant checkpoint cannot differentiate: it is not an output of the wrapped block)."""
+    import functools
+    from torch.utils.checkpoint import checkpoint
+    make_model, make_inputs = MODEL_CASES[model]
+    x, t, text = make_inputs()
+
+    def grads(ckpt):
+        m = make_model()
+        if ckpt:
+            for b in m.blocks:
+                b.forward = functools.partial(checkpoint, b.forward, use_reentrant=True)
+        m(x, t, text).square().sum().backward()
+        return {n: p.grad for n, p in m.named_parameters()}
+    want, got = grads(False), grads(True)
+    missing = [n for n in want if want[n] is not None and got[n] is None]
+    assert not missing, missing
+    for n in want:  # (the checkpointed forward runs under no_grad: on cpu, fp32 attention
+        if want[n] is not None:  # then takes ATen's flash forward, rounding otherwise)
+            scale = want[n].abs().max().item()
+            torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5 * max(scale, 1e-3),
+                                       msg=n)

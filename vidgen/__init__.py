@@ -5,7 +5,12 @@ Video tensors are ``[B, T, C, H, W]`` throughout. The models call only the publi
 ``nn.RoPE3DAttention``, ``nn.CausalTemporalAttention``, ``nn.MoEFFN``), never a backend directly;
 a model built with ``backend="reference"`` (or with ``model.backend = "reference"`` set later)
 runs its forward inside ``vidgen_kernels.use_backend("reference")``: the pure-PyTorch path of
-the same model and weights.
+the same model and weights. Each block of ``model.blocks`` enters that backend too, so that
+activation checkpointing of the blocks (``torch.utils.checkpoint``, ``checkpoint_wrapper``)
+recomputes them with the same kernels; blocks take and return tensors at the top level (what
+reentrant checkpointing tracks), and the MoE layers keep the forward's losses (``aux_loss``), not
+the recompute's. Under reentrant checkpointing ``aux_loss`` carries no gradient (PyTorch
+differentiates only the wrapped function's outputs): prefer ``use_reentrant=False``.
 
 Modules:
 

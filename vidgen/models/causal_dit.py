@@ -28,10 +28,10 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero, CausalTemporalAttention, RoPE3DAttention
 
-from .layers import (CopyableLossesMixin, CrossAttention, FinalLayer, PatchEmbed3D,
-                     TimestepEmbedder, backend_scope, check_config_backend, check_config_sizes,
-                     check_ffn_width, check_input_dtype, check_input_tensor, check_patch_size,
-                     check_text, keeps_losses, unpatchify)
+from .layers import (CopyableLossesMixin, CrossAttention, FinalLayer, ModelBackend, PatchEmbed3D,
+                     TimestepEmbedder, backend_scope, block_forward, check_config_backend,
+                     check_config_sizes, check_ffn_width, check_input_dtype, check_input_tensor,
+                     check_patch_size, check_text, keeps_losses, unpatchify)
 from .moe import make_moe
 
 __all__ = ["VideoCausalDiTConfig", "VideoCausalDiT"]
@@ -55,6 +55,8 @@ class VideoCausalDiTConfig:
 
 
 class VideoCausalDiTBlock(nn.Module):
+    backend: Optional[str] = None  # the model's (ModelBackend), entered by forward
+
     def __init__(self, D: int, num_heads: int, text_dim: int, mlp_ratio: float, num_experts: int, top_k: int):
         super().__init__()
         self.adaln1 = AdaLNZero(D)  # msa slot: spatial attention; mlp slot: temporal attention
@@ -65,16 +67,19 @@ class VideoCausalDiTBlock(nn.Module):
         self.moe = make_moe(D, int(D * mlp_ratio / 2), num_experts, top_k, shared_expert=False,
                             context_router=True)
 
-    def forward(self, x, c, text, T, S, rope2d, residual=None):
-        """``x`` ``[B, T*S, D]``; ``residual = (y, gate)``: the previous block's pending
-        ``x + gate * y``. Returns ``(x, (y, gate))``: this block's last residual is left pending
-        too, for the next norm (the next block's or the final layer's) to fuse."""
+    @block_forward
+    def forward(self, x, c, text, T, S, rope2d, y=None, gate=None):
+        """``x`` ``[B, T*S, D]``; ``y``, ``gate``: the previous block's pending ``x + gate * y``.
+        Returns ``(x, y, gate)``: this block's last residual is left pending too, for the next
+        norm (the next block's or the final layer's) to fuse. Tensors in and out at the top
+        level, none in a nested tuple: reentrant activation checkpointing (``use_reentrant=True``,
+        DeepSpeed's) tracks only those, and dropped the gradients of a nested ``(y, gate)``."""
         B, N, D = x.shape
         p1 = self.adaln1(c)                                    # per-frame [B, T, D] parameters
-        if residual is None:
+        if y is None:
             h = self.adaln1.modulate_msa(x, p1)
         else:
-            x, h = self.adaln1.residual_msa(x, *residual, p1)
+            x, h = self.adaln1.residual_msa(x, y, gate, p1)
         a = self.spatial_attn(h.view(B * T, S, D), *rope2d).view(B, N, D)
         x, h = self.adaln1.residual_mlp(x, a, p1)
         p2 = self.adaln2(c)
@@ -84,10 +89,10 @@ class VideoCausalDiTBlock(nn.Module):
         h4 = h.view(B, T, S, D)
         ctx = h4.mean(dim=2, keepdim=True)   # [B, T, 1, D]: the frame's mean token (causal), broadcast
         y = self.moe(h4, ctx).reshape(B, N, D)
-        return x, (y, p2.gate_mlp)
+        return x, y, p2.gate_mlp
 
 
-class VideoCausalDiT(CopyableLossesMixin, nn.Module):
+class VideoCausalDiT(ModelBackend, CopyableLossesMixin, nn.Module):
     """``forward(x [B, T, C, H, W], t [B] or [B, T] in [0, 1], text [B, L, text_dim])`` ->
     velocity ``[B, T, C, H, W]``; H, W divisible by the patch, 1 <= T <= ``max_frames``."""
 
@@ -108,7 +113,7 @@ class VideoCausalDiT(CopyableLossesMixin, nn.Module):
             raise ValueError(f"hidden_size / num_heads must be a multiple of 4 (2D RoPE over h and w), got "
                              f"hidden_size={config.hidden_size}, num_heads={config.num_heads}")
         check_config_backend(config)
-        self.config, self.backend = config, config.backend
+        self.config = config
         D = config.hidden_size
         self.head_dim = D // config.num_heads
         self.x_embedder = PatchEmbed3D(config.patch_size, config.in_channels, D)
@@ -117,6 +122,7 @@ class VideoCausalDiT(CopyableLossesMixin, nn.Module):
         self.blocks = nn.ModuleList([VideoCausalDiTBlock(D, config.num_heads, config.text_dim, config.mlp_ratio,
                                                          config.num_experts, config.top_k)
                                      for _ in range(config.depth)])
+        self.backend = config.backend  # (ModelBackend: on the blocks too)
         self.final_layer = FinalLayer(D, config.patch_size[1] * config.patch_size[2] * config.in_channels)
         self.aux_loss = torch.zeros(())
 
@@ -139,10 +145,11 @@ class VideoCausalDiT(CopyableLossesMixin, nn.Module):
             c = self.t_embedder(t) + self.text_pool(text.mean(1))[:, None]       # [B, T, D]
             cos, sin = vk.rope3d_freqs(1, h, w, self.head_dim, axes_dims=(0, self.head_dim // 2, self.head_dim // 2),
                                        device=x.device)
-            residual = None
+            y = gate = None  # the pending residual x + gate * y
             for block in self.blocks:
-                tokens, residual = block(tokens, c, text, T, h * w, (cos, sin), residual)
+                tokens, y, gate = block(tokens, c, text, T, h * w, (cos, sin), y, gate)
             if keeps_losses():
                 self.aux_loss = sum(block.moe.aux_loss for block in self.blocks)
-            out = self.final_layer(tokens, c, residual)   # per-frame shift/scale: [B, T, D] rows
+            # per-frame shift / scale: [B, T, D] rows
+            out = self.final_layer(tokens, c, None if y is None else (y, gate))
         return unpatchify(out, (T, h, w), self.config.patch_size, self.config.in_channels)

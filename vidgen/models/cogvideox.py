@@ -28,10 +28,10 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import LayerNormZero, RoPE3DAttention
 
-from .layers import (CopyableLossesMixin, PatchEmbed3D, TimestepEmbedder, backend_scope,
-                     check_config_backend, check_config_sizes, check_ffn_width, check_input_dtype,
-                     check_input_tensor, check_patch_size, check_text, check_timesteps,
-                     keeps_losses, unpatchify)
+from .layers import (CopyableLossesMixin, ModelBackend, PatchEmbed3D, TimestepEmbedder,
+                     backend_scope, block_forward, check_config_backend, check_config_sizes,
+                     check_ffn_width, check_input_dtype, check_input_tensor, check_patch_size,
+                     check_text, check_timesteps, keeps_losses, unpatchify)
 
 __all__ = ["CogVideoXConfig", "CogVideoXTransformer", "cogvideox_2b", "cogvideox_5b", "param_count",
            "recommended_defaults"]
@@ -167,6 +167,8 @@ class ModalityExpertFFN(CopyableLossesMixin, nn.Module):
 
 
 class CogVideoXBlock(nn.Module):
+    backend: Optional[str] = None  # the model's (ModelBackend), entered by forward
+
     def __init__(self, c: CogVideoXConfig):
         super().__init__()
         D = c.hidden_size
@@ -175,6 +177,7 @@ class CogVideoXBlock(nn.Module):
         self.norm2 = LayerNormZero(c.time_embed_dim, D, eps=NORM_EPS)
         self.ff = ModalityExpertFFN(D, _ffn_dim(c), c.num_text_experts, c.num_video_experts)
 
+    @block_forward
     def forward(self, hidden: Tensor, enc: Tensor, temb: Tensor, rope) -> tuple[Tensor, Tensor]:
         L = enc.shape[1]
         nh, ne, gate, egate = self.norm1(hidden, enc, temb)
@@ -186,7 +189,7 @@ class CogVideoXBlock(nn.Module):
         return hidden + gate * ff[:, L:], enc + egate * ff[:, :L]
 
 
-class CogVideoXTransformer(CopyableLossesMixin, nn.Module):
+class CogVideoXTransformer(ModelBackend, CopyableLossesMixin, nn.Module):
     """``forward(x [B, T, C, H, W], t [B] in [0, 1], text [B, L, text_hidden_size])`` ->
     ``[B, T, C_out, H, W]``.
 
@@ -199,13 +202,14 @@ class CogVideoXTransformer(CopyableLossesMixin, nn.Module):
     def __init__(self, config: Optional[CogVideoXConfig] = None, **kwargs):
         super().__init__()
         c = _checked_config(config, **kwargs)
-        self.config, self.backend = c, c.backend
+        self.config = c
         D = c.hidden_size
         self.head_dim = D // c.num_heads
         self.patch_embed = PatchEmbed3D(c.patch_size, c.in_channels, D)
         self.text_proj = nn.Linear(c.text_hidden_size, D)
         self.time_embedding = TimestepEmbedder(c.time_embed_dim, FREQ_DIM)
         self.blocks = nn.ModuleList([CogVideoXBlock(c) for _ in range(c.num_layers)])
+        self.backend = c.backend  # (ModelBackend: on the blocks too)
         self.norm_final = nn.LayerNorm(D, eps=NORM_EPS)
         self.norm_out_linear = nn.Linear(c.time_embed_dim, 2 * D)
         self.norm_out = nn.LayerNorm(D, eps=NORM_EPS)

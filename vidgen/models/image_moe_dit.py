@@ -46,10 +46,11 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero
 
-from .layers import (CopyableLossesMixin, CrossAttention, FinalLayer, GEGLU, PatchEmbed3D,
-                     TimestepEmbedder, backend_scope, check_config_backend, check_config_sizes,
-                     check_input_dtype, check_input_tensor, check_text, check_timesteps, dit_init_,
-                     keeps_losses, unpatchify)
+from .layers import (CopyableLossesMixin, CrossAttention, FinalLayer, GEGLU, ModelBackend,
+                     PatchEmbed3D, TimestepEmbedder, backend_scope, block_forward,
+                     check_config_backend, check_config_sizes, check_input_dtype,
+                     check_input_tensor, check_text, check_timesteps, dit_init_, keeps_losses,
+                     unpatchify)
 from .moe import make_moe
 
 __all__ = ["ImageMoEDiTConfig", "ImageMoEDiT"]
@@ -112,6 +113,8 @@ class ImageMoEDiTBlock(nn.Module):
     """AdaLN -> dual-stream attention -> AdaLN -> cross-attention -> AdaLN -> MoE FFN (image
     stream); AdaLN -> dual-stream attention -> AdaLN -> GEGLU (text stream, unless ``last``)."""
 
+    backend: Optional[str] = None  # the model's (ModelBackend), entered by forward
+
     def __init__(self, D: int, num_heads: int, text_dim: int, mlp_ratio: float, num_experts: int,
                  top_k: int, shared_expert: bool, last: bool = False):
         super().__init__()
@@ -134,6 +137,7 @@ class ImageMoEDiTBlock(nn.Module):
         intermediate = max(1, int(D * mlp_ratio) // (top_k + int(shared_expert)))
         self.moe = make_moe(D, intermediate, num_experts, top_k, shared_expert)
 
+    @block_forward
     def forward(self, x: Tensor, txt: Tensor, c: Tensor, text: Tensor,
                 rope2d: tuple[Tensor, Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         p = self.adaln_img(c)
@@ -157,7 +161,7 @@ class ImageMoEDiTBlock(nn.Module):
         return x, self.adaln_txt.residual_out(txt, self.txt_ffn(ht), pt)
 
 
-class ImageMoEDiT(CopyableLossesMixin, nn.Module):
+class ImageMoEDiT(ModelBackend, CopyableLossesMixin, nn.Module):
     """Image MoE DiT predicting the flow-matching velocity.
 
     ``forward(x [B, C, H, W], t [B] in [0, 1] (or a scalar), text [B or 1, L, text_dim])`` ->
@@ -184,7 +188,6 @@ class ImageMoEDiT(CopyableLossesMixin, nn.Module):
             raise ValueError(f"top_k must be in [1, num_experts={config.num_experts}], got {config.top_k}")
         self.config = config
         check_config_backend(config)
-        self.backend = config.backend
         D = config.hidden_size
         self.head_dim = D // config.num_heads
         if self.head_dim % 4:
@@ -197,6 +200,7 @@ class ImageMoEDiT(CopyableLossesMixin, nn.Module):
             ImageMoEDiTBlock(D, config.num_heads, config.text_dim, config.mlp_ratio, config.num_experts,
                              config.top_k, config.shared_expert, last=(i == config.depth - 1))
             for i in range(config.depth)])
+        self.backend = config.backend  # (ModelBackend: on the blocks too)
         self.final_layer = FinalLayer(D, p * p * config.out_channels)
         self._aux_loss: Tensor = torch.zeros(())
         self.initialize_weights()

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 import vidgen_kernels as vk
 from vidgen_kernels.nn import AdaLNZero, CausalTemporalAttention, RoPE3DAttention
 
-from .layers import (CrossAttention, FinalLayer, GEGLU, PatchEmbed3D, TimestepEmbedder,
-                     backend_scope, check_config_backend, check_config_sizes, check_input_dtype,
-                     check_input_tensor, check_patch_size, check_text, check_timesteps, dit_init_,
-                     sincos_pos_embed_3d, unpatchify)
+from .layers import (CrossAttention, FinalLayer, GEGLU, ModelBackend, PatchEmbed3D,
+                     TimestepEmbedder, backend_scope, block_forward, check_config_backend,
+                     check_config_sizes, check_input_dtype, check_input_tensor, check_patch_size,
+                     check_text, check_timesteps, dit_init_, sincos_pos_embed_3d, unpatchify)
 
 __all__ = ["LatentVideoDiTConfig", "LatentVideoDiT", "LatentVideoDiT_S", "LatentVideoDiT_M",
            "LatentVideoDiT_L", "LatentVideoDiT_XL", "LATENT_VIDEO_DIT_PRESETS"]
@@ -57,6 +57,8 @@ LATENT_VIDEO_DIT_PRESETS = {"S": (512, 8, 8), "M": (768, 12, 12), "L": (1024, 24
 
 
 class LatentVideoDiTBlock(nn.Module):
+    backend: Optional[str] = None  # the model's (ModelBackend), entered by forward
+
     def __init__(self, hidden_size: int, num_heads: int, text_dim: int, mlp_ratio: float = 4.0,
                  causal_temporal: bool = True, rope_theta: float = 10000.0):
         super().__init__()
@@ -68,18 +70,22 @@ class LatentVideoDiTBlock(nn.Module):
         self.cross_attn = CrossAttention(hidden_size, num_heads, text_dim)
         self.ffn = GEGLU(hidden_size, mlp_ratio)
 
+    @block_forward
     def forward(self, x: Tensor, c: Tensor, text: Tensor, grid: tuple[int, int, int],
-                rope2d: tuple[Tensor, Tensor], residual=None):
-        """``x`` ``[B, N, D]``; ``residual = (y, gate)``: the previous block's pending
-        ``x + gate * y``. Returns ``(x, (y, gate))``, this block's last residual left pending for
-        the next norm to fuse (``gated_residual_adaln``)."""
+                rope2d: tuple[Tensor, Tensor], y: Optional[Tensor] = None,
+                gate: Optional[Tensor] = None):
+        """``x`` ``[B, N, D]``; ``y``, ``gate``: the previous block's pending ``x + gate * y``.
+        Returns ``(x, y, gate)``, this block's last residual left pending for the next norm to
+        fuse (``gated_residual_adaln``). Tensors in and out at the top level, none in a nested
+        tuple: reentrant activation checkpointing (``use_reentrant=True``, DeepSpeed's) tracks
+        only those, and dropped the gradients of a nested ``(y, gate)``."""
         B, N, D = x.shape
         T, S = grid[0], grid[1] * grid[2]
         p1 = self.adaln1(c)
-        if residual is None:
+        if y is None:
             h = self.adaln1.modulate_msa(x, p1)
         else:
-            x, h = self.adaln1.residual_msa(x, *residual, p1)
+            x, h = self.adaln1.residual_msa(x, y, gate, p1)
         # spatial attention: every frame is a sequence of S tokens
         a = self.spatial_attn(h.view(B * T, S, D), *rope2d).view(B, N, D)
         x, h = self.adaln1.residual_mlp(x, a, p1)       # x += gate * a; h = modulate(norm(x))
@@ -87,10 +93,10 @@ class LatentVideoDiTBlock(nn.Module):
         x, h = self.adaln2.residual_msa(x, self.temporal_attn(h, T, S), p1.gate_mlp, p2)
         a = self.cross_attn(h, text)
         x, h = self.adaln2.residual_mlp(x, a, p2)
-        return x, (self.ffn(h), p2.gate_mlp)
+        return x, self.ffn(h), p2.gate_mlp
 
 
-class LatentVideoDiT(nn.Module):
+class LatentVideoDiT(ModelBackend, nn.Module):
     """Latent video DiT predicting the flow-matching velocity.
 
     ``forward(x [B, T, C, H, W], t [B] in [0, 1], text [B, L, text_dim]) -> [B, T, C_out, H, W]``.
@@ -110,7 +116,6 @@ class LatentVideoDiT(nn.Module):
                              f"{config.hidden_size}, num_heads={config.num_heads}")
         self.config = config
         check_config_backend(config)
-        self.backend = config.backend
         D = config.hidden_size
         self.head_dim = D // config.num_heads
         if self.head_dim % 4:
@@ -128,6 +133,7 @@ class LatentVideoDiT(nn.Module):
             LatentVideoDiTBlock(D, config.num_heads, config.text_dim, config.mlp_ratio,
                                 config.causal_temporal, config.rope_theta)
             for _ in range(config.depth)])
+        self.backend = config.backend  # (ModelBackend: on the blocks too)
         pt, ph, pw = config.patch_size
         self.final_layer = FinalLayer(D, pt * ph * pw * config.out_channels)
         self.initialize_weights()
@@ -152,10 +158,10 @@ class LatentVideoDiT(nn.Module):
             cos, sin = vk.rope3d_freqs(1, grid[1], grid[2], self.head_dim,
                                        axes_dims=(0, self.head_dim // 2, self.head_dim // 2),
                                        theta=self.config.rope_theta, device=x.device)
-            residual = None
+            y = gate = None  # the pending residual x + gate * y
             for block in self.blocks:
-                h, residual = block(h, c, text, grid, (cos, sin), residual)
-            h = self.final_layer(h, c, residual)
+                h, y, gate = block(h, c, text, grid, (cos, sin), y, gate)
+            h = self.final_layer(h, c, None if y is None else (y, gate))
         return unpatchify(h, grid, self.config.patch_size, self.config.out_channels)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import operator
 from typing import Optional
@@ -26,11 +27,48 @@ def backend_scope(backend: Optional[str]):
     return vk.use_backend(backend) if backend is not None else contextlib.nullcontext()
 
 
+class ModelBackend:
+    """``model.backend``: the kernel backend of a model's forward (``None``: the package
+    default). Setting it sets it on each block of ``model.blocks`` too, whose forward
+    (:func:`block_forward`) enters it itself. Put it before ``nn.Module`` in the bases."""
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self.__dict__.get("_backend")
+
+    @backend.setter
+    def backend(self, value: Optional[str]):
+        self.__dict__["_backend"] = value
+        for block in self.__dict__.get("_modules", {}).get("blocks", ()):
+            block.backend = value
+
+
+def block_forward(forward):
+    """Decorator of a model block's ``forward``: runs it under the block's ``backend`` (the
+    model's, see :class:`ModelBackend`). Activation checkpointing recomputes a block during
+    backward, outside the model's forward and its backend scope: the recompute then ran the
+    default kernels (with ``backend="reference"`` it saved other tensors than the forward had:
+    ``CheckpointError``)."""
+    @functools.wraps(forward)
+    def wrapped(self, *args, **kwargs):
+        with backend_scope(self.backend):
+            return forward(self, *args, **kwargs)
+    return wrapped
+
+
+def in_recompute() -> bool:
+    """Whether this eager forward runs inside a backward pass: an activation-checkpoint
+    recompute (non-reentrant or reentrant) of a forward that has already run."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def keeps_losses() -> bool:
     """Whether a forward stores its losses as attributes (``aux_loss``): not while
     ``torch.export`` traces it (the exported program returns the output only; what export traces
-    runs on fake tensors, which it takes back out of attributes afterwards, with a warning)."""
-    return not torch.compiler.is_exporting()
+    runs on fake tensors, which it takes back out of attributes afterwards, with a warning), and
+    not in an activation-checkpoint recompute (the forward stored them; the recompute's copies
+    would keep its autograd graph, activations included, alive until the next forward)."""
+    return not torch.compiler.is_exporting() and not in_recompute()
 
 
 class CopyableLossesMixin:

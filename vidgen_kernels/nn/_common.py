@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from ..ops._checks import NORMS, autocast_dtype
@@ -53,3 +54,9 @@ def check_param_dtype(owner: str, x: Tensor, param: Tensor, name: str = "x") -> 
         raise TypeError(f"{owner}: {name} has dtype {x.dtype} but the module's parameters are "
                         f"{param.dtype}: pass {name}.to({param.dtype}) or run the module under "
                         f"torch.autocast")
+
+
+def in_recompute() -> bool:
+    """Whether this eager forward runs inside a backward pass: an activation-checkpoint
+    recompute of a forward that has already run (whose attributes it must not overwrite)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1

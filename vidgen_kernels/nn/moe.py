@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..ops._checks import check_backend_arg, check_flags, check_sizes
 from ..ops.moe import ACTIVATIONS, GATED, _act_module_fn, moe_ffn
-from ._common import check_param_dtype
+from ._common import check_param_dtype, in_recompute
 from ._init import ZeroLinear
 
 __all__ = ["MoEFFN"]
@@ -169,9 +169,12 @@ class MoEFFN(nn.Module):
         out = res.out
         if self.shared_fc1 is not None:
             out = out + self.shared_fc2(self._act(self.shared_fc1(x)))
-        if not torch.compiler.is_exporting():
+        if not torch.compiler.is_exporting() and not in_recompute():
             # an exported program returns the output only: what torch.export traces is run on
-            # fake tensors, which it takes back out of attributes afterwards, with a warning
+            # fake tensors, which it takes back out of attributes afterwards, with a warning; an
+            # activation-checkpoint recompute (during backward) would replace the forward's
+            # results with its own, whose autograd graph (the expert activations) nothing
+            # backpropagates and which stayed alive until the next forward
             self.aux_loss, self.z_loss, self.tokens_per_expert = (res.aux_loss, res.z_loss,
                                                                   res.tokens_per_expert)
             self.last_output = res
