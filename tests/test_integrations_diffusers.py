@@ -460,6 +460,11 @@ def test_unsupported_model_type_warns():
     with pytest.warns(UserWarning, match="Linear.*only CogVideoXTransformer3DModel"):
         m = vkd.apply(torch.nn.Linear(2, 2))
     assert not vkd.is_patched(m)
+    # not a module at all: a TypeError, with or without a backend (with one it raised
+    # AttributeError: 'str' object has no attribute 'parameters')
+    for kw in ({}, {"backend": "cpu"}):
+        with pytest.raises(TypeError, match="apply: model must be a diffusers .* got str"):
+            vkd.apply("notamodel", **kw)
 
 
 def test_core_package_does_not_import_diffusers():

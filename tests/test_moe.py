@@ -804,6 +804,13 @@ def test_meta_tensors(routing, activation):
             assert v.grad is not None and v.grad.shape == v.shape, k
     m = vk.nn.MoEFFN(16, 32, 4, device="meta")
     assert m(torch.randn(2, 5, 16, device="meta")).shape == (2, 5, 16)
+    # the reference, named or in force, and moe_ffn_reference itself (they raised the .item()
+    # error: a meta-initialised MoEFFN under use_backend("reference") could not run)
+    dd = {k: (v.detach() if v is not None else None) for k, v in d.items()}
+    for res in (vk.moe_ffn(**dd, **kw, backend="reference"), vk.moe_ffn_reference(**dd, **kw)):
+        assert res.out.shape == (10, 16) and res.out.is_meta and res.aux_loss.shape == ()
+    with vk.use_backend("reference"):
+        assert m(torch.randn(2, 5, 16, device="meta")).shape == (2, 5, 16)
 
 # ----------------------------------------------------------------------------------------------
 # custom ops: opcheck, torch.compile

@@ -373,3 +373,31 @@ def test_reset_parameters_after_meta_init():
     m = meta_init(lambda d: LayerNormZero(8, 16, device=d))
     assert all(torch.isfinite(p).all() for p in m.parameters())
     assert m.linear.weight.std() > 0 and (m.norm.weight == 1).all()
+
+
+def test_conditioning_inputs_are_checked():
+    """AdaLNZero's ``c`` and LayerNormZero's ``temb`` are checked before the modulation Linear:
+    a wrong width, an integer tensor, another dtype than the module's or a non-tensor gave
+    torch's "mat1 and mat2 shapes cannot be multiplied", '"silu_cpu" not implemented for
+    'Long'' or "mat1 and mat2 must have the same dtype", naming neither input nor module."""
+    from vidgen_kernels.nn import AdaLNZero, LayerNormZero
+    ada = AdaLNZero(16, cond_dim=12)
+    lnz = LayerNormZero(8, 16)
+    h, e = torch.randn(2, 4, 16), torch.randn(2, 2, 16)
+    for call, name, width in ((ada, "c", 12), (lambda t: lnz(h, e, t), "temb", 8)):
+        owner = "AdaLNZero" if call is ada else "LayerNormZero"
+        with pytest.raises(ValueError, match=rf"{owner}: {name} must be \[\.\.\., {width}\] .* got "
+                                             rf"shape \(2, 17\)"):
+            call(torch.randn(2, 17))
+        with pytest.raises(TypeError, match=rf"{owner}: {name} must be a floating tensor, got "
+                                            rf"dtype torch.int64"):
+            call(torch.ones(2, width, dtype=torch.long))
+        with pytest.raises(TypeError, match=rf"{owner}: {name} has dtype torch.float64 but the "
+                                            rf"module's parameters are torch.float32"):
+            call(torch.randn(2, width, dtype=torch.float64))
+        with pytest.raises(TypeError, match=rf"{owner}: {name} must be a torch.Tensor, got list"):
+            call([0.0] * width)
+        call(torch.randn(2, width))  # the right input runs
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes are autocast's
+            call(torch.randn(2, width, dtype=torch.bfloat16))
+    assert len(ada(torch.randn(3, 5, 12))) == 6  # per-frame [B, F, cond_dim] too

@@ -325,6 +325,15 @@ def test_cache_append_checks_v():
             cache.append(kk, vv)
         assert cache.num_frames == 2 and torch.equal(cache.v, k + 1)
     assert cache.append(k, k + 2)[1].shape == (1, 4, 3, 2, 16)
+    # a cache built with frames is checked the same way (a list raised AttributeError, a lone
+    # k a TypeError from torch.cat, at the layer's first call)
+    for kk, vv, match in ((k, k[:, :1], "k and v must have one shape"),
+                          ([1.0], [1.0], r"k must be a \[B, T_new, S, H, D\] tensor, got list"),
+                          (k, None, r"v must be a \[B, T_new, S, H, D\] tensor, got NoneType"),
+                          (None, k, r"k must be a \[B, T_new, S, H, D\] tensor, got NoneType")):
+        with pytest.raises(ValueError, match=match):
+            TemporalKVCache(kk, vv)
+    assert TemporalKVCache(k, k + 1).num_frames == 2 and TemporalKVCache().num_frames == 0
 
 
 def test_failed_call_leaves_the_cache_unchanged():

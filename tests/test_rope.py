@@ -178,6 +178,12 @@ def test_rope3d_freqs_bad_device():
         vk.rope3d_freqs(2, 2, 2, 64, device=3.5)
     with pytest.raises(ValueError, match="rope3d_freqs: device must be .* got 'cuda:x'"):
         vk.rope3d_freqs(2, 2, 2, 64, device="cuda:x")
+    # a CUDA device this torch cannot reach (torch's AssertionError "Torch not compiled with
+    # CUDA enabled" on a CPU build), or an index past the machine's devices
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for dev in (["cuda", "cuda:0", 0] if n == 0 else []) + [f"cuda:{n + 6}"]:
+        with pytest.raises(ValueError, match="rope3d_freqs: device .*(no CUDA GPU|CUDA device)"):
+            vk.rope3d_freqs(2, 2, 2, 64, device=dev)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -792,6 +792,40 @@ def test_cpu_inference_keeps_nonfinite_rows(where, val):
             torch.testing.assert_close(out.nan_to_num(), want.nan_to_num(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("where,val", [("q", float("nan")), ("k", -float("inf"))])
+@pytest.mark.parametrize("frame_causal", [False, True])
+def test_sdpa_path_keeps_nonfinite_rows(where, val, frame_causal, dtype):
+    """rope3d_attention_sdpa (and auto's no-kernel path, which runs it: a head_dim over the
+    kernels' limit, a CPU without the extension) gave zeros where the reference gives NaN for a
+    NaN / inf in q or k (ATen's CPU flash kernels zero such a row, hiding an overflow). It now
+    gives the reference's NaN pattern, with and without grad."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 11, 2, 16, generator=g).to(dtype) for _ in range(3))
+    dict(q=q, k=k)[where][1, 7, 1, 3] = val
+    cos, sin = vk.rope3d_freqs(3, 1, 2, 16)
+    kw = dict(rope_offset=5, frame_causal=frame_causal, tokens_per_frame=2 if frame_causal else None)
+    want = vk.rope3d_attention_reference(q, k, v, cos, sin, **kw)
+    assert want.isnan().any() and not want.isnan().all()
+    got = vk.rope3d_attention_sdpa(q, k, v, cos, sin, **kw)
+    assert torch.equal(got.isnan(), want.isnan())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), **tol)
+    # auto's no-kernel path (as on a CPU without the extension)
+    with vk.use_backend("auto"):
+        import vidgen_kernels.ops.rope3d_attention as ra
+        lim = ra.MAX_D
+        ra.MAX_D = {"cpu": 8, "triton": 8}
+        try:
+            fb = vk.rope3d_attention(q, k, v, cos, sin, **kw)
+        finally:
+            ra.MAX_D = lim
+    assert torch.equal(fb.isnan(), want.isnan())
+    # a training forward (through the twice-differentiable SDPA Function before) too
+    out = vk.rope3d_attention_sdpa(q.clone().requires_grad_(), k, v, cos, sin, **kw)
+    assert torch.equal(out.isnan(), want.isnan())
+
+
 @pytest.mark.parametrize("backend,device,dtype", kernel_params((torch.float32,), oracle=False))
 def test_frame_causal_broadcast_kv(backend, device, dtype):
     """k / v broadcast with stride 0 (one head expanded to H, as grouped-query attention does it,

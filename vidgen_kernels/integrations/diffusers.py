@@ -604,6 +604,10 @@ def apply(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
     import diffusers  # noqa: F401  (lazy: the core package never imports diffusers)
     from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"vidgen_kernels.integrations.diffusers.apply: model must be a diffusers "
+                        f"CogVideoXTransformer3DModel or WanTransformer3DModel, got "
+                        f"{type(model).__name__}")
     if backend is not None:  # a typo failed only at the first forward, naming a kernel
         check_backend_arg("vidgen_kernels.integrations.diffusers.apply", backend)
         # a backend with no attention kernel (cuda) raised at every patched attention call

@@ -1,4 +1,4 @@
-"""Pieces shared by the attention modules."""
+"""Pieces shared by the modules."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from ..ops._checks import NORMS, autocast_dtype
-from .adaln import HeadNorm
 
 
 def check_qk_norm(owner: str, kind) -> Optional[str]:
@@ -22,6 +21,7 @@ def qk_norms(kind: Optional[str], head_dim: int, eps: float, owner: str,
     """``(norm_q, norm_k)``: per-head ``LayerNorm``/``RMSNorm`` over ``head_dim`` (as CogVideoX /
     Wan normalise q and k) as :class:`~vidgen_kernels.nn.HeadNorm`, or ``(None, None)`` for
     ``kind=None``."""
+    from .adaln import HeadNorm  # (here: adaln imports this module's checks)
     if check_qk_norm(owner, kind) is None:
         return None, None
     return (HeadNorm(head_dim, kind, eps, backend=backend, **factory),
@@ -60,3 +60,18 @@ def in_recompute() -> bool:
     """Whether this eager forward runs inside a backward pass: an activation-checkpoint
     recompute of a forward that has already run (whose attributes it must not overwrite)."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def check_cond(owner: str, c, dim: int, name: str, param: Tensor) -> None:
+    """A conditioning input ``name`` (``[..., dim]``, e.g. AdaLN's ``c`` / ``temb``) before the
+    modulation Linear runs (torch's ``mat1 and mat2 shapes cannot be multiplied`` or ``"silu_cpu"
+    not implemented for 'Long'`` named neither the input nor the module): a floating tensor
+    (TypeError) whose last dim is ``dim`` (ValueError), of the module's parameter dtype."""
+    if not isinstance(c, Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(c).__name__}")
+    if not c.is_floating_point():
+        raise TypeError(f"{owner}: {name} must be a floating tensor, got dtype {c.dtype}")
+    if c.dim() < 1 or c.shape[-1] != dim:
+        raise ValueError(f"{owner}: {name} must be [..., {dim}] (its last dim the module's "
+                         f"conditioning width {dim}), got shape {tuple(c.shape)}")
+    check_param_dtype(owner, c, param, name)

@@ -19,6 +19,7 @@ from ..backends import current_backend
 from ..ops._checks import (autocast_dtype, check_backend_arg, check_eps, check_flags,
                            check_norm_kind, check_sizes)
 from ..ops.adaln import adaln_modulate, gated_residual_adaln
+from ._common import check_cond
 from ._init import ZeroLinear
 
 
@@ -89,6 +90,7 @@ class AdaLNZero(nn.Module):
 
     def forward(self, c: Tensor) -> AdaLNParams:
         """``c`` ``[B, cond_dim]`` or ``[B, F, cond_dim]`` -> the six ``[B, (F,) dim]`` views."""
+        check_cond("AdaLNZero", c, self.linear.in_features, "c", self.linear.weight)
         return AdaLNParams(*self.linear(self.act(c)).chunk(6, dim=-1))
 
     def _kw(self):
@@ -188,6 +190,7 @@ class LayerNormZero(nn.Module):
                 "norm": self.norm_type}
 
     def _chunks(self, temb: Tensor):
+        check_cond("LayerNormZero", temb, self.linear.in_features, "temb", self.linear.weight)
         return self.linear(self.silu(temb)).chunk(6, dim=-1)
 
     def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor):

@@ -69,6 +69,24 @@ class TemporalKVCache:
     MAX_OFFSETS = 4096  # calls remembered (a recompute of an older one raises)
     AMBIGUOUS = -1
 
+    def __post_init__(self):
+        """A cache built with frames (``TemporalKVCache(k=..., v=...)``) is checked as appended
+        frames are (a list or a lone ``k`` raised AttributeError / TypeError at the first call)."""
+        if self.k is not None or self.v is not None:
+            self._check_pair(self.k, self.v)
+
+    @staticmethod
+    def _check_pair(k, v) -> None:
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, Tensor) or t.dim() != 5:
+                got = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"TemporalKVCache: {name} must be a [B, T_new, S, H, D] tensor, "
+                                 f"got {got}")
+        if v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
+            raise ValueError(f"TemporalKVCache: k and v must have one shape, dtype and device, got "
+                             f"k {tuple(k.shape)} ({k.dtype}, {k.device}) and v "
+                             f"{tuple(v.shape)} ({v.dtype}, {v.device})")
+
     @property
     def num_frames(self) -> int:
         return 0 if self.k is None else self.k.shape[1]
@@ -82,15 +100,7 @@ class TemporalKVCache:
         """The cached sequence with ``[B, T_new, S, H, D]`` keys/values appended, checked but
         not stored: the layer stores it only after its attention has run, so a call that raises
         (an unsupported dtype, a size limit, out of memory) leaves the cache as it was."""
-        for name, t in (("k", k), ("v", v)):
-            if not isinstance(t, Tensor) or t.dim() != 5:
-                got = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"TemporalKVCache: {name} must be a [B, T_new, S, H, D] tensor, "
-                                 f"got {got}")
-        if v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
-            raise ValueError(f"TemporalKVCache: k and v must have one shape, dtype and device, got "
-                             f"k {tuple(k.shape)} ({k.dtype}, {k.device}) and v "
-                             f"{tuple(v.shape)} ({v.dtype}, {v.device})")
+        self._check_pair(k, v)
         if self.k is None:
             return k, v
         want = (self.k.shape[0],) + tuple(self.k.shape[2:])

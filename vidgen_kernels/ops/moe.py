@@ -361,6 +361,11 @@ def moe_ffn_reference(x, router_logits, w1, w2, *, top_k=2, activation="gelu", b
                                expert_index, normalize_weights, op)
     if N == 0:
         return _empty_batch(x, router_logits, w1, w2, b1, b2, E)
+    if x.is_meta:  # shapes only: the loop needs values (mask.any()), the custom ops' fakes not
+        out, aux, zl, counts = moe_pipeline(x.reshape(N, C), router_logits, w1, w2, b1, b2, top_k,
+                                            activation, normalize_weights, expert_index, "cpu",
+                                            forward_ad=False)
+        return MoEOutput(out.reshape(x.shape), aux, zl, counts)
     xf = x.reshape(N, C)
     if expert_index is not None:
         k = 1
@@ -1194,9 +1199,10 @@ def moe_ffn(x: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Tensor, 
                    (x, router_logits, w1, w2, b1, b2), forward_ad=True, needs=BACKEND_NEEDS)
     if N == 0:  # (after resolve: a backend that cannot run here is refused for any N)
         return _empty_batch(x, router_logits, w1, w2, b1, b2, E)
-    if name == "reference" and x.is_meta and (backend or current_backend()) == "auto":
-        # shapes only (model init / shape inference on the meta device): the reference loop
-        # needs the routing's values; the custom ops' fake implementations do not
+    if name == "reference" and x.is_meta:
+        # shapes only (model init / shape inference on the meta device), whichever backend was
+        # asked for: the reference loop needs the routing's values; the custom ops' fake
+        # implementations do not
         name = "cpu"
     if name == "reference":
         return moe_ffn_reference(x, router_logits, w1, w2, top_k=top_k, activation=activation,

@@ -191,14 +191,22 @@ def _canon_device(device) -> torch.device:
     if device is None:
         device = torch.device("cpu")
     else:
-        try:
-            device = torch.device(device)
+        try:  # (an int is a CUDA index, as for torch's factories)
+            device = torch.device("cuda", device) if isinstance(device, int) and \
+                not isinstance(device, bool) else torch.device(device)
         except (TypeError, RuntimeError) as e:  # torch's message names no argument
             raise (TypeError if isinstance(e, TypeError) else ValueError)(
                 f"rope3d_freqs: device must be a torch.device, a device string such as "
                 f"'cuda:0', or a CUDA index, got {device!r}") from None
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        if not torch.cuda.is_available():  # (torch raised AssertionError / RuntimeError)
+            raise ValueError(f"rope3d_freqs: device {str(device)!r} but no CUDA GPU is available "
+                             f"to this torch (torch.cuda.is_available() is False)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif not 0 <= device.index < torch.cuda.device_count():
+            raise ValueError(f"rope3d_freqs: device {str(device)!r} but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -409,10 +409,22 @@ class _SDPATwice(torch.autograd.Function):
         return (*(next(got) if n else None for n in needs), None, None)
 
 
+def _nonfinite_on_cpu(q: Tensor, k: Tensor) -> bool:
+    """Whether eager CPU ``q`` / ``k`` hold a NaN / inf (two fp32 sums, one read of each; a CPU
+    tensor: no device sync). ATen's CPU flash kernels return zeros for such a query's row where
+    the reference and every kernel give NaN, hiding an overflow."""
+    return (q.device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and not bool(torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32))))
+
+
 def _sdpa(q, k, v, mask, scale):
     """SDPA (``[B, H, S, D]``) with a second derivative where autograd records it eagerly
     (:class:`_SDPATwice`); plain SDPA under ``torch.compile``, ``torch.func`` transforms and
-    forward AD (which the Function does not follow) or when nothing requires grad."""
+    forward AD (which the Function does not follow) or when nothing requires grad. On the CPU,
+    a NaN / inf in q or k takes :func:`_math_sdpa` (NaN rows, as the reference gives)."""
+    if _nonfinite_on_cpu(q, k):
+        return _math_sdpa(q, k, v, mask, scale)
     if (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
             and not torch.compiler.is_compiling() and not forward_ad_active()
             and torch._C._functorch.peek_interpreter_stack() is None):
