@@ -61,8 +61,8 @@ def merge(paths: list[str], machines: list | None = None) -> dict | None:
         out["merged_from"].append(path)
         if machines is not None:
             machines.append(machine(data))
-        if "datetime" in data:
-            out["datetime"] = data["datetime"]
+        if "datetime" in data:  # the run's start: the earliest file's (ISO strings sort)
+            out["datetime"] = min(out.get("datetime") or data["datetime"], data["datetime"])
     return out
 
 

@@ -113,6 +113,8 @@ def render(json_path: str, out_dir: str) -> str:
         return ", ".join(sorted({str(ei[key]) for ei in complete if ei.get(key) is not None})) or "?"
     if not infos:
         lines += ["(no benchmarks in the file)", ""]
+    if summarize.is_quick(groups):
+        lines += [summarize.QUICK_NOTE, ""]
     lines += [f"* run: {data.get('datetime', '?')} on `{mi.get('node', '?')}`",
               f"* devices: {values('device_name')}",
               f"* dtypes: {values('dtype')}; torch threads: {values('torch_threads')}",

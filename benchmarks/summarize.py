@@ -248,9 +248,19 @@ def table(group: str, benches: list[dict], sort: str = "order") -> str:
     return "\n".join(out)
 
 
+QUICK_NOTE = ("**Quick mode** (`--quick`: one small shape, a few rounds, paired ratios from one "
+              "or two pairs): a smoke test of the benchmark code, not a measurement; do not quote "
+              "these numbers.")
+
+
+def is_quick(groups) -> bool:
+    """Whether any case of ``groups`` ran in ``--quick`` mode."""
+    return any((b.get("extra_info") or {}).get("quick") for bs in groups.values() for b in bs)
+
+
 def summarize(path: str, sort: str = "order") -> str:
     data, groups = load(path)
-    parts = []
+    parts = [QUICK_NOTE] if is_quick(groups) else []
     mi = data.get("machine_info") or {}
     when = data.get("datetime")
     if mi or when:

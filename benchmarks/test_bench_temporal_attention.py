@@ -353,7 +353,7 @@ def _bench(benchmark, case: Case, request):
         device_name=common.device_name(case.device),
         flops=fl,
         matmul_peak_flops=fl and common.matmul_peak_flops(case.device, case.dtype),
-        flops_counted=("4*B*S*H*T^2*D" + (" / 2 (causal)" if case.causal else "") +
+        flops_counted=("4*B*S*H*D" + (" * T(T+1)/2 (causal)" if case.causal else " * T^2") +
                        (" * 3.5 (fwd+bwd)" if case.backward else "")),
         bytes_moved=nbytes,
         bytes_counted=bytes_desc,

@@ -186,7 +186,9 @@ def pytest_generate_tests(metafunc):
 def flops(case: Case) -> int:
     if case.kernel.startswith("temporal"):
         B, T, (Sh, Sw), H, D = case.shape
-        f = 2 * B * Sh * Sw * H * T * T * D  # causal: half of 4 B S H T^2 D
+        # causal: the T (T + 1) / 2 (query, key) pairs a frame sees (the diagonal included), as
+        # test_bench_temporal_attention counts them
+        f = 4 * B * Sh * Sw * H * (T * (T + 1) // 2) * D
         return int(2.5 * f) if case.kernel.endswith("bwd") else f
     if case.kernel.startswith("rope3d"):
         B, text, (F_, Hh, Ww), H, D, _ = case.shape
@@ -395,7 +397,7 @@ def test_tiles(benchmark, case: Case, request):
         dtype=common.dtype_name(case.dtype), shape=list(case.shape), device=case.device,
         device_name=common.device_name(case.device), flops=fl,
         matmul_peak_flops=common.matmul_peak_flops(case.device, case.dtype),
-        flops_counted=("2*B*S*H*T^2*D (causal)" if case.kernel.startswith("temporal") else
+        flops_counted=("4*B*S*H*D * T(T+1)/2 (causal)" if case.kernel.startswith("temporal") else
                        "4*B*H*S^2*D" if case.kernel.startswith("rope3d") else "2*N*k*C*F")
         + (" * 2.5 (backward)" if case.kernel.endswith("bwd") else ""),
     )

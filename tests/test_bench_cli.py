@@ -130,6 +130,9 @@ def test_cli_quick_run(tmp_path):
 
     summary = (out / "summary.md").read_text()
     assert "### adaln_modulate fwd" in summary and summary in r.stdout
+    # a quick run says it is one (its paired ratios, from one pair, looked like results)
+    assert all(b["extra_info"]["quick"] is True for b in benches)
+    assert summary.startswith("**Quick mode**") and "not a measurement" in summary
 
     report = (out / "REPORT.md").read_text()
     device = benches[0]["extra_info"]["device_name"]
@@ -139,6 +142,7 @@ def test_cli_quick_run(tmp_path):
         assert (out / "adaln-modulate-cpu.png").is_file()
         assert "](adaln-modulate-cpu.png)" in report
     assert "* dtypes: float32; torch threads: " in report, report[:800]
+    assert "**Quick mode**" in report, report[:1500]
     assert not (out / "old-op-cpu.png").exists()  # a previous run's plot is not left beside it
     assert (out / "my-figure.png").read_text() == "previous run"  # a file the report never wrote
     (out / "my-figure.png").unlink()
@@ -361,7 +365,10 @@ def test_merge_json(tmp_path, capsys):
     m = json.loads(out.read_text())
     assert [x["name"] for x in m["benchmarks"]] == ["a1", "a2", "b1"]
     assert m["merged_from"] == [a, b] and m["machine_info"] == {"node": "x"}
-    assert m["datetime"] == "t-b1"
+    # the run's start, the earliest file's (it was the last file's: gpu.sh's tiles family)
+    assert m["datetime"] == "t-a1"
+    assert merge_json.main([b, a, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["datetime"] == "t-a1"
     err = capsys.readouterr().err
     assert "skipping" in err and "broken.json" in err and "missing.json" in err
     assert merge_json.main([str(broken), "--out", str(tmp_path / "none.json")]) == 1
