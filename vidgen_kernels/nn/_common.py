@@ -62,16 +62,21 @@ def in_recompute() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
-def check_cond(owner: str, c, dim: int, name: str, param: Tensor) -> None:
-    """A conditioning input ``name`` (``[..., dim]``, e.g. AdaLN's ``c`` / ``temb``) before the
-    modulation Linear runs (torch's ``mat1 and mat2 shapes cannot be multiplied`` or ``"silu_cpu"
-    not implemented for 'Long'`` named neither the input nor the module): a floating tensor
-    (TypeError) whose last dim is ``dim`` (ValueError), of the module's parameter dtype."""
+def check_cond(owner: str, c, linear, name: str) -> None:
+    """A conditioning input ``name`` (``[..., in_features]``, e.g. AdaLN's ``c`` / ``temb``)
+    before the modulation ``linear`` runs (torch's ``mat1 and mat2 shapes cannot be multiplied``
+    or ``"silu_cpu" not implemented for 'Long'`` named neither the input nor the module): a
+    floating tensor (TypeError) whose last dim is the Linear's ``in_features`` (ValueError), of
+    its weight's dtype. A replaced ``linear`` (a LoRA wrapper) without ``in_features`` / a
+    ``weight`` tensor is checked for what it has."""
     if not isinstance(c, Tensor):
         raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(c).__name__}")
     if not c.is_floating_point():
         raise TypeError(f"{owner}: {name} must be a floating tensor, got dtype {c.dtype}")
-    if c.dim() < 1 or c.shape[-1] != dim:
+    dim = getattr(linear, "in_features", None)
+    if isinstance(dim, int) and (c.dim() < 1 or c.shape[-1] != dim):
         raise ValueError(f"{owner}: {name} must be [..., {dim}] (its last dim the module's "
                          f"conditioning width {dim}), got shape {tuple(c.shape)}")
-    check_param_dtype(owner, c, param, name)
+    weight = getattr(linear, "weight", None)
+    if isinstance(weight, Tensor):
+        check_param_dtype(owner, c, weight, name)

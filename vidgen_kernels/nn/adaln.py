@@ -90,7 +90,7 @@ class AdaLNZero(nn.Module):
 
     def forward(self, c: Tensor) -> AdaLNParams:
         """``c`` ``[B, cond_dim]`` or ``[B, F, cond_dim]`` -> the six ``[B, (F,) dim]`` views."""
-        check_cond("AdaLNZero", c, self.linear.in_features, "c", self.linear.weight)
+        check_cond("AdaLNZero", c, self.linear, "c")
         return AdaLNParams(*self.linear(self.act(c)).chunk(6, dim=-1))
 
     def _kw(self):
@@ -190,7 +190,7 @@ class LayerNormZero(nn.Module):
                 "norm": self.norm_type}
 
     def _chunks(self, temb: Tensor):
-        check_cond("LayerNormZero", temb, self.linear.in_features, "temb", self.linear.weight)
+        check_cond("LayerNormZero", temb, self.linear, "temb")
         return self.linear(self.silu(temb)).chunk(6, dim=-1)
 
     def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor):
