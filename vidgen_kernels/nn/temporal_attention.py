@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import check_qk_norm, check_tokens, qk_norms
+from ._common import check_qk_norm, check_tokens, in_recompute, qk_norms
 from ..ops._checks import check_eps, check_flags, check_sizes
 from ..ops.rope import check_theta, tables_cacheable
 from ..ops.temporal_attention import temporal_attention
@@ -327,7 +327,7 @@ class CausalTemporalAttention(nn.Module):
         except RuntimeError:  # no storage (torch.func's wrappers): no recompute bookkeeping
             key = None
         calls = _CacheCalls.current()
-        if torch._C._current_graph_task_id() != -1:  # inside backward: a recompute
+        if in_recompute():  # inside backward: a recompute
             off = calls.replay(cache) if calls is not None and not calls.record \
                 else cache.offsets.get(key)
             if off == cache.AMBIGUOUS:

@@ -409,13 +409,18 @@ class _SDPATwice(torch.autograd.Function):
         return (*(next(got) if n else None for n in needs), None, None)
 
 
+def _has_nonfinite(q: Tensor, k: Tensor) -> bool:
+    """Whether CPU ``q`` / ``k`` hold a NaN / inf: two fp32 sums, one read of each (a CPU tensor:
+    no device sync). ATen's CPU flash kernels return zeros for such a query's row where the
+    reference and every kernel give NaN, hiding an overflow."""
+    return not bool(torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32)))
+
+
 def _nonfinite_on_cpu(q: Tensor, k: Tensor) -> bool:
-    """Whether eager CPU ``q`` / ``k`` hold a NaN / inf (two fp32 sums, one read of each; a CPU
-    tensor: no device sync). ATen's CPU flash kernels return zeros for such a query's row where
-    the reference and every kernel give NaN, hiding an overflow."""
+    """:func:`_has_nonfinite` for eager CPU calls (not while compiling or under a ``torch.func``
+    transform, where the test would be data-dependent control flow)."""
     return (q.device.type == "cpu" and not torch.compiler.is_compiling()
-            and torch._C._functorch.peek_interpreter_stack() is None
-            and not bool(torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32))))
+            and torch._C._functorch.peek_interpreter_stack() is None and _has_nonfinite(q, k))
 
 
 def _sdpa(q, k, v, mask, scale):
@@ -611,7 +616,7 @@ def kernel_fwd_cpu_infer(q, k, v, cos, sin, rope_offset, interleaved, fc_start, 
                         scale)
     qr = _rope_cpu(q, cos, sin, rope_offset, interleaved, heads_major=True)
     kr = _rope_cpu(k, cos, sin, rope_offset, interleaved, heads_major=True)
-    if not torch.isfinite(qr.sum() + kr.sum()):  # (a CPU tensor: no device sync)
+    if _has_nonfinite(qr, kr):
         return _cpp_fwd(q, k, v, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block,
                         scale)
     o, l_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
