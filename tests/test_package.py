@@ -106,6 +106,40 @@ def test_extension_compiled_for_missing_cpu_features_is_not_loaded(tmp_path):
         assert r.returncode == 0 and "loaded" in r.stdout, r.stderr
 
 
+_IMPORT_ONLY = r"""
+import sys
+import vidgen_kernels, vidgen, vidgen_kernels.nn, vidgen_kernels.integrations.diffusers
+heavy = sorted(m for m in ("torch._dynamo", "torch._inductor", "triton") if m in sys.modules)
+assert not heavy, heavy
+"""
+
+
+def test_import_loads_neither_dynamo_nor_triton():
+    """``import vidgen_kernels`` (and vidgen) costs what importing torch costs: torch._dynamo
+    alone adds ~1 s (torch.compiler.disable / assume_constant_result at module level import it),
+    Triton ~0.2 s; both are imported where they are first used."""
+    r = subprocess.run([sys.executable, "-c", _IMPORT_ONLY], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_constant_marking_is_torchs():
+    """backends marks its device facts constant for dynamo without importing dynamo: the mark
+    must stay the one torch.compiler.assume_constant_result sets (a torch that changes it fails
+    here, not silently in compiled graphs)."""
+    from vidgen_kernels import backends
+
+    def ours():
+        return None
+
+    def torchs():
+        return None
+    assert backends._assume_constant_result(ours) is ours
+    assert torch.compiler.assume_constant_result(torchs) is torchs
+    assert vars(ours) == vars(torchs) != {}
+    assert backends._cuda_image_error_at._dynamo_marked_constant
+
+
 def test_cli_lists_backends():
     r = subprocess.run([sys.executable, "-m", "vidgen_kernels"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)

@@ -161,12 +161,20 @@ def _cuda_image_error(device: torch.device | None) -> str | None:
     return _cuda_image_error_at(device.index if device is not None else None)
 
 
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo``, which
+    that call does and which adds ~1 s to ``import vidgen_kernels``: the same marking, which
+    dynamo reads when it traces a call of ``fn`` (test_package pins it to torch's own)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # A constant to torch.compile: dynamo runs it once while tracing and folds the answer into the
 # graph (no graph break under fullgraph=True), so a model whose first call is compiled still
 # learns that a T4 / V100 cannot run this build's kernels. Dynamo guards nothing here, so the
 # answer may depend only on the argument: for no device index (``"cuda"``) it is that of every
 # visible GPU (the first that cannot run the kernels), never the current device at trace time.
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _cuda_image_error_at(known: int | None) -> str | None:
     return _first_gpu_error(_cuda_image_error_on, known)
 
@@ -205,7 +213,7 @@ def _triton_arch_error(device: torch.device | None) -> str | None:
     return _triton_arch_error_at(device.index if device is not None else None)
 
 
-@torch.compiler.assume_constant_result  # folded into compiled graphs, as _cuda_image_error_at
+@_assume_constant_result  # folded into compiled graphs, as _cuda_image_error_at
 def _triton_arch_error_at(known: int | None) -> str | None:
     return _first_gpu_error(_triton_arch_error_on, known)
 
@@ -232,7 +240,7 @@ def shared_memory_per_block(device: torch.device | None) -> int:
     return _shared_memory_at(device.index if device is not None else None)
 
 
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _shared_memory_at(known: int | None) -> int:
     return min(map(_shared_memory_on, range(torch.cuda.device_count()) if known is None else (known,)),
                default=0)

@@ -1092,13 +1092,13 @@ class _UnpermuteForwardAD(torch.autograd.Function):
                                     dweights)
 
 
-@torch.compiler.disable
 def _pipeline_forward_ad(x2, router_logits, w1, w2, b1, b2, top_k, activation, normalize_weights,
                          expert_index, backend):
     """:func:`moe_pipeline` with ``forward_ad``: stages whose autograd Functions carry a jvp and
     call the kernels directly. Eager only: a compiled jvp takes the reference, and where the
     reference loop breaks the graph and the jvp runs eagerly, dynamo is kept from tracing the
-    raw kernel calls here (a warning per kernel, and a graph break each)."""
+    raw kernel calls here (a warning per kernel, and a graph break each): called through
+    ``_moe_forward_ad.pipeline_forward_ad``, its ``torch.compiler.disable``'d form."""
     N, E = x2.shape[0], w1.shape[0]
     weights, idx, order, tok, pos, counts, offs = _RoutingForwardAD.apply(
         router_logits, expert_index, top_k, bool(normalize_weights), E, backend)
@@ -1118,8 +1118,9 @@ def moe_pipeline(x2: Tensor, router_logits: Optional[Tensor], w1: Tensor, w2: Te
     N = x2.shape[0]
     E = w1.shape[0]
     if forward_ad:
-        return _pipeline_forward_ad(x2, router_logits, w1, w2, b1, b2, top_k, activation,
-                                    normalize_weights, expert_index, backend)
+        from ._moe_forward_ad import pipeline_forward_ad  # (imports torch._dynamo: not at import)
+        return pipeline_forward_ad(x2, router_logits, w1, w2, b1, b2, top_k, activation,
+                                   normalize_weights, expert_index, backend)
     if expert_index is not None:
         weights, idx = _fixed_routing(expert_index)
         k = 1
