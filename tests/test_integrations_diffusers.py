@@ -933,7 +933,9 @@ def test_cache_enabled_and_disabled_before_apply_is_no_hook(which):
 def test_wan_fallback_keeps_the_attention_backend_set_after_apply(monkeypatch, why):
     """Whatever makes a patched Wan processor fall back (an attention mask, a GPU without a
     rope3d_attention kernel), the original runs with the attention backend diffusers set on the
-    processor after apply() (those fallbacks returned before handing it over)."""
+    processor after apply() (those fallbacks returned before handing it over), for that call
+    only: the original keeps none afterwards (it kept it, and remove() after the model's
+    reset_attention_backend() gave back an original still pinned to it)."""
     model = wan().eval()
     vkd.apply(model, backend=None)
     model.set_attention_backend("native")
@@ -942,13 +944,66 @@ def test_wan_fallback_keeps_the_attention_backend_set_after_apply(monkeypatch, w
     attn = model.blocks[0].attn1
     proc = attn.processor
     assert proc._attention_backend is not None and proc.original._attention_backend is None
+    seen = []
+
+    class Spy(type(proc.original)):
+        def __call__(self, *args, **kwargs):
+            seen.append(self._attention_backend)
+            return super().__call__(*args, **kwargs)
+    proc.original.__class__ = Spy
     h = torch.randn(1, 6, attn.heads * HEAD_DIM)
     mask = torch.ones(1, 1, 6, 6, dtype=torch.bool) if why == "mask" else None
     with torch.no_grad(), pytest.warns(UserWarning, match="of blocks.0.attn1 falls back to the original"):
         got = proc(attn, h, attention_mask=mask)
-    assert proc.original._attention_backend == proc._attention_backend
+    assert seen == [proc._attention_backend]
+    assert proc.original._attention_backend is None and "_attention_backend" not in \
+        vars(proc.original)
     with torch.no_grad():
         assert torch.equal(got, proc.original(attn, h, attention_mask=mask))
+
+
+def test_wan_remove_after_reset_attention_backend_restores_exactly():
+    """apply -> set_attention_backend -> forward (the patched processors fall back) ->
+    reset_attention_backend -> remove: the original processors come back without the backend
+    (they kept it: an explicit per-processor backend then overrode a later
+    ``attention_backend(...)`` context, unlike the model that was never patched)."""
+    import warnings
+    ctrl, model = wan().eval(), wan().eval()
+    args, kw = wan_inputs()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vkd.apply(model)
+        for m in (ctrl, model):
+            m.set_attention_backend("_native_math")
+            run(m, args, kw)
+            m.reset_attention_backend()
+        vkd.remove(model)
+    assert [p._attention_backend for p in model.attn_processors.values()] == \
+        [p._attention_backend for p in ctrl.attn_processors.values()] == [None] * 4
+    with torch.no_grad():
+        assert torch.equal(run(model, args, kw), run(ctrl, args, kw))
+
+
+def test_apply_checks_the_default_backend():
+    """A process default without a RoPE-3D attention kernel (``use_backend("cuda")`` /
+    VIDGEN_KERNELS_BACKEND=cuda) leaves the model unpatched with a warning, as the same backend
+    named does (apply(model) patched, and every attention call raised); a patched model whose
+    calls run under such a default falls back to the original processors."""
+    model = wan()
+    with vk.use_backend("cuda"), pytest.warns(UserWarning) as rec:
+        vkd.apply(model)
+    assert [str(w.message) for w in rec] == [
+        "vidgen_kernels.integrations.diffusers: left WanTransformer3DModel unpatched: the "
+        "default backend 'cuda' (vidgen_kernels.use_backend / VIDGEN_KERNELS_BACKEND) has no "
+        "RoPE-3D attention kernel (those with one: cpu, triton, or 'auto' / 'reference')"]
+    assert not vkd.is_patched(model)
+    vkd.apply(model)
+    cpu = torch.device("cpu")
+    assert vkd._no_attention_kernel(cpu, None) is None
+    assert vkd._no_attention_kernel(cpu, "cpu") is None
+    with vk.use_backend("cuda"):
+        assert vkd._no_attention_kernel(cpu, None) == "backend 'cuda' has no RoPE-3D attention kernel"
+        assert vkd._no_attention_kernel(cpu, "reference") is None
 
 
 def test_processor_pickled_without_later_attributes_still_warns(monkeypatch):

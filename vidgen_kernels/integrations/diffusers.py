@@ -101,12 +101,18 @@ def _dispatch_registry():
 
 
 def _no_attention_kernel(device: torch.device, backend: Optional[str]) -> Optional[str]:
-    """Why no ``rope3d_attention`` kernel runs on the GPU ``device`` under the default choice
-    (``backend`` None or ``"auto"`` with ``auto`` in force), else None. On such a GPU (a T4 / V100:
-    the Triton kernels need compute capability 8.0, and CUDA tensors have no other kernel) the op
-    would run rotation + SDPA (``rope3d_attention_sdpa``): the original processor (diffusers'
-    own rotation + SDPA, the same computation) runs instead."""
-    if device.type != "cuda" or (backend if backend is not None else vk.current_backend()) != "auto":
+    """Why the patched attention cannot run its ``rope3d_attention`` kernel, else None:
+    ``backend`` (None: the process default, ``vk.current_backend()``) is one without a RoPE-3D
+    attention kernel (``"cuda"``, where it is the default: ``apply`` refuses it when named), or
+    the default choice (``"auto"``) on a GPU ``device`` no kernel runs on (a T4 / V100: the
+    Triton kernels need compute capability 8.0, and CUDA tensors have no other kernel), where
+    the op would run rotation + SDPA (``rope3d_attention_sdpa``). The original processor
+    (diffusers' own rotation + SDPA, the same computation) runs instead."""
+    name = backend if backend is not None else vk.current_backend()
+    if name != "auto":
+        return None if name == "reference" or name in ra.SUPPORTED_DTYPES else \
+            f"backend {name!r} has no RoPE-3D attention kernel"
+    if device.type != "cuda":
         return None
     return vk.backends.why_unavailable("triton", device)
 
@@ -216,12 +222,23 @@ class WanRoPE3DAttnProcessor(_FallbackMixin):
             reason = self._no_kernel_reason(hidden_states)
         if reason is not None:
             self._fallback(reason)
-            if self._attention_backend is not None or self._parallel_config is not None:
-                # the original honours what diffusers set on this processor after apply()
-                self.original._attention_backend = self._attention_backend
-                self.original._parallel_config = self._parallel_config
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
-                                 rotary_emb)
+            # the original honours what diffusers set on this processor after apply(), for
+            # this call only: remove() gives back the original as it was (a backend kept on it
+            # outlived the model's reset_attention_backend())
+            orig = self.original
+            lent = {k: v for k in ("_attention_backend", "_parallel_config")
+                    if (v := getattr(self, k)) is not None}
+            kept = {k: orig.__dict__[k] for k in lent if k in orig.__dict__}
+            orig.__dict__.update(lent)
+            try:
+                return orig(attn, hidden_states, encoder_hidden_states, attention_mask,
+                            rotary_emb)
+            finally:
+                for k in lent:
+                    if k in kept:
+                        orig.__dict__[k] = kept[k]
+                    else:
+                        del orig.__dict__[k]
         kv_in = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if getattr(attn, "fused_projections", False):
             if not attn.is_cross_attention:
@@ -610,12 +627,16 @@ def apply(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
                         f"{type(model).__name__}")
     if backend is not None:  # a typo failed only at the first forward, naming a kernel
         check_backend_arg("vidgen_kernels.integrations.diffusers.apply", backend)
-        # a backend with no attention kernel (cuda) raised at every patched attention call
-        if backend not in ("auto", "reference") and backend not in ra.SUPPORTED_DTYPES:
-            _warn(type(model).__name__, f"backend {backend!r} has no RoPE-3D attention kernel "
-                  f"(those with one: {', '.join(sorted(ra.SUPPORTED_DTYPES))}, or 'auto' / "
-                  f"'reference')", stacklevel=3)
-            return model
+    # a backend with no attention kernel (cuda), named or the process default, raised at every
+    # patched attention call
+    effective = backend if backend is not None else vk.current_backend()
+    if effective not in ("auto", "reference") and effective not in ra.SUPPORTED_DTYPES:
+        what = f"backend {backend!r}" if backend is not None else \
+            f"the default backend {effective!r} (vidgen_kernels.use_backend / VIDGEN_KERNELS_BACKEND)"
+        _warn(type(model).__name__, f"{what} has no RoPE-3D attention kernel (those with one: "
+              f"{', '.join(sorted(ra.SUPPORTED_DTYPES))}, or 'auto' / 'reference')", stacklevel=3)
+        return model
+    if backend is not None:
         dev = next((p.device for p in model.parameters()), None)
         why = vk.backends.why_unavailable(backend, dev) if dev is not None and backend != "auto" \
             else None
