@@ -737,8 +737,12 @@ void bwd_impl(const BwdArgs& a) {
         gemm_nt(Q, Tq, K, Dp, P, Tkp, g.scale, ncols);  // z
         gemm_nt(dO, Tq, V, Dp, dS, Tkp, 1.0f, ncols);   // dp
 
-        // p = exp(z - lse) (0 where masked), delta = sum_j p dp (= <dout, out>: out is not
-        // read), ds = scale * p * (dp - delta).
+        // p = exp(z - lse) (0 where masked), renormalised over its row: the fp32 lse is exact
+        // to its last bit only, so sum_j p drifts from 1 by up to |z| * 2^-24, and then
+        // sum_j ds (0 exactly) does not vanish: dq kept scale * delta * (sum_j p - 1) times the
+        // keys' common component (22 % of dq at a common key offset of 3000 in fp32). delta =
+        // sum_j p dp with the same p (= <dout, out>, which is not read: in 16 bits its rounding
+        // does the same), ds = scale * p * (dp - delta).
         const float* lse = a.lse + blk.b[i] * a.l0 + blk.s[i] * a.l1 + blk.h[i] * a.l2;
         for (int64_t r = 0; r < Tq; ++r) {
           float* pr = P + r * Tkp;
@@ -749,17 +753,23 @@ void bwd_impl(const BwdArgs& a) {
           // Columns past L hold what gemm_nt left there (up to round_up(L, 4)) or an earlier
           // sequence's ds: both p and dp are masked, or a NaN there (0 * NaN) would leak into
           // this sequence's delta / ds, and ds must be 0 past L (dq reads up to klim(r + 3)).
-          vf dacc{};
+          vf dacc{}, pacc{};
           for (int64_t j = 0; j < Lv; j += kW) {
             const vi keep = viota(float(j)) < Lf;
             const vf p = vand(keep, vexp(vload(pr + j) - lv));
             vstore(pr + j, p);
+            pacc += p;
             dacc += p * vand(keep, vload(dr + j));
           }
-          const vf dl = vset1(hsum(dacc));
+          // (L >= 1 and the row's largest p >= 1 / L: the sum is > 0; a NaN stays a NaN)
+          const float inv = 1.0f / hsum(pacc);
+          const vf vinv = vset1(inv);
+          const vf dl = vset1(hsum(dacc) * inv);
           for (int64_t j = 0; j < Lv; j += kW) {
             const vi keep = viota(float(j)) < Lf;
-            vstore(dr + j, vand(keep, (vload(pr + j) * g.scale) * (vload(dr + j) - dl)));
+            const vf p = vand(keep, vload(pr + j) * vinv);
+            vstore(pr + j, p);
+            vstore(dr + j, vand(keep, (p * g.scale) * (vload(dr + j) - dl)));
           }
           for (int64_t j = Lv; j < Tkp; j += kW) {
             vstore(pr + j, vf{});

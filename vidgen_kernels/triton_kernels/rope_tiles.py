@@ -66,6 +66,24 @@ def masked_probs(z, visible, lse2):
 
 
 @triton.jit
+def whole_row_probs_ds(z, visible, lse2, do, v, DOT_PREC: tl.constexpr):
+    """``(p, ds)`` of a tile that holds every key its rows see (the resident kernels): ``p`` of
+    :func:`masked_probs` renormalised over each row, ``ds = p * (dp - delta)`` with ``delta =
+    sum_j p dp`` of that same ``p`` (fp32), 0 where not ``visible``. Then ``sum_j ds`` is 0 to
+    rounding, as it is exactly; ``delta = rowsum(dout * out)`` (:func:`masked_ds`) with a 16-bit
+    ``out``, or ``p`` summing to 1 only to the last bit of ``lse``, leave a row error
+    ``eps`` that dq keeps as ``eps * sum_j p k_j``: large where the keys share a large common
+    component (fp16 dq 50x the reference's error at a common key offset of 30). A NaN in a row
+    makes the row's visible entries NaN; a row with no visible key is 0."""
+    p = masked_probs(z, visible, lse2)
+    psum = tl.sum(p, axis=1)
+    p = tl.where(visible, p / tl.where(psum == 0.0, 1.0, psum)[:, None], 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    delta = tl.sum(tl.where(visible, p * dp, 0.0), axis=1)
+    return p, tl.where(visible, p * (dp - delta[:, None]), 0.0)
+
+
+@triton.jit
 def masked_ds(p, visible, do, v, delta, DOT_PREC: tl.constexpr):
     """The tile's score gradient ``ds = p * (dout v^T - delta)`` (fp32), ``delta = rowsum(dout *
     out)``; 0 where not ``visible``: ``where``, not a product, so a NaN dp / delta reaches no key

@@ -49,6 +49,11 @@ Resident kernels (every sequence held on chip)
   (``exp2`` with ``log2(e)`` folded into the scale). For fp16 / bf16 the probabilities ``p`` and
   ``ds`` are rounded to the input dtype for the tensor-core dots (as flash-attention does); fp32
   inputs use ``input_precision="ieee"`` dots (no TF32), matching the fp32 contract to ~1e-6.
+  The resident backward holds every key of its rows, so its ``p`` is renormalised over the row
+  and ``delta = sum_j p dp`` of that ``p`` (``rope_tiles.whole_row_probs_ds``), not
+  ``rowsum(dout * out)`` of the 16-bit output, whose rounding dq multiplied by the keys' common
+  component (fp16 dq at 50x the reference's error for keys sharing an offset of 30); the tiled
+  backward (FlashAttention-2 style) keeps ``rowsum(dout * out)``.
 * **Masked entries send no gradient**: ``ds = where(visible, p (dp - delta), 0)``, not
   ``p (dp - delta)``: a NaN ``dp`` / ``delta`` (a NaN in a query's dout) reaches no key the
   query cannot see (a later frame; in a packed tile, another sequence), as in the reference.
@@ -113,7 +118,7 @@ the resident builds spill heavily (:data:`_TILED_FROM`, by T_k padded to a power
 backward from T_k > 32 on mma.sync GPUs (sm_80 - sm_89, sm_120; resident 6-24 KB of stack per
 thread, tiled <= 112 B) and T_k > 64 on sm_90 (1.3 KB vs 40 B at D = 128), the forward from
 T_k > 64 on mma.sync GPUs (1.1-1.4 KB vs 0), and in float32 at the largest resident tiles (8192 elements: 5-12 KB
-vs <= 3.4 KB). The forward and the backward choose independently (one contract:
+vs <= 3.4 KB; the backward on mma.sync GPUs from 4096 elements: 5 KB vs <= 296 B). The forward and the backward choose independently (one contract:
 ``out`` / ``lse`` of either serve both backwards). A rule from compiler reports only: no GPU
 timing was available, so where the crossover lies in time is unknown.
 
@@ -131,7 +136,8 @@ from triton.runtime.errors import OutOfResources
 
 from ..backends import triton_interpret
 from ._launch import device_ctx, launch, mma_sync_arch, target_arch, target_shared_memory
-from .rope_tiles import load_pair, pair_scores, masked_ds, masked_probs, store_pair
+from .rope_tiles import (load_pair, pair_scores, masked_ds, masked_probs, store_pair,
+                         whole_row_probs_ds)
 
 __all__ = ["temporal_attn_fwd", "temporal_attn_bwd", "tiled_kernels", "RESIDENT_MAX_T", "MAX_D", "MAX_TILE_FP32",
            "FULL_SHARED", "SMALL_TILE_FP32", "SMALL_T_WIDE", "tile_error"]
@@ -411,7 +417,6 @@ def _temporal_attn_bwd_kernel(
             qt64 = qt.to(tl.int64)
             q_off = qb_ * sq_b + qs_ * sq_s + qh_ * sq_h + qt64 * sq_t
             do_off = qb_ * sdo_b + qs_ * sdo_s + qh_ * sdo_h + qt64 * sdo_t
-            o_off = qb_ * so_b + qs_ * so_s + qh_ * so_h + qt64 * so_t
             l_off = qb_ * sl_b + qs_ * sl_s + qh_ * sl_h + qt64 * sl_t
             dq_off = qb_ * sdq_b + qs_ * sdq_s + qh_ * sdq_h + qt64 * sdq_t
             qa, qb = load_pair(Q, q_off, q_ok, d_full, d_half, sq_d, D, HALF,
@@ -424,9 +429,7 @@ def _temporal_attn_bwd_kernel(
                 qb = rqb.to(dt)
             dmask = q_ok[:, None] & (d_full[None, :] < D)
             do = tl.load(DO + do_off[:, None] + d_full[None, :] * sdo_d, mask=dmask, other=0.0)
-            o = tl.load(OUT + o_off[:, None] + d_full[None, :] * so_d, mask=dmask, other=0.0)
             lse = tl.load(LSE + l_off, mask=q_ok, other=0.0)
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
             if P > 1:  # (NQB == 1: these are the tile's rows)
                 qa, bad = _finite_rows(qa, bad)
                 if ROPE:
@@ -441,9 +444,10 @@ def _temporal_attn_bwd_kernel(
             if CAUSAL:
                 visible = visible & (kt[None, :] <= q_offset + qt[:, None])
             # (masked entries, a later frame or in a packed tile another sequence, send nothing)
-            p = masked_probs(z, visible, lse * 1.4426950408889634)
+            # (every key of the row is here: delta from p itself, not from the 16-bit out)
+            p, ds = whole_row_probs_ds(z, visible, lse * 1.4426950408889634, do, v, DOT_PREC)
             dv += tl.dot(tl.trans(p.to(dt)), do, input_precision=DOT_PREC)
-            ds = masked_ds(p, visible, do, v, delta, DOT_PREC).to(dt)
+            ds = ds.to(dt)
             # dq of this block is complete: every key of its sequence is in this program
             dqa = tl.dot(ds, ka, input_precision=DOT_PREC) * scale
             dsT = tl.trans(ds)
@@ -751,7 +755,10 @@ def _check_tensor(op: str, name: str, t, shape, dtype, device) -> None:
 # 128 x 64, 32 x 256), the tiled kernels at most 3.4 KB (dk / dv at D = 256; 0-320 B below).
 # (A rule from compiler reports: no GPU timing was available.)
 _TILED_FROM = {"mma_sync": {"fwd": 128, "bwd": 64}, "wgmma": {"fwd": None, "bwd": 128}}
-_TILED_FROM_FP32 = 8192
+# float32 tile elements (rows x BLOCK_D) from which the tiled kernels run: the backward on
+# mma.sync GPUs from 4096 (T_k = 32 at D = 128: its resident build spilled 5 KB on sm_80 once
+# it renormalised p over the row, 2026-12-08; the tiled ones <= 296 B there), else 8192
+_TILED_FROM_FP32 = {"mma_sync": {"fwd": 8192, "bwd": 4096}, "wgmma": {"fwd": 8192, "bwd": 8192}}
 
 
 _FORCED: list = [None]  # the choice tiled_kernels() imposes on tiled=None launches (None: decide)
@@ -775,11 +782,12 @@ def _resident_spills(op: str, Tk: int, q) -> bool:
     """Whether the resident build of ``op``'s pass at ``Tk`` frames spills enough on q's GPU
     that the tiled kernels are taken instead (:data:`_TILED_FROM`, :data:`_TILED_FROM_FP32`)."""
     rows = max(triton.next_power_of_2(Tk), _MIN_ROWS)
-    if q.dtype == torch.float32 and \
-            rows * max(triton.next_power_of_2(q.shape[-1]), 2 * _MIN_ROWS) >= _TILED_FROM_FP32:
-        return True
     kind = "mma_sync" if mma_sync_arch(target_arch(q)) else "wgmma"
-    lim = _TILED_FROM[kind]["bwd" if op.endswith("_bwd") else "fwd"]
+    pass_ = "bwd" if op.endswith("_bwd") else "fwd"
+    if q.dtype == torch.float32 and rows * max(triton.next_power_of_2(q.shape[-1]),
+                                               2 * _MIN_ROWS) >= _TILED_FROM_FP32[kind][pass_]:
+        return True
+    lim = _TILED_FROM[kind][pass_]
     return lim is not None and rows >= lim
 
 
