@@ -30,7 +30,9 @@
  * - Forward per block: z = scale q k^T (BLAS), per row m = max, p = exp(z - m) (vectorised), l =
  *   sum p; out = (p v) / l (BLAS), lse = m + log l.
  * - Backward per block (FA2 math): p = exp(scale q k^T - lse) (0 where masked), dp = dout v^T,
- *   ds = p (dp - delta) with delta = <dout, out>; dv += p^T dout, dk += scale ds^T q,
+ *   ds = p (dp - delta) with delta = <dout, out> (fp32; for fp16 / bf16 delta = sum_j p dp over
+ *   the row the block holds, p renormalised over it: the rounded out's error came back in dq
+ *   times the keys' common component); dv += p^T dout, dk += scale ds^T q,
  *   dq = scale ds k (all BLAS). dq rows are un-rotated (angle negated) and stored per block; dk /
  *   dv accumulate in fp32 scratch over the task's blocks and are stored (dk un-rotated) at the
  *   end. Chunked tasks accumulate into per-chunk fp32 partials that a second parallel pass sums.
@@ -60,6 +62,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
@@ -371,10 +374,12 @@ void bwd_impl(const Problem& p, const T* dout, Strides sdo, const T* q, Strides 
           load_row<T>(qb + i * sq.s, sq.d, qs.data() + r * D, D, p.rot_at(i), p.inter);
           float* dr = dos.data() + r * D;
           load_row<T>(dob + i * sdo.s, sdo.d, dr, D, Rot{}, p.inter);
-          const T* orow = ob + i * so.s;
-          float acc = 0.f;
-          for (int64_t d = 0; d < D; ++d) acc += dr[d] * static_cast<float>(orow[d * so.d]);
-          delta[r] = acc;
+          if constexpr (std::is_same_v<T, float>) {  // (16 bits: from p, below)
+            const T* orow = ob + i * so.s;
+            float acc = 0.f;
+            for (int64_t d = 0; d < D; ++d) acc += dr[d] * static_cast<float>(orow[d * so.d]);
+            delta[r] = acc;
+          }
         }
         const Cols cl = cols_of(p, i0, i1);
         const int64_t nc = cl.ncols();
@@ -395,18 +400,55 @@ void bwd_impl(const Problem& p, const T* dout, Strides sdo, const T* q, Strides 
             std::fill(dr, dr + nc, l);
             continue;
           }
-          const vf vl = vset1(l), vd = vset1(delta[r]);
-          for_visible(seen, cl, [&](int64_t c, int64_t e) {
-            for (; c + kW <= e; c += kW) {
-              const vf x = vexp_nonpos(vload(zr + c) - vl);
-              vstore(zr + c, x);
-              vstore(dr + c, x * (vload(dr + c) - vd));
-            }
-            for (; c < e; ++c) {
-              zr[c] = std::exp(zr[c] - l);
-              dr[c] = zr[c] * (dr[c] - delta[r]);
-            }
-          });
+          const vf vl = vset1(l);
+          if constexpr (!std::is_same_v<T, float>) {
+            // 16 bits: delta = sum_j p dp over the whole row this block holds, with p
+            // renormalised over it, not <dout, out> of the rounded out (its error came back in
+            // dq times the keys' common component: bf16 dq half of max |dq| at a key offset of
+            // 300); then sum_j ds is 0 to fp32 rounding, as it is exactly
+            vf ps{}, pd{};
+            float pss = 0.f, pds = 0.f;
+            for_visible(seen, cl, [&](int64_t c, int64_t e) {
+              for (; c + kW <= e; c += kW) {
+                const vf x = vexp_nonpos(vload(zr + c) - vl);
+                vstore(zr + c, x);
+                ps += x;
+                pd += x * vload(dr + c);
+              }
+              for (; c < e; ++c) {
+                zr[c] = std::exp(zr[c] - l);
+                pss += zr[c];
+                pds += zr[c] * dr[c];
+              }
+            });
+            const float inv = 1.f / (hsum(ps) + pss);  // (> 0: the row's largest p is ~1 / n)
+            delta[r] = (hsum(pd) + pds) * inv;
+            const vf vi = vset1(inv), vd = vset1(delta[r]);
+            for_visible(seen, cl, [&](int64_t c, int64_t e) {
+              for (; c + kW <= e; c += kW) {
+                const vf x = vload(zr + c) * vi;
+                vstore(zr + c, x);
+                vstore(dr + c, x * (vload(dr + c) - vd));
+              }
+              for (; c < e; ++c) {
+                zr[c] *= inv;
+                dr[c] = zr[c] * (dr[c] - delta[r]);
+              }
+            });
+          } else {
+            const vf vd = vset1(delta[r]);
+            for_visible(seen, cl, [&](int64_t c, int64_t e) {
+              for (; c + kW <= e; c += kW) {
+                const vf x = vexp_nonpos(vload(zr + c) - vl);
+                vstore(zr + c, x);
+                vstore(dr + c, x * (vload(dr + c) - vd));
+              }
+              for (; c < e; ++c) {
+                zr[c] = std::exp(zr[c] - l);
+                dr[c] = zr[c] * (dr[c] - delta[r]);
+              }
+            });
+          }
           std::fill(zr + seen, zr + cl.n1, 0.f);  // masked
           std::fill(dr + seen, dr + cl.n1, 0.f);
         }

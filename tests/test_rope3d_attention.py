@@ -1520,3 +1520,28 @@ def test_float64_inputs_keep_float64_tables():
                                           is_causal=True).permute(0, 3, 1, 2, 4)
     torch.testing.assert_close(vk.temporal_attention(q5, k5, v5, cos=c[:6], sin=s[:6]), want,
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_low_precision_dq_with_keys_sharing_a_large_component(dtype):
+    """Keys ``k = 300 u + noise`` (a common component, which the softmax ignores): the cpu
+    backward's fp16 / bf16 dq within 2x the reference's error vs float64. With FlashAttention-2's
+    delta = <dout, out> of the rounded out, the rounding came back in dq times the common
+    component (fp16: 60x the reference's error; bf16: half of max |dq|); it now takes delta =
+    sum_j p dp over the row its block holds, with p renormalised."""
+    why = kernel_missing("cpu")
+    if why:
+        pytest.skip(why)
+    g = torch.Generator().manual_seed(0)
+    S, H, D = 64, 2, 64
+    u = torch.randn(D, generator=g)
+    q, v, dout = (torch.randn(1, S, H, D, generator=g).to(dtype) for _ in range(3))
+    k = (300 * u + torch.randn(1, S, H, D, generator=g)).to(dtype)
+    q64 = q.double().requires_grad_()
+    vk.rope3d_attention(q64, k.double(), v.double(), backend="reference").backward(dout.double())
+    errs = []
+    for name in ("cpu", "reference"):
+        qq = q.clone().requires_grad_()
+        vk.rope3d_attention(qq, k, v, backend=name).backward(dout)
+        errs.append((qq.grad.double() - q64.grad).abs().max().item())
+    assert errs[0] <= 2 * errs[1], errs
