@@ -37,9 +37,10 @@
  *       floats of row k), so nothing is transposed. Causal bands bound each tile's k range.
  * - Forward per sequence: z -> masked softmax -> out = p v, lse = m + log(sum).
  * - Backward per sequence, one pass, no atomics (each sequence owns its dq, dk, dv rows):
- *   p = exp(z - lse) (0 where masked), dp = dout v^T, delta = rowsum(p * dp) (equal to
- *   rowsum(dout * out) since out = p v; computed so, `out` is not read: one tensor less to
- *   gather), ds = scale p (dp - delta), dv = p^T dout, dq = ds k, dk = ds^T q; dq/dk rotated back
+ *   p = exp(z - lse) (0 where masked) renormalised over its row, dp = dout v^T, delta =
+ *   rowsum(p * dp) (equal to rowsum(dout * out) since out = p v; computed so, `out` is not read,
+ *   and consistent with p: sum_j ds is 0 to rounding, which dq needs where the keys share a
+ *   large component), ds = scale p (dp - delta), dv = p^T dout, dq = ds k, dk = ds^T q; dq/dk rotated back
  *   (angles -(q_offset + i) and -j).
  * - Outputs (out, dq, dk, dv: contiguous T) are written block by block, frame by frame, with
  *   streaming stores when a call writes more than the last-level cache (as in adaln_cpu.cpp;

@@ -86,8 +86,11 @@ Kernel contract (``torch``, ``cpu`` and ``triton`` implement it, same argument o
 
 ``bwd(dout, q, k, v, cos, sin, out, lse, rope_offset, interleaved, fc_start, fc_len, fc_block,
 scale) -> (dq, dk, dv)`` contiguous ``[B, S, H, D]`` ``T``: FA2 math (``delta_i = <dout_i,
-out_i>``, ``p = exp(z - lse)``, ``ds = p (dp - delta)``), ``dq``/``dk`` un-rotated (rotation by
-the negative angle) at the rotated positions.
+out_i>``, ``p = exp(z - lse)``, ``ds = p (dp - delta)``; the ``cpu`` kernel in fp16 / bf16
+takes the equal ``delta_i = sum_j p_ij dp_ij`` with ``p`` renormalised over the row its block
+holds, since the rounded ``out`` puts an error in ``delta`` that dq multiplies by the keys'
+common component), ``dq``/``dk`` un-rotated (rotation by the negative angle) at the rotated
+positions.
 
 ``jvp(q, k, v, dq, dk, dv, cos, sin, rope_offset, interleaved, fc_start, fc_len, fc_block, scale)
 -> dout`` contiguous ``[B, Sq, H, D]`` ``T`` (``torch``/``cpu``: ``kernel_jvp_torch``; ``triton``):

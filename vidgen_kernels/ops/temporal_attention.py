@@ -27,8 +27,10 @@ Kernel contract (``cpu`` and ``triton`` implement it, same argument order)
 * ``dout``: ``[B, Tq, S, H, D]`` any strides ``T``; the rest as in the forward.
 * ``dq``: ``[B, Tq, S, H, D]``, ``dk``, ``dv``: ``[B, Tk, S, H, D]``, contiguous ``T``, every element
   written (not zeroed beforehand).
-* Math (fp32): ``delta_i = <dout_i, out_i>`` (a kernel may use the equal ``sum_j p_ij dp_ij``
-  instead, as the C++ CPU kernel does: then it need not read ``out``);
+* Math (fp32): ``delta_i = <dout_i, out_i>`` (a kernel that holds whole rows may use the equal
+  ``sum_j p_ij dp_ij`` instead, with ``p`` renormalised over the row, as the C++ CPU kernel and
+  the resident Triton kernels do: then it need not read ``out``, and ``sum_j ds_ij`` is 0 to
+  rounding, which the 16-bit ``out`` does not give);
   ``p_ij = exp(z_ij - lse_i)`` (0 where masked);
   ``dv_j = sum_i p_ij dout_i``; ``dp_ij = <dout_i, v_j>``; ``ds_ij = p_ij (dp_ij - delta_i)``;
   ``dqr_i = scale sum_j ds_ij kr_j``; ``dkr_j = scale sum_i ds_ij qr_i``;
