@@ -344,13 +344,12 @@ def _temporal_attn_fwd_kernel(
 
 @triton.jit
 def _temporal_attn_bwd_kernel(
-    DO, Q, K, V, COS, SIN, OUT, LSE, DQ, DK, DV,
+    DO, Q, K, V, COS, SIN, LSE, DQ, DK, DV,
     NSEQ, SH, H, Tq, Tk, D, HALF, q_offset, scale, qk_scale2,
     sdo_b, sdo_t, sdo_s, sdo_h, sdo_d,
     sq_b, sq_t, sq_s, sq_h, sq_d,
     sk_b, sk_t, sk_s, sk_h, sk_d,
     sv_b, sv_t, sv_s, sv_h, sv_d,
-    so_b, so_t, so_s, so_h, so_d,
     sl_b, sl_s, sl_h, sl_t,
     sdq_b, sdq_t, sdq_s, sdq_h, sdq_d,
     sdk_b, sdk_t, sdk_s, sdk_h, sdk_d,
@@ -1064,9 +1063,9 @@ def temporal_attn_bwd(dout, q, k, v, cos, sin, out, lse, dq, dk, dv, causal: boo
             _launch_or_explain(_tiled_bwd_dkdv_kernel, dict(cfg, grid=t["grid"]), args,
                                dict(t["meta"], **flags), q, op)
             return
-        args = (
-            dout, q, k, v, *tabs, out, lse, dq, dk, dv, cfg["nseq"], *sizes,
-            *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        args = (  # (no out: delta comes from the rows' p)
+            dout, q, k, v, *tabs, lse, dq, dk, dv, cfg["nseq"], *sizes,
+            *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *lse.stride(),
             *dq.stride(), *dk.stride(), *dv.stride(),
             *_table_strides(cos, sin),
         )
