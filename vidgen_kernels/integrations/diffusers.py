@@ -100,6 +100,11 @@ def _dispatch_registry():
     return _AttentionBackendRegistry
 
 
+def _has_attention_kernel(name: str) -> bool:
+    """Whether backend ``name`` runs ``rope3d_attention`` (``cuda`` does not)."""
+    return name in ("auto", "reference") or name in ra.SUPPORTED_DTYPES
+
+
 def _no_attention_kernel(device: torch.device, backend: Optional[str]) -> Optional[str]:
     """Why the patched attention cannot run its ``rope3d_attention`` kernel, else None:
     ``backend`` (None: the process default, ``vk.current_backend()``) is one without a RoPE-3D
@@ -109,10 +114,9 @@ def _no_attention_kernel(device: torch.device, backend: Optional[str]) -> Option
     the op would run rotation + SDPA (``rope3d_attention_sdpa``). The original processor
     (diffusers' own rotation + SDPA, the same computation) runs instead."""
     name = backend if backend is not None else vk.current_backend()
-    if name != "auto":
-        return None if name == "reference" or name in ra.SUPPORTED_DTYPES else \
-            f"backend {name!r} has no RoPE-3D attention kernel"
-    if device.type != "cuda":
+    if not _has_attention_kernel(name):
+        return f"backend {name!r} has no RoPE-3D attention kernel"
+    if name != "auto" or device.type != "cuda":
         return None
     return vk.backends.why_unavailable("triton", device)
 
@@ -630,7 +634,7 @@ def apply(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
     # a backend with no attention kernel (cuda), named or the process default, raised at every
     # patched attention call
     effective = backend if backend is not None else vk.current_backend()
-    if effective not in ("auto", "reference") and effective not in ra.SUPPORTED_DTYPES:
+    if not _has_attention_kernel(effective):
         what = f"backend {backend!r}" if backend is not None else \
             f"the default backend {effective!r} (vidgen_kernels.use_backend / VIDGEN_KERNELS_BACKEND)"
         _warn(type(model).__name__, f"{what} has no RoPE-3D attention kernel (those with one: "
